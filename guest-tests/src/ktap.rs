@@ -1,0 +1,130 @@
+//! A minimal KTAP v1 producer: each test is a named function returning `Result<(), String>`; the
+//! runner prints `ok`/`not ok` lines, diagnostics as `#` lines, and the closing `N passed, N failed`
+//! line that the host harness sums with its own results.
+
+use std::io::Write;
+use std::time::Instant;
+
+/// One test: a name (`snake_case`, no spaces, it ends up in the KTAP line) and its body.
+pub struct Test {
+    /// Name printed after `ok N`.
+    pub name: &'static str,
+    /// The body: `Err(reason)` fails the test.
+    pub run: fn() -> Result<(), String>,
+}
+
+/// Totals of a run.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Summary {
+    /// Tests that returned `Ok`.
+    pub passed: usize,
+    /// Tests that returned `Err` or panicked.
+    pub failed: usize,
+    /// Tests filtered out.
+    pub skipped: usize,
+}
+
+/// Runs the tests whose name contains `filter` (all if `None`), in order, writing KTAP to `out`.
+pub fn run(tests: &[Test], filter: Option<&str>, out: &mut dyn Write) -> std::io::Result<Summary> {
+    let mut sum = Summary::default();
+    writeln!(out, "KTAP version 1")?;
+    writeln!(out, "1..{}", tests.len())?;
+    for (i, t) in tests.iter().enumerate() {
+        let n = i + 1;
+        if filter.is_some_and(|f| !t.name.contains(f)) {
+            sum.skipped += 1;
+            writeln!(out, "ok {n} {} # SKIP filtered out", t.name)?;
+            continue;
+        }
+        out.flush()?;
+        let start = Instant::now();
+        // A panicking test is a failed test, not a dead runner: the rest still run and report.
+        let res = std::panic::catch_unwind(t.run).unwrap_or_else(|p| {
+            let msg = p
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| p.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "panic".into());
+            Err(format!("panicked: {msg}"))
+        });
+        let ms = start.elapsed().as_millis();
+        match res {
+            Ok(()) => {
+                sum.passed += 1;
+                writeln!(out, "ok {n} {} # time={ms}ms", t.name)?;
+            }
+            Err(why) => {
+                sum.failed += 1;
+                for line in why.lines() {
+                    writeln!(out, "# {}: {line}", t.name)?;
+                }
+                writeln!(out, "not ok {n} {} # time={ms}ms", t.name)?;
+            }
+        }
+    }
+    writeln!(out, "# guest: {} passed, {} failed, {} skipped", sum.passed, sum.failed, sum.skipped)?;
+    out.flush()?;
+    Ok(sum)
+}
+
+/// Fails with `msg` and both values when `a != b`.
+pub fn check_eq<T: PartialEq + std::fmt::Debug>(a: T, b: T, msg: &str) -> Result<(), String> {
+    if a == b {
+        Ok(())
+    } else {
+        Err(format!("{msg}: got {a:?}, expected {b:?}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pass() -> Result<(), String> {
+        Ok(())
+    }
+    fn fail() -> Result<(), String> {
+        Err("two\nlines".into())
+    }
+    fn boom() -> Result<(), String> {
+        panic!("kaboom")
+    }
+
+    const TESTS: &[Test] = &[
+        Test { name: "alpha_pass", run: pass },
+        Test { name: "beta_fail", run: fail },
+        Test { name: "gamma_panic", run: boom },
+    ];
+
+    #[test]
+    fn counts_and_ktap_lines() {
+        let mut out = Vec::new();
+        let sum = run(TESTS, None, &mut out).unwrap();
+        assert_eq!(sum, Summary { passed: 1, failed: 2, skipped: 0 });
+        let text = String::from_utf8(out).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[0], "KTAP version 1");
+        assert_eq!(lines[1], "1..3");
+        assert!(lines[2].starts_with("ok 1 alpha_pass # time="));
+        assert_eq!(lines[3], "# beta_fail: two");
+        assert_eq!(lines[4], "# beta_fail: lines");
+        assert!(lines[5].starts_with("not ok 2 beta_fail"));
+        assert_eq!(lines[6], "# gamma_panic: panicked: kaboom");
+        assert!(lines[7].starts_with("not ok 3 gamma_panic"));
+        assert_eq!(*lines.last().unwrap(), "# guest: 1 passed, 2 failed, 0 skipped");
+    }
+
+    #[test]
+    fn filter_skips_others() {
+        let mut out = Vec::new();
+        let sum = run(TESTS, Some("alpha"), &mut out).unwrap();
+        assert_eq!(sum, Summary { passed: 1, failed: 0, skipped: 2 });
+        assert!(String::from_utf8(out).unwrap().contains("ok 2 beta_fail # SKIP filtered out"));
+    }
+
+    #[test]
+    fn check_eq_reports_both_values() {
+        assert!(check_eq(1, 1, "x").is_ok());
+        assert_eq!(check_eq(1, 2, "x").unwrap_err(), "x: got 1, expected 2");
+    }
+}

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Builds the guest initramfs and prints its path.
+# usage: build.sh KERNEL_TREE ZAPGUARD_KO GUEST_TESTS_BIN
+# Contents: busybox-static, init, zapguard.ko, test_hmm.ko, the guest test binary. Cached by a
+# hash of exactly those inputs, so an unchanged module and test binary reuse the image.
+source "$(dirname "$0")/../lib.sh"
+[ $# -eq 3 ] || die "usage: $0 KERNEL_TREE ZAPGUARD_KO GUEST_TESTS_BIN"
+tree=$1 ko=$2 tests=$3
+busybox=/bin/busybox
+[ -x "$busybox" ] || die "busybox-static missing: run images/provision-host.sh"
+hmm="$tree/lib/test_hmm.ko"
+for f in "$ko" "$hmm" "$tests"; do [ -f "$f" ] || die "initramfs input missing: $f"; done
+init="$REPO_ROOT/images/initramfs/init"
+
+key=$(hash_inputs "$init" "$REPO_ROOT/images/initramfs/build.sh" "$busybox" "$ko" "$hmm" "$tests")
+out="$ZAPGUARD_CACHE/initramfs/$key.cpio"
+if [ -f "$out" ]; then echo "$out"; exit 0; fi
+
+mkdir -p "$ZAPGUARD_CACHE/initramfs"
+stage=$(mktemp -d)
+trap 'rm -rf "$stage"' EXIT
+mkdir -p "$stage"/{bin,dev,proc,sys,tmp,lib/modules}
+install -m 0755 "$busybox" "$stage/bin/busybox"
+install -m 0755 "$init" "$stage/init"
+install -m 0644 "$ko" "$hmm" "$stage/lib/modules/"
+install -m 0755 "$tests" "$stage/bin/zapguard-guest-tests"
+( cd "$stage" && find . -print0 | LC_ALL=C sort -z | cpio --quiet -o -0 -H newc -R 0:0 ) > "$out.tmp"
+mv "$out.tmp" "$out"
+# Old images are cheap to rebuild: keep the newest five.
+ls -1t "$ZAPGUARD_CACHE"/initramfs/*.cpio | tail -n +6 | xargs -r rm -f
+echo "$out"

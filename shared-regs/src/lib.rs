@@ -1,0 +1,12 @@
+//! The zapguard ABI: one definition of every register, structure and ioctl, shared by the device
+//! model (`qemu-dev`), the kernel driver (`kmod`) and the guest tests.
+//!
+//! Everything under [`abi`] is `no_std` and dependency-free because the kernel module compiles the
+//! very same files (`#[path = "../shared-regs/src/abi/mod.rs"] pub mod abi;` in `kmod/zapguard.rs`).
+//! Code there must therefore only use `core` and `super::` paths, never `crate::`.
+#![no_std]
+#![deny(missing_docs)]
+
+pub mod abi;
+
+pub use abi::{pci, regs, uapi};
