@@ -62,7 +62,11 @@ pub fn run(tests: &[Test], filter: Option<&str>, out: &mut dyn Write) -> std::io
             }
         }
     }
-    writeln!(out, "# guest: {} passed, {} failed, {} skipped", sum.passed, sum.failed, sum.skipped)?;
+    writeln!(
+        out,
+        "# guest: {} passed, {} failed, {} skipped",
+        sum.passed, sum.failed, sum.skipped
+    )?;
     out.flush()?;
     Ok(sum)
 }
@@ -91,16 +95,32 @@ mod tests {
     }
 
     const TESTS: &[Test] = &[
-        Test { name: "alpha_pass", run: pass },
-        Test { name: "beta_fail", run: fail },
-        Test { name: "gamma_panic", run: boom },
+        Test {
+            name: "alpha_pass",
+            run: pass,
+        },
+        Test {
+            name: "beta_fail",
+            run: fail,
+        },
+        Test {
+            name: "gamma_panic",
+            run: boom,
+        },
     ];
 
     #[test]
     fn counts_and_ktap_lines() {
         let mut out = Vec::new();
         let sum = run(TESTS, None, &mut out).unwrap();
-        assert_eq!(sum, Summary { passed: 1, failed: 2, skipped: 0 });
+        assert_eq!(
+            sum,
+            Summary {
+                passed: 1,
+                failed: 2,
+                skipped: 0
+            }
+        );
         let text = String::from_utf8(out).unwrap();
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines[0], "KTAP version 1");
@@ -111,15 +131,27 @@ mod tests {
         assert!(lines[5].starts_with("not ok 2 beta_fail"));
         assert_eq!(lines[6], "# gamma_panic: panicked: kaboom");
         assert!(lines[7].starts_with("not ok 3 gamma_panic"));
-        assert_eq!(*lines.last().unwrap(), "# guest: 1 passed, 2 failed, 0 skipped");
+        assert_eq!(
+            *lines.last().unwrap(),
+            "# guest: 1 passed, 2 failed, 0 skipped"
+        );
     }
 
     #[test]
     fn filter_skips_others() {
         let mut out = Vec::new();
         let sum = run(TESTS, Some("alpha"), &mut out).unwrap();
-        assert_eq!(sum, Summary { passed: 1, failed: 0, skipped: 2 });
-        assert!(String::from_utf8(out).unwrap().contains("ok 2 beta_fail # SKIP filtered out"));
+        assert_eq!(
+            sum,
+            Summary {
+                passed: 1,
+                failed: 0,
+                skipped: 2
+            }
+        );
+        assert!(String::from_utf8(out)
+            .unwrap()
+            .contains("ok 2 beta_fail # SKIP filtered out"));
     }
 
     #[test]

@@ -16,15 +16,42 @@ use std::path::Path;
 use std::process::Command;
 
 const TESTS: &[Test] = &[
-    Test { name: "dev_node_exists", run: dev_node_exists },
-    Test { name: "get_info_identity", run: get_info_identity },
-    Test { name: "get_info_bad_pointer_efault", run: get_info_bad_pointer_efault },
-    Test { name: "unknown_ioctl_enotty", run: unknown_ioctl_enotty },
-    Test { name: "wrong_size_ioctl_enotty", run: wrong_size_ioctl_enotty },
-    Test { name: "many_opens", run: many_opens },
-    Test { name: "pci_driver_bound", run: pci_driver_bound },
-    Test { name: "test_hmm_dmirror_present", run: test_hmm_dmirror_present },
-    Test { name: "module_reload_rebinds", run: module_reload_rebinds },
+    Test {
+        name: "dev_node_exists",
+        run: dev_node_exists,
+    },
+    Test {
+        name: "get_info_identity",
+        run: get_info_identity,
+    },
+    Test {
+        name: "get_info_bad_pointer_efault",
+        run: get_info_bad_pointer_efault,
+    },
+    Test {
+        name: "unknown_ioctl_enotty",
+        run: unknown_ioctl_enotty,
+    },
+    Test {
+        name: "wrong_size_ioctl_enotty",
+        run: wrong_size_ioctl_enotty,
+    },
+    Test {
+        name: "many_opens",
+        run: many_opens,
+    },
+    Test {
+        name: "pci_driver_bound",
+        run: pci_driver_bound,
+    },
+    Test {
+        name: "test_hmm_dmirror_present",
+        run: test_hmm_dmirror_present,
+    },
+    Test {
+        name: "module_reload_rebinds",
+        run: module_reload_rebinds,
+    },
 ];
 
 /// Where init puts the modules (see images/initramfs/init).
@@ -45,8 +72,16 @@ fn get_info_identity() -> Result<(), String> {
     println!("# get_info: {info:x?}");
     check_eq(info.uapi_version, uapi::UAPI_VERSION, "uapi_version")?;
     check_eq(info.ident, regs::IDENT_MAGIC, "device IDENT register")?;
-    check_eq(regs::version_major(info.version), regs::VERSION_MAJOR, "device major version")?;
-    check_eq(info.caps & regs::CAPS_VALUE, regs::CAPS_VALUE, "capability bits")?;
+    check_eq(
+        regs::version_major(info.version),
+        regs::VERSION_MAJOR,
+        "device major version",
+    )?;
+    check_eq(
+        info.caps & regs::CAPS_VALUE,
+        regs::CAPS_VALUE,
+        "capability bits",
+    )?;
     if info.iotlb_entries == 0 || info.asid_count == 0 {
         return Err(format!("device parameters zero: {info:?}"));
     }
@@ -62,7 +97,11 @@ fn get_info_bad_pointer_efault() -> Result<(), String> {
     for bad in [0usize, 1, usize::MAX - 8, 0xffff_8000_0000_0000] {
         match dev::ioctl_raw(&f, uapi::ZG_IOC_GET_INFO, bad) {
             Ok(r) => return Err(format!("GET_INFO to {bad:#x} succeeded ({r})")),
-            Err(e) => check_eq(dev::errno(&e), libc::EFAULT, &format!("errno for pointer {bad:#x}"))?,
+            Err(e) => check_eq(
+                dev::errno(&e),
+                libc::EFAULT,
+                &format!("errno for pointer {bad:#x}"),
+            )?,
         }
     }
     Ok(())
@@ -90,10 +129,17 @@ fn wrong_size_ioctl_enotty() -> Result<(), String> {
 }
 
 fn many_opens() -> Result<(), String> {
-    let files: Vec<_> = (0..16).map(|_| dev::open()).collect::<Result<_, _>>().map_err(|e| format!("open: {e}"))?;
+    let files: Vec<_> = (0..16)
+        .map(|_| dev::open())
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("open: {e}"))?;
     for f in &files {
         let info = dev::get_info(f).map_err(|e| format!("GET_INFO: {e}"))?;
-        check_eq(info.ident, regs::IDENT_MAGIC, "IDENT through one of many files")?;
+        check_eq(
+            info.ident,
+            regs::IDENT_MAGIC,
+            "IDENT through one of many files",
+        )?;
     }
     Ok(())
 }
@@ -108,11 +154,25 @@ fn pci_driver_bound() -> Result<(), String> {
         .collect();
     check_eq(bound.len(), 1, "devices bound to the zapguard driver")?;
     let dev = drv.join(&bound[0]);
-    let read = |attr: &str| std::fs::read_to_string(dev.join(attr)).map(|s| s.trim().to_string()).unwrap_or_default();
-    check_eq(read("vendor"), format!("{:#06x}", shared_regs::pci::VENDOR_ID), "vendor")?;
-    check_eq(read("device"), format!("{:#06x}", shared_regs::pci::DEVICE_ID), "device")?;
+    let read = |attr: &str| {
+        std::fs::read_to_string(dev.join(attr))
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default()
+    };
+    check_eq(
+        read("vendor"),
+        format!("{:#06x}", shared_regs::pci::VENDOR_ID),
+        "vendor",
+    )?;
+    check_eq(
+        read("device"),
+        format!("{:#06x}", shared_regs::pci::DEVICE_ID),
+        "device",
+    )?;
     // The driver uses MSI-X: the PCI core lists the allocated vectors here.
-    let msi = std::fs::read_dir(dev.join("msi_irqs")).map(|d| d.count()).unwrap_or(0);
+    let msi = std::fs::read_dir(dev.join("msi_irqs"))
+        .map(|d| d.count())
+        .unwrap_or(0);
     if msi == 0 {
         return Err("no MSI/MSI-X vectors allocated (msi_irqs empty)".into());
     }
@@ -129,9 +189,16 @@ fn test_hmm_dmirror_present() -> Result<(), String> {
 }
 
 fn run_cmd(cmd: &str, args: &[&str]) -> Result<(), String> {
-    let out = Command::new(cmd).args(args).output().map_err(|e| format!("{cmd}: {e}"))?;
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .map_err(|e| format!("{cmd}: {e}"))?;
     if !out.status.success() {
-        return Err(format!("{cmd} {args:?}: {} {}", out.status, String::from_utf8_lossy(&out.stderr)));
+        return Err(format!(
+            "{cmd} {args:?}: {} {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        ));
     }
     Ok(())
 }

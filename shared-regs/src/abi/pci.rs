@@ -49,5 +49,6 @@ pub enum Vector {
 
 const _: () = assert!(BAR0_SIZE.is_power_of_two());
 const _: () = assert!(REGS_SIZE <= MSIX_TABLE_OFFSET as u64);
-const _: () = assert!((MSIX_TABLE_OFFSET as u64) + 16 * (MSIX_VECTORS as u64) <= MSIX_PBA_OFFSET as u64);
+const _: () =
+    assert!((MSIX_TABLE_OFFSET as u64) + 16 * (MSIX_VECTORS as u64) <= MSIX_PBA_OFFSET as u64);
 const _: () = assert!((MSIX_PBA_OFFSET as u64) + 8 <= BAR0_SIZE);

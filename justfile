@@ -1,0 +1,33 @@
+# zapguard: the two commands a newcomer needs.
+#   just run    build what is missing, boot the guest with the zapguard device, run the guest
+#               tests, show the results and the device-trace summary
+#   just test   host tests + the same VM run; the last line is "N passed, N failed"
+
+# Show the recipes.
+default:
+    @just --list
+
+# Build everything, boot the guest, run the guest tests (FILTER: substring of test names).
+run *ARGS:
+    cargo xtask run {{ARGS}}
+
+# Host tests (cargo test) + the VM run; exits non-zero on any failure.
+test *ARGS:
+    cargo xtask test {{ARGS}}
+
+# Boot the guest to an interactive shell (driver loaded; 'poweroff -f' to leave).
+shell:
+    cargo xtask shell
+
+# Build every artifact (QEMU, kernel, module, device, guest tests, initramfs) and print the paths.
+build:
+    cargo xtask build
+
+# Summarise a device trace (default: the latest run's).
+trace *PATH:
+    cargo xtask trace {{PATH}}
+
+# Formatting and lints for the host crates.
+check:
+    cargo fmt --all -- --check
+    cargo clippy --workspace --all-targets -- -D warnings

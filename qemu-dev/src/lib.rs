@@ -1,0 +1,28 @@
+//! The zapguard device model, served to QEMU over vfio-user.
+//!
+//! Everything except [`server`] is pure state and can be driven without QEMU:
+//!
+//! - [`pci`]: the PCI config space shadow (identity, BAR0, MSI-X capability);
+//! - [`device`]: the BAR0 register file ([`device::ZapguardDevice`]);
+//! - [`events`]: what the device reports, and sinks for it;
+//! - [`trace`]: the JSON Lines trace writer;
+//! - [`memory`]: guest RAM received through vfio-user `DMA_MAP`;
+//! - [`server`]: the `vfio_user::ServerBackend` and the serve loop.
+//!
+//! Register offsets, IDs and sizes come from the `shared-regs` crate, the single definition of
+//! the device ABI shared with the guest driver.
+#![deny(missing_docs)]
+
+pub mod device;
+pub mod events;
+pub mod memory;
+pub mod pci;
+pub mod server;
+pub mod trace;
+
+pub use device::{DeviceConfig, ZapguardDevice};
+pub use events::{Event, EventLog, Events, Fanout, NoEvents, SharedEvents};
+pub use memory::{GuestMemory, MemError};
+pub use pci::PciConfig;
+pub use server::{serve, EventFdTable, ZapguardBackend};
+pub use trace::TraceWriter;

@@ -1,0 +1,143 @@
+//! `zapguard-dev`: the zapguard device as a vfio-user server process.
+//!
+//! ```text
+//! zapguard-dev --socket PATH --trace PATH [--iotlb-entries N] [--asids N]
+//! ```
+//!
+//! Serves one QEMU connection (`-device vfio-user-pci,socket=PATH`), writes every device event
+//! to the JSON Lines trace, and exits 0 when QEMU goes away or on SIGTERM/SIGINT (after flushing
+//! the trace and removing the socket), 1 on an error.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::Parser;
+use qemu_dev::{serve, DeviceConfig, SharedEvents, TraceWriter, ZapguardBackend};
+
+type Trace = SharedEvents<TraceWriter<File>>;
+
+/// The zapguard emulated PCI device, served to QEMU over vfio-user.
+#[derive(Debug, Parser)]
+#[command(name = "zapguard-dev", version)]
+struct Args {
+    /// Unix socket to listen on (a stale socket there is replaced).
+    #[arg(long)]
+    socket: PathBuf,
+    /// JSON Lines trace file to write (truncated).
+    #[arg(long)]
+    trace: PathBuf,
+    /// Number of IOTLB entries the device reports.
+    #[arg(long, default_value_t = DeviceConfig::default().iotlb_entries,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    iotlb_entries: u32,
+    /// Number of address-space IDs the device reports.
+    #[arg(long, default_value_t = DeviceConfig::default().asid_count,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    asids: u32,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    match run(&args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("zapguard-dev: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: &Args) -> Result<(), String> {
+    // Before any thread exists, so that every thread inherits the mask and only the signal
+    // thread (sigwait) ever receives SIGINT/SIGTERM.
+    let signals = block_termination_signals().map_err(|e| format!("signal mask: {e}"))?;
+    let trace: Trace = SharedEvents::new(
+        TraceWriter::create(&args.trace)
+            .map_err(|e| format!("cannot create trace {}: {e}", args.trace.display()))?,
+    );
+    remove_stale_socket(&args.socket)
+        .map_err(|e| format!("socket {}: {e}", args.socket.display()))?;
+    let listener = UnixListener::bind(&args.socket)
+        .map_err(|e| format!("cannot listen on {}: {e}", args.socket.display()))?;
+    spawn_signal_thread(signals, trace.clone(), args.socket.clone())
+        .map_err(|e| format!("signal thread: {e}"))?;
+    eprintln!(
+        "zapguard-dev: listening on {}, trace -> {}",
+        args.socket.display(),
+        args.trace.display()
+    );
+
+    let config = DeviceConfig {
+        iotlb_entries: args.iotlb_entries,
+        asid_count: args.asids,
+    };
+    let mut backend = ZapguardBackend::new(config, trace.clone());
+    let served = serve(listener, &mut backend);
+
+    let flushed = {
+        let mut t = trace.lock();
+        match t.take_error() {
+            Some(e) => Err(e),
+            None => t.flush(),
+        }
+    };
+    let _ = std::fs::remove_file(&args.socket);
+    served.map_err(|e| e.to_string())?;
+    flushed.map_err(|e| format!("trace {}: {e}", args.trace.display()))
+}
+
+/// Removes a socket left behind by an earlier run; refuses to delete anything else.
+fn remove_stale_socket(path: &Path) -> io::Result<()> {
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => std::fs::remove_file(path),
+        Ok(_) => Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            "exists and is not a socket",
+        )),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+fn block_termination_signals() -> io::Result<libc::sigset_t> {
+    // SAFETY: sigset_t is plain data; sigemptyset initialises it before any other use, and
+    // pthread_sigmask only reads it.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        let rc = libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        if rc != 0 {
+            return Err(io::Error::from_raw_os_error(rc));
+        }
+        Ok(set)
+    }
+}
+
+/// `serve` blocks inside the vfio-user loop, so termination is handled here: take the trace
+/// lock (waiting for an event being written), flush, remove the socket, exit.
+fn spawn_signal_thread(set: libc::sigset_t, trace: Trace, socket: PathBuf) -> io::Result<()> {
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            let mut sig: libc::c_int = 0;
+            // SAFETY: `set` is an initialised signal set and `sig` a valid out-pointer.
+            while unsafe { libc::sigwait(&set, &mut sig) } != 0 {}
+            let mut t = trace.lock();
+            let flushed = t.flush();
+            let _ = std::fs::remove_file(&socket);
+            match flushed {
+                Ok(()) => std::process::exit(0),
+                Err(e) => {
+                    eprintln!("zapguard-dev: signal {sig}: trace flush failed: {e}");
+                    std::process::exit(1)
+                }
+            }
+        })
+        .map(drop)
+}

@@ -1,0 +1,711 @@
+//! vfio-user glue: a [`vfio_user::ServerBackend`] around config space, BAR0 and guest memory.
+//!
+//! The rust-vmm server loop calls the backend once per message on one thread. Whatever the
+//! guest (through QEMU) sends, the backend answers: bad accesses read 0 and become `error`
+//! events; they never turn into errors that would make the server tear the connection down.
+//! Only host-side failures to honour a DMA map (the VMM's own request) are returned as errors.
+
+use std::fs::File;
+use std::io::{self, Write};
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::net::UnixListener;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use shared_regs::pci::{BAR0, BAR0_SIZE, MSIX_VECTORS};
+use thiserror::Error;
+use vfio_bindings::bindings::vfio::{
+    vfio_region_info, VFIO_DMA_MAP_FLAG_WRITE, VFIO_DMA_UNMAP_FLAG_ALL, VFIO_IRQ_INFO_EVENTFD,
+    VFIO_IRQ_SET_ACTION_TRIGGER, VFIO_IRQ_SET_ACTION_TYPE_MASK, VFIO_IRQ_SET_DATA_EVENTFD,
+    VFIO_IRQ_SET_DATA_NONE, VFIO_IRQ_SET_DATA_TYPE_MASK, VFIO_PCI_BAR0_REGION_INDEX,
+    VFIO_PCI_CONFIG_REGION_INDEX, VFIO_PCI_INTX_IRQ_INDEX, VFIO_PCI_MSIX_IRQ_INDEX,
+    VFIO_PCI_NUM_IRQS, VFIO_PCI_NUM_REGIONS, VFIO_REGION_INFO_FLAG_READ,
+    VFIO_REGION_INFO_FLAG_WRITE,
+};
+use vfio_user::{DmaMapFlags, DmaUnmapFlags, IrqInfo, Server, ServerBackend, ServerRegion};
+
+use crate::device::{DeviceConfig, ZapguardDevice};
+use crate::events::{le_value, Event, Events, IrqIndex};
+use crate::memory::GuestMemory;
+use crate::pci::{PciConfig, CONFIG_SPACE_SIZE};
+
+/// The vfio-user region index of BAR0.
+pub const BAR0_REGION: u32 = VFIO_PCI_BAR0_REGION_INDEX + BAR0;
+
+/// Interrupt eventfds of one VFIO interrupt index, shared with whoever raises interrupts (the
+/// device's worker threads). Cloning shares the table.
+#[derive(Clone, Debug)]
+pub struct EventFdTable(Arc<Mutex<Vec<Option<File>>>>);
+
+impl EventFdTable {
+    /// A table of `vectors` unassigned vectors.
+    pub fn new(vectors: usize) -> Self {
+        Self(Arc::new(Mutex::new((0..vectors).map(|_| None).collect())))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Vec<Option<File>>> {
+        // The table stays consistent whatever a panicking holder did (single assignments).
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Number of vectors.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Whether the table has no vectors at all.
+    pub fn is_empty(&self) -> bool {
+        self.lock().is_empty()
+    }
+
+    /// Assigns (or with `None`, clears) a vector's eventfd; false if there is no such vector.
+    pub fn set(&self, vector: usize, fd: Option<File>) -> bool {
+        match self.lock().get_mut(vector) {
+            Some(slot) => {
+                *slot = fd;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Clears every vector.
+    pub fn clear(&self) {
+        self.lock().iter_mut().for_each(|slot| *slot = None);
+    }
+
+    /// Whether `vector` has an eventfd.
+    pub fn is_set(&self, vector: usize) -> bool {
+        self.lock().get(vector).is_some_and(Option::is_some)
+    }
+
+    /// Signals `vector`. Returns false (and does nothing) if it has no eventfd.
+    pub fn trigger(&self, vector: usize) -> io::Result<bool> {
+        let table = self.lock();
+        let Some(Some(fd)) = table.get(vector) else {
+            return Ok(false);
+        };
+        // An eventfd takes a native-endian u64 to add to its counter.
+        (&*fd).write_all(&1u64.to_ne_bytes())?;
+        Ok(true)
+    }
+}
+
+/// The zapguard device as a vfio-user backend.
+pub struct ZapguardBackend<E: Events> {
+    device: ZapguardDevice<E>,
+    config: PciConfig,
+    memory: GuestMemory,
+    intx: EventFdTable,
+    msix: EventFdTable,
+}
+
+impl<E: Events> ZapguardBackend<E> {
+    /// A backend around a fresh device.
+    pub fn new(config: DeviceConfig, events: E) -> Self {
+        Self {
+            device: ZapguardDevice::new(config, events),
+            config: PciConfig::new(),
+            memory: GuestMemory::new(),
+            intx: EventFdTable::new(1),
+            msix: EventFdTable::new(usize::from(MSIX_VECTORS)),
+        }
+    }
+
+    /// The device.
+    pub fn device(&self) -> &ZapguardDevice<E> {
+        &self.device
+    }
+
+    /// The device, mutably.
+    pub fn device_mut(&mut self) -> &mut ZapguardDevice<E> {
+        &mut self.device
+    }
+
+    /// The event sink.
+    pub fn events(&mut self) -> &mut E {
+        self.device.events()
+    }
+
+    /// The config-space shadow.
+    pub fn config_space(&self) -> &PciConfig {
+        &self.config
+    }
+
+    /// Guest memory received through DMA_MAP.
+    pub fn memory(&self) -> &GuestMemory {
+        &self.memory
+    }
+
+    /// The MSI-X eventfds (a shared handle).
+    pub fn msix(&self) -> EventFdTable {
+        self.msix.clone()
+    }
+
+    /// The INTx eventfd (a shared handle).
+    pub fn intx(&self) -> EventFdTable {
+        self.intx.clone()
+    }
+
+    fn set_irqs_checked(
+        &mut self,
+        index: u32,
+        flags: u32,
+        start: u32,
+        count: u32,
+        fds: Vec<File>,
+    ) -> Result<(), String> {
+        let table = match index {
+            VFIO_PCI_INTX_IRQ_INDEX => &self.intx,
+            VFIO_PCI_MSIX_IRQ_INDEX => &self.msix,
+            // MSI, ERR and REQ have no vectors: disabling them is fine, anything else is not.
+            _ if count == 0 => return Ok(()),
+            _ => return Err("the device has no vectors there".into()),
+        };
+        // Masking is emulated by QEMU for MSI-X; INTx unmask/resample needs no device action.
+        if flags & VFIO_IRQ_SET_ACTION_TYPE_MASK != VFIO_IRQ_SET_ACTION_TRIGGER {
+            return Ok(());
+        }
+        let end = start
+            .checked_add(count)
+            .and_then(|end| usize::try_from(end).ok())
+            .filter(|&end| end <= table.len())
+            .ok_or_else(|| format!("vectors {start}+{count} exceed the {}", table.len()))?;
+        let vectors = start as usize..end;
+        match flags & VFIO_IRQ_SET_DATA_TYPE_MASK {
+            VFIO_IRQ_SET_DATA_NONE if count == 0 => table.clear(),
+            // Loopback trigger: raise the vectors now.
+            VFIO_IRQ_SET_DATA_NONE => {
+                for v in vectors {
+                    table.trigger(v).map_err(|e| format!("trigger {v}: {e}"))?;
+                }
+            }
+            // QEMU sends a run of "no eventfd" (-1) entries as a message without descriptors.
+            VFIO_IRQ_SET_DATA_EVENTFD if fds.is_empty() => {
+                vectors.for_each(|v| {
+                    table.set(v, None);
+                });
+            }
+            VFIO_IRQ_SET_DATA_EVENTFD if fds.len() == vectors.len() => {
+                for (v, fd) in vectors.zip(fds) {
+                    table.set(v, Some(fd));
+                }
+            }
+            VFIO_IRQ_SET_DATA_EVENTFD => {
+                return Err(format!("{} eventfds for {count} vectors", fds.len()))
+            }
+            other => return Err(format!("unsupported data type {other:#x}")),
+        }
+        Ok(())
+    }
+}
+
+impl<E: Events> ServerBackend for ZapguardBackend<E> {
+    fn region_read(&mut self, region: u32, offset: u64, data: &mut [u8]) -> io::Result<()> {
+        match region {
+            VFIO_PCI_CONFIG_REGION_INDEX => {
+                if let Err(e) = self.config.read(offset, data) {
+                    self.device.report_error(e.to_string());
+                }
+            }
+            BAR0_REGION => self.device.read(offset, data),
+            _ => {
+                data.fill(0);
+                self.device.report_error(format!(
+                    "read of {} bytes at {offset:#x} in empty region {region}",
+                    data.len()
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn region_write(&mut self, region: u32, offset: u64, data: &[u8]) -> io::Result<()> {
+        match region {
+            VFIO_PCI_CONFIG_REGION_INDEX => {
+                self.device.events().event(&Event::ConfigWrite {
+                    offset,
+                    size: data.len(),
+                    value: le_value(data),
+                });
+                if let Err(e) = self.config.write(offset, data) {
+                    self.device.report_error(e.to_string());
+                }
+            }
+            BAR0_REGION => self.device.write(offset, data),
+            _ => self.device.report_error(format!(
+                "write of {} bytes at {offset:#x} in empty region {region}",
+                data.len()
+            )),
+        }
+        Ok(())
+    }
+
+    fn dma_map(
+        &mut self,
+        flags: DmaMapFlags,
+        offset: u64,
+        address: u64,
+        size: u64,
+        fd: Option<File>,
+    ) -> io::Result<()> {
+        self.device.events().event(&Event::DmaMap {
+            iova: address,
+            size,
+            offset,
+            has_fd: fd.is_some(),
+            flags: flags.bits(),
+        });
+        let writable = flags.bits() & VFIO_DMA_MAP_FLAG_WRITE != 0;
+        // The mapping outlives the descriptor, which is closed when `fd` drops.
+        if let Err(e) = self
+            .memory
+            .map(address, size, offset, fd.as_ref(), writable)
+        {
+            let what = e.to_string();
+            self.device.report_error(what.clone());
+            return Err(io::Error::other(what));
+        }
+        Ok(())
+    }
+
+    fn dma_unmap(&mut self, flags: DmaUnmapFlags, address: u64, size: u64) -> io::Result<()> {
+        self.device.events().event(&Event::DmaUnmap {
+            iova: address,
+            size,
+            flags: flags.bits(),
+        });
+        // QEMU sends the kernel's VFIO_DMA_UNMAP_FLAG_ALL (bit 1), which is not the bit the
+        // vfio_user crate names UNMAP_ALL, so test the raw value.
+        let removed = if flags.bits() & VFIO_DMA_UNMAP_FLAG_ALL != 0 {
+            self.memory.unmap_all()
+        } else {
+            self.memory.unmap(address, size)
+        };
+        if removed == 0 && flags.bits() & VFIO_DMA_UNMAP_FLAG_ALL == 0 {
+            self.device.report_error(format!(
+                "DMA unmap {address:#x}+{size:#x} matched no region"
+            ));
+        }
+        Ok(())
+    }
+
+    fn reset(&mut self) -> io::Result<()> {
+        // DMA maps and interrupt wiring belong to the VMM side and survive a device reset.
+        self.config.reset();
+        self.device.reset();
+        Ok(())
+    }
+
+    fn set_irqs(
+        &mut self,
+        index: u32,
+        flags: u32,
+        start: u32,
+        count: u32,
+        fds: Vec<File>,
+    ) -> io::Result<()> {
+        let irq = IrqIndex::from_raw(index);
+        self.device.events().event(&Event::IrqSetup {
+            index: irq,
+            flags,
+            start,
+            count,
+            nfds: fds.len(),
+        });
+        if let Err(e) = self.set_irqs_checked(index, flags, start, count, fds) {
+            self.device.report_error(format!(
+                "set_irqs {} flags {flags:#x} start {start} count {count}: {e}",
+                irq.name()
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The regions announced to the VMM: BAR0 and config space; every other region is empty.
+pub fn regions() -> Vec<ServerRegion> {
+    (0..VFIO_PCI_NUM_REGIONS)
+        .map(|index| {
+            let rw = VFIO_REGION_INFO_FLAG_READ | VFIO_REGION_INFO_FLAG_WRITE;
+            let (flags, size) = match index {
+                BAR0_REGION => (rw, BAR0_SIZE),
+                VFIO_PCI_CONFIG_REGION_INDEX => (rw, CONFIG_SPACE_SIZE),
+                _ => (0, 0),
+            };
+            ServerRegion {
+                region_info: vfio_region_info {
+                    argsz: std::mem::size_of::<vfio_region_info>() as u32,
+                    flags,
+                    index,
+                    cap_offset: 0,
+                    size,
+                    offset: 0,
+                },
+                sparse_areas: Vec::new(),
+                mmap_fd: None,
+            }
+        })
+        .collect()
+}
+
+/// The interrupts announced to the VMM: one INTx, [`MSIX_VECTORS`] MSI-X vectors, nothing else.
+pub fn irqs() -> Vec<IrqInfo> {
+    (0..VFIO_PCI_NUM_IRQS)
+        .map(|index| {
+            let count = match index {
+                VFIO_PCI_INTX_IRQ_INDEX => 1,
+                VFIO_PCI_MSIX_IRQ_INDEX => u32::from(MSIX_VECTORS),
+                _ => 0,
+            };
+            IrqInfo {
+                index,
+                flags: if count > 0 { VFIO_IRQ_INFO_EVENTFD } else { 0 },
+                count,
+            }
+        })
+        .collect()
+}
+
+/// Why [`serve`] stopped.
+#[derive(Debug, Error)]
+pub enum ServeError {
+    /// Waiting for the VMM to connect failed.
+    #[error("waiting for a connection: {0}")]
+    Wait(#[source] io::Error),
+    /// The vfio-user server loop failed.
+    #[error("vfio-user server: {0}")]
+    Server(#[from] vfio_user::Error),
+}
+
+/// Serves one VMM connection on `listener` until it goes away.
+///
+/// Emits [`Event::Connect`] as soon as a connection is pending and [`Event::Disconnect`] when
+/// the server loop returns, successfully (the VMM closed the socket) or not.
+pub fn serve<E: Events>(
+    listener: UnixListener,
+    backend: &mut ZapguardBackend<E>,
+) -> Result<(), ServeError> {
+    wait_readable(&listener).map_err(ServeError::Wait)?;
+    backend.events().event(&Event::Connect);
+    let server = Server::from_owned_fd(OwnedFd::from(listener), true, irqs(), regions());
+    let result = server.run(backend).map_err(ServeError::from);
+    if let Err(e) = &result {
+        backend.device_mut().report_error(e.to_string());
+    }
+    backend.events().event(&Event::Disconnect);
+    result
+}
+
+/// Blocks until a connection is pending on `listener` (the vfio_user server would accept it
+/// inside `run`, where we cannot see it).
+fn wait_readable(listener: &UnixListener) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let mut pfd = libc::pollfd {
+        fd: listener.as_fd().as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    loop {
+        // SAFETY: `pfd` is a valid pollfd for the duration of the call; nfds is 1.
+        let n = unsafe { libc::poll(&mut pfd, 1, -1) };
+        if n >= 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::events::{EventLog, SharedEvents};
+    use crate::memory::tests::memfd;
+    use shared_regs::pci::{DEVICE_ID, VENDOR_ID};
+    use shared_regs::regs::{ERROR, ERR_BAD_ACCESS, IDENT, IDENT_MAGIC, SCRATCH};
+    use std::io::Read;
+    use std::os::fd::{AsRawFd, FromRawFd};
+    use std::path::PathBuf;
+
+    fn backend() -> ZapguardBackend<EventLog> {
+        ZapguardBackend::new(DeviceConfig::default(), EventLog::default())
+    }
+
+    fn eventfd() -> File {
+        // SAFETY: plain syscall; the result is checked.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        assert!(fd >= 0, "eventfd: {}", io::Error::last_os_error());
+        // SAFETY: `fd` is fresh and owned by nobody else.
+        unsafe { File::from_raw_fd(fd) }
+    }
+
+    fn count(efd: &File) -> u64 {
+        let mut b = [0u8; 8];
+        match (&*efd).read(&mut b) {
+            Ok(8) => u64::from_ne_bytes(b),
+            _ => 0,
+        }
+    }
+
+    fn dup(f: &File) -> File {
+        f.try_clone().expect("dup")
+    }
+
+    fn errors(log: &EventLog) -> usize {
+        log.events
+            .iter()
+            .filter(|e| matches!(e, Event::Error { .. }))
+            .count()
+    }
+
+    #[test]
+    fn region_and_irq_tables() {
+        let r = regions();
+        assert_eq!(r.len(), VFIO_PCI_NUM_REGIONS as usize);
+        for (i, region) in r.iter().enumerate() {
+            let info = region.region_info;
+            assert_eq!(info.index as usize, i);
+            match info.index {
+                BAR0_REGION => assert_eq!(info.size, BAR0_SIZE),
+                VFIO_PCI_CONFIG_REGION_INDEX => assert_eq!(info.size, 4096),
+                _ => assert_eq!((info.size, info.flags), (0, 0)),
+            }
+        }
+        let counts: Vec<u32> = irqs().iter().map(|i| i.count).collect();
+        assert_eq!(counts, vec![1, 0, u32::from(MSIX_VECTORS), 0, 0]);
+    }
+
+    #[test]
+    fn config_and_bar_accesses() {
+        let mut b = backend();
+        let mut id = [0u8; 4];
+        b.region_read(VFIO_PCI_CONFIG_REGION_INDEX, 0, &mut id)
+            .expect("read");
+        assert_eq!(
+            u32::from_le_bytes(id),
+            u32::from(VENDOR_ID) | (u32::from(DEVICE_ID) << 16)
+        );
+        b.region_write(VFIO_PCI_CONFIG_REGION_INDEX, 4, &[0x06, 0x00])
+            .expect("write");
+        assert!(b.config_space().bus_master_enabled());
+
+        b.region_write(BAR0_REGION, SCRATCH.into(), &0xfeed_u32.to_le_bytes())
+            .expect("write");
+        let mut v = [0u8; 4];
+        b.region_read(BAR0_REGION, SCRATCH.into(), &mut v)
+            .expect("read");
+        assert_eq!(u32::from_le_bytes(v), 0xfeed);
+        b.region_read(BAR0_REGION, IDENT.into(), &mut v)
+            .expect("read");
+        assert_eq!(u32::from_le_bytes(v), IDENT_MAGIC);
+        assert_eq!(errors(b.events()), 0);
+
+        // Garbage is answered, never an error.
+        let mut big = vec![0xffu8; 8192];
+        b.region_read(VFIO_PCI_CONFIG_REGION_INDEX, 0, &mut big)
+            .expect("read");
+        b.region_read(3, 0, &mut v).expect("read");
+        assert_eq!(v, [0; 4]);
+        b.region_write(8, 0, &v).expect("write");
+        b.region_write(BAR0_REGION, 2, &[1, 2]).expect("write");
+        b.region_write(VFIO_PCI_CONFIG_REGION_INDEX, u64::MAX, &[1])
+            .expect("write");
+        assert_eq!(errors(b.events()), 5);
+        assert_eq!(b.device().error_bits(), ERR_BAD_ACCESS);
+        let config_writes = b
+            .events()
+            .events
+            .iter()
+            .filter(|e| matches!(e, Event::ConfigWrite { .. }))
+            .count();
+        assert_eq!(config_writes, 2);
+
+        b.reset().expect("reset");
+        assert!(!b.config_space().bus_master_enabled());
+        b.region_read(BAR0_REGION, ERROR.into(), &mut v)
+            .expect("read");
+        assert_eq!(u32::from_le_bytes(v), 0);
+    }
+
+    #[test]
+    fn dma_map_gives_device_access_to_guest_memory() {
+        const GIB: u64 = 1 << 30;
+        let ram = memfd(1 << 20);
+        let mut b = backend();
+        let rw = DmaMapFlags::READ_WRITE;
+        b.dma_map(rw, 0, 0, 0x8_0000, Some(dup(&ram))).expect("low");
+        b.dma_map(DmaMapFlags::READ, 0, 0xc_0000, 0x4_0000, None)
+            .expect("ROM");
+        b.dma_map(rw, 0x8_0000, 4 * GIB, 0x8_0000, Some(dup(&ram)))
+            .expect("high");
+        assert_eq!(b.memory().len(), 3);
+        b.memory().write(4 * GIB + 8, b"hi").expect("write high");
+        let mut buf = [0u8; 2];
+        std::os::unix::fs::FileExt::read_exact_at(&ram, &mut buf, 0x8_0008).expect("pread");
+        assert_eq!(&buf, b"hi");
+
+        // Overlap and past-EOF maps are refused (an error reply, plus an error event).
+        assert!(b.dma_map(rw, 0, 0x1000, 0x1000, Some(dup(&ram))).is_err());
+        assert!(b
+            .dma_map(rw, 1 << 20, 8 * GIB, 0x1000, Some(dup(&ram)))
+            .is_err());
+        assert_eq!(errors(b.events()), 2);
+
+        b.dma_unmap(DmaUnmapFlags::empty(), 0xc_0000, 0x4_0000)
+            .expect("unmap");
+        assert_eq!(b.memory().len(), 2);
+        // QEMU's unmap-all is bit 1.
+        let all = DmaUnmapFlags::from_bits_retain(VFIO_DMA_UNMAP_FLAG_ALL);
+        b.dma_unmap(all, 0, 0).expect("unmap all");
+        assert!(b.memory().is_empty());
+        assert!(b.memory().read(0, &mut buf).is_err());
+        let maps = b
+            .events()
+            .events
+            .iter()
+            .filter(|e| matches!(e, Event::DmaMap { has_fd: true, .. }))
+            .count();
+        assert_eq!(maps, 4);
+    }
+
+    #[test]
+    fn msix_eventfds_follow_set_irqs() {
+        let mut b = backend();
+        let msix = b.msix();
+        let trigger = VFIO_IRQ_SET_DATA_EVENTFD | VFIO_IRQ_SET_ACTION_TRIGGER;
+        let efds: Vec<File> = (0..MSIX_VECTORS).map(|_| eventfd()).collect();
+        // One descriptor per message, as QEMU sends them to this server.
+        for (v, efd) in efds.iter().enumerate() {
+            b.set_irqs(
+                VFIO_PCI_MSIX_IRQ_INDEX,
+                trigger,
+                v as u32,
+                1,
+                vec![dup(efd)],
+            )
+            .expect("set");
+        }
+        for v in 0..usize::from(MSIX_VECTORS) {
+            assert!(msix.trigger(v).expect("trigger"));
+        }
+        assert_eq!(count(&efds[1]), 1);
+        // A run of "no eventfd" comes without descriptors.
+        b.set_irqs(VFIO_PCI_MSIX_IRQ_INDEX, trigger, 1, 1, vec![])
+            .expect("set");
+        assert!(!msix.trigger(1).expect("trigger"));
+        assert!(msix.is_set(0) && msix.is_set(2));
+        // Loopback trigger.
+        let loopback = VFIO_IRQ_SET_DATA_NONE | VFIO_IRQ_SET_ACTION_TRIGGER;
+        b.set_irqs(VFIO_PCI_MSIX_IRQ_INDEX, loopback, 2, 1, vec![])
+            .expect("set");
+        assert_eq!(count(&efds[2]), 2);
+        // DATA_NONE with count 0 disables the index.
+        b.set_irqs(VFIO_PCI_MSIX_IRQ_INDEX, loopback, 0, 0, vec![])
+            .expect("set");
+        assert!((0..usize::from(MSIX_VECTORS)).all(|v| !msix.is_set(v)));
+        assert_eq!(errors(b.events()), 0);
+
+        // Garbage: out-of-range vectors, fd count mismatch, MSI vectors, bool data.
+        let bad: Vec<(u32, u32, u32, u32, usize)> = vec![
+            (
+                VFIO_PCI_MSIX_IRQ_INDEX,
+                trigger,
+                u32::from(MSIX_VECTORS),
+                1,
+                1,
+            ),
+            (VFIO_PCI_MSIX_IRQ_INDEX, trigger, u32::MAX, 2, 0),
+            (VFIO_PCI_MSIX_IRQ_INDEX, trigger, 0, 2, 1),
+            (VFIO_PCI_INTX_IRQ_INDEX, trigger, 0, 1, 2),
+            (1, trigger, 0, 1, 1),
+            (9, trigger, 0, 1, 0),
+        ];
+        for &(index, flags, start, count, nfds) in &bad {
+            let fds = (0..nfds).map(|_| eventfd()).collect();
+            b.set_irqs(index, flags, start, count, fds)
+                .expect("answered");
+        }
+        assert_eq!(errors(b.events()), bad.len());
+        assert!((0..usize::from(MSIX_VECTORS)).all(|v| !msix.is_set(v)));
+        let setups = b
+            .events()
+            .events
+            .iter()
+            .filter(|e| matches!(e, Event::IrqSetup { .. }))
+            .count();
+        assert_eq!(setups, usize::from(MSIX_VECTORS) + 3 + bad.len());
+    }
+
+    fn socket_path(tag: &str) -> PathBuf {
+        std::env::temp_dir().join(format!("zg-{tag}-{}.sock", std::process::id()))
+    }
+
+    #[test]
+    fn serves_a_vfio_user_client() {
+        let path = socket_path("serve");
+        let _ = std::fs::remove_file(&path);
+        let listener = UnixListener::bind(&path).expect("bind");
+        let log = SharedEvents::new(EventLog::default());
+        let mut backend = ZapguardBackend::new(DeviceConfig::default(), log.clone());
+        let msix = backend.msix();
+        let server = std::thread::spawn(move || serve(listener, &mut backend));
+
+        let mut client = vfio_user::Client::new(&path).expect("connect");
+        let mut v = [0u8; 4];
+        client
+            .region_read(VFIO_PCI_CONFIG_REGION_INDEX, 0, &mut v)
+            .expect("config read");
+        assert_eq!(u16::from_le_bytes([v[0], v[1]]), VENDOR_ID);
+        client
+            .region_write(BAR0_REGION, SCRATCH.into(), &7u32.to_le_bytes())
+            .expect("write");
+        client
+            .region_read(BAR0_REGION, SCRATCH.into(), &mut v)
+            .expect("read");
+        assert_eq!(u32::from_le_bytes(v), 7);
+        client
+            .region_read(BAR0_REGION, 1, &mut v)
+            .expect("a bad access is still answered");
+        let ram = memfd(1 << 20);
+        client
+            .dma_map(0, 0x10_0000, 1 << 20, ram.as_raw_fd())
+            .expect("dma map");
+        let efd = eventfd();
+        client
+            .set_irqs(
+                VFIO_PCI_MSIX_IRQ_INDEX,
+                VFIO_IRQ_SET_DATA_EVENTFD | VFIO_IRQ_SET_ACTION_TRIGGER,
+                1,
+                1,
+                &[efd.as_raw_fd()],
+            )
+            .expect("set irqs");
+        assert!(msix.trigger(1).expect("trigger"));
+        assert_eq!(count(&efd), 1);
+        client.reset().expect("reset");
+        drop(client);
+
+        server.join().expect("no panic").expect("clean disconnect");
+        assert!(!path.exists() || std::fs::remove_file(&path).is_ok());
+        let events = log.lock().events.clone();
+        assert_eq!(events.first(), Some(&Event::Connect));
+        assert_eq!(events.last(), Some(&Event::Disconnect));
+        let kinds = [
+            events
+                .iter()
+                .any(|e| matches!(e, Event::DmaMap { has_fd: true, .. })),
+            events
+                .iter()
+                .any(|e| matches!(e, Event::IrqSetup { nfds: 1, .. })),
+            events.iter().any(|e| matches!(e, Event::Reset)),
+            events
+                .iter()
+                .filter(|e| matches!(e, Event::Error { .. }))
+                .count()
+                == 1,
+        ];
+        assert_eq!(kinds, [true; 4], "{events:#?}");
+    }
+}

@@ -1,0 +1,406 @@
+//! JSON Lines trace of device events.
+//!
+//! One JSON object per line. Every line has:
+//!
+//! | field | type | meaning |
+//! |---|---|---|
+//! | `t_ns` | u64 | monotonic nanoseconds since the trace was opened |
+//! | `seq` | u64 | event number, from 0, without gaps |
+//! | `kind` | string | one of the kinds below |
+//!
+//! and, depending on `kind`:
+//!
+//! | kind | fields |
+//! |---|---|
+//! | `connect` | — (the VMM connected) |
+//! | `disconnect` | — (the VMM went away; the trace is flushed) |
+//! | `bar_read`, `bar_write` | `bar` (u32), `offset` (u64), `size` (bytes), `value` (u64, little-endian value of the access, 0 if `size` > 8), `reg` (string, only when `bar` is 0 and `offset` is a register, e.g. `"IDENT"`, `"SCRATCH"`) |
+//! | `config_write` | `offset`, `size`, `value` as above, in PCI config space |
+//! | `dma_map` | `iova`, `size`, `offset` (in the shared file), `has_fd` (bool), `flags` (raw vfio-user DMA map flags) |
+//! | `dma_unmap` | `iova`, `size`, `flags` (raw; bit 1 = unmap all) |
+//! | `irq_setup` | `index` (`"intx"`, `"msi"`, `"msix"`, `"err"`, `"req"` or `"unknown"`), `index_raw` (u32), `flags` (raw `VFIO_IRQ_SET_*`), `start`, `count`, `nfds` |
+//! | `reset` | — (device reset) |
+//! | `error` | `what` (string): a misbehaving guest or VMM request the device survived |
+//!
+//! The writer buffers; it flushes on `disconnect`, on [`TraceWriter::flush`] and on drop (the
+//! `BufWriter`'s own drop, which ignores errors: check [`TraceWriter::flush`] when it matters).
+
+use std::fs::File;
+use std::io::{self, BufWriter, Write};
+use std::path::Path;
+use std::time::Instant;
+
+use serde::Serialize;
+
+use crate::device::register_name;
+use crate::events::{Event, Events};
+
+#[derive(Serialize)]
+struct Record<'a> {
+    t_ns: u64,
+    seq: u64,
+    #[serde(flatten)]
+    body: Body<'a>,
+}
+
+#[derive(Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+enum Body<'a> {
+    Connect,
+    Disconnect,
+    BarRead(BarAccess),
+    BarWrite(BarAccess),
+    ConfigWrite {
+        offset: u64,
+        size: usize,
+        value: u64,
+    },
+    DmaMap {
+        iova: u64,
+        size: u64,
+        offset: u64,
+        has_fd: bool,
+        flags: u32,
+    },
+    DmaUnmap {
+        iova: u64,
+        size: u64,
+        flags: u32,
+    },
+    IrqSetup {
+        index: &'static str,
+        index_raw: u32,
+        flags: u32,
+        start: u32,
+        count: u32,
+        nfds: usize,
+    },
+    Reset,
+    Error {
+        what: &'a str,
+    },
+}
+
+#[derive(Serialize)]
+struct BarAccess {
+    bar: u32,
+    offset: u64,
+    size: usize,
+    value: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reg: Option<&'static str>,
+}
+
+impl BarAccess {
+    fn new(bar: u32, offset: u64, size: usize, value: u64) -> Self {
+        let reg = if bar == 0 {
+            register_name(offset)
+        } else {
+            None
+        };
+        Self {
+            bar,
+            offset,
+            size,
+            value,
+            reg,
+        }
+    }
+}
+
+impl<'a> From<&'a Event> for Body<'a> {
+    fn from(ev: &'a Event) -> Self {
+        match *ev {
+            Event::Connect => Body::Connect,
+            Event::Disconnect => Body::Disconnect,
+            Event::BarRead {
+                bar,
+                offset,
+                size,
+                value,
+            } => Body::BarRead(BarAccess::new(bar, offset, size, value)),
+            Event::BarWrite {
+                bar,
+                offset,
+                size,
+                value,
+            } => Body::BarWrite(BarAccess::new(bar, offset, size, value)),
+            Event::ConfigWrite {
+                offset,
+                size,
+                value,
+            } => Body::ConfigWrite {
+                offset,
+                size,
+                value,
+            },
+            Event::DmaMap {
+                iova,
+                size,
+                offset,
+                has_fd,
+                flags,
+            } => Body::DmaMap {
+                iova,
+                size,
+                offset,
+                has_fd,
+                flags,
+            },
+            Event::DmaUnmap { iova, size, flags } => Body::DmaUnmap { iova, size, flags },
+            Event::IrqSetup {
+                index,
+                flags,
+                start,
+                count,
+                nfds,
+            } => Body::IrqSetup {
+                index: index.name(),
+                index_raw: index.raw(),
+                flags,
+                start,
+                count,
+                nfds,
+            },
+            Event::Reset => Body::Reset,
+            Event::Error { ref what } => Body::Error { what },
+        }
+    }
+}
+
+/// Writes events as JSON Lines to `W`.
+pub struct TraceWriter<W: Write> {
+    out: BufWriter<W>,
+    start: Instant,
+    seq: u64,
+    error: Option<io::Error>,
+}
+
+impl TraceWriter<File> {
+    /// Creates (truncates) the trace file at `path`.
+    pub fn create(path: &Path) -> io::Result<Self> {
+        Ok(Self::new(File::create(path)?))
+    }
+}
+
+impl<W: Write> TraceWriter<W> {
+    /// A trace whose clock starts now.
+    pub fn new(out: W) -> Self {
+        Self {
+            out: BufWriter::new(out),
+            start: Instant::now(),
+            seq: 0,
+            error: None,
+        }
+    }
+
+    /// Writes one event as a line.
+    pub fn record(&mut self, ev: &Event) -> io::Result<()> {
+        let t_ns = u64::try_from(self.start.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        let rec = Record {
+            t_ns,
+            seq: self.seq,
+            body: ev.into(),
+        };
+        self.seq += 1;
+        serde_json::to_writer(&mut self.out, &rec)?;
+        self.out.write_all(b"\n")?;
+        if matches!(ev, Event::Disconnect) {
+            self.out.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Number of events written so far.
+    pub fn len(&self) -> u64 {
+        self.seq
+    }
+
+    /// Whether nothing was written yet.
+    pub fn is_empty(&self) -> bool {
+        self.seq == 0
+    }
+
+    /// Pushes buffered lines to `W`.
+    pub fn flush(&mut self) -> io::Result<()> {
+        self.out.flush()
+    }
+
+    /// The first write error met through [`Events::event`], which cannot return it.
+    pub fn take_error(&mut self) -> Option<io::Error> {
+        self.error.take()
+    }
+
+    /// Flushes and returns the underlying writer.
+    pub fn into_inner(self) -> io::Result<W> {
+        self.out.into_inner().map_err(|e| e.into_error())
+    }
+}
+
+impl<W: Write> Events for TraceWriter<W> {
+    fn event(&mut self, ev: &Event) {
+        if let Err(e) = self.record(ev) {
+            self.error.get_or_insert(e);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::events::IrqIndex;
+    use serde_json::{json, Value};
+
+    fn lines(events: &[Event]) -> Vec<Value> {
+        let mut w = TraceWriter::new(Vec::new());
+        for ev in events {
+            w.event(ev);
+        }
+        assert!(w.take_error().is_none());
+        assert_eq!(w.len(), events.len() as u64);
+        let buf = w.into_inner().expect("flush to Vec");
+        let text = String::from_utf8(buf).expect("utf-8");
+        assert!(text.ends_with('\n'));
+        text.lines()
+            .map(|l| serde_json::from_str(l).expect("one JSON object per line"))
+            .collect()
+    }
+
+    #[test]
+    fn every_kind_round_trips() {
+        let events = vec![
+            Event::Connect,
+            Event::BarRead {
+                bar: 0,
+                offset: 0,
+                size: 4,
+                value: 0x4750_415a,
+            },
+            Event::BarWrite {
+                bar: 0,
+                offset: 0x14,
+                size: 4,
+                value: 7,
+            },
+            Event::BarRead {
+                bar: 0,
+                offset: 0x3,
+                size: 1,
+                value: 0,
+            },
+            Event::ConfigWrite {
+                offset: 4,
+                size: 2,
+                value: 6,
+            },
+            Event::DmaMap {
+                iova: 0x10_0000,
+                size: 0x20_0000,
+                offset: 0x10_0000,
+                has_fd: true,
+                flags: 3,
+            },
+            Event::DmaUnmap {
+                iova: 0,
+                size: 0,
+                flags: 2,
+            },
+            Event::IrqSetup {
+                index: IrqIndex::Msix,
+                flags: 0x24,
+                start: 1,
+                count: 1,
+                nfds: 1,
+            },
+            Event::Reset,
+            Event::Error {
+                what: "bad \"thing\"\n".into(),
+            },
+            Event::Disconnect,
+        ];
+        let v = lines(&events);
+        assert_eq!(v.len(), events.len());
+        let kinds: Vec<&str> = v.iter().map(|l| l["kind"].as_str().unwrap_or("")).collect();
+        assert_eq!(
+            kinds,
+            [
+                "connect",
+                "bar_read",
+                "bar_write",
+                "bar_read",
+                "config_write",
+                "dma_map",
+                "dma_unmap",
+                "irq_setup",
+                "reset",
+                "error",
+                "disconnect"
+            ]
+        );
+        let mut last_t = 0;
+        for (i, l) in v.iter().enumerate() {
+            assert_eq!(l["seq"], json!(i));
+            let t = l["t_ns"].as_u64().expect("t_ns is a number");
+            assert!(t >= last_t, "monotonic");
+            last_t = t;
+        }
+        let strip = |mut l: Value| {
+            let o = l.as_object_mut().expect("object");
+            o.remove("t_ns");
+            o.remove("seq");
+            l
+        };
+        let expect = [
+            json!({"kind": "connect"}),
+            json!({"kind": "bar_read", "bar": 0, "offset": 0, "size": 4, "value": 0x4750_415a_u32, "reg": "IDENT"}),
+            json!({"kind": "bar_write", "bar": 0, "offset": 0x14, "size": 4, "value": 7, "reg": "SCRATCH"}),
+            json!({"kind": "bar_read", "bar": 0, "offset": 3, "size": 1, "value": 0}),
+            json!({"kind": "config_write", "offset": 4, "size": 2, "value": 6}),
+            json!({"kind": "dma_map", "iova": 0x10_0000, "size": 0x20_0000, "offset": 0x10_0000, "has_fd": true, "flags": 3}),
+            json!({"kind": "dma_unmap", "iova": 0, "size": 0, "flags": 2}),
+            json!({"kind": "irq_setup", "index": "msix", "index_raw": 2, "flags": 0x24, "start": 1, "count": 1, "nfds": 1}),
+            json!({"kind": "reset"}),
+            json!({"kind": "error", "what": "bad \"thing\"\n"}),
+            json!({"kind": "disconnect"}),
+        ];
+        for (got, want) in v.into_iter().zip(expect) {
+            assert_eq!(strip(got), want);
+        }
+    }
+
+    #[test]
+    fn disconnect_flushes_and_drop_flushes() {
+        let path = std::env::temp_dir().join(format!("zg-trace-{}.jsonl", std::process::id()));
+        {
+            let mut w = TraceWriter::create(&path).expect("create");
+            w.event(&Event::Connect);
+            assert_eq!(std::fs::read(&path).expect("read").len(), 0, "buffered");
+            w.event(&Event::Disconnect);
+            let text = std::fs::read_to_string(&path).expect("read");
+            assert_eq!(text.lines().count(), 2);
+            w.event(&Event::Reset);
+        }
+        let text = std::fs::read_to_string(&path).expect("read");
+        assert_eq!(text.lines().count(), 3, "drop flushed the last line");
+        let _ = std::fs::remove_file(&path);
+    }
+
+    struct Broken;
+    impl Write for Broken {
+        fn write(&mut self, _: &[u8]) -> io::Result<usize> {
+            Err(io::Error::other("disk full"))
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Err(io::Error::other("disk full"))
+        }
+    }
+
+    #[test]
+    fn write_errors_are_kept_not_panicked() {
+        let mut w = TraceWriter::new(Broken);
+        w.event(&Event::Connect);
+        w.event(&Event::Disconnect);
+        assert!(w.take_error().is_some());
+        assert!(w.take_error().is_none());
+    }
+}

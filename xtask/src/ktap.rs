@@ -1,0 +1,151 @@
+//! Reading what the guest printed on its serial console: KTAP results, the init's markers, and
+//! kernel splats (panic, oops, BUG, WARN, lockdep) that must fail a run even if every test passed.
+
+/// Outcome of one test line.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// `ok N name`
+    Pass,
+    /// `not ok N name`
+    Fail,
+    /// `ok N name # SKIP reason`
+    Skip,
+}
+
+/// One parsed result line.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TestLine {
+    /// Test name.
+    pub name: String,
+    /// What happened.
+    pub outcome: Outcome,
+}
+
+/// Parses a top-level KTAP/TAP result line; `None` for anything else (diagnostics, plan, noise).
+pub fn parse_result(line: &str) -> Option<TestLine> {
+    let (outcome, rest) = if let Some(r) = line.strip_prefix("not ok ") {
+        (Outcome::Fail, r)
+    } else if let Some(r) = line.strip_prefix("ok ") {
+        (Outcome::Pass, r)
+    } else {
+        return None;
+    };
+    let (num, rest) = rest.split_once(' ').unwrap_or((rest, ""));
+    num.parse::<u32>().ok()?;
+    let (name, directive) = match rest.split_once('#') {
+        Some((n, d)) => (n.trim(), d.trim()),
+        None => (rest.trim(), ""),
+    };
+    let outcome = if outcome == Outcome::Pass && directive.to_ascii_uppercase().starts_with("SKIP")
+    {
+        Outcome::Skip
+    } else {
+        outcome
+    };
+    Some(TestLine {
+        name: name.to_string(),
+        outcome,
+    })
+}
+
+/// Substrings the kernel prints when something went wrong that no test reports by itself.
+const SPLATS: &[&str] = &[
+    "Kernel panic",
+    "Oops:",
+    "BUG:",
+    "WARNING:",
+    "general protection fault",
+    "Call Trace:",
+    "UBSAN:",
+    "KASAN:",
+    "possible circular locking",
+    "possible recursive locking",
+    "inconsistent lock state",
+    "INFO: task",
+    "rcu: INFO:",
+    "Unable to handle kernel",
+    "segfault at",
+];
+
+/// The splat pattern `line` matches, if any.
+pub fn splat(line: &str) -> Option<&'static str> {
+    SPLATS.iter().copied().find(|p| line.contains(p))
+}
+
+/// Markers printed by `images/initramfs/init`.
+pub const TESTS_BEGIN: &str = "ZAPGUARD-TESTS-BEGIN";
+/// End of the guest test run.
+pub const TESTS_END: &str = "ZAPGUARD-TESTS-END";
+/// Init is about to power off; `rc=N` follows.
+pub const DONE: &str = "ZAPGUARD-DONE";
+
+/// The `rc=N` value of a marker line.
+pub fn marker_rc(line: &str, marker: &str) -> Option<i32> {
+    let at = line.find(marker)?;
+    line[at + marker.len()..]
+        .trim()
+        .strip_prefix("rc=")?
+        .trim()
+        .parse()
+        .ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn result_lines() {
+        let cases = [
+            (
+                "ok 1 dev_node_exists # time=3ms",
+                Some(("dev_node_exists", Outcome::Pass)),
+            ),
+            (
+                "not ok 12 get_info_identity # time=0ms",
+                Some(("get_info_identity", Outcome::Fail)),
+            ),
+            ("ok 3 foo # SKIP filtered out", Some(("foo", Outcome::Skip))),
+            ("ok 4 bar", Some(("bar", Outcome::Pass))),
+            ("not ok 5 baz", Some(("baz", Outcome::Fail))),
+            ("# ok 1 inside a diagnostic", None),
+            ("ok x notanumber", None),
+            ("1..9", None),
+            ("KTAP version 1", None),
+            ("[    1.2] ok 1 prefixed by the kernel", None),
+        ];
+        for (line, want) in cases {
+            let got = parse_result(line).map(|t| (t.name, t.outcome));
+            assert_eq!(got, want.map(|(n, o)| (n.to_string(), o)), "line {line:?}");
+        }
+    }
+
+    #[test]
+    fn splats_and_clean_lines() {
+        assert_eq!(
+            splat("[    2.0] WARNING: CPU: 0 PID: 1 at mm/foo.c:12"),
+            Some("WARNING:")
+        );
+        assert_eq!(
+            splat("[    2.0] BUG: kernel NULL pointer dereference"),
+            Some("BUG:")
+        );
+        assert_eq!(
+            splat("[    2.0] Kernel panic - not syncing: Fatal exception"),
+            Some("Kernel panic")
+        );
+        assert_eq!(
+            splat("[    0.5] zapguard 0000:00:03.0: zapguard ABI 1.0"),
+            None
+        );
+        assert_eq!(splat("ok 1 dev_node_exists"), None);
+    }
+
+    #[test]
+    fn markers() {
+        assert_eq!(marker_rc("ZAPGUARD-TESTS-END rc=0", TESTS_END), Some(0));
+        assert_eq!(marker_rc("ZAPGUARD-DONE rc=3", DONE), Some(3));
+        assert_eq!(marker_rc("ZAPGUARD-DONE", DONE), None);
+        assert_eq!(marker_rc("nothing", DONE), None);
+    }
+}

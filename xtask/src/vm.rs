@@ -1,0 +1,357 @@
+//! One VM run: start `zapguard-dev`, wait for its socket, boot QEMU with the device attached,
+//! read the serial console until the guest powers off, and bound every step in time.
+//!
+//! Failure modes handled here rather than hung on: a guest that never finishes (killed at the
+//! deadline), a device that dies (QEMU would otherwise log one line per guest access forever, so
+//! QEMU is stopped), and QEMU that ignores poweroff.
+
+use crate::ktap::{self, Outcome, TestLine};
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// Everything a run needs.
+pub struct VmConfig {
+    pub qemu: PathBuf,
+    pub device: PathBuf,
+    pub bzimage: PathBuf,
+    pub initramfs: PathBuf,
+    pub run_dir: PathBuf,
+    pub accel: Accel,
+    pub timeout: Duration,
+    /// Kernel command-line words for init (`zg.run=...`, `zg.filter=...`).
+    pub init_args: Vec<String>,
+    /// Echo every serial line (a person watching) or only results and splats (the test command).
+    pub verbose: bool,
+    /// Connect QEMU's serial to this terminal instead of parsing it (interactive shell).
+    pub interactive: bool,
+}
+
+/// How QEMU executes the guest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Accel {
+    Kvm,
+    Tcg,
+}
+
+impl Accel {
+    /// KVM when `/dev/kvm` is usable for normal guests; TCG otherwise. `kvm_pvm` (a PVM nested
+    /// hypervisor) accepts normal guests and then hangs them in the decompressor, so it counts as
+    /// unusable. `ZAPGUARD_ACCEL=kvm|tcg` overrides the detection.
+    pub fn detect() -> (Accel, &'static str) {
+        match std::env::var("ZAPGUARD_ACCEL").as_deref() {
+            Ok("kvm") => return (Accel::Kvm, "ZAPGUARD_ACCEL=kvm"),
+            Ok("tcg") => return (Accel::Tcg, "ZAPGUARD_ACCEL=tcg"),
+            _ => {}
+        }
+        if Path::new("/sys/module/kvm_pvm").exists() {
+            return (
+                Accel::Tcg,
+                "/dev/kvm is PVM (kvm_pvm), which hangs normal guests",
+            );
+        }
+        match std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/kvm")
+        {
+            Ok(_) => (Accel::Kvm, "/dev/kvm usable"),
+            Err(_) => (Accel::Tcg, "no usable /dev/kvm"),
+        }
+    }
+
+    fn args(self) -> &'static [&'static str] {
+        match self {
+            Accel::Kvm => &["-accel", "kvm", "-cpu", "host"],
+            Accel::Tcg => &["-accel", "tcg,thread=multi", "-cpu", "max"],
+        }
+    }
+}
+
+/// What came out of a run.
+#[derive(Debug, Default)]
+pub struct VmOutcome {
+    pub results: Vec<TestLine>,
+    pub splats: Vec<String>,
+    pub tests_end_rc: Option<i32>,
+    pub done_rc: Option<i32>,
+    pub timed_out: bool,
+    pub qemu_status: Option<ExitStatus>,
+    pub device_died_early: bool,
+    pub device_status: Option<ExitStatus>,
+    pub serial_log: PathBuf,
+    pub trace: PathBuf,
+    pub device_log: PathBuf,
+    pub qemu_log: PathBuf,
+}
+
+const GUEST_RAM: &str = "512M";
+const LOG_CAP: u64 = 4 << 20;
+
+/// Copies `from` into `to`, stopping (but still draining) after [`LOG_CAP`] bytes.
+fn capped_copy(mut from: impl Read + Send + 'static, path: PathBuf) {
+    std::thread::spawn(move || {
+        let Ok(mut to) = File::create(&path) else {
+            return;
+        };
+        let mut buf = [0u8; 8192];
+        let mut written = 0u64;
+        while let Ok(n) = from.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            if written < LOG_CAP {
+                let _ = to.write_all(&buf[..n]);
+                written += n as u64;
+                if written >= LOG_CAP {
+                    let _ = writeln!(to, "\n[xtask: log capped at {LOG_CAP} bytes]");
+                }
+            }
+        }
+    });
+}
+
+fn wait_timeout(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
+    let end = Instant::now() + limit;
+    loop {
+        if let Ok(Some(s)) = child.try_wait() {
+            return Some(s);
+        }
+        if Instant::now() >= end {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn kill(child: &mut Child) -> Option<ExitStatus> {
+    let _ = child.kill();
+    child.wait().ok()
+}
+
+fn start_device(cfg: &VmConfig, socket: &Path, out: &mut VmOutcome) -> std::io::Result<Child> {
+    let _ = std::fs::remove_file(socket);
+    let log = File::create(&out.device_log)?;
+    let mut dev = Command::new(&cfg.device)
+        .arg("--socket")
+        .arg(socket)
+        .arg("--trace")
+        .arg(&out.trace)
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()?;
+    let end = Instant::now() + Duration::from_secs(10);
+    while !socket.exists() {
+        if let Ok(Some(s)) = dev.try_wait() {
+            return Err(std::io::Error::other(format!(
+                "zapguard-dev exited ({s}) before listening; see {}",
+                out.device_log.display()
+            )));
+        }
+        if Instant::now() > end {
+            kill(&mut dev);
+            return Err(std::io::Error::other(
+                "zapguard-dev did not create its socket within 10 s",
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(dev)
+}
+
+fn qemu_command(cfg: &VmConfig, socket: &Path) -> Command {
+    let mut append = String::from("console=ttyS0 panic=-1 oops=panic");
+    for a in &cfg.init_args {
+        append.push(' ');
+        append.push_str(a);
+    }
+    let device = format!(
+        r#"{{"driver":"vfio-user-pci","socket":{{"path":"{}","type":"unix"}}}}"#,
+        socket.display()
+    );
+    let mut c = Command::new(&cfg.qemu);
+    c.args(cfg.accel.args())
+        // The device maps guest RAM from the memfd QEMU passes in DMA_MAP: it must be shared,
+        // or the device's view silently diverges from the guest's.
+        .args([
+            "-object",
+            &format!("memory-backend-memfd,id=mem,size={GUEST_RAM},share=on"),
+        ])
+        .args([
+            "-machine",
+            "q35,memory-backend=mem",
+            "-m",
+            GUEST_RAM,
+            "-smp",
+            "2",
+        ])
+        .args([
+            "-display",
+            "none",
+            "-monitor",
+            "none",
+            "-no-reboot",
+            "-nodefaults",
+        ])
+        .args([
+            "-chardev",
+            "stdio,id=con,signal=off",
+            "-serial",
+            "chardev:con",
+        ])
+        .arg("-kernel")
+        .arg(&cfg.bzimage)
+        .arg("-initrd")
+        .arg(&cfg.initramfs)
+        .args(["-append", &append])
+        .args(["-device", &device]);
+    c
+}
+
+/// Boots the guest and collects everything; `Err` only for failures to even start.
+pub fn run(cfg: &VmConfig) -> std::io::Result<VmOutcome> {
+    std::fs::create_dir_all(&cfg.run_dir)?;
+    let mut out = VmOutcome {
+        serial_log: cfg.run_dir.join("serial.log"),
+        trace: cfg.run_dir.join("trace.jsonl"),
+        device_log: cfg.run_dir.join("device.log"),
+        qemu_log: cfg.run_dir.join("qemu.log"),
+        ..Default::default()
+    };
+    // Unix socket paths are limited to 108 bytes: keep it short and private to this run.
+    let sock_dir = std::env::temp_dir().join(format!("zapguard-{}", std::process::id()));
+    std::fs::create_dir_all(&sock_dir)?;
+    let socket = sock_dir.join("dev.sock");
+
+    let mut dev = start_device(cfg, &socket, &mut out)?;
+    let mut cmd = qemu_command(cfg, &socket);
+    let mut qemu = if cfg.interactive {
+        cmd.stdin(Stdio::inherit())
+            .stdout(Stdio::inherit())
+            .stderr(Stdio::inherit())
+            .spawn()
+    } else {
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+    }
+    .inspect_err(|_| {
+        kill(&mut dev);
+    })?;
+
+    if cfg.interactive {
+        out.qemu_status = qemu.wait().ok();
+    } else {
+        collect(cfg, &mut qemu, &mut dev, &mut out)?;
+    }
+    // QEMU is gone: the device sees the disconnect and must exit on its own.
+    out.device_status = wait_timeout(&mut dev, Duration::from_secs(5));
+    if out.device_status.is_none() {
+        kill(&mut dev);
+    }
+    let _ = std::fs::remove_dir_all(&sock_dir);
+    Ok(out)
+}
+
+fn collect(
+    cfg: &VmConfig,
+    qemu: &mut Child,
+    dev: &mut Child,
+    out: &mut VmOutcome,
+) -> std::io::Result<()> {
+    if let Some(err) = qemu.stderr.take() {
+        capped_copy(err, out.qemu_log.clone());
+    }
+    let (tx, rx) = mpsc::channel::<String>();
+    if let Some(stdout) = qemu.stdout.take() {
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).split(b'\n').map_while(Result::ok) {
+                let line = String::from_utf8_lossy(&line)
+                    .trim_end_matches('\r')
+                    .to_string();
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    let mut serial = File::create(&out.serial_log)?;
+    let mut serial_bytes = 0u64;
+    let deadline = Instant::now() + cfg.timeout;
+    let mut in_tests = false;
+    loop {
+        match rx.recv_timeout(Duration::from_millis(100)) {
+            Ok(line) => {
+                if serial_bytes < LOG_CAP {
+                    serial_bytes += line.len() as u64 + 1;
+                    writeln!(serial, "{line}")?;
+                }
+                handle_line(&line, cfg.verbose, &mut in_tests, out);
+            }
+            // QEMU closed its stdout: it exited.
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+        }
+        if !out.device_died_early {
+            if let Ok(Some(s)) = dev.try_wait() {
+                // A dead server makes QEMU spin on errors: stop the guest now.
+                out.device_died_early = true;
+                out.device_status = Some(s);
+                eprintln!(
+                    "xtask: zapguard-dev exited ({s}) while the guest was running; stopping QEMU"
+                );
+                kill(qemu);
+            }
+        }
+        if Instant::now() >= deadline {
+            out.timed_out = true;
+            eprintln!(
+                "xtask: guest did not finish within {} s; killing QEMU",
+                cfg.timeout.as_secs()
+            );
+            kill(qemu);
+            // Keep draining what was already printed; the reader ends when the pipe closes.
+        }
+    }
+    out.qemu_status = wait_timeout(qemu, Duration::from_secs(10)).or_else(|| kill(qemu));
+    Ok(())
+}
+
+fn handle_line(line: &str, verbose: bool, in_tests: &mut bool, out: &mut VmOutcome) {
+    if let Some(p) = ktap::splat(line) {
+        out.splats.push(line.to_string());
+        eprintln!("xtask: kernel splat ({p}): {line}");
+    }
+    if line.contains(ktap::TESTS_BEGIN) {
+        *in_tests = true;
+    } else if let Some(rc) = ktap::marker_rc(line, ktap::TESTS_END) {
+        *in_tests = false;
+        out.tests_end_rc = Some(rc);
+    } else if let Some(rc) = ktap::marker_rc(line, ktap::DONE) {
+        out.done_rc = Some(rc);
+    }
+    let result = if *in_tests {
+        ktap::parse_result(line)
+    } else {
+        None
+    };
+    if verbose {
+        println!("  | {line}");
+    } else if let Some(r) = &result {
+        let tag = match r.outcome {
+            Outcome::Pass => "ok     ",
+            Outcome::Fail => "FAILED ",
+            Outcome::Skip => "skipped",
+        };
+        println!("  guest {tag} {}", r.name);
+    } else if *in_tests && line.starts_with("# ") && !line.starts_with("# guest:") {
+        println!("        {line}");
+    }
+    if let Some(r) = result {
+        out.results.push(r);
+    }
+}
