@@ -27,7 +27,9 @@ build:
 trace *PATH:
     cargo xtask trace {{PATH}}
 
-# Formatting and lints for the host crates.
+# Formatting and lints: host crates, and the module (rustfmt + the kernel's CLIPPY=1 build).
 check:
     cargo fmt --all -- --check
+    rustfmt --edition 2021 --check kmod/zapguard.rs
     cargo clippy --workspace --all-targets -- -D warnings
+    make -s -C "$(bash images/kernel/build.sh)" M="$PWD/kmod" MO="$PWD/target/zapguard/clippy" LLVM=-19 CLIPPY=1 W=1 modules

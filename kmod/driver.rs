@@ -119,7 +119,13 @@ impl MiscDevice for ZgFile {
         // alive: the misc core calls open() only while the device is registered, and
         // deregistration (in `MiscReg`'s drop) waits for open() under `misc_mtx`.
         let outer = unsafe { &*kernel::container_of!(reg, MiscReg, reg) };
-        KBox::new(Self { shared: outer.shared.clone() }, GFP_KERNEL).map_err(Into::into)
+        KBox::new(
+            Self {
+                shared: outer.shared.clone(),
+            },
+            GFP_KERNEL,
+        )
+        .map_err(Into::into)
     }
 
     fn ioctl(me: &ZgFile, _file: &File, cmd: u32, arg: usize) -> Result<isize> {
@@ -127,7 +133,9 @@ impl MiscDevice for ZgFile {
             uapi::ZG_IOC_GET_INFO => {
                 let info = me.shared.info()?;
                 let ptr = UserPtr::from_addr(arg);
-                UserSlice::new(ptr, core::mem::size_of::<uapi::ZgInfo>()).writer().write(&info)?;
+                UserSlice::new(ptr, core::mem::size_of::<uapi::ZgInfo>())
+                    .writer()
+                    .write(&info)?;
                 Ok(0)
             }
             _ => Err(ENOTTY),
@@ -151,20 +159,34 @@ struct Vectors<'bound> {
 impl<'bound> Vectors<'bound> {
     fn new(pdev: &'bound pci::Device<Core<'_>>, shared: &Arc<Shared>) -> Result<Self> {
         let types = pci::IrqTypes::default().with(pci::IrqType::MsiX);
-        let vectors = KBox::pin(pdev.alloc_irq_vectors(1, NUM_VECTORS as u32, types)?, GFP_KERNEL)?;
+        let vectors = KBox::pin(
+            pdev.alloc_irq_vectors(1, NUM_VECTORS as u32, types)?,
+            GFP_KERNEL,
+        )?;
         // SAFETY: see the type invariant: the allocation outlives every handler registered on it.
         let vref: &'bound pci::IrqVectorRegistration<'bound> =
             unsafe { &*core::ptr::from_ref(vectors.as_ref().get_ref()) };
         let mut handlers = KVec::with_capacity(vref.len(), GFP_KERNEL)?;
         for vector in 0..vref.len() {
-            let handler = VectorHandler { shared: shared.clone(), vector };
+            let handler = VectorHandler {
+                shared: shared.clone(),
+                vector,
+            };
             // SAFETY: the registration is stored in `handlers` and dropped, never leaked.
             let reg = unsafe {
-                irq::Registration::new(vref.index(vector)?.into(), irq::Flags::TRIGGER_NONE, c"zapguard", Ok::<_, Error>(handler))
+                irq::Registration::new(
+                    vref.index(vector)?.into(),
+                    irq::Flags::TRIGGER_NONE,
+                    c"zapguard",
+                    Ok::<_, Error>(handler),
+                )
             };
             handlers.push(KBox::pin_init(reg, GFP_KERNEL)?, GFP_KERNEL)?;
         }
-        Ok(Self { _handlers: handlers, vectors })
+        Ok(Self {
+            _handlers: handlers,
+            vectors,
+        })
     }
 }
 
@@ -191,7 +213,7 @@ kernel::pci_device_table!(
 );
 
 impl ZapguardDriver {
-    /// Refuses anything that is not a zapguard device of our major ABI version.
+    /// Refuses anything that is not a zapguard device of our major ABI version with working MMIO.
     fn check_identity(pdev: &pci::Device<Core<'_>>, bar: &pci::Bar<'_, BAR0_SIZE>) -> Result {
         if pdev.vendor_id().as_raw() != zpci::VENDOR_ID || pdev.device_id() != zpci::DEVICE_ID {
             return Err(ENODEV);
@@ -199,13 +221,37 @@ impl ZapguardDriver {
         let ident = bar.read32(regs::IDENT as usize);
         let version = bar.read32(regs::VERSION as usize);
         if ident != regs::IDENT_MAGIC {
-            dev_err!(pdev, "bad IDENT {:#010x}, expected {:#010x}\n", ident, regs::IDENT_MAGIC);
+            dev_err!(
+                pdev,
+                "bad IDENT {:#010x}, expected {:#010x}\n",
+                ident,
+                regs::IDENT_MAGIC
+            );
             return Err(ENODEV);
         }
         if regs::version_major(version) != regs::VERSION_MAJOR {
-            dev_err!(pdev, "unsupported ABI {}.{}, driver speaks {}.x\n",
-                regs::version_major(version), regs::version_minor(version), regs::VERSION_MAJOR);
+            dev_err!(
+                pdev,
+                "unsupported ABI {}.{}, driver speaks {}.x\n",
+                regs::version_major(version),
+                regs::version_minor(version),
+                regs::VERSION_MAJOR
+            );
             return Err(ENODEV);
+        }
+        // A posted write followed by a read proves the MMIO path round-trips before we rely on it.
+        for pattern in [!regs::IDENT_MAGIC, regs::IDENT_MAGIC.rotate_left(7), 0] {
+            bar.write32(pattern, regs::SCRATCH as usize);
+            let back = bar.read32(regs::SCRATCH as usize);
+            if back != pattern {
+                dev_err!(
+                    pdev,
+                    "SCRATCH read back {:#010x}, wrote {:#010x}\n",
+                    back,
+                    pattern
+                );
+                return Err(EIO);
+            }
         }
         Ok(())
     }
@@ -239,9 +285,16 @@ impl pci::Driver for ZapguardDriver {
                 GFP_KERNEL,
             )?;
             let irqs = Vectors::new(pdev, &shared)?;
-            shared.irq_vectors.store(irqs.vectors.len() as u32, Ordering::Relaxed);
-            dev_info!(pdev, "zapguard ABI {}.{}, {} MSI-X vectors, /dev/zapguard\n",
-                regs::version_major(version), regs::version_minor(version), irqs.vectors.len());
+            shared
+                .irq_vectors
+                .store(irqs.vectors.len() as u32, Ordering::Relaxed);
+            dev_info!(
+                pdev,
+                "zapguard ABI {}.{}, {} MSI-X vectors, /dev/zapguard\n",
+                regs::version_major(version),
+                regs::version_minor(version),
+                irqs.vectors.len()
+            );
 
             Ok(try_pin_init!(ZgDevice {
                 pdev: &**pdev,
@@ -253,7 +306,8 @@ impl pci::Driver for ZapguardDriver {
     }
 
     fn unbind<'bound>(pdev: &'bound pci::Device<Core<'_>>, this: Pin<&Self::Data<'bound>>) {
-        let seen: [u64; NUM_VECTORS] = core::array::from_fn(|i| this.shared.irqs[i].load(Ordering::Relaxed));
+        let seen: [u64; NUM_VECTORS] =
+            core::array::from_fn(|i| this.shared.irqs[i].load(Ordering::Relaxed));
         dev_info!(pdev, "unbind: interrupts seen per vector {:?}\n", seen);
     }
 }

@@ -13,6 +13,14 @@ pub struct Test {
     pub run: fn() -> Result<(), String>,
 }
 
+/// Builds a `[Test]` list from test functions, named after the functions.
+macro_rules! tests {
+    ($($f:ident),* $(,)?) => {
+        &[$($crate::ktap::Test { name: stringify!($f), run: $f }),*]
+    };
+}
+pub(crate) use tests;
+
 /// Totals of a run.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Summary {
@@ -81,7 +89,7 @@ pub fn check_eq<T: PartialEq + std::fmt::Debug>(a: T, b: T, msg: &str) -> Result
 }
 
 #[cfg(test)]
-mod tests {
+mod unit_tests {
     use super::*;
 
     fn pass() -> Result<(), String> {

@@ -4,7 +4,7 @@
 //!
 //! Usage: `zapguard-guest-tests [FILTER]` — runs the tests whose name contains FILTER.
 //!
-//! To add a test: write a `fn name() -> Result<(), String>` below and list it in [`TESTS`].
+//! To add a test: write a `fn name() -> Result<(), String>` below and add `name` to [`TESTS`].
 //! Tests run in list order; the module-reload test runs last because it rebinds the device.
 
 mod dev;
@@ -15,43 +15,18 @@ use shared_regs::{regs, uapi};
 use std::path::Path;
 use std::process::Command;
 
-const TESTS: &[Test] = &[
-    Test {
-        name: "dev_node_exists",
-        run: dev_node_exists,
-    },
-    Test {
-        name: "get_info_identity",
-        run: get_info_identity,
-    },
-    Test {
-        name: "get_info_bad_pointer_efault",
-        run: get_info_bad_pointer_efault,
-    },
-    Test {
-        name: "unknown_ioctl_enotty",
-        run: unknown_ioctl_enotty,
-    },
-    Test {
-        name: "wrong_size_ioctl_enotty",
-        run: wrong_size_ioctl_enotty,
-    },
-    Test {
-        name: "many_opens",
-        run: many_opens,
-    },
-    Test {
-        name: "pci_driver_bound",
-        run: pci_driver_bound,
-    },
-    Test {
-        name: "test_hmm_dmirror_present",
-        run: test_hmm_dmirror_present,
-    },
-    Test {
-        name: "module_reload_rebinds",
-        run: module_reload_rebinds,
-    },
+const TESTS: &[Test] = ktap::tests![
+    dev_node_exists,
+    get_info_identity,
+    get_info_bad_pointer_efault,
+    unknown_ioctl_enotty,
+    wrong_size_ioctl_enotty,
+    many_opens,
+    pci_driver_bound,
+    test_hmm_dmirror_present,
+    rmmod_refused_while_open,
+    unbind_with_open_file_enodev,
+    module_reload_rebinds,
 ];
 
 /// Where init puts the modules (see images/initramfs/init).
@@ -144,16 +119,22 @@ fn many_opens() -> Result<(), String> {
     Ok(())
 }
 
-fn pci_driver_bound() -> Result<(), String> {
-    let drv = Path::new("/sys/bus/pci/drivers/zapguard");
-    let bound: Vec<String> = std::fs::read_dir(drv)
-        .map_err(|e| format!("{}: {e}", drv.display()))?
+const DRIVER_DIR: &str = "/sys/bus/pci/drivers/zapguard";
+
+/// PCI addresses (`0000:00:01.0`) of the devices bound to the zapguard driver.
+fn bound_devices() -> Result<Vec<String>, String> {
+    Ok(std::fs::read_dir(DRIVER_DIR)
+        .map_err(|e| format!("{DRIVER_DIR}: {e}"))?
         .filter_map(|e| e.ok())
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .filter(|n| n.contains(':'))
-        .collect();
+        .collect())
+}
+
+fn pci_driver_bound() -> Result<(), String> {
+    let bound = bound_devices()?;
     check_eq(bound.len(), 1, "devices bound to the zapguard driver")?;
-    let dev = drv.join(&bound[0]);
+    let dev = Path::new(DRIVER_DIR).join(&bound[0]);
     let read = |attr: &str| {
         std::fs::read_to_string(dev.join(attr))
             .map(|s| s.trim().to_string())
@@ -201,6 +182,42 @@ fn run_cmd(cmd: &str, args: &[&str]) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// An open file pins the module: rmmod must fail and leave the file working.
+fn rmmod_refused_while_open() -> Result<(), String> {
+    let f = dev::open().map_err(|e| format!("open: {e}"))?;
+    if run_cmd("rmmod", &["zapguard"]).is_ok() {
+        return Err("rmmod succeeded with /dev/zapguard open".into());
+    }
+    let info = dev::get_info(&f).map_err(|e| format!("GET_INFO after refused rmmod: {e}"))?;
+    check_eq(info.ident, regs::IDENT_MAGIC, "IDENT after refused rmmod")
+}
+
+/// Unbinding the device under an open file revokes the file's access to the device (ENODEV),
+/// never leaves it touching an unmapped BAR; rebinding brings a working device back.
+fn unbind_with_open_file_enodev() -> Result<(), String> {
+    let bdf = bound_devices()?
+        .into_iter()
+        .next()
+        .ok_or("no bound device")?;
+    let f = dev::open().map_err(|e| format!("open: {e}"))?;
+    std::fs::write(format!("{DRIVER_DIR}/unbind"), &bdf)
+        .map_err(|e| format!("unbind {bdf}: {e}"))?;
+    let res = match dev::get_info(&f) {
+        Ok(i) => Err(format!("GET_INFO after unbind succeeded: {i:x?}")),
+        Err(e) => check_eq(dev::errno(&e), libc::ENODEV, "errno after unbind"),
+    };
+    let gone = !Path::new(dev::DEV_PATH).exists();
+    drop(f);
+    std::fs::write(format!("{DRIVER_DIR}/bind"), &bdf).map_err(|e| format!("rebind {bdf}: {e}"))?;
+    res?;
+    if !gone {
+        return Err(format!("{} still present after unbind", dev::DEV_PATH));
+    }
+    let f = dev::open().map_err(|e| format!("open after rebind: {e}"))?;
+    let info = dev::get_info(&f).map_err(|e| format!("GET_INFO after rebind: {e}"))?;
+    check_eq(info.ident, regs::IDENT_MAGIC, "IDENT after rebind")
 }
 
 /// rmmod must unbind cleanly with no file open, and insmod must probe the device again.
