@@ -2,7 +2,8 @@
 //!
 //! All registers are little-endian and accessed with naturally aligned 32-bit accesses; an
 //! access of another width or alignment, or to an undefined offset, is ignored for writes and
-//! reads as 0, and sets [`ERR_BAD_ACCESS`] in [`ERROR`].
+//! reads as 0, and sets [`ERR_BAD_ACCESS`] in [`ERROR`]. Writes to read-only (RO) registers are
+//! ignored without an error, as on most hardware.
 //!
 //! | offset | name | access | reset | meaning |
 //! |---|---|---|---|---|
