@@ -36,6 +36,17 @@ as_root() {
         die "need root to run: $*"; fi
 }
 
+# Serialises every writer of one cache area (two `just` runs, or a run and a helper script, must
+# never build the same kernel tree at once). Holds the lock until the calling script exits.
+cache_lock() {
+    mkdir -p "$ZAPGUARD_CACHE/locks"
+    exec 9>"$ZAPGUARD_CACHE/locks/$1.lock"
+    if ! flock -n 9; then
+        log "waiting for another build holding the $1 lock"
+        flock 9
+    fi
+}
+
 # Atomically publish a finished build directory: build in $1.tmp, then rename.
 publish_dir() {
     rm -rf "$1"

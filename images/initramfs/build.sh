@@ -15,6 +15,8 @@ init="$REPO_ROOT/images/initramfs/init"
 key=$(hash_inputs "$init" "$REPO_ROOT/images/initramfs/build.sh" "$busybox" "$ko" "$hmm" "$tests")
 out="$ZAPGUARD_CACHE/initramfs/$key.cpio"
 if [ -f "$out" ]; then echo "$out"; exit 0; fi
+cache_lock initramfs
+if [ -f "$out" ]; then echo "$out"; exit 0; fi
 
 mkdir -p "$ZAPGUARD_CACHE/initramfs"
 stage=$(mktemp -d)

@@ -19,6 +19,8 @@ tree="$root/$src_key-$key/linux"
 stamp="$root/$src_key-$key/done"
 
 if [ -f "$stamp" ]; then echo "$tree"; exit 0; fi
+cache_lock kernel
+if [ -f "$stamp" ]; then echo "$tree"; exit 0; fi
 mkdir -p "$root"
 
 if [ ! -f "$tree/Makefile" ]; then

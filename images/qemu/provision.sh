@@ -22,6 +22,8 @@ key=$(hash_inputs "$REPO_ROOT/images/qemu/provision.sh" "$PKGS")
 dir="$ZAPGUARD_CACHE/qemu/$key"
 wrapper="$dir/qemu-system-x86_64"
 if [ -x "$wrapper" ] && has_vfio_user "$wrapper"; then echo "$wrapper"; exit 0; fi
+cache_lock qemu
+if [ -x "$wrapper" ] && has_vfio_user "$wrapper"; then echo "$wrapper"; exit 0; fi
 
 command -v mmdebstrap >/dev/null || die "mmdebstrap missing: run images/provision-host.sh"
 mirror=$(debian_mirror)
