@@ -10,6 +10,7 @@
 # with layout tests on and into a temp dir (the tree is never written), then type-checks the result
 # with rustc: bindgen 0.73 emits each layout test as a compile-time `const _` assertion, so any
 # mismatch is a compile error naming the type ("Size of T", "Alignment of T", "Offset of field: T::f").
+# rustc stops each type's assertion block at its first failure, so expect one line per broken type.
 #
 # --self-test proves the check can fail: it also generates the bindings without our
 # `--opaque-type sched_statistics` and exits 0 only if those fail on sched_statistics/task_struct
@@ -22,19 +23,31 @@ tree=
 for a in "$@"; do
     case "$a" in
         --self-test) self_test=1 ;;
-        -h|--help) sed -n '2,/^$/{s/^# \{0,1\}//;p}' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,/^[^#]/{/^#/{s/^# \{0,1\}//;p}}' "$0"; exit 0 ;;
         -*) die "unknown option: $a" ;;
         *) [ -z "$tree" ] || die "more than one kernel tree given"; tree=$a ;;
     esac
 done
 [ -n "$tree" ] || tree=$("$here/build.sh")
+[ -d "$tree" ] || die "kernel tree $tree not found"
 tree=$(cd "$tree" && pwd)
 cmdfile="$tree/rust/bindings/.bindings_generated.rs.cmd"
 [ -f "$cmdfile" ] || die "$cmdfile not found (is $tree a built kernel tree with CONFIG_RUST=y?)"
 for t in bindgen rustc python3; do command -v "$t" >/dev/null || die "$t not found on PATH"; done
 
+# A pass is recorded next to the tree, keyed by this script and the toolchain; the kernel tree
+# itself is keyed by all of its inputs, so any change that could alter the bindings reruns the check.
+stamp="$(dirname "$tree")/bindings-check-$(hash_inputs "$0" "$(bindgen --version 2>&1)" "$(rustc --version)")-$self_test.ok"
+if [ -f "$stamp" ]; then
+    sed 's/$/ [cached pass for this kernel tree]/' "$stamp"
+    exit 0
+fi
+
 work=$(mktemp -d "${TMPDIR:-/tmp}/zapguard-bindings.XXXXXX")
 trap 'rm -rf "$work"' EXIT
+# say LINE: print a result line and keep it for the pass record.
+say() { echo "$*"; echo "$*" >> "$work/summary"; }
+passed() { cp "$work/summary" "$stamp"; exit 0; }
 
 # The recorded command, split into words the way the shell would (without running anything):
 # bindgen's argv, then the post-processing command after ';' as "--;post;" + its argv.
@@ -125,10 +138,11 @@ rustc "${rustc_flags[@]}" --crate-type=rlib --crate-name=ffi -o "$work/libffi.rm
 manual=$(grep -E '^\s*type __kernel_[A-Za-z0-9_]+ = [A-Za-z0-9_:]+;' "$tree/rust/bindings/lib.rs") \
     || die "no blocklisted-type definitions found in rust/bindings/lib.rs"
 
-# check FILE: type-check FILE like rust/bindings/lib.rs does. Prints the failing layout assertions
-# (unique) and returns 1 on layout failures, 2 on any other compile error.
+# check FILE: type-check FILE like rust/bindings/lib.rs does. Writes rustc's rendered errors to
+# rustc.log and the failing layout assertions (unique) to failures; returns 1 when every error is a
+# failed layout assertion (E0080 on a "Size/Alignment/Offset of" line), 2 on any other compile error.
 check() {
-    local file=$1 dir
+    local file=$1 dir st=0
     dir=$(dirname "$file")
     cat > "$dir/lib.rs" <<EOF
 #![no_std]
@@ -138,16 +152,35 @@ $manual
     include!("$(basename "$file")");
 }
 EOF
-    if rustc "${rustc_flags[@]}" --crate-type=rlib --crate-name=bindings \
+    rustc "${rustc_flags[@]}" --error-format=json --crate-type=rlib --crate-name=bindings \
         --extern ffi="$work/libffi.rmeta" -o "$dir/libbindings.rmeta" "$dir/lib.rs" \
-        > "$dir/rustc.log" 2>&1; then
-        return 0
-    fi
-    if grep -oE '"(Size|Alignment|Offset) of [^"]*"' "$dir/rustc.log" | sort -u | tr -d '"' > "$dir/failures" \
-        && [ -s "$dir/failures" ]; then
-        return 1
-    fi
-    return 2
+        2> "$dir/rustc.json" || st=$?
+    [ "$st" -ne 0 ] || return 0
+    python3 - "$dir" <<'EOF' || return $?
+import json, re, sys
+d = sys.argv[1]
+label = re.compile(r'"((?:Size|Alignment|Offset) of [^"]*)"\]\[')
+fails, other, log = set(), 0, []
+for line in open(f"{d}/rustc.json"):
+    try:
+        m = json.loads(line)
+    except ValueError:
+        log.append(line); other += 1; continue      # not a diagnostic: rustc itself failed
+    if m.get("$message_type", "diagnostic") != "diagnostic" or m.get("level") != "error":
+        continue
+    log.append(m.get("rendered") or m.get("message", "") + "\n")
+    if m["message"].startswith("aborting due to"):
+        continue
+    text = "".join(t["text"] for sp in m.get("spans", []) for t in sp.get("text", []))
+    hit = label.search(text)
+    if (m.get("code") or {}).get("code") == "E0080" and hit:
+        fails.add(hit.group(1))
+    else:
+        other += 1
+open(f"{d}/rustc.log", "w").write("".join(log))
+open(f"{d}/failures", "w").write("".join(f + "\n" for f in sorted(fails)))
+sys.exit(2 if other or not fails else 1)
+EOF
 }
 
 secs() { local ds=$((($2 - $1) / 100000000)); echo "$((ds / 10)).$((ds % 10))"; }
@@ -165,7 +198,7 @@ run_check() {
     log "bindings ($name): bindgen $(secs "$t0" "$t1")s, rustc $(secs "$t1" "$t2")s," \
         "$(count_assertions "$dir/bindings_generated.rs") layout assertions"
     if [ "$rc" -eq 2 ]; then
-        grep -m 40 -A 6 -E '^error' "$dir/rustc.log" >&2 || tail -n 40 "$dir/rustc.log" >&2
+        head -n 60 "$dir/rustc.log" >&2
         die "bindings ($name) failed to compile for a reason other than layout (see above)"
     fi
 }
@@ -174,7 +207,7 @@ report_failures() { # DIR
     log "layout mismatches between bindgen's Rust and clang's C ($(wc -l < "$1/failures")):"
     sed 's/^/    /' "$1/failures" >&2
     log "first rustc errors:"
-    grep -m 3 -A 8 -E '^error' "$1/rustc.log" | sed 's/^/    /' >&2
+    head -n 16 "$1/rustc.log" | sed 's/^/    /' >&2
 }
 
 run_check real
@@ -185,12 +218,13 @@ if [ "$real_rc" -ne 0 ]; then
     report_failures "$real_dir"
     die "bindings layout check: $n layout assertions type-checked, $(wc -l < "$real_dir/failures") failures"
 fi
-echo "bindings layout check: $n layout assertions type-checked, 0 failures"
-[ "$self_test" -eq 1 ] || exit 0
+say "bindings layout check: $n layout assertions type-checked, 0 failures"
+[ "$self_test" -eq 1 ] || passed
 
 run_check mutated no-opaque-sched_statistics
 [ "$rc" -eq 1 ] || die "self-test: bindings without --opaque-type sched_statistics PASSED the check; it cannot catch the bug"
 report_failures "$dir"
 grep -qE '(sched_statistics|task_struct)' "$dir/failures" \
     || die "self-test: the mutated bindings failed, but not on sched_statistics/task_struct"
-echo "bindings layout self-test: OK (without --opaque-type sched_statistics: $(wc -l < "$dir/failures") layout failures incl. sched_statistics/task_struct; real bindings: 0)"
+say "bindings layout self-test: OK (without --opaque-type sched_statistics: $(wc -l < "$dir/failures") layout failures incl. sched_statistics/task_struct; real bindings: 0)"
+passed

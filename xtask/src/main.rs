@@ -117,6 +117,7 @@ fn script(root: &Path, rel: &str) -> Command {
 }
 
 struct Artifacts {
+    ktree: PathBuf,
     qemu: PathBuf,
     bzimage: PathBuf,
     module: PathBuf,
@@ -224,6 +225,7 @@ fn build(root: &Path) -> Result<Artifacts> {
     );
 
     Ok(Artifacts {
+        ktree: ktree.clone(),
         qemu,
         bzimage: ktree.join("arch/x86/boot/bzImage"),
         module,
@@ -250,6 +252,10 @@ fn new_run_dir(root: &Path) -> Result<PathBuf> {
             d.filter_map(|e| e.ok())
                 .map(|e| e.path())
                 .filter(|p| p.is_dir() && !p.is_symlink())
+                .filter(|p| {
+                    p.file_name()
+                        .is_some_and(|n| n.to_string_lossy().starts_with("run-"))
+                })
                 .collect()
         })
         .unwrap_or_default();
@@ -312,15 +318,49 @@ fn vm_checks(o: &vm::VmOutcome) -> Vec<Check> {
     ]
 }
 
-/// Builds, boots and reports; returns (passed, failed) over guest tests and run checks.
-fn vm_run(root: &Path, opts: &Options, verbose: bool, interactive: bool) -> Result<(usize, usize)> {
-    let art = build(root)?;
+fn print_checks(title: &str, checks: &[Check]) -> (usize, usize) {
+    let passed = checks.iter().filter(|c| c.ok).count();
+    println!("{title} {passed} passed, {} failed", checks.len() - passed);
+    for c in checks {
+        let mark = if c.ok { "ok    " } else { "FAILED" };
+        let detail = if c.ok || c.detail.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", c.detail)
+        };
+        println!("  {mark} {}{detail}", c.name);
+    }
+    (passed, checks.len() - passed)
+}
+
+fn vm_config(
+    art: &Artifacts,
+    run_dir: PathBuf,
+    init_args: Vec<String>,
+    timeout: Duration,
+    echo: vm::Echo,
+) -> vm::VmConfig {
+    vm::VmConfig {
+        qemu: art.qemu.clone(),
+        device: art.device.clone(),
+        bzimage: art.bzimage.clone(),
+        initramfs: art.initramfs.clone(),
+        run_dir,
+        accel: vm::Accel::detect().0,
+        timeout,
+        init_args,
+        echo,
+        interactive: false,
+        kill_device_on: None,
+    }
+}
+
+/// Boots the guest, runs the guest tests and reports; returns (passed, failed) over guest tests
+/// and run checks.
+fn vm_run(root: &Path, art: &Artifacts, opts: &Options, echo: vm::Echo) -> Result<(usize, usize)> {
     let (accel, why) = vm::Accel::detect();
     let run_dir = new_run_dir(root)?;
-    let mut init_args = vec![format!(
-        "zg.run={}",
-        if interactive { "shell" } else { "tests" }
-    )];
+    let mut init_args = vec!["zg.run=tests".to_string()];
     if let Some(f) = &opts.filter {
         init_args.push(format!("zg.filter={f}"));
     }
@@ -328,23 +368,9 @@ fn vm_run(root: &Path, opts: &Options, verbose: bool, interactive: bool) -> Resu
         "boot guest ({accel:?}: {why}; timeout {} s)",
         opts.timeout.as_secs()
     ));
-    let cfg = vm::VmConfig {
-        qemu: art.qemu,
-        device: art.device,
-        bzimage: art.bzimage,
-        initramfs: art.initramfs,
-        run_dir: run_dir.clone(),
-        accel,
-        timeout: opts.timeout,
-        init_args,
-        verbose,
-        interactive,
-    };
-    let o = vm::run(&cfg).map_err(|e| format!("VM run: {e}"))?;
+    let o = vm::run(&vm_config(art, run_dir, init_args, opts.timeout, echo))
+        .map_err(|e| format!("VM run: {e}"))?;
     eprintln!("    guest finished in {:.1}s", t.elapsed().as_secs_f32());
-    if interactive {
-        return Ok((0, 0));
-    }
 
     let rel = |p: &Path| {
         p.strip_prefix(root)
@@ -370,18 +396,7 @@ fn vm_run(root: &Path, opts: &Options, verbose: bool, interactive: bool) -> Resu
     for r in o.results.iter().filter(|r| r.outcome == Outcome::Fail) {
         println!("  FAILED {}", r.name);
     }
-    let checks = vm_checks(&o);
-    let cp = checks.iter().filter(|c| c.ok).count();
-    println!("run checks:  {cp} passed, {} failed", checks.len() - cp);
-    for c in &checks {
-        let mark = if c.ok { "ok    " } else { "FAILED" };
-        let detail = if c.ok || c.detail.is_empty() {
-            String::new()
-        } else {
-            format!(" ({})", c.detail)
-        };
-        println!("  {mark} {}{detail}", c.name);
-    }
+    let (cp, cf) = print_checks("run checks: ", &vm_checks(&o));
     println!("serial log:   {}", rel(&o.serial_log).display());
     println!("device log:   {}", rel(&o.device_log).display());
     println!("qemu log:     {}", rel(&o.qemu_log).display());
@@ -390,7 +405,104 @@ fn vm_run(root: &Path, opts: &Options, verbose: bool, interactive: bool) -> Resu
         Ok(s) => println!("  {s}"),
         Err(e) => println!("  (unreadable: {e})"),
     }
-    Ok((gp + cp, gf + checks.len() - cp))
+    Ok((gp + cp, gf + cf))
+}
+
+/// The kernel's Rust bindings are generated with `--no-layout-tests`: regenerate them with layout
+/// tests and type-check them, and prove the check catches the `sched_statistics` bug it exists for.
+fn bindings_checks(root: &Path, art: &Artifacts) -> (usize, usize) {
+    let t = step("kernel bindings layout check (images/kernel/check-bindings.sh --self-test)");
+    let out = script(root, "images/kernel/check-bindings.sh")
+        .arg("--self-test")
+        .arg(&art.ktree)
+        .stdin(Stdio::null())
+        .stderr(Stdio::inherit())
+        .output();
+    let (ok, text) = match out {
+        Ok(o) => (
+            o.status.success(),
+            String::from_utf8_lossy(&o.stdout).into_owned(),
+        ),
+        Err(e) => (false, format!("cannot run: {e}")),
+    };
+    for line in text.lines() {
+        eprintln!("    {line}");
+    }
+    eprintln!("    {:.1}s", t.elapsed().as_secs_f32());
+    let real_ok = text
+        .lines()
+        .any(|l| l.starts_with("bindings layout check:") && l.contains(", 0 failures"));
+    let checks = [
+        Check {
+            name: "kernel Rust bindings match clang's struct layouts",
+            ok: real_ok,
+            detail: "see the layout mismatches above".into(),
+        },
+        Check {
+            name: "the layout check catches the sched_statistics bug when the fix is removed",
+            ok: ok && real_ok && text.contains("bindings layout self-test: OK"),
+            detail: "see images/kernel/check-bindings.sh output above".into(),
+        },
+    ];
+    print_checks("bindings checks:  ", &checks)
+}
+
+/// The harness must fail runs that go wrong. Each scenario breaks the guest or the device on
+/// purpose and passes only if the harness reports exactly that failure. Logs of each scenario
+/// stay in `target/zapguard/runs/selftest-<name>/`.
+fn harness_selftests(root: &Path, art: &Artifacts) -> Result<(usize, usize)> {
+    let t = step("harness self-tests (each breaks a run on purpose)");
+    let scenario = |name: &str,
+                    run: &str,
+                    timeout: u64,
+                    kill: Option<&'static str>|
+     -> Result<vm::VmOutcome> {
+        let dir = root
+            .join("target/zapguard/runs")
+            .join(format!("selftest-{name}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        let mut cfg = vm_config(
+            art,
+            dir,
+            vec![format!("zg.run={run}")],
+            Duration::from_secs(timeout),
+            vm::Echo::Silent,
+        );
+        cfg.kill_device_on = kill;
+        vm::run(&cfg).map_err(|e| format!("self-test {name}: {e}"))
+    };
+    let panic = scenario("panic", "panic", 120, None)?;
+    let hang = scenario("hang", "hang", 20, None)?;
+    let dead = scenario("device-dies", "tests", 120, Some(ktap::TESTS_BEGIN))?;
+    let failed_checks = |o: &vm::VmOutcome| vm_checks(o).iter().filter(|c| !c.ok).count();
+    let checks = [
+        Check {
+            name: "a guest kernel panic fails the run",
+            ok: panic.splats.iter().any(|l| l.contains("Kernel panic"))
+                && failed_checks(&panic) > 0
+                && !panic.timed_out,
+            detail: format!(
+                "splats {:?}, timed out {}",
+                panic.splats.first(),
+                panic.timed_out
+            ),
+        },
+        Check {
+            name: "a hung guest is killed at the deadline and fails the run",
+            ok: hang.timed_out && hang.qemu_status.is_some() && failed_checks(&hang) > 0,
+            detail: format!("timed out {}, QEMU {:?}", hang.timed_out, hang.qemu_status),
+        },
+        Check {
+            name: "a dying device stops QEMU and fails the run",
+            ok: dead.device_died_early && !dead.timed_out && failed_checks(&dead) > 0,
+            detail: format!(
+                "device died early {}, timed out {}",
+                dead.device_died_early, dead.timed_out
+            ),
+        },
+    ];
+    eprintln!("    {:.1}s", t.elapsed().as_secs_f32());
+    Ok(print_checks("harness self-tests:", &checks))
 }
 
 fn finish(passed: usize, failed: usize) -> ExitCode {
@@ -419,8 +531,33 @@ fn main() -> ExitCode {
     };
     let root = repo_root();
     let res = match cmd.as_str() {
-        "run" => vm_run(&root, &opts, !opts.quiet, false).map(|(p, f)| finish(p, f)),
-        "shell" => vm_run(&root, &opts, true, true).map(|_| ExitCode::SUCCESS),
+        "run" => build(&root)
+            .and_then(|art| {
+                vm_run(
+                    &root,
+                    &art,
+                    &opts,
+                    if opts.quiet {
+                        vm::Echo::Results
+                    } else {
+                        vm::Echo::Console
+                    },
+                )
+            })
+            .map(|(p, f)| finish(p, f)),
+        "shell" => build(&root).and_then(|art| {
+            let mut cfg = vm_config(
+                &art,
+                new_run_dir(&root)?,
+                vec!["zg.run=shell".into()],
+                Duration::MAX,
+                vm::Echo::Console,
+            );
+            cfg.interactive = true;
+            vm::run(&cfg)
+                .map(|_| ExitCode::SUCCESS)
+                .map_err(|e| format!("VM run: {e}"))
+        }),
         "build" => build(&root).map(|a| {
             for (k, v) in [
                 ("qemu", &a.qemu),
@@ -441,14 +578,23 @@ fn main() -> ExitCode {
                 host = hosttests::run(&root).map_err(|e| format!("cargo test: {e}"))?;
                 println!("host tests: {} passed, {} failed", host.passed, host.failed);
             }
-            let (vp, vf) = match vm_run(&root, &opts, false, false) {
-                Ok(r) => r,
-                Err(e) => {
-                    // The VM part could not run at all: that is one failure, not zero tests.
+            // A VM part that cannot run at all is one failure, not zero tests.
+            let (vp, vf) = build(&root)
+                .and_then(|art| {
+                    let (mut p, mut f) = vm_run(&root, &art, &opts, vm::Echo::Results)?;
+                    // A filtered run is for iterating on some guest tests: skip the whole-setup checks.
+                    if opts.filter.is_none() {
+                        let (bp, bf) = bindings_checks(&root, &art);
+                        let (sp, sf) = harness_selftests(&root, &art)?;
+                        p += bp + sp;
+                        f += bf + sf;
+                    }
+                    Ok((p, f))
+                })
+                .unwrap_or_else(|e| {
                     eprintln!("xtask: {e}");
                     (0, 1)
-                }
-            };
+                });
             Ok(finish(host.passed + vp, host.failed + vf))
         })(),
         "trace" => {

@@ -24,10 +24,23 @@ pub struct VmConfig {
     pub timeout: Duration,
     /// Kernel command-line words for init (`zg.run=...`, `zg.filter=...`).
     pub init_args: Vec<String>,
-    /// Echo every serial line (a person watching) or only results and splats (the test command).
-    pub verbose: bool,
+    /// How much of the serial console to show while the guest runs.
+    pub echo: Echo,
     /// Connect QEMU's serial to this terminal instead of parsing it (interactive shell).
     pub interactive: bool,
+    /// Harness self-test: SIGKILL the device when a serial line contains this text.
+    pub kill_device_on: Option<&'static str>,
+}
+
+/// How much of the guest console reaches the terminal.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Echo {
+    /// Every line (a person watching `just run`).
+    Console,
+    /// Test results, their diagnostics and kernel splats (`just test`).
+    Results,
+    /// Nothing (harness self-tests, which fail on purpose).
+    Silent,
 }
 
 /// How QEMU executes the guest.
@@ -290,7 +303,10 @@ fn collect(
                     serial_bytes += line.len() as u64 + 1;
                     writeln!(serial, "{line}")?;
                 }
-                handle_line(&line, cfg.verbose, &mut in_tests, out);
+                handle_line(&line, cfg.echo, &mut in_tests, out);
+                if cfg.kill_device_on.is_some_and(|k| line.contains(k)) {
+                    let _ = dev.kill();
+                }
             }
             // QEMU closed its stdout: it exited.
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
@@ -301,18 +317,20 @@ fn collect(
                 // A dead server makes QEMU spin on errors: stop the guest now.
                 out.device_died_early = true;
                 out.device_status = Some(s);
-                eprintln!(
-                    "xtask: zapguard-dev exited ({s}) while the guest was running; stopping QEMU"
-                );
+                if cfg.echo != Echo::Silent {
+                    eprintln!(
+                        "xtask: zapguard-dev exited ({s}) while the guest ran; stopping QEMU"
+                    );
+                }
                 kill(qemu);
             }
         }
         if Instant::now() >= deadline {
             out.timed_out = true;
-            eprintln!(
-                "xtask: guest did not finish within {} s; killing QEMU",
-                cfg.timeout.as_secs()
-            );
+            if cfg.echo != Echo::Silent {
+                let secs = cfg.timeout.as_secs();
+                eprintln!("xtask: guest did not finish within {secs} s; killing QEMU");
+            }
             kill(qemu);
             // Keep draining what was already printed; the reader ends when the pipe closes.
         }
@@ -321,10 +339,12 @@ fn collect(
     Ok(())
 }
 
-fn handle_line(line: &str, verbose: bool, in_tests: &mut bool, out: &mut VmOutcome) {
+fn handle_line(line: &str, echo: Echo, in_tests: &mut bool, out: &mut VmOutcome) {
     if let Some(p) = ktap::splat(line) {
         out.splats.push(line.to_string());
-        eprintln!("xtask: kernel splat ({p}): {line}");
+        if echo == Echo::Results {
+            eprintln!("xtask: kernel splat ({p}): {line}");
+        }
     }
     if line.contains(ktap::TESTS_BEGIN) {
         *in_tests = true;
@@ -339,17 +359,21 @@ fn handle_line(line: &str, verbose: bool, in_tests: &mut bool, out: &mut VmOutco
     } else {
         None
     };
-    if verbose {
-        println!("  | {line}");
-    } else if let Some(r) = &result {
-        let tag = match r.outcome {
-            Outcome::Pass => "ok     ",
-            Outcome::Fail => "FAILED ",
-            Outcome::Skip => "skipped",
-        };
-        println!("  guest {tag} {}", r.name);
-    } else if *in_tests && line.starts_with("# ") && !line.starts_with("# guest:") {
-        println!("        {line}");
+    match echo {
+        Echo::Console => println!("  | {line}"),
+        Echo::Results => {
+            if let Some(r) = &result {
+                let tag = match r.outcome {
+                    Outcome::Pass => "ok     ",
+                    Outcome::Fail => "FAILED ",
+                    Outcome::Skip => "skipped",
+                };
+                println!("  guest {tag} {}", r.name);
+            } else if *in_tests && line.starts_with("# ") && !line.starts_with("# guest:") {
+                println!("        {line}");
+            }
+        }
+        Echo::Silent => {}
     }
     if let Some(r) = result {
         out.results.push(r);
