@@ -7,6 +7,7 @@
 //! - [`events`]: what the device reports, and sinks for it;
 //! - [`trace`]: the JSON Lines trace writer;
 //! - [`memory`]: guest RAM received through vfio-user `DMA_MAP`;
+//! - [`guest`]: the [`guest::GuestMem`] trait the device model reads guest memory through;
 //! - [`server`]: the `vfio_user::ServerBackend` and the serve loop.
 //!
 //! Register offsets, IDs and sizes come from the `shared-regs` crate, the single definition of
@@ -15,6 +16,7 @@
 
 pub mod device;
 pub mod events;
+pub mod guest;
 pub mod memory;
 pub mod pci;
 pub mod server;
@@ -22,6 +24,7 @@ pub mod trace;
 
 pub use device::{DeviceConfig, ZapguardDevice};
 pub use events::{Event, EventLog, Events, Fanout, NoEvents, SharedEvents};
+pub use guest::{GuestMem, VecMem};
 pub use memory::{GuestMemory, MemError};
 pub use pci::PciConfig;
 pub use server::{serve, EventFdTable, ZapguardBackend};

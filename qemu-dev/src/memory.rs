@@ -319,6 +319,24 @@ impl GuestMemory {
         Ok(())
     }
 
+    /// Atomically ORs `bits` into the 8-aligned u64 at `gpa` (shared with the guest's CPUs, which
+    /// may update the same page-table entry concurrently); returns the old value.
+    pub fn fetch_or_u64(&self, gpa: u64, bits: u64) -> Result<u64, MemError> {
+        if gpa % 8 != 0 {
+            return Err(MemError::Unmapped { gpa, len: 8 });
+        }
+        let (m, at) = self.locate(gpa, 8, true)?;
+        let ptr = m.at(at).cast::<u64>();
+        // SAFETY: `locate` checked the 8 bytes lie in a writable shared mapping that lives as long
+        // as `self`; `gpa` is 8-aligned and mappings are page-aligned, so `ptr` is aligned. The
+        // guest accesses this memory concurrently, which is why the access is atomic.
+        let atomic = unsafe { std::sync::atomic::AtomicU64::from_ptr(ptr) };
+        Ok(u64::from_le(atomic.fetch_or(
+            bits.to_le(),
+            std::sync::atomic::Ordering::SeqCst,
+        )))
+    }
+
     fn overlapping(&self, start: u64, end: u64) -> impl Iterator<Item = (&u64, &Region)> {
         // The only region starting before `start` that can overlap is the last one.
         let before = self

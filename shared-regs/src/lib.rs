@@ -9,4 +9,4 @@
 
 pub mod abi;
 
-pub use abi::{pci, regs, uapi};
+pub use abi::{cmd, dma, event, pci, pte, queue, regs, uapi};

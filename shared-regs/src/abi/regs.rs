@@ -2,8 +2,10 @@
 //!
 //! All registers are little-endian and accessed with naturally aligned 32-bit accesses; an
 //! access of another width or alignment, or to an undefined offset, is ignored for writes and
-//! reads as 0, and sets [`ERR_BAD_ACCESS`] in [`ERROR`]. Writes to read-only (RO) registers are
-//! ignored without an error, as on most hardware.
+//! reads as 0, and sets [`ERR_BAD_ACCESS`] in [`ERROR`] (the offset goes to [`ERROR_INFO`]).
+//! Writes to read-only (RO) registers are ignored without an error, as on most hardware.
+//! 64-bit addresses are split into `_LO`/`_HI` halves; the device latches them when the unit
+//! using them is enabled in [`CR0`].
 //!
 //! | offset | name | access | reset | meaning |
 //! |---|---|---|---|---|
@@ -11,12 +13,41 @@
 //! | 0x004 | [`VERSION`] | RO | [`VERSION_VALUE`] | ABI version, major in bits 31:16, minor in 15:0 |
 //! | 0x008 | [`CAPS`] | RO | [`CAPS_VALUE`] | capability bits `CAP_*` |
 //! | 0x00c | [`IOTLB_ENTRIES`] | RO | model parameter | number of IOTLB entries |
-//! | 0x010 | [`ASID_COUNT`] | RO | model parameter | number of address-space IDs (contexts) |
+//! | 0x010 | [`ASID_COUNT`] | RO | model parameter | number of ASIDs = context-table entries |
 //! | 0x014 | [`SCRATCH`] | RW | 0 | free for software; used by probes and tests of the MMIO path |
 //! | 0x018 | [`ERROR`] | RW1C | 0 | global error bits `ERR_*`; write 1 to clear |
+//! | 0x01c | [`ERROR_INFO`] | RO | 0 | detail of the last error: the offending register offset for `ERR_BAD_ACCESS`/`ERR_CONFIG` |
+//! | 0x020 | [`CR0`] | RW | 0 | enables `CR0_*` |
+//! | 0x024 | [`CR0ACK`] | RO | 0 | `CR0` as applied by the device; poll it after writing `CR0` |
+//! | 0x028 | [`IRQ_CTRL`] | RW | 0 | MSI-X causes enabled, `IRQ_*` |
+//! | 0x030 | [`CTX_BASE_LO`] | RW | 0 | context table GPA bits 31:0 (4 KiB aligned) |
+//! | 0x034 | [`CTX_BASE_HI`] | RW | 0 | context table GPA bits 63:32 |
+//! | 0x040 | [`CMDQ_BASE_LO`] | RW | 0 | command ring GPA bits 31:0 (64-byte aligned) |
+//! | 0x044 | [`CMDQ_BASE_HI`] | RW | 0 | command ring GPA bits 63:32 |
+//! | 0x048 | [`CMDQ_LOG2SIZE`] | RW | 0 | log2 of the number of entries ([`super::queue::MIN_LOG2`]..=[`super::queue::MAX_LOG2`]) |
+//! | 0x04c | [`CMDQ_PROD`] | RW | 0 | producer: index + wrap bit, written by the driver |
+//! | 0x050 | [`CMDQ_CONS`] | RO | 0 | consumer: index + wrap bit; [`CONS_ERR`] + code on a command error |
+//! | 0x060 | [`EVTQ_BASE_LO`] | RW | 0 | event ring GPA bits 31:0 (64-byte aligned) |
+//! | 0x064 | [`EVTQ_BASE_HI`] | RW | 0 | event ring GPA bits 63:32 |
+//! | 0x068 | [`EVTQ_LOG2SIZE`] | RW | 0 | log2 of the number of entries |
+//! | 0x06c | [`EVTQ_PROD`] | RO | 0 | producer (device); [`EVTQ_PROD_OVERFLOW`] when events were dropped |
+//! | 0x070 | [`EVTQ_CONS`] | RW | 0 | consumer (driver) |
+//! | 0x080 | [`DMAQ_BASE_LO`] | RW | 0 | DMA job ring GPA bits 31:0 (64-byte aligned) |
+//! | 0x084 | [`DMAQ_BASE_HI`] | RW | 0 | DMA job ring GPA bits 63:32 |
+//! | 0x088 | [`DMAQ_LOG2SIZE`] | RW | 0 | log2 of the number of entries |
+//! | 0x08c | [`DMAQ_PROD`] | RW | 0 | producer (driver) |
+//! | 0x090 | [`DMAQ_CONS`] | RO | 0 | consumer (device): advances as jobs complete; [`CONS_ERR`] on a fetch abort |
+//! | 0x100 + 8·i | [`stat_lo`]`(i)` | RO | 0 | statistic `STAT_*` i, bits 31:0 |
+//! | 0x104 + 8·i | [`stat_hi`]`(i)` | RO | 0 | statistic i, bits 63:32 (read HI, LO, HI again for a consistent value) |
 //!
 //! Drivers must check [`IDENT`] and the major version before touching anything else; a minor
 //! version bump only adds registers and capability bits.
+//!
+//! **Enabling.** Program a unit's base and size while its `CR0` bit is clear, then set the bit
+//! and poll [`CR0ACK`]. Enabling resets the unit's indices to 0 (empty queue). A bad
+//! configuration (size out of range, misaligned base) is refused: the bit stays clear in
+//! `CR0ACK` and [`ERR_CONFIG`] is raised. Writes to a unit's base/size registers while it is
+//! enabled are ignored and raise `ERR_CONFIG`.
 
 /// Identity register.
 pub const IDENT: u32 = 0x000;
@@ -32,13 +63,94 @@ pub const ASID_COUNT: u32 = 0x010;
 pub const SCRATCH: u32 = 0x014;
 /// Global error register (write 1 to clear).
 pub const ERROR: u32 = 0x018;
+/// Detail of the last error.
+pub const ERROR_INFO: u32 = 0x01c;
+/// Control register 0: unit enables.
+pub const CR0: u32 = 0x020;
+/// Control register 0 acknowledge.
+pub const CR0ACK: u32 = 0x024;
+/// Interrupt cause enables.
+pub const IRQ_CTRL: u32 = 0x028;
+/// Context table base, low half.
+pub const CTX_BASE_LO: u32 = 0x030;
+/// Context table base, high half.
+pub const CTX_BASE_HI: u32 = 0x034;
+/// Command ring base, low half.
+pub const CMDQ_BASE_LO: u32 = 0x040;
+/// Command ring base, high half.
+pub const CMDQ_BASE_HI: u32 = 0x044;
+/// Command ring log2 size.
+pub const CMDQ_LOG2SIZE: u32 = 0x048;
+/// Command ring producer.
+pub const CMDQ_PROD: u32 = 0x04c;
+/// Command ring consumer.
+pub const CMDQ_CONS: u32 = 0x050;
+/// Event ring base, low half.
+pub const EVTQ_BASE_LO: u32 = 0x060;
+/// Event ring base, high half.
+pub const EVTQ_BASE_HI: u32 = 0x064;
+/// Event ring log2 size.
+pub const EVTQ_LOG2SIZE: u32 = 0x068;
+/// Event ring producer.
+pub const EVTQ_PROD: u32 = 0x06c;
+/// Event ring consumer.
+pub const EVTQ_CONS: u32 = 0x070;
+/// DMA job ring base, low half.
+pub const DMAQ_BASE_LO: u32 = 0x080;
+/// DMA job ring base, high half.
+pub const DMAQ_BASE_HI: u32 = 0x084;
+/// DMA job ring log2 size.
+pub const DMAQ_LOG2SIZE: u32 = 0x088;
+/// DMA job ring producer.
+pub const DMAQ_PROD: u32 = 0x08c;
+/// DMA job ring consumer.
+pub const DMAQ_CONS: u32 = 0x090;
+/// First statistics register.
+pub const STATS_BASE: u32 = 0x100;
+
+/// Statistic: IOTLB lookups that hit.
+pub const STAT_IOTLB_HITS: u32 = 0;
+/// Statistic: IOTLB lookups that missed (each starts a page walk).
+pub const STAT_IOTLB_MISSES: u32 = 1;
+/// Statistic: IOTLB entries evicted to make room.
+pub const STAT_IOTLB_EVICTIONS: u32 = 2;
+/// Statistic: IOTLB entries dropped by invalidation commands.
+pub const STAT_IOTLB_INVALIDATED: u32 = 3;
+/// Statistic: page-table walks.
+pub const STAT_WALKS: u32 = 4;
+/// Statistic: commands executed.
+pub const STAT_COMMANDS: u32 = 5;
+/// Statistic: SYNCs completed.
+pub const STAT_SYNCS: u32 = 6;
+/// Statistic: DMA jobs completed.
+pub const STAT_DMA_JOBS: u32 = 7;
+/// Statistic: bytes moved by DMA jobs.
+pub const STAT_DMA_BYTES: u32 = 8;
+/// Statistic: translation faults.
+pub const STAT_FAULTS: u32 = 9;
+/// Statistic: validator violations.
+pub const STAT_VIOLATIONS: u32 = 10;
+/// Statistic: events dropped because the event queue was full or disabled.
+pub const STAT_EVENTS_DROPPED: u32 = 11;
+/// Number of statistics.
+pub const STAT_COUNT: u32 = 12;
+
+/// Offset of the low half of statistic `i`.
+pub const fn stat_lo(i: u32) -> u32 {
+    STATS_BASE + 8 * i
+}
+
+/// Offset of the high half of statistic `i`.
+pub const fn stat_hi(i: u32) -> u32 {
+    STATS_BASE + 8 * i + 4
+}
 
 /// Value of [`IDENT`]: the ASCII bytes "ZAPG" read as a little-endian u32.
 pub const IDENT_MAGIC: u32 = u32::from_le_bytes(*b"ZAPG");
 /// Major ABI version: a driver must refuse a device with another major.
 pub const VERSION_MAJOR: u16 = 1;
 /// Minor ABI version: additions only.
-pub const VERSION_MINOR: u16 = 0;
+pub const VERSION_MINOR: u16 = 1;
 /// Value of [`VERSION`].
 pub const VERSION_VALUE: u32 = ((VERSION_MAJOR as u32) << 16) | VERSION_MINOR as u32;
 
@@ -54,9 +166,106 @@ pub const fn version_minor(v: u32) -> u16 {
 
 /// Capability: MSI-X interrupts with the vectors of [`super::pci::Vector`].
 pub const CAP_MSIX: u32 = 1 << 0;
+/// Capability: command, event and DMA job queues as described here.
+pub const CAP_QUEUES: u32 = 1 << 1;
+/// Capability: 2 MiB leaves in the device page table.
+pub const CAP_HUGE_2M: u32 = 1 << 2;
+/// Capability: stalled faults with RESUME/ABORT.
+pub const CAP_STALL: u32 = 1 << 3;
+/// Capability: the CPU-page-table validator (4- and 5-level CPU tables).
+pub const CAP_VALIDATOR: u32 = 1 << 4;
 
 /// Value of [`CAPS`] for this ABI version.
-pub const CAPS_VALUE: u32 = CAP_MSIX;
+pub const CAPS_VALUE: u32 = CAP_MSIX | CAP_QUEUES | CAP_HUGE_2M | CAP_STALL | CAP_VALIDATOR;
+
+/// CR0: command queue enable.
+pub const CR0_CMDQ_EN: u32 = 1 << 0;
+/// CR0: event queue enable.
+pub const CR0_EVTQ_EN: u32 = 1 << 1;
+/// CR0: DMA job queue enable.
+pub const CR0_DMAQ_EN: u32 = 1 << 2;
+/// CR0: context table enable (translation for every ASID faults while clear).
+pub const CR0_CTX_EN: u32 = 1 << 3;
+/// All CR0 bits.
+pub const CR0_MASK: u32 = CR0_CMDQ_EN | CR0_EVTQ_EN | CR0_DMAQ_EN | CR0_CTX_EN;
+
+/// IRQ_CTRL: command vector (SYNC with IRQ flag, DMA job with IRQ flag).
+pub const IRQ_CMD_EN: u32 = 1 << 0;
+/// IRQ_CTRL: event vector (an event was written).
+pub const IRQ_EVT_EN: u32 = 1 << 1;
+/// IRQ_CTRL: error vector (an `ERR_*` bit was set).
+pub const IRQ_ERR_EN: u32 = 1 << 2;
+
+/// Consumer register flag: the queue stopped on an error (code in bits 30:24).
+pub const CONS_ERR: u32 = 1 << 31;
+/// Shift of the error code in a consumer register.
+pub const CONS_ERR_SHIFT: u32 = 24;
+/// Mask of the error code in a consumer register (after shifting).
+pub const CONS_ERR_CODE_MASK: u32 = 0x7f;
+/// Event producer flag: events were dropped since `ERR_EVTQ_OVERFLOW` was last cleared.
+pub const EVTQ_PROD_OVERFLOW: u32 = 1 << 31;
 
 /// Error: an MMIO access of a wrong width/alignment or to an undefined register.
 pub const ERR_BAD_ACCESS: u32 = 1 << 0;
+/// Error: the command queue stopped on a malformed command (see `CMDQ_CONS`); clearing this bit
+/// resumes processing at the consumer index.
+pub const ERR_CMDQ: u32 = 1 << 1;
+/// Error: events were dropped (queue full or disabled).
+pub const ERR_EVTQ_OVERFLOW: u32 = 1 << 2;
+/// Error: a unit was enabled with a bad configuration, or reconfigured while enabled.
+pub const ERR_CONFIG: u32 = 1 << 3;
+/// Error: an event could not be written (event ring outside guest RAM).
+pub const ERR_EVTQ_ABORT: u32 = 1 << 4;
+/// Error: a DMA job could not be fetched (ring outside guest RAM); the DMA queue stopped.
+/// Clearing this bit resumes fetching at the consumer index.
+pub const ERR_DMAQ_ABORT: u32 = 1 << 5;
+/// All error bits.
+pub const ERR_MASK: u32 =
+    ERR_BAD_ACCESS | ERR_CMDQ | ERR_EVTQ_OVERFLOW | ERR_CONFIG | ERR_EVTQ_ABORT | ERR_DMAQ_ABORT;
+
+/// Required alignment of queue bases.
+pub const QUEUE_BASE_ALIGN: u64 = 64;
+/// Required alignment of the context table base.
+pub const CTX_BASE_ALIGN: u64 = 4096;
+
+/// Name of a register offset, for traces and logs; `None` for undefined offsets.
+pub const fn name(offset: u32) -> Option<&'static str> {
+    Some(match offset {
+        IDENT => "IDENT",
+        VERSION => "VERSION",
+        CAPS => "CAPS",
+        IOTLB_ENTRIES => "IOTLB_ENTRIES",
+        ASID_COUNT => "ASID_COUNT",
+        SCRATCH => "SCRATCH",
+        ERROR => "ERROR",
+        ERROR_INFO => "ERROR_INFO",
+        CR0 => "CR0",
+        CR0ACK => "CR0ACK",
+        IRQ_CTRL => "IRQ_CTRL",
+        CTX_BASE_LO => "CTX_BASE_LO",
+        CTX_BASE_HI => "CTX_BASE_HI",
+        CMDQ_BASE_LO => "CMDQ_BASE_LO",
+        CMDQ_BASE_HI => "CMDQ_BASE_HI",
+        CMDQ_LOG2SIZE => "CMDQ_LOG2SIZE",
+        CMDQ_PROD => "CMDQ_PROD",
+        CMDQ_CONS => "CMDQ_CONS",
+        EVTQ_BASE_LO => "EVTQ_BASE_LO",
+        EVTQ_BASE_HI => "EVTQ_BASE_HI",
+        EVTQ_LOG2SIZE => "EVTQ_LOG2SIZE",
+        EVTQ_PROD => "EVTQ_PROD",
+        EVTQ_CONS => "EVTQ_CONS",
+        DMAQ_BASE_LO => "DMAQ_BASE_LO",
+        DMAQ_BASE_HI => "DMAQ_BASE_HI",
+        DMAQ_LOG2SIZE => "DMAQ_LOG2SIZE",
+        DMAQ_PROD => "DMAQ_PROD",
+        DMAQ_CONS => "DMAQ_CONS",
+        o if o >= STATS_BASE && o < STATS_BASE + 8 * STAT_COUNT => {
+            if o % 8 == 0 {
+                "STAT_LO"
+            } else {
+                "STAT_HI"
+            }
+        }
+        _ => return None,
+    })
+}

@@ -1,0 +1,119 @@
+//! The device page table and the context entry.
+//!
+//! # Device page table
+//!
+//! A 4-level radix tree like x86-64's, written by the driver in guest memory and walked by the
+//! device. Each table is a 4 KiB page of 512 little-endian u64 entries. A 48-bit virtual address
+//! selects entries with bits 47:39 (level 4), 38:30 (level 3), 29:21 (level 2) and 20:12
+//! (level 1). Addresses at or above `1 << 47` are not translatable (fault [`super::event::FAULT_ADDRESS`]).
+//!
+//! | bit | name | meaning |
+//! |---|---|---|
+//! | 0 | [`PTE_P`] | present |
+//! | 1 | [`PTE_W`] | writable (leaf: device may write; table: must be set for writes below) |
+//! | 5 | [`PTE_A`] | accessed: set by the device on every entry it walks |
+//! | 6 | [`PTE_D`] | dirty: set by the device in a leaf before its first write through it |
+//! | 7 | [`PTE_PS`] | leaf at level 2: a 2 MiB page; illegal at levels 3 and 4 |
+//! | 51:12 | [`PTE_ADDR_MASK`] | next table, or the page frame (2 MiB aligned for a 2 MiB leaf) |
+//! | 63:52 | [`PTE_RESERVED`] | must be zero |
+//!
+//! Other bits are ignored by the device and free for software. A present entry with reserved
+//! bits set, a misaligned 2 MiB frame, or `PS` at level 3/4 is a bad entry
+//! ([`super::event::FAULT_BAD_PTE`]). The device sets A and D with atomic read-modify-writes, so
+//! a driver updating the same entry concurrently must use atomic writes too.
+//!
+//! # Context entry
+//!
+//! The context table holds [`super::regs::ASID_COUNT`] entries of 32 bytes, indexed by ASID, at
+//! the address in [`super::regs::CTX_BASE_LO`]/`HI`. The device caches entries: after changing one
+//! the driver issues [`super::cmd::CMD_CFGI_CTX`] (and a SYNC to know it took effect).
+
+/// Present.
+pub const PTE_P: u64 = 1 << 0;
+/// Writable.
+pub const PTE_W: u64 = 1 << 1;
+/// Accessed (set by the device).
+pub const PTE_A: u64 = 1 << 5;
+/// Dirty (set by the device before writing).
+pub const PTE_D: u64 = 1 << 6;
+/// Page size: a 2 MiB leaf at level 2.
+pub const PTE_PS: u64 = 1 << 7;
+/// Address bits.
+pub const PTE_ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
+/// Bits that must be zero in a present entry.
+pub const PTE_RESERVED: u64 = 0xfff0_0000_0000_0000;
+
+/// Entries per table.
+pub const PT_ENTRIES: usize = 512;
+/// Levels of the device page table.
+pub const PT_LEVELS: u32 = 4;
+/// Size of a small page.
+pub const PAGE_SIZE: u64 = 4096;
+/// Size of a 2 MiB page.
+pub const HUGE_PAGE_SIZE: u64 = 2 << 20;
+/// First virtual address the device cannot translate.
+pub const VA_LIMIT: u64 = 1 << 47;
+
+/// Index into the table at `level` (4 = root, 1 = last) for `va`.
+pub const fn pt_index(va: u64, level: u32) -> usize {
+    ((va >> (12 + 9 * (level - 1))) & 0x1ff) as usize
+}
+
+/// Context flag: the entry is in use; DMA for an invalid context faults with
+/// [`super::event::FAULT_CTX_INVALID`].
+pub const CTX_VALID: u64 = 1 << 0;
+/// Context flag: faults of jobs that ask for it stall until RESUME/ABORT instead of failing.
+pub const CTX_STALL: u64 = 1 << 1;
+/// Context flag: the address space this context mirrors has been torn down (mmu_notifier
+/// release). Read by the validator on every access, uncached: a DMA for a context marked
+/// released is a violation ([`super::event::VIOL_RELEASED`]).
+pub const CTX_MM_RELEASED: u64 = 1 << 2;
+/// Context flag: the CPU page table at `cpu_root` has 5 levels (LA57).
+pub const CTX_CPU_LA57: u64 = 1 << 3;
+/// Context flag: check every DMA access of this context against the CPU page table.
+pub const CTX_VALIDATE: u64 = 1 << 4;
+/// Flags the device understands; other bits must be zero.
+pub const CTX_FLAGS_MASK: u64 =
+    CTX_VALID | CTX_STALL | CTX_MM_RELEASED | CTX_CPU_LA57 | CTX_VALIDATE;
+
+/// A context entry (32 bytes, little-endian).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ContextEntry {
+    /// `CTX_*` flags.
+    pub flags: u64,
+    /// Guest-physical address of the device page table's root (4 KiB aligned).
+    pub pt_root: u64,
+    /// Guest-physical address of the process's CPU page-table root, `__pa(mm->pgd)` (4 KiB
+    /// aligned); used only by the validator.
+    pub cpu_root: u64,
+    /// Must be zero.
+    pub reserved: u64,
+}
+
+/// Size of a context entry in bytes.
+pub const CTX_ENTRY_SIZE: usize = 32;
+
+impl ContextEntry {
+    /// Little-endian encoding as stored in guest memory.
+    pub fn to_bytes(&self) -> [u8; CTX_ENTRY_SIZE] {
+        super::words_to_bytes([self.flags, self.pt_root, self.cpu_root, self.reserved])
+    }
+
+    /// Decodes an entry read from guest memory.
+    pub fn from_bytes(b: &[u8; CTX_ENTRY_SIZE]) -> Self {
+        let [flags, pt_root, cpu_root, reserved] = super::bytes_to_words(b);
+        Self {
+            flags,
+            pt_root,
+            cpu_root,
+            reserved,
+        }
+    }
+}
+
+const _: () = assert!(core::mem::size_of::<ContextEntry>() == CTX_ENTRY_SIZE);
+const _: () = assert!(core::mem::offset_of!(ContextEntry, cpu_root) == 16);
+const _: () = assert!(pt_index(0x0000_7fff_ffff_f000, 4) == 255);
+const _: () =
+    assert!(pt_index(0x0000_0000_0020_1000, 2) == 1 && pt_index(0x0000_0000_0020_1000, 1) == 1);

@@ -1,0 +1,176 @@
+//! Table tests for the ring arithmetic and round trips of every descriptor encoding.
+
+use shared_regs::abi::{bytes_to_words, words_to_bytes};
+use shared_regs::{cmd, dma, event, pte, queue, regs};
+
+#[test]
+fn queue_arithmetic_table() {
+    // (prod, cons, log2) -> (empty, full, used, free)
+    let cases: &[(u32, u32, u32, bool, bool, u32, u32)] = &[
+        (0, 0, 2, true, false, 0, 4),
+        (1, 0, 2, false, false, 1, 3),
+        (3, 0, 2, false, false, 3, 1),
+        (0b100, 0, 2, false, true, 4, 0), // index 0, wrap set: full
+        (0b101, 0b001, 2, false, true, 4, 0), // full at index 1
+        (0b101, 0b101, 2, true, false, 0, 4), // empty after both wrapped
+        (0b000, 0b100, 2, false, true, 4, 0), // prod wrapped back to 0, cons on wrap: full
+        (0b001, 0b111, 2, false, false, 2, 2), // across the wrap
+        (1, 0, 1, false, false, 1, 1),
+        (0b10, 0, 1, false, true, 2, 0),
+        (0x8000_0000 | 3, 3, 4, true, false, 0, 16), // bit 31 (error flag) is not position
+        (0x8000, 0, 15, false, true, 32768, 0),
+    ];
+    for &(p, c, l, empty, full, used, free) in cases {
+        assert_eq!(
+            queue::is_empty(p, c, l),
+            empty,
+            "empty p={p:#x} c={c:#x} log2={l}"
+        );
+        assert_eq!(
+            queue::is_full(p, c, l),
+            full,
+            "full p={p:#x} c={c:#x} log2={l}"
+        );
+        assert_eq!(
+            queue::used(p, c, l),
+            used,
+            "used p={p:#x} c={c:#x} log2={l}"
+        );
+        assert_eq!(
+            queue::free(p, c, l),
+            free,
+            "free p={p:#x} c={c:#x} log2={l}"
+        );
+    }
+}
+
+#[test]
+fn queue_next_wraps_and_flips() {
+    // Walking a 4-entry ring twice visits each index twice with alternating wrap bits.
+    let mut p = 0;
+    let mut seen = vec![];
+    for _ in 0..9 {
+        seen.push((queue::index(p, 2), queue::wrap(p, 2)));
+        p = queue::next(p, 2);
+    }
+    let want: Vec<(u32, bool)> = (0..9).map(|i| (i % 4, (i / 4) % 2 == 1)).collect();
+    assert_eq!(seen, want);
+    // Producing 2^log2 entries from empty makes it full; one more would overflow.
+    let (mut prod, cons) = (0u32, 0u32);
+    for _ in 0..8 {
+        assert!(!queue::is_full(prod, cons, 3));
+        prod = queue::next(prod, 3);
+    }
+    assert!(queue::is_full(prod, cons, 3));
+    assert_eq!(queue::free(prod, cons, 3), 0);
+    assert!(queue::is_empty(queue::next(prod, 3), queue::next(cons, 3), 3) == false);
+}
+
+#[test]
+fn queue_sizes() {
+    assert!(!queue::valid_log2(0));
+    assert!(queue::valid_log2(queue::MIN_LOG2));
+    assert!(queue::valid_log2(queue::MAX_LOG2));
+    assert!(!queue::valid_log2(queue::MAX_LOG2 + 1));
+    assert!(!queue::valid_log2(u32::MAX));
+}
+
+#[test]
+fn descriptors_round_trip() {
+    let c = cmd::Command::new(
+        cmd::CMD_SYNC,
+        cmd::CMD_F_SYNC_IRQ,
+        7,
+        0x1234_5678_9000,
+        0xdead_beef,
+    );
+    let b = c.to_bytes();
+    assert_eq!(b[0], cmd::CMD_SYNC);
+    assert_eq!(b[1], cmd::CMD_F_SYNC_IRQ);
+    assert_eq!(&b[4..8], &7u32.to_le_bytes());
+    assert_eq!(cmd::Command::from_bytes(&b), c);
+
+    let j = dma::DmaJob {
+        op: dma::DMA_COPY,
+        flags: dma::DMA_F_STALL,
+        reserved0: 0,
+        asid: 3,
+        src: 0x1000,
+        dst: 0x2000,
+        len: 4096,
+        aux: 9,
+        status: 0x8000,
+        id: 42,
+        reserved1: 0,
+    };
+    assert_eq!(dma::DmaJob::from_bytes(&j.to_bytes()), j);
+    let s = dma::DmaStatus {
+        status: dma::DMA_ST_FAULT,
+        fault_reason: event::FAULT_PERMISSION,
+        faults: 2,
+        bytes_done: 100,
+        result: 5,
+        id: 42,
+    };
+    assert_eq!(dma::DmaStatus::from_bytes(&s.to_bytes()), s);
+    let e = event::Event {
+        ty: event::EVT_VIOLATION,
+        flags: event::EVT_F_WRITE,
+        reason: event::VIOL_STALE,
+        asid: 1,
+        va: 0x7000,
+        info: 0x1000,
+        info2: event::NO_PA,
+    };
+    assert_eq!(event::Event::from_bytes(&e.to_bytes()), e);
+    let x = pte::ContextEntry {
+        flags: pte::CTX_VALID | pte::CTX_VALIDATE,
+        pt_root: 0x10000,
+        cpu_root: 0x20000,
+        reserved: 0,
+    };
+    assert_eq!(pte::ContextEntry::from_bytes(&x.to_bytes()), x);
+}
+
+#[test]
+fn byte_layout_matches_repr_c() {
+    // The byte encoding equals the in-memory repr(C) layout on little-endian hosts, so a driver
+    // may also write the struct directly.
+    let c = cmd::Command::new(cmd::CMD_INV_RANGE, 0, 0xabcd, 0x7000, 0x3000);
+    // SAFETY: Command is repr(C) with only integer fields and no padding (size asserted).
+    let raw: [u8; cmd::CMD_SIZE] = unsafe { std::mem::transmute(c) };
+    assert_eq!(raw, c.to_bytes());
+    let w: [u64; 4] = bytes_to_words(&c.to_bytes());
+    assert_eq!(words_to_bytes::<32, 4>(w), c.to_bytes());
+}
+
+#[test]
+fn register_names_and_stats() {
+    assert_eq!(regs::name(regs::CMDQ_PROD), Some("CMDQ_PROD"));
+    assert_eq!(
+        regs::name(regs::stat_lo(regs::STAT_VIOLATIONS)),
+        Some("STAT_LO")
+    );
+    assert_eq!(
+        regs::name(regs::stat_hi(regs::STAT_COUNT - 1)),
+        Some("STAT_HI")
+    );
+    assert_eq!(regs::name(regs::stat_lo(regs::STAT_COUNT)), None);
+    assert_eq!(regs::name(0x02c), None);
+    assert_eq!(
+        regs::version_minor(regs::VERSION_VALUE),
+        regs::VERSION_MINOR
+    );
+}
+
+#[test]
+fn fnv_known_values() {
+    assert_eq!(dma::fnv1a64(dma::FNV_OFFSET, b""), 0xcbf2_9ce4_8422_2325);
+    assert_eq!(dma::fnv1a64(dma::FNV_OFFSET, b"a"), 0xaf63_dc4c_8601_ec8c);
+    // Streaming in pieces equals hashing at once.
+    let whole = dma::fnv1a64(dma::FNV_OFFSET, b"hello world");
+    assert_eq!(
+        dma::fnv1a64(dma::fnv1a64(dma::FNV_OFFSET, b"hello "), b"world"),
+        whole
+    );
+}
