@@ -1,23 +1,42 @@
-//! The zapguard device state machine: the BAR0 register file of [`shared_regs::regs`].
+//! The zapguard device state machine: the BAR0 register file of [`shared_regs::regs`] and the
+//! engine behind it.
 //!
-//! The device does no I/O of its own: the vfio-user glue ([`crate::server`]) feeds it BAR
-//! accesses, and everything observable goes to the injected [`Events`] sink.
+//! The device does no I/O of its own and owns no threads. The glue feeds it:
+//! - BAR accesses ([`ZapguardDevice::read`], [`ZapguardDevice::write`]), which only touch
+//!   registers and never guest memory, so they are cheap on the vfio-user message loop;
+//! - processing time ([`ZapguardDevice::process`]), given the guest memory, on the device's
+//!   worker: command queue, DMA jobs, faults and the validator (in [`crate::cmdq`] and
+//!   [`crate::dma_engine`]).
+//!
+//! It reports everything observable to the injected [`Events`] sink, and the MSI-X vectors to
+//! raise through [`ZapguardDevice::take_irqs`].
+
+use std::collections::HashMap;
 
 use shared_regs::pci::{BAR0, MSIX_PBA_OFFSET, MSIX_TABLE_OFFSET, MSIX_VECTORS, REGS_SIZE};
-use shared_regs::regs::{
-    ASID_COUNT, CAPS, CAPS_VALUE, ERROR, ERR_BAD_ACCESS, IDENT, IDENT_MAGIC, IOTLB_ENTRIES,
-    SCRATCH, VERSION, VERSION_VALUE,
-};
+use shared_regs::pte::ContextEntry;
+use shared_regs::queue;
+use shared_regs::regs::*;
 
-use crate::events::{le_value, Event, Events};
+use crate::dma_engine::ActiveJob;
+use crate::events::{le_value, Activity, Event, Events};
+use crate::iotlb::{Iotlb, Policy};
+use crate::ledger::Ledger;
+use crate::validator::Validator;
 
-/// Model parameters, fixed for the life of the device and visible in read-only registers.
+/// Model parameters, fixed for the life of the device; the first two are visible in read-only
+/// registers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DeviceConfig {
     /// Number of IOTLB entries ([`IOTLB_ENTRIES`]).
     pub iotlb_entries: u32,
     /// Number of address-space IDs ([`ASID_COUNT`]).
     pub asid_count: u32,
+    /// IOTLB replacement policy.
+    pub iotlb_policy: Policy,
+    /// Largest DMA burst in bytes: commands are processed between bursts, so this is the
+    /// granularity at which invalidations interleave with a running job.
+    pub dma_burst: u32,
 }
 
 impl Default for DeviceConfig {
@@ -25,27 +44,15 @@ impl Default for DeviceConfig {
         Self {
             iotlb_entries: 64,
             asid_count: 256,
+            iotlb_policy: Policy::Lru,
+            dma_burst: 512,
         }
     }
 }
 
-/// Register names by offset, for traces.
-const REGISTER_NAMES: &[(u32, &str)] = &[
-    (IDENT, "IDENT"),
-    (VERSION, "VERSION"),
-    (CAPS, "CAPS"),
-    (IOTLB_ENTRIES, "IOTLB_ENTRIES"),
-    (ASID_COUNT, "ASID_COUNT"),
-    (SCRATCH, "SCRATCH"),
-    (ERROR, "ERROR"),
-];
-
 /// The name of the BAR0 register at `offset`, if one starts there.
 pub fn register_name(offset: u64) -> Option<&'static str> {
-    REGISTER_NAMES
-        .iter()
-        .find(|(o, _)| u64::from(*o) == offset)
-        .map(|(_, name)| *name)
+    u32::try_from(offset).ok().and_then(shared_regs::regs::name)
 }
 
 /// Bytes of the MSI-X table and PBA in BAR0, as QEMU sizes the regions it overlays there.
@@ -70,10 +77,8 @@ fn classify(offset: u64, len: usize) -> Target {
     let inside = |start: u32, size: u64| {
         len > 0 && offset >= u64::from(start) && end <= u64::from(start) + size
     };
-    if len == 4 && offset.is_multiple_of(4) && end <= REGS_SIZE {
-        if let Some(&(reg, _)) = REGISTER_NAMES.iter().find(|(o, _)| u64::from(*o) == offset) {
-            return Target::Register(reg);
-        }
+    if len == 4 && offset.is_multiple_of(4) && end <= REGS_SIZE && register_name(offset).is_some() {
+        return Target::Register(offset as u32);
     }
     if inside(MSIX_TABLE_OFFSET, MSIX_TABLE_SIZE) || inside(MSIX_PBA_OFFSET, MSIX_PBA_SIZE) {
         return Target::Msix;
@@ -81,21 +86,128 @@ fn classify(offset: u64, len: usize) -> Target {
     Target::Bad
 }
 
+/// One ring: its registers and the base latched when it was enabled.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Ring {
+    pub(crate) base_lo: u32,
+    pub(crate) base_hi: u32,
+    pub(crate) log2: u32,
+    /// Latched at enable.
+    pub(crate) base: u64,
+    pub(crate) prod: u32,
+    pub(crate) cons: u32,
+}
+
+impl Ring {
+    fn programmed_base(&self) -> u64 {
+        u64::from(self.base_hi) << 32 | u64::from(self.base_lo)
+    }
+
+    fn config_ok(&self) -> bool {
+        queue::valid_log2(self.log2) && self.programmed_base().is_multiple_of(QUEUE_BASE_ALIGN)
+    }
+
+    fn enable(&mut self) {
+        self.base = self.programmed_base();
+        self.prod = 0;
+        self.cons = 0;
+    }
+
+    /// Guest-physical address of slot `pos` (index + wrap) for entries of `size` bytes.
+    pub(crate) fn slot(&self, pos: u32, size: usize) -> Option<u64> {
+        let off = u64::from(queue::index(pos, self.log2)) * size as u64;
+        self.base.checked_add(off)
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        queue::is_empty(self.prod, self.cons, self.log2)
+    }
+}
+
+/// Everything a reset returns to its initial value.
+pub(crate) struct State {
+    pub(crate) scratch: u32,
+    pub(crate) error: u32,
+    pub(crate) error_info: u32,
+    pub(crate) cr0: u32,
+    pub(crate) cr0ack: u32,
+    pub(crate) irq_ctrl: u32,
+    pub(crate) ctx_base_lo: u32,
+    pub(crate) ctx_base_hi: u32,
+    pub(crate) ctx_base: u64,
+    pub(crate) cmdq: Ring,
+    pub(crate) evtq: Ring,
+    pub(crate) dmaq: Ring,
+    /// `CMDQ_CONS` error code (`CERR_*`), 0 while the queue runs.
+    pub(crate) cmdq_err: u8,
+    pub(crate) evtq_overflow: bool,
+    /// Set on a DMA job fetch abort; cleared with `ERR_DMAQ_ABORT`.
+    pub(crate) dmaq_stopped: bool,
+    pub(crate) iotlb: Iotlb,
+    /// Context cache, filled on first use, dropped by CFGI_CTX or CR0_CTX_EN changes.
+    pub(crate) ctx_cache: HashMap<u32, ContextEntry>,
+    pub(crate) job: Option<ActiveJob>,
+    pub(crate) ledger: Ledger,
+    pub(crate) validator: Validator,
+    pub(crate) stats: [u64; STAT_COUNT as usize],
+    pub(crate) next_translation_id: u64,
+    pub(crate) next_stall_tag: u64,
+    /// Bursts executed while the SYNC at the head of the command queue waited.
+    pub(crate) sync_waited: u64,
+    pub(crate) irq_pending: u32,
+}
+
+impl State {
+    fn new(config: &DeviceConfig) -> Self {
+        Self {
+            scratch: 0,
+            error: 0,
+            error_info: 0,
+            cr0: 0,
+            cr0ack: 0,
+            irq_ctrl: 0,
+            ctx_base_lo: 0,
+            ctx_base_hi: 0,
+            ctx_base: 0,
+            cmdq: Ring::default(),
+            evtq: Ring::default(),
+            dmaq: Ring::default(),
+            cmdq_err: 0,
+            evtq_overflow: false,
+            dmaq_stopped: false,
+            iotlb: Iotlb::new(config.iotlb_entries as usize, config.iotlb_policy),
+            ctx_cache: HashMap::new(),
+            job: None,
+            ledger: Ledger::default(),
+            validator: Validator::new(),
+            stats: [0; STAT_COUNT as usize],
+            next_translation_id: 1,
+            next_stall_tag: 1,
+            sync_waited: 0,
+            irq_pending: 0,
+        }
+    }
+}
+
 /// The zapguard device.
 pub struct ZapguardDevice<E: Events> {
-    config: DeviceConfig,
-    scratch: u32,
-    error: u32,
-    events: E,
+    pub(crate) config: DeviceConfig,
+    pub(crate) events: E,
+    pub(crate) s: State,
 }
 
 impl<E: Events> ZapguardDevice<E> {
     /// A device in its reset state.
     pub fn new(config: DeviceConfig, events: E) -> Self {
+        let config = DeviceConfig {
+            iotlb_entries: config.iotlb_entries.max(1),
+            asid_count: config.asid_count.max(1),
+            dma_burst: config.dma_burst.clamp(8, 1 << 20),
+            ..config
+        };
         Self {
+            s: State::new(&config),
             config,
-            scratch: 0,
-            error: 0,
             events,
         }
     }
@@ -107,7 +219,19 @@ impl<E: Events> ZapguardDevice<E> {
 
     /// The current [`ERROR`] register.
     pub fn error_bits(&self) -> u32 {
-        self.error
+        self.s.error
+    }
+
+    /// Statistic `STAT_*` `i` (0 for an unknown index).
+    pub fn stat(&self, i: u32) -> u64 {
+        let iotlb = self.s.iotlb.stats();
+        match i {
+            STAT_IOTLB_HITS => iotlb.hits,
+            STAT_IOTLB_MISSES => iotlb.misses,
+            STAT_IOTLB_EVICTIONS => iotlb.evictions,
+            STAT_IOTLB_INVALIDATED => iotlb.invalidated,
+            _ => self.s.stats.get(i as usize).copied().unwrap_or(0),
+        }
     }
 
     /// The event sink, for the glue to report what only it sees (DMA maps, interrupts, ...).
@@ -118,6 +242,40 @@ impl<E: Events> ZapguardDevice<E> {
     /// Reports an error event.
     pub fn report_error(&mut self, what: String) {
         self.events.event(&Event::Error { what });
+    }
+
+    pub(crate) fn activity(&mut self, a: Activity) {
+        self.events.event(&Event::Engine(a));
+    }
+
+    /// MSI-X vectors raised since the last call, as a bit mask (bit n = vector n).
+    pub fn take_irqs(&mut self) -> u32 {
+        std::mem::take(&mut self.s.irq_pending)
+    }
+
+    /// Raises `vector` if its cause is enabled in [`IRQ_CTRL`].
+    pub(crate) fn raise(&mut self, vector: shared_regs::pci::Vector) {
+        let enable = match vector {
+            shared_regs::pci::Vector::Command => IRQ_CMD_EN,
+            shared_regs::pci::Vector::Event => IRQ_EVT_EN,
+            shared_regs::pci::Vector::Error => IRQ_ERR_EN,
+        };
+        if self.s.irq_ctrl & enable != 0 {
+            self.s.irq_pending |= 1 << vector as u32;
+            self.activity(Activity::Interrupt {
+                vector: vector as u16,
+            });
+        }
+    }
+
+    /// Sets error bits; a newly set bit raises the error vector.
+    pub(crate) fn set_error(&mut self, bits: u32, info: u32) {
+        let new = bits & !self.s.error;
+        self.s.error |= bits;
+        self.s.error_info = info;
+        if new != 0 {
+            self.raise(shared_regs::pci::Vector::Error);
+        }
     }
 
     /// A BAR0 read of `data.len()` bytes at `offset`. Never fails: a bad access reads 0 and
@@ -151,23 +309,27 @@ impl<E: Events> ZapguardDevice<E> {
             value: le_value(data),
         });
         match target {
-            Target::Register(reg) => {
-                let v = le_value(data) as u32;
-                match reg {
-                    SCRATCH => self.scratch = v,
-                    ERROR => self.error &= !v,
-                    _ => {}
-                }
-            }
+            Target::Register(reg) => self.write_register(reg, le_value(data) as u32),
             Target::Msix => {}
             Target::Bad => self.bad_access("write", offset, data.len()),
         }
     }
 
-    /// Device reset: every register back to its reset value.
+    /// Whether [`Self::process`] has something to do (the worker sleeps otherwise).
+    pub fn has_work(&self) -> bool {
+        let cmdq =
+            self.s.cr0ack & CR0_CMDQ_EN != 0 && self.s.cmdq_err == 0 && !self.s.cmdq.is_empty();
+        let job = self.s.job.as_ref().is_some_and(|j| !j.is_stalled());
+        let dmaq = self.s.cr0ack & CR0_DMAQ_EN != 0
+            && !self.s.dmaq_stopped
+            && self.s.job.is_none()
+            && !self.s.dmaq.is_empty();
+        cmdq || job || dmaq
+    }
+
+    /// Device reset: every register back to its reset value, caches and the job dropped.
     pub fn reset(&mut self) {
-        self.scratch = 0;
-        self.error = 0;
+        self.s = State::new(&self.config);
         self.events.event(&Event::Reset);
     }
 
@@ -178,14 +340,183 @@ impl<E: Events> ZapguardDevice<E> {
             CAPS => CAPS_VALUE,
             IOTLB_ENTRIES => self.config.iotlb_entries,
             ASID_COUNT => self.config.asid_count,
-            SCRATCH => self.scratch,
-            ERROR => self.error,
+            SCRATCH => self.s.scratch,
+            ERROR => self.s.error,
+            ERROR_INFO => self.s.error_info,
+            CR0 => self.s.cr0,
+            CR0ACK => self.s.cr0ack,
+            IRQ_CTRL => self.s.irq_ctrl,
+            CTX_BASE_LO => self.s.ctx_base_lo,
+            CTX_BASE_HI => self.s.ctx_base_hi,
+            CMDQ_BASE_LO => self.s.cmdq.base_lo,
+            CMDQ_BASE_HI => self.s.cmdq.base_hi,
+            CMDQ_LOG2SIZE => self.s.cmdq.log2,
+            CMDQ_PROD => self.s.cmdq.prod,
+            CMDQ_CONS => {
+                let err = if self.s.cmdq_err != 0 {
+                    CONS_ERR | (u32::from(self.s.cmdq_err) & CONS_ERR_CODE_MASK) << CONS_ERR_SHIFT
+                } else {
+                    0
+                };
+                self.s.cmdq.cons | err
+            }
+            EVTQ_BASE_LO => self.s.evtq.base_lo,
+            EVTQ_BASE_HI => self.s.evtq.base_hi,
+            EVTQ_LOG2SIZE => self.s.evtq.log2,
+            EVTQ_PROD => {
+                self.s.evtq.prod
+                    | if self.s.evtq_overflow {
+                        EVTQ_PROD_OVERFLOW
+                    } else {
+                        0
+                    }
+            }
+            EVTQ_CONS => self.s.evtq.cons,
+            DMAQ_BASE_LO => self.s.dmaq.base_lo,
+            DMAQ_BASE_HI => self.s.dmaq.base_hi,
+            DMAQ_LOG2SIZE => self.s.dmaq.log2,
+            DMAQ_PROD => self.s.dmaq.prod,
+            DMAQ_CONS => self.s.dmaq.cons | if self.s.dmaq_stopped { CONS_ERR } else { 0 },
+            o if (STATS_BASE..STATS_BASE + 8 * STAT_COUNT).contains(&o) => {
+                let v = self.stat((o - STATS_BASE) / 8);
+                if o % 8 == 0 {
+                    v as u32
+                } else {
+                    (v >> 32) as u32
+                }
+            }
             _ => 0,
         }
     }
 
+    fn write_register(&mut self, reg: u32, v: u32) {
+        // Base and size registers of an enabled unit are frozen (the device latched them).
+        let cr0ack = self.s.cr0ack;
+        let frozen = |unit: u32| cr0ack & unit != 0;
+        let mut refuse = false;
+        match reg {
+            SCRATCH => self.s.scratch = v,
+            ERROR => self.clear_errors(v),
+            CR0 => self.write_cr0(v),
+            IRQ_CTRL => self.s.irq_ctrl = v & (IRQ_CMD_EN | IRQ_EVT_EN | IRQ_ERR_EN),
+            CTX_BASE_LO | CTX_BASE_HI if frozen(CR0_CTX_EN) => refuse = true,
+            CTX_BASE_LO => self.s.ctx_base_lo = v,
+            CTX_BASE_HI => self.s.ctx_base_hi = v,
+            CMDQ_BASE_LO | CMDQ_BASE_HI | CMDQ_LOG2SIZE if frozen(CR0_CMDQ_EN) => refuse = true,
+            EVTQ_BASE_LO | EVTQ_BASE_HI | EVTQ_LOG2SIZE if frozen(CR0_EVTQ_EN) => refuse = true,
+            DMAQ_BASE_LO | DMAQ_BASE_HI | DMAQ_LOG2SIZE if frozen(CR0_DMAQ_EN) => refuse = true,
+            CMDQ_BASE_LO => self.s.cmdq.base_lo = v,
+            CMDQ_BASE_HI => self.s.cmdq.base_hi = v,
+            CMDQ_LOG2SIZE => self.s.cmdq.log2 = v,
+            EVTQ_BASE_LO => self.s.evtq.base_lo = v,
+            EVTQ_BASE_HI => self.s.evtq.base_hi = v,
+            EVTQ_LOG2SIZE => self.s.evtq.log2 = v,
+            DMAQ_BASE_LO => self.s.dmaq.base_lo = v,
+            DMAQ_BASE_HI => self.s.dmaq.base_hi = v,
+            DMAQ_LOG2SIZE => self.s.dmaq.log2 = v,
+            // Producer/consumer positions keep only index + wrap bit.
+            CMDQ_PROD => self.s.cmdq.prod = queue::position(v, self.s.cmdq.log2),
+            EVTQ_CONS => self.s.evtq.cons = queue::position(v, self.s.evtq.log2),
+            DMAQ_PROD => self.s.dmaq.prod = queue::position(v, self.s.dmaq.log2),
+            _ => {}
+        }
+        if refuse {
+            self.set_error(ERR_CONFIG, reg);
+            self.report_error(format!(
+                "{} written while its unit is enabled: ignored",
+                register_name(reg.into()).unwrap_or("?")
+            ));
+        }
+    }
+
+    fn clear_errors(&mut self, v: u32) {
+        self.s.error &= !v;
+        // Clearing a queue's error bit restarts it where it stopped (SMMUv3's GERRORN).
+        if v & ERR_CMDQ != 0 {
+            self.s.cmdq_err = 0;
+        }
+        if v & ERR_DMAQ_ABORT != 0 {
+            self.s.dmaq_stopped = false;
+        }
+        if v & ERR_EVTQ_OVERFLOW != 0 {
+            self.s.evtq_overflow = false;
+        }
+    }
+
+    fn write_cr0(&mut self, v: u32) {
+        self.s.cr0 = v & CR0_MASK;
+        let mut ack = self.s.cr0ack;
+        let mut refused = 0;
+        for unit in [CR0_CMDQ_EN, CR0_EVTQ_EN, CR0_DMAQ_EN, CR0_CTX_EN] {
+            let want = self.s.cr0 & unit != 0;
+            let have = ack & unit != 0;
+            if want == have {
+                continue;
+            }
+            if !want {
+                ack &= !unit;
+                match unit {
+                    CR0_CMDQ_EN => self.s.cmdq_err = 0,
+                    // A disabled DMA queue drops its job without a status: the driver is
+                    // tearing the queue down and owns its memory again.
+                    CR0_DMAQ_EN => {
+                        self.s.job = None;
+                        self.s.dmaq_stopped = false;
+                    }
+                    CR0_CTX_EN => self.s.ctx_cache.clear(),
+                    _ => {}
+                }
+                continue;
+            }
+            let ok = match unit {
+                CR0_CMDQ_EN => self.s.cmdq.config_ok(),
+                CR0_EVTQ_EN => self.s.evtq.config_ok(),
+                CR0_DMAQ_EN => self.s.dmaq.config_ok(),
+                _ => {
+                    let base = u64::from(self.s.ctx_base_hi) << 32 | u64::from(self.s.ctx_base_lo);
+                    base.is_multiple_of(CTX_BASE_ALIGN)
+                }
+            };
+            if !ok {
+                refused |= unit;
+                continue;
+            }
+            ack |= unit;
+            match unit {
+                CR0_CMDQ_EN => {
+                    self.s.cmdq.enable();
+                    self.s.cmdq_err = 0;
+                }
+                CR0_EVTQ_EN => {
+                    self.s.evtq.enable();
+                    self.s.evtq_overflow = false;
+                }
+                CR0_DMAQ_EN => {
+                    self.s.dmaq.enable();
+                    self.s.dmaq_stopped = false;
+                }
+                _ => {
+                    self.s.ctx_base =
+                        u64::from(self.s.ctx_base_hi) << 32 | u64::from(self.s.ctx_base_lo);
+                    self.s.ctx_cache.clear();
+                }
+            }
+        }
+        self.s.cr0ack = ack;
+        self.activity(Activity::Control {
+            cr0ack: ack,
+            refused,
+        });
+        if refused != 0 {
+            self.set_error(ERR_CONFIG, CR0);
+            self.report_error(format!(
+                "CR0 enable refused for {refused:#x}: queue size out of range or base misaligned"
+            ));
+        }
+    }
+
     fn bad_access(&mut self, dir: &str, offset: u64, len: usize) {
-        self.error |= ERR_BAD_ACCESS;
+        self.set_error(ERR_BAD_ACCESS, offset.min(u64::from(u32::MAX)) as u32);
         self.report_error(format!(
             "bad BAR0 {dir} at {offset:#x} of {len} bytes: registers take aligned 4-byte accesses"
         ));
@@ -218,6 +549,7 @@ mod tests {
         let cfg = DeviceConfig {
             iotlb_entries: 32,
             asid_count: 16,
+            ..DeviceConfig::default()
         };
         let mut d = ZapguardDevice::new(cfg, EventLog::default());
         let cases = [
@@ -320,7 +652,8 @@ mod tests {
             (u64::from(IDENT), 8),
             (u64::from(SCRATCH) + 2, 4),
             (1, 4),
-            (0x100, 4),
+            (0x02c, 4),
+            (0x0fc, 4),
             (REGS_SIZE - 4, 4),
             (REGS_SIZE, 4),
             (u64::from(MSIX_TABLE_OFFSET) - 4, 8),

@@ -151,6 +151,186 @@ pub enum Event {
         /// Human-readable description.
         what: String,
     },
+    /// What the device's engine did: commands, translations, DMA, faults, violations.
+    Engine(Activity),
+}
+
+/// The engine's activity. Field names are the trace's (see [`crate::trace`]): `asid`, `va`, `pa`,
+/// `len`, `cmd` (command-queue index), `job` (DMA job id), `result`.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Activity {
+    /// `CR0ACK` changed: units enabled or disabled.
+    Control {
+        /// Units now enabled (`CR0_*`).
+        cr0ack: u32,
+        /// Units the driver asked for but the device refused (bad configuration).
+        refused: u32,
+    },
+    /// A command was executed, or refused with a `CERR_*` (the queue then stops).
+    Command {
+        /// Consumer index of the command (with wrap bit).
+        cmd: u32,
+        /// Opcode name.
+        op: &'static str,
+        /// ASID operand.
+        asid: u32,
+        /// Address operand.
+        va: u64,
+        /// Second operand (length, value or tag).
+        len: u64,
+        /// `"ok"`, `"ignored"` (RESUME/ABORT of no stalled job) or the error name.
+        result: &'static str,
+    },
+    /// A SYNC completed.
+    SyncDone {
+        /// Consumer index of the SYNC.
+        cmd: u32,
+        /// Completion address written (0: none).
+        pa: u64,
+        /// Value written.
+        value: u32,
+        /// DMA bursts the SYNC waited for (in-flight uses of translations it covers).
+        waited: u64,
+    },
+    /// A translation was cached after a page walk.
+    IotlbFill {
+        /// ASID.
+        asid: u32,
+        /// First VA covered.
+        va: u64,
+        /// Guest-physical base.
+        pa: u64,
+        /// Bytes covered (4 KiB or 2 MiB).
+        len: u64,
+        /// Whether it allows writes.
+        writable: bool,
+        /// Translation id (the ledger's key).
+        id: u64,
+    },
+    /// A cached translation was evicted to make room.
+    IotlbEvict {
+        /// ASID.
+        asid: u32,
+        /// First VA covered.
+        va: u64,
+        /// Bytes covered.
+        len: u64,
+        /// Translation id.
+        id: u64,
+    },
+    /// An invalidation command dropped cached translations.
+    IotlbInvalidate {
+        /// Consumer index of the command.
+        cmd: u32,
+        /// ASID (absent for INV_ALL).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        asid: Option<u32>,
+        /// Range start (0 for ASID/ALL).
+        va: u64,
+        /// Range length (`u64::MAX` for ASID/ALL).
+        len: u64,
+        /// Entries dropped from the IOTLB.
+        dropped: usize,
+        /// Translations an in-flight DMA job still holds (the next SYNC waits for them).
+        in_flight: usize,
+    },
+    /// A DMA job was fetched.
+    JobStart {
+        /// Job id (cookie).
+        job: u64,
+        /// Opcode name.
+        op: &'static str,
+        /// ASID.
+        asid: u32,
+        /// Source VA.
+        src: u64,
+        /// Destination VA.
+        dst: u64,
+        /// Length in bytes.
+        len: u64,
+    },
+    /// A DMA job completed and its status was written.
+    JobDone {
+        /// Job id.
+        job: u64,
+        /// ASID.
+        asid: u32,
+        /// Status name (`"ok"`, `"fault"`, `"bad_job"`, `"buf_error"`).
+        result: &'static str,
+        /// Bytes processed.
+        len: u64,
+        /// Faults taken.
+        faults: u32,
+    },
+    /// One DMA burst through a translation.
+    DmaAccess {
+        /// Job id.
+        job: u64,
+        /// ASID.
+        asid: u32,
+        /// First VA accessed.
+        va: u64,
+        /// Guest-physical address accessed.
+        pa: u64,
+        /// Bytes.
+        len: u64,
+        /// Write (true) or read.
+        write: bool,
+        /// Translation id used.
+        id: u64,
+    },
+    /// A translation fault.
+    Fault {
+        /// Job id.
+        job: u64,
+        /// ASID.
+        asid: u32,
+        /// Faulting VA.
+        va: u64,
+        /// Write access.
+        write: bool,
+        /// `FAULT_*` name.
+        result: &'static str,
+        /// Whether the job stalled (waits for RESUME/ABORT with `tag`).
+        stalled: bool,
+        /// Stall tag (0 if not stalled).
+        tag: u64,
+    },
+    /// The validator caught the device using a translation the CPU no longer allows.
+    Violation {
+        /// Job id.
+        job: u64,
+        /// ASID.
+        asid: u32,
+        /// VA accessed.
+        va: u64,
+        /// Guest-physical address the device used.
+        pa: u64,
+        /// What the CPU maps there (absent: nothing).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        cpu_pa: Option<u64>,
+        /// Write access.
+        write: bool,
+        /// `VIOL_*` name.
+        result: &'static str,
+        /// One sentence of explanation.
+        why: &'static str,
+    },
+    /// A queue stopped or lost something; see the `ERR_*` bit named in `result`.
+    QueueError {
+        /// `"cmdq"`, `"evtq"` or `"dmaq"`.
+        queue: &'static str,
+        /// Index involved (consumer or producer, with wrap bit).
+        cmd: u32,
+        /// What happened.
+        result: &'static str,
+    },
+    /// An MSI-X vector was raised.
+    Interrupt {
+        /// Vector number.
+        vector: u16,
+    },
 }
 
 /// The little-endian integer value of an access of up to 8 bytes; 0 for longer accesses.

@@ -92,7 +92,7 @@ impl GuestMem for VecMem {
     }
 
     fn fetch_or_u64(&self, gpa: u64, bits: u64) -> Result<u64, MemError> {
-        if gpa % 8 != 0 {
+        if !gpa.is_multiple_of(8) {
             return Err(MemError::Unmapped { gpa, len: 8 });
         }
         let old = self.read_u64(gpa)?;

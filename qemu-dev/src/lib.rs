@@ -14,13 +14,22 @@
 //! the device ABI shared with the guest driver.
 #![deny(missing_docs)]
 
+pub mod cmdq;
+pub mod cpu_walk;
 pub mod device;
+pub mod dma_engine;
 pub mod events;
 pub mod guest;
+pub mod iotlb;
+pub mod ledger;
 pub mod memory;
+pub mod pagetable;
 pub mod pci;
 pub mod server;
+pub mod testkit;
 pub mod trace;
+pub mod validator;
+pub mod x86pt;
 
 pub use device::{DeviceConfig, ZapguardDevice};
 pub use events::{Event, EventLog, Events, Fanout, NoEvents, SharedEvents};

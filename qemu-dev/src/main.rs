@@ -74,8 +74,10 @@ fn run(args: &Args) -> Result<(), String> {
     let config = DeviceConfig {
         iotlb_entries: args.iotlb_entries,
         asid_count: args.asids,
+        ..DeviceConfig::default()
     };
-    let mut backend = ZapguardBackend::new(config, trace.clone());
+    let mut backend = ZapguardBackend::new(config, trace.clone())
+        .map_err(|e| format!("cannot start the device worker: {e}"))?;
     let served = serve(listener, &mut backend);
 
     let flushed = {

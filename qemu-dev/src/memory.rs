@@ -322,7 +322,7 @@ impl GuestMemory {
     /// Atomically ORs `bits` into the 8-aligned u64 at `gpa` (shared with the guest's CPUs, which
     /// may update the same page-table entry concurrently); returns the old value.
     pub fn fetch_or_u64(&self, gpa: u64, bits: u64) -> Result<u64, MemError> {
-        if gpa % 8 != 0 {
+        if !gpa.is_multiple_of(8) {
             return Err(MemError::Unmapped { gpa, len: 8 });
         }
         let (m, at) = self.locate(gpa, 8, true)?;

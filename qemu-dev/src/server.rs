@@ -4,12 +4,20 @@
 //! guest (through QEMU) sends, the backend answers: bad accesses read 0 and become `error`
 //! events; they never turn into errors that would make the server tear the connection down.
 //! Only host-side failures to honour a DMA map (the VMM's own request) are returned as errors.
+//!
+//! The message loop only decodes register accesses. The device's work (commands, DMA jobs,
+//! faults, the validator) runs on its own worker thread ([`spawn_worker`]), so the guest sees a
+//! device that works asynchronously, like hardware: a doorbell write returns at once and the
+//! driver learns of completion from memory writes and MSI-X interrupts.
 
 use std::fs::File;
 use std::io::{self, Write};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixListener;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard};
+use std::thread::JoinHandle;
+use std::time::Duration;
 
 use shared_regs::pci::{BAR0, BAR0_SIZE, MSIX_VECTORS};
 use thiserror::Error;
@@ -90,40 +98,123 @@ impl EventFdTable {
     }
 }
 
-/// The zapguard device as a vfio-user backend.
-pub struct ZapguardBackend<E: Events> {
-    device: ZapguardDevice<E>,
-    config: PciConfig,
-    memory: GuestMemory,
-    intx: EventFdTable,
-    msix: EventFdTable,
+/// What the message loop and the worker share.
+pub struct Shared<E: Events> {
+    device: Mutex<ZapguardDevice<E>>,
+    memory: RwLock<GuestMemory>,
+    wake: Condvar,
+    stop: AtomicBool,
 }
 
-impl<E: Events> ZapguardBackend<E> {
-    /// A backend around a fresh device.
-    pub fn new(config: DeviceConfig, events: E) -> Self {
-        Self {
-            device: ZapguardDevice::new(config, events),
-            config: PciConfig::new(),
-            memory: GuestMemory::new(),
-            intx: EventFdTable::new(1),
-            msix: EventFdTable::new(usize::from(MSIX_VECTORS)),
+impl<E: Events> Shared<E> {
+    /// Locks the device. A panic elsewhere must not wedge the device: its state is plain data.
+    pub fn device(&self) -> MutexGuard<'_, ZapguardDevice<E>> {
+        self.device.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Reads guest memory's region table.
+    pub fn memory(&self) -> RwLockReadGuard<'_, GuestMemory> {
+        self.memory.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn memory_mut(&self) -> std::sync::RwLockWriteGuard<'_, GuestMemory> {
+        self.memory.write().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Bursts the worker runs per lock hold: short enough that register accesses from the guest
+/// never wait long for the device lock.
+const WORKER_BURSTS: usize = 16;
+
+/// Starts the device's worker: it runs [`ZapguardDevice::process`] whenever the device has
+/// work and raises the MSI-X vectors the device asks for. It stops when [`Shared`]'s stop flag
+/// is set (by [`ZapguardBackend`]'s drop).
+pub fn spawn_worker<E: Events + Send + 'static>(
+    shared: Arc<Shared<E>>,
+    msix: EventFdTable,
+) -> io::Result<JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("zapguard-worker".into())
+        .spawn(move || loop {
+            let irqs = {
+                let mut dev = shared.device();
+                while !dev.has_work() && !shared.stop.load(Ordering::Acquire) {
+                    // The timeout only bounds how late a stop is noticed; work always comes with a
+                    // notification from the register write that created it.
+                    dev = shared
+                        .wake
+                        .wait_timeout(dev, Duration::from_millis(200))
+                        .map(|(g, _)| g)
+                        .unwrap_or_else(|p| p.into_inner().0);
+                }
+                if shared.stop.load(Ordering::Acquire) {
+                    return;
+                }
+                let mem = shared.memory();
+                dev.process(&*mem, WORKER_BURSTS);
+                drop(mem);
+                dev.take_irqs()
+            };
+            raise(&msix, irqs);
+        })
+}
+
+/// Signals each vector set in `irqs`.
+fn raise(msix: &EventFdTable, irqs: u32) {
+    for v in 0..32 {
+        if irqs & (1 << v) != 0 {
+            // A vector without an eventfd (driver not using it) is simply not signalled.
+            let _ = msix.trigger(v);
         }
     }
+}
 
-    /// The device.
-    pub fn device(&self) -> &ZapguardDevice<E> {
-        &self.device
+/// The zapguard device as a vfio-user backend.
+pub struct ZapguardBackend<E: Events + Send + 'static> {
+    shared: Arc<Shared<E>>,
+    config: PciConfig,
+    intx: EventFdTable,
+    msix: EventFdTable,
+    worker: Option<JoinHandle<()>>,
+}
+
+impl<E: Events + Send + 'static> ZapguardBackend<E> {
+    /// A backend around a fresh device, with its worker thread running.
+    pub fn new(config: DeviceConfig, events: E) -> io::Result<Self> {
+        let shared = Arc::new(Shared {
+            device: Mutex::new(ZapguardDevice::new(config, events)),
+            memory: RwLock::new(GuestMemory::new()),
+            wake: Condvar::new(),
+            stop: AtomicBool::new(false),
+        });
+        let msix = EventFdTable::new(usize::from(MSIX_VECTORS));
+        let worker = spawn_worker(Arc::clone(&shared), msix.clone())?;
+        Ok(Self {
+            shared,
+            config: PciConfig::new(),
+            intx: EventFdTable::new(1),
+            msix,
+            worker: Some(worker),
+        })
     }
 
-    /// The device, mutably.
-    pub fn device_mut(&mut self) -> &mut ZapguardDevice<E> {
-        &mut self.device
+    /// The device (locked).
+    pub fn device(&self) -> MutexGuard<'_, ZapguardDevice<E>> {
+        self.shared.device()
     }
 
-    /// The event sink.
-    pub fn events(&mut self) -> &mut E {
-        self.device.events()
+    /// The state shared with the worker.
+    pub fn shared(&self) -> Arc<Shared<E>> {
+        Arc::clone(&self.shared)
+    }
+
+    /// Reports an event through the device's sink.
+    pub fn event(&self, ev: &Event) {
+        self.shared.device().events().event(ev);
+    }
+
+    fn report_error(&self, what: String) {
+        self.shared.device().report_error(what);
     }
 
     /// The config-space shadow.
@@ -132,16 +223,16 @@ impl<E: Events> ZapguardBackend<E> {
     }
 
     /// Guest memory received through DMA_MAP.
-    pub fn memory(&self) -> &GuestMemory {
-        &self.memory
+    pub fn memory(&self) -> RwLockReadGuard<'_, GuestMemory> {
+        self.shared.memory()
     }
 
-    /// The MSI-X eventfds (a shared handle).
+    /// The MSI-X eventfds (shared with the worker).
     pub fn msix(&self) -> EventFdTable {
         self.msix.clone()
     }
 
-    /// The INTx eventfd (a shared handle).
+    /// The INTx eventfd.
     pub fn intx(&self) -> EventFdTable {
         self.intx.clone()
     }
@@ -199,18 +290,35 @@ impl<E: Events> ZapguardBackend<E> {
     }
 }
 
-impl<E: Events> ServerBackend for ZapguardBackend<E> {
+impl<E: Events + Send + 'static> Drop for ZapguardBackend<E> {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::Release);
+        self.shared.wake.notify_all();
+        if let Some(w) = self.worker.take() {
+            let _ = w.join();
+        }
+    }
+}
+
+impl<E: Events + Send + 'static> ServerBackend for ZapguardBackend<E> {
     fn region_read(&mut self, region: u32, offset: u64, data: &mut [u8]) -> io::Result<()> {
         match region {
             VFIO_PCI_CONFIG_REGION_INDEX => {
                 if let Err(e) = self.config.read(offset, data) {
-                    self.device.report_error(e.to_string());
+                    self.report_error(e.to_string());
                 }
             }
-            BAR0_REGION => self.device.read(offset, data),
+            BAR0_REGION => {
+                let irqs = {
+                    let mut dev = self.shared.device();
+                    dev.read(offset, data);
+                    dev.take_irqs()
+                };
+                raise(&self.msix, irqs);
+            }
             _ => {
                 data.fill(0);
-                self.device.report_error(format!(
+                self.report_error(format!(
                     "read of {} bytes at {offset:#x} in empty region {region}",
                     data.len()
                 ));
@@ -222,17 +330,26 @@ impl<E: Events> ServerBackend for ZapguardBackend<E> {
     fn region_write(&mut self, region: u32, offset: u64, data: &[u8]) -> io::Result<()> {
         match region {
             VFIO_PCI_CONFIG_REGION_INDEX => {
-                self.device.events().event(&Event::ConfigWrite {
+                self.event(&Event::ConfigWrite {
                     offset,
                     size: data.len(),
                     value: le_value(data),
                 });
                 if let Err(e) = self.config.write(offset, data) {
-                    self.device.report_error(e.to_string());
+                    self.report_error(e.to_string());
                 }
             }
-            BAR0_REGION => self.device.write(offset, data),
-            _ => self.device.report_error(format!(
+            BAR0_REGION => {
+                let irqs = {
+                    let mut dev = self.shared.device();
+                    dev.write(offset, data);
+                    dev.take_irqs()
+                };
+                raise(&self.msix, irqs);
+                // A doorbell or enable may have created work.
+                self.shared.wake.notify_one();
+            }
+            _ => self.report_error(format!(
                 "write of {} bytes at {offset:#x} in empty region {region}",
                 data.len()
             )),
@@ -248,7 +365,7 @@ impl<E: Events> ServerBackend for ZapguardBackend<E> {
         size: u64,
         fd: Option<File>,
     ) -> io::Result<()> {
-        self.device.events().event(&Event::DmaMap {
+        self.event(&Event::DmaMap {
             iova: address,
             size,
             offset,
@@ -257,19 +374,20 @@ impl<E: Events> ServerBackend for ZapguardBackend<E> {
         });
         let writable = flags.bits() & VFIO_DMA_MAP_FLAG_WRITE != 0;
         // The mapping outlives the descriptor, which is closed when `fd` drops.
-        if let Err(e) = self
-            .memory
-            .map(address, size, offset, fd.as_ref(), writable)
-        {
+        let mapped = self
+            .shared
+            .memory_mut()
+            .map(address, size, offset, fd.as_ref(), writable);
+        if let Err(e) = mapped {
             let what = e.to_string();
-            self.device.report_error(what.clone());
+            self.report_error(what.clone());
             return Err(io::Error::other(what));
         }
         Ok(())
     }
 
     fn dma_unmap(&mut self, flags: DmaUnmapFlags, address: u64, size: u64) -> io::Result<()> {
-        self.device.events().event(&Event::DmaUnmap {
+        self.event(&Event::DmaUnmap {
             iova: address,
             size,
             flags: flags.bits(),
@@ -277,12 +395,12 @@ impl<E: Events> ServerBackend for ZapguardBackend<E> {
         // QEMU sends the kernel's VFIO_DMA_UNMAP_FLAG_ALL (bit 1), which is not the bit the
         // vfio_user crate names UNMAP_ALL, so test the raw value.
         let removed = if flags.bits() & VFIO_DMA_UNMAP_FLAG_ALL != 0 {
-            self.memory.unmap_all()
+            self.shared.memory_mut().unmap_all()
         } else {
-            self.memory.unmap(address, size)
+            self.shared.memory_mut().unmap(address, size)
         };
         if removed == 0 && flags.bits() & VFIO_DMA_UNMAP_FLAG_ALL == 0 {
-            self.device.report_error(format!(
+            self.report_error(format!(
                 "DMA unmap {address:#x}+{size:#x} matched no region"
             ));
         }
@@ -292,7 +410,7 @@ impl<E: Events> ServerBackend for ZapguardBackend<E> {
     fn reset(&mut self) -> io::Result<()> {
         // DMA maps and interrupt wiring belong to the VMM side and survive a device reset.
         self.config.reset();
-        self.device.reset();
+        self.shared.device().reset();
         Ok(())
     }
 
@@ -305,7 +423,7 @@ impl<E: Events> ServerBackend for ZapguardBackend<E> {
         fds: Vec<File>,
     ) -> io::Result<()> {
         let irq = IrqIndex::from_raw(index);
-        self.device.events().event(&Event::IrqSetup {
+        self.event(&Event::IrqSetup {
             index: irq,
             flags,
             start,
@@ -313,7 +431,7 @@ impl<E: Events> ServerBackend for ZapguardBackend<E> {
             nfds: fds.len(),
         });
         if let Err(e) = self.set_irqs_checked(index, flags, start, count, fds) {
-            self.device.report_error(format!(
+            self.report_error(format!(
                 "set_irqs {} flags {flags:#x} start {start} count {count}: {e}",
                 irq.name()
             ));
@@ -381,18 +499,18 @@ pub enum ServeError {
 ///
 /// Emits [`Event::Connect`] as soon as a connection is pending and [`Event::Disconnect`] when
 /// the server loop returns, successfully (the VMM closed the socket) or not.
-pub fn serve<E: Events>(
+pub fn serve<E: Events + Send + 'static>(
     listener: UnixListener,
     backend: &mut ZapguardBackend<E>,
 ) -> Result<(), ServeError> {
     wait_readable(&listener).map_err(ServeError::Wait)?;
-    backend.events().event(&Event::Connect);
+    backend.event(&Event::Connect);
     let server = Server::from_owned_fd(OwnedFd::from(listener), true, irqs(), regions());
     let result = server.run(backend).map_err(ServeError::from);
     if let Err(e) = &result {
-        backend.device_mut().report_error(e.to_string());
+        backend.report_error(e.to_string());
     }
-    backend.events().event(&Event::Disconnect);
+    backend.event(&Event::Disconnect);
     result
 }
 
@@ -430,7 +548,7 @@ mod tests {
     use std::path::PathBuf;
 
     fn backend() -> ZapguardBackend<EventLog> {
-        ZapguardBackend::new(DeviceConfig::default(), EventLog::default())
+        ZapguardBackend::new(DeviceConfig::default(), EventLog::default()).expect("worker thread")
     }
 
     fn eventfd() -> File {
@@ -500,7 +618,7 @@ mod tests {
         b.region_read(BAR0_REGION, IDENT.into(), &mut v)
             .expect("read");
         assert_eq!(u32::from_le_bytes(v), IDENT_MAGIC);
-        assert_eq!(errors(b.events()), 0);
+        assert_eq!(errors(b.device().events()), 0);
 
         // Garbage is answered, never an error.
         let mut big = vec![0xffu8; 8192];
@@ -512,9 +630,10 @@ mod tests {
         b.region_write(BAR0_REGION, 2, &[1, 2]).expect("write");
         b.region_write(VFIO_PCI_CONFIG_REGION_INDEX, u64::MAX, &[1])
             .expect("write");
-        assert_eq!(errors(b.events()), 5);
+        assert_eq!(errors(b.device().events()), 5);
         assert_eq!(b.device().error_bits(), ERR_BAD_ACCESS);
         let config_writes = b
+            .device()
             .events()
             .events
             .iter()
@@ -551,7 +670,7 @@ mod tests {
         assert!(b
             .dma_map(rw, 1 << 20, 8 * GIB, 0x1000, Some(dup(&ram)))
             .is_err());
-        assert_eq!(errors(b.events()), 2);
+        assert_eq!(errors(b.device().events()), 2);
 
         b.dma_unmap(DmaUnmapFlags::empty(), 0xc_0000, 0x4_0000)
             .expect("unmap");
@@ -562,6 +681,7 @@ mod tests {
         assert!(b.memory().is_empty());
         assert!(b.memory().read(0, &mut buf).is_err());
         let maps = b
+            .device()
             .events()
             .events
             .iter()
@@ -605,7 +725,7 @@ mod tests {
         b.set_irqs(VFIO_PCI_MSIX_IRQ_INDEX, loopback, 0, 0, vec![])
             .expect("set");
         assert!((0..usize::from(MSIX_VECTORS)).all(|v| !msix.is_set(v)));
-        assert_eq!(errors(b.events()), 0);
+        assert_eq!(errors(b.device().events()), 0);
 
         // Garbage: out-of-range vectors, fd count mismatch, MSI vectors, bool data.
         let bad: Vec<(u32, u32, u32, u32, usize)> = vec![
@@ -627,9 +747,10 @@ mod tests {
             b.set_irqs(index, flags, start, count, fds)
                 .expect("answered");
         }
-        assert_eq!(errors(b.events()), bad.len());
+        assert_eq!(errors(b.device().events()), bad.len());
         assert!((0..usize::from(MSIX_VECTORS)).all(|v| !msix.is_set(v)));
         let setups = b
+            .device()
             .events()
             .events
             .iter()
@@ -648,7 +769,8 @@ mod tests {
         let _ = std::fs::remove_file(&path);
         let listener = UnixListener::bind(&path).expect("bind");
         let log = SharedEvents::new(EventLog::default());
-        let mut backend = ZapguardBackend::new(DeviceConfig::default(), log.clone());
+        let mut backend =
+            ZapguardBackend::new(DeviceConfig::default(), log.clone()).expect("worker thread");
         let msix = backend.msix();
         let server = std::thread::spawn(move || serve(listener, &mut backend));
 

@@ -33,7 +33,7 @@ use std::time::Instant;
 use serde::Serialize;
 
 use crate::device::register_name;
-use crate::events::{Event, Events};
+use crate::events::{Activity, Event, Events};
 
 #[derive(Serialize)]
 struct Record<'a> {
@@ -41,6 +41,15 @@ struct Record<'a> {
     seq: u64,
     #[serde(flatten)]
     body: Body<'a>,
+}
+
+/// Engine activity serialises itself (`Activity` carries its own `kind` tag).
+#[derive(Serialize)]
+struct EngineRecord<'a> {
+    t_ns: u64,
+    seq: u64,
+    #[serde(flatten)]
+    activity: &'a Activity,
 }
 
 #[derive(Serialize)]
@@ -164,6 +173,8 @@ impl<'a> From<&'a Event> for Body<'a> {
             },
             Event::Reset => Body::Reset,
             Event::Error { ref what } => Body::Error { what },
+            // Written through `EngineRecord` by `record`; never reaches here.
+            Event::Engine(_) => Body::Reset,
         }
     }
 }
@@ -197,13 +208,25 @@ impl<W: Write> TraceWriter<W> {
     /// Writes one event as a line.
     pub fn record(&mut self, ev: &Event) -> io::Result<()> {
         let t_ns = u64::try_from(self.start.elapsed().as_nanos()).unwrap_or(u64::MAX);
-        let rec = Record {
-            t_ns,
-            seq: self.seq,
-            body: ev.into(),
-        };
+        match ev {
+            Event::Engine(activity) => {
+                let rec = EngineRecord {
+                    t_ns,
+                    seq: self.seq,
+                    activity,
+                };
+                serde_json::to_writer(&mut self.out, &rec)?;
+            }
+            _ => {
+                let rec = Record {
+                    t_ns,
+                    seq: self.seq,
+                    body: ev.into(),
+                };
+                serde_json::to_writer(&mut self.out, &rec)?;
+            }
+        }
         self.seq += 1;
-        serde_json::to_writer(&mut self.out, &rec)?;
         self.out.write_all(b"\n")?;
         if matches!(ev, Event::Disconnect) {
             self.out.flush()?;

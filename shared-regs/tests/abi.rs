@@ -63,7 +63,11 @@ fn queue_next_wraps_and_flips() {
     }
     assert!(queue::is_full(prod, cons, 3));
     assert_eq!(queue::free(prod, cons, 3), 0);
-    assert!(queue::is_empty(queue::next(prod, 3), queue::next(cons, 3), 3) == false);
+    assert!(!queue::is_empty(
+        queue::next(prod, 3),
+        queue::next(cons, 3),
+        3
+    ));
 }
 
 #[test]

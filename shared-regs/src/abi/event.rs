@@ -13,8 +13,9 @@
 //! | 3 | | `info2`: fault: job id; violation: CPU PA ([`NO_PA`] if the CPU maps nothing) |
 //!
 //! When the queue is full the device drops the event, counts it in `STAT_EVENTS_DROPPED`, sets
-//! [`super::regs::EVTQ_PROD_OVERFLOW`] and [`super::regs::ERR_EVTQ_OVERFLOW`]; a stalled job whose fault
-//! cannot be recorded is aborted instead (nobody could resume it).
+//! [`super::regs::EVTQ_PROD_OVERFLOW`] and [`super::regs::ERR_EVTQ_OVERFLOW`]; with the queue
+//! disabled it only counts it. A stalled job whose fault cannot be recorded ends with
+//! [`super::dma::DMA_ST_FAULT`] instead (nobody could resume it).
 
 /// A translation fault.
 pub const EVT_FAULT: u8 = 1;

@@ -17,10 +17,18 @@
 //! | 51:12 | [`PTE_ADDR_MASK`] | next table, or the page frame (2 MiB aligned for a 2 MiB leaf) |
 //! | 63:52 | [`PTE_RESERVED`] | must be zero |
 //!
-//! Other bits are ignored by the device and free for software. A present entry with reserved
-//! bits set, a misaligned 2 MiB frame, or `PS` at level 3/4 is a bad entry
-//! ([`super::event::FAULT_BAD_PTE`]). The device sets A and D with atomic read-modify-writes, so
-//! a driver updating the same entry concurrently must use atomic writes too.
+//! Other bits are ignored by the device and free for software (`PS` in a level-1 entry too). A
+//! present entry with reserved bits set, a misaligned 2 MiB frame, or `PS` at level 3/4 is a bad
+//! entry ([`super::event::FAULT_BAD_PTE`]); reserved bits of a non-present entry are ignored.
+//!
+//! Walk rules, as on x86: the first problem met going down the tree is reported, except that a
+//! missing `W` is reported only once a leaf is reached (not-present and bad entries win). A and D
+//! are set only by a walk that succeeds, with atomic read-modify-writes; a driver clearing an
+//! entry concurrently may therefore find A/D set in the entry it just cleared, and must ignore
+//! them (the invalidation it issues next removes the translation the device read).
+//!
+//! The context's `pt_root` and `cpu_root` must be 4 KiB aligned: otherwise the context is
+//! invalid and every access faults with [`super::event::FAULT_CTX_INVALID`].
 //!
 //! # Context entry
 //!
@@ -70,7 +78,9 @@ pub const CTX_STALL: u64 = 1 << 1;
 pub const CTX_MM_RELEASED: u64 = 1 << 2;
 /// Context flag: the CPU page table at `cpu_root` has 5 levels (LA57).
 pub const CTX_CPU_LA57: u64 = 1 << 3;
-/// Context flag: check every DMA access of this context against the CPU page table.
+/// Context flag: check every DMA access of this context against the CPU page table at
+/// `cpu_root` (the process's kernel PGD, `__pa(mm->pgd)`). [`CTX_MM_RELEASED`] is checked
+/// whether or not this flag is set.
 pub const CTX_VALIDATE: u64 = 1 << 4;
 /// Flags the device understands; other bits must be zero.
 pub const CTX_FLAGS_MASK: u64 =

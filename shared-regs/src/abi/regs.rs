@@ -210,7 +210,8 @@ pub const ERR_BAD_ACCESS: u32 = 1 << 0;
 /// Error: the command queue stopped on a malformed command (see `CMDQ_CONS`); clearing this bit
 /// resumes processing at the consumer index.
 pub const ERR_CMDQ: u32 = 1 << 1;
-/// Error: events were dropped (queue full or disabled).
+/// Error: events were dropped because the event queue was full. (With the queue disabled,
+/// events are dropped silently and only counted in [`STAT_EVENTS_DROPPED`].)
 pub const ERR_EVTQ_OVERFLOW: u32 = 1 << 2;
 /// Error: a unit was enabled with a bad configuration, or reconfigured while enabled.
 pub const ERR_CONFIG: u32 = 1 << 3;
