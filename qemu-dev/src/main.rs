@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! zapguard-dev --socket PATH --trace PATH [--iotlb-entries N] [--asids N]
+//!              [--iotlb-policy lru|fifo|random[:SEED]] [--dma-burst BYTES]
 //! ```
 //!
 //! Serves one QEMU connection (`-device vfio-user-pci,socket=PATH`), writes every device event
@@ -16,6 +17,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::Parser;
+use qemu_dev::iotlb::Policy;
 use qemu_dev::{serve, DeviceConfig, SharedEvents, TraceWriter, ZapguardBackend};
 
 type Trace = SharedEvents<TraceWriter<File>>;
@@ -38,6 +40,26 @@ struct Args {
     #[arg(long, default_value_t = DeviceConfig::default().asid_count,
           value_parser = clap::value_parser!(u32).range(1..))]
     asids: u32,
+    /// IOTLB replacement policy: `lru`, `fifo` or `random[:SEED]`.
+    #[arg(long, default_value = "lru", value_parser = parse_policy)]
+    iotlb_policy: Policy,
+    /// Largest DMA burst in bytes; commands interleave with a running job at this granularity.
+    #[arg(long, default_value_t = DeviceConfig::default().dma_burst,
+          value_parser = clap::value_parser!(u32).range(8..=1 << 20))]
+    dma_burst: u32,
+}
+
+fn parse_policy(s: &str) -> Result<Policy, String> {
+    match s.split_once(':') {
+        None if s == "lru" => Ok(Policy::Lru),
+        None if s == "fifo" => Ok(Policy::Fifo),
+        None if s == "random" => Ok(Policy::Random { seed: 0 }),
+        Some(("random", seed)) => seed
+            .parse()
+            .map(|seed| Policy::Random { seed })
+            .map_err(|_| format!("bad random seed {seed:?}")),
+        _ => Err(format!("unknown policy {s:?}: lru, fifo or random[:SEED]")),
+    }
 }
 
 fn main() -> ExitCode {
@@ -74,7 +96,8 @@ fn run(args: &Args) -> Result<(), String> {
     let config = DeviceConfig {
         iotlb_entries: args.iotlb_entries,
         asid_count: args.asids,
-        ..DeviceConfig::default()
+        iotlb_policy: args.iotlb_policy,
+        dma_burst: args.dma_burst,
     };
     let mut backend = ZapguardBackend::new(config, trace.clone())
         .map_err(|e| format!("cannot start the device worker: {e}"))?;

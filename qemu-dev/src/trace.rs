@@ -22,6 +22,26 @@
 //! | `reset` | — (device reset) |
 //! | `error` | `what` (string): a misbehaving guest or VMM request the device survived |
 //!
+//! Engine activity ([`crate::events::Activity`]) uses the same envelope. Common field names:
+//! `asid`, `va`, `pa`, `len`, `cmd` (command-queue position, index + wrap bit), `job` (DMA job
+//! id), `id` (translation id), `result`.
+//!
+//! | kind | fields |
+//! |---|---|
+//! | `control` | `cr0ack` (units enabled), `refused` (enables refused for bad configuration) |
+//! | `command` | `cmd`, `op` (`inv_range`, `inv_asid`, `inv_all`, `cfgi_ctx`, `sync`, `resume`, `abort`, `nop`), `asid`, `va` (address operand), `len` (second operand), `result` (`ok`, `ignored`, or the `CERR_*` name: the queue stopped) |
+//! | `sync_done` | `cmd`, `pa` (completion address), `value`, `waited` (DMA bursts it waited for) |
+//! | `iotlb_fill` | `asid`, `va`, `pa`, `len` (4096 or 2 MiB), `writable`, `id` |
+//! | `iotlb_evict` | `asid`, `va`, `len`, `id` |
+//! | `iotlb_invalidate` | `cmd`, `asid` (absent for INV_ALL), `va`, `len`, `dropped`, `in_flight` (held by a running job; the next SYNC waits for them) |
+//! | `job_start` | `job`, `op`, `asid`, `src`, `dst`, `len` |
+//! | `job_done` | `job`, `asid`, `result` (`ok`, `fault`, `bad_job`, `buf_error`), `len` (bytes done), `faults` |
+//! | `dma_access` | `job`, `asid`, `va`, `pa`, `len`, `write`, `id`: one burst through translation `id` |
+//! | `fault` | `job`, `asid`, `va`, `write`, `result` (`FAULT_*` name), `stalled`, `tag` |
+//! | `violation` | `job`, `asid`, `va`, `pa` (device's), `cpu_pa` (absent: CPU maps nothing), `write`, `result` (`stale`, `write_perm`, `write_clean`, `released`, `ledger`), `why` |
+//! | `queue_error` | `queue` (`cmdq`, `evtq`, `dmaq`), `cmd` (position), `result` |
+//! | `interrupt` | `vector` (0 command, 1 event, 2 error) |
+//!
 //! The writer buffers; it flushes on `disconnect`, on [`TraceWriter::flush`] and on drop (the
 //! `BufWriter`'s own drop, which ignores errors: check [`TraceWriter::flush`] when it matters).
 
@@ -117,9 +137,11 @@ impl BarAccess {
     }
 }
 
-impl<'a> From<&'a Event> for Body<'a> {
-    fn from(ev: &'a Event) -> Self {
-        match *ev {
+impl<'a> Body<'a> {
+    /// The body of an event the device glue reports; `None` for engine activity, which
+    /// serialises itself (see [`EngineRecord`]).
+    fn of(ev: &'a Event) -> Option<Self> {
+        Some(match *ev {
             Event::Connect => Body::Connect,
             Event::Disconnect => Body::Disconnect,
             Event::BarRead {
@@ -173,9 +195,8 @@ impl<'a> From<&'a Event> for Body<'a> {
             },
             Event::Reset => Body::Reset,
             Event::Error { ref what } => Body::Error { what },
-            // Written through `EngineRecord` by `record`; never reaches here.
-            Event::Engine(_) => Body::Reset,
-        }
+            Event::Engine(_) => return None,
+        })
     }
 }
 
@@ -208,8 +229,16 @@ impl<W: Write> TraceWriter<W> {
     /// Writes one event as a line.
     pub fn record(&mut self, ev: &Event) -> io::Result<()> {
         let t_ns = u64::try_from(self.start.elapsed().as_nanos()).unwrap_or(u64::MAX);
-        match ev {
-            Event::Engine(activity) => {
+        match (Body::of(ev), ev) {
+            (Some(body), _) => {
+                let rec = Record {
+                    t_ns,
+                    seq: self.seq,
+                    body,
+                };
+                serde_json::to_writer(&mut self.out, &rec)?;
+            }
+            (None, Event::Engine(activity)) => {
                 let rec = EngineRecord {
                     t_ns,
                     seq: self.seq,
@@ -217,14 +246,7 @@ impl<W: Write> TraceWriter<W> {
                 };
                 serde_json::to_writer(&mut self.out, &rec)?;
             }
-            _ => {
-                let rec = Record {
-                    t_ns,
-                    seq: self.seq,
-                    body: ev.into(),
-                };
-                serde_json::to_writer(&mut self.out, &rec)?;
-            }
+            (None, _) => return Ok(()),
         }
         self.seq += 1;
         self.out.write_all(b"\n")?;
@@ -425,5 +447,42 @@ mod tests {
         w.event(&Event::Disconnect);
         assert!(w.take_error().is_some());
         assert!(w.take_error().is_none());
+    }
+
+    #[test]
+    fn engine_activity_uses_documented_fields() {
+        use crate::events::Activity;
+        let v = lines(&[
+            Event::Engine(Activity::Violation {
+                job: 3,
+                asid: 1,
+                va: 0x7000,
+                pa: 0x1000,
+                cpu_pa: None,
+                write: true,
+                result: "stale",
+                why: "CPU maps nothing",
+            }),
+            Event::Engine(Activity::IotlbInvalidate {
+                cmd: 5,
+                asid: None,
+                va: 0,
+                len: u64::MAX,
+                dropped: 2,
+                in_flight: 1,
+            }),
+        ]);
+        assert_eq!(v[0]["kind"], "violation");
+        assert_eq!(v[0]["seq"], 0);
+        assert_eq!(v[0]["va"], 0x7000);
+        assert_eq!(v[0]["result"], "stale");
+        assert!(
+            v[0].get("cpu_pa").is_none(),
+            "absent when the CPU maps nothing"
+        );
+        assert_eq!(v[1]["kind"], "iotlb_invalidate");
+        assert_eq!(v[1]["seq"], 1);
+        assert!(v[1].get("asid").is_none());
+        assert_eq!(v[1]["in_flight"], 1);
     }
 }

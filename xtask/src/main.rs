@@ -311,6 +311,19 @@ fn vm_checks(o: &vm::VmOutcome) -> Vec<Check> {
             },
         },
         Check {
+            name: "device validator reported no violation",
+            ok: trace
+                .as_ref()
+                .is_ok_and(|t| t.by_kind.get("violation").is_none()),
+            detail: match &trace {
+                Ok(t) => format!(
+                    "{} violations in the trace",
+                    t.by_kind.get("violation").copied().unwrap_or(0)
+                ),
+                Err(e) => format!("{}: {e}", o.trace.display()),
+            },
+        },
+        Check {
             name: "device exited cleanly when QEMU went away",
             ok: !o.device_died_early && o.device_status.is_some_and(|s| s.success()),
             detail: format!("zapguard-dev {:?}", o.device_status),
