@@ -314,7 +314,7 @@ fn vm_checks(o: &vm::VmOutcome) -> Vec<Check> {
             name: "device validator reported no violation",
             ok: trace
                 .as_ref()
-                .is_ok_and(|t| t.by_kind.get("violation").is_none()),
+                .is_ok_and(|t| !t.by_kind.contains_key("violation")),
             detail: match &trace {
                 Ok(t) => format!(
                     "{} violations in the trace",
