@@ -1,0 +1,2 @@
+//! Device benchmarks (being written).
+fn main() {}
