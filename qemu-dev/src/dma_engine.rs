@@ -419,10 +419,20 @@ impl<E: Events> ZapguardDevice<E> {
         // The snapshot describes one CPU leaf: it may stand for the whole entry only if that
         // leaf covers it (a 2 MiB device entry over 4 KiB CPU pages must not inherit one page's
         // dirty bit, or a clean sibling would look like a missed mkclean).
-        let cpu_dirty_at_fill = matches!(
+        let snapshot_dirty = matches!(
             self.s.validator.cpu_snapshot(mem, ctx, va),
             Some(CpuPte::Present { dirty: true, size, .. }) if size >= t.size
         );
+        // Re-walking a translation that was never invalidated (a read entry upgraded for a
+        // write) keeps what the device knew when it first cached it: otherwise a missed mkclean
+        // would be forgotten by the second walk.
+        let previous = self
+            .s
+            .iotlb
+            .peek(asid, va)
+            .filter(|o| o.va_base == t.va_base && o.size == t.size)
+            .is_some_and(|o| o.cpu_dirty_at_fill);
+        let cpu_dirty_at_fill = snapshot_dirty || previous;
         let id = self.s.next_translation_id;
         self.s.next_translation_id += 1;
         let entry = IotlbEntry {
@@ -435,7 +445,13 @@ impl<E: Events> ZapguardDevice<E> {
             id,
             cpu_dirty_at_fill,
         };
-        if let Some(old) = self.s.iotlb.insert(entry) {
+        // Replacing the same page in place is not an eviction.
+        if let Some(old) = self
+            .s
+            .iotlb
+            .insert(entry)
+            .filter(|o| o.va_base != t.va_base || o.size != t.size || o.asid != asid)
+        {
             self.activity(Activity::IotlbEvict {
                 asid: old.asid,
                 va: old.va_base,

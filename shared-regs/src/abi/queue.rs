@@ -18,24 +18,47 @@ pub const fn valid_log2(log2: u32) -> bool {
     log2 >= MIN_LOG2 && log2 <= MAX_LOG2
 }
 
+// Every function below is total: the size register is guest- or driver-written and may hold
+// any value until the queue is enabled, and the kernel builds with overflow checks.
+
+/// Mask of index + wrap bit (`log2 + 1` bits, saturating at 32).
+const fn position_mask(log2: u32) -> u32 {
+    let l = if log2 > 31 { 31 } else { log2 };
+    u32::MAX >> (31 - l)
+}
+
+/// Mask of the index bits (`log2` bits, saturating at 32).
+const fn index_mask(log2: u32) -> u32 {
+    if log2 == 0 {
+        0
+    } else if log2 >= 32 {
+        u32::MAX
+    } else {
+        u32::MAX >> (32 - log2)
+    }
+}
+
 /// Index + wrap bit of a register value.
 pub const fn position(reg: u32, log2: u32) -> u32 {
-    reg & ((2u32 << log2) - 1)
+    reg & position_mask(log2)
 }
 
 /// Slot index (without the wrap bit).
 pub const fn index(reg: u32, log2: u32) -> u32 {
-    reg & ((1u32 << log2) - 1)
+    reg & index_mask(log2)
 }
 
 /// The wrap bit.
 pub const fn wrap(reg: u32, log2: u32) -> bool {
-    reg & (1u32 << log2) != 0
+    match 1u32.checked_shl(log2) {
+        Some(bit) => reg & bit != 0,
+        None => false,
+    }
 }
 
 /// The position after `reg`: index + 1, flipping the wrap bit when the index wraps.
 pub const fn next(reg: u32, log2: u32) -> u32 {
-    position(position(reg, log2) + 1, log2)
+    position(position(reg, log2).wrapping_add(1), log2)
 }
 
 /// Whether the queue holds no entries.
@@ -58,5 +81,7 @@ pub const fn used(prod: u32, cons: u32, log2: u32) -> u32 {
 
 /// Free slots a producer can still fill.
 pub const fn free(prod: u32, cons: u32, log2: u32) -> u32 {
-    (1u32 << log2) - used(prod, cons, log2)
+    index_mask(log2)
+        .wrapping_add(1)
+        .wrapping_sub(used(prod, cons, log2))
 }
