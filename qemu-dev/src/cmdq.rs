@@ -70,41 +70,33 @@ impl<E: Events> ZapguardDevice<E> {
             } else {
                 Exec::Error(CERR_ABORT)
             };
-            match exec {
-                Exec::Done(result) => {
-                    self.activity(Activity::Command {
-                        cmd: pos,
-                        op: op_name(cmd.op),
-                        asid: cmd.asid,
-                        va: cmd.addr,
-                        len: cmd.arg,
-                        result,
-                    });
-                    self.s.cmdq.cons = queue::next(pos, self.s.cmdq.log2);
-                    self.s.stats[STAT_COMMANDS as usize] += 1;
-                    progress = true;
-                }
+            let result = match exec {
                 Exec::Blocked => break,
-                Exec::Error(code) => {
-                    self.s.cmdq_err = code;
-                    self.activity(Activity::Command {
-                        cmd: pos,
-                        op: op_name(cmd.op),
-                        asid: cmd.asid,
-                        va: cmd.addr,
-                        len: cmd.arg,
-                        result: cerr_name(code),
-                    });
-                    self.activity(Activity::QueueError {
-                        queue: "cmdq",
-                        cmd: pos,
-                        result: cerr_name(code),
-                    });
-                    self.set_error(ERR_CMDQ, pos);
-                    progress = true;
-                    break;
-                }
+                Exec::Done(result) => result,
+                Exec::Error(code) => cerr_name(code),
+            };
+            self.activity(Activity::Command {
+                cmd: pos,
+                op: op_name(cmd.op),
+                asid: cmd.asid,
+                va: cmd.addr,
+                len: cmd.arg,
+                result,
+            });
+            progress = true;
+            if let Exec::Error(code) = exec {
+                // The queue stops here: CONS keeps pointing at the bad command.
+                self.s.cmdq_err = code;
+                self.activity(Activity::QueueError {
+                    queue: "cmdq",
+                    cmd: pos,
+                    result,
+                });
+                self.set_error(ERR_CMDQ, pos);
+                break;
             }
+            self.s.cmdq.cons = queue::next(pos, self.s.cmdq.log2);
+            self.s.stats[STAT_COMMANDS as usize] += 1;
         }
         progress
     }
