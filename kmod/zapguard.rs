@@ -11,6 +11,7 @@
 #[path = "../shared-regs/src/abi/mod.rs"]
 pub mod abi;
 pub mod driver;
+pub mod mm;
 
 kernel::module_pci_driver! {
     type: driver::ZapguardDriver,

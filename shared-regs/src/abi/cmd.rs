@@ -103,10 +103,10 @@ impl Command {
 
     /// Little-endian encoding as stored in the ring.
     pub fn to_bytes(&self) -> [u8; CMD_SIZE] {
-        let w0 = self.op as u64
-            | (self.flags as u64) << 8
-            | (self.reserved0 as u64) << 16
-            | (self.asid as u64) << 32;
+        let w0 = u64::from(self.op)
+            | u64::from(self.flags) << 8
+            | u64::from(self.reserved0) << 16
+            | u64::from(self.asid) << 32;
         super::words_to_bytes([w0, self.addr, self.arg, self.reserved1])
     }
 

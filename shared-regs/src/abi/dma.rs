@@ -101,10 +101,10 @@ pub struct DmaJob {
 impl DmaJob {
     /// Little-endian encoding as stored in the ring.
     pub fn to_bytes(&self) -> [u8; DMA_JOB_SIZE] {
-        let w0 = self.op as u64
-            | (self.flags as u64) << 8
-            | (self.reserved0 as u64) << 16
-            | (self.asid as u64) << 32;
+        let w0 = u64::from(self.op)
+            | u64::from(self.flags) << 8
+            | u64::from(self.reserved0) << 16
+            | u64::from(self.asid) << 32;
         super::words_to_bytes([
             w0,
             self.src,
@@ -157,7 +157,9 @@ pub struct DmaStatus {
 impl DmaStatus {
     /// Little-endian encoding as stored in guest memory.
     pub fn to_bytes(&self) -> [u8; DMA_STATUS_SIZE] {
-        let w0 = self.status as u64 | (self.fault_reason as u64) << 16 | (self.faults as u64) << 32;
+        let w0 = u64::from(self.status)
+            | u64::from(self.fault_reason) << 16
+            | u64::from(self.faults) << 32;
         super::words_to_bytes([w0, self.bytes_done, self.result, self.id])
     }
 
@@ -183,7 +185,7 @@ pub const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
 /// Continues an FNV-1a 64 hash over `bytes` (start with [`FNV_OFFSET`]): [`DMA_CHECKSUM`]'s result.
 pub fn fnv1a64(mut h: u64, bytes: &[u8]) -> u64 {
     for &b in bytes {
-        h ^= b as u64;
+        h ^= u64::from(b);
         h = h.wrapping_mul(FNV_PRIME);
     }
     h

@@ -83,10 +83,10 @@ pub struct Event {
 impl Event {
     /// Little-endian encoding as stored in the ring.
     pub fn to_bytes(&self) -> [u8; EVT_SIZE] {
-        let w0 = self.ty as u64
-            | (self.flags as u64) << 8
-            | (self.reason as u64) << 16
-            | (self.asid as u64) << 32;
+        let w0 = u64::from(self.ty)
+            | u64::from(self.flags) << 8
+            | u64::from(self.reason) << 16
+            | u64::from(self.asid) << 32;
         super::words_to_bytes([w0, self.va, self.info, self.info2])
     }
 

@@ -1,0 +1,694 @@
+// SPDX-License-Identifier: GPL-2.0
+
+//! Thin, safe wrappers for mirroring a process address space: interval notifiers
+//! (`mmu_interval_notifier`), HMM range faults (`hmm_range_fault`) and small `mm_struct` helpers.
+//!
+//! This module holds the `unsafe` glue only; the policy (what to zap, how long to retry, what to
+//! do on `Release`) belongs to the driver.
+//!
+//! C headers: [`include/linux/mmu_notifier.h`](srctree/include/linux/mmu_notifier.h),
+//! [`include/linux/hmm.h`](srctree/include/linux/hmm.h).
+//!
+//! # Locking rules for users
+//!
+//! The mirror is protected by one driver lock (called "the driver lock" below) that serialises
+//! [`IntervalInvalidate::invalidate`] against the commit step of a populate:
+//!
+//! - `mmap_lock` (and `i_mmap_rwsem`, `anon_vma` locks, page locks, reclaim) can be held by the
+//!   kernel when it invalidates, so the order is `mmap_lock -> driver lock`: never take the mmap
+//!   lock, call [`IntervalNotifier::hmm_range_fault`] or [`IntervalNotifier::read_begin`] with
+//!   the driver lock held.
+//! - Reclaim can invalidate (lockdep is primed with `fs_reclaim -> invalidate_range_start`), so
+//!   no `GFP_KERNEL` allocation (including DMA-coherent page-table pages) may happen with the
+//!   driver lock held: preallocate, or allocate before taking it.
+//! - [`IntervalNotifier::set_seq`] (in the callback) and [`IntervalNotifier::read_retry`] (in
+//!   the commit) must both be called with the driver lock held.
+//!
+//! # Populate sequence
+//!
+//! The building blocks follow `dmirror_range_fault()` in `lib/test_hmm.c`; the retry policy is
+//! the caller's:
+//!
+//! ```ignore
+//! let mm = notifier.mm().mmget_not_zero().ok_or(EFAULT)?; // mm_users > 0 for the walk.
+//! let mut pfns = [HmmPfn::EMPTY; 512];
+//! let pfns = &mut pfns[..(end - start) / PAGE_SIZE];
+//! let deadline = jiffies() + msecs_to_jiffies(1000);
+//! loop {
+//!     if time_after(jiffies(), deadline) {
+//!         return Err(ETIMEDOUT);
+//!     }
+//!     let seq = notifier.read_begin(); // May sleep; no driver lock held here.
+//!     match notifier.hmm_range_fault(&mm, start, end, HmmRequest::Write, seq, pfns)? {
+//!         FaultOutcome::Busy => continue, // Invalidated meanwhile: fresh `read_begin`.
+//!         FaultOutcome::Done => {}
+//!     }
+//!     let guard = notifier.lock.lock(); // The driver lock, also taken by `invalidate`.
+//!     if notifier.read_retry(seq) {
+//!         continue; // An invalidation ran after `read_begin`: the pfns are stale.
+//!     }
+//!     write_device_ptes(&guard, start, pfns); // Commit under the lock.
+//!     return Ok(());
+//! }
+//! ```
+
+use core::ops::Deref;
+use kernel::{
+    bindings,
+    error::to_result,
+    io::PhysAddr,
+    mm::{Mm, MmWithUser},
+    page::{PAGE_MASK, PAGE_SHIFT},
+    prelude::*,
+    sync::aref::ARef,
+    time::Jiffies,
+    types::Opaque,
+};
+
+/// Why the kernel is invalidating a range (`enum mmu_notifier_event`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NotifierEvent {
+    /// `MMU_NOTIFY_UNMAP`: `munmap()`, or `mremap()` moving the range away.
+    Unmap,
+    /// `MMU_NOTIFY_CLEAR`: page-table entries cleared (`madvise(DONTNEED)`, COW break, page
+    /// replacement, reclaim, migration, ...).
+    Clear,
+    /// `MMU_NOTIFY_PROTECTION_VMA`: protection change of the whole VMA (`mprotect()`).
+    ProtectionVma,
+    /// `MMU_NOTIFY_PROTECTION_PAGE`: read/write change of individual pages (write-protect for
+    /// COW on `fork()`, KSM, ...).
+    ProtectionPage,
+    /// `MMU_NOTIFY_SOFT_DIRTY`: soft-dirty tracking reset; same pages, same access.
+    SoftDirty,
+    /// `MMU_NOTIFY_RELEASE`: the address space is being torn down (`exit_mmap()`); `mm_users`
+    /// is zero and the range is `[0, usize::MAX)`.
+    Release,
+    /// `MMU_NOTIFY_MIGRATE`: `migrate_vma_collect()`; [`NotifierRange::owner`] is the
+    /// migrating driver's device-private pgmap owner.
+    Migrate,
+    /// `MMU_NOTIFY_EXCLUSIVE`: conversion to a device-exclusive entry; [`NotifierRange::owner`]
+    /// is the owner passed to `make_device_exclusive()`.
+    Exclusive,
+    /// A value this module does not know (a newer kernel): treat it like [`Self::Clear`].
+    Other(u32),
+}
+
+impl NotifierEvent {
+    fn from_raw(raw: bindings::mmu_notifier_event) -> Self {
+        match raw {
+            bindings::mmu_notifier_event_MMU_NOTIFY_UNMAP => Self::Unmap,
+            bindings::mmu_notifier_event_MMU_NOTIFY_CLEAR => Self::Clear,
+            bindings::mmu_notifier_event_MMU_NOTIFY_PROTECTION_VMA => Self::ProtectionVma,
+            bindings::mmu_notifier_event_MMU_NOTIFY_PROTECTION_PAGE => Self::ProtectionPage,
+            bindings::mmu_notifier_event_MMU_NOTIFY_SOFT_DIRTY => Self::SoftDirty,
+            bindings::mmu_notifier_event_MMU_NOTIFY_RELEASE => Self::Release,
+            bindings::mmu_notifier_event_MMU_NOTIFY_MIGRATE => Self::Migrate,
+            bindings::mmu_notifier_event_MMU_NOTIFY_EXCLUSIVE => Self::Exclusive,
+            other => Self::Other(other),
+        }
+    }
+}
+
+/// The range being invalidated, as passed to [`IntervalInvalidate::invalidate`]
+/// (`struct mmu_notifier_range`).
+///
+/// The range is the kernel's whole invalidation, not its intersection with the notifier's
+/// interval; for [`NotifierEvent::Release`] it is `[0, usize::MAX)` (not page aligned), so clamp
+/// it to the interval before use.
+pub struct NotifierRange<'a> {
+    raw: &'a bindings::mmu_notifier_range,
+}
+
+impl<'a> NotifierRange<'a> {
+    /// First address of the range.
+    #[inline]
+    pub fn start(&self) -> usize {
+        self.raw.start
+    }
+
+    /// End of the range (exclusive).
+    #[inline]
+    pub fn end(&self) -> usize {
+        self.raw.end
+    }
+
+    /// Why the range is invalidated.
+    #[inline]
+    pub fn event(&self) -> NotifierEvent {
+        NotifierEvent::from_raw(self.raw.event)
+    }
+
+    /// Whether the callback may sleep (`mmu_notifier_range_blockable()`).
+    ///
+    /// When `false` (OOM reaper), the callback must not sleep: it may trylock and return `false`
+    /// if it cannot make progress without sleeping. When `true`, it must finish the shootdown and
+    /// return `true` (a `false` is a kernel `WARN` and is otherwise ignored).
+    #[inline]
+    pub fn blockable(&self) -> bool {
+        let ptr: *const bindings::mmu_notifier_range = self.raw;
+        // SAFETY: `ptr` comes from a reference, so it is valid for reads.
+        unsafe { bindings::mmu_notifier_range_blockable(ptr) }
+    }
+
+    /// The `owner` cookie of the invalidation (set for [`NotifierEvent::Migrate`] and
+    /// [`NotifierEvent::Exclusive`] by whoever started it; null otherwise), to be compared by
+    /// address with the driver's own cookie to skip self-inflicted invalidations.
+    #[inline]
+    pub fn owner(&self) -> *const c_void {
+        self.raw.owner.cast_const()
+    }
+
+    /// Whether [`Self::owner`] is `owner` (and not null).
+    #[inline]
+    pub fn is_owned_by(&self, owner: *const c_void) -> bool {
+        !owner.is_null() && core::ptr::eq(self.owner(), owner)
+    }
+
+    /// The address space being invalidated (the notifier's). `mm_users` may be zero (always so
+    /// for [`NotifierEvent::Release`]), so only an [`Mm`] is handed out.
+    #[inline]
+    pub fn mm(&self) -> &'a Mm {
+        // SAFETY: `range->mm` is the notifier's mm: the invalidating thread holds a reference for
+        // the duration of the callback, and the subscription holds an `mmgrab` until removed
+        // (which waits for this callback), so it outlives `'a`, the callback's duration.
+        unsafe { Mm::from_raw(self.raw.mm) }
+    }
+}
+
+/// The driver side of an [`IntervalNotifier`]: what to do when the kernel invalidates part of
+/// the notifier's interval.
+///
+/// `Sized + 'static` because the value lives inside the notifier and is reached from the C
+/// callback until the notifier is dropped.
+pub trait IntervalInvalidate: Sync + Sized + 'static {
+    /// Stops the device from using any translation in `range` (`ops->invalidate`).
+    ///
+    /// Called by the kernel from any thread, possibly in reclaim and with `mmap_lock`,
+    /// `i_mmap_rwsem`, `anon_vma` or page locks held: take only the driver lock, do not allocate
+    /// with `GFP_KERNEL`, never take this mm's mmap lock. Callbacks for different ranges can run
+    /// concurrently.
+    ///
+    /// Unless skipping the event entirely (self-inflicted, see [`NotifierRange::owner`]), take
+    /// the driver lock, call `sub.set_seq(cur_seq)` under it, tear down the device mappings and
+    /// wait for the device to have stopped using them before returning `true`. If
+    /// [`NotifierRange::blockable`] is `false`, never sleep: return `false` (without calling
+    /// [`IntervalNotifier::set_seq`]) if the work cannot be done without sleeping.
+    fn invalidate(
+        &self,
+        sub: &IntervalNotifier<Self>,
+        range: &NotifierRange<'_>,
+        cur_seq: u64,
+    ) -> bool;
+}
+
+/// An interval notifier: a `struct mmu_interval_notifier` subscribed to `[start, start + length)`
+/// of one address space, with the driver data `T` whose [`IntervalInvalidate::invalidate`] is
+/// its callback.
+///
+/// Created inserted by [`IntervalNotifier::insert`] (a pin-initializer, so it can be embedded in
+/// an `Arc`, a `KBox` or a larger pinned struct) and removed when dropped. Dropping may sleep:
+/// `mmu_interval_notifier_remove()` waits for in-progress invalidations, so do not drop it with
+/// the driver lock held, in atomic context, or from its own callback.
+///
+/// # Invariants
+///
+/// - `raw` was successfully passed to `mmu_interval_notifier_insert()` with `ops` =
+///   [`Self::OPS`] and has not been removed: it is inserted from the end of initialisation until
+///   [`PinnedDrop::drop`], which is the only place that removes it.
+/// - Hence `raw.mm` is a valid `mm_struct` holding an `mmgrab` reference owned by the
+///   subscription (taken by insert, dropped by remove); `raw.mm` is never written after insert.
+/// - `start` and `last` are the first and last (inclusive) addresses of the interval.
+/// - `raw` is only ever the `raw` field of an `IntervalNotifier<T>` with this `T`, so the callback
+///   can recover `Self` with `container_of!`.
+#[pin_data(PinnedDrop)]
+pub struct IntervalNotifier<T: IntervalInvalidate> {
+    #[pin]
+    data: T,
+    start: usize,
+    last: usize,
+    /// Initialised last: callbacks can start as soon as it is inserted.
+    #[pin]
+    raw: Opaque<bindings::mmu_interval_notifier>,
+}
+
+// SAFETY: The subscription may be removed (on drop) from any thread, and `T` is dropped along with
+// it, so sending it needs `T: Send`.
+unsafe impl<T: IntervalInvalidate + Send> Send for IntervalNotifier<T> {}
+
+// SAFETY: All `&self` methods call C functions that are safe to call concurrently (the sequence
+// helpers are single word accesses, `mmu_interval_read_begin()` takes the subscription's spinlock,
+// `hmm_range_fault()` runs under the mmap lock), and `T: Sync` (a supertrait of
+// `IntervalInvalidate`) is what the concurrent callbacks and `data()` share.
+unsafe impl<T: IntervalInvalidate> Sync for IntervalNotifier<T> {}
+
+impl<T: IntervalInvalidate> IntervalNotifier<T> {
+    /// The ops table for `T`: only `invalidate` (the two-pass `invalidate_start/finish` variant
+    /// is not used).
+    const OPS: bindings::mmu_interval_notifier_ops = bindings::mmu_interval_notifier_ops {
+        invalidate: Some(Self::invalidate_callback),
+        ..pin_init::zeroed()
+    };
+
+    /// A `'static` reference to [`Self::OPS`] (constant promotion).
+    const fn ops() -> &'static bindings::mmu_interval_notifier_ops {
+        &Self::OPS
+    }
+
+    /// Subscribes to invalidations of `[start, start + length)` in `mm`
+    /// (`mmu_interval_notifier_insert()`), with `data` handling them.
+    ///
+    /// `data` is initialised first; the notifier is inserted last, after which callbacks can run
+    /// (even before the initializer returns). `data` can be a plain value, a `pin_init!` (e.g.
+    /// with a `new_mutex!` driver lock inside) or a fallible initializer. Fails with `EOVERFLOW`
+    /// if `length` is zero or the interval wraps, `ENOMEM` if the kernel cannot allocate the mm's
+    /// subscription list, or with `data`'s error; `data` is dropped on failure.
+    ///
+    /// Takes an [`MmWithUser`] because insertion requires `mm_users > 0` (e.g. `current!().mm()`
+    /// in `open()`); the subscription then holds its own `mmgrab` until it is removed, so the
+    /// caller's reference need not outlive this call. May sleep (the first insert on an mm takes
+    /// the mmap write lock and allocates), so call it without the mmap lock or the driver lock.
+    pub fn insert<'a, E>(
+        mm: &'a MmWithUser,
+        start: usize,
+        length: usize,
+        data: impl PinInit<T, E> + 'a,
+    ) -> impl PinInit<Self, Error> + 'a
+    where
+        Error: From<E>,
+    {
+        pin_init::pin_init_scope(move || {
+            // The same check as the C code: the interval's last address must not wrap.
+            let last = length
+                .checked_sub(1)
+                .and_then(|len| start.checked_add(len))
+                .ok_or(EOVERFLOW)?;
+            // The initializer macro shadows field names with references to the initialised
+            // fields, so the insert closure uses its own copies.
+            let (first, len) = (start, length);
+            Ok(try_pin_init!(Self {
+                data <- data,
+                start,
+                last,
+                raw <- Opaque::try_ffi_init(move |slot: *mut bindings::mmu_interval_notifier| {
+                    // SAFETY: `slot` is valid for writes and pinned: `raw` is a pinned field being
+                    // initialised in place, and `PinnedDrop` removes it before the memory goes
+                    // away. `mm` has `mm_users > 0` (an `MmWithUser`) for the whole call. `ops`
+                    // is `'static`. On failure nothing was inserted and no reference was taken.
+                    // INVARIANT: on success `raw` is inserted with `OPS`; `data`, `start` and
+                    // `last` are already initialised for the callbacks that can now run.
+                    to_result(unsafe {
+                        bindings::mmu_interval_notifier_insert(
+                            slot,
+                            mm.as_raw(),
+                            first,
+                            len,
+                            Self::ops(),
+                        )
+                    })
+                }),
+            }))
+        })
+    }
+
+    /// The C callback (`ops->invalidate`): recovers `Self` and calls the trait method.
+    ///
+    /// # Safety
+    ///
+    /// `interval_sub` must be the `raw` field of a live `IntervalNotifier<T>` (guaranteed when
+    /// the kernel calls it through [`Self::OPS`]), and `range` must be valid for reads and not
+    /// modified for the duration of the call.
+    unsafe extern "C" fn invalidate_callback(
+        interval_sub: *mut bindings::mmu_interval_notifier,
+        range: *const bindings::mmu_notifier_range,
+        cur_seq: c_ulong,
+    ) -> bool {
+        let field = Opaque::cast_from(interval_sub).cast_mut();
+        // SAFETY: By the type invariants, the only `mmu_interval_notifier` inserted with `OPS`
+        // for this `T` is the `raw` field of an `IntervalNotifier<T>`, and it is alive: removal
+        // (in `PinnedDrop`) waits for in-progress callbacks and stops new ones, and every field
+        // was initialised before insertion. Only shared references are created, and the C side
+        // only accesses `raw`, which is an `Opaque`.
+        let this = unsafe { &*kernel::container_of!(field, Self, raw) };
+        // SAFETY: The caller passes a range valid for reads that nobody modifies during the call;
+        // the `NotifierRange` does not outlive the call.
+        let raw = unsafe { &*range };
+        let range = NotifierRange { raw };
+        // Lossless: `c_ulong` is at most 64 bits.
+        this.data.invalidate(this, &range, cur_seq as u64)
+    }
+
+    /// The raw subscription.
+    #[inline]
+    fn as_raw(&self) -> *mut bindings::mmu_interval_notifier {
+        self.raw.get()
+    }
+
+    /// The driver data.
+    #[inline]
+    pub fn data(&self) -> &T {
+        &self.data
+    }
+
+    /// First address of the interval.
+    #[inline]
+    pub fn start(&self) -> usize {
+        self.start
+    }
+
+    /// Last address of the interval (inclusive, so that an interval ending at the top of the
+    /// address space is representable).
+    #[inline]
+    pub fn last(&self) -> usize {
+        self.last
+    }
+
+    /// Whether `[start, end)` is non-empty and lies inside the interval.
+    #[inline]
+    pub fn contains(&self, start: usize, end: usize) -> bool {
+        start < end && start >= self.start && end - 1 <= self.last
+    }
+
+    /// The mirrored address space.
+    ///
+    /// The notifier holds an `mmgrab` reference, so the `mm_struct` (and its `pgd`, see
+    /// [`pgd_phys`]) stays allocated for as long as the notifier exists, even after the process
+    /// exited. Use [`Mm::mmget_not_zero`] to get the [`MmWithUser`] that
+    /// [`Self::hmm_range_fault`] needs; it fails once the address space is gone.
+    #[inline]
+    pub fn mm(&self) -> &Mm {
+        // SAFETY: By the type invariants `raw` is inserted, `raw.mm` is never written again and
+        // points to an mm with an `mmgrab` reference held until removal, i.e. for as long as
+        // `self` lives.
+        unsafe { Mm::from_raw((*self.as_raw()).mm) }
+    }
+
+    /// Begins a read-side critical section (`mmu_interval_read_begin()`) and returns its
+    /// sequence number, to be checked with [`Self::read_retry`].
+    ///
+    /// Sleeps while an invalidation of this interval is in progress, so it must not be called
+    /// with the driver lock (or the mmap lock) held.
+    #[inline]
+    pub fn read_begin(&self) -> u64 {
+        // SAFETY: By the type invariants `raw` is inserted (its `mm` and subscription list are
+        // valid); the function can sleep, which this method documents.
+        let seq = unsafe { bindings::mmu_interval_read_begin(self.as_raw()) };
+        // Lossless: `c_ulong` is at most 64 bits.
+        seq as u64
+    }
+
+    /// Ends a read-side critical section (`mmu_interval_read_retry()`): `true` if an invalidation
+    /// collided with it since [`Self::read_begin`] returned `seq`, in which case the results must
+    /// be discarded and the sequence restarted.
+    ///
+    /// Authoritative only when called with the driver lock held (the lock the callback holds
+    /// when calling [`Self::set_seq`]), and the device mappings must then be written before the
+    /// lock is released.
+    #[inline]
+    pub fn read_retry(&self, seq: u64) -> bool {
+        // SAFETY: `raw` is valid (type invariants); the helper only reads `invalidate_seq`.
+        // Truncation is impossible: `seq` came from `read_begin`, a `c_ulong`.
+        unsafe { bindings::mmu_interval_read_retry(self.as_raw(), seq as c_ulong) }
+    }
+
+    /// Tests for a collision without the driver lock (`mmu_interval_check_retry()`), e.g. to
+    /// abandon a long operation early. `true` is reliable; `false` is only a hint, the final word
+    /// is [`Self::read_retry`] under the driver lock.
+    #[inline]
+    pub fn check_retry(&self, seq: u64) -> bool {
+        // SAFETY: `raw` is valid (type invariants); the helper only does a `READ_ONCE` of
+        // `invalidate_seq`. `seq` came from `read_begin`, a `c_ulong`.
+        unsafe { bindings::mmu_interval_check_retry(self.as_raw(), seq as c_ulong) }
+    }
+
+    /// Records the invalidation sequence (`mmu_interval_set_seq()`).
+    ///
+    /// Call it only from [`IntervalInvalidate::invalidate`], with the `cur_seq` it was given, with
+    /// the driver lock held (the same lock [`Self::read_retry`] is called under), before tearing
+    /// down the device mappings. Any other use breaks the retry protocol (but not memory safety).
+    #[inline]
+    pub fn set_seq(&self, cur_seq: u64) {
+        // SAFETY: `raw` is valid (type invariants); the helper does a `WRITE_ONCE` of
+        // `invalidate_seq`. `cur_seq` came from the callback, a `c_ulong`.
+        unsafe { bindings::mmu_interval_set_seq(self.as_raw(), cur_seq as c_ulong) }
+    }
+
+    /// Checks a fault request and builds the `struct hmm_range` for it.
+    fn hmm_range(
+        &self,
+        mm: &MmWithUser,
+        start: usize,
+        end: usize,
+        request: HmmRequest,
+        seq: u64,
+        pfns: &mut [HmmPfn],
+    ) -> Result<bindings::hmm_range> {
+        if !core::ptr::eq(mm.as_raw(), self.mm().as_raw())
+            || start & !PAGE_MASK != 0
+            || end & !PAGE_MASK != 0
+            || !self.contains(start, end)
+            || (end - start) >> PAGE_SHIFT != pfns.len()
+        {
+            return Err(EINVAL);
+        }
+        Ok(bindings::hmm_range {
+            notifier: self.as_raw(),
+            notifier_seq: seq as c_ulong,
+            start,
+            end,
+            // `HmmPfn` is a transparent `c_ulong`.
+            hmm_pfns: pfns.as_mut_ptr().cast::<c_ulong>(),
+            default_flags: request.default_flags(),
+            // Ignore the input contents of `pfns`: `default_flags` applies to every page.
+            pfn_flags_mask: 0,
+            // No device-private pages.
+            dev_private_owner: core::ptr::null_mut(),
+        })
+    }
+
+    /// Snapshots or faults in `[start, end)` and stores one entry per page in `pfns`
+    /// (`hmm_range_fault()` under the mmap read lock, which this function takes and releases).
+    ///
+    /// `seq` is from [`Self::read_begin`]. `start` and `end` must be page aligned, inside the
+    /// interval, and `pfns` must have exactly `(end - start) / PAGE_SIZE` entries; `mm` must be
+    /// this notifier's address space. The [`MmWithUser`] (an `mmget` reference, like test_hmm's
+    /// `mmget_not_zero()`) keeps `exit_mmap()` from tearing the page tables down under the walk;
+    /// a caller that only has the notifier gets one with `notifier.mm().mmget_not_zero()`, and
+    /// `None` means the process is gone.
+    ///
+    /// Returns [`FaultOutcome::Busy`] when the range was invalidated during the walk (the entries
+    /// are then partly stale): start again with a fresh [`Self::read_begin`]. On
+    /// [`FaultOutcome::Done`] the entries are valid until an invalidation, i.e. use them only
+    /// after [`Self::read_retry`] under the driver lock says no collision happened. Errors:
+    /// `EINVAL` for bad arguments or an unsupported VMA, `EFAULT` when a page cannot be made
+    /// present (no VMA, `PROT_NONE`, ...), `EPERM` for a write to a read-only VMA, `ENOMEM`, or
+    /// other fault errors (`EHWPOISON`, ...).
+    ///
+    /// May sleep. Never call it with the driver lock held (faulting invalidates, and the callback
+    /// takes the driver lock). It holds the mmap lock for the whole range, so keep ranges small
+    /// (test_hmm uses 32 pages). VMAs whose fault handler must drop the mmap lock (userfaultfd)
+    /// fail; [`Self::hmm_range_fault_unlocked`] supports them.
+    pub fn hmm_range_fault(
+        &self,
+        mm: &MmWithUser,
+        start: usize,
+        end: usize,
+        request: HmmRequest,
+        seq: u64,
+        pfns: &mut [HmmPfn],
+    ) -> Result<FaultOutcome> {
+        let mut range = self.hmm_range(mm, start, end, request, seq, pfns)?;
+        let _mmap = mm.mmap_read_lock();
+        // SAFETY: `range.notifier` is inserted (type invariants) and outlives the call; its mm is
+        // `mm`, whose mmap read lock `_mmap` holds and whose `mm_users > 0` (`MmWithUser`).
+        // `hmm_pfns` points to `pfns`, exclusively borrowed and exactly `(end - start) >>
+        // PAGE_SHIFT` entries long, as `hmm_range_fault()` writes. `start < end` are page
+        // aligned. `range` is a local that only lives for the call.
+        let ret = unsafe { bindings::hmm_range_fault(&mut range) };
+        fault_outcome(ret)
+    }
+
+    /// Like [`Self::read_begin`] followed by [`Self::hmm_range_fault`], retried inside the kernel
+    /// (`hmm_range_fault_unlocked_timeout()`): takes the mmap read lock itself, lets fault handlers
+    /// drop it (userfaultfd), and restarts on invalidation until `timeout` jiffies pass (`0`:
+    /// forever). Returns the sequence number to pass to [`Self::read_retry`] under the driver
+    /// lock; `EBUSY` means the timeout expired, `EINTR` that a fatal signal is pending.
+    ///
+    /// Same argument rules, sleeping and locking rules as [`Self::hmm_range_fault`].
+    pub fn hmm_range_fault_unlocked(
+        &self,
+        mm: &MmWithUser,
+        start: usize,
+        end: usize,
+        request: HmmRequest,
+        timeout: Jiffies,
+        pfns: &mut [HmmPfn],
+    ) -> Result<u64> {
+        let mut range = self.hmm_range(mm, start, end, request, 0, pfns)?;
+        // SAFETY: As in `hmm_range_fault`, except that the function takes the mmap read lock
+        // itself (we do not hold it) and sets `notifier_seq` with `mmu_interval_read_begin()`.
+        to_result(unsafe { bindings::hmm_range_fault_unlocked_timeout(&mut range, timeout) })?;
+        // Lossless: `c_ulong` is at most 64 bits.
+        Ok(range.notifier_seq as u64)
+    }
+}
+
+#[pinned_drop]
+impl<T: IntervalInvalidate> PinnedDrop for IntervalNotifier<T> {
+    fn drop(self: Pin<&mut Self>) {
+        // SAFETY: By the type invariants `raw` is inserted and this is the only removal. The call
+        // waits for in-progress callbacks (which only hold shared references) and prevents new
+        // ones, so `data` (dropped after this) is no longer reachable from C; it drops the
+        // subscription's `mmgrab`. It may sleep, as documented on the type.
+        unsafe { bindings::mmu_interval_notifier_remove(self.as_raw()) };
+    }
+}
+
+impl<T: IntervalInvalidate> Deref for IntervalNotifier<T> {
+    type Target = T;
+
+    #[inline]
+    fn deref(&self) -> &T {
+        &self.data
+    }
+}
+
+/// What [`IntervalNotifier::hmm_range_fault`] asks for, for every page of the range
+/// (`default_flags`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HmmRequest {
+    /// No faulting: report the current CPU mapping (`0`); absent pages read back as empty.
+    Snapshot,
+    /// Fault in for read (`HMM_PFN_REQ_FAULT`): every entry ends up valid, and writable only if
+    /// the CPU mapping already is (a COW-shared page is not).
+    Read,
+    /// Fault in for write (`HMM_PFN_REQ_FAULT | HMM_PFN_REQ_WRITE`), breaking COW: every entry
+    /// ends up valid and writable, or the call fails with `EPERM`/`EFAULT`.
+    Write,
+}
+
+impl HmmRequest {
+    fn default_flags(self) -> c_ulong {
+        match self {
+            Self::Snapshot => 0,
+            Self::Read => bindings::hmm_pfn_flags_HMM_PFN_REQ_FAULT,
+            Self::Write => {
+                bindings::hmm_pfn_flags_HMM_PFN_REQ_FAULT
+                    | bindings::hmm_pfn_flags_HMM_PFN_REQ_WRITE
+            }
+        }
+    }
+}
+
+/// How an [`IntervalNotifier::hmm_range_fault`] that did not fail ended.
+#[must_use]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FaultOutcome {
+    /// Every entry was written.
+    Done,
+    /// The range was invalidated meanwhile (`-EBUSY`): call [`IntervalNotifier::read_begin`]
+    /// again and retry.
+    Busy,
+}
+
+/// Maps `hmm_range_fault()`'s return value.
+fn fault_outcome(ret: c_int) -> Result<FaultOutcome> {
+    if ret == 0 {
+        Ok(FaultOutcome::Done)
+    } else if ret == EBUSY.to_errno() {
+        Ok(FaultOutcome::Busy)
+    } else {
+        Err(Error::from_errno(ret))
+    }
+}
+
+/// One page's entry from [`IntervalNotifier::hmm_range_fault`] (an HMM pfn: PFN, flags and
+/// mapping order packed in an `unsigned long`).
+///
+/// Entries are only meaningful after a [`FaultOutcome::Done`] whose sequence then passed
+/// [`IntervalNotifier::read_retry`] under the driver lock, and only until the lock is released.
+#[repr(transparent)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HmmPfn(c_ulong);
+
+impl HmmPfn {
+    /// An empty entry, to initialise buffers.
+    pub const EMPTY: Self = Self(0);
+
+    /// The raw value.
+    #[inline]
+    pub fn raw(self) -> c_ulong {
+        self.0
+    }
+
+    /// `HMM_PFN_VALID`: the page is present and at least readable; [`Self::pfn`],
+    /// [`Self::phys`] and [`Self::map_order`] are meaningful.
+    #[inline]
+    pub fn valid(self) -> bool {
+        self.0 & bindings::hmm_pfn_flags_HMM_PFN_VALID != 0
+    }
+
+    /// `HMM_PFN_WRITE`: the page may be written (only set together with [`Self::valid`]).
+    #[inline]
+    pub fn write(self) -> bool {
+        self.0 & bindings::hmm_pfn_flags_HMM_PFN_WRITE != 0
+    }
+
+    /// `HMM_PFN_ERROR`: the page cannot be accessed (no VMA, poisoned, special mapping, ...);
+    /// the device access must fail.
+    #[inline]
+    pub fn error(self) -> bool {
+        self.0 & bindings::hmm_pfn_flags_HMM_PFN_ERROR != 0
+    }
+
+    /// The page frame number (valid entries only).
+    #[inline]
+    pub fn pfn(self) -> usize {
+        self.0 & !bindings::hmm_pfn_flags_HMM_PFN_FLAGS
+    }
+
+    /// The physical address of the page (`hmm_pfn_to_phys()`; valid entries only).
+    #[inline]
+    pub fn phys(self) -> PhysAddr {
+        // SAFETY: Pure arithmetic on the value.
+        unsafe { bindings::hmm_pfn_to_phys(self.0) }
+    }
+
+    /// The order of the CPU mapping this page is part of (`hmm_pfn_to_map_order()`; valid
+    /// entries only): the page lies in a naturally aligned block of `PAGE_SIZE << order` bytes of
+    /// virtual address space, mapped contiguously with the same flags (9 = a 2 MiB PMD on
+    /// x86-64). The block may extend beyond the faulted range.
+    #[inline]
+    pub fn map_order(self) -> u32 {
+        // SAFETY: Pure arithmetic on the value.
+        unsafe { bindings::hmm_pfn_to_map_order(self.0) }
+    }
+}
+
+/// Returns an `mmgrab` reference to the current task's address space: the reference to keep for a
+/// context's lifetime, as it keeps the `mm_struct` (and its `pgd`) allocated without keeping the
+/// process's memory alive (`mm_users`), so `exit_mmap()` and the notifier's
+/// [`NotifierEvent::Release`] still happen at exit.
+///
+/// A context that owns an [`IntervalNotifier`] already has one (see [`IntervalNotifier::mm`]).
+/// Inserting a notifier needs `mm_users > 0`: in `open()` pass `current!().mm()`, or call
+/// [`Mm::mmget_not_zero`] on the result. Fails with `EINVAL` for a task without an address space
+/// (a kernel thread).
+pub fn current_mm() -> Result<ARef<Mm>> {
+    let task = current!();
+    let mm: &Mm = task.mm().ok_or(EINVAL)?;
+    Ok(ARef::from(mm))
+}
+
+/// The physical address of the root of `mm`'s CPU page table (`__pa(mm->pgd)`), for the device's
+/// validator.
+///
+/// The `pgd` page is freed only when the last `mmgrab` reference goes, so the address stays valid
+/// while the caller keeps one (an [`IntervalNotifier`] does); after `exit_mmap()` it only has
+/// empty user entries. Whether the table is 4- or 5-level depends on the CPU at run time
+/// (`CONFIG_PGTABLE_LEVELS=5` folds the p4d level without LA57); with page-table isolation
+/// (not configured in our kernel) this would be the kernel copy.
+pub fn pgd_phys(mm: &Mm) -> PhysAddr {
+    // SAFETY: `mm` is a valid `mm_struct` (a reference with an `mmgrab` reference behind it) and
+    // its `pgd` is set from allocation until the last `mmdrop`.
+    unsafe { bindings::zapguard_mm_pgd_phys(mm.as_raw()) }
+}
