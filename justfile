@@ -33,3 +33,13 @@ check:
     rustfmt --edition 2021 --check kmod/zapguard.rs
     cargo clippy --workspace --all-targets -- -D warnings
     make -s -C "$(bash images/kernel/build.sh)" M="$PWD/kmod" MO="$PWD/target/zapguard/clippy" LLVM=-19 CLIPPY=1 W=1 modules
+
+# Device benchmarks (IOTLB, page walk, DMA copy vs memcpy); prints the ratios.
+bench:
+    cargo bench -p qemu-dev --bench device
+
+# Fuzz the device model with libFuzzer for SECS seconds (installs nightly + cargo-fuzz if needed).
+fuzz SECS="60":
+    rustup toolchain list | grep -q '^nightly' || rustup toolchain install nightly --profile minimal
+    command -v cargo-fuzz >/dev/null || cargo install --locked cargo-fuzz
+    cd qemu-dev && cargo +nightly fuzz run device -- -max_total_time={{SECS}} -len_control=0

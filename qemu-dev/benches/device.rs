@@ -1,2 +1,430 @@
-//! Device benchmarks (being written).
-fn main() {}
+//! Device model benchmarks (criterion):
+//!
+//! - `iotlb`: a hit on a present entry (IOTLB of 64 and 4096 entries, cycling through all of
+//!   them so LRU refreshes move real entries), and a miss followed by the insert that evicts
+//!   the least recently used entry;
+//! - `walk`: a device page-table walk ending at a 4 KiB and at a 2 MiB leaf (A already set, as
+//!   in steady state);
+//! - `dma_copy_1MiB`: a 1 MiB `DMA_COPY` job submitted through the DMA ring and run to
+//!   completion by `testkit::Rig<NoEvents>` (the default model: 512-byte bursts, 64-entry LRU
+//!   IOTLB, so every page of the 256 + 256 misses and is walked each time), with the validator
+//!   on and off (context without `CTX_VALIDATE`), against a plain `copy_from_slice` of 1 MiB.
+//!
+//! Then, in the same process, simple timed loops (a few hundred ms each) measure the same
+//! operations again to print the ratios (device vs memcpy, validator on vs off), since
+//! criterion's results are not available programmatically; they are also written as JSON to
+//! `<target dir>/zapguard/bench-device.json`. The loops only run in bench mode (`cargo bench`),
+//! not when `cargo test --benches` runs each benchmark once.
+//!
+//! `cargo bench -p qemu-dev --bench device` (about a minute), or with `-- --quick`.
+
+use std::hint::black_box;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use criterion::{Criterion, Throughput};
+use qemu_dev::iotlb::{Iotlb, IotlbEntry, Policy};
+use qemu_dev::pagetable::{walk, PageTableBuilder, Translation};
+use qemu_dev::testkit::{job, Rig, RING_LOG2};
+use qemu_dev::{DeviceConfig, NoEvents, VecMem};
+use shared_regs::dma::{DMA_COPY, DMA_ST_OK};
+use shared_regs::pte::{self, HUGE_PAGE_SIZE, PAGE_SIZE};
+use shared_regs::regs::{
+    STAT_COUNT, STAT_IOTLB_HITS, STAT_IOTLB_MISSES, STAT_VIOLATIONS, STAT_WALKS,
+};
+
+/// Bytes per DMA job.
+const DMA_LEN: u64 = 1 << 20;
+/// The job's source and destination VAs (ASID 1).
+const SRC_VA: u64 = 0x7f00_0000_0000;
+const DST_VA: u64 = 0x7f00_4000_0000;
+const ASID: u32 = 1;
+/// IOTLB sizes benchmarked.
+const IOTLB_SIZES: [usize; 2] = [64, 4096];
+/// Time per measurement of the ratio loops.
+const RATIO_BUDGET: Duration = Duration::from_millis(300);
+
+// ---------------------------------------------------------------------------------------------
+// Fixtures
+
+fn entry(va: u64, id: u64) -> IotlbEntry {
+    IotlbEntry {
+        asid: ASID,
+        va_base: va,
+        size: PAGE_SIZE,
+        pa_base: 0x100_0000 + (id % 4096) * PAGE_SIZE,
+        writable: true,
+        dirty: true,
+        id,
+        cpu_dirty_at_fill: false,
+    }
+}
+
+/// A full LRU IOTLB of `cap` 4 KiB entries, and the VAs it holds (spread out, not contiguous).
+fn full_iotlb(cap: usize) -> (Iotlb, Vec<u64>) {
+    let mut t = Iotlb::new(cap, Policy::Lru);
+    let vas: Vec<u64> = (0..cap as u64)
+        .map(|i| SRC_VA + i * 3 * PAGE_SIZE)
+        .collect();
+    for (i, &va) in vas.iter().enumerate() {
+        t.insert(entry(va, i as u64));
+    }
+    assert_eq!(t.len(), cap);
+    (t, vas)
+}
+
+/// Cycles through every present entry: one hit per call.
+struct Hits {
+    t: Iotlb,
+    vas: Vec<u64>,
+    i: usize,
+}
+
+impl Hits {
+    fn new(cap: usize) -> Self {
+        let (t, vas) = full_iotlb(cap);
+        Self { t, vas, i: 0 }
+    }
+
+    fn step(&mut self) -> Option<IotlbEntry> {
+        self.i = (self.i + 1) % self.vas.len();
+        let e = self.t.lookup(ASID, black_box(self.vas[self.i] + 0x123));
+        debug_assert!(e.is_some());
+        e
+    }
+}
+
+/// A miss on a new page, then its insert evicting the least recently used entry.
+struct Misses {
+    t: Iotlb,
+    next: u64,
+}
+
+impl Misses {
+    fn new(cap: usize) -> Self {
+        Self {
+            t: full_iotlb(cap).0,
+            next: 0x1000_0000,
+        }
+    }
+
+    fn step(&mut self) -> Option<IotlbEntry> {
+        self.next += PAGE_SIZE;
+        let va = black_box(self.next);
+        let hit = self.t.lookup(ASID, va);
+        debug_assert!(hit.is_none());
+        self.t.insert(entry(va, self.next / PAGE_SIZE))
+    }
+}
+
+/// Device page tables with one 4 KiB and one 2 MiB mapping, walked once so A is set.
+struct Walks {
+    mem: VecMem,
+    root: u64,
+}
+
+const WALK_VA_4K: u64 = 0x7f12_3456_7000;
+const WALK_VA_2M: u64 = 0x7f12_3480_0000;
+
+impl Walks {
+    fn new() -> Self {
+        let mem = VecMem::new(0, 16 << 20);
+        let mut b = PageTableBuilder::new(&mem, 0x10_0000, 0x20_0000).expect("table region");
+        b.map_4k(&mem, WALK_VA_4K, 0x40_0000, true).expect("4K map");
+        b.map_2m(&mem, WALK_VA_2M, 0x80_0000, true).expect("2M map");
+        let root = b.root();
+        for va in [WALK_VA_4K, WALK_VA_2M] {
+            walk(&mem, root, va, false).expect("walk");
+        }
+        Self { mem, root }
+    }
+
+    fn walk(&self, va: u64) -> Translation {
+        walk(&self.mem, self.root, black_box(va), false).expect("walk")
+    }
+}
+
+/// A rig with ASID 1 bound (validating or not) and `DMA_LEN` bytes mapped at both VAs.
+fn dma_rig(validate: bool) -> Rig<NoEvents> {
+    let mut r = Rig::new(DeviceConfig::default(), NoEvents);
+    r.bind(ASID, 0);
+    if !validate {
+        let mut c = r.ctx(ASID);
+        c.flags &= !pte::CTX_VALIDATE;
+        r.write_ctx(ASID, c);
+        r.cfgi(ASID);
+    }
+    for i in 0..DMA_LEN / PAGE_SIZE {
+        let src = r.map_page(ASID, SRC_VA + i * PAGE_SIZE);
+        r.map_page(ASID, DST_VA + i * PAGE_SIZE);
+        let fill: Vec<u8> = (0..PAGE_SIZE).map(|b| (b ^ i) as u8).collect();
+        r.poke(src, &fill);
+    }
+    // One job outside any measurement: checks the copy, and leaves A/D set as in steady state.
+    dma_copy(&mut r);
+    let first = |r: &Rig<NoEvents>, va: u64| {
+        let pa = r.dev_leaf(ASID, va).expect("mapped") & pte::PTE_ADDR_MASK;
+        r.peek(pa, 64)
+    };
+    let last = DMA_LEN - PAGE_SIZE;
+    assert_eq!(first(&r, SRC_VA), first(&r, DST_VA));
+    assert_eq!(first(&r, SRC_VA + last), first(&r, DST_VA + last));
+    assert_eq!(r.stat(STAT_VIOLATIONS), 0);
+    r
+}
+
+fn dma_copy(r: &mut Rig<NoEvents>) {
+    let st = r.dma(job(DMA_COPY, ASID, SRC_VA, DST_VA, DMA_LEN, 0));
+    assert_eq!((st.status, st.bytes_done), (DMA_ST_OK, DMA_LEN));
+}
+
+struct Memcpy {
+    src: Vec<u8>,
+    dst: Vec<u8>,
+}
+
+impl Memcpy {
+    fn new() -> Self {
+        Self {
+            src: (0..DMA_LEN).map(|i| i as u8).collect(),
+            dst: vec![0; DMA_LEN as usize],
+        }
+    }
+
+    fn copy(&mut self) {
+        self.dst.copy_from_slice(black_box(&self.src));
+        black_box(&mut self.dst);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Criterion groups
+
+fn bench_iotlb(c: &mut Criterion) {
+    let mut g = c.benchmark_group("iotlb");
+    for cap in IOTLB_SIZES {
+        let mut h = Hits::new(cap);
+        g.bench_function(format!("hit/{cap}"), |b| b.iter(|| h.step()));
+        let mut m = Misses::new(cap);
+        g.bench_function(format!("miss_insert_evict/{cap}"), |b| b.iter(|| m.step()));
+    }
+    g.finish();
+}
+
+fn bench_walk(c: &mut Criterion) {
+    let w = Walks::new();
+    let mut g = c.benchmark_group("walk");
+    g.bench_function("4k_leaf", |b| b.iter(|| w.walk(WALK_VA_4K + 0x123)));
+    g.bench_function("2m_leaf", |b| b.iter(|| w.walk(WALK_VA_2M + 0x12_3456)));
+    g.finish();
+}
+
+fn bench_dma(c: &mut Criterion) {
+    let mut g = c.benchmark_group("dma_copy_1MiB");
+    g.throughput(Throughput::Bytes(DMA_LEN));
+    g.sample_size(10);
+    let mut on = dma_rig(true);
+    g.bench_function("device_validator_on", |b| b.iter(|| dma_copy(&mut on)));
+    let mut off = dma_rig(false);
+    g.bench_function("device_validator_off", |b| b.iter(|| dma_copy(&mut off)));
+    let mut m = Memcpy::new();
+    g.bench_function("memcpy", |b| b.iter(|| m.copy()));
+    g.finish();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Ratios, measured again with plain timed loops in this process
+
+/// Mean time of one call of `f`, over at least `RATIO_BUDGET` (after one warm-up call).
+fn mean_time(mut f: impl FnMut()) -> Duration {
+    f();
+    let start = Instant::now();
+    let mut n = 0u32;
+    while n < 3 || start.elapsed() < RATIO_BUDGET {
+        f();
+        n += 1;
+    }
+    start.elapsed() / n
+}
+
+/// [`mean_time`] of a cheap operation in nanoseconds, timed in batches of 1000 to keep the
+/// clock out.
+fn mean_op_ns<T>(mut f: impl FnMut() -> T) -> f64 {
+    let batch = mean_time(|| {
+        for _ in 0..1000 {
+            black_box(f());
+        }
+    });
+    ns(batch) / 1000.0
+}
+
+fn ns(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e9
+}
+
+fn bytes_per_sec(d: Duration) -> f64 {
+    DMA_LEN as f64 / d.as_secs_f64()
+}
+
+fn rate(bps: f64) -> String {
+    const MIB: f64 = (1 << 20) as f64;
+    if bps >= 1024.0 * MIB {
+        format!("{:.1} GiB/s", bps / (1024.0 * MIB))
+    } else {
+        format!("{:.0} MiB/s", bps / MIB)
+    }
+}
+
+/// Where the JSON goes: `$CARGO_TARGET_DIR`, else the workspace's `target/`.
+fn target_dir() -> PathBuf {
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| manifest.parent().unwrap_or(manifest).join("target"))
+}
+
+fn ratios() {
+    let config = DeviceConfig::default();
+    let mut on = dma_rig(true);
+    let mut off = dma_rig(false);
+    let mut m = Memcpy::new();
+    let t_on = mean_time(|| dma_copy(&mut on));
+    let t_off = mean_time(|| dma_copy(&mut off));
+    let t_memcpy = mean_time(|| m.copy());
+
+    // What one job costs the device, from its statistics.
+    let per_job = |r: &mut Rig<NoEvents>| {
+        let before: Vec<u64> = (0..STAT_COUNT).map(|i| r.stat(i)).collect();
+        dma_copy(r);
+        let after: Vec<u64> = (0..STAT_COUNT).map(|i| r.stat(i)).collect();
+        let d = |i: u32| after[i as usize] - before[i as usize];
+        serde_json::json!({
+            "iotlb_hits": d(STAT_IOTLB_HITS),
+            "iotlb_misses": d(STAT_IOTLB_MISSES),
+            "walks": d(STAT_WALKS),
+            "bursts_at_least": DMA_LEN.div_ceil(u64::from(config.dma_burst)),
+        })
+    };
+    let on_job = per_job(&mut on);
+
+    let mut hit_ns = serde_json::Map::new();
+    let mut miss_ns = serde_json::Map::new();
+    let mut hit_text = vec![];
+    let mut miss_text = vec![];
+    for cap in IOTLB_SIZES {
+        let mut h = Hits::new(cap);
+        let mut mi = Misses::new(cap);
+        let hit = mean_op_ns(|| h.step());
+        let miss = mean_op_ns(|| mi.step());
+        hit_ns.insert(cap.to_string(), hit.into());
+        miss_ns.insert(cap.to_string(), miss.into());
+        hit_text.push(format!("{hit:.1} ns ({cap})"));
+        miss_text.push(format!("{miss:.1} ns ({cap})"));
+    }
+    let w = Walks::new();
+    let walk_4k = mean_op_ns(|| w.walk(WALK_VA_4K));
+    let walk_2m = mean_op_ns(|| w.walk(WALK_VA_2M));
+
+    let (on_bps, off_bps, memcpy_bps) = (
+        bytes_per_sec(t_on),
+        bytes_per_sec(t_off),
+        bytes_per_sec(t_memcpy),
+    );
+    let device_over_memcpy = t_on.as_secs_f64() / t_memcpy.as_secs_f64();
+    let off_over_memcpy = t_off.as_secs_f64() / t_memcpy.as_secs_f64();
+    let on_over_off = t_on.as_secs_f64() / t_off.as_secs_f64();
+
+    println!();
+    println!(
+        "zapguard ratios (this run; {} MiB DMA_COPY, {}-byte bursts, {}-entry {:?} IOTLB, \
+         timed loops of {} ms):",
+        DMA_LEN >> 20,
+        config.dma_burst,
+        config.iotlb_entries,
+        config.iotlb_policy,
+        RATIO_BUDGET.as_millis()
+    );
+    println!(
+        "  dma_copy / memcpy                 = {device_over_memcpy:.1}x slower (device {}, memcpy {})",
+        rate(on_bps),
+        rate(memcpy_bps)
+    );
+    println!(
+        "  dma_copy (validator off) / memcpy = {off_over_memcpy:.1}x slower (device {})",
+        rate(off_bps)
+    );
+    println!(
+        "  validator on / off                = {on_over_off:.2}x ({} vs {}; validator cost {:.0}% of a job)",
+        rate(on_bps),
+        rate(off_bps),
+        (1.0 - t_off.as_secs_f64() / t_on.as_secs_f64()) * 100.0
+    );
+    println!(
+        "  iotlb hit {}; miss+insert+evict {}",
+        hit_text.join(", "),
+        miss_text.join(", ")
+    );
+    println!("  page walk {walk_4k:.1} ns (4 KiB leaf), {walk_2m:.1} ns (2 MiB leaf)");
+    println!("  per 1 MiB job (validator on): {on_job}");
+
+    let json = serde_json::json!({
+        "config": {
+            "dma_len": DMA_LEN,
+            "dma_burst": config.dma_burst,
+            "iotlb_entries": config.iotlb_entries,
+            "iotlb_policy": format!("{:?}", config.iotlb_policy),
+            "asid_count": config.asid_count,
+            "page_size": PAGE_SIZE,
+            "huge_page_size": HUGE_PAGE_SIZE,
+            "ring_log2": RING_LOG2,
+            "iotlb_sizes_benchmarked": IOTLB_SIZES,
+            "ratio_loop_ms": RATIO_BUDGET.as_millis() as u64,
+        },
+        "dma_copy": {
+            "per_job": on_job,
+            "validator_on": { "ns_per_job": ns(t_on), "bytes_per_sec": on_bps },
+            "validator_off": { "ns_per_job": ns(t_off), "bytes_per_sec": off_bps },
+            "memcpy": { "ns_per_copy": ns(t_memcpy), "bytes_per_sec": memcpy_bps },
+        },
+        "ratios": {
+            "dma_copy_over_memcpy": device_over_memcpy,
+            "dma_copy_no_validator_over_memcpy": off_over_memcpy,
+            "validator_on_over_off": on_over_off,
+        },
+        "iotlb_ns": { "hit": hit_ns, "miss_insert_evict": miss_ns },
+        "walk_ns": { "4k_leaf": walk_4k, "2m_leaf": walk_2m },
+        "generated_unix_s": std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+    });
+    let dir = target_dir().join("zapguard");
+    let path = dir.join("bench-device.json");
+    let written = std::fs::create_dir_all(&dir).and_then(|()| {
+        std::fs::write(
+            &path,
+            serde_json::to_string_pretty(&json).unwrap_or_default() + "\n",
+        )
+    });
+    match written {
+        Ok(()) => println!("  -> {}", path.display()),
+        Err(e) => eprintln!("  could not write {}: {e}", path.display()),
+    }
+}
+
+fn main() {
+    let mut c = Criterion::default()
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2))
+        .configure_from_args();
+    bench_iotlb(&mut c);
+    bench_walk(&mut c);
+    bench_dma(&mut c);
+    c.final_summary();
+    // `cargo bench` passes --bench; `cargo test --benches` does not (criterion then runs every
+    // benchmark once as a smoke test, and so should we: no timed loops).
+    let args: Vec<String> = std::env::args().collect();
+    if args.iter().any(|a| a == "--bench") && !args.iter().any(|a| a == "--list") {
+        ratios();
+    }
+}

@@ -19,6 +19,7 @@ pub mod cpu_walk;
 pub mod device;
 pub mod dma_engine;
 pub mod events;
+pub mod fuzzing;
 pub mod guest;
 pub mod iotlb;
 pub mod ledger;
