@@ -6,11 +6,14 @@
 //! an unbind, so they never borrow from it: they hold an [`Arc<Shared>`] whose BAR mapping is a
 //! [`pci::DevresBar`], revoked by the driver core at unbind, after which ioctls return `ENODEV`.
 
-use crate::abi::{pci as zpci, regs, uapi};
+use crate::abi::cmd;
+use crate::abi::queue;
+use crate::abi::{dma, event, pci as zpci, pte, regs, uapi};
 use core::pin::Pin;
 use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use kernel::{
     device::Core,
+    dma::{Coherent, Device as _, DmaMask},
     fs::File,
     io::Io,
     irq::{self, IrqReturn},
@@ -18,6 +21,7 @@ use kernel::{
     pci,
     prelude::*,
     sync::Arc,
+    time::{delay::fsleep, Delta, Instant, Monotonic},
     transmute::AsBytes,
     uaccess::{UserPtr, UserSlice},
 };
@@ -39,6 +43,8 @@ struct Shared {
     irq_vectors: AtomicU32,
     /// PCI domain/bus/devfn, as reported by [`uapi::ZgInfo::pci_location`].
     pci_location: u32,
+    /// Duration of the probe-time SYNC round trip.
+    probe_sync_ns: AtomicU32,
 }
 
 impl Shared {
@@ -54,7 +60,12 @@ impl Shared {
             asid_count: bar.read32(regs::ASID_COUNT as usize),
             irq_vectors: self.irq_vectors.load(Ordering::Relaxed),
             pci_location: self.pci_location,
-            reserved: [0; 8],
+            irq_count: core::array::from_fn(|i| {
+                let n = self.irqs.get(i).map_or(0, |c| c.load(Ordering::Relaxed));
+                u32::try_from(n).unwrap_or(u32::MAX)
+            }),
+            probe_sync_ns: self.probe_sync_ns.load(Ordering::Relaxed),
+            reserved: [0; 4],
         })
     }
 }
@@ -198,7 +209,140 @@ pub struct ZgDevice<'bound> {
     #[pin]
     misc: MiscReg,
     irqs: Vectors<'bound>,
+    /// Freed after unbind quiesced the device (see [`Rings`]).
+    rings: Rings,
     shared: Arc<Shared>,
+}
+
+/// log2 of the number of entries of each ring the driver gives the device.
+const RING_LOG2: u32 = 6;
+/// Words (u64) per page of coherent memory.
+const PAGE_WORDS: usize = 512;
+/// Polls of CR0ACK before giving up on the enable/disable handshake (~65 us per read under TCG).
+const HANDSHAKE_POLLS: usize = 1000;
+/// Upper bound for the probe-time SYNC round trip.
+const SYNC_TIMEOUT_MS: i64 = 2000;
+
+/// The device's rings and context table, in DMA-coherent memory.
+///
+/// # Invariants
+///
+/// While the device's units are enabled (from [`Rings::enable`] until [`Rings::quiesce`]
+/// succeeded), the device may read and write these buffers at any time: they must outlive that
+/// window, which is why [`ZgDevice`] owns them and unbind quiesces the device before they drop.
+struct Rings {
+    cmdq: Coherent<[u64]>,
+    evtq: Coherent<[u64]>,
+    dmaq: Coherent<[u64]>,
+    ctx: Coherent<[u64]>,
+    /// SYNC completion words.
+    sync: Coherent<[u64]>,
+}
+
+impl Rings {
+    fn new(dev: &kernel::device::Device<kernel::device::Bound>, asid_count: u32) -> Result<Self> {
+        let ring_words = |entry: usize| ((entry << RING_LOG2) / 8).max(PAGE_WORDS);
+        let ctx_words = (asid_count as usize)
+            .checked_mul(pte::CTX_ENTRY_SIZE / 8)
+            .ok_or(EINVAL)?;
+        Ok(Self {
+            cmdq: Coherent::zeroed_slice(dev, ring_words(cmd::CMD_SIZE), GFP_KERNEL)?,
+            evtq: Coherent::zeroed_slice(dev, ring_words(event::EVT_SIZE), GFP_KERNEL)?,
+            dmaq: Coherent::zeroed_slice(dev, ring_words(dma::DMA_JOB_SIZE), GFP_KERNEL)?,
+            ctx: Coherent::zeroed_slice(dev, ctx_words.max(PAGE_WORDS), GFP_KERNEL)?,
+            sync: Coherent::zeroed_slice(dev, PAGE_WORDS, GFP_KERNEL)?,
+        })
+    }
+
+    /// Programs every unit and enables it, then waits for CR0ACK.
+    fn enable(&self, bar: &pci::Bar<'_, BAR0_SIZE>) -> Result {
+        // Offsets vary at run time here, so use the checked accessors.
+        let program = |lo: u32, hi: u32, addr: u64| -> Result {
+            bar.try_write32(addr as u32, lo as usize)?;
+            bar.try_write32((addr >> 32) as u32, hi as usize)
+        };
+        program(regs::CTX_BASE_LO, regs::CTX_BASE_HI, self.ctx.dma_address())?;
+        for (lo, hi, size, ring) in [
+            (
+                regs::CMDQ_BASE_LO,
+                regs::CMDQ_BASE_HI,
+                regs::CMDQ_LOG2SIZE,
+                &self.cmdq,
+            ),
+            (
+                regs::EVTQ_BASE_LO,
+                regs::EVTQ_BASE_HI,
+                regs::EVTQ_LOG2SIZE,
+                &self.evtq,
+            ),
+            (
+                regs::DMAQ_BASE_LO,
+                regs::DMAQ_BASE_HI,
+                regs::DMAQ_LOG2SIZE,
+                &self.dmaq,
+            ),
+        ] {
+            program(lo, hi, ring.dma_address())?;
+            bar.try_write32(RING_LOG2, size as usize)?;
+        }
+        bar.write32(
+            regs::IRQ_CMD_EN | regs::IRQ_EVT_EN | regs::IRQ_ERR_EN,
+            regs::IRQ_CTRL as usize,
+        );
+        bar.write32(regs::CR0_MASK, regs::CR0 as usize);
+        handshake(bar, regs::CR0_MASK)
+    }
+
+    /// Posts a SYNC that writes `value` into the first sync word and waits for it (polling with
+    /// sleeps, bounded): the device's completion travels by DMA into guest memory.
+    fn sync_round_trip(&self, bar: &pci::Bar<'_, BAR0_SIZE>, value: u32) -> Result<Delta> {
+        let start = Instant::<Monotonic>::now();
+        let prod = bar.read32(regs::CMDQ_PROD as usize);
+        let slot = queue::index(prod, RING_LOG2) as usize * (cmd::CMD_SIZE / 8);
+        let c = cmd::Command::new(
+            cmd::CMD_SYNC,
+            cmd::CMD_F_SYNC_IRQ,
+            0,
+            self.sync.dma_address(),
+            u64::from(value),
+        );
+        let words: [u64; 4] = crate::abi::bytes_to_words(&c.to_bytes());
+        for (i, w) in words.iter().enumerate() {
+            kernel::io::io_write!(&self.cmdq, [try: slot + i], *w);
+        }
+        // The device must see the command before the doorbell: MMIO writes are ordered after
+        // earlier normal-memory writes on x86 (wmb() is a compiler barrier there).
+        bar.write32(queue::next(prod, RING_LOG2), regs::CMDQ_PROD as usize);
+        loop {
+            let done: u64 = kernel::io::io_read!(&self.sync, [try: 0]);
+            let done = done as u32;
+            if done == value {
+                return Ok(start.elapsed());
+            }
+            if start.elapsed() > Delta::from_millis(SYNC_TIMEOUT_MS) {
+                return Err(ETIMEDOUT);
+            }
+            fsleep(Delta::from_micros(100));
+        }
+    }
+
+    /// Disables every unit and waits until the device acknowledges: after this the device no
+    /// longer touches the rings.
+    fn quiesce(&self, bar: &pci::Bar<'_, BAR0_SIZE>) -> Result {
+        bar.write32(0, regs::CR0 as usize);
+        handshake(bar, 0)
+    }
+}
+
+/// Polls CR0ACK until it equals `want`.
+fn handshake(bar: &pci::Bar<'_, BAR0_SIZE>, want: u32) -> Result {
+    for _ in 0..HANDSHAKE_POLLS {
+        if bar.read32(regs::CR0ACK as usize) == want {
+            return Ok(());
+        }
+        fsleep(Delta::from_micros(10));
+    }
+    Err(ETIMEDOUT)
 }
 
 /// The PCI driver.
@@ -273,6 +417,10 @@ impl pci::Driver for ZapguardDriver {
             let bar = pdev.iomap_region_sized::<BAR0_SIZE>(zpci::BAR0, c"zapguard")?;
             Self::check_identity(pdev, &bar)?;
             let version = bar.read32(regs::VERSION as usize);
+            // SAFETY: called from probe, before any DMA allocation or mapping of this device.
+            unsafe { pdev.dma_set_mask_and_coherent(DmaMask::new::<64>())? };
+            let asid_count = bar.read32(regs::ASID_COUNT as usize).min(4096);
+            let rings = Rings::new(pdev.as_ref(), asid_count)?;
 
             let location = u32::from(pdev.dev_id());
             let shared = Arc::new(
@@ -281,6 +429,7 @@ impl pci::Driver for ZapguardDriver {
                     irqs: [const { AtomicU64::new(0) }; NUM_VECTORS],
                     irq_vectors: AtomicU32::new(0),
                     pci_location: location,
+                    probe_sync_ns: AtomicU32::new(0),
                 },
                 GFP_KERNEL,
             )?;
@@ -288,6 +437,23 @@ impl pci::Driver for ZapguardDriver {
             shared
                 .irq_vectors
                 .store(irqs.vectors.len() as u32, Ordering::Relaxed);
+            {
+                // `access` with the bound device, not `try_access`: the handshake and the SYNC
+                // wait sleep, which an RCU read-side section (try_access's guard) forbids.
+                let bar = shared.bar.access(pdev.as_ref())?;
+                rings.enable(bar).inspect_err(|_| {
+                    dev_err!(pdev, "device did not acknowledge CR0\n");
+                })?;
+                // Prove the whole path once: command ring -> device worker -> completion by DMA
+                // into our memory -> MSI-X. A device that cannot do this is not usable.
+                let took = rings.sync_round_trip(bar, 0x5a47_0001).inspect_err(|e| {
+                    dev_err!(pdev, "probe SYNC did not complete: {:?}\n", e);
+                    let _ = rings.quiesce(bar);
+                })?;
+                let ns = u32::try_from(took.as_nanos()).unwrap_or(u32::MAX);
+                shared.probe_sync_ns.store(ns, Ordering::Relaxed);
+                dev_info!(pdev, "SYNC round trip {} us\n", ns / 1000);
+            }
             dev_info!(
                 pdev,
                 "zapguard ABI {}.{}, {} MSI-X vectors, /dev/zapguard\n",
@@ -300,6 +466,7 @@ impl pci::Driver for ZapguardDriver {
                 pdev: &**pdev,
                 misc <- MiscReg::new(shared.clone()),
                 irqs,
+                rings,
                 shared,
             }))
         })
@@ -309,5 +476,15 @@ impl pci::Driver for ZapguardDriver {
         let seen: [u64; NUM_VECTORS] =
             core::array::from_fn(|i| this.shared.irqs[i].load(Ordering::Relaxed));
         dev_info!(pdev, "unbind: interrupts seen per vector {:?}\n", seen);
+        // The rings are freed when the driver data drops: stop the device using them first.
+        // `access` (no RCU section): quiescing sleeps while it polls CR0ACK.
+        match this.shared.bar.access(pdev.as_ref()) {
+            Ok(bar) => {
+                if this.rings.quiesce(bar).is_err() {
+                    dev_err!(pdev, "device did not acknowledge CR0=0 at unbind\n");
+                }
+            }
+            Err(_) => dev_err!(pdev, "BAR already revoked at unbind\n"),
+        }
     }
 }

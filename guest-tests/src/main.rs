@@ -63,7 +63,23 @@ fn get_info_identity() -> Result<(), String> {
     if info.irq_vectors == 0 {
         return Err("driver reports no interrupt vectors".into());
     }
-    check_eq(info.reserved, [0; 8], "reserved fields")?;
+    check_eq(info.reserved, [0; 4], "reserved fields")?;
+    // Probe proved the device's queues end to end: a SYNC completed into driver memory by DMA
+    // and its MSI-X interrupt reached the driver.
+    if info.probe_sync_ns == 0 {
+        return Err("probe did not measure a SYNC round trip".into());
+    }
+    if info.irq_count[0] == 0 {
+        return Err(format!(
+            "no command-vector interrupt seen: {:?}",
+            info.irq_count
+        ));
+    }
+    println!(
+        "# probe SYNC round trip: {} us, interrupts per vector {:?}",
+        info.probe_sync_ns / 1000,
+        info.irq_count
+    );
     Ok(())
 }
 

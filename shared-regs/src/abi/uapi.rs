@@ -37,8 +37,8 @@ pub const fn ioc_size(cmd: u32) -> usize {
     ((cmd >> IOC_SIZESHIFT) & ((1 << IOC_SIZEBITS) - 1)) as usize
 }
 
-/// Version of this uAPI, reported in [`ZgInfo::uapi_version`].
-pub const UAPI_VERSION: u32 = 1;
+/// Version of this uAPI, reported in [`ZgInfo::uapi_version`] (2: `irq_count`, `probe_sync_ns`).
+pub const UAPI_VERSION: u32 = 2;
 
 /// Answer of [`ZG_IOC_GET_INFO`]. Fields are filled from the device's registers at probe time
 /// and from the PCI core; `reserved` is zero and keeps the size stable as fields are added.
@@ -61,8 +61,13 @@ pub struct ZgInfo {
     pub irq_vectors: u32,
     /// PCI location: bus in bits 15:8, devfn in 7:0 (bits 31:16 zero).
     pub pci_location: u32,
+    /// Interrupts the driver has seen per MSI-X vector (command, event, error), saturating.
+    pub irq_count: [u32; 3],
+    /// Nanoseconds the probe-time SYNC round trip took (post, device completes into memory,
+    /// driver sees it), 0 if it was not measured.
+    pub probe_sync_ns: u32,
     /// Zero; room for additions without changing the ioctl number.
-    pub reserved: [u32; 8],
+    pub reserved: [u32; 4],
 }
 
 /// `_IOR('z', 0x00, struct zg_info)`: identity and parameters of the device behind this file.
