@@ -290,6 +290,19 @@ impl<E: Events + Send + 'static> ZapguardBackend<E> {
     }
 }
 
+impl<E: Events + Send + 'static> ZapguardBackend<E> {
+    /// Runs a register access on the locked device, then raises the interrupts it caused (an
+    /// access can set an error bit), after the lock is released.
+    fn bar_access(&self, access: impl FnOnce(&mut ZapguardDevice<E>)) {
+        let irqs = {
+            let mut dev = self.shared.device();
+            access(&mut dev);
+            dev.take_irqs()
+        };
+        raise(&self.msix, irqs);
+    }
+}
+
 impl<E: Events + Send + 'static> Drop for ZapguardBackend<E> {
     fn drop(&mut self) {
         self.shared.stop.store(true, Ordering::Release);
@@ -308,14 +321,7 @@ impl<E: Events + Send + 'static> ServerBackend for ZapguardBackend<E> {
                     self.report_error(e.to_string());
                 }
             }
-            BAR0_REGION => {
-                let irqs = {
-                    let mut dev = self.shared.device();
-                    dev.read(offset, data);
-                    dev.take_irqs()
-                };
-                raise(&self.msix, irqs);
-            }
+            BAR0_REGION => self.bar_access(|dev| dev.read(offset, data)),
             _ => {
                 data.fill(0);
                 self.report_error(format!(
@@ -340,12 +346,7 @@ impl<E: Events + Send + 'static> ServerBackend for ZapguardBackend<E> {
                 }
             }
             BAR0_REGION => {
-                let irqs = {
-                    let mut dev = self.shared.device();
-                    dev.write(offset, data);
-                    dev.take_irqs()
-                };
-                raise(&self.msix, irqs);
+                self.bar_access(|dev| dev.write(offset, data));
                 // A doorbell or enable may have created work.
                 self.shared.wake.notify_one();
             }
