@@ -581,22 +581,9 @@ impl<'m> Harness<'m> {
     }
 
     fn setup_with(&mut self, log2: u32) {
-        self.set(CR0, 0);
-        for (lo, hi, size, base) in [
-            (CMDQ_BASE_LO, CMDQ_BASE_HI, CMDQ_LOG2SIZE, CMDQ),
-            (EVTQ_BASE_LO, EVTQ_BASE_HI, EVTQ_LOG2SIZE, EVTQ),
-            (DMAQ_BASE_LO, DMAQ_BASE_HI, DMAQ_LOG2SIZE, DMAQ),
-        ] {
-            self.set(lo, base as u32);
-            self.set(hi, (base >> 32) as u32);
-            // Rings of up to 2^8 entries fit their testkit areas; larger ones run into the next
-            // area, which a hostile driver may do too.
-            self.set(size, log2);
-        }
-        self.set(CTX_BASE_LO, CTX_TABLE as u32);
-        self.set(CTX_BASE_HI, 0);
-        self.set(IRQ_CTRL, IRQ_CTRL_MASK);
-        self.set(CR0, CR0_MASK);
+        // Rings of up to 2^8 entries fit their testkit areas; larger ones run into the next
+        // area, which a hostile driver may do too.
+        crate::testkit::program(|reg, v| self.set(reg, v), log2);
     }
 
     /// Builds page tables for an ASID and writes its context entry, then CFGI_CTX + SYNC.

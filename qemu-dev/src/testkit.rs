@@ -89,19 +89,7 @@ impl<E: Events> Rig<E> {
             sync_seq: 0,
             job_seq: 0,
         };
-        for (lo, hi, size, base) in [
-            (CMDQ_BASE_LO, CMDQ_BASE_HI, CMDQ_LOG2SIZE, CMDQ),
-            (EVTQ_BASE_LO, EVTQ_BASE_HI, EVTQ_LOG2SIZE, EVTQ),
-            (DMAQ_BASE_LO, DMAQ_BASE_HI, DMAQ_LOG2SIZE, DMAQ),
-        ] {
-            r.set(lo, base as u32);
-            r.set(hi, (base >> 32) as u32);
-            r.set(size, RING_LOG2);
-        }
-        r.set(CTX_BASE_LO, CTX_TABLE as u32);
-        r.set(CTX_BASE_HI, 0);
-        r.set(IRQ_CTRL, IRQ_CMD_EN | IRQ_EVT_EN | IRQ_ERR_EN);
-        r.set(CR0, CR0_MASK);
+        program(|reg, v| r.set(reg, v), RING_LOG2);
         r
     }
 
@@ -386,6 +374,26 @@ impl<E: Events> Rig<E> {
     pub fn poke(&self, pa: u64, bytes: &[u8]) {
         self.mem.write(pa, bytes).expect("poke");
     }
+}
+
+/// The driver's bring-up in this layout: every ring at its testkit address with `2^log2`
+/// entries, the context table, all interrupt causes, then every unit enabled. `write` performs
+/// one register write.
+pub fn program(mut write: impl FnMut(u32, u32), log2: u32) {
+    write(CR0, 0);
+    for (lo, hi, size, base) in [
+        (CMDQ_BASE_LO, CMDQ_BASE_HI, CMDQ_LOG2SIZE, CMDQ),
+        (EVTQ_BASE_LO, EVTQ_BASE_HI, EVTQ_LOG2SIZE, EVTQ),
+        (DMAQ_BASE_LO, DMAQ_BASE_HI, DMAQ_LOG2SIZE, DMAQ),
+    ] {
+        write(lo, base as u32);
+        write(hi, (base >> 32) as u32);
+        write(size, log2);
+    }
+    write(CTX_BASE_LO, CTX_TABLE as u32);
+    write(CTX_BASE_HI, (CTX_TABLE >> 32) as u32);
+    write(IRQ_CTRL, IRQ_CMD_EN | IRQ_EVT_EN | IRQ_ERR_EN);
+    write(CR0, CR0_MASK);
 }
 
 /// A job with the given opcode and operands (flags 0).
