@@ -56,6 +56,13 @@ impl<E: Events> ZapguardDevice<E> {
     /// whether anything changed.
     pub(crate) fn run_commands(&mut self, mem: &impl GuestMem) -> bool {
         let mut progress = false;
+        if self.s.lag_left > 0 {
+            // CMD_LAG: only a running job makes the commands wait (each burst counts down).
+            if self.s.job.as_ref().is_some_and(|j| !j.is_stalled()) {
+                return false;
+            }
+            self.s.lag_left = 0;
+        }
         while self.s.cr0ack & CR0_CMDQ_EN != 0 && self.s.cmdq_err == 0 && !self.s.cmdq.is_empty() {
             let pos = self.s.cmdq.cons;
             let mut raw = [0u8; CMD_SIZE];

@@ -155,6 +155,10 @@ pub(crate) struct State {
     /// Bursts executed while the SYNC at the head of the command queue waited.
     pub(crate) sync_waited: u64,
     pub(crate) irq_pending: u32,
+    /// [`CMD_LAG`]: bursts a running job may do after a doorbell before commands execute.
+    pub(crate) cmd_lag: u32,
+    /// Bursts left before the commands published by the last doorbell may execute.
+    pub(crate) lag_left: u32,
 }
 
 impl State {
@@ -185,6 +189,8 @@ impl State {
             next_stall_tag: 1,
             sync_waited: 0,
             irq_pending: 0,
+            cmd_lag: 0,
+            lag_left: 0,
         }
     }
 }
@@ -346,6 +352,7 @@ impl<E: Events> ZapguardDevice<E> {
             CR0 => self.s.cr0,
             CR0ACK => self.s.cr0ack,
             IRQ_CTRL => self.s.irq_ctrl,
+            CMD_LAG => self.s.cmd_lag,
             CTX_BASE_LO => self.s.ctx_base_lo,
             CTX_BASE_HI => self.s.ctx_base_hi,
             CMDQ_BASE_LO => self.s.cmdq.base_lo,
@@ -415,7 +422,15 @@ impl<E: Events> ZapguardDevice<E> {
             DMAQ_BASE_HI => self.s.dmaq.base_hi = v,
             DMAQ_LOG2SIZE => self.s.dmaq.log2 = v,
             // Producer/consumer positions keep only index + wrap bit.
-            CMDQ_PROD => self.s.cmdq.prod = queue::position(v, self.s.cmdq.log2),
+            CMDQ_PROD => {
+                self.s.cmdq.prod = queue::position(v, self.s.cmdq.log2);
+                // A lag window already running is not restarted, so doorbells cannot starve
+                // the queue.
+                if self.s.lag_left == 0 {
+                    self.s.lag_left = self.s.cmd_lag;
+                }
+            }
+            CMD_LAG => self.s.cmd_lag = v,
             EVTQ_CONS => self.s.evtq.cons = queue::position(v, self.s.evtq.log2),
             DMAQ_PROD => self.s.dmaq.prod = queue::position(v, self.s.dmaq.log2),
             _ => {}

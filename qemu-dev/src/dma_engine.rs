@@ -139,6 +139,7 @@ impl<E: Events> ZapguardDevice<E> {
             return false;
         }
         self.burst(mem);
+        self.s.lag_left = self.s.lag_left.saturating_sub(1);
         true
     }
 

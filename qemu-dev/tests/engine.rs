@@ -754,3 +754,57 @@ fn stats_registers_and_trace_kinds() {
     }
     let _ = FRAMES;
 }
+
+/// CMD_LAG delays commands while a job runs: a driver that returns from its invalidation
+/// without waiting for the SYNC lets the kernel reuse the page while the device still writes it.
+#[test]
+fn command_lag_exposes_a_missing_sync_wait() {
+    let cfg = DeviceConfig {
+        dma_burst: 256,
+        ..DeviceConfig::default()
+    };
+    for wait_for_sync in [true, false] {
+        let mut r = Rig::new(cfg.clone(), EventLog::default());
+        r.set(CMD_LAG, 64);
+        assert_eq!(r.reg(CMD_LAG), 64);
+        r.bind(1, 0);
+        for p in 0..4 {
+            r.map_page(1, VA + p * PG);
+        }
+        // An earlier job leaves all four translations in the IOTLB.
+        assert_eq!(r.dma(job(DMA_FILL, 1, 0, VA, 4 * PG, 0)).status, DMA_ST_OK);
+        r.submit(job(DMA_FILL, 1, 0, VA, 4 * PG, 0x1111_1111_1111_1111));
+        r.dev.process(&r.mem, 2);
+        // The driver zaps pages 2..4 (the job has not reached them yet).
+        r.dev_unmap(1, VA + 2 * PG);
+        r.dev_unmap(1, VA + 3 * PG);
+        r.post(Command::new(cmd::CMD_INV_RANGE, 0, 1, VA + 2 * PG, 2 * PG));
+        let s = r.post_sync();
+        r.dev.process(&r.mem, 8);
+        assert!(!r.sync_done(s), "lagged: the SYNC has not run yet");
+        if wait_for_sync {
+            // A correct driver waits; only then does the kernel free the pages.
+            r.run();
+            assert!(r.sync_done(s));
+            r.cpu_unmap(1, VA + 2 * PG);
+            r.cpu_unmap(1, VA + 3 * PG);
+            assert_eq!(violations(&mut r), 0);
+        } else {
+            // Bug: the kernel frees the pages right away while the device still runs.
+            r.cpu_unmap(1, VA + 2 * PG);
+            r.cpu_unmap(1, VA + 3 * PG);
+            r.run();
+            assert!(r.sync_done(s), "the SYNC still completes in the end");
+            assert!(violations(&mut r) > 0, "the device wrote pages the CPU had unmapped");
+        }
+    }
+}
+
+#[test]
+fn command_lag_does_not_delay_an_idle_device() {
+    let mut r = rig();
+    r.set(CMD_LAG, 1_000_000);
+    let s = r.post_sync();
+    r.dev.process(&r.mem, 1);
+    assert!(r.sync_done(s), "no job running: commands execute at once");
+}

@@ -20,6 +20,7 @@
 //! | 0x020 | [`CR0`] | RW | 0 | enables `CR0_*` |
 //! | 0x024 | [`CR0ACK`] | RO | 0 | `CR0` as applied by the device; poll it after writing `CR0` |
 //! | 0x028 | [`IRQ_CTRL`] | RW | 0 | MSI-X causes enabled, `IRQ_*` |
+//! | 0x02c | [`CMD_LAG`] | RW | 0 | test knob (1.2): DMA bursts a running job may still do after a doorbell before the device executes the commands it published |
 //! | 0x030 | [`CTX_BASE_LO`] | RW | 0 | context table GPA bits 31:0 (4 KiB aligned) |
 //! | 0x034 | [`CTX_BASE_HI`] | RW | 0 | context table GPA bits 63:32 |
 //! | 0x040 | [`CMDQ_BASE_LO`] | RW | 0 | command ring GPA bits 31:0 (64-byte aligned) |
@@ -71,6 +72,13 @@ pub const CR0: u32 = 0x020;
 pub const CR0ACK: u32 = 0x024;
 /// Interrupt cause enables.
 pub const IRQ_CTRL: u32 = 0x028;
+/// Command lag (ABI 1.2), a test knob modelling a slow command processor: after a
+/// [`CMDQ_PROD`] doorbell, a running (not stalled) DMA job may do this many more bursts before the
+/// device executes the newly published commands. With no job running they execute at once, and
+/// SYNC semantics are unchanged (it still completes only after the lagged invalidations). A
+/// driver that waits for its SYNC is correct at any lag; one that does not is caught by the
+/// validator deterministically once the lag is large.
+pub const CMD_LAG: u32 = 0x02c;
 /// Context table base, low half.
 pub const CTX_BASE_LO: u32 = 0x030;
 /// Context table base, high half.
@@ -150,7 +158,7 @@ pub const IDENT_MAGIC: u32 = u32::from_le_bytes(*b"ZAPG");
 /// Major ABI version: a driver must refuse a device with another major.
 pub const VERSION_MAJOR: u16 = 1;
 /// Minor ABI version: additions only.
-pub const VERSION_MINOR: u16 = 1;
+pub const VERSION_MINOR: u16 = 2;
 /// Value of [`VERSION`].
 pub const VERSION_VALUE: u32 = ((VERSION_MAJOR as u32) << 16) | VERSION_MINOR as u32;
 
@@ -243,6 +251,7 @@ pub const fn name(offset: u32) -> Option<&'static str> {
         CR0 => "CR0",
         CR0ACK => "CR0ACK",
         IRQ_CTRL => "IRQ_CTRL",
+        CMD_LAG => "CMD_LAG",
         CTX_BASE_LO => "CTX_BASE_LO",
         CTX_BASE_HI => "CTX_BASE_HI",
         CMDQ_BASE_LO => "CMDQ_BASE_LO",

@@ -6,6 +6,17 @@
 //! | ioctl | dir | argument | meaning |
 //! |---|---|---|---|
 //! | [`ZG_IOC_GET_INFO`] | read | [`ZgInfo`] | identity and parameters of the bound device |
+//! | [`ZG_IOC_MAP`] | read/write | [`ZgMap`] | mirror (prefault) a VA range into the device page table |
+//! | [`ZG_IOC_DMA`] | read/write | [`ZgDma`] | run one device DMA job on this context's VAs and wait for it |
+//! | [`ZG_IOC_SNAPSHOT`] | write | [`ZgSnapshot`] | per-page device-PTE and CPU state of a range |
+//! | [`ZG_IOC_STATS`] | read | [`ZgStats`] | this context's counters (and the device's violation count) |
+//! | [`ZG_IOC_INJECT`] | write | [`ZgInject`] | root only: turn on driver bugs for validator self-tests |
+//!
+//! Each open file is one *context*: it binds the opener's address space (`current->mm`) and one
+//! device ASID. Only that address space may use it: an ioctl from another process gets `EPERM`;
+//! once the address space has been torn down (the opener exited, the file lives on elsewhere)
+//! every context ioctl gets `EINVAL`. Addresses at or above [`super::pte::VA_LIMIT`] get `EFAULT`;
+//! empty, unaligned (MAP) or overflowing ranges and unknown flags get `EINVAL`.
 
 /// ioctl type byte for zapguard (`'z'`).
 pub const ZG_IOC_MAGIC: u8 = b'z';
@@ -37,8 +48,9 @@ pub const fn ioc_size(cmd: u32) -> usize {
     ((cmd >> IOC_SIZESHIFT) & ((1 << IOC_SIZEBITS) - 1)) as usize
 }
 
-/// Version of this uAPI, reported in [`ZgInfo::uapi_version`] (2: `irq_count`, `probe_sync_ns`).
-pub const UAPI_VERSION: u32 = 2;
+/// Version of this uAPI, reported in [`ZgInfo::uapi_version`] (2: `irq_count`, `probe_sync_ns`;
+/// 3: contexts, MAP, DMA, SNAPSHOT, STATS, INJECT).
+pub const UAPI_VERSION: u32 = 3;
 
 /// Answer of [`ZG_IOC_GET_INFO`]. Fields are filled from the device's registers at probe time
 /// and from the PCI core; `reserved` is zero and keeps the size stable as fields are added.
@@ -75,3 +87,228 @@ pub const ZG_IOC_GET_INFO: u32 = ioc(IOC_READ, ZG_IOC_MAGIC, 0x00, core::mem::si
 
 const _: () = assert!(core::mem::size_of::<ZgInfo>() == 64);
 const _: () = assert!(ioc_size(ZG_IOC_GET_INFO) == 64);
+
+/// [`ZgMap::flags`]: populate for write (breaks COW, makes the CPU PTE dirty) and map the pages
+/// device-writable; without it pages are mapped read-only even if the CPU may write them.
+pub const ZG_MAP_WRITE: u32 = 1 << 0;
+/// Every [`ZgMap::flags`] bit the driver knows.
+pub const ZG_MAP_FLAGS: u32 = ZG_MAP_WRITE;
+
+/// Argument of [`ZG_IOC_MAP`]: fault in `[va, va + len)` with `hmm_range_fault()` and write the
+/// device PTEs (2 MiB entries where the CPU maps 2 MiB). `va` and `len` must be page aligned.
+/// Errors: `EFAULT` (no VMA, `PROT_NONE`), `EPERM` (write to a read-only VMA), `EBUSY` (the range
+/// kept being invalidated; retry), `ENOMEM` (device page-table pool exhausted).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ZgMap {
+    /// In: first address (page aligned).
+    pub va: u64,
+    /// In: length in bytes (page aligned, > 0).
+    pub len: u64,
+    /// In: `ZG_MAP_*`.
+    pub flags: u32,
+    /// Out: times a collision with an invalidation forced a fresh `hmm_range_fault()`.
+    pub retries: u32,
+    /// Out: 4 KiB device PTEs written.
+    pub pages: u64,
+    /// Out: 2 MiB device PTEs written.
+    pub huge: u64,
+}
+
+/// [`ZgDma::flags`]: do not serve device faults; the first translation fault ends the job
+/// (status [`super::dma::DMA_ST_FAULT`], the ioctl returns `EFAULT`).
+pub const ZG_DMA_NO_FAULT: u32 = 1 << 0;
+/// Every [`ZgDma::flags`] bit the driver knows.
+pub const ZG_DMA_FLAGS: u32 = ZG_DMA_NO_FAULT;
+/// Largest [`super::dma::DMA_READ`]/[`super::dma::DMA_WRITE`] length (the driver's bounce buffer).
+pub const ZG_DMA_BOUNCE_MAX: u64 = 1 << 20;
+
+/// Argument of [`ZG_IOC_DMA`]: one device DMA job on this context's virtual addresses.
+///
+/// `op` is a [`super::dma`] opcode. `aux` is the fill pattern for `DMA_FILL`, and a user buffer of
+/// `len` bytes for `DMA_READ` (receives what the device read at `src`) and `DMA_WRITE` (what the
+/// device writes at `dst`). By default the device stalls on a translation fault and the driver
+/// serves it like a CPU page fault (`hmm_range_fault()` with the access type, then RESUME); a
+/// fault it cannot serve aborts the job and the ioctl returns its error (`EFAULT` for no VMA or
+/// `PROT_NONE`, `EPERM` for a write to a read-only mapping) with the status filled in.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ZgDma {
+    /// In: `DMA_*` opcode.
+    pub op: u32,
+    /// In: `ZG_DMA_*`.
+    pub flags: u32,
+    /// In: source VA.
+    pub src: u64,
+    /// In: destination VA.
+    pub dst: u64,
+    /// In: length in bytes, 1..=[`super::dma::DMA_MAX_LEN`].
+    pub len: u64,
+    /// In: pattern or user buffer, per opcode.
+    pub aux: u64,
+    /// Out: `DMA_ST_*`.
+    pub status: u32,
+    /// Out: `FAULT_*` reason when the job ended on a fault.
+    pub fault_reason: u32,
+    /// Out: translation faults the device took (served or not).
+    pub faults: u32,
+    /// Out: negative errno of the fault the driver could not serve, 0 otherwise.
+    pub error: i32,
+    /// Out: bytes processed.
+    pub bytes_done: u64,
+    /// Out: opcode result (checksum, first difference).
+    pub result: u64,
+    /// Out: nanoseconds from submission to completion as seen by the driver.
+    pub elapsed_ns: u64,
+}
+
+/// Snapshot byte: the device PTE is present.
+pub const ZG_SNAP_DEV_PRESENT: u8 = 1 << 0;
+/// Snapshot byte: the device PTE is writable.
+pub const ZG_SNAP_DEV_WRITE: u8 = 1 << 1;
+/// Snapshot byte: the device maps the page with a 2 MiB entry.
+pub const ZG_SNAP_DEV_HUGE: u8 = 1 << 2;
+/// Snapshot byte: the device set the dirty bit (it wrote through the entry).
+pub const ZG_SNAP_DEV_DIRTY: u8 = 1 << 3;
+/// Snapshot byte: the CPU maps the page (HMM snapshot, no fault).
+pub const ZG_SNAP_CPU_VALID: u8 = 1 << 4;
+/// Snapshot byte: the CPU mapping is writable.
+pub const ZG_SNAP_CPU_WRITE: u8 = 1 << 5;
+/// Snapshot byte: the CPU maps the page as part of a 2 MiB (or larger) mapping.
+pub const ZG_SNAP_CPU_HUGE: u8 = 1 << 6;
+/// Snapshot byte: the page cannot be mapped (no VMA, `PROT_NONE`, special mapping).
+pub const ZG_SNAP_CPU_ERROR: u8 = 1 << 7;
+/// Largest [`ZgSnapshot::npages`].
+pub const ZG_SNAPSHOT_MAX_PAGES: u64 = 4096;
+
+/// Argument of [`ZG_IOC_SNAPSHOT`]: one `ZG_SNAP_*` byte per page of `[va, va + npages * 4096)`
+/// is written to the user buffer `out`. Faults nothing in.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ZgSnapshot {
+    /// First address (page aligned).
+    pub va: u64,
+    /// Pages, 1..=[`ZG_SNAPSHOT_MAX_PAGES`].
+    pub npages: u64,
+    /// User buffer of `npages` bytes.
+    pub out: u64,
+}
+
+/// [`ZgStats::flags`]: the context's address space has been torn down.
+pub const ZG_STATS_RELEASED: u32 = 1 << 0;
+/// Number of validator violation classes (indexes of [`ZgStats::violations`] are `VIOL_*`).
+pub const ZG_VIOL_CLASSES: usize = 6;
+
+/// Answer of [`ZG_IOC_STATS`]: counters of this context since it was opened.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ZgStats {
+    /// The context's device ASID.
+    pub asid: u32,
+    /// `ZG_STATS_*`.
+    pub flags: u32,
+    /// Invalidation callbacks received.
+    pub invalidations: u64,
+    /// Of those, callbacks that found nothing mapped in the device (no commands sent).
+    pub invalidations_empty: u64,
+    /// Non-blockable callbacks that gave up (returned false) rather than sleep.
+    pub invalidations_nonblock_failed: u64,
+    /// Device PTEs cleared (a 2 MiB entry counts 512).
+    pub pages_zapped: u64,
+    /// `CMD_INV_RANGE` commands posted.
+    pub inv_range_cmds: u64,
+    /// `CMD_INV_ASID` commands posted (ranges above the threshold, release, close).
+    pub inv_asid_cmds: u64,
+    /// SYNCs waited for.
+    pub sync_waits: u64,
+    /// Total time spent waiting for SYNCs, in ns.
+    pub sync_wait_ns: u64,
+    /// Longest SYNC wait, in ns.
+    pub sync_wait_max_ns: u64,
+    /// Populate passes (MAP chunks and served faults).
+    pub populates: u64,
+    /// Populate passes restarted because an invalidation collided with them.
+    pub populate_retries: u64,
+    /// 4 KiB device PTEs written.
+    pub pages_mapped: u64,
+    /// 2 MiB device PTEs written.
+    pub huge_mapped: u64,
+    /// Device fault events received for this ASID.
+    pub faults: u64,
+    /// Stalled faults served (RESUME).
+    pub faults_resolved: u64,
+    /// Stalled faults that could not be served (ABORT).
+    pub faults_aborted: u64,
+    /// DMA jobs completed.
+    pub dma_jobs: u64,
+    /// Validator violation events for this ASID, indexed by `VIOL_*` (index 0 unused).
+    pub violations: [u64; ZG_VIOL_CLASSES],
+    /// The device's global `STAT_VIOLATIONS` counter (all ASIDs, since reset).
+    pub device_violations: u64,
+    /// Device page-table pages this context holds.
+    pub pt_pages: u64,
+    /// Zero.
+    pub reserved: [u64; 6],
+}
+
+/// [`ZgInject::modes`]: the invalidation callback only bumps the sequence (no PTE clear, no
+/// commands): the device keeps using zapped pages (`VIOL_STALE`).
+pub const ZG_INJ_SKIP_SHOOTDOWN: u32 = 1 << 0;
+/// The callback posts its invalidation and SYNC but returns without waiting for the SYNC; with a
+/// [`ZgInject::cmd_lag`] the device writes pages the kernel already freed (`VIOL_STALE`).
+pub const ZG_INJ_SKIP_SYNC_WAIT: u32 = 1 << 1;
+/// Populate ignores `mmu_interval_read_retry()` and commits PTEs from a walk an invalidation
+/// overtook (and sleeps 2 ms between walk and commit, so tests hit the window): `VIOL_STALE`.
+pub const ZG_INJ_IGNORE_RETRY: u32 = 1 << 2;
+/// Write-protect invalidations (`mprotect()`, COW write-protect on `fork()`) are ignored: the
+/// device keeps write access (`VIOL_WRITE_PERM`).
+pub const ZG_INJ_KEEP_WRITE: u32 = 1 << 3;
+/// Release (`exit_mmap()`) leaves the device context enabled with its mappings (it is only
+/// marked released for the validator): a job still running keeps going (`VIOL_RELEASED`).
+pub const ZG_INJ_KEEP_AFTER_RELEASE: u32 = 1 << 4;
+/// Every injection mode.
+pub const ZG_INJ_ALL: u32 = ZG_INJ_SKIP_SHOOTDOWN
+    | ZG_INJ_SKIP_SYNC_WAIT
+    | ZG_INJ_IGNORE_RETRY
+    | ZG_INJ_KEEP_WRITE
+    | ZG_INJ_KEEP_AFTER_RELEASE;
+
+/// Argument of [`ZG_IOC_INJECT`] (needs `CAP_SYS_ADMIN`, else `EPERM`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ZgInject {
+    /// `ZG_INJ_*` bugs to enable on this context (0 turns them off).
+    pub modes: u32,
+    /// Value for the device's [`super::regs::CMD_LAG`] register (device-wide, reset to 0 when
+    /// the context that set it closes).
+    pub cmd_lag: u32,
+}
+
+/// `_IOWR('z', 0x01, struct zg_map)`.
+pub const ZG_IOC_MAP: u32 = ioc(
+    IOC_READ | IOC_WRITE,
+    ZG_IOC_MAGIC,
+    0x01,
+    core::mem::size_of::<ZgMap>(),
+);
+/// `_IOWR('z', 0x02, struct zg_dma)`.
+pub const ZG_IOC_DMA: u32 = ioc(
+    IOC_READ | IOC_WRITE,
+    ZG_IOC_MAGIC,
+    0x02,
+    core::mem::size_of::<ZgDma>(),
+);
+/// `_IOW('z', 0x03, struct zg_snapshot)`.
+pub const ZG_IOC_SNAPSHOT: u32 =
+    ioc(IOC_WRITE, ZG_IOC_MAGIC, 0x03, core::mem::size_of::<ZgSnapshot>());
+/// `_IOR('z', 0x04, struct zg_stats)`.
+pub const ZG_IOC_STATS: u32 = ioc(IOC_READ, ZG_IOC_MAGIC, 0x04, core::mem::size_of::<ZgStats>());
+/// `_IOW('z', 0x05, struct zg_inject)`.
+pub const ZG_IOC_INJECT: u32 =
+    ioc(IOC_WRITE, ZG_IOC_MAGIC, 0x05, core::mem::size_of::<ZgInject>());
+
+const _: () = assert!(core::mem::size_of::<ZgMap>() == 40);
+const _: () = assert!(core::mem::size_of::<ZgDma>() == 80);
+const _: () = assert!(core::mem::size_of::<ZgSnapshot>() == 24);
+const _: () = assert!(core::mem::size_of::<ZgStats>() == 256);
+const _: () = assert!(core::mem::size_of::<ZgInject>() == 8);
