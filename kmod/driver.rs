@@ -6,37 +6,57 @@
 //! an unbind, so they never borrow from it: they hold an [`Arc<Shared>`] whose BAR mapping is a
 //! [`pci::DevresBar`], revoked by the driver core at unbind, after which ioctls return `ENODEV`.
 
-use crate::abi::cmd;
-use crate::abi::queue;
-use crate::abi::{dma, event, pci as zpci, pte, regs, uapi};
+use crate::abi::{cmd, event as ev, pci as zpci, pte, queue, regs, uapi};
+use crate::hw::{DevresBar, Hw, Wait, BAR0_SIZE, RING_LOG2};
+use crate::mirror::{self, Context};
 use core::pin::Pin;
 use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use kernel::{
     device::Core,
-    dma::{Coherent, Device as _, DmaMask},
+    dma::{Device as _, DmaMask},
     fs::File,
     io::Io,
     irq::{self, IrqReturn},
     miscdevice::{MiscDevice, MiscDeviceOptions, MiscDeviceRegistration},
-    pci,
+    new_spinlock, pci,
     prelude::*,
-    sync::Arc,
-    time::{delay::fsleep, Delta, Instant, Monotonic},
-    transmute::AsBytes,
+    sync::{Arc, SpinLock},
+    transmute::{AsBytes, FromBytes},
     uaccess::{UserPtr, UserSlice},
 };
 
-const BAR0_SIZE: usize = zpci::BAR0_SIZE as usize;
 const NUM_VECTORS: usize = zpci::MSIX_VECTORS as usize;
 
-// SAFETY: `ZgInfo` is `repr(C)` and made only of `u32`s (size asserted in the ABI to be 64 bytes,
-// i.e. no padding), so every byte of a value is initialized.
+// SAFETY: These uAPI structures are `repr(C)` and made only of integers laid out without padding
+// (their sizes are asserted in the ABI), so every byte is initialised and any bytes are a valid
+// value.
 unsafe impl AsBytes for uapi::ZgInfo {}
+// SAFETY: See above.
+unsafe impl AsBytes for uapi::ZgMap {}
+// SAFETY: See above.
+unsafe impl FromBytes for uapi::ZgMap {}
+// SAFETY: See above.
+unsafe impl AsBytes for uapi::ZgDma {}
+// SAFETY: See above.
+unsafe impl FromBytes for uapi::ZgDma {}
+// SAFETY: See above.
+unsafe impl FromBytes for uapi::ZgSnapshot {}
+// SAFETY: See above.
+unsafe impl AsBytes for uapi::ZgStats {}
+// SAFETY: See above.
+unsafe impl FromBytes for uapi::ZgInject {}
+
+/// Contexts by ASID, for the event thread. ASID 0 is never handed out.
+struct AsidTable {
+    used: KVec<bool>,
+    ctxs: KVec<Option<Arc<Context>>>,
+}
 
 /// State shared by the PCI device and every open file.
-struct Shared {
+#[pin_data]
+pub(crate) struct Shared {
     /// BAR0, revoked by the driver core when the device unbinds.
-    bar: pci::DevresBar<BAR0_SIZE>,
+    pub(crate) bar: DevresBar,
     /// Interrupts seen per MSI-X vector ([`zpci::Vector`] order).
     irqs: [AtomicU64; NUM_VECTORS],
     /// Vectors allocated at probe (set once the handlers, which need `Shared`, exist).
@@ -45,6 +65,11 @@ struct Shared {
     pci_location: u32,
     /// Duration of the probe-time SYNC round trip.
     probe_sync_ns: AtomicU32,
+    /// DMA memory and queues.
+    #[pin]
+    pub(crate) hw: Hw,
+    #[pin]
+    asids: SpinLock<AsidTable>,
 }
 
 impl Shared {
@@ -68,24 +93,153 @@ impl Shared {
             reserved: [0; 4],
         })
     }
+
+    /// A 64-bit device statistic (HI, LO, HI until stable), 0 if the device is gone.
+    pub(crate) fn device_stat(&self, i: u32) -> u64 {
+        let Some(bar) = self.bar.try_access() else {
+            return 0;
+        };
+        loop {
+            let hi = bar.try_read32(regs::stat_hi(i) as usize).unwrap_or(0);
+            let lo = bar.try_read32(regs::stat_lo(i) as usize).unwrap_or(0);
+            if bar.try_read32(regs::stat_hi(i) as usize).unwrap_or(0) == hi {
+                return u64::from(hi) << 32 | u64::from(lo);
+            }
+        }
+    }
+
+    /// Sets the device's command lag (a test knob, see [`regs::CMD_LAG`]).
+    pub(crate) fn set_cmd_lag(&self, lag: u32) {
+        if let Some(bar) = self.bar.try_access() {
+            bar.write32(lag, regs::CMD_LAG as usize);
+        }
+    }
+
+    /// Takes a free ASID.
+    pub(crate) fn alloc_asid(&self) -> Result<u32> {
+        let mut t = self.asids.lock();
+        let asid = (1..t.used.len()).find(|&a| !t.used[a]).ok_or(EBUSY)?;
+        t.used[asid] = true;
+        Ok(asid as u32)
+    }
+
+    /// Returns an ASID (its context is disabled and no job names it).
+    pub(crate) fn free_asid(&self, asid: u32) {
+        if let Some(u) = self.asids.lock().used.get_mut(asid as usize) {
+            *u = false;
+        }
+    }
+
+    /// Makes `ctx` reachable by its ASID from the event thread.
+    pub(crate) fn publish(&self, asid: u32, ctx: Arc<Context>) -> Result {
+        let mut t = self.asids.lock();
+        let slot = t.ctxs.get_mut(asid as usize).ok_or(EINVAL)?;
+        *slot = Some(ctx);
+        Ok(())
+    }
+
+    /// Stops delivering events to the context of `asid`.
+    pub(crate) fn unpublish(&self, asid: u32) {
+        let old = self
+            .asids
+            .lock()
+            .ctxs
+            .get_mut(asid as usize)
+            .and_then(Option::take);
+        // Dropped outside the spinlock: the last reference removes the notifier, which sleeps.
+        drop(old);
+    }
+
+    fn lookup(&self, asid: u32) -> Option<Arc<Context>> {
+        self.asids.lock().ctxs.get(asid as usize)?.clone()
+    }
+
+    /// Command vector: SYNCs and DMA jobs completed.
+    fn on_command(&self) {
+        self.hw.cmdq.complete();
+        self.hw.jobs.complete(&self.bar);
+    }
+
+    /// Event vector: consume the event ring; serve stalled faults (this sleeps: it runs in the
+    /// vector's interrupt thread).
+    fn on_events(&self) {
+        loop {
+            let prod = match self.bar.try_access() {
+                Some(bar) => bar.read32(regs::EVTQ_PROD as usize),
+                None => return,
+            };
+            let prod = queue::position(prod & !regs::EVTQ_PROD_OVERFLOW, RING_LOG2);
+            let mut cons = self.hw.evt_cons.load(Ordering::Relaxed);
+            if cons == prod {
+                return;
+            }
+            while cons != prod {
+                if let Ok(e) = self.hw.event(cons) {
+                    self.handle_event(&e);
+                }
+                cons = queue::next(cons, RING_LOG2);
+                self.hw.evt_cons.store(cons, Ordering::Relaxed);
+                match self.bar.try_access() {
+                    Some(bar) => bar.write32(cons, regs::EVTQ_CONS as usize),
+                    None => return,
+                }
+            }
+        }
+    }
+
+    fn handle_event(&self, e: &ev::Event) {
+        let ctx = self.lookup(e.asid);
+        if let Some(ctx) = ctx.as_deref() {
+            ctx.on_event(e);
+        }
+        if e.ty != ev::EVT_FAULT || e.flags & ev::EVT_F_STALLED == 0 {
+            return;
+        }
+        let write = e.flags & ev::EVT_F_WRITE != 0;
+        let served = match ctx.as_deref() {
+            Some(c) => mirror::serve_fault(c, e.va, write).inspect_err(|err| {
+                c.record_abort(e.info2, *err);
+            }),
+            None => Err(ESRCH),
+        };
+        if let Some(c) = ctx.as_deref() {
+            c.count_fault_result(served.is_ok());
+        }
+        let op = if served.is_ok() { cmd::CMD_RESUME } else { cmd::CMD_ABORT };
+        let c = cmd::Command::new(op, 0, e.asid, 0, e.info);
+        if let Err(err) = self.hw.cmdq.post(&self.bar, &[c], false, Wait::Sleep) {
+            pr_err!("zapguard: cannot answer stalled fault (asid {}): {:?}\n", e.asid, err);
+        }
+    }
 }
 
-/// Interrupt handler for one MSI-X vector.
+/// Interrupt handler for one MSI-X vector: the hard handler counts, the thread does the work.
 struct VectorHandler {
     shared: Arc<Shared>,
     vector: usize,
 }
 
-impl irq::Handler for VectorHandler {
-    fn handle(&self) -> IrqReturn {
+impl irq::ThreadedHandler for VectorHandler {
+    fn handle(&self) -> irq::ThreadedIrqReturn {
         if let Some(count) = self.shared.irqs.get(self.vector) {
             count.fetch_add(1, Ordering::Relaxed);
         }
-        if self.vector == zpci::Vector::Error as usize {
-            if let Some(bar) = self.shared.bar.try_access() {
-                // Write-1-to-clear whatever is pending; the bits are reported by later ABI versions.
-                let err = bar.read32(regs::ERROR as usize);
-                bar.write32(err, regs::ERROR as usize);
+        irq::ThreadedIrqReturn::WakeThread
+    }
+
+    fn handle_threaded(&self) -> IrqReturn {
+        match self.vector {
+            v if v == zpci::Vector::Command as usize => self.shared.on_command(),
+            v if v == zpci::Vector::Event as usize => self.shared.on_events(),
+            _ => {
+                if let Some(bar) = self.shared.bar.try_access() {
+                    let err = bar.read32(regs::ERROR as usize);
+                    let info = bar.read32(regs::ERROR_INFO as usize);
+                    // Write-1-to-clear; a stopped command queue is left stopped (its SYNC
+                    // waiters time out and report it).
+                    bar.write32(err & !regs::ERR_CMDQ, regs::ERROR as usize);
+                    pr_warn!("zapguard: device error {:#x} (info {:#x})\n", err, info);
+                }
             }
         }
         IrqReturn::Handled
@@ -115,9 +269,178 @@ impl MiscReg {
     }
 }
 
-/// An open `/dev/zapguard`.
+/// An open `/dev/zapguard`: one context.
 struct ZgFile {
     shared: Arc<Shared>,
+    ctx: Arc<Context>,
+}
+
+impl Drop for ZgFile {
+    fn drop(&mut self) {
+        self.ctx.shutdown();
+    }
+}
+
+/// Reads an ioctl argument of type `T`.
+fn read_arg<T: FromBytes>(arg: usize) -> Result<T> {
+    UserSlice::new(UserPtr::from_addr(arg), core::mem::size_of::<T>())
+        .reader()
+        .read()
+}
+
+/// Writes an ioctl result of type `T`.
+fn write_arg<T: AsBytes>(arg: usize, v: &T) -> Result {
+    UserSlice::new(UserPtr::from_addr(arg), core::mem::size_of::<T>())
+        .writer()
+        .write(v)
+}
+
+/// Checks `[va, va + len)`: `EINVAL` if empty or wrapping, `EFAULT` if not device-addressable.
+fn check_range(va: u64, len: u64) -> Result {
+    let end = va.checked_add(len).ok_or(EINVAL)?;
+    if len == 0 {
+        return Err(EINVAL);
+    }
+    if end > pte::VA_LIMIT {
+        return Err(EFAULT);
+    }
+    Ok(())
+}
+
+impl ZgFile {
+    /// The context, if the caller may use it: `EINVAL` once its address space is gone, `EPERM`
+    /// for a task of another address space (a context mirrors its opener only).
+    fn ctx(&self) -> Result<&Context> {
+        if self.ctx.released() {
+            return Err(EINVAL);
+        }
+        let task = kernel::current!();
+        let mine = task.mm().map(|m| m.as_raw());
+        if mine != Some(self.ctx.mm().as_raw()) {
+            return Err(EPERM);
+        }
+        Ok(&self.ctx)
+    }
+
+    fn map(&self, arg: usize) -> Result {
+        let mut m: uapi::ZgMap = read_arg(arg)?;
+        let page = pte::PAGE_SIZE - 1;
+        if m.flags & !uapi::ZG_MAP_FLAGS != 0 || m.va & page != 0 || m.len & page != 0 {
+            return Err(EINVAL);
+        }
+        check_range(m.va, m.len)?;
+        let ctx = self.ctx()?;
+        let mut out = mirror::MapOut::default();
+        let r = mirror::populate(ctx, m.va, m.va + m.len, m.flags & uapi::ZG_MAP_WRITE != 0, &mut out);
+        m.retries = out.retries;
+        m.pages = out.pages;
+        m.huge = out.huge;
+        write_arg(arg, &m)?;
+        r
+    }
+
+    fn dma(&self, arg: usize) -> Result {
+        use crate::abi::dma::*;
+        let mut d: uapi::ZgDma = read_arg(arg)?;
+        let op = u8::try_from(d.op).map_err(|_| EINVAL)?;
+        if !(DMA_COPY..=DMA_COMPARE).contains(&op) || d.flags & !uapi::ZG_DMA_FLAGS != 0 {
+            return Err(EINVAL);
+        }
+        if d.len == 0 || d.len > DMA_MAX_LEN {
+            return Err(EINVAL);
+        }
+        if matches!(op, DMA_COPY | DMA_READ | DMA_CHECKSUM | DMA_COMPARE) {
+            check_range(d.src, d.len)?;
+        }
+        if matches!(op, DMA_COPY | DMA_FILL | DMA_WRITE | DMA_COMPARE) {
+            check_range(d.dst, d.len)?;
+        }
+        let bounce = matches!(op, DMA_READ | DMA_WRITE);
+        if bounce && d.len > uapi::ZG_DMA_BOUNCE_MAX {
+            return Err(EINVAL);
+        }
+        let ctx = self.ctx()?;
+        let jobs = &self.shared.hw.jobs;
+        let len = d.len as usize;
+        // READ/WRITE own the bounce buffer from the copy-in to the copy-out.
+        let _bounce = bounce.then(|| jobs.bounce_lock.lock());
+        let aux = if bounce { jobs.bounce_addr() } else { d.aux };
+        if op == DMA_WRITE {
+            // SAFETY: `_bounce` holds the bounce lock and no job is using the buffer (jobs that
+            // use it run under that lock and are waited for uninterruptibly).
+            let buf = unsafe { jobs.bounce_bytes(len)? };
+            UserSlice::new(UserPtr::from_addr(d.aux as usize), len)
+                .reader()
+                .read_slice(buf)?;
+        }
+        let stall = if d.flags & uapi::ZG_DMA_NO_FAULT != 0 { 0 } else { DMA_F_STALL };
+        let job = DmaJob {
+            op,
+            flags: DMA_F_IRQ | stall,
+            asid: ctx.asid,
+            src: d.src,
+            dst: d.dst,
+            len: d.len,
+            aux,
+            ..Default::default()
+        };
+        let seq = jobs.submit(&self.shared.bar, job)?;
+        let done = jobs.wait(&self.shared.bar, seq, !bounce)?;
+        ctx.count_job();
+        let st = done.status;
+        d.status = st.status.into();
+        d.fault_reason = st.fault_reason.into();
+        d.faults = st.faults;
+        d.bytes_done = st.bytes_done;
+        d.result = st.result;
+        d.elapsed_ns = done.elapsed.as_nanos().max(0) as u64;
+        let abort = if st.status == DMA_ST_FAULT { ctx.abort_error(seq) } else { None };
+        d.error = abort.map_or(0, |e| e.to_errno());
+        if op == DMA_READ && st.status == DMA_ST_OK {
+            // SAFETY: As for DMA_WRITE above; the job has completed.
+            let buf = unsafe { jobs.bounce_bytes(len)? };
+            UserSlice::new(UserPtr::from_addr(d.aux as usize), len)
+                .writer()
+                .write_slice(buf)?;
+        }
+        write_arg(arg, &d)?;
+        match st.status {
+            DMA_ST_OK => Ok(()),
+            DMA_ST_FAULT => Err(abort.unwrap_or(EFAULT)),
+            DMA_ST_BAD_JOB => Err(EINVAL),
+            _ => Err(EIO),
+        }
+    }
+
+    fn snapshot(&self, arg: usize) -> Result {
+        let s: uapi::ZgSnapshot = read_arg(arg)?;
+        if s.npages == 0 || s.npages > uapi::ZG_SNAPSHOT_MAX_PAGES || s.va & (pte::PAGE_SIZE - 1) != 0 {
+            return Err(EINVAL);
+        }
+        check_range(s.va, s.npages * pte::PAGE_SIZE)?;
+        let ctx = self.ctx()?;
+        let n = s.npages as usize;
+        let mut out = KVec::with_capacity(n, GFP_KERNEL)?;
+        out.resize(n, 0u8, GFP_KERNEL)?;
+        mirror::snapshot(ctx, s.va, &mut out)?;
+        UserSlice::new(UserPtr::from_addr(s.out as usize), n)
+            .writer()
+            .write_slice(&out)
+    }
+
+    fn inject(&self, arg: usize) -> Result {
+        // SAFETY: `capable()` only reads the current task's credentials.
+        if !unsafe { kernel::bindings::capable(kernel::bindings::CAP_SYS_ADMIN as i32) } {
+            return Err(EPERM);
+        }
+        let i: uapi::ZgInject = read_arg(arg)?;
+        if i.modes & !uapi::ZG_INJ_ALL != 0 {
+            return Err(EINVAL);
+        }
+        let ctx = self.ctx()?;
+        ctx.set_inject(i.modes, i.cmd_lag);
+        Ok(())
+    }
 }
 
 #[vtable]
@@ -130,40 +453,47 @@ impl MiscDevice for ZgFile {
         // alive: the misc core calls open() only while the device is registered, and
         // deregistration (in `MiscReg`'s drop) waits for open() under `misc_mtx`.
         let outer = unsafe { &*kernel::container_of!(reg, MiscReg, reg) };
-        KBox::new(
-            Self {
-                shared: outer.shared.clone(),
-            },
-            GFP_KERNEL,
-        )
-        .map_err(Into::into)
+        let shared = outer.shared.clone();
+        if shared.bar.try_access().is_none() {
+            return Err(ENODEV);
+        }
+        let ctx = mirror::open(&shared)?;
+        match KBox::new(Self { shared, ctx: ctx.clone() }, GFP_KERNEL) {
+            Ok(f) => Ok(f),
+            Err(e) => {
+                ctx.shutdown();
+                Err(e.into())
+            }
+        }
     }
 
     fn ioctl(me: &ZgFile, _file: &File, cmd: u32, arg: usize) -> Result<isize> {
         match cmd {
-            uapi::ZG_IOC_GET_INFO => {
-                let info = me.shared.info()?;
-                let ptr = UserPtr::from_addr(arg);
-                UserSlice::new(ptr, core::mem::size_of::<uapi::ZgInfo>())
-                    .writer()
-                    .write(&info)?;
-                Ok(0)
+            uapi::ZG_IOC_GET_INFO => write_arg(arg, &me.shared.info()?)?,
+            uapi::ZG_IOC_MAP => me.map(arg)?,
+            uapi::ZG_IOC_DMA => me.dma(arg)?,
+            uapi::ZG_IOC_SNAPSHOT => me.snapshot(arg)?,
+            uapi::ZG_IOC_STATS => {
+                // Readable by any task holding the file, even after the mm is gone.
+                write_arg(arg, &me.ctx.stats())?
             }
-            _ => Err(ENOTTY),
+            uapi::ZG_IOC_INJECT => me.inject(arg)?,
+            _ => return Err(ENOTTY),
         }
+        Ok(0)
     }
 }
 
-/// MSI-X vectors and their handlers.
+/// MSI-X vectors and their (threaded) handlers.
 ///
 /// # Invariants
 ///
-/// `_handlers` (held only to be dropped) borrow from `*vectors` with a lifetime extended to `'bound`. This is sound because
-/// `vectors` is heap-pinned (its address never changes) and lives until `Drop`, which frees the
-/// handlers (`free_irq`) before the vectors (`pci_free_irq_vectors`): fields drop in declaration
-/// order, `handlers` first.
+/// `_handlers` (held only to be dropped) borrow from `*vectors` with a lifetime extended to
+/// `'bound`. This is sound because `vectors` is heap-pinned (its address never changes) and lives
+/// until `Drop`, which frees the handlers (`free_irq`) before the vectors
+/// (`pci_free_irq_vectors`): fields drop in declaration order, `handlers` first.
 struct Vectors<'bound> {
-    _handlers: KVec<Pin<KBox<irq::Registration<'bound, VectorHandler>>>>,
+    _handlers: KVec<Pin<KBox<irq::ThreadedRegistration<'bound, VectorHandler>>>>,
     vectors: Pin<KBox<pci::IrqVectorRegistration<'bound>>>,
 }
 
@@ -185,9 +515,9 @@ impl<'bound> Vectors<'bound> {
             };
             // SAFETY: the registration is stored in `handlers` and dropped, never leaked.
             let reg = unsafe {
-                irq::Registration::new(
+                irq::ThreadedRegistration::new(
                     vref.index(vector)?.into(),
-                    irq::Flags::TRIGGER_NONE,
+                    irq::Flags::TRIGGER_NONE | irq::Flags::ONESHOT,
                     c"zapguard",
                     Ok::<_, Error>(handler),
                 )
@@ -209,140 +539,7 @@ pub struct ZgDevice<'bound> {
     #[pin]
     misc: MiscReg,
     irqs: Vectors<'bound>,
-    /// Freed after unbind quiesced the device (see [`Rings`]).
-    rings: Rings,
     shared: Arc<Shared>,
-}
-
-/// log2 of the number of entries of each ring the driver gives the device.
-const RING_LOG2: u32 = 6;
-/// Words (u64) per page of coherent memory.
-const PAGE_WORDS: usize = 512;
-/// Polls of CR0ACK before giving up on the enable/disable handshake (~65 us per read under TCG).
-const HANDSHAKE_POLLS: usize = 1000;
-/// Upper bound for the probe-time SYNC round trip.
-const SYNC_TIMEOUT_MS: i64 = 2000;
-
-/// The device's rings and context table, in DMA-coherent memory.
-///
-/// # Invariants
-///
-/// While the device's units are enabled (from [`Rings::enable`] until [`Rings::quiesce`]
-/// succeeded), the device may read and write these buffers at any time: they must outlive that
-/// window, which is why [`ZgDevice`] owns them and unbind quiesces the device before they drop.
-struct Rings {
-    cmdq: Coherent<[u64]>,
-    evtq: Coherent<[u64]>,
-    dmaq: Coherent<[u64]>,
-    ctx: Coherent<[u64]>,
-    /// SYNC completion words.
-    sync: Coherent<[u64]>,
-}
-
-impl Rings {
-    fn new(dev: &kernel::device::Device<kernel::device::Bound>, asid_count: u32) -> Result<Self> {
-        let ring_words = |entry: usize| ((entry << RING_LOG2) / 8).max(PAGE_WORDS);
-        let ctx_words = (asid_count as usize)
-            .checked_mul(pte::CTX_ENTRY_SIZE / 8)
-            .ok_or(EINVAL)?;
-        Ok(Self {
-            cmdq: Coherent::zeroed_slice(dev, ring_words(cmd::CMD_SIZE), GFP_KERNEL)?,
-            evtq: Coherent::zeroed_slice(dev, ring_words(event::EVT_SIZE), GFP_KERNEL)?,
-            dmaq: Coherent::zeroed_slice(dev, ring_words(dma::DMA_JOB_SIZE), GFP_KERNEL)?,
-            ctx: Coherent::zeroed_slice(dev, ctx_words.max(PAGE_WORDS), GFP_KERNEL)?,
-            sync: Coherent::zeroed_slice(dev, PAGE_WORDS, GFP_KERNEL)?,
-        })
-    }
-
-    /// Programs every unit and enables it, then waits for CR0ACK.
-    fn enable(&self, bar: &pci::Bar<'_, BAR0_SIZE>) -> Result {
-        // Offsets vary at run time here, so use the checked accessors.
-        let program = |lo: u32, hi: u32, addr: u64| -> Result {
-            bar.try_write32(addr as u32, lo as usize)?;
-            bar.try_write32((addr >> 32) as u32, hi as usize)
-        };
-        program(regs::CTX_BASE_LO, regs::CTX_BASE_HI, self.ctx.dma_address())?;
-        for (lo, hi, size, ring) in [
-            (
-                regs::CMDQ_BASE_LO,
-                regs::CMDQ_BASE_HI,
-                regs::CMDQ_LOG2SIZE,
-                &self.cmdq,
-            ),
-            (
-                regs::EVTQ_BASE_LO,
-                regs::EVTQ_BASE_HI,
-                regs::EVTQ_LOG2SIZE,
-                &self.evtq,
-            ),
-            (
-                regs::DMAQ_BASE_LO,
-                regs::DMAQ_BASE_HI,
-                regs::DMAQ_LOG2SIZE,
-                &self.dmaq,
-            ),
-        ] {
-            program(lo, hi, ring.dma_address())?;
-            bar.try_write32(RING_LOG2, size as usize)?;
-        }
-        bar.write32(
-            regs::IRQ_CMD_EN | regs::IRQ_EVT_EN | regs::IRQ_ERR_EN,
-            regs::IRQ_CTRL as usize,
-        );
-        bar.write32(regs::CR0_MASK, regs::CR0 as usize);
-        handshake(bar, regs::CR0_MASK)
-    }
-
-    /// Posts a SYNC that writes `value` into the first sync word and waits for it (polling with
-    /// sleeps, bounded): the device's completion travels by DMA into guest memory.
-    fn sync_round_trip(&self, bar: &pci::Bar<'_, BAR0_SIZE>, value: u32) -> Result<Delta> {
-        let start = Instant::<Monotonic>::now();
-        let prod = bar.read32(regs::CMDQ_PROD as usize);
-        let slot = queue::index(prod, RING_LOG2) as usize * (cmd::CMD_SIZE / 8);
-        let c = cmd::Command::new(
-            cmd::CMD_SYNC,
-            cmd::CMD_F_SYNC_IRQ,
-            0,
-            self.sync.dma_address(),
-            u64::from(value),
-        );
-        let words: [u64; 4] = crate::abi::bytes_to_words(&c.to_bytes());
-        for (i, w) in words.iter().enumerate() {
-            kernel::io::io_write!(&self.cmdq, [try: slot + i], *w);
-        }
-        // The device must see the command before the doorbell: MMIO writes are ordered after
-        // earlier normal-memory writes on x86 (wmb() is a compiler barrier there).
-        bar.write32(queue::next(prod, RING_LOG2), regs::CMDQ_PROD as usize);
-        loop {
-            let done: u64 = kernel::io::io_read!(&self.sync, [try: 0]);
-            let done = done as u32;
-            if done == value {
-                return Ok(start.elapsed());
-            }
-            if start.elapsed() > Delta::from_millis(SYNC_TIMEOUT_MS) {
-                return Err(ETIMEDOUT);
-            }
-            fsleep(Delta::from_micros(100));
-        }
-    }
-
-    /// Disables every unit and waits until the device acknowledges: after this the device no
-    /// longer touches the rings.
-    fn quiesce(&self, bar: &pci::Bar<'_, BAR0_SIZE>) -> Result {
-        bar.write32(0, regs::CR0 as usize);
-        handshake(bar, 0)
-    }
-}
-
-/// Polls CR0ACK until it equals `want`.
-fn handshake(bar: &pci::Bar<'_, BAR0_SIZE>, want: u32) -> Result {
-    for _ in 0..HANDSHAKE_POLLS {
-        if bar.read32(regs::CR0ACK as usize) == want {
-            return Ok(());
-        }
-        fsleep(Delta::from_micros(10));
-    }
-    Err(ETIMEDOUT)
 }
 
 /// The PCI driver.
@@ -419,18 +616,25 @@ impl pci::Driver for ZapguardDriver {
             let version = bar.read32(regs::VERSION as usize);
             // SAFETY: called from probe, before any DMA allocation or mapping of this device.
             unsafe { pdev.dma_set_mask_and_coherent(DmaMask::new::<64>())? };
-            let asid_count = bar.read32(regs::ASID_COUNT as usize).min(4096);
-            let rings = Rings::new(pdev.as_ref(), asid_count)?;
-
+            let asid_count = bar.read32(regs::ASID_COUNT as usize).clamp(2, 4096);
+            let hw = Hw::new(pdev.as_ref(), asid_count)?;
+            let mut used = KVec::with_capacity(asid_count as usize, GFP_KERNEL)?;
+            let mut ctxs = KVec::with_capacity(asid_count as usize, GFP_KERNEL)?;
+            for _ in 0..asid_count {
+                used.push(false, GFP_KERNEL)?;
+                ctxs.push(None, GFP_KERNEL)?;
+            }
             let location = u32::from(pdev.dev_id());
-            let shared = Arc::new(
-                Shared {
+            let shared = Arc::pin_init(
+                try_pin_init!(Shared {
                     bar: bar.into_devres()?,
                     irqs: [const { AtomicU64::new(0) }; NUM_VECTORS],
                     irq_vectors: AtomicU32::new(0),
                     pci_location: location,
                     probe_sync_ns: AtomicU32::new(0),
-                },
+                    hw <- hw,
+                    asids <- new_spinlock!(AsidTable { used, ctxs }, "zapguard_asids"),
+                }),
                 GFP_KERNEL,
             )?;
             let irqs = Vectors::new(pdev, &shared)?;
@@ -438,22 +642,31 @@ impl pci::Driver for ZapguardDriver {
                 .irq_vectors
                 .store(irqs.vectors.len() as u32, Ordering::Relaxed);
             {
-                // `access` with the bound device, not `try_access`: the handshake and the SYNC
-                // wait sleep, which an RCU read-side section (try_access's guard) forbids.
+                // `access` with the bound device, not `try_access`: the handshake sleeps, which
+                // an RCU read-side section (try_access's guard) forbids.
                 let bar = shared.bar.access(pdev.as_ref())?;
-                rings.enable(bar).inspect_err(|_| {
+                shared.hw.enable(bar).inspect_err(|_| {
                     dev_err!(pdev, "device did not acknowledge CR0\n");
                 })?;
-                // Prove the whole path once: command ring -> device worker -> completion by DMA
-                // into our memory -> MSI-X. A device that cannot do this is not usable.
-                let took = rings.sync_round_trip(bar, 0x5a47_0001).inspect_err(|e| {
-                    dev_err!(pdev, "probe SYNC did not complete: {:?}\n", e);
-                    let _ = rings.quiesce(bar);
-                })?;
-                let ns = u32::try_from(took.as_nanos()).unwrap_or(u32::MAX);
-                shared.probe_sync_ns.store(ns, Ordering::Relaxed);
-                dev_info!(pdev, "SYNC round trip {} us\n", ns / 1000);
             }
+            // Prove the whole path once: command ring -> device worker -> completion by DMA into
+            // our memory -> MSI-X -> interrupt thread. A device that cannot do this is unusable.
+            let start = kernel::time::Instant::<kernel::time::Monotonic>::now();
+            let synced = shared
+                .hw
+                .cmdq
+                .post(&shared.bar, &[], true, Wait::Sleep)
+                .and_then(|seq| shared.hw.cmdq.wait(seq, Wait::Sleep));
+            if let Err(e) = synced {
+                dev_err!(pdev, "probe SYNC did not complete: {:?}\n", e);
+                if let Ok(bar) = shared.bar.access(pdev.as_ref()) {
+                    let _ = shared.hw.quiesce(bar);
+                }
+                return Err(e);
+            }
+            let ns = u32::try_from(start.elapsed().as_nanos()).unwrap_or(u32::MAX);
+            shared.probe_sync_ns.store(ns, Ordering::Relaxed);
+            dev_info!(pdev, "SYNC round trip {} us, {} CPU page-table levels\n", ns / 1000, crate::mm::cpu_pt_levels());
             dev_info!(
                 pdev,
                 "zapguard ABI {}.{}, {} MSI-X vectors, /dev/zapguard\n",
@@ -466,7 +679,6 @@ impl pci::Driver for ZapguardDriver {
                 pdev: &**pdev,
                 misc <- MiscReg::new(shared.clone()),
                 irqs,
-                rings,
                 shared,
             }))
         })
@@ -476,11 +688,11 @@ impl pci::Driver for ZapguardDriver {
         let seen: [u64; NUM_VECTORS] =
             core::array::from_fn(|i| this.shared.irqs[i].load(Ordering::Relaxed));
         dev_info!(pdev, "unbind: interrupts seen per vector {:?}\n", seen);
-        // The rings are freed when the driver data drops: stop the device using them first.
+        // Open files keep the DMA memory alive, but the BAR goes: stop the device using it now.
         // `access` (no RCU section): quiescing sleeps while it polls CR0ACK.
         match this.shared.bar.access(pdev.as_ref()) {
             Ok(bar) => {
-                if this.rings.quiesce(bar).is_err() {
+                if this.shared.hw.quiesce(bar).is_err() {
                     dev_err!(pdev, "device did not acknowledge CR0=0 at unbind\n");
                 }
             }

@@ -692,3 +692,19 @@ pub fn pgd_phys(mm: &Mm) -> PhysAddr {
     // its `pgd` is set from allocation until the last `mmdrop`.
     unsafe { bindings::zapguard_mm_pgd_phys(mm.as_raw()) }
 }
+
+/// Levels of the CPU page tables (4, or 5 with LA57), decided at boot.
+///
+/// `pgtable_l5_enabled()` is a macro over CPU feature bits with no helper; the exported
+/// `ptrs_per_p4d` it configures says the same thing (512 entries with LA57, 1 when the p4d level
+/// is folded).
+pub fn cpu_pt_levels() -> u32 {
+    // SAFETY: `ptrs_per_p4d` is written once during early boot (`__ro_after_init`) and only read
+    // afterwards, so this read cannot race with a write.
+    let p4d = unsafe { bindings::ptrs_per_p4d };
+    if p4d > 1 {
+        5
+    } else {
+        4
+    }
+}
