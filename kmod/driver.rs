@@ -7,7 +7,7 @@
 //! [`pci::DevresBar`], revoked by the driver core at unbind, after which ioctls return `ENODEV`.
 
 use crate::abi::{cmd, event as ev, pci as zpci, pte, queue, regs, uapi};
-use crate::hw::{DevresBar, Hw, Wait, BAR0_SIZE, RING_LOG2};
+use crate::hw::{DevresBar, Hw, Wait, BAR0_SIZE, EVT_LOG2};
 use crate::mirror::{self, Context};
 use core::pin::Pin;
 use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -18,9 +18,9 @@ use kernel::{
     io::Io,
     irq::{self, IrqReturn},
     miscdevice::{MiscDevice, MiscDeviceOptions, MiscDeviceRegistration},
-    new_spinlock, pci,
+    new_mutex, new_spinlock, pci,
     prelude::*,
-    sync::{Arc, SpinLock},
+    sync::{Arc, Mutex, SpinLock},
     transmute::{AsBytes, FromBytes},
     uaccess::{UserPtr, UserSlice},
 };
@@ -53,7 +53,7 @@ struct AsidTable {
 }
 
 /// State shared by the PCI device and every open file.
-#[pin_data]
+#[pin_data(PinnedDrop)]
 pub(crate) struct Shared {
     /// BAR0, revoked by the driver core when the device unbinds.
     pub(crate) bar: DevresBar,
@@ -68,6 +68,10 @@ pub(crate) struct Shared {
     /// DMA memory and queues.
     #[pin]
     pub(crate) hw: Hw,
+    /// Serialises consumers of the event ring (the event interrupt thread, and ioctls that
+    /// drain it so that their answer includes every event the device already posted).
+    #[pin]
+    events: Mutex<()>,
     #[pin]
     asids: SpinLock<AsidTable>,
 }
@@ -161,14 +165,15 @@ impl Shared {
     }
 
     /// Event vector: consume the event ring; serve stalled faults (this sleeps: it runs in the
-    /// vector's interrupt thread).
-    fn on_events(&self) {
+    /// vector's interrupt thread, or in an ioctl draining the ring).
+    pub(crate) fn on_events(&self) {
+        let _guard = self.events.lock();
         loop {
             let prod = match self.bar.try_access() {
                 Some(bar) => bar.read32(regs::EVTQ_PROD as usize),
                 None => return,
             };
-            let prod = queue::position(prod & !regs::EVTQ_PROD_OVERFLOW, RING_LOG2);
+            let prod = queue::position(prod & !regs::EVTQ_PROD_OVERFLOW, EVT_LOG2);
             let mut cons = self.hw.evt_cons.load(Ordering::Relaxed);
             if cons == prod {
                 return;
@@ -177,7 +182,7 @@ impl Shared {
                 if let Ok(e) = self.hw.event(cons) {
                     self.handle_event(&e);
                 }
-                cons = queue::next(cons, RING_LOG2);
+                cons = queue::next(cons, EVT_LOG2);
                 self.hw.evt_cons.store(cons, Ordering::Relaxed);
                 match self.bar.try_access() {
                     Some(bar) => bar.write32(cons, regs::EVTQ_CONS as usize),
@@ -205,10 +210,29 @@ impl Shared {
         if let Some(c) = ctx.as_deref() {
             c.count_fault_result(served.is_ok());
         }
-        let op = if served.is_ok() { cmd::CMD_RESUME } else { cmd::CMD_ABORT };
+        let op = if served.is_ok() {
+            cmd::CMD_RESUME
+        } else {
+            cmd::CMD_ABORT
+        };
         let c = cmd::Command::new(op, 0, e.asid, 0, e.info);
         if let Err(err) = self.hw.cmdq.post(&self.bar, &[c], false, Wait::Sleep) {
-            pr_err!("zapguard: cannot answer stalled fault (asid {}): {:?}\n", e.asid, err);
+            pr_err!("cannot answer stalled fault (asid {}): {:?}\n", e.asid, err);
+        }
+    }
+}
+
+#[pinned_drop]
+impl PinnedDrop for Shared {
+    fn drop(self: Pin<&mut Self>) {
+        // The last file and the device are gone: every page table and ASID must be back.
+        let lost = self.hw.pool.total() - self.hw.pool.free_pages();
+        if lost != 0 {
+            pr_err!("leak: {} device page-table pages not returned\n", lost);
+        }
+        let asids = self.asids.lock().used.iter().filter(|&&u| u).count();
+        if asids != 0 {
+            pr_err!("leak: {} ASIDs not returned\n", asids);
         }
     }
 }
@@ -238,7 +262,7 @@ impl irq::ThreadedHandler for VectorHandler {
                     // Write-1-to-clear; a stopped command queue is left stopped (its SYNC
                     // waiters time out and report it).
                     bar.write32(err & !regs::ERR_CMDQ, regs::ERROR as usize);
-                    pr_warn!("zapguard: device error {:#x} (info {:#x})\n", err, info);
+                    pr_warn!("device error {:#x} (info {:#x})\n", err, info);
                 }
             }
         }
@@ -331,7 +355,13 @@ impl ZgFile {
         check_range(m.va, m.len)?;
         let ctx = self.ctx()?;
         let mut out = mirror::MapOut::default();
-        let r = mirror::populate(ctx, m.va, m.va + m.len, m.flags & uapi::ZG_MAP_WRITE != 0, &mut out);
+        let r = mirror::populate(
+            ctx,
+            m.va,
+            m.va + m.len,
+            m.flags & uapi::ZG_MAP_WRITE != 0,
+            &mut out,
+        );
         m.retries = out.retries;
         m.pages = out.pages;
         m.huge = out.huge;
@@ -373,7 +403,11 @@ impl ZgFile {
                 .reader()
                 .read_slice(buf)?;
         }
-        let stall = if d.flags & uapi::ZG_DMA_NO_FAULT != 0 { 0 } else { DMA_F_STALL };
+        let stall = if d.flags & uapi::ZG_DMA_NO_FAULT != 0 {
+            0
+        } else {
+            DMA_F_STALL
+        };
         let job = DmaJob {
             op,
             flags: DMA_F_IRQ | stall,
@@ -386,6 +420,8 @@ impl ZgFile {
         };
         let seq = jobs.submit(&self.shared.bar, job)?;
         let done = jobs.wait(&self.shared.bar, seq, !bounce)?;
+        // The job's events (violations) are in the ring by now: account them before answering.
+        self.shared.on_events();
         ctx.count_job();
         let st = done.status;
         d.status = st.status.into();
@@ -394,7 +430,11 @@ impl ZgFile {
         d.bytes_done = st.bytes_done;
         d.result = st.result;
         d.elapsed_ns = done.elapsed.as_nanos().max(0) as u64;
-        let abort = if st.status == DMA_ST_FAULT { ctx.abort_error(seq) } else { None };
+        let abort = if st.status == DMA_ST_FAULT {
+            ctx.abort_error(seq)
+        } else {
+            None
+        };
         d.error = abort.map_or(0, |e| e.to_errno());
         if op == DMA_READ && st.status == DMA_ST_OK {
             // SAFETY: As for DMA_WRITE above; the job has completed.
@@ -414,7 +454,10 @@ impl ZgFile {
 
     fn snapshot(&self, arg: usize) -> Result {
         let s: uapi::ZgSnapshot = read_arg(arg)?;
-        if s.npages == 0 || s.npages > uapi::ZG_SNAPSHOT_MAX_PAGES || s.va & (pte::PAGE_SIZE - 1) != 0 {
+        if s.npages == 0
+            || s.npages > uapi::ZG_SNAPSHOT_MAX_PAGES
+            || s.va & (pte::PAGE_SIZE - 1) != 0
+        {
             return Err(EINVAL);
         }
         check_range(s.va, s.npages * pte::PAGE_SIZE)?;
@@ -438,6 +481,12 @@ impl ZgFile {
             return Err(EINVAL);
         }
         let ctx = self.ctx()?;
+        pr_info!(
+            "asid {}: injecting driver bugs {:#x}, device command lag {}\n",
+            ctx.asid,
+            i.modes,
+            i.cmd_lag
+        );
         ctx.set_inject(i.modes, i.cmd_lag);
         Ok(())
     }
@@ -458,7 +507,13 @@ impl MiscDevice for ZgFile {
             return Err(ENODEV);
         }
         let ctx = mirror::open(&shared)?;
-        match KBox::new(Self { shared, ctx: ctx.clone() }, GFP_KERNEL) {
+        match KBox::new(
+            Self {
+                shared,
+                ctx: ctx.clone(),
+            },
+            GFP_KERNEL,
+        ) {
             Ok(f) => Ok(f),
             Err(e) => {
                 ctx.shutdown();
@@ -475,6 +530,7 @@ impl MiscDevice for ZgFile {
             uapi::ZG_IOC_SNAPSHOT => me.snapshot(arg)?,
             uapi::ZG_IOC_STATS => {
                 // Readable by any task holding the file, even after the mm is gone.
+                me.shared.on_events();
                 write_arg(arg, &me.ctx.stats())?
             }
             uapi::ZG_IOC_INJECT => me.inject(arg)?,
@@ -633,6 +689,7 @@ impl pci::Driver for ZapguardDriver {
                     pci_location: location,
                     probe_sync_ns: AtomicU32::new(0),
                     hw <- hw,
+                    events <- new_mutex!((), "zapguard_events"),
                     asids <- new_spinlock!(AsidTable { used, ctxs }, "zapguard_asids"),
                 }),
                 GFP_KERNEL,
@@ -666,7 +723,12 @@ impl pci::Driver for ZapguardDriver {
             }
             let ns = u32::try_from(start.elapsed().as_nanos()).unwrap_or(u32::MAX);
             shared.probe_sync_ns.store(ns, Ordering::Relaxed);
-            dev_info!(pdev, "SYNC round trip {} us, {} CPU page-table levels\n", ns / 1000, crate::mm::cpu_pt_levels());
+            dev_info!(
+                pdev,
+                "SYNC round trip {} us, {} CPU page-table levels\n",
+                ns / 1000,
+                crate::mm::cpu_pt_levels()
+            );
             dev_info!(
                 pdev,
                 "zapguard ABI {}.{}, {} MSI-X vectors, /dev/zapguard\n",

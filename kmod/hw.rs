@@ -28,8 +28,7 @@ use kernel::{
     device::{Bound, Device},
     dma::Coherent,
     io::Io,
-    new_condvar, new_mutex, new_spinlock,
-    pci,
+    new_condvar, new_mutex, new_spinlock, pci,
     prelude::*,
     sync::{CondVar, Mutex, SpinLock},
     time::{
@@ -45,8 +44,10 @@ pub(crate) type DevresBar = pci::DevresBar<BAR0_SIZE>;
 /// A mapped BAR0.
 pub(crate) type Bar<'a> = pci::Bar<'a, BAR0_SIZE>;
 
-/// log2 of the entries of each ring the driver gives the device.
+/// log2 of the entries of the command and DMA rings.
 pub(crate) const RING_LOG2: u32 = 6;
+/// log2 of the entries of the event ring: larger, as one job can report a violation per burst.
+pub(crate) const EVT_LOG2: u32 = 9;
 const RING_ENTRIES: usize = 1 << RING_LOG2;
 /// u64 words per 4 KiB page.
 const PAGE_WORDS: usize = 512;
@@ -166,6 +167,16 @@ impl PtPool {
         Ok(Some(page))
     }
 
+    /// Pages in the pool.
+    pub(crate) fn total(&self) -> usize {
+        self.chunks.len() * CHUNK_PAGES
+    }
+
+    /// Pages currently free.
+    pub(crate) fn free_pages(&self) -> usize {
+        self.free.lock().len()
+    }
+
     /// Returns a page. The caller guarantees the device can no longer reach it (its parent entry
     /// was cleared and a SYNC covering that completed, or the context is disabled).
     pub(crate) fn free(&self, page: PtPage) {
@@ -208,7 +219,11 @@ pub(crate) enum Wait {
 
 impl CmdQueue {
     fn new(dev: &Device<Bound>) -> Result<impl PinInit<Self, Error>> {
-        let ring = Coherent::zeroed_slice(dev, (RING_ENTRIES * cmd::CMD_SIZE / 8).max(PAGE_WORDS), GFP_KERNEL)?;
+        let ring = Coherent::zeroed_slice(
+            dev,
+            (RING_ENTRIES * cmd::CMD_SIZE / 8).max(PAGE_WORDS),
+            GFP_KERNEL,
+        )?;
         let sync_word = Coherent::zeroed_slice(dev, PAGE_WORDS, GFP_KERNEL)?;
         Ok(try_pin_init!(Self {
             ring,
@@ -379,8 +394,16 @@ impl Jobs {
             inflight.push(0u32, GFP_KERNEL)?;
         }
         let ring = Coherent::zeroed_slice(dev, RING_ENTRIES * dma::DMA_JOB_SIZE / 8, GFP_KERNEL)?;
-        let status = Coherent::zeroed_slice(dev, (RING_ENTRIES * dma::DMA_STATUS_SIZE / 8).max(PAGE_WORDS), GFP_KERNEL)?;
-        let bounce = Coherent::zeroed_slice(dev, crate::abi::uapi::ZG_DMA_BOUNCE_MAX as usize / 8, GFP_KERNEL)?;
+        let status = Coherent::zeroed_slice(
+            dev,
+            (RING_ENTRIES * dma::DMA_STATUS_SIZE / 8).max(PAGE_WORDS),
+            GFP_KERNEL,
+        )?;
+        let bounce = Coherent::zeroed_slice(
+            dev,
+            crate::abi::uapi::ZG_DMA_BOUNCE_MAX as usize / 8,
+            GFP_KERNEL,
+        )?;
         Ok(try_pin_init!(Self {
             ring,
             status,
@@ -471,7 +494,9 @@ impl Jobs {
             if start.elapsed() > JOB_TIMEOUT {
                 return Err(ETIMEDOUT);
             }
-            let _ = self.cv.wait_interruptible_timeout(&mut st, msecs_to_jiffies(20));
+            let _ = self
+                .cv
+                .wait_interruptible_timeout(&mut st, msecs_to_jiffies(20));
             if kernel::current!().signal_pending() {
                 return Err(EINTR);
             }
@@ -529,7 +554,9 @@ impl Jobs {
                 st.wedged = true;
                 return Err(ETIMEDOUT);
             }
-            let r = self.cv.wait_interruptible_timeout(&mut st, msecs_to_jiffies(100));
+            let r = self
+                .cv
+                .wait_interruptible_timeout(&mut st, msecs_to_jiffies(100));
             if let kernel::sync::CondVarTimeoutResult::Signal { .. } = r {
                 if interruptible {
                     return Err(EINTR);
@@ -553,7 +580,9 @@ impl Jobs {
             if st.wedged || bar.try_access().is_none() || start.elapsed() > JOB_TIMEOUT {
                 return Err(ETIMEDOUT);
             }
-            let r = self.cv.wait_interruptible_timeout(&mut st, msecs_to_jiffies(100));
+            let r = self
+                .cv
+                .wait_interruptible_timeout(&mut st, msecs_to_jiffies(100));
             if let kernel::sync::CondVarTimeoutResult::Signal { .. } = r {
                 drop(st);
                 fsleep(Delta::from_micros(100));
@@ -587,7 +616,7 @@ impl Hw {
         let ctx = Coherent::zeroed_slice(dev, ctx_words.max(PAGE_WORDS), GFP_KERNEL)?;
         let evtq = Coherent::zeroed_slice(
             dev,
-            (RING_ENTRIES * crate::abi::event::EVT_SIZE / 8).max(PAGE_WORDS),
+            ((1 << EVT_LOG2) * crate::abi::event::EVT_SIZE / 8).max(PAGE_WORDS),
             GFP_KERNEL,
         )?;
         let pool = PtPool::new(dev)?;
@@ -606,14 +635,37 @@ impl Hw {
 
     /// Programs every unit and enables it, then waits for CR0ACK.
     pub(crate) fn enable(&self, bar: &Bar<'_>) -> Result {
-        write_addr(bar, regs::CTX_BASE_LO, regs::CTX_BASE_HI, self.ctx.dma_address())?;
-        for (lo, hi, size, addr) in [
-            (regs::CMDQ_BASE_LO, regs::CMDQ_BASE_HI, regs::CMDQ_LOG2SIZE, self.cmdq.ring.dma_address()),
-            (regs::EVTQ_BASE_LO, regs::EVTQ_BASE_HI, regs::EVTQ_LOG2SIZE, self.evtq.dma_address()),
-            (regs::DMAQ_BASE_LO, regs::DMAQ_BASE_HI, regs::DMAQ_LOG2SIZE, self.jobs.ring.dma_address()),
+        write_addr(
+            bar,
+            regs::CTX_BASE_LO,
+            regs::CTX_BASE_HI,
+            self.ctx.dma_address(),
+        )?;
+        for (lo, hi, size, addr, log2) in [
+            (
+                regs::CMDQ_BASE_LO,
+                regs::CMDQ_BASE_HI,
+                regs::CMDQ_LOG2SIZE,
+                self.cmdq.ring.dma_address(),
+                RING_LOG2,
+            ),
+            (
+                regs::EVTQ_BASE_LO,
+                regs::EVTQ_BASE_HI,
+                regs::EVTQ_LOG2SIZE,
+                self.evtq.dma_address(),
+                EVT_LOG2,
+            ),
+            (
+                regs::DMAQ_BASE_LO,
+                regs::DMAQ_BASE_HI,
+                regs::DMAQ_LOG2SIZE,
+                self.jobs.ring.dma_address(),
+                RING_LOG2,
+            ),
         ] {
             write_addr(bar, lo, hi, addr)?;
-            bar.try_write32(RING_LOG2, size as usize)?;
+            bar.try_write32(log2, size as usize)?;
         }
         bar.write32(
             regs::IRQ_CMD_EN | regs::IRQ_EVT_EN | regs::IRQ_ERR_EN,
@@ -640,14 +692,16 @@ impl Hw {
         wr(&self.ctx, base, e.flags)
     }
 
-    /// Event `i` of the event ring.
+    /// The event at ring position `pos`.
     pub(crate) fn event(&self, pos: u32) -> Result<crate::abi::event::Event> {
-        let base = queue::index(pos, RING_LOG2) as usize * (crate::abi::event::EVT_SIZE / 8);
+        let base = queue::index(pos, EVT_LOG2) as usize * (crate::abi::event::EVT_SIZE / 8);
         let mut words = [0u64; 4];
         for (i, w) in words.iter_mut().enumerate() {
             *w = rd(&self.evtq, base + i)?;
         }
-        Ok(crate::abi::event::Event::from_bytes(&crate::abi::words_to_bytes(words)))
+        Ok(crate::abi::event::Event::from_bytes(
+            &crate::abi::words_to_bytes(words),
+        ))
     }
 }
 

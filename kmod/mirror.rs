@@ -18,10 +18,10 @@
 //! [`crate::hw::PtPool`]).
 
 use crate::abi::{cmd, event as ev, pte, uapi};
+use crate::driver::Shared;
 use crate::hw::{PtPage, Wait};
 use crate::mm::{self, FaultOutcome, HmmPfn, HmmRequest, IntervalInvalidate, IntervalNotifier};
 use crate::mm::{NotifierEvent, NotifierRange};
-use crate::driver::Shared;
 use core::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering};
 use kernel::{
     mm::MmWithUser,
@@ -231,7 +231,13 @@ impl Mirror {
     }
 
     /// The table an entry points to, allocating it if `alloc` and absent.
-    fn child(&self, st: &mut PtState, table: PtPage, idx: usize, alloc: bool) -> Result<Option<PtPage>> {
+    fn child(
+        &self,
+        st: &mut PtState,
+        table: PtPage,
+        idx: usize,
+        alloc: bool,
+    ) -> Result<Option<PtPage>> {
         let e = self.pool().read(table, idx)?;
         if e & pte::PTE_P != 0 {
             if e & pte::PTE_PS != 0 {
@@ -246,8 +252,11 @@ impl Mirror {
         let page = self.pool().alloc()?.ok_or(ENOMEM)?;
         st.pages += 1;
         // Table entries carry W so that leaf permissions alone decide.
-        self.pool()
-            .write(table, idx, self.pool().addr(page)? | pte::PTE_P | pte::PTE_W)?;
+        self.pool().write(
+            table,
+            idx,
+            self.pool().addr(page)? | pte::PTE_P | pte::PTE_W,
+        )?;
         Ok(Some(page))
     }
 
@@ -261,7 +270,15 @@ impl Mirror {
     }
 
     /// Writes device PTEs for `[s, e)` (inside one 2 MiB block) from `pfns`.
-    fn commit(&self, st: &mut PtState, s: u64, e: u64, pfns: &[HmmPfn], write: bool, out: &mut MapOut) -> Result {
+    fn commit(
+        &self,
+        st: &mut PtState,
+        s: u64,
+        e: u64,
+        pfns: &[HmmPfn],
+        write: bool,
+        out: &mut MapOut,
+    ) -> Result {
         let l2 = self.l2(st, s, true)?.ok_or(ENOMEM)?;
         let i2 = pte::pt_index(s, 2);
         let l2e = self.pool().read(l2, i2)?;
@@ -324,7 +341,16 @@ impl Mirror {
     }
 
     /// Clears every device PTE in `[s, e)` below `table` (a table at `level` mapping `base`).
-    fn zap_level(&self, st: &mut PtState, table: PtPage, level: u32, base: u64, s: u64, e: u64, z: &mut Zap) -> Result {
+    fn zap_level(
+        &self,
+        st: &mut PtState,
+        table: PtPage,
+        level: u32,
+        base: u64,
+        s: u64,
+        e: u64,
+        z: &mut Zap,
+    ) -> Result {
         let sz = span(level);
         let first = ((s.max(base) - base) / sz) as usize;
         let mut idx = first;
@@ -364,8 +390,19 @@ impl Mirror {
     }
 
     /// Clears `[s, e)`, invalidates the device TLB and waits (per `how`). Returns pages zapped.
-    fn shootdown(&self, st: &mut PtState, s: u64, e: u64, how: Wait, ctx_cmd: Option<cmd::Command>) -> Result<u64> {
-        let mut z = Zap { pages: 0, lo: 0, hi: 0 };
+    fn shootdown(
+        &self,
+        st: &mut PtState,
+        s: u64,
+        e: u64,
+        how: Wait,
+        ctx_cmd: Option<cmd::Command>,
+    ) -> Result<u64> {
+        let mut z = Zap {
+            pages: 0,
+            lo: 0,
+            hi: 0,
+        };
         let root = st.root;
         let r = self.zap_level(st, root, pte::PT_LEVELS, 0, s, e.min(pte::VA_LIMIT), &mut z);
         if z.pages == 0 && !st.need_flush && ctx_cmd.is_none() {
@@ -373,7 +410,8 @@ impl Mirror {
             return r.map(|()| 0);
         }
         bump(&self.stats.pages_zapped, z.pages);
-        let flush_all = st.need_flush || ctx_cmd.is_some() || (z.hi - z.lo) / PAGE > INV_ASID_THRESHOLD;
+        let flush_all =
+            st.need_flush || ctx_cmd.is_some() || (z.hi - z.lo) / PAGE > INV_ASID_THRESHOLD;
         // Cleared entries must not be trusted to be out of the IOTLB until the SYNC completes.
         st.need_flush = true;
         let mut cmds = [cmd::Command::default(); 2];
@@ -402,10 +440,10 @@ impl Mirror {
             }
             Err(e) => return Err(e),
         };
-        if self.injected(uapi::ZG_INJ_SKIP_SYNC_WAIT) {
-            // Bug on purpose: the detached tables are leaked rather than freed early, so this
-            // mode breaks only the shootdown's ordering, not the page-table pool.
-            st.ndeferred = 0;
+        // Teardown (`ctx_cmd`) always waits: the injected bug is in the mm callbacks only.
+        if ctx_cmd.is_none() && self.injected(uapi::ZG_INJ_SKIP_SYNC_WAIT) {
+            // Bug on purpose: return before the device confirmed. The detached tables stay
+            // pending until a later shootdown that does wait, so the pool stays consistent.
             st.need_flush = false;
             return Ok(z.pages);
         }
@@ -447,12 +485,23 @@ impl Mirror {
 
     /// Disables the context on the device and drops every mapping: the device can no longer
     /// reach this address space when this returns (or the device is gone). `flags` is what the
-    /// context entry keeps (0, or `CTX_MM_RELEASED` for the validator).
+    /// context entry says afterwards (0, or `CTX_MM_RELEASED` so that the validator flags any
+    /// later use); it is written only once the device confirmed the context is off, since the
+    /// validator reads it uncached and DMA still in flight before the SYNC is legal.
     fn disable(&self, st: &mut PtState, flags: u64) -> Result {
         let hw = &self.shared.hw;
-        hw.write_ctx(self.asid, &pte::ContextEntry { flags, ..Default::default() })?;
+        hw.write_ctx(self.asid, &pte::ContextEntry::default())?;
         let cfgi = cmd::Command::new(cmd::CMD_CFGI_CTX, 0, self.asid, 0, 0);
         let r = self.shootdown(st, 0, pte::VA_LIMIT, Wait::Sleep, Some(cfgi));
+        if r.is_ok() && flags != 0 {
+            hw.write_ctx(
+                self.asid,
+                &pte::ContextEntry {
+                    flags,
+                    ..Default::default()
+                },
+            )?;
+        }
         // With the context invalid and its translations flushed, no walk can reach the tables.
         let root = st.root;
         self.free_tree(st, root, pte::PT_LEVELS)?;
@@ -466,7 +515,7 @@ impl Mirror {
         {
             let mut st = self.state.lock();
             if let Err(e) = self.disable(&mut st, 0) {
-                pr_err!("zapguard: asid {}: disable failed: {:?}\n", self.asid, e);
+                pr_err!("asid {}: disable failed: {:?}\n", self.asid, e);
             }
             st.released = true;
         }
@@ -480,7 +529,7 @@ impl Mirror {
                 shared.free_asid(self.asid);
                 self.asid_released.store(true, Ordering::Relaxed);
             }
-            Err(_) => pr_err!("zapguard: asid {}: jobs did not drain, ASID leaked\n", self.asid),
+            Err(_) => pr_err!("asid {}: jobs did not drain, ASID leaked\n", self.asid),
         }
     }
 
@@ -493,7 +542,7 @@ impl Mirror {
                     let n = c.fetch_add(1, Ordering::Relaxed);
                     if n < VIOLATIONS_LOGGED {
                         pr_warn!(
-                            "zapguard: asid {}: validator: {} violation at va {:#x}: device used pa {:#x}, cpu maps {:#x}\n",
+                            "asid {}: validator: {} violation at va {:#x}: device used pa {:#x}, cpu maps {:#x}\n",
                             self.asid,
                             ev::violation_name(e.reason),
                             e.va,
@@ -509,7 +558,8 @@ impl Mirror {
 
     /// Records that job `id` was aborted because its fault could not be served.
     pub(crate) fn record_abort(&self, id: u64, err: Error) {
-        self.abort_errno.store(err.to_errno().into(), Ordering::Relaxed);
+        self.abort_errno
+            .store(err.to_errno().into(), Ordering::Relaxed);
         self.abort_job.store(id, Ordering::Release);
     }
 
@@ -527,7 +577,14 @@ impl Mirror {
     }
 
     pub(crate) fn count_fault_result(&self, ok: bool) {
-        bump(if ok { &self.stats.faults_resolved } else { &self.stats.faults_aborted }, 1);
+        bump(
+            if ok {
+                &self.stats.faults_resolved
+            } else {
+                &self.stats.faults_aborted
+            },
+            1,
+        );
     }
 
     /// Whether the address space is gone.
@@ -592,9 +649,18 @@ impl PinnedDrop for Mirror {
 }
 
 impl IntervalInvalidate for Mirror {
-    fn invalidate(&self, sub: &IntervalNotifier<Self>, range: &NotifierRange<'_>, cur_seq: u64) -> bool {
+    fn invalidate(
+        &self,
+        sub: &IntervalNotifier<Self>,
+        range: &NotifierRange<'_>,
+        cur_seq: u64,
+    ) -> bool {
         bump(&self.stats.invalidations, 1);
-        let how = if range.blockable() { Wait::Sleep } else { Wait::Spin };
+        let how = if range.blockable() {
+            Wait::Sleep
+        } else {
+            Wait::Spin
+        };
         let mut st = if how == Wait::Sleep {
             self.state.lock()
         } else {
@@ -610,7 +676,10 @@ impl IntervalInvalidate for Mirror {
         let event = range.event();
         let skip = self.injected(uapi::ZG_INJ_SKIP_SHOOTDOWN)
             || (self.injected(uapi::ZG_INJ_KEEP_WRITE)
-                && matches!(event, NotifierEvent::ProtectionVma | NotifierEvent::ProtectionPage));
+                && matches!(
+                    event,
+                    NotifierEvent::ProtectionVma | NotifierEvent::ProtectionPage
+                ));
         if st.released || skip {
             return true;
         }
@@ -619,7 +688,10 @@ impl IntervalInvalidate for Mirror {
             if self.injected(uapi::ZG_INJ_KEEP_AFTER_RELEASE) {
                 // Bug on purpose: tell the validator the mm is gone, leave the context enabled.
                 let entry = pte::ContextEntry {
-                    flags: pte::CTX_VALID | pte::CTX_STALL | pte::CTX_VALIDATE | pte::CTX_MM_RELEASED
+                    flags: pte::CTX_VALID
+                        | pte::CTX_STALL
+                        | pte::CTX_VALIDATE
+                        | pte::CTX_MM_RELEASED
                         | if self.la57 { pte::CTX_CPU_LA57 } else { 0 },
                     pt_root: self.pool().addr(st.root).unwrap_or(0),
                     cpu_root: mm::pgd_phys(range.mm()),
@@ -629,7 +701,7 @@ impl IntervalInvalidate for Mirror {
                 return true;
             }
             if let Err(e) = self.disable(&mut st, pte::CTX_MM_RELEASED) {
-                pr_err!("zapguard: asid {}: release failed: {:?}\n", self.asid, e);
+                pr_err!("asid {}: release failed: {:?}\n", self.asid, e);
             }
             return true;
         }
@@ -644,7 +716,7 @@ impl IntervalInvalidate for Mirror {
             }
             Err(e) => {
                 // A blockable callback must not fail; the device is wedged (SYNC timeout).
-                pr_err!("zapguard: asid {}: shootdown failed: {:?}\n", self.asid, e);
+                pr_err!("asid {}: shootdown failed: {:?}\n", self.asid, e);
                 true
             }
         }
@@ -653,12 +725,22 @@ impl IntervalInvalidate for Mirror {
 
 /// Mirrors `[start, end)` (page aligned, inside the context's interval) into the device, with
 /// write intent if `write`.
-pub(crate) fn populate(ctx: &Context, start: u64, end: u64, write: bool, out: &mut MapOut) -> Result {
+pub(crate) fn populate(
+    ctx: &Context,
+    start: u64,
+    end: u64,
+    write: bool,
+    out: &mut MapOut,
+) -> Result {
     let mm = ctx.mm().mmget_not_zero().ok_or(EINVAL)?;
     // A worker may hold the last user reference when the process exits: drop it asynchronously
     // so that exit_mmap() (and our Release callback) does not run in the worker.
     let mm = MmWithUser::into_mmput_async(mm);
-    let request = if write { HmmRequest::Write } else { HmmRequest::Read };
+    let request = if write {
+        HmmRequest::Write
+    } else {
+        HmmRequest::Read
+    };
     let mut pfns = KVec::with_capacity(ENTRIES, GFP_KERNEL)?;
     for _ in 0..ENTRIES {
         pfns.push(HmmPfn::EMPTY, GFP_KERNEL)?;

@@ -37,3 +37,179 @@ pub fn get_info(f: &File) -> io::Result<ZgInfo> {
 pub fn errno(e: &io::Error) -> i32 {
     e.raw_os_error().unwrap_or(-1)
 }
+
+use shared_regs::uapi::{
+    ZgDma, ZgInject, ZgMap, ZgSnapshot, ZgStats, ZG_IOC_DMA, ZG_IOC_INJECT, ZG_IOC_MAP,
+    ZG_IOC_SNAPSHOT, ZG_IOC_STATS,
+};
+
+/// `ZG_IOC_MAP` of `[va, va + len)`.
+pub fn map(f: &File, va: usize, len: usize, flags: u32) -> io::Result<ZgMap> {
+    let mut m = ZgMap {
+        va: va as u64,
+        len: len as u64,
+        flags,
+        ..Default::default()
+    };
+    ioctl_raw(f, ZG_IOC_MAP, &mut m as *mut ZgMap as usize)?;
+    Ok(m)
+}
+
+/// `ZG_IOC_DMA`; on failure the errno comes with the filled-in job record.
+pub fn dma(f: &File, mut d: ZgDma) -> Result<ZgDma, (io::Error, ZgDma)> {
+    match ioctl_raw(f, ZG_IOC_DMA, &mut d as *mut ZgDma as usize) {
+        Ok(_) => Ok(d),
+        Err(e) => Err((e, d)),
+    }
+}
+
+/// A DMA job description (outputs zeroed).
+pub fn job(op: u8, src: usize, dst: usize, len: usize, aux: u64) -> ZgDma {
+    ZgDma {
+        op: op.into(),
+        src: src as u64,
+        dst: dst as u64,
+        len: len as u64,
+        aux,
+        ..Default::default()
+    }
+}
+
+/// `ZG_IOC_SNAPSHOT` of `npages` pages at `va`.
+pub fn snapshot(f: &File, va: usize, npages: usize) -> io::Result<Vec<u8>> {
+    let mut out = vec![0u8; npages];
+    let mut s = ZgSnapshot {
+        va: va as u64,
+        npages: npages as u64,
+        out: out.as_mut_ptr() as u64,
+    };
+    ioctl_raw(f, ZG_IOC_SNAPSHOT, &mut s as *mut ZgSnapshot as usize)?;
+    Ok(out)
+}
+
+/// `ZG_IOC_STATS`.
+pub fn stats(f: &File) -> io::Result<ZgStats> {
+    let mut s = ZgStats::default();
+    ioctl_raw(f, ZG_IOC_STATS, &mut s as *mut ZgStats as usize)?;
+    Ok(s)
+}
+
+/// `ZG_IOC_INJECT`.
+pub fn inject(f: &File, modes: u32, cmd_lag: u32) -> io::Result<()> {
+    let mut i = ZgInject { modes, cmd_lag };
+    ioctl_raw(f, ZG_IOC_INJECT, &mut i as *mut ZgInject as usize).map(|_| ())
+}
+
+/// An anonymous private mapping, unmapped on drop (unless already unmapped by the test).
+pub struct Mapping {
+    /// First address.
+    pub addr: usize,
+    /// Length in bytes.
+    pub len: usize,
+    live: bool,
+}
+
+impl Mapping {
+    /// `mmap(len, prot, flags)` with `fd` (-1 for anonymous); `align` > 4096 over-allocates and
+    /// trims so that the start is aligned (for THP).
+    pub fn new(len: usize, prot: i32, flags: i32, fd: i32, align: usize) -> io::Result<Self> {
+        let total = len + if align > 4096 { align } else { 0 };
+        // SAFETY: a fresh mapping at an address of the kernel's choosing aliases nothing.
+        let p = unsafe { libc::mmap(std::ptr::null_mut(), total, prot, flags, fd, 0) };
+        if p == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let base = p as usize;
+        let start = if align > 4096 {
+            base.next_multiple_of(align)
+        } else {
+            base
+        };
+        if align > 4096 {
+            // SAFETY: trimming the parts of our own fresh mapping outside [start, start + len).
+            unsafe {
+                if start > base {
+                    libc::munmap(base as *mut _, start - base);
+                }
+                let end = start + len;
+                if base + total > end {
+                    libc::munmap(end as *mut _, base + total - end);
+                }
+            }
+        }
+        Ok(Self {
+            addr: start,
+            len,
+            live: true,
+        })
+    }
+
+    /// Private anonymous read-write memory.
+    pub fn anon(len: usize) -> io::Result<Self> {
+        Self::new(
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    }
+
+    /// Private anonymous memory aligned to 2 MiB and backed by transparent huge pages once
+    /// touched (the guest kernel's THP mode is `always`).
+    pub fn anon_huge(len: usize) -> io::Result<Self> {
+        let m = Self::new(
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            2 << 20,
+        )?;
+        // SAFETY: advice on our own mapping.
+        unsafe { libc::madvise(m.addr as *mut _, len, libc::MADV_HUGEPAGE) };
+        Ok(m)
+    }
+
+    /// The memory as bytes.
+    ///
+    /// The device may write it behind the compiler's back; tests read it only after the DMA
+    /// ioctl returned (a syscall is a compiler barrier for memory reachable from the kernel).
+    pub fn bytes(&self) -> &mut [u8] {
+        // SAFETY: [addr, addr + len) is a live read-write mapping we own.
+        unsafe { std::slice::from_raw_parts_mut(self.addr as *mut u8, self.len) }
+    }
+
+    /// `madvise(advice)` on `[addr + off, addr + off + len)`.
+    pub fn madvise(&self, off: usize, len: usize, advice: i32) -> io::Result<()> {
+        // SAFETY: advice on part of our own mapping.
+        if unsafe { libc::madvise((self.addr + off) as *mut _, len, advice) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// `mprotect(prot)` on the whole mapping.
+    pub fn protect(&self, prot: i32) -> io::Result<()> {
+        // SAFETY: changes protection of our own mapping; `bytes()` is not used while it is
+        // inaccessible.
+        if unsafe { libc::mprotect(self.addr as *mut _, self.len, prot) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// `munmap` now.
+    pub fn unmap(&mut self) {
+        if self.live {
+            // SAFETY: our own mapping, no longer used.
+            unsafe { libc::munmap(self.addr as *mut _, self.len) };
+            self.live = false;
+        }
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        self.unmap();
+    }
+}

@@ -9,6 +9,9 @@
 
 mod dev;
 mod ktap;
+mod mirror;
+
+use mirror::*;
 
 use ktap::{check_eq, Test};
 use shared_regs::{regs, uapi};
@@ -25,6 +28,23 @@ const TESTS: &[Test] = ktap::tests![
     pci_driver_bound,
     test_hmm_dmirror_present,
     rmmod_refused_while_open,
+    mirror_read_write_copy,
+    munmap_shoots_down,
+    madvise_dontneed_refaults_new_page,
+    mprotect_readonly_refuses_device_writes,
+    fork_cow_keeps_child_private,
+    thp_mirrored_with_huge_entries,
+    exit_mid_job_is_safe,
+    bad_input_errors,
+    foreign_mm_gets_eperm,
+    released_context_gets_einval,
+    cmd_lag_with_sync_wait_is_clean,
+    inject_skip_shootdown_is_caught,
+    inject_keep_write_is_caught,
+    inject_skip_sync_wait_is_caught,
+    inject_ignore_retry_is_caught,
+    inject_keep_after_release_is_caught,
+    validator_totals_match_injections,
     unbind_with_open_file_enodev,
     module_reload_rebinds,
 ];

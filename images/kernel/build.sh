@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Builds the guest kernel (bzImage + modules) into the cache and prints the tree's path.
 #
+# Usage: build.sh [default|debug]. The debug flavor adds debug.config (lockdep, might_sleep
+# checks, DEBUG_VM) on top of zapguard.config; it is cached separately.
+#
 # Key: the pinned source, our patches, the config fragment, this script and the toolchain versions.
 # A hit costs nothing. A miss whose sources and patches match an earlier build starts from a copy of
 # that tree, so a changed config fragment rebuilds incrementally (Kbuild tracks config per object).
@@ -12,11 +15,18 @@ source "$here/pin.env"
 make_flags=(LLVM=-19 -j"$(nproc)")
 toolchain="$(rustc --version) | $(bindgen --version 2>&1 | head -n1) | $(clang-19 --version | head -n1)"
 patches=("$here"/*.patch)
+flavor=${1:-default}
+fragments=("$here/zapguard.config")
+case "$flavor" in
+    default) suffix="" ;;
+    debug) suffix="-debug"; fragments+=("$here/debug.config") ;;
+    *) die "unknown kernel flavor '$flavor' (default|debug)" ;;
+esac
 src_key=$(hash_inputs "$here/pin.env" "${patches[@]}")
-key=$(hash_inputs "$here/pin.env" "${patches[@]}" "$here/zapguard.config" "$here/build.sh" "$toolchain")
+key=$(hash_inputs "$here/pin.env" "${patches[@]}" "${fragments[@]}" "$here/build.sh" "$toolchain")
 root="$ZAPGUARD_CACHE/kernel"
-tree="$root/$src_key-$key/linux"
-stamp="$root/$src_key-$key/done"
+tree="$root/$src_key-$key$suffix/linux"
+stamp="$root/$src_key-$key$suffix/done"
 
 if [ -f "$stamp" ]; then echo "$tree"; exit 0; fi
 cache_lock kernel
@@ -25,7 +35,15 @@ mkdir -p "$root"
 
 if [ ! -f "$tree/Makefile" ]; then
     rm -rf "$tree"; mkdir -p "$(dirname "$tree")"
-    seed=$(ls -1dt "$root/$src_key"-*/done 2>/dev/null | head -n1 || true)
+    # Seed from the newest finished tree of the same flavor (then of any): Kbuild rebuilds only
+    # what the config change touches.
+    seed=""
+    if [ -n "$suffix" ]; then
+        seed=$(ls -1dt "$root/$src_key"-*"$suffix"/done 2>/dev/null | head -n1 || true)
+    fi
+    if [ -z "$seed" ]; then
+        seed=$(ls -1dt "$root/$src_key"-*/done 2>/dev/null | grep -v -- "-debug/done" | head -n1 || true)
+    fi
     if [ -n "$seed" ]; then
         log "kernel: config changed, rebuilding incrementally from $(dirname "$seed")"
         cp -a "$(dirname "$seed")/linux" "$tree"
@@ -46,13 +64,13 @@ fi
 
 cd "$tree"
 make "${make_flags[@]}" -s tinyconfig >/dev/null
-scripts/kconfig/merge_config.sh -m -O . .config "$here/zapguard.config" >/dev/null
+scripts/kconfig/merge_config.sh -m -O . .config "${fragments[@]}" >/dev/null
 make "${make_flags[@]}" -s olddefconfig
 # A requested symbol that Kconfig dropped (unmet dependency, missing toolchain for RUST) is an error.
 bad=0
 while IFS= read -r line; do
     case "$line" in CONFIG_*=*) grep -qxF "$line" .config || { log "kernel: config did not stick: $line"; bad=1; } ;; esac
-done < "$here/zapguard.config"
+done < <(cat "${fragments[@]}")
 [ "$bad" -eq 0 ] || die "kernel config fragment not satisfied (see above); for CONFIG_RUST run 'make LLVM=-19 rustavailable' in $tree"
 
 log "kernel: building bzImage + modules in $tree (~6-10 min from scratch, log: $tree/../build.log)"
@@ -61,6 +79,7 @@ if ! make "${make_flags[@]}" bzImage modules > ../build.log 2>&1; then
     die "kernel build failed; full log: $tree/../build.log"
 fi
 touch "$stamp"
-# Keep the two newest trees: enough to seed an incremental rebuild, bounded on disk.
-ls -1dt "$root"/*/ 2>/dev/null | tail -n +3 | while read -r old; do [ "$old" = "$(dirname "$tree")/" ] || rm -rf "$old"; done
+# Keep the two newest trees of each flavor: enough to seed an incremental rebuild, bounded on disk.
+{ ls -1dt "$root"/*-debug/ 2>/dev/null | tail -n +3; ls -1dt "$root"/*/ 2>/dev/null | grep -v -- "-debug/$" | tail -n +3; } |
+    while read -r old; do [ "$old" = "$(dirname "$tree")/" ] || rm -rf "$old"; done
 echo "$tree"

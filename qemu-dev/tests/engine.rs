@@ -795,7 +795,10 @@ fn command_lag_exposes_a_missing_sync_wait() {
             r.cpu_unmap(1, VA + 3 * PG);
             r.run();
             assert!(r.sync_done(s), "the SYNC still completes in the end");
-            assert!(violations(&mut r) > 0, "the device wrote pages the CPU had unmapped");
+            assert!(
+                violations(&mut r) > 0,
+                "the device wrote pages the CPU had unmapped"
+            );
         }
     }
 }

@@ -65,6 +65,8 @@ const SPLATS: &[&str] = &[
     "rcu: INFO:",
     "Unable to handle kernel",
     "segfault at",
+    // The driver's own leak report at teardown.
+    "zapguard: leak:",
 ];
 
 /// The splat pattern `line` matches, if any.
@@ -78,6 +80,16 @@ pub const TESTS_BEGIN: &str = "ZAPGUARD-TESTS-BEGIN";
 pub const TESTS_END: &str = "ZAPGUARD-TESTS-END";
 /// Init is about to power off; `rc=N` follows.
 pub const DONE: &str = "ZAPGUARD-DONE";
+
+/// Printed by the guest suite's last mirroring test: the validator violations the injected-bug
+/// tests caused (the device trace must hold exactly these).
+pub const EXPECTED_VIOLATIONS: &str = "ZAPGUARD-EXPECTED-VIOLATIONS";
+
+/// The number after [`EXPECTED_VIOLATIONS`].
+pub fn expected_violations(line: &str) -> Option<u64> {
+    let at = line.find(EXPECTED_VIOLATIONS)?;
+    line[at + EXPECTED_VIOLATIONS.len()..].trim().parse().ok()
+}
 
 /// The `rc=N` value of a marker line.
 pub fn marker_rc(line: &str, marker: &str) -> Option<i32> {
@@ -93,6 +105,16 @@ pub fn marker_rc(line: &str, marker: &str) -> Option<i32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn expected_violations_line() {
+        assert_eq!(
+            expected_violations("  | ZAPGUARD-EXPECTED-VIOLATIONS 42"),
+            Some(42)
+        );
+        assert_eq!(expected_violations("ZAPGUARD-EXPECTED-VIOLATIONS x"), None);
+        assert_eq!(expected_violations("no marker 3"), None);
+    }
 
     #[test]
     fn result_lines() {

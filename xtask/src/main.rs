@@ -141,42 +141,6 @@ fn build(root: &Path) -> Result<Artifacts> {
     )?);
     eprintln!("    {} ({:.1}s)", qemu.display(), t.elapsed().as_secs_f32());
 
-    let t = step("guest kernel (cached by input hash)");
-    let ktree = PathBuf::from(run_capture(
-        &mut script(root, "images/kernel/build.sh"),
-        "images/kernel/build.sh",
-    )?);
-    eprintln!(
-        "    {} ({:.1}s)",
-        ktree.display(),
-        t.elapsed().as_secs_f32()
-    );
-
-    let t = step("zapguard.ko");
-    // One module output directory per kernel tree, so a new kernel never links stale objects.
-    let tree_id = ktree
-        .parent()
-        .and_then(|p| p.file_name())
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let mo = root.join("target/zapguard").join(format!("kmod-{tree_id}"));
-    std::fs::create_dir_all(&mo).map_err(|e| format!("{}: {e}", mo.display()))?;
-    run_status(
-        Command::new("make")
-            .args(["-s", "-C"])
-            .arg(&ktree)
-            .arg(format!("M={}", root.join("kmod").display()))
-            .arg(format!("MO={}", mo.display()))
-            .args(["LLVM=-19", "modules"]),
-        "module build",
-    )?;
-    let module = mo.join("zapguard.ko");
-    eprintln!(
-        "    {} ({:.1}s)",
-        module.display(),
-        t.elapsed().as_secs_f32()
-    );
-
     let t = step("zapguard-dev (device) and guest tests (static musl)");
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     run_status(
@@ -210,12 +174,69 @@ fn build(root: &Path) -> Result<Artifacts> {
         .join("release/zapguard-guest-tests");
     eprintln!("    {:.1}s", t.elapsed().as_secs_f32());
 
+    let (ktree, module, initramfs) = kernel_artifacts(root, "default", &guest_tests)?;
+    Ok(Artifacts {
+        ktree: ktree.clone(),
+        qemu,
+        bzimage: ktree.join("arch/x86/boot/bzImage"),
+        module,
+        device,
+        guest_tests,
+        initramfs,
+    })
+}
+
+/// The guest kernel of `flavor` (see images/kernel/build.sh), zapguard.ko built against it, and
+/// the initramfs holding both with the guest tests.
+fn kernel_artifacts(
+    root: &Path,
+    flavor: &str,
+    guest_tests: &Path,
+) -> Result<(PathBuf, PathBuf, PathBuf)> {
+    let t = step(&format!(
+        "guest kernel, {flavor} flavor (cached by input hash)"
+    ));
+    let ktree = PathBuf::from(run_capture(
+        script(root, "images/kernel/build.sh").arg(flavor),
+        "images/kernel/build.sh",
+    )?);
+    eprintln!(
+        "    {} ({:.1}s)",
+        ktree.display(),
+        t.elapsed().as_secs_f32()
+    );
+
+    let t = step("zapguard.ko");
+    // One module output directory per kernel tree, so a new kernel never links stale objects.
+    let tree_id = ktree
+        .parent()
+        .and_then(|p| p.file_name())
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let mo = root.join("target/zapguard").join(format!("kmod-{tree_id}"));
+    std::fs::create_dir_all(&mo).map_err(|e| format!("{}: {e}", mo.display()))?;
+    run_status(
+        Command::new("make")
+            .args(["-s", "-C"])
+            .arg(&ktree)
+            .arg(format!("M={}", root.join("kmod").display()))
+            .arg(format!("MO={}", mo.display()))
+            .args(["LLVM=-19", "modules"]),
+        "module build",
+    )?;
+    let module = mo.join("zapguard.ko");
+    eprintln!(
+        "    {} ({:.1}s)",
+        module.display(),
+        t.elapsed().as_secs_f32()
+    );
+
     let t = step("initramfs");
     let initramfs = PathBuf::from(run_capture(
         script(root, "images/initramfs/build.sh")
             .arg(&ktree)
             .arg(&module)
-            .arg(&guest_tests),
+            .arg(guest_tests),
         "images/initramfs/build.sh",
     )?);
     eprintln!(
@@ -224,13 +245,19 @@ fn build(root: &Path) -> Result<Artifacts> {
         t.elapsed().as_secs_f32()
     );
 
+    Ok((ktree, module, initramfs))
+}
+
+/// `art` with the kernel, module and initramfs of another kernel flavor.
+fn flavor_artifacts(root: &Path, art: &Artifacts, flavor: &str) -> Result<Artifacts> {
+    let (ktree, module, initramfs) = kernel_artifacts(root, flavor, &art.guest_tests)?;
     Ok(Artifacts {
-        ktree: ktree.clone(),
-        qemu,
         bzimage: ktree.join("arch/x86/boot/bzImage"),
+        ktree,
+        qemu: art.qemu.clone(),
         module,
-        device,
-        guest_tests,
+        device: art.device.clone(),
+        guest_tests: art.guest_tests.clone(),
         initramfs,
     })
 }
@@ -310,18 +337,20 @@ fn vm_checks(o: &vm::VmOutcome) -> Vec<Check> {
                 Err(e) => format!("{}: {e}", o.trace.display()),
             },
         },
-        Check {
-            name: "device validator reported no violation",
-            ok: trace
+        {
+            // Only the injected-bug tests may cause violations, and the guest says how many.
+            let expected = o.expected_violations.unwrap_or(0);
+            let seen = trace
                 .as_ref()
-                .is_ok_and(|t| !t.by_kind.contains_key("violation")),
-            detail: match &trace {
-                Ok(t) => format!(
-                    "{} violations in the trace",
-                    t.by_kind.get("violation").copied().unwrap_or(0)
-                ),
-                Err(e) => format!("{}: {e}", o.trace.display()),
-            },
+                .map(|t| t.by_kind.get("violation").copied().unwrap_or(0) as u64);
+            Check {
+                name: "device violations are exactly those of the injected bugs",
+                ok: seen.as_ref().is_ok_and(|&n| n == expected),
+                detail: match &seen {
+                    Ok(n) => format!("{n} violations in the trace, the guest expected {expected}"),
+                    Err(e) => format!("{}: {e}", o.trace.display()),
+                },
+            }
         },
         Check {
             name: "device exited cleanly when QEMU went away",
@@ -601,6 +630,19 @@ fn main() -> ExitCode {
                         let (sp, sf) = harness_selftests(&root, &art)?;
                         p += bp + sp;
                         f += bf + sf;
+                        // The same suite on the lock-debugging kernel: any lockdep, might_sleep
+                        // or DEBUG_VM report fails its run checks.
+                        println!(
+                            "\n== lock-debugging guest kernel (images/kernel/debug.config) =="
+                        );
+                        let (dp, df) = flavor_artifacts(&root, &art, "debug")
+                            .and_then(|dbg| vm_run(&root, &dbg, &opts, vm::Echo::Results))
+                            .unwrap_or_else(|e| {
+                                eprintln!("xtask: debug flavor: {e}");
+                                (0, 1)
+                            });
+                        p += dp;
+                        f += df;
                     }
                     Ok((p, f))
                 })

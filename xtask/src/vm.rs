@@ -91,6 +91,8 @@ pub struct VmOutcome {
     pub splats: Vec<String>,
     pub tests_end_rc: Option<i32>,
     pub done_rc: Option<i32>,
+    /// Violations the guest's injected-bug tests caused, if the suite reported them.
+    pub expected_violations: Option<u64>,
     pub timed_out: bool,
     pub qemu_status: Option<ExitStatus>,
     pub device_died_early: bool,
@@ -353,6 +355,8 @@ fn handle_line(line: &str, echo: Echo, in_tests: &mut bool, out: &mut VmOutcome)
         out.tests_end_rc = Some(rc);
     } else if let Some(rc) = ktap::marker_rc(line, ktap::DONE) {
         out.done_rc = Some(rc);
+    } else if let Some(n) = ktap::expected_violations(line) {
+        out.expected_violations = Some(n);
     }
     let result = if *in_tests {
         ktap::parse_result(line)

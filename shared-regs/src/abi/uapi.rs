@@ -299,13 +299,26 @@ pub const ZG_IOC_DMA: u32 = ioc(
     core::mem::size_of::<ZgDma>(),
 );
 /// `_IOW('z', 0x03, struct zg_snapshot)`.
-pub const ZG_IOC_SNAPSHOT: u32 =
-    ioc(IOC_WRITE, ZG_IOC_MAGIC, 0x03, core::mem::size_of::<ZgSnapshot>());
+pub const ZG_IOC_SNAPSHOT: u32 = ioc(
+    IOC_WRITE,
+    ZG_IOC_MAGIC,
+    0x03,
+    core::mem::size_of::<ZgSnapshot>(),
+);
 /// `_IOR('z', 0x04, struct zg_stats)`.
-pub const ZG_IOC_STATS: u32 = ioc(IOC_READ, ZG_IOC_MAGIC, 0x04, core::mem::size_of::<ZgStats>());
+pub const ZG_IOC_STATS: u32 = ioc(
+    IOC_READ,
+    ZG_IOC_MAGIC,
+    0x04,
+    core::mem::size_of::<ZgStats>(),
+);
 /// `_IOW('z', 0x05, struct zg_inject)`.
-pub const ZG_IOC_INJECT: u32 =
-    ioc(IOC_WRITE, ZG_IOC_MAGIC, 0x05, core::mem::size_of::<ZgInject>());
+pub const ZG_IOC_INJECT: u32 = ioc(
+    IOC_WRITE,
+    ZG_IOC_MAGIC,
+    0x05,
+    core::mem::size_of::<ZgInject>(),
+);
 
 const _: () = assert!(core::mem::size_of::<ZgMap>() == 40);
 const _: () = assert!(core::mem::size_of::<ZgDma>() == 80);

@@ -1,0 +1,721 @@
+//! Mirroring tests: the device reads and writes process memory through the driver's mirrored page
+//! table; mm events (munmap, mprotect, madvise, fork, THP split, exit) shoot its TLB down; the
+//! validator reports zero violations, and each injected driver bug is caught.
+//!
+//! Injection tests use device *reads* to touch memory the bug left reachable wherever they can:
+//! the device really accesses what the stale translation points to, and a write could land in a
+//! page the kernel has already reused. The write-permission test writes into the process's own
+//! (read-only) page, which is harmless.
+
+use crate::dev::{self, Mapping};
+use crate::ktap::check_eq;
+use shared_regs::dma::{self, *};
+use shared_regs::event::*;
+use shared_regs::uapi::*;
+use std::fs::File;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+const PG: usize = 4096;
+const HUGE: usize = 2 << 20;
+
+/// Violations the injection tests caused (and expected); the clean-totals test compares the
+/// device's counter with it.
+static INJECTED_VIOLATIONS: AtomicU64 = AtomicU64::new(0);
+
+fn open() -> Result<File, String> {
+    dev::open().map_err(|e| format!("open {}: {e}", dev::DEV_PATH))
+}
+
+fn stats(f: &File) -> Result<ZgStats, String> {
+    dev::stats(f).map_err(|e| format!("STATS: {e}"))
+}
+
+fn ctx_violations(s: &ZgStats) -> u64 {
+    s.violations.iter().sum()
+}
+
+/// The context saw no validator violation.
+fn clean(f: &File) -> Result<(), String> {
+    let s = stats(f)?;
+    if ctx_violations(&s) != 0 {
+        return Err(format!(
+            "validator violations on a correct driver: {:?}",
+            s.violations
+        ));
+    }
+    Ok(())
+}
+
+fn map(f: &File, m: &Mapping, write: bool) -> Result<ZgMap, String> {
+    let flags = if write { ZG_MAP_WRITE } else { 0 };
+    dev::map(f, m.addr, m.len, flags).map_err(|e| format!("MAP {:#x}+{:#x}: {e}", m.addr, m.len))
+}
+
+fn run(f: &File, d: ZgDma) -> Result<ZgDma, String> {
+    dev::dma(f, d).map_err(|(e, d)| format!("DMA op {}: {e} ({d:?})", d.op))
+}
+
+/// Runs a job that must fail with `errno`; returns its record.
+fn run_err(f: &File, d: ZgDma, errno: i32) -> Result<ZgDma, String> {
+    match dev::dma(f, d) {
+        Ok(d) => Err(format!(
+            "DMA op {} succeeded, expected errno {errno}: {d:?}",
+            d.op
+        )),
+        Err((e, d)) => {
+            check_eq(dev::errno(&e), errno, &format!("errno of DMA op {}", d.op))?;
+            Ok(d)
+        }
+    }
+}
+
+/// The device's global violation counter (through any context).
+fn device_violations() -> Result<u64, String> {
+    Ok(stats(&open()?)?.device_violations)
+}
+
+/// Runs `f` (which provokes an injected bug), checks the device counted violations of `class`
+/// for it, and books them as expected.
+fn expect_violations(
+    class: u16,
+    f: impl FnOnce() -> Result<ZgStats, String>,
+) -> Result<(), String> {
+    let before = device_violations()?;
+    let s = f()?;
+    let after = device_violations()?;
+    let delta = after - before;
+    INJECTED_VIOLATIONS.fetch_add(delta, Ordering::Relaxed);
+    println!(
+        "# device counted {delta} violation(s); context classes {:?}",
+        s.violations
+    );
+    if s.violations[class as usize] == 0 {
+        return Err(format!(
+            "injected bug not caught: no {} violation (context {:?}, device delta {delta})",
+            violation_name(class),
+            s.violations
+        ));
+    }
+    Ok(())
+}
+
+fn fill_job(addr: usize, len: usize, byte: u8) -> ZgDma {
+    dev::job(DMA_FILL, 0, addr, len, u64::from_le_bytes([byte; 8]))
+}
+
+pub fn mirror_read_write_copy() -> Result<(), String> {
+    let f = open()?;
+    let a = Mapping::anon(16 * PG).map_err(|e| e.to_string())?;
+    for (i, b) in a.bytes().iter_mut().enumerate() {
+        *b = (i * 7 % 251) as u8;
+    }
+    let m = map(&f, &a, false)?;
+    check_eq(m.pages, 16, "4 KiB PTEs written by a read MAP")?;
+    let snap = dev::snapshot(&f, a.addr, 16).map_err(|e| format!("SNAPSHOT: {e}"))?;
+    for (i, s) in snap.iter().enumerate() {
+        if s & ZG_SNAP_DEV_PRESENT == 0 || s & ZG_SNAP_DEV_WRITE != 0 || s & ZG_SNAP_CPU_VALID == 0
+        {
+            return Err(format!(
+                "page {i}: snapshot {s:#04x}, expected present read-only"
+            ));
+        }
+    }
+    let mut buf = vec![0u8; a.len];
+    run(
+        &f,
+        dev::job(DMA_READ, a.addr, 0, a.len, buf.as_mut_ptr() as u64),
+    )?;
+    if buf != a.bytes() {
+        return Err("DMA_READ returned other bytes than the CPU wrote".into());
+    }
+    let sum = run(&f, dev::job(DMA_CHECKSUM, a.addr, 0, a.len, 0))?;
+    check_eq(
+        sum.result,
+        dma::fnv1a64(FNV_OFFSET, a.bytes()),
+        "device checksum",
+    )?;
+    // Device writes: first a FILL through a write MAP, then a WRITE into unmapped memory (served
+    // by device faults), then a COPY and a COMPARE between the two buffers.
+    map(&f, &a, true)?;
+    run(&f, fill_job(a.addr, a.len, 0x5c))?;
+    if a.bytes().iter().any(|&b| b != 0x5c) {
+        return Err("CPU does not see the device's FILL".into());
+    }
+    let b = Mapping::anon(16 * PG).map_err(|e| e.to_string())?;
+    let src = vec![0xabu8; b.len];
+    let w = run(
+        &f,
+        dev::job(DMA_WRITE, 0, b.addr, b.len, src.as_ptr() as u64),
+    )?;
+    if w.faults == 0 {
+        return Err(format!(
+            "WRITE to unmapped memory took no device fault: {w:?}"
+        ));
+    }
+    if b.bytes().iter().any(|&x| x != 0xab) {
+        return Err("CPU does not see the device's WRITE".into());
+    }
+    run(&f, dev::job(DMA_COPY, a.addr, b.addr, a.len, 0))?;
+    if b.bytes() != a.bytes() {
+        return Err("COPY: destination differs".into());
+    }
+    let cmp = run(&f, dev::job(DMA_COMPARE, a.addr, b.addr, a.len, 0))?;
+    check_eq(cmp.result, u64::MAX, "COMPARE of equal buffers")?;
+    let s = stats(&f)?;
+    println!(
+        "# mapped {} pages, {} faults served, {} jobs",
+        s.pages_mapped, s.faults_resolved, s.dma_jobs
+    );
+    clean(&f)
+}
+
+pub fn munmap_shoots_down() -> Result<(), String> {
+    let f = open()?;
+    let mut a = Mapping::anon(16 * PG).map_err(|e| e.to_string())?;
+    map(&f, &a, true)?;
+    run(&f, fill_job(a.addr, a.len, 1))?;
+    let s0 = stats(&f)?;
+    let addr = a.addr;
+    a.unmap();
+    let s1 = stats(&f)?;
+    if s1.pages_zapped < s0.pages_zapped + 16 || s1.sync_waits <= s0.sync_waits {
+        return Err(format!(
+            "munmap did not shoot down 16 pages: before {s0:?} after {s1:?}"
+        ));
+    }
+    // The device now faults, and the fault cannot be served: no VMA.
+    let d = run_err(
+        &f,
+        dev::job(DMA_CHECKSUM, addr, 0, 16 * PG, 0),
+        libc::EFAULT,
+    )?;
+    check_eq(d.status, DMA_ST_FAULT.into(), "job status")?;
+    check_eq(d.error, -libc::EFAULT, "recorded fault error")?;
+    clean(&f)
+}
+
+pub fn madvise_dontneed_refaults_new_page() -> Result<(), String> {
+    let f = open()?;
+    let a = Mapping::anon(16 * PG).map_err(|e| e.to_string())?;
+    a.bytes().fill(0x5a);
+    map(&f, &a, true)?;
+    a.madvise(0, a.len, libc::MADV_DONTNEED)
+        .map_err(|e| e.to_string())?;
+    let snap = dev::snapshot(&f, a.addr, 16).map_err(|e| format!("SNAPSHOT: {e}"))?;
+    if snap.iter().any(|s| s & ZG_SNAP_DEV_PRESENT != 0) {
+        return Err(format!("device PTEs survived MADV_DONTNEED: {snap:x?}"));
+    }
+    let mut nf = dev::job(DMA_CHECKSUM, a.addr, 0, a.len, 0);
+    nf.flags = ZG_DMA_NO_FAULT;
+    let d = run_err(&f, nf, libc::EFAULT)?;
+    check_eq(d.fault_reason, FAULT_NOT_PRESENT.into(), "fault reason")?;
+    let mut buf = vec![0xffu8; a.len];
+    run(
+        &f,
+        dev::job(DMA_READ, a.addr, 0, a.len, buf.as_mut_ptr() as u64),
+    )?;
+    if buf.iter().any(|&b| b != 0) {
+        return Err("device read the old page, not the fresh zero page".into());
+    }
+    clean(&f)
+}
+
+pub fn mprotect_readonly_refuses_device_writes() -> Result<(), String> {
+    let f = open()?;
+    let a = Mapping::anon(8 * PG).map_err(|e| e.to_string())?;
+    map(&f, &a, true)?;
+    run(&f, fill_job(a.addr, a.len, 0x22))?;
+    a.protect(libc::PROT_READ).map_err(|e| e.to_string())?;
+    let snap = dev::snapshot(&f, a.addr, 8).map_err(|e| format!("SNAPSHOT: {e}"))?;
+    if snap.iter().any(|s| s & ZG_SNAP_DEV_WRITE != 0) {
+        return Err(format!(
+            "device still writable after mprotect(PROT_READ): {snap:x?}"
+        ));
+    }
+    run_err(&f, fill_job(a.addr, a.len, 0x33), libc::EPERM)?;
+    if a.bytes().iter().any(|&b| b != 0x22) {
+        return Err("a refused device write changed memory".into());
+    }
+    run(&f, dev::job(DMA_CHECKSUM, a.addr, 0, a.len, 0))?;
+    a.protect(libc::PROT_READ | libc::PROT_WRITE)
+        .map_err(|e| e.to_string())?;
+    run(&f, fill_job(a.addr, a.len, 0x44))?;
+    if a.bytes().iter().any(|&b| b != 0x44) {
+        return Err("device write after mprotect(RW) not visible".into());
+    }
+    clean(&f)
+}
+
+/// Forks and runs `child` in the child; returns its exit status.
+fn fork_wait(child: impl FnOnce() -> i32) -> Result<i32, String> {
+    // SAFETY: the child only runs `child` and `_exit`s (no return into the test runner).
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(format!("fork: {}", std::io::Error::last_os_error()));
+    }
+    if pid == 0 {
+        let code = child();
+        // SAFETY: terminating the child without running the parent's destructors twice.
+        unsafe { libc::_exit(code) };
+    }
+    let mut status = 0;
+    // SAFETY: waiting for our own child.
+    unsafe { libc::waitpid(pid, &mut status, 0) };
+    if libc::WIFEXITED(status) {
+        Ok(libc::WEXITSTATUS(status))
+    } else {
+        Ok(128 + libc::WTERMSIG(status))
+    }
+}
+
+pub fn fork_cow_keeps_child_private() -> Result<(), String> {
+    let f = open()?;
+    let a = Mapping::anon(4 * PG).map_err(|e| e.to_string())?;
+    a.bytes().fill(b'A');
+    map(&f, &a, true)?;
+    run(&f, fill_job(a.addr, a.len, b'A'))?;
+    let mut fds = [0; 2];
+    // SAFETY: a pipe into a local array.
+    if unsafe { libc::pipe(fds.as_mut_ptr()) } != 0 {
+        return Err("pipe".into());
+    }
+    let s0 = stats(&f)?;
+    // SAFETY: as in `fork_wait`.
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        let mut b = [0u8; 1];
+        // SAFETY: reading one byte from our pipe.
+        unsafe { libc::read(fds[0], b.as_mut_ptr().cast(), 1) };
+        let ok = a.bytes().iter().all(|&x| x == b'A');
+        // SAFETY: see `fork_wait`.
+        unsafe { libc::_exit(if ok { 0 } else { 1 }) };
+    }
+    // The parent's device writes after fork must break COW in the parent, never write the page
+    // the child still shares.
+    let r = run(&f, fill_job(a.addr, a.len, b'C'));
+    // SAFETY: writing one byte to our pipe, then reaping the child.
+    let mut status = 0;
+    unsafe {
+        libc::write(fds[1], b"x".as_ptr().cast(), 1);
+        libc::waitpid(pid, &mut status, 0);
+        libc::close(fds[0]);
+        libc::close(fds[1]);
+    }
+    r?;
+    if a.bytes().iter().any(|&x| x != b'C') {
+        return Err("parent does not see its device write".into());
+    }
+    if !libc::WIFEXITED(status) || libc::WEXITSTATUS(status) != 0 {
+        return Err(format!(
+            "child saw the parent's device write (status {status:#x}): COW broken"
+        ));
+    }
+    let s1 = stats(&f)?;
+    if s1.invalidations == s0.invalidations {
+        return Err("fork's write-protect did not reach the driver".into());
+    }
+    clean(&f)
+}
+
+pub fn thp_mirrored_with_huge_entries() -> Result<(), String> {
+    let f = open()?;
+    let mut a = Mapping::anon_huge(2 * HUGE).map_err(|e| e.to_string())?;
+    a.bytes().fill(7);
+    let mut cpu = dev::snapshot(&f, a.addr, 1).map_err(|e| format!("SNAPSHOT: {e}"))?;
+    if cpu[0] & ZG_SNAP_CPU_HUGE == 0 {
+        // The fault path fell back to small pages (fragmentation): collapse synchronously.
+        const MADV_COLLAPSE: i32 = 25;
+        let _ = a.madvise(0, a.len, MADV_COLLAPSE);
+        cpu = dev::snapshot(&f, a.addr, 1).map_err(|e| format!("SNAPSHOT: {e}"))?;
+    }
+    if cpu[0] & ZG_SNAP_CPU_HUGE == 0 {
+        return Err(format!(
+            "the CPU did not map a THP (snapshot {:#04x})",
+            cpu[0]
+        ));
+    }
+    let m = map(&f, &a, true)?;
+    check_eq(m.huge, 2, "2 MiB device entries")?;
+    run(&f, fill_job(a.addr, a.len, 9))?;
+    if a.bytes().iter().any(|&b| b != 9) {
+        return Err("device FILL through 2 MiB entries not visible".into());
+    }
+    let snap = dev::snapshot(&f, a.addr, 2 * HUGE / PG).map_err(|e| format!("SNAPSHOT: {e}"))?;
+    if snap
+        .iter()
+        .any(|s| s & ZG_SNAP_DEV_HUGE == 0 || s & ZG_SNAP_DEV_DIRTY == 0)
+    {
+        return Err("device entries not huge or not dirty after the FILL".into());
+    }
+    // Punch a 4 KiB hole: the CPU splits the PMD, the device loses the whole 2 MiB entry.
+    a.madvise(HUGE + 5 * PG, PG, libc::MADV_DONTNEED)
+        .map_err(|e| e.to_string())?;
+    let snap = dev::snapshot(&f, a.addr, 2 * HUGE / PG).map_err(|e| format!("SNAPSHOT: {e}"))?;
+    if snap[HUGE / PG + 5] & ZG_SNAP_DEV_PRESENT != 0 || snap[0] & ZG_SNAP_DEV_PRESENT == 0 {
+        return Err("hole punch: wrong device entries dropped".into());
+    }
+    let sum = run(&f, dev::job(DMA_CHECKSUM, a.addr, 0, a.len, 0))?;
+    check_eq(
+        sum.result,
+        dma::fnv1a64(FNV_OFFSET, a.bytes()),
+        "checksum after split",
+    )?;
+    a.unmap();
+    clean(&f)
+}
+
+/// A long read-only job whose faults fail it (for reads through translations a bug left).
+fn long_read_job(addr: usize, len: usize) -> ZgDma {
+    let mut d = dev::job(DMA_CHECKSUM, addr, 0, len, 0);
+    d.flags = ZG_DMA_NO_FAULT;
+    d
+}
+
+/// A long read-only job whose faults the driver serves (khugepaged may collapse the buffer under
+/// it, which correctly zaps the device's entries).
+fn long_served_job(addr: usize, len: usize) -> ZgDma {
+    dev::job(DMA_CHECKSUM, addr, 0, len, 0)
+}
+
+/// A child that mirrors a THP buffer, starts a long device read and exits while it runs.
+fn exit_mid_job_child(inject: u32) -> i32 {
+    let Ok(f) = dev::open() else { return 10 };
+    if inject != 0 && dev::inject(&f, inject, 0).is_err() {
+        return 11;
+    }
+    let Ok(a) = Mapping::anon_huge(32 << 20) else {
+        return 12;
+    };
+    a.bytes().fill(1);
+    if dev::map(&f, a.addr, a.len, 0).is_err() {
+        return 13;
+    }
+    let (addr, len) = (a.addr, a.len);
+    let f2 = match f.try_clone() {
+        Ok(f) => f,
+        Err(_) => return 14,
+    };
+    std::thread::spawn(move || loop {
+        let _ = dev::dma(&f2, long_served_job(addr, len));
+    });
+    std::thread::sleep(Duration::from_millis(20));
+    // exit_group with the buffer still mapped and the file open: the job's thread is killed in
+    // the ioctl, then the mm goes (Release), then the files.
+    // SAFETY: ends the process without unwinding or dropping anything.
+    unsafe { libc::_exit(0) }
+}
+
+pub fn exit_mid_job_is_safe() -> Result<(), String> {
+    let before = device_violations()?;
+    for _ in 0..3 {
+        check_eq(fork_wait(|| exit_mid_job_child(0))?, 0, "child exit status")?;
+    }
+    check_eq(
+        device_violations()?,
+        before,
+        "device violations across exits mid-job",
+    )
+}
+
+pub fn bad_input_errors() -> Result<(), String> {
+    let f = open()?;
+    let a = Mapping::anon(4 * PG).map_err(|e| e.to_string())?;
+    let e = |r: std::io::Result<ZgMap>| r.err().map(|e| dev::errno(&e));
+    let cases: [(&str, usize, usize, u32, i32); 7] = [
+        ("unaligned va", a.addr + 1, PG, 0, libc::EINVAL),
+        ("unaligned len", a.addr, 100, 0, libc::EINVAL),
+        ("zero len", a.addr, 0, 0, libc::EINVAL),
+        (
+            "wrapping range",
+            usize::MAX - PG + 1,
+            2 * PG,
+            0,
+            libc::EINVAL,
+        ),
+        ("kernel address", 0xffff_8880_0000_0000, PG, 0, libc::EFAULT),
+        ("unknown flag", a.addr, PG, 0x80, libc::EINVAL),
+        ("PROT_NONE-free hole", 0x1000, PG, 0, libc::EFAULT),
+    ];
+    for (what, va, len, flags, want) in cases {
+        check_eq(e(dev::map(&f, va, len, flags)), Some(want), what)?;
+    }
+    let bad_jobs = [
+        (
+            "unknown op",
+            dev::job(0, a.addr, a.addr, PG, 0),
+            libc::EINVAL,
+        ),
+        (
+            "zero length",
+            dev::job(DMA_COPY, a.addr, a.addr, 0, 0),
+            libc::EINVAL,
+        ),
+        (
+            "too long",
+            dev::job(DMA_FILL, 0, a.addr, (DMA_MAX_LEN + 1) as usize, 0),
+            libc::EINVAL,
+        ),
+        (
+            "kernel src",
+            dev::job(DMA_CHECKSUM, 0xffff_8880_0000_0000, 0, PG, 0),
+            libc::EFAULT,
+        ),
+        (
+            "READ too long",
+            dev::job(DMA_READ, a.addr, 0, (ZG_DMA_BOUNCE_MAX + 1) as usize, 0),
+            libc::EINVAL,
+        ),
+        (
+            "READ bad buffer",
+            dev::job(DMA_READ, a.addr, 0, PG, 8),
+            libc::EFAULT,
+        ),
+    ];
+    for (what, j, want) in bad_jobs {
+        run_err(&f, j, want).map_err(|m| format!("{what}: {m}"))?;
+    }
+    let mut flags = dev::job(DMA_FILL, 0, a.addr, PG, 0);
+    flags.flags = 0x100;
+    run_err(&f, flags, libc::EINVAL)?;
+    for (what, va, n) in [
+        ("zero pages", a.addr, 0),
+        ("too many", a.addr, 4097),
+        ("unaligned", a.addr + 8, 1),
+    ] {
+        let r = dev::snapshot(&f, va, n).err().map(|e| dev::errno(&e));
+        check_eq(r, Some(libc::EINVAL), &format!("SNAPSHOT {what}"))?;
+    }
+    let r = dev::inject(&f, 1 << 20, 0).err().map(|e| dev::errno(&e));
+    check_eq(r, Some(libc::EINVAL), "INJECT unknown mode")?;
+    clean(&f)
+}
+
+pub fn foreign_mm_gets_eperm() -> Result<(), String> {
+    let f = open()?;
+    let a = Mapping::anon(PG).map_err(|e| e.to_string())?;
+    // A forked child shares the file but not the address space.
+    let code = fork_wait(|| match dev::map(&f, a.addr, PG, 0) {
+        Err(e) if dev::errno(&e) == libc::EPERM => 0,
+        _ => 1,
+    })?;
+    check_eq(code, 0, "child MAP on the parent's context (0 = EPERM)")?;
+    let code = fork_wait(|| {
+        // SAFETY: dropping privileges in the child only.
+        if unsafe { libc::setuid(65534) } != 0 {
+            return 2;
+        }
+        match dev::inject(&f, ZG_INJ_SKIP_SHOOTDOWN, 0) {
+            Err(e) if dev::errno(&e) == libc::EPERM => 0,
+            _ => 1,
+        }
+    })?;
+    check_eq(code, 0, "unprivileged INJECT (0 = EPERM)")
+}
+
+pub fn released_context_gets_einval() -> Result<(), String> {
+    // A child with its own address space but our file table (clone(CLONE_FILES)) opens a context
+    // and exits: its address space is released while the file lives on in our table.
+    // SAFETY: like fork(), plus a shared file table; the child only opens, maps and `_exit`s.
+    let pid = unsafe {
+        libc::syscall(
+            libc::SYS_clone,
+            libc::CLONE_FILES | libc::SIGCHLD,
+            0,
+            0,
+            0,
+            0,
+        )
+    };
+    if pid < 0 {
+        return Err(format!("clone: {}", std::io::Error::last_os_error()));
+    }
+    if pid == 0 {
+        let code = (|| {
+            let Ok(f) = dev::open() else { return 1 };
+            let Ok(a) = Mapping::anon(4 * PG) else {
+                return 2;
+            };
+            if dev::map(&f, a.addr, a.len, ZG_MAP_WRITE).is_err() {
+                return 3;
+            }
+            use std::os::fd::IntoRawFd;
+            let fd = f.into_raw_fd();
+            std::mem::forget(a);
+            fd + 100
+        })();
+        // SAFETY: see `fork_wait`; the fd number is the exit code (offset to tell it from errors).
+        unsafe { libc::_exit(code) };
+    }
+    let mut status = 0;
+    // SAFETY: reaping our child.
+    unsafe { libc::waitpid(pid as i32, &mut status, 0) };
+    let code = libc::WEXITSTATUS(status);
+    if !libc::WIFEXITED(status) || code < 100 {
+        return Err(format!(
+            "child could not open and map a context (status {status:#x})"
+        ));
+    }
+    // SAFETY: the child opened this descriptor in our shared table and exited; we own it now.
+    let f = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(code - 100) };
+    let s = stats(&f)?;
+    if s.flags & ZG_STATS_RELEASED == 0 || s.pt_pages != 1 {
+        return Err(format!("context of an exited process not released: {s:?}"));
+    }
+    let a = Mapping::anon(PG).map_err(|e| e.to_string())?;
+    let r = dev::map(&f, a.addr, PG, 0).err().map(|e| dev::errno(&e));
+    check_eq(r, Some(libc::EINVAL), "MAP on a released context")?;
+    let r = dev::dma(&f, fill_job(a.addr, PG, 0))
+        .err()
+        .map(|(e, _)| dev::errno(&e));
+    check_eq(r, Some(libc::EINVAL), "DMA on a released context")?;
+    clean(&f)
+}
+
+pub fn inject_skip_shootdown_is_caught() -> Result<(), String> {
+    expect_violations(VIOL_STALE, || {
+        let f = open()?;
+        dev::inject(&f, ZG_INJ_SKIP_SHOOTDOWN, 0).map_err(|e| format!("INJECT: {e}"))?;
+        let a = Mapping::anon(4 * PG).map_err(|e| e.to_string())?;
+        a.bytes().fill(3);
+        map(&f, &a, false)?;
+        a.madvise(0, a.len, libc::MADV_DONTNEED)
+            .map_err(|e| e.to_string())?;
+        // The device still maps the freed pages: reading them is the bug made visible.
+        let _ = dev::dma(&f, long_read_job(a.addr, a.len));
+        stats(&f)
+    })
+}
+
+pub fn inject_keep_write_is_caught() -> Result<(), String> {
+    expect_violations(VIOL_WRITE_PERM, || {
+        let f = open()?;
+        let a = Mapping::anon(4 * PG).map_err(|e| e.to_string())?;
+        map(&f, &a, true)?;
+        run(&f, fill_job(a.addr, a.len, 1))?;
+        dev::inject(&f, ZG_INJ_KEEP_WRITE, 0).map_err(|e| format!("INJECT: {e}"))?;
+        a.protect(libc::PROT_READ).map_err(|e| e.to_string())?;
+        let mut j = fill_job(a.addr, a.len, 2);
+        j.flags = ZG_DMA_NO_FAULT;
+        let _ = dev::dma(&f, j);
+        stats(&f)
+    })
+}
+
+/// Rounds of [`dontneed_during_long_job`]: the madvise must land while the job runs, and the
+/// job's duration on the host is not known in advance.
+const LAG_ROUNDS: u32 = 8;
+
+/// A THP buffer mirrored, its translations warm in the IOTLB, then a long device read racing
+/// `MADV_DONTNEED` of the whole buffer, `LAG_ROUNDS` times with varying delays (until `stop`
+/// says so). Returns the context's stats and the longest SYNC wait of a round.
+fn dontneed_during_long_job(
+    inject: u32,
+    cmd_lag: u32,
+    stop: impl Fn(&ZgStats) -> bool,
+) -> Result<ZgStats, String> {
+    let f = open()?;
+    let a = Mapping::anon_huge(32 << 20).map_err(|e| e.to_string())?;
+    for round in 0..LAG_ROUNDS {
+        a.bytes().fill(5);
+        map(&f, &a, false)?;
+        run(&f, long_served_job(a.addr, a.len))?;
+        dev::inject(&f, inject, cmd_lag).map_err(|e| format!("INJECT: {e}"))?;
+        let f2 = f.try_clone().map_err(|e| e.to_string())?;
+        let (addr, len) = (a.addr, a.len);
+        let t =
+            std::thread::spawn(move || dev::dma(&f2, long_served_job(addr, len)).map(|d| d.status));
+        std::thread::sleep(Duration::from_micros(200 + 400 * u64::from(round % 4)));
+        a.madvise(0, a.len, libc::MADV_DONTNEED)
+            .map_err(|e| e.to_string())?;
+        let _ = t.join();
+        dev::inject(&f, 0, 0).map_err(|e| format!("INJECT off: {e}"))?;
+        let s = stats(&f)?;
+        if stop(&s) {
+            println!("# stopped after {} round(s)", round + 1);
+            return Ok(s);
+        }
+    }
+    stats(&f)
+}
+
+pub fn cmd_lag_with_sync_wait_is_clean() -> Result<(), String> {
+    let before = device_violations()?;
+    // Run every round: the driver must stay clean whenever the madvise lands.
+    let s = dontneed_during_long_job(0, 1 << 20, |_| false)?;
+    println!(
+        "# {} SYNC waits, longest {} us with the device lagging",
+        s.sync_waits,
+        s.sync_wait_max_ns / 1000
+    );
+    check_eq(
+        ctx_violations(&s),
+        0,
+        "violations with a slow device and a correct driver",
+    )?;
+    check_eq(device_violations()?, before, "device violations")
+}
+
+pub fn inject_skip_sync_wait_is_caught() -> Result<(), String> {
+    expect_violations(VIOL_STALE, || {
+        dontneed_during_long_job(ZG_INJ_SKIP_SYNC_WAIT, 1 << 20, |s| ctx_violations(s) > 0)
+    })
+}
+
+pub fn inject_ignore_retry_is_caught() -> Result<(), String> {
+    expect_violations(VIOL_STALE, || {
+        let f = open()?;
+        dev::inject(&f, ZG_INJ_IGNORE_RETRY, 0).map_err(|e| format!("INJECT: {e}"))?;
+        let a = Mapping::anon(16 * PG).map_err(|e| e.to_string())?;
+        a.bytes().fill(1);
+        for i in 0..40 {
+            let (addr, len) = (a.addr, a.len);
+            // Lands in the populate's window between hmm_range_fault and the commit.
+            let t = std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_micros(700));
+                // SAFETY: advice on the test's own mapping, then touching it.
+                unsafe {
+                    libc::madvise(addr as *mut _, len, libc::MADV_DONTNEED);
+                    std::ptr::write_bytes(addr as *mut u8, 2, len);
+                }
+            });
+            let _ = dev::map(&f, a.addr, a.len, 0);
+            let _ = t.join();
+            let _ = dev::dma(&f, long_read_job(a.addr, a.len));
+            let s = stats(&f)?;
+            if ctx_violations(&s) > 0 {
+                println!("# caught after {} round(s)", i + 1);
+                return Ok(s);
+            }
+        }
+        stats(&f)
+    })
+}
+
+pub fn inject_keep_after_release_is_caught() -> Result<(), String> {
+    let before = device_violations()?;
+    check_eq(
+        fork_wait(|| exit_mid_job_child(ZG_INJ_KEEP_AFTER_RELEASE))?,
+        0,
+        "child exit status",
+    )?;
+    let delta = device_violations()? - before;
+    INJECTED_VIOLATIONS.fetch_add(delta, Ordering::Relaxed);
+    println!("# device counted {delta} violation(s) after the mm was released");
+    if delta == 0 {
+        return Err("device use after release not caught".into());
+    }
+    Ok(())
+}
+
+pub fn validator_totals_match_injections() -> Result<(), String> {
+    let device = device_violations()?;
+    let expected = INJECTED_VIOLATIONS.load(Ordering::Relaxed);
+    // The host harness checks the device trace against this number.
+    println!("ZAPGUARD-EXPECTED-VIOLATIONS {expected}");
+    check_eq(
+        device,
+        expected,
+        "device violations vs. those the injection tests caused",
+    )
+}
