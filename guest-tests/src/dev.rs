@@ -174,8 +174,14 @@ impl Mapping {
     ///
     /// The device may write it behind the compiler's back; tests read it only after the DMA
     /// ioctl returned (a syscall is a compiler barrier for memory reachable from the kernel).
-    pub fn bytes(&self) -> &mut [u8] {
-        // SAFETY: [addr, addr + len) is a live read-write mapping we own.
+    pub fn bytes(&self) -> &[u8] {
+        // SAFETY: [addr, addr + len) is a live readable mapping we own.
+        unsafe { std::slice::from_raw_parts(self.addr as *const u8, self.len) }
+    }
+
+    /// The memory as mutable bytes.
+    pub fn bytes_mut(&mut self) -> &mut [u8] {
+        // SAFETY: [addr, addr + len) is a live read-write mapping we own, borrowed exclusively.
         unsafe { std::slice::from_raw_parts_mut(self.addr as *mut u8, self.len) }
     }
 

@@ -106,8 +106,8 @@ fn fill_job(addr: usize, len: usize, byte: u8) -> ZgDma {
 
 pub fn mirror_read_write_copy() -> Result<(), String> {
     let f = open()?;
-    let a = Mapping::anon(16 * PG).map_err(|e| e.to_string())?;
-    for (i, b) in a.bytes().iter_mut().enumerate() {
+    let mut a = Mapping::anon(16 * PG).map_err(|e| e.to_string())?;
+    for (i, b) in a.bytes_mut().iter_mut().enumerate() {
         *b = (i * 7 % 251) as u8;
     }
     let m = map(&f, &a, false)?;
@@ -197,8 +197,8 @@ pub fn munmap_shoots_down() -> Result<(), String> {
 
 pub fn madvise_dontneed_refaults_new_page() -> Result<(), String> {
     let f = open()?;
-    let a = Mapping::anon(16 * PG).map_err(|e| e.to_string())?;
-    a.bytes().fill(0x5a);
+    let mut a = Mapping::anon(16 * PG).map_err(|e| e.to_string())?;
+    a.bytes_mut().fill(0x5a);
     map(&f, &a, true)?;
     a.madvise(0, a.len, libc::MADV_DONTNEED)
         .map_err(|e| e.to_string())?;
@@ -271,8 +271,8 @@ fn fork_wait(child: impl FnOnce() -> i32) -> Result<i32, String> {
 
 pub fn fork_cow_keeps_child_private() -> Result<(), String> {
     let f = open()?;
-    let a = Mapping::anon(4 * PG).map_err(|e| e.to_string())?;
-    a.bytes().fill(b'A');
+    let mut a = Mapping::anon(4 * PG).map_err(|e| e.to_string())?;
+    a.bytes_mut().fill(b'A');
     map(&f, &a, true)?;
     run(&f, fill_job(a.addr, a.len, b'A'))?;
     let mut fds = [0; 2];
@@ -321,7 +321,7 @@ pub fn fork_cow_keeps_child_private() -> Result<(), String> {
 pub fn thp_mirrored_with_huge_entries() -> Result<(), String> {
     let f = open()?;
     let mut a = Mapping::anon_huge(2 * HUGE).map_err(|e| e.to_string())?;
-    a.bytes().fill(7);
+    a.bytes_mut().fill(7);
     let mut cpu = dev::snapshot(&f, a.addr, 1).map_err(|e| format!("SNAPSHOT: {e}"))?;
     if cpu[0] & ZG_SNAP_CPU_HUGE == 0 {
         // The fault path fell back to small pages (fragmentation): collapse synchronously.
@@ -384,10 +384,10 @@ fn exit_mid_job_child(inject: u32) -> i32 {
     if inject != 0 && dev::inject(&f, inject, 0).is_err() {
         return 11;
     }
-    let Ok(a) = Mapping::anon_huge(32 << 20) else {
+    let Ok(mut a) = Mapping::anon_huge(32 << 20) else {
         return 12;
     };
-    a.bytes().fill(1);
+    a.bytes_mut().fill(1);
     if dev::map(&f, a.addr, a.len, 0).is_err() {
         return 13;
     }
@@ -562,7 +562,7 @@ pub fn released_context_gets_einval() -> Result<(), String> {
     if s.flags & ZG_STATS_RELEASED == 0 || s.pt_pages != 1 {
         return Err(format!("context of an exited process not released: {s:?}"));
     }
-    let a = Mapping::anon(PG).map_err(|e| e.to_string())?;
+    let mut a = Mapping::anon(PG).map_err(|e| e.to_string())?;
     let r = dev::map(&f, a.addr, PG, 0).err().map(|e| dev::errno(&e));
     check_eq(r, Some(libc::EINVAL), "MAP on a released context")?;
     let r = dev::dma(&f, fill_job(a.addr, PG, 0))
@@ -576,8 +576,8 @@ pub fn inject_skip_shootdown_is_caught() -> Result<(), String> {
     expect_violations(VIOL_STALE, || {
         let f = open()?;
         dev::inject(&f, ZG_INJ_SKIP_SHOOTDOWN, 0).map_err(|e| format!("INJECT: {e}"))?;
-        let a = Mapping::anon(4 * PG).map_err(|e| e.to_string())?;
-        a.bytes().fill(3);
+        let mut a = Mapping::anon(4 * PG).map_err(|e| e.to_string())?;
+        a.bytes_mut().fill(3);
         map(&f, &a, false)?;
         a.madvise(0, a.len, libc::MADV_DONTNEED)
             .map_err(|e| e.to_string())?;
@@ -590,7 +590,7 @@ pub fn inject_skip_shootdown_is_caught() -> Result<(), String> {
 pub fn inject_keep_write_is_caught() -> Result<(), String> {
     expect_violations(VIOL_WRITE_PERM, || {
         let f = open()?;
-        let a = Mapping::anon(4 * PG).map_err(|e| e.to_string())?;
+        let mut a = Mapping::anon(4 * PG).map_err(|e| e.to_string())?;
         map(&f, &a, true)?;
         run(&f, fill_job(a.addr, a.len, 1))?;
         dev::inject(&f, ZG_INJ_KEEP_WRITE, 0).map_err(|e| format!("INJECT: {e}"))?;
@@ -615,9 +615,9 @@ fn dontneed_during_long_job(
     stop: impl Fn(&ZgStats) -> bool,
 ) -> Result<ZgStats, String> {
     let f = open()?;
-    let a = Mapping::anon_huge(32 << 20).map_err(|e| e.to_string())?;
+    let mut a = Mapping::anon_huge(32 << 20).map_err(|e| e.to_string())?;
     for round in 0..LAG_ROUNDS {
-        a.bytes().fill(5);
+        a.bytes_mut().fill(5);
         map(&f, &a, false)?;
         run(&f, long_served_job(a.addr, a.len))?;
         dev::inject(&f, inject, cmd_lag).map_err(|e| format!("INJECT: {e}"))?;
@@ -666,8 +666,8 @@ pub fn inject_ignore_retry_is_caught() -> Result<(), String> {
     expect_violations(VIOL_STALE, || {
         let f = open()?;
         dev::inject(&f, ZG_INJ_IGNORE_RETRY, 0).map_err(|e| format!("INJECT: {e}"))?;
-        let a = Mapping::anon(16 * PG).map_err(|e| e.to_string())?;
-        a.bytes().fill(1);
+        let mut a = Mapping::anon(16 * PG).map_err(|e| e.to_string())?;
+        a.bytes_mut().fill(1);
         for i in 0..40 {
             let (addr, len) = (a.addr, a.len);
             // Lands in the populate's window between hmm_range_fault and the commit.

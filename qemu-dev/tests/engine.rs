@@ -764,7 +764,7 @@ fn command_lag_exposes_a_missing_sync_wait() {
         ..DeviceConfig::default()
     };
     for wait_for_sync in [true, false] {
-        let mut r = Rig::new(cfg.clone(), EventLog::default());
+        let mut r = Rig::new(cfg, EventLog::default());
         r.set(CMD_LAG, 64);
         assert_eq!(r.reg(CMD_LAG), 64);
         r.bind(1, 0);
