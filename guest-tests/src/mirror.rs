@@ -562,7 +562,7 @@ pub fn released_context_gets_einval() -> Result<(), String> {
     if s.flags & ZG_STATS_RELEASED == 0 || s.pt_pages != 1 {
         return Err(format!("context of an exited process not released: {s:?}"));
     }
-    let mut a = Mapping::anon(PG).map_err(|e| e.to_string())?;
+    let a = Mapping::anon(PG).map_err(|e| e.to_string())?;
     let r = dev::map(&f, a.addr, PG, 0).err().map(|e| dev::errno(&e));
     check_eq(r, Some(libc::EINVAL), "MAP on a released context")?;
     let r = dev::dma(&f, fill_job(a.addr, PG, 0))
@@ -590,7 +590,7 @@ pub fn inject_skip_shootdown_is_caught() -> Result<(), String> {
 pub fn inject_keep_write_is_caught() -> Result<(), String> {
     expect_violations(VIOL_WRITE_PERM, || {
         let f = open()?;
-        let mut a = Mapping::anon(4 * PG).map_err(|e| e.to_string())?;
+        let a = Mapping::anon(4 * PG).map_err(|e| e.to_string())?;
         map(&f, &a, true)?;
         run(&f, fill_job(a.addr, a.len, 1))?;
         dev::inject(&f, ZG_INJ_KEEP_WRITE, 0).map_err(|e| format!("INJECT: {e}"))?;
