@@ -393,12 +393,12 @@ impl ZgFile {
         let jobs = &self.shared.hw.jobs;
         let len = d.len as usize;
         // READ/WRITE own the bounce buffer from the copy-in to the copy-out.
-        let _bounce = bounce.then(|| jobs.bounce_lock.lock());
+        let mut owner = bounce.then(|| jobs.bounce_lock.lock());
         let aux = if bounce { jobs.bounce_addr() } else { d.aux };
         if op == DMA_WRITE {
-            // SAFETY: `_bounce` holds the bounce lock and no job is using the buffer (jobs that
+            // SAFETY: `owner` holds the bounce lock and no job is using the buffer (jobs that
             // use it run under that lock and are waited for uninterruptibly).
-            let buf = unsafe { jobs.bounce_bytes(len)? };
+            let buf = unsafe { jobs.bounce_bytes(owner.as_mut().ok_or(EINVAL)?, len)? };
             UserSlice::new(UserPtr::from_addr(d.aux as usize), len)
                 .reader()
                 .read_slice(buf)?;
@@ -438,7 +438,7 @@ impl ZgFile {
         d.error = abort.map_or(0, |e| e.to_errno());
         if op == DMA_READ && st.status == DMA_ST_OK {
             // SAFETY: As for DMA_WRITE above; the job has completed.
-            let buf = unsafe { jobs.bounce_bytes(len)? };
+            let buf = unsafe { jobs.bounce_bytes(owner.as_mut().ok_or(EINVAL)?, len)? };
             UserSlice::new(UserPtr::from_addr(d.aux as usize), len)
                 .writer()
                 .write_slice(buf)?;

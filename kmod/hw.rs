@@ -431,9 +431,14 @@ impl Jobs {
     ///
     /// # Safety
     ///
-    /// The caller holds [`Self::bounce_lock`] and no job using the buffer is queued or running
-    /// (the device is the only other party that touches it).
-    pub(crate) unsafe fn bounce_bytes(&self, len: usize) -> Result<&mut [u8]> {
+    /// `owner` is the guard of [`Self::bounce_lock`], and no job using the buffer is queued or
+    /// running (the device is the only other party that touches it).
+    pub(crate) unsafe fn bounce_bytes<'a>(
+        &'a self,
+        owner: &'a mut kernel::sync::MutexGuard<'_, ()>,
+        len: usize,
+    ) -> Result<&'a mut [u8]> {
+        let _ = owner;
         if len > self.bounce.size() {
             return Err(EINVAL);
         }

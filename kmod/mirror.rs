@@ -24,9 +24,10 @@ use crate::mm::{self, FaultOutcome, HmmPfn, HmmRequest, IntervalInvalidate, Inte
 use crate::mm::{NotifierEvent, NotifierRange};
 use core::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering};
 use kernel::{
-    mm::MmWithUser,
+    mm::{MmWithUser, MmWithUserAsync},
     new_mutex,
     prelude::*,
+    sync::aref::ARef,
     sync::{Arc, Mutex},
     time::{delay::fsleep, Delta, Instant, Monotonic},
 };
@@ -133,8 +134,11 @@ pub(crate) struct MapOut {
     pub(crate) huge: u64,
 }
 
-/// What one zap cleared.
+/// One zap: the range to clear, and what was cleared.
 struct Zap {
+    /// Range to clear.
+    s: u64,
+    e: u64,
     pages: u64,
     lo: u64,
     hi: u64,
@@ -340,17 +344,17 @@ impl Mirror {
         Ok(())
     }
 
-    /// Clears every device PTE in `[s, e)` below `table` (a table at `level` mapping `base`).
+    /// Clears every device PTE in `[z.s, z.e)` below `table` (a table at `level` mapping
+    /// `base`).
     fn zap_level(
         &self,
         st: &mut PtState,
         table: PtPage,
         level: u32,
         base: u64,
-        s: u64,
-        e: u64,
         z: &mut Zap,
     ) -> Result {
+        let (s, e) = (z.s, z.e);
         let sz = span(level);
         let first = ((s.max(base) - base) / sz) as usize;
         let mut idx = first;
@@ -380,7 +384,7 @@ impl Mirror {
                         // from nothing (no walk cache) but the SYNC orders the free.
                         z.add(lo, hi, n.max(1));
                     } else {
-                        self.zap_level(st, child, level - 1, lo, s, e, z)?;
+                        self.zap_level(st, child, level - 1, lo, z)?;
                     }
                 }
             }
@@ -399,12 +403,14 @@ impl Mirror {
         ctx_cmd: Option<cmd::Command>,
     ) -> Result<u64> {
         let mut z = Zap {
+            s,
+            e: e.min(pte::VA_LIMIT),
             pages: 0,
             lo: 0,
             hi: 0,
         };
         let root = st.root;
-        let r = self.zap_level(st, root, pte::PT_LEVELS, 0, s, e.min(pte::VA_LIMIT), &mut z);
+        let r = self.zap_level(st, root, pte::PT_LEVELS, 0, &mut z);
         if z.pages == 0 && !st.need_flush && ctx_cmd.is_none() {
             bump(&self.stats.invalidations_empty, 1);
             return r.map(|()| 0);
@@ -723,6 +729,25 @@ impl IntervalInvalidate for Mirror {
     }
 }
 
+/// What an `hmm_range_fault()` pass over `ctx` needs: a user reference on its mm (`EINVAL` once
+/// the process is gone) and room for one 2 MiB block of entries (allocated here, outside locks).
+fn walk_setup(ctx: &Context) -> Result<(ARef<MmWithUserAsync>, KVec<HmmPfn>)> {
+    let mm = ctx.mm().mmget_not_zero().ok_or(EINVAL)?;
+    // A worker may hold the last user reference when the process exits: drop it asynchronously
+    // so that exit_mmap() (and our Release callback) does not run in the worker.
+    let mm = MmWithUser::into_mmput_async(mm);
+    let mut pfns = KVec::with_capacity(ENTRIES, GFP_KERNEL)?;
+    for _ in 0..ENTRIES {
+        pfns.push(HmmPfn::EMPTY, GFP_KERNEL)?;
+    }
+    Ok((mm, pfns))
+}
+
+/// The end of the 2 MiB block holding `s`, capped at `end`: the unit of one populate pass.
+fn block_end(s: u64, end: u64) -> u64 {
+    end.min((s & !(HUGE - 1)) + HUGE)
+}
+
 /// Mirrors `[start, end)` (page aligned, inside the context's interval) into the device, with
 /// write intent if `write`.
 pub(crate) fn populate(
@@ -732,22 +757,15 @@ pub(crate) fn populate(
     write: bool,
     out: &mut MapOut,
 ) -> Result {
-    let mm = ctx.mm().mmget_not_zero().ok_or(EINVAL)?;
-    // A worker may hold the last user reference when the process exits: drop it asynchronously
-    // so that exit_mmap() (and our Release callback) does not run in the worker.
-    let mm = MmWithUser::into_mmput_async(mm);
+    let (mm, mut pfns) = walk_setup(ctx)?;
     let request = if write {
         HmmRequest::Write
     } else {
         HmmRequest::Read
     };
-    let mut pfns = KVec::with_capacity(ENTRIES, GFP_KERNEL)?;
-    for _ in 0..ENTRIES {
-        pfns.push(HmmPfn::EMPTY, GFP_KERNEL)?;
-    }
     let mut s = start;
     while s < end {
-        let e = end.min((s & !(HUGE - 1)) + HUGE);
+        let e = block_end(s, end);
         let n = ((e - s) / PAGE) as usize;
         let pfns = &mut pfns[..n];
         let deadline = Instant::<Monotonic>::now();
@@ -795,15 +813,10 @@ pub(crate) fn populate(
 pub(crate) fn snapshot(ctx: &Context, start: u64, out: &mut [u8]) -> Result {
     let end = start + out.len() as u64 * PAGE;
     // CPU side first (takes the mmap lock; no context lock held).
-    let mm = ctx.mm().mmget_not_zero().ok_or(EINVAL)?;
-    let mm = MmWithUser::into_mmput_async(mm);
-    let mut pfns = KVec::with_capacity(ENTRIES, GFP_KERNEL)?;
-    for _ in 0..ENTRIES {
-        pfns.push(HmmPfn::EMPTY, GFP_KERNEL)?;
-    }
+    let (mm, mut pfns) = walk_setup(ctx)?;
     let mut s = start;
     while s < end {
-        let e = end.min((s & !(HUGE - 1)) + HUGE);
+        let e = block_end(s, end);
         let n = ((e - s) / PAGE) as usize;
         let first = ((s - start) / PAGE) as usize;
         let pf = &mut pfns[..n];
