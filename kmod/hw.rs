@@ -687,10 +687,12 @@ impl Hw {
         handshake(bar, 0)
     }
 
-    /// Writes context entry `asid` (flags last, so the entry is never valid half-written; the
-    /// device only reads it after the CFGI_CTX that follows anyway).
+    /// Writes context entry `asid`. The device's validator reads entries uncached at any time,
+    /// so the entry is never seen half-written: flags are cleared first (a reader sees "not
+    /// valid, not validated"), then the addresses are written, then the new flags.
     pub(crate) fn write_ctx(&self, asid: u32, e: &pte::ContextEntry) -> Result {
         let base = asid as usize * (pte::CTX_ENTRY_SIZE / 8);
+        wr(&self.ctx, base, 0)?;
         wr(&self.ctx, base + 1, e.pt_root)?;
         wr(&self.ctx, base + 2, e.cpu_root)?;
         wr(&self.ctx, base + 3, e.reserved)?;

@@ -786,7 +786,7 @@ pub(crate) fn populate(
             let ignore_retry = ctx.injected(uapi::ZG_INJ_IGNORE_RETRY);
             if ignore_retry {
                 // Widen the window so that tests reliably land an invalidation in it.
-                fsleep(Delta::from_millis(2));
+                fsleep(Delta::from_millis(4));
             }
             let mut st = ctx.state.lock();
             if st.released {

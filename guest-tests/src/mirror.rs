@@ -604,20 +604,23 @@ pub fn inject_keep_write_is_caught() -> Result<(), String> {
 
 /// Rounds of [`dontneed_during_long_job`]: the madvise must land while the job runs, and the
 /// job's duration on the host is not known in advance.
-const LAG_ROUNDS: u32 = 8;
+const LAG_ROUNDS: u32 = 12;
 
-/// A THP buffer mirrored, its translations warm in the IOTLB, then a long device read racing
-/// `MADV_DONTNEED` of the whole buffer, `LAG_ROUNDS` times with varying delays (until `stop`
-/// says so). Returns the context's stats and the longest SYNC wait of a round.
+/// A fresh THP buffer, mirrored with 2 MiB entries and warm in the IOTLB, then a long device
+/// read racing `MADV_DONTNEED` of the whole buffer; `LAG_ROUNDS` times with varying delays (until
+/// `stop` says so). Each round maps a new buffer: faults served after the DONTNEED map 4 KiB zero
+/// pages, which would leave too many translations for the IOTLB to hold.
 fn dontneed_during_long_job(
     inject: u32,
     cmd_lag: u32,
     stop: impl Fn(&ZgStats) -> bool,
 ) -> Result<ZgStats, String> {
     let f = open()?;
-    let mut a = Mapping::anon_huge(32 << 20).map_err(|e| e.to_string())?;
     for round in 0..LAG_ROUNDS {
+        let mut a = Mapping::anon_huge(32 << 20).map_err(|e| e.to_string())?;
         a.bytes_mut().fill(5);
+        const MADV_COLLAPSE: i32 = 25;
+        let _ = a.madvise(0, a.len, MADV_COLLAPSE);
         map(&f, &a, false)?;
         run(&f, long_served_job(a.addr, a.len))?;
         dev::inject(&f, inject, cmd_lag).map_err(|e| format!("INJECT: {e}"))?;
@@ -625,11 +628,13 @@ fn dontneed_during_long_job(
         let (addr, len) = (a.addr, a.len);
         let t =
             std::thread::spawn(move || dev::dma(&f2, long_served_job(addr, len)).map(|d| d.status));
-        std::thread::sleep(Duration::from_micros(200 + 400 * u64::from(round % 4)));
+        let delay_us = [200, 1000, 3000, 6000][round as usize % 4];
+        std::thread::sleep(Duration::from_micros(delay_us));
         a.madvise(0, a.len, libc::MADV_DONTNEED)
             .map_err(|e| e.to_string())?;
         let _ = t.join();
         dev::inject(&f, 0, 0).map_err(|e| format!("INJECT off: {e}"))?;
+        a.unmap();
         let s = stats(&f)?;
         if stop(&s) {
             println!("# stopped after {} round(s)", round + 1);
@@ -671,8 +676,9 @@ pub fn inject_ignore_retry_is_caught() -> Result<(), String> {
         for i in 0..40 {
             let (addr, len) = (a.addr, a.len);
             // Lands in the populate's window between hmm_range_fault and the commit.
+            let delay = Duration::from_micros([300, 700, 1200][i % 3]);
             let t = std::thread::spawn(move || {
-                std::thread::sleep(Duration::from_micros(700));
+                std::thread::sleep(delay);
                 // SAFETY: advice on the test's own mapping, then touching it.
                 unsafe {
                     libc::madvise(addr as *mut _, len, libc::MADV_DONTNEED);

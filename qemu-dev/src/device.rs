@@ -667,7 +667,7 @@ mod tests {
             (u64::from(IDENT), 8),
             (u64::from(SCRATCH) + 2, 4),
             (1, 4),
-            (0x02c, 4),
+            (0x038, 4),
             (0x0fc, 4),
             (REGS_SIZE - 4, 4),
             (REGS_SIZE, 4),

@@ -258,7 +258,7 @@ pub const ZG_INJ_SKIP_SHOOTDOWN: u32 = 1 << 0;
 /// [`ZgInject::cmd_lag`] the device writes pages the kernel already freed (`VIOL_STALE`).
 pub const ZG_INJ_SKIP_SYNC_WAIT: u32 = 1 << 1;
 /// Populate ignores `mmu_interval_read_retry()` and commits PTEs from a walk an invalidation
-/// overtook (and sleeps 2 ms between walk and commit, so tests hit the window): `VIOL_STALE`.
+/// overtook (and sleeps 4 ms between walk and commit, so tests hit the window): `VIOL_STALE`.
 pub const ZG_INJ_IGNORE_RETRY: u32 = 1 << 2;
 /// Write-protect invalidations (`mprotect()`, COW write-protect on `fork()`) are ignored: the
 /// device keeps write access (`VIOL_WRITE_PERM`).
