@@ -178,7 +178,8 @@ fn register_names_and_stats() {
         Some("STAT_HI")
     );
     assert_eq!(regs::name(regs::stat_lo(regs::STAT_COUNT)), None);
-    assert_eq!(regs::name(0x02c), None);
+    assert_eq!(regs::name(regs::CMD_LAG), Some("CMD_LAG"));
+    assert_eq!(regs::name(0x038), None);
     assert_eq!(
         regs::version_minor(regs::VERSION_VALUE),
         regs::VERSION_MINOR
