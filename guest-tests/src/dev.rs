@@ -144,6 +144,15 @@ impl Mapping {
         })
     }
 
+    /// Takes ownership of an existing mapping (e.g. the result of `mremap`).
+    pub fn adopt(addr: usize, len: usize) -> Self {
+        Self {
+            addr,
+            len,
+            live: true,
+        }
+    }
+
     /// Private anonymous read-write memory.
     pub fn anon(len: usize) -> io::Result<Self> {
         Self::new(

@@ -8,9 +8,11 @@
 //! Tests run in list order; the module-reload test runs last because it rebinds the device.
 
 mod dev;
+mod hmm;
 mod ktap;
 mod mirror;
 
+use hmm::*;
 use mirror::*;
 
 use ktap::{check_eq, Test};
@@ -38,6 +40,23 @@ const TESTS: &[Test] = ktap::tests![
     bad_input_errors,
     foreign_mm_gets_eperm,
     released_context_gets_einval,
+    hmm_prot_none_read_efault,
+    hmm_write_readonly_eperm_then_rw,
+    hmm_shared_fork_parent_sees_child,
+    hmm_file_tmpfs_read_write,
+    hmm_file_o_tmpfile_read_write,
+    hmm_repeated_reads_fault_once,
+    hmm_two_contexts_same_memory,
+    hmm_snapshot_mixed_range,
+    hmm_mremap_moves_the_mirror,
+    race_munmap_during_dma,
+    race_madvise_dontneed_during_dma,
+    race_madvise_free_during_dma,
+    race_mprotect_during_dma_writes,
+    race_fork_during_dma_writes,
+    race_many_threads_map_unmap_submit,
+    processes_are_isolated,
+    compaction_while_mirrored,
     cmd_lag_with_sync_wait_is_clean,
     inject_skip_shootdown_is_caught,
     inject_keep_write_is_caught,

@@ -23,11 +23,11 @@ const HUGE: usize = 2 << 20;
 /// device's counter with it.
 static INJECTED_VIOLATIONS: AtomicU64 = AtomicU64::new(0);
 
-fn open() -> Result<File, String> {
+pub(crate) fn open() -> Result<File, String> {
     dev::open().map_err(|e| format!("open {}: {e}", dev::DEV_PATH))
 }
 
-fn stats(f: &File) -> Result<ZgStats, String> {
+pub(crate) fn stats(f: &File) -> Result<ZgStats, String> {
     dev::stats(f).map_err(|e| format!("STATS: {e}"))
 }
 
@@ -36,7 +36,7 @@ fn ctx_violations(s: &ZgStats) -> u64 {
 }
 
 /// The context saw no validator violation.
-fn clean(f: &File) -> Result<(), String> {
+pub(crate) fn clean(f: &File) -> Result<(), String> {
     let s = stats(f)?;
     if ctx_violations(&s) != 0 {
         return Err(format!(
@@ -47,17 +47,17 @@ fn clean(f: &File) -> Result<(), String> {
     Ok(())
 }
 
-fn map(f: &File, m: &Mapping, write: bool) -> Result<ZgMap, String> {
+pub(crate) fn map(f: &File, m: &Mapping, write: bool) -> Result<ZgMap, String> {
     let flags = if write { ZG_MAP_WRITE } else { 0 };
     dev::map(f, m.addr, m.len, flags).map_err(|e| format!("MAP {:#x}+{:#x}: {e}", m.addr, m.len))
 }
 
-fn run(f: &File, d: ZgDma) -> Result<ZgDma, String> {
+pub(crate) fn run(f: &File, d: ZgDma) -> Result<ZgDma, String> {
     dev::dma(f, d).map_err(|(e, d)| format!("DMA op {}: {e} ({d:?})", d.op))
 }
 
 /// Runs a job that must fail with `errno`; returns its record.
-fn run_err(f: &File, d: ZgDma, errno: i32) -> Result<ZgDma, String> {
+pub(crate) fn run_err(f: &File, d: ZgDma, errno: i32) -> Result<ZgDma, String> {
     match dev::dma(f, d) {
         Ok(d) => Err(format!(
             "DMA op {} succeeded, expected errno {errno}: {d:?}",
@@ -100,7 +100,7 @@ fn expect_violations(
     Ok(())
 }
 
-fn fill_job(addr: usize, len: usize, byte: u8) -> ZgDma {
+pub(crate) fn fill_job(addr: usize, len: usize, byte: u8) -> ZgDma {
     dev::job(DMA_FILL, 0, addr, len, u64::from_le_bytes([byte; 8]))
 }
 
@@ -248,7 +248,7 @@ pub fn mprotect_readonly_refuses_device_writes() -> Result<(), String> {
 }
 
 /// Forks and runs `child` in the child; returns its exit status.
-fn fork_wait(child: impl FnOnce() -> i32) -> Result<i32, String> {
+pub(crate) fn fork_wait(child: impl FnOnce() -> i32) -> Result<i32, String> {
     // SAFETY: the child only runs `child` and `_exit`s (no return into the test runner).
     let pid = unsafe { libc::fork() };
     if pid < 0 {

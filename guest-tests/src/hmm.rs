@@ -1,0 +1,451 @@
+//! The hmm-tests scenarios (`tools/testing/selftests/mm/hmm-tests.c`) that apply to a mirroring
+//! device, and the mm events and races beyond them. Every test ends with the context's violation
+//! count at zero: the device itself confirms that it never used a zapped page.
+
+use crate::dev::{self, Mapping};
+use crate::ktap::check_eq;
+use crate::mirror::{clean, fill_job, fork_wait, map, open, run, run_err, stats};
+use shared_regs::dma::*;
+use shared_regs::uapi::*;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::fd::AsRawFd;
+use std::time::Duration;
+
+const PG: usize = 4096;
+
+pub fn hmm_prot_none_read_efault() -> Result<(), String> {
+    let f = open()?;
+    let a = Mapping::new(
+        4 * PG,
+        libc::PROT_NONE,
+        libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+        -1,
+        0,
+    )
+    .map_err(|e| e.to_string())?;
+    let r = dev::map(&f, a.addr, a.len, 0).err().map(|e| dev::errno(&e));
+    check_eq(r, Some(libc::EFAULT), "MAP of PROT_NONE")?;
+    let mut buf = vec![0u8; a.len];
+    let d = run_err(
+        &f,
+        dev::job(DMA_READ, a.addr, 0, a.len, buf.as_mut_ptr() as u64),
+        libc::EFAULT,
+    )?;
+    check_eq(d.status, DMA_ST_FAULT.into(), "status")?;
+    clean(&f)
+}
+
+pub fn hmm_write_readonly_eperm_then_rw() -> Result<(), String> {
+    let f = open()?;
+    let mut a = Mapping::anon(4 * PG).map_err(|e| e.to_string())?;
+    a.bytes_mut().fill(1);
+    a.protect(libc::PROT_READ).map_err(|e| e.to_string())?;
+    let r = dev::map(&f, a.addr, a.len, ZG_MAP_WRITE)
+        .err()
+        .map(|e| dev::errno(&e));
+    check_eq(r, Some(libc::EPERM), "write MAP of a read-only range")?;
+    run_err(&f, fill_job(a.addr, a.len, 2), libc::EPERM)?;
+    a.protect(libc::PROT_READ | libc::PROT_WRITE)
+        .map_err(|e| e.to_string())?;
+    map(&f, &a, true)?;
+    run(&f, fill_job(a.addr, a.len, 3))?;
+    if a.bytes().iter().any(|&b| b != 3) {
+        return Err("device write after mprotect(RW) not visible".into());
+    }
+    clean(&f)
+}
+
+pub fn hmm_shared_fork_parent_sees_child() -> Result<(), String> {
+    let a = Mapping::new(
+        4 * PG,
+        libc::PROT_READ | libc::PROT_WRITE,
+        libc::MAP_SHARED | libc::MAP_ANONYMOUS,
+        -1,
+        0,
+    )
+    .map_err(|e| e.to_string())?;
+    let (addr, len) = (a.addr, a.len);
+    // The child writes through its own context; MAP_SHARED means the parent sees it.
+    let code = fork_wait(|| {
+        let Ok(f) = dev::open() else { return 1 };
+        match dev::dma(&f, fill_job(addr, len, 0x77)) {
+            Ok(_) => 0,
+            Err(_) => 2,
+        }
+    })?;
+    check_eq(code, 0, "child device write")?;
+    if a.bytes().iter().any(|&b| b != 0x77) {
+        return Err("parent does not see the child's device write to MAP_SHARED".into());
+    }
+    Ok(())
+}
+
+/// A file of `len` bytes of `byte` in the guest's tmpfs, mapped shared.
+fn tmpfs_file(len: usize, byte: u8, tmpfile: bool) -> Result<(std::fs::File, Mapping), String> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = if tmpfile {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_TMPFILE)
+            .open("/tmp")
+    } else {
+        let p = format!("/tmp/zapguard-{}", std::process::id());
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&p);
+        let _ = std::fs::remove_file(&p);
+        f
+    }
+    .map_err(|e| format!("tmpfs file: {e}"))?;
+    file.write_all(&vec![byte; len])
+        .map_err(|e| e.to_string())?;
+    let m = Mapping::new(
+        len,
+        libc::PROT_READ | libc::PROT_WRITE,
+        libc::MAP_SHARED,
+        file.as_raw_fd(),
+        0,
+    )
+    .map_err(|e| e.to_string())?;
+    Ok((file, m))
+}
+
+fn file_read_write(tmpfile: bool) -> Result<(), String> {
+    let f = open()?;
+    let (mut file, m) = tmpfs_file(8 * PG, 0x31, tmpfile)?;
+    let mut buf = vec![0u8; m.len];
+    run(
+        &f,
+        dev::job(DMA_READ, m.addr, 0, m.len, buf.as_mut_ptr() as u64),
+    )?;
+    if buf.iter().any(|&b| b != 0x31) {
+        return Err("device read of the file mapping differs from the file".into());
+    }
+    run(&f, fill_job(m.addr, m.len, 0x42))?;
+    let mut back = vec![0u8; m.len];
+    file.seek(SeekFrom::Start(0)).map_err(|e| e.to_string())?;
+    file.read_exact(&mut back).map_err(|e| e.to_string())?;
+    if back.iter().any(|&b| b != 0x42) {
+        return Err("pread does not see the device's write to the file mapping".into());
+    }
+    clean(&f)
+}
+
+pub fn hmm_file_tmpfs_read_write() -> Result<(), String> {
+    file_read_write(false)
+}
+
+pub fn hmm_file_o_tmpfile_read_write() -> Result<(), String> {
+    file_read_write(true)
+}
+
+pub fn hmm_repeated_reads_fault_once() -> Result<(), String> {
+    let f = open()?;
+    let mut a = Mapping::anon(16 * PG).map_err(|e| e.to_string())?;
+    a.bytes_mut().fill(9);
+    let mut buf = vec![0u8; a.len];
+    run(
+        &f,
+        dev::job(DMA_READ, a.addr, 0, a.len, buf.as_mut_ptr() as u64),
+    )?;
+    let s0 = stats(&f)?;
+    for _ in 0..16 {
+        let d = run(
+            &f,
+            dev::job(DMA_READ, a.addr, 0, a.len, buf.as_mut_ptr() as u64),
+        )?;
+        check_eq(d.faults, 0, "faults on a mirrored range")?;
+        if buf.iter().any(|&b| b != 9) {
+            return Err("repeated read returned other data".into());
+        }
+    }
+    check_eq(
+        stats(&f)?.faults,
+        s0.faults,
+        "device faults after the first read",
+    )?;
+    clean(&f)
+}
+
+pub fn hmm_two_contexts_same_memory() -> Result<(), String> {
+    let (f1, f2) = (open()?, open()?);
+    let mut a = Mapping::anon(8 * PG).map_err(|e| e.to_string())?;
+    for (i, b) in a.bytes_mut().iter_mut().enumerate() {
+        *b = i as u8;
+    }
+    let (s1, s2) = (stats(&f1)?, stats(&f2)?);
+    if s1.asid == s2.asid {
+        return Err(format!("two contexts share ASID {}", s1.asid));
+    }
+    let c1 = run(&f1, dev::job(DMA_CHECKSUM, a.addr, 0, a.len, 0))?;
+    let c2 = run(&f2, dev::job(DMA_CHECKSUM, a.addr, 0, a.len, 0))?;
+    check_eq(c1.result, c2.result, "checksums through two ASIDs")?;
+    // A shootdown reaches both.
+    a.madvise(0, a.len, libc::MADV_DONTNEED)
+        .map_err(|e| e.to_string())?;
+    for f in [&f1, &f2] {
+        let snap = dev::snapshot(f, a.addr, 8).map_err(|e| e.to_string())?;
+        if snap.iter().any(|s| s & ZG_SNAP_DEV_PRESENT != 0) {
+            return Err("a context kept PTEs after MADV_DONTNEED".into());
+        }
+    }
+    clean(&f1)?;
+    clean(&f2)
+}
+
+pub fn hmm_mremap_moves_the_mirror() -> Result<(), String> {
+    let f = open()?;
+    let mut a = Mapping::anon(4 * PG).map_err(|e| e.to_string())?;
+    a.bytes_mut().fill(0x66);
+    map(&f, &a, true)?;
+    // SAFETY: moving our own mapping; `a` is forgotten and the new one owned below.
+    let new = unsafe { libc::mremap(a.addr as *mut _, a.len, 2 * a.len, libc::MREMAP_MAYMOVE) };
+    if new == libc::MAP_FAILED {
+        return Err(format!("mremap: {}", std::io::Error::last_os_error()));
+    }
+    let old = a.addr;
+    std::mem::forget(a);
+    let moved = Mapping::adopt(new as usize, 8 * PG);
+    let snap = dev::snapshot(&f, old, 4).map_err(|e| e.to_string())?;
+    if new as usize != old && snap.iter().any(|s| s & ZG_SNAP_DEV_PRESENT != 0) {
+        return Err("device PTEs survived at the old address".into());
+    }
+    let mut buf = vec![0u8; 4 * PG];
+    run(
+        &f,
+        dev::job(DMA_READ, moved.addr, 0, buf.len(), buf.as_mut_ptr() as u64),
+    )?;
+    if buf.iter().any(|&b| b != 0x66) {
+        return Err("device read at the new address differs".into());
+    }
+    clean(&f)
+}
+
+pub fn hmm_snapshot_mixed_range() -> Result<(), String> {
+    let f = open()?;
+    // Pages: 0 RW written, 1 RO read (zero page), 2 PROT_NONE, 3 hole, 4 RW untouched.
+    let whole = Mapping::anon(5 * PG).map_err(|e| e.to_string())?;
+    let addr = whole.addr;
+    // Own the pieces around the hole separately: unmapping all five pages at the end could
+    // take down whatever the allocator has put in the hole meanwhile.
+    std::mem::forget(whole);
+    let _left = Mapping::adopt(addr, 3 * PG);
+    let _right = Mapping::adopt(addr + 4 * PG, PG);
+    // SAFETY: writes, reads and protection changes on our own mapping.
+    unsafe {
+        *(addr as *mut u8) = 1;
+        let _ = std::ptr::read_volatile((addr + PG) as *const u8);
+        libc::mprotect((addr + PG) as *mut _, PG, libc::PROT_READ);
+        libc::mprotect((addr + 2 * PG) as *mut _, PG, libc::PROT_NONE);
+    }
+    dev::map(&f, addr, PG, ZG_MAP_WRITE).map_err(|e| format!("MAP page 0: {e}"))?;
+    dev::map(&f, addr + PG, PG, 0).map_err(|e| format!("MAP page 1: {e}"))?;
+    let mut out = vec![0u8; 5];
+    // SAFETY: punching the hole right before the snapshot (nothing allocates in between).
+    unsafe { libc::munmap((addr + 3 * PG) as *mut _, PG) };
+    let mut s = ZgSnapshot {
+        va: addr as u64,
+        npages: 5,
+        out: out.as_mut_ptr() as u64,
+    };
+    dev::ioctl_raw(&f, ZG_IOC_SNAPSHOT, &mut s as *mut ZgSnapshot as usize)
+        .map_err(|e| format!("SNAPSHOT: {e}"))?;
+    let want = [
+        ZG_SNAP_DEV_PRESENT | ZG_SNAP_DEV_WRITE | ZG_SNAP_CPU_VALID | ZG_SNAP_CPU_WRITE,
+        ZG_SNAP_DEV_PRESENT | ZG_SNAP_CPU_VALID,
+        ZG_SNAP_CPU_ERROR,
+        ZG_SNAP_CPU_ERROR,
+        0,
+    ];
+    check_eq(
+        out,
+        want.to_vec(),
+        "snapshot of RW, RO zero page, PROT_NONE, hole, untouched",
+    )?;
+    clean(&f)
+}
+
+/// Runs `job` in a thread while `mm_op` hits the same memory after `delay`, `rounds` times; the
+/// job must end cleanly (done or a served/refused fault), never with a violation.
+fn race(
+    rounds: u32,
+    setup: impl Fn() -> Result<Mapping, String>,
+    job: impl Fn(&Mapping) -> ZgDma,
+    mm_op: impl Fn(&mut Mapping),
+) -> Result<(), String> {
+    let f = open()?;
+    for i in 0..rounds {
+        let mut a = setup()?;
+        map(&f, &a, true)?;
+        let f2 = f.try_clone().map_err(|e| e.to_string())?;
+        let d = job(&a);
+        let t = std::thread::spawn(move || dev::dma(&f2, d).map(|d| d.status));
+        std::thread::sleep(Duration::from_micros(u64::from(i % 5) * 300));
+        mm_op(&mut a);
+        match t.join() {
+            Ok(Ok(_)) => {}
+            Ok(Err((e, d))) => {
+                let errno = dev::errno(&e);
+                if ![libc::EFAULT, libc::EPERM].contains(&errno) {
+                    return Err(format!("round {i}: job failed with {e}: {d:?}"));
+                }
+            }
+            Err(_) => return Err("job thread panicked".into()),
+        }
+    }
+    clean(&f)
+}
+
+fn anon_filled(len: usize) -> Result<Mapping, String> {
+    let mut a = Mapping::anon(len).map_err(|e| e.to_string())?;
+    a.bytes_mut().fill(1);
+    Ok(a)
+}
+
+pub fn race_munmap_during_dma() -> Result<(), String> {
+    race(
+        20,
+        || anon_filled(256 * PG),
+        |a| fill_job(a.addr, a.len, 5),
+        // Through `Mapping::unmap`, so that the drop does not unmap a range reused meanwhile.
+        |a| a.unmap(),
+    )
+}
+
+pub fn race_madvise_dontneed_during_dma() -> Result<(), String> {
+    race(
+        20,
+        || anon_filled(256 * PG),
+        |a| fill_job(a.addr, a.len, 5),
+        |a| {
+            let _ = a.madvise(0, a.len, libc::MADV_DONTNEED);
+        },
+    )
+}
+
+pub fn race_madvise_free_during_dma() -> Result<(), String> {
+    race(
+        20,
+        || anon_filled(256 * PG),
+        |a| dev::job(DMA_CHECKSUM, a.addr, 0, a.len, 0),
+        |a| {
+            let _ = a.madvise(0, a.len, libc::MADV_FREE);
+        },
+    )
+}
+
+pub fn race_mprotect_during_dma_writes() -> Result<(), String> {
+    race(
+        20,
+        || anon_filled(256 * PG),
+        |a| fill_job(a.addr, a.len, 5),
+        |a| {
+            let _ = a.protect(libc::PROT_READ);
+        },
+    )
+}
+
+pub fn race_fork_during_dma_writes() -> Result<(), String> {
+    race(
+        10,
+        || anon_filled(256 * PG),
+        |a| fill_job(a.addr, a.len, 5),
+        |a| {
+            // The classic COW bug: the device must not keep writing the page the child shares.
+            let snapshot = a.bytes()[0];
+            let _ = fork_wait(|| {
+                std::thread::sleep(Duration::from_millis(2));
+                i32::from(snapshot != 1 && snapshot != 5)
+            });
+        },
+    )
+}
+
+pub fn race_many_threads_map_unmap_submit() -> Result<(), String> {
+    let f = open()?;
+    let threads: Vec<_> = (0..4)
+        .map(|t| {
+            let f = f.try_clone();
+            std::thread::spawn(move || -> Result<(), String> {
+                let f = f.map_err(|e| e.to_string())?;
+                for i in 0..15 {
+                    let mut a = Mapping::anon(16 * PG).map_err(|e| e.to_string())?;
+                    a.bytes_mut().fill(t);
+                    if i % 2 == 0 {
+                        dev::map(&f, a.addr, a.len, ZG_MAP_WRITE).map_err(|e| e.to_string())?;
+                    }
+                    let mut buf = vec![0u8; a.len];
+                    dev::dma(
+                        &f,
+                        dev::job(DMA_READ, a.addr, 0, a.len, buf.as_mut_ptr() as u64),
+                    )
+                    .map_err(|(e, _)| e.to_string())?;
+                    if buf.iter().any(|&b| b != t) {
+                        return Err(format!("thread {t}: read other data"));
+                    }
+                }
+                Ok(())
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().map_err(|_| "thread panicked".to_string())??;
+    }
+    clean(&f)
+}
+
+pub fn processes_are_isolated() -> Result<(), String> {
+    // B's buffer address means nothing in A's address space: A's device access there faults.
+    let mut b = Mapping::anon(4 * PG).map_err(|e| e.to_string())?;
+    b.bytes_mut().fill(0xbb);
+    let addr = b.addr;
+    let code = fork_wait(|| {
+        // The child is "A": replace its copy of B's memory by an inaccessible reservation (so
+        // that no later allocation lands there), then aim the device at it.
+        // SAFETY: remapping the child's own copy of the range.
+        unsafe {
+            libc::mmap(
+                addr as *mut _,
+                4 * PG,
+                libc::PROT_NONE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED,
+                -1,
+                0,
+            )
+        };
+        let Ok(f) = dev::open() else { return 1 };
+        let mut buf = vec![0u8; 4 * PG];
+        match dev::dma(
+            &f,
+            dev::job(DMA_READ, addr, 0, 4 * PG, buf.as_mut_ptr() as u64),
+        ) {
+            Err((e, _)) if dev::errno(&e) == libc::EFAULT => 0,
+            _ => 2,
+        }
+    })?;
+    check_eq(code, 0, "A's device read of B's address (0 = EFAULT)")
+}
+
+pub fn compaction_while_mirrored() -> Result<(), String> {
+    let f = open()?;
+    let mut a = Mapping::anon(64 * PG).map_err(|e| e.to_string())?;
+    for (i, x) in a.bytes_mut().iter_mut().enumerate() {
+        *x = (i / PG) as u8;
+    }
+    map(&f, &a, true)?;
+    match std::fs::write("/proc/sys/vm/compact_memory", "1") {
+        Ok(()) => {}
+        Err(e) => println!("# compact_memory unavailable ({e}); mirror checked without it"),
+    }
+    let sum = run(&f, dev::job(DMA_CHECKSUM, a.addr, 0, a.len, 0))?;
+    check_eq(
+        sum.result,
+        fnv1a64(FNV_OFFSET, a.bytes()),
+        "checksum after compaction",
+    )?;
+    clean(&f)
+}
