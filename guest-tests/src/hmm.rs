@@ -3,6 +3,7 @@
 //! count at zero: the device itself confirms that it never used a zapped page.
 
 use crate::dev::{self, Mapping};
+use crate::dmirror::{run as hmm_run, HMM_DMIRROR_READ, HMM_DMIRROR_WRITE};
 use crate::ktap::check_eq;
 use crate::mirror::{clean, fill_job, fork_wait, map, open, run, run_err, stats};
 use shared_regs::dma::*;
@@ -448,4 +449,275 @@ pub fn compaction_while_mirrored() -> Result<(), String> {
         "checksum after compaction",
     )?;
     clean(&f)
+}
+
+/// Runs `f` once and measures it.
+fn timed<T>(f: impl FnOnce() -> T) -> (T, Duration) {
+    let t = std::time::Instant::now();
+    let r = f();
+    (r, t.elapsed())
+}
+
+fn dmirror() -> Result<std::fs::File, String> {
+    crate::dmirror::open().map_err(|e| format!("/dev/hmm_dmirror0: {e}"))
+}
+
+pub fn side_by_side_anon_read() -> Result<(), String> {
+    let (f, d) = (open()?, dmirror()?);
+    let mut a = Mapping::anon(64 * PG).map_err(|e| e.to_string())?;
+    for (i, b) in a.bytes_mut().iter_mut().enumerate() {
+        *b = (i % 253) as u8;
+    }
+    let (mut b1, mut b2) = (vec![0u8; a.len], vec![0u8; a.len]);
+    let (r1, t1) = timed(|| {
+        dev::dma(
+            &f,
+            dev::job(DMA_READ, a.addr, 0, a.len, b1.as_mut_ptr() as u64),
+        )
+    });
+    let (r2, t2) = timed(|| hmm_run(&d, HMM_DMIRROR_READ, a.addr, b2.as_mut_ptr(), 64));
+    r1.map_err(|(e, _)| format!("zapguard READ: {e}"))?;
+    r2.map_err(|e| format!("test_hmm READ: {e}"))?;
+    if b1 != a.bytes() || b2 != a.bytes() {
+        return Err("a mirror read other data than the CPU wrote".into());
+    }
+    println!("# 64 pages, first read (faults in): zapguard {t1:?}, test_hmm {t2:?}");
+    clean(&f)
+}
+
+pub fn side_by_side_anon_write() -> Result<(), String> {
+    let (f, d) = (open()?, dmirror()?);
+    let a = Mapping::anon(64 * PG).map_err(|e| e.to_string())?;
+    let src1 = vec![0x5au8; a.len];
+    let mut src2 = vec![0xa5u8; a.len];
+    let (r1, t1) = timed(|| {
+        dev::dma(
+            &f,
+            dev::job(DMA_WRITE, 0, a.addr, a.len, src1.as_ptr() as u64),
+        )
+    });
+    r1.map_err(|(e, _)| format!("zapguard WRITE: {e}"))?;
+    if a.bytes().iter().any(|&b| b != 0x5a) {
+        return Err("CPU does not see zapguard's write".into());
+    }
+    let (r2, t2) = timed(|| hmm_run(&d, HMM_DMIRROR_WRITE, a.addr, src2.as_mut_ptr(), 64));
+    r2.map_err(|e| format!("test_hmm WRITE: {e}"))?;
+    if a.bytes().iter().any(|&b| b != 0xa5) {
+        return Err("CPU does not see test_hmm's write".into());
+    }
+    println!("# 64 pages, first write (faults in): zapguard {t1:?}, test_hmm {t2:?}");
+    clean(&f)
+}
+
+pub fn side_by_side_prot_none_and_readonly() -> Result<(), String> {
+    let (f, d) = (open()?, dmirror()?);
+    let none = Mapping::new(
+        4 * PG,
+        libc::PROT_NONE,
+        libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+        -1,
+        0,
+    )
+    .map_err(|e| e.to_string())?;
+    let ro = Mapping::new(
+        4 * PG,
+        libc::PROT_READ,
+        libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+        -1,
+        0,
+    )
+    .map_err(|e| e.to_string())?;
+    let mut buf = vec![0u8; 4 * PG];
+    let mut hbuf = vec![0u8; 4 * PG];
+    let hptr = hbuf.as_mut_ptr();
+    let zg = |d: ZgDma| dev::dma(&f, d).err().map(|(e, _)| dev::errno(&e));
+    let hm = |op, addr| hmm_run(&d, op, addr, hptr, 4).err().map(|e| dev::errno(&e));
+    let read_none = (
+        zg(dev::job(
+            DMA_READ,
+            none.addr,
+            0,
+            none.len,
+            buf.as_mut_ptr() as u64,
+        )),
+        hm(HMM_DMIRROR_READ, none.addr),
+    );
+    let write_ro = (
+        zg(fill_job(ro.addr, ro.len, 1)),
+        hm(HMM_DMIRROR_WRITE, ro.addr),
+    );
+    println!(
+        "# PROT_NONE read: zapguard {:?}, test_hmm {:?}",
+        read_none.0, read_none.1
+    );
+    println!(
+        "# read-only write: zapguard {:?}, test_hmm {:?}",
+        write_ro.0, write_ro.1
+    );
+    check_eq(
+        read_none,
+        (Some(libc::EFAULT), Some(libc::EFAULT)),
+        "PROT_NONE read errors",
+    )?;
+    check_eq(
+        write_ro,
+        (Some(libc::EPERM), Some(libc::EPERM)),
+        "read-only write errors",
+    )?;
+    clean(&f)
+}
+
+pub fn hugetlbfs_mirrored() -> Result<(), String> {
+    let fs = std::fs::read_to_string("/proc/filesystems").unwrap_or_default();
+    if !fs.contains("hugetlbfs") {
+        return Err(crate::ktap::skip(
+            "CONFIG_HUGETLBFS is not set in the guest kernel",
+        ));
+    }
+    Err("hugetlbfs present but no test written for it".into())
+}
+
+pub fn ksm_merge_while_mirrored() -> Result<(), String> {
+    if !std::path::Path::new("/sys/kernel/mm/ksm").exists() {
+        return Err(crate::ktap::skip(
+            "CONFIG_KSM is not set in the guest kernel",
+        ));
+    }
+    Err("KSM present but no test written for it".into())
+}
+
+pub fn thp_split_by_mprotect_then_collapse() -> Result<(), String> {
+    const MADV_COLLAPSE: i32 = 25;
+    let f = open()?;
+    let mut a = Mapping::anon_huge(2 << 20).map_err(|e| e.to_string())?;
+    a.bytes_mut().fill(1);
+    let _ = a.madvise(0, a.len, MADV_COLLAPSE);
+    let m = map(&f, &a, true)?;
+    check_eq(m.huge, 1, "2 MiB device entry before the split")?;
+    // mprotect of one page splits the PMD: the device drops its whole 2 MiB entry.
+    // SAFETY: protection change on our own mapping.
+    unsafe { libc::mprotect(a.addr as *mut _, PG, libc::PROT_READ) };
+    let snap = dev::snapshot(&f, a.addr, 512).map_err(|e| e.to_string())?;
+    if snap.iter().any(|s| s & ZG_SNAP_DEV_PRESENT != 0) {
+        return Err("device kept translations of a split huge page".into());
+    }
+    run(&f, fill_job(a.addr + PG, a.len - PG, 2))?;
+    run_err(&f, fill_job(a.addr, PG, 3), libc::EPERM)?;
+    // Back to one VMA, collapse, mirror again with a 2 MiB entry.
+    a.protect(libc::PROT_READ | libc::PROT_WRITE)
+        .map_err(|e| e.to_string())?;
+    a.madvise(0, a.len, MADV_COLLAPSE)
+        .map_err(|e| format!("MADV_COLLAPSE: {e}"))?;
+    let m = map(&f, &a, true)?;
+    check_eq(m.huge, 1, "2 MiB device entry after MADV_COLLAPSE")?;
+    let sum = run(&f, dev::job(DMA_CHECKSUM, a.addr, 0, a.len, 0))?;
+    check_eq(
+        sum.result,
+        fnv1a64(FNV_OFFSET, a.bytes()),
+        "checksum after collapse",
+    )?;
+    clean(&f)
+}
+
+pub fn hmm_mremap_fixed_and_dontunmap() -> Result<(), String> {
+    const MREMAP_DONTUNMAP: i32 = 4;
+    let f = open()?;
+    let mut a = Mapping::anon(4 * PG).map_err(|e| e.to_string())?;
+    a.bytes_mut().fill(0x11);
+    map(&f, &a, false)?;
+    // MREMAP_FIXED onto a reservation we own.
+    let target = Mapping::anon(4 * PG).map_err(|e| e.to_string())?;
+    // SAFETY: moving our mapping onto another of ours (which it replaces).
+    let r = unsafe {
+        libc::mremap(
+            a.addr as *mut _,
+            a.len,
+            a.len,
+            libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+            target.addr as *mut libc::c_void,
+        )
+    };
+    if r == libc::MAP_FAILED {
+        return Err(format!("mremap FIXED: {}", std::io::Error::last_os_error()));
+    }
+    let old = a.addr;
+    std::mem::forget(a);
+    let moved = target;
+    let snap = dev::snapshot(&f, old, 4).map_err(|e| e.to_string())?;
+    if snap.iter().any(|s| s & ZG_SNAP_DEV_PRESENT != 0) {
+        return Err("device PTEs survived MREMAP_FIXED at the old address".into());
+    }
+    let sum = run(&f, dev::job(DMA_CHECKSUM, moved.addr, 0, moved.len, 0))?;
+    check_eq(
+        sum.result,
+        fnv1a64(FNV_OFFSET, &[0x11; 4 * PG]),
+        "data at the FIXED target",
+    )?;
+    // MREMAP_DONTUNMAP: the old range stays mapped, empty (it faults in fresh zero pages).
+    map(&f, &moved, false)?;
+    // SAFETY: as above; the kernel picks the new address.
+    let r = unsafe {
+        libc::mremap(
+            moved.addr as *mut _,
+            moved.len,
+            moved.len,
+            libc::MREMAP_MAYMOVE | MREMAP_DONTUNMAP,
+        )
+    };
+    if r == libc::MAP_FAILED {
+        return Err(format!(
+            "mremap DONTUNMAP: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    let fresh = Mapping::adopt(r as usize, moved.len);
+    let sum_new = run(&f, dev::job(DMA_CHECKSUM, fresh.addr, 0, fresh.len, 0))?;
+    check_eq(sum_new.result, sum.result, "data at the DONTUNMAP target")?;
+    let sum_old = run(&f, dev::job(DMA_CHECKSUM, moved.addr, 0, moved.len, 0))?;
+    check_eq(
+        sum_old.result,
+        fnv1a64(FNV_OFFSET, &[0; 4 * PG]),
+        "old range after DONTUNMAP",
+    )?;
+    clean(&f)
+}
+
+pub fn sigkill_mid_job_is_safe() -> Result<(), String> {
+    let before = crate::mirror::device_violations()?;
+    for _ in 0..3 {
+        // SAFETY: as in `fork_wait`; the child never returns.
+        let pid = unsafe { libc::fork() };
+        if pid == 0 {
+            let code = (|| {
+                let Ok(f) = dev::open() else { return 1 };
+                let Ok(mut a) = Mapping::anon_huge(32 << 20) else {
+                    return 2;
+                };
+                a.bytes_mut().fill(1);
+                if dev::map(&f, a.addr, a.len, 0).is_err() {
+                    return 3;
+                }
+                loop {
+                    let _ = dev::dma(&f, dev::job(DMA_CHECKSUM, a.addr, 0, a.len, 0));
+                }
+            })();
+            // SAFETY: see `fork_wait`.
+            unsafe { libc::_exit(code) };
+        }
+        std::thread::sleep(Duration::from_millis(40));
+        let mut status = 0;
+        // SAFETY: killing and reaping our own child.
+        unsafe {
+            libc::kill(pid, libc::SIGKILL);
+            libc::waitpid(pid, &mut status, 0);
+        }
+        if !libc::WIFSIGNALED(status) {
+            return Err(format!("child ended before the kill (status {status:#x})"));
+        }
+    }
+    check_eq(
+        crate::mirror::device_violations()?,
+        before,
+        "violations across SIGKILLs mid-job",
+    )
 }

@@ -57,6 +57,11 @@ pub fn run(tests: &[Test], filter: Option<&str>, out: &mut dyn Write) -> std::io
         });
         let ms = start.elapsed().as_millis();
         match res {
+            Err(why) if why.starts_with(SKIP) => {
+                sum.skipped += 1;
+                let reason = why[SKIP.len()..].trim();
+                writeln!(out, "ok {n} {} # SKIP {reason}", t.name)?;
+            }
             Ok(()) => {
                 sum.passed += 1;
                 writeln!(out, "ok {n} {} # time={ms}ms", t.name)?;
@@ -77,6 +82,14 @@ pub fn run(tests: &[Test], filter: Option<&str>, out: &mut dyn Write) -> std::io
     )?;
     out.flush()?;
     Ok(sum)
+}
+
+/// Prefix of an `Err` that means "skipped" rather than "failed" (see [`skip`]).
+const SKIP: &str = "SKIP:";
+
+/// The error a test returns to be reported as skipped, with `reason`.
+pub fn skip(reason: &str) -> String {
+    format!("{SKIP} {reason}")
 }
 
 /// Fails with `msg` and both values when `a != b`.
@@ -160,6 +173,19 @@ mod unit_tests {
         assert!(String::from_utf8(out)
             .unwrap()
             .contains("ok 2 beta_fail # SKIP filtered out"));
+    }
+
+    #[test]
+    fn skip_is_counted_with_its_reason() {
+        fn skipper() -> Result<(), String> {
+            Err(skip("no hugetlbfs"))
+        }
+        let tests = tests![skipper];
+        let mut out = Vec::new();
+        let sum = run(tests, None, &mut out).expect("run");
+        assert_eq!((sum.passed, sum.failed, sum.skipped), (0, 0, 1));
+        let text = String::from_utf8(out).expect("utf8");
+        assert!(text.contains("ok 1 skipper # SKIP no hugetlbfs"), "{text}");
     }
 
     #[test]

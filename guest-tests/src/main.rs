@@ -8,6 +8,7 @@
 //! Tests run in list order; the module-reload test runs last because it rebinds the device.
 
 mod dev;
+mod dmirror;
 mod hmm;
 mod ktap;
 mod mirror;
@@ -49,6 +50,14 @@ const TESTS: &[Test] = ktap::tests![
     hmm_two_contexts_same_memory,
     hmm_snapshot_mixed_range,
     hmm_mremap_moves_the_mirror,
+    hmm_mremap_fixed_and_dontunmap,
+    side_by_side_anon_read,
+    side_by_side_anon_write,
+    side_by_side_prot_none_and_readonly,
+    hugetlbfs_mirrored,
+    ksm_merge_while_mirrored,
+    thp_split_by_mprotect_then_collapse,
+    sigkill_mid_job_is_safe,
     race_munmap_during_dma,
     race_madvise_dontneed_during_dma,
     race_madvise_free_during_dma,

@@ -71,7 +71,7 @@ pub(crate) fn run_err(f: &File, d: ZgDma, errno: i32) -> Result<ZgDma, String> {
 }
 
 /// The device's global violation counter (through any context).
-fn device_violations() -> Result<u64, String> {
+pub(crate) fn device_violations() -> Result<u64, String> {
     Ok(stats(&open()?)?.device_violations)
 }
 
