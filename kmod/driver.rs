@@ -49,6 +49,9 @@ unsafe impl FromBytes for uapi::ZgInject {}
 /// Contexts by ASID, for the event thread. ASID 0 is never handed out.
 struct AsidTable {
     used: KVec<bool>,
+    /// Where the next search for a free ASID starts: round robin, so that an ASID is reused as
+    /// late as possible (stale device state, and trace lines, are then easy to tell apart).
+    next: usize,
     ctxs: KVec<Option<Arc<Context>>>,
 }
 
@@ -122,8 +125,14 @@ impl Shared {
     /// Takes a free ASID.
     pub(crate) fn alloc_asid(&self) -> Result<u32> {
         let mut t = self.asids.lock();
-        let asid = (1..t.used.len()).find(|&a| !t.used[a]).ok_or(EBUSY)?;
+        let n = t.used.len();
+        let start = t.next;
+        let asid = (0..n)
+            .map(|i| (start + i) % n)
+            .find(|&a| a != 0 && !t.used[a])
+            .ok_or(EBUSY)?;
         t.used[asid] = true;
+        t.next = asid + 1;
         Ok(asid as u32)
     }
 
@@ -690,7 +699,7 @@ impl pci::Driver for ZapguardDriver {
                     probe_sync_ns: AtomicU32::new(0),
                     hw <- hw,
                     events <- new_mutex!((), "zapguard_events"),
-                    asids <- new_spinlock!(AsidTable { used, ctxs }, "zapguard_asids"),
+                    asids <- new_spinlock!(AsidTable { used, next: 1, ctxs }, "zapguard_asids"),
                 }),
                 GFP_KERNEL,
             )?;

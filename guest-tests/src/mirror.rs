@@ -40,11 +40,16 @@ pub(crate) fn clean(f: &File) -> Result<(), String> {
     let s = stats(f)?;
     if ctx_violations(&s) != 0 {
         return Err(format!(
-            "validator violations on a correct driver: {:?}",
-            s.violations
+            "validator violations on a correct driver: {:?} (asid {})",
+            s.violations, s.asid
         ));
     }
     Ok(())
+}
+
+/// " (asid N)" for failure messages: the host harness prints that ASID's device trace lines.
+fn asid_of(f: &File) -> String {
+    dev::stats(f).map_or(String::new(), |s| format!(" (asid {})", s.asid))
 }
 
 pub(crate) fn map(f: &File, m: &Mapping, write: bool) -> Result<ZgMap, String> {
@@ -53,18 +58,20 @@ pub(crate) fn map(f: &File, m: &Mapping, write: bool) -> Result<ZgMap, String> {
 }
 
 pub(crate) fn run(f: &File, d: ZgDma) -> Result<ZgDma, String> {
-    dev::dma(f, d).map_err(|(e, d)| format!("DMA op {}: {e} ({d:?})", d.op))
+    dev::dma(f, d).map_err(|(e, d)| format!("DMA op {}: {e} ({d:?}){}", d.op, asid_of(f)))
 }
 
 /// Runs a job that must fail with `errno`; returns its record.
 pub(crate) fn run_err(f: &File, d: ZgDma, errno: i32) -> Result<ZgDma, String> {
     match dev::dma(f, d) {
         Ok(d) => Err(format!(
-            "DMA op {} succeeded, expected errno {errno}: {d:?}",
-            d.op
+            "DMA op {} succeeded, expected errno {errno}: {d:?}{}",
+            d.op,
+            asid_of(f)
         )),
         Err((e, d)) => {
-            check_eq(dev::errno(&e), errno, &format!("errno of DMA op {}", d.op))?;
+            check_eq(dev::errno(&e), errno, &format!("errno of DMA op {}", d.op))
+                .map_err(|m| m + &asid_of(f))?;
             Ok(d)
         }
     }

@@ -435,8 +435,21 @@ fn vm_run(root: &Path, art: &Artifacts, opts: &Options, echo: vm::Echo) -> Resul
         .filter(|r| r.outcome == Outcome::Skip)
         .count();
     println!("\nguest tests: {gp} passed, {gf} failed, {gs} skipped");
+    let serial = std::fs::read_to_string(&o.serial_log).unwrap_or_default();
     for r in o.results.iter().filter(|r| r.outcome == Outcome::Fail) {
         println!("  FAILED {}", r.name);
+        // What the device did for the contexts the failure names.
+        for asid in trace::failed_test_asids(&serial, &r.name) {
+            match trace::last_lines_of_asid(&o.trace, asid, 12) {
+                Ok(lines) => {
+                    println!("    last device trace lines of asid {asid}:");
+                    for l in lines {
+                        println!("      {l}");
+                    }
+                }
+                Err(e) => println!("    (trace unreadable: {e})"),
+            }
+        }
     }
     let (cp, cf) = print_checks("run checks: ", &vm_checks(&o));
     println!("serial log:   {}", rel(&o.serial_log).display());
