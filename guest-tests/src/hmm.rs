@@ -721,3 +721,32 @@ pub fn sigkill_mid_job_is_safe() -> Result<(), String> {
         "violations across SIGKILLs mid-job",
     )
 }
+
+pub fn hmm_private_fork_child_writes_parent_unchanged() -> Result<(), String> {
+    let f = open()?;
+    let mut a = Mapping::anon(4 * PG).map_err(|e| e.to_string())?;
+    a.bytes_mut().fill(b'P');
+    map(&f, &a, true)?;
+    let (addr, len) = (a.addr, a.len);
+    // The child writes through its own context: COW gives it its own pages.
+    let code = fork_wait(|| {
+        let Ok(cf) = dev::open() else { return 1 };
+        if dev::dma(&cf, fill_job(addr, len, b'C')).is_err() {
+            return 2;
+        }
+        // SAFETY: reading the child's own copy of the mapping.
+        let mine = unsafe { std::slice::from_raw_parts(addr as *const u8, len) };
+        i32::from(mine.iter().any(|&b| b != b'C')) * 3
+    })?;
+    check_eq(code, 0, "child device write to its private copy")?;
+    if a.bytes().iter().any(|&b| b != b'P') {
+        return Err("the child's device write reached the parent's pages".into());
+    }
+    let sum = run(&f, dev::job(DMA_CHECKSUM, a.addr, 0, a.len, 0))?;
+    check_eq(
+        sum.result,
+        fnv1a64(FNV_OFFSET, a.bytes()),
+        "parent's device view",
+    )?;
+    clean(&f)
+}

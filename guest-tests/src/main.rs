@@ -44,6 +44,7 @@ const TESTS: &[Test] = ktap::tests![
     hmm_prot_none_read_efault,
     hmm_write_readonly_eperm_then_rw,
     hmm_shared_fork_parent_sees_child,
+    hmm_private_fork_child_writes_parent_unchanged,
     hmm_file_tmpfs_read_write,
     hmm_file_o_tmpfile_read_write,
     hmm_repeated_reads_fault_once,
