@@ -143,30 +143,18 @@ fn build(root: &Path) -> Result<Artifacts> {
 
     let t = step("zapguard-dev (device) and guest tests (static musl)");
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    run_status(
-        Command::new(&cargo).current_dir(root).args([
-            "build",
-            "--quiet",
-            "--release",
-            "-p",
-            "qemu-dev",
-            "--bin",
-            "zapguard-dev",
-        ]),
-        "cargo build zapguard-dev",
-    )?;
-    run_status(
-        Command::new(&cargo).current_dir(root).args([
-            "build",
-            "--quiet",
-            "--release",
-            "-p",
-            "guest-tests",
-            "--target",
-            MUSL,
-        ]),
-        "cargo build guest-tests",
-    )?;
+    for (what, extra) in [
+        ("zapguard-dev", ["-p", "qemu-dev", "--bin", "zapguard-dev"]),
+        ("guest-tests", ["-p", "guest-tests", "--target", MUSL]),
+    ] {
+        run_status(
+            Command::new(&cargo)
+                .current_dir(root)
+                .args(["build", "--quiet", "--release"])
+                .args(extra),
+            &format!("cargo build {what}"),
+        )?;
+    }
     let device = root.join("target/release/zapguard-dev");
     let guest_tests = root
         .join("target")
