@@ -66,6 +66,9 @@ struct PtState {
     /// Device PTEs were cleared without a completed invalidation (a non-blockable callback gave
     /// up, or a SYNC timed out): the next invalidation flushes the ASID whatever it clears.
     need_flush: bool,
+    /// The device never confirmed the context was off: its tables (root included) are leaked
+    /// rather than reused.
+    leaked: bool,
     /// Tables detached by the current invalidation, freed after its SYNC.
     deferred: [PtPage; MAX_DEFERRED_FREE],
     ndeferred: usize,
@@ -183,6 +186,7 @@ pub(crate) fn open(shared: &Arc<Shared>) -> Result<Arc<Context>> {
             pages: 1,
             released: false,
             need_flush: false,
+            leaked: false,
             deferred: [0; MAX_DEFERRED_FREE],
             ndeferred: 0,
         }, "zapguard_ctx"),
@@ -508,10 +512,15 @@ impl Mirror {
                 },
             )?;
         }
+        if r.is_err() {
+            // The device did not confirm (SYNC timeout, queue error): it might still walk the
+            // tables, so they are leaked rather than reused (the leak report at unload says so).
+            st.leaked = true;
+            return r.map(|_| ());
+        }
         // With the context invalid and its translations flushed, no walk can reach the tables.
         let root = st.root;
-        self.free_tree(st, root, pte::PT_LEVELS)?;
-        r.map(|_| ())
+        self.free_tree(st, root, pte::PT_LEVELS)
     }
 
     /// File close: disable the context, wait for its queued jobs, give the ASID back.
@@ -646,8 +655,13 @@ impl PinnedDrop for Mirror {
     fn drop(self: Pin<&mut Self>) {
         // Reached after `shutdown` (tables freed, device context disabled) or when creation
         // failed before the device saw the context: either way the device cannot reach the root.
-        let root = self.state.lock().root;
-        self.pool().free(root);
+        let (root, leaked) = {
+            let st = self.state.lock();
+            (st.root, st.leaked)
+        };
+        if !leaked {
+            self.pool().free(root);
+        }
         if !self.asid_released.load(Ordering::Relaxed) && !self.state.lock().released {
             self.shared.free_asid(self.asid);
         }

@@ -80,6 +80,8 @@ if ! make "${make_flags[@]}" bzImage modules > ../build.log 2>&1; then
 fi
 touch "$stamp"
 # Keep the two newest trees of each flavor: enough to seed an incremental rebuild, bounded on disk.
-{ ls -1dt "$root"/*-debug/ 2>/dev/null | tail -n +3; ls -1dt "$root"/*/ 2>/dev/null | grep -v -- "-debug/$" | tail -n +3; } |
+# (`|| true`: with pipefail, an empty glob must not fail the build that just succeeded.)
+{ ls -1dt "$root"/*-debug/ 2>/dev/null | tail -n +3 || true
+  ls -1dt "$root"/*/ 2>/dev/null | grep -v -- "-debug/$" | tail -n +3 || true; } |
     while read -r old; do [ "$old" = "$(dirname "$tree")/" ] || rm -rf "$old"; done
 echo "$tree"
