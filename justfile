@@ -23,9 +23,9 @@ shell:
 build:
     cargo xtask build
 
-# Summarise a device trace (default: the latest run's).
-trace *PATH:
-    cargo xtask trace {{PATH}}
+# Inspect a device trace (default: summary of the latest run's): summary|filter|check [TRACE] ...
+trace *ARGS:
+    cargo run --quiet --release -p zapguard-trace -- {{ARGS}}
 
 # Formatting and lints: host crates, and the module (rustfmt + the kernel's CLIPPY=1 build).
 check:

@@ -288,12 +288,11 @@ struct Check {
     detail: String,
 }
 
-fn vm_checks(o: &vm::VmOutcome) -> Vec<Check> {
-    let trace = trace::summarize_file(&o.trace);
-    let ident_reads = trace
+fn vm_checks(o: &vm::VmOutcome, analysis: &std::io::Result<trace::Analysis>) -> Vec<Check> {
+    let ident_reads = analysis
         .as_ref()
         .ok()
-        .and_then(|t| t.reg_reads.get("IDENT").copied())
+        .and_then(|a| a.summary.reg_reads.get("IDENT").copied())
         .unwrap_or(0);
     vec![
         Check {
@@ -319,25 +318,44 @@ fn vm_checks(o: &vm::VmOutcome) -> Vec<Check> {
         },
         Check {
             name: "device trace records the driver's BAR reads",
-            ok: ident_reads > 0 && trace.as_ref().is_ok_and(|t| t.bad_lines == 0),
-            detail: match &trace {
-                Ok(t) => format!("{ident_reads} IDENT reads, {} malformed lines", t.bad_lines),
+            ok: ident_reads > 0
+                && analysis
+                    .as_ref()
+                    .is_ok_and(|a| a.summary.bad_lines.is_empty()),
+            detail: match analysis {
+                Ok(a) => format!(
+                    "{ident_reads} IDENT reads, {} malformed lines",
+                    a.summary.bad_lines.len()
+                ),
                 Err(e) => format!("{}: {e}", o.trace.display()),
             },
         },
         {
-            // Only the injected-bug tests may cause violations, and the guest says how many.
+            // Only the injected-bug tests may cause violations, and the guest says how many;
+            // the offline check must find nothing else (ledger, stuck SYNCs, queue errors).
             let expected = o.expected_violations.unwrap_or(0);
-            let seen = trace
-                .as_ref()
-                .map(|t| t.by_kind.get("violation").copied().unwrap_or(0) as u64);
+            let (ok, detail) = match analysis {
+                Ok(a) => {
+                    let c = &a.check;
+                    let other = c.findings.len() as u64 - c.device_violations;
+                    (
+                        c.device_violations == expected && other == 0,
+                        format!(
+                            "{} violations in the trace, the guest expected {expected}; {other} other offline finding(s){}",
+                            c.device_violations,
+                            c.findings
+                                .iter()
+                                .find(|f| f.what != "device validator violation")
+                                .map_or(String::new(), |f| format!(", first: {f}"))
+                        ),
+                    )
+                }
+                Err(e) => (false, format!("{}: {e}", o.trace.display())),
+            };
             Check {
-                name: "device violations are exactly those of the injected bugs",
-                ok: seen.as_ref().is_ok_and(|&n| n == expected),
-                detail: match &seen {
-                    Ok(n) => format!("{n} violations in the trace, the guest expected {expected}"),
-                    Err(e) => format!("{}: {e}", o.trace.display()),
-                },
+                name: "trace check: violations are exactly the injected bugs', nothing else",
+                ok,
+                detail,
             }
         },
         Check {
@@ -439,13 +457,19 @@ fn vm_run(root: &Path, art: &Artifacts, opts: &Options, echo: vm::Echo) -> Resul
             }
         }
     }
-    let (cp, cf) = print_checks("run checks: ", &vm_checks(&o));
+    let analysis = trace::analyse(&o.trace);
+    let (cp, cf) = print_checks("run checks: ", &vm_checks(&o, &analysis));
     println!("serial log:   {}", rel(&o.serial_log).display());
     println!("device log:   {}", rel(&o.device_log).display());
     println!("qemu log:     {}", rel(&o.qemu_log).display());
     println!("device trace: {}", rel(&o.trace).display());
-    match trace::summarize_file(&o.trace) {
-        Ok(s) => println!("  {s}"),
+    match &analysis {
+        Ok(a) => {
+            println!("device trace summary (zapguard-trace summary):");
+            for l in a.summary.to_string().lines() {
+                println!("  {l}");
+            }
+        }
         Err(e) => println!("  (unreadable: {e})"),
     }
     Ok((gp + cp, gf + cf))
@@ -517,7 +541,12 @@ fn harness_selftests(root: &Path, art: &Artifacts) -> Result<(usize, usize)> {
     let panic = scenario("panic", "panic", 120, None)?;
     let hang = scenario("hang", "hang", 20, None)?;
     let dead = scenario("device-dies", "tests", 120, Some(ktap::TESTS_BEGIN))?;
-    let failed_checks = |o: &vm::VmOutcome| vm_checks(o).iter().filter(|c| !c.ok).count();
+    let failed_checks = |o: &vm::VmOutcome| {
+        vm_checks(o, &trace::analyse(&o.trace))
+            .iter()
+            .filter(|c| !c.ok)
+            .count()
+    };
     let checks = [
         Check {
             name: "a guest kernel panic fails the run",
@@ -560,9 +589,7 @@ fn finish(passed: usize, failed: usize) -> ExitCode {
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let Some(cmd) = args.first() else {
-        eprintln!(
-            "usage: cargo xtask run|shell|test|build|trace [options] (see xtask/src/main.rs)"
-        );
+        eprintln!("usage: cargo xtask run|shell|test|build [options] (see xtask/src/main.rs)");
         return ExitCode::from(2);
     };
     let opts = match parse_options(&args[1..]) {
@@ -653,19 +680,6 @@ fn main() -> ExitCode {
                 });
             Ok(finish(host.passed + vp, host.failed + vf))
         })(),
-        "trace" => {
-            let path = opts
-                .positional
-                .first()
-                .map(PathBuf::from)
-                .unwrap_or_else(|| root.join("target/zapguard/runs/latest/trace.jsonl"));
-            trace::summarize_file(&path)
-                .map_err(|e| format!("{}: {e}", path.display()))
-                .map(|s| {
-                    println!("{}: {s}", path.display());
-                    ExitCode::SUCCESS
-                })
-        }
         other => Err(format!("unknown command {other}")),
     };
     res.unwrap_or_else(|e| {

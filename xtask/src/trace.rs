@@ -1,97 +1,28 @@
-//! A first look at the device trace (JSON Lines written by `zapguard-dev`): event counts by kind
-//! and the registers the driver touched. The schema is documented in `qemu-dev/src/trace.rs`.
+//! Device-trace helpers for the harness: one pass that summarises and checks a run's trace
+//! (through the `zapguard-trace` library), and the trace lines of a failed test's contexts.
 
-use std::collections::BTreeMap;
 use std::path::Path;
+use zapguard_trace::{check::Checker, reader, summary::Summary};
 
-/// What a trace contains.
-#[derive(Debug, Default)]
-pub struct Summary {
-    /// Total events.
-    pub events: usize,
-    /// Events per `kind`.
-    pub by_kind: BTreeMap<String, usize>,
-    /// BAR reads per register name (`reg`).
-    pub reg_reads: BTreeMap<String, usize>,
-    /// BAR writes per register name.
-    pub reg_writes: BTreeMap<String, usize>,
-    /// Lines that were not JSON objects with a `kind` (a corrupt or truncated trace).
-    pub bad_lines: usize,
+/// A run's trace, summarised and checked in one streaming pass.
+pub struct Analysis {
+    /// What the device did.
+    pub summary: Summary,
+    /// The offline invariant check.
+    pub check: Checker,
 }
 
-/// Summarises trace text.
-pub fn summarize(text: &str) -> Summary {
-    let mut s = Summary::default();
-    for line in text.lines().filter(|l| !l.trim().is_empty()) {
-        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
-            s.bad_lines += 1;
-            continue;
-        };
-        let Some(kind) = v.get("kind").and_then(|k| k.as_str()) else {
-            s.bad_lines += 1;
-            continue;
-        };
-        s.events += 1;
-        *s.by_kind.entry(kind.to_string()).or_default() += 1;
-        let reg = v
-            .get("reg")
-            .and_then(|r| r.as_str())
-            .unwrap_or("?")
-            .to_string();
-        match kind {
-            "bar_read" => *s.reg_reads.entry(reg).or_default() += 1,
-            "bar_write" => *s.reg_writes.entry(reg).or_default() += 1,
-            _ => {}
-        }
-    }
-    s
-}
-
-/// Summarises the trace file at `path`.
-pub fn summarize_file(path: &Path) -> std::io::Result<Summary> {
-    Ok(summarize(&std::fs::read_to_string(path)?))
-}
-
-fn join(m: &BTreeMap<String, usize>) -> String {
-    m.iter()
-        .map(|(k, v)| format!("{k} {v}"))
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
-impl std::fmt::Display for Summary {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        writeln!(f, "{} events: {}", self.events, join(&self.by_kind))?;
-        writeln!(f, "  register reads:  {}", join(&self.reg_reads))?;
-        write!(f, "  register writes: {}", join(&self.reg_writes))?;
-        if self.bad_lines > 0 {
-            write!(f, "\n  {} malformed lines", self.bad_lines)?;
-        }
-        Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn counts_kinds_and_registers() {
-        let text = r#"{"t_ns":1,"seq":0,"kind":"connect"}
-{"t_ns":2,"seq":1,"kind":"bar_read","offset":0,"size":4,"value":1196441946,"reg":"IDENT"}
-{"t_ns":3,"seq":2,"kind":"bar_read","offset":4,"size":4,"value":65536,"reg":"VERSION"}
-{"t_ns":4,"seq":3,"kind":"bar_read","offset":0,"size":4,"value":1196441946,"reg":"IDENT"}
-{"t_ns":5,"seq":4,"kind":"bar_write","offset":20,"size":4,"value":7,"reg":"SCRATCH"}
-not json
-{"no_kind":1}
-"#;
-        let s = summarize(text);
-        assert_eq!(s.events, 5);
-        assert_eq!(s.bad_lines, 2);
-        assert_eq!(s.by_kind["bar_read"], 3);
-        assert_eq!(s.reg_reads["IDENT"], 2);
-        assert_eq!(s.reg_writes["SCRATCH"], 1);
-    }
+/// Reads the trace at `path` once.
+pub fn analyse(path: &Path) -> std::io::Result<Analysis> {
+    let f = std::io::BufReader::with_capacity(1 << 20, std::fs::File::open(path)?);
+    let mut summary = Summary::default();
+    let mut check = Checker::default();
+    summary.bad_lines = reader::for_each_event(f, |n, v| {
+        summary.add(v);
+        check.add(n, v);
+    })?;
+    check.finish();
+    Ok(Analysis { summary, check })
 }
 
 /// The ASIDs a failed test's diagnostics name (`asid N`), from the serial log's `# test: ...`

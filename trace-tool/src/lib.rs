@@ -1,0 +1,31 @@
+//! Reading zapguard device traces (JSON Lines written by `zapguard-dev`, schema in
+//! `qemu-dev/src/trace.rs`) as a stream: traces can be larger than memory, so every tool here
+//! looks at one line at a time and keeps only aggregates.
+//!
+//! - [`reader`]: line-numbered events, malformed lines reported and skipped.
+//! - [`summary`]: per-ASID and overall counts, SYNC latency distribution.
+//! - [`filter`]: select events by ASID, kind, VA range, time window, command position.
+//! - [`check`]: re-verify the device's invariants offline.
+
+pub mod check;
+mod cmdq;
+pub mod filter;
+pub mod reader;
+pub mod summary;
+
+use serde_json::Value;
+
+/// An unsigned field of an event.
+pub fn field_u64(v: &Value, key: &str) -> Option<u64> {
+    v.get(key)?.as_u64()
+}
+
+/// A string field of an event.
+pub fn field_str<'a>(v: &'a Value, key: &str) -> Option<&'a str> {
+    v.get(key)?.as_str()
+}
+
+/// An event's `kind` ("" if absent; the reader rejects such lines).
+pub fn kind(v: &Value) -> &str {
+    field_str(v, "kind").unwrap_or("")
+}

@@ -1,0 +1,172 @@
+//! `zapguard-trace`: inspect a zapguard device trace.
+//!
+//! ```text
+//! zapguard-trace summary [TRACE]            per-ASID and overall summary
+//! zapguard-trace filter  [TRACE] [--asid N] [--kind K]... [--va LO-HI] [--from NS] [--to NS]
+//!                        [--cmd POS] [--table]
+//! zapguard-trace check   [TRACE]            offline invariant check; exit 1 on a finding
+//! ```
+//!
+//! With no subcommand, `summary`. TRACE defaults to the latest run's (`target/zapguard/runs/latest/trace.jsonl`); `-` reads
+//! stdin. Malformed lines are reported on stderr with their line numbers and skipped; with
+//! `--strict` they make the exit status 2.
+
+use clap::{Parser, Subcommand};
+use std::io::{BufRead, BufReader, BufWriter, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use zapguard_trace::{check::Checker, filter, reader, summary::Summary};
+
+#[derive(Parser)]
+#[command(name = "zapguard-trace", about = "Inspect a zapguard device trace")]
+struct Cli {
+    /// What to do (default: summary of the latest run's trace).
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+    /// Exit with status 2 if the trace has malformed lines.
+    #[arg(long, global = true)]
+    strict: bool,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Per-ASID and overall summary.
+    Summary { trace: Option<PathBuf> },
+    /// Print the events that match, as JSON Lines (or a table).
+    Filter {
+        trace: Option<PathBuf>,
+        /// Only this ASID.
+        #[arg(long)]
+        asid: Option<u64>,
+        /// Only these kinds (repeatable).
+        #[arg(long = "kind")]
+        kinds: Vec<String>,
+        /// Only events whose [va, va+len) overlaps LO-HI (hex with 0x, HI exclusive).
+        #[arg(long, value_parser = filter::parse_range)]
+        va: Option<(u64, u64)>,
+        /// Only events at or after this t_ns.
+        #[arg(long)]
+        from: Option<u64>,
+        /// Only events before this t_ns.
+        #[arg(long)]
+        to: Option<u64>,
+        /// Only events of this command-queue position.
+        #[arg(long)]
+        cmd: Option<u64>,
+        /// A readable table instead of JSON Lines.
+        #[arg(long)]
+        table: bool,
+    },
+    /// Re-verify the device's invariants offline; exit 1 with the offending lines on failure.
+    Check { trace: Option<PathBuf> },
+}
+
+fn open(path: Option<PathBuf>) -> Result<Box<dyn BufRead>, String> {
+    let path = path.unwrap_or_else(|| PathBuf::from("target/zapguard/runs/latest/trace.jsonl"));
+    if path.as_os_str() == "-" {
+        return Ok(Box::new(BufReader::new(std::io::stdin())));
+    }
+    let f = std::fs::File::open(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(Box::new(BufReader::with_capacity(1 << 20, f)))
+}
+
+/// Writes `text` to stdout; a closed pipe (`| head`) is not an error.
+fn emit(text: &str) -> Result<(), String> {
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.to_string()),
+        _ => Ok(()),
+    }
+}
+
+fn run(cli: Cli) -> Result<ExitCode, String> {
+    let mut failed = false;
+    let bad = match cli.cmd.unwrap_or(Cmd::Summary { trace: None }) {
+        Cmd::Summary { trace } => {
+            let mut s = Summary::default();
+            let bad =
+                reader::for_each_event(open(trace)?, |_, v| s.add(v)).map_err(|e| e.to_string())?;
+            s.bad_lines = bad.clone();
+            emit(&s.to_string())?;
+            bad
+        }
+        Cmd::Filter {
+            trace,
+            asid,
+            kinds,
+            va,
+            from,
+            to,
+            cmd,
+            table,
+        } => {
+            let f = filter::Filter {
+                asid,
+                kinds,
+                va,
+                time: (from.is_some() || to.is_some())
+                    .then(|| (from.unwrap_or(0), to.unwrap_or(u64::MAX))),
+                cmd,
+            };
+            let mut out = BufWriter::new(std::io::stdout().lock());
+            let mut io_err = None;
+            let bad = reader::for_each_event(open(trace)?, |_, v| {
+                if io_err.is_some() || !f.keeps(v) {
+                    return;
+                }
+                let r = if table {
+                    writeln!(out, "{}", filter::table_row(v))
+                } else {
+                    writeln!(out, "{v}")
+                };
+                io_err = r.err();
+            })
+            .map_err(|e| e.to_string())?;
+            // A closed pipe (`| head`) is not an error.
+            match io_err.or_else(|| out.flush().err()) {
+                Some(e) if e.kind() != std::io::ErrorKind::BrokenPipe => return Err(e.to_string()),
+                _ => {}
+            }
+            bad
+        }
+        Cmd::Check { trace } => {
+            let mut c = Checker::default();
+            let bad = reader::for_each_event(open(trace)?, |n, v| c.add(n, v))
+                .map_err(|e| e.to_string())?;
+            c.finish();
+            let mut text = String::new();
+            for f in c.findings.iter().take(50) {
+                text += &format!("{f}\n");
+            }
+            if c.findings.len() > 50 {
+                text += &format!("... and {} more\n", c.findings.len() - 50);
+            }
+            text += &format!(
+                "check: {} finding(s): {} device violation(s), {} offline ledger violation(s)\n",
+                c.findings.len(),
+                c.device_violations,
+                c.ledger_violations
+            );
+            emit(&text)?;
+            failed = !c.findings.is_empty();
+            bad
+        }
+    };
+    for b in &bad {
+        eprintln!("malformed line {}: {}", b.line, b.why);
+    }
+    Ok(if failed {
+        ExitCode::from(1)
+    } else if cli.strict && !bad.is_empty() {
+        ExitCode::from(2)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+fn main() -> ExitCode {
+    run(Cli::parse()).unwrap_or_else(|e| {
+        eprintln!("zapguard-trace: {e}");
+        ExitCode::from(2)
+    })
+}

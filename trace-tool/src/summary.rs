@@ -1,0 +1,338 @@
+//! `summary`: what the device did, per ASID and overall.
+
+use crate::cmdq::CmdqClock;
+use crate::reader::BadLine;
+use crate::{field_str, field_u64, kind};
+use serde_json::Value;
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+
+/// Violations kept with full detail.
+const FIRST_VIOLATIONS: usize = 5;
+
+/// Per-ASID counters.
+#[derive(Debug, Default)]
+pub struct AsidStats {
+    /// DMA jobs started.
+    pub jobs: u64,
+    /// Bytes the jobs processed.
+    pub bytes: u64,
+    /// DMA bursts.
+    pub accesses: u64,
+    /// IOTLB fills (misses).
+    pub fills: u64,
+    /// Distinct 4 KiB pages the device accessed.
+    pub pages: HashSet<u64>,
+    /// Invalidation-type commands by op (`inv_range`, `inv_asid`, `cfgi_ctx`).
+    pub invalidations: BTreeMap<String, u64>,
+    /// Faults by cause.
+    pub faults: BTreeMap<String, u64>,
+    /// Validator violations by class.
+    pub violations: BTreeMap<String, u64>,
+}
+
+impl AsidStats {
+    /// Fraction of bursts served by the IOTLB (or a held translation) without a walk.
+    pub fn hit_rate(&self) -> f64 {
+        if self.accesses == 0 {
+            return 0.0;
+        }
+        self.accesses.saturating_sub(self.fills) as f64 / self.accesses as f64
+    }
+}
+
+/// Everything `summary` reports.
+#[derive(Debug, Default)]
+pub struct Summary {
+    /// Events read.
+    pub events: u64,
+    /// First and last `t_ns`.
+    pub span: Option<(u64, u64)>,
+    /// Events per kind.
+    pub by_kind: BTreeMap<String, u64>,
+    /// Per-ASID counters.
+    pub asids: BTreeMap<u64, AsidStats>,
+    /// `inv_all` commands.
+    pub inv_all: u64,
+    /// SYNC completions.
+    pub syncs: u64,
+    /// Doorbell-to-completion time of each SYNC whose doorbell is in the trace, in ns.
+    pub sync_latency_ns: Vec<u64>,
+    /// The first violations, in full.
+    pub first_violations: Vec<Value>,
+    /// BAR reads per register name.
+    pub reg_reads: BTreeMap<String, u64>,
+    /// BAR writes per register name.
+    pub reg_writes: BTreeMap<String, u64>,
+    /// Malformed lines.
+    pub bad_lines: Vec<BadLine>,
+    cmdq: CmdqClock,
+}
+
+impl Summary {
+    /// Accounts one event.
+    pub fn add(&mut self, v: &Value) {
+        let k = kind(v);
+        let t = field_u64(v, "t_ns").unwrap_or(0);
+        self.events += 1;
+        self.span = Some(self.span.map_or((t, t), |(a, b)| (a.min(t), b.max(t))));
+        *self.by_kind.entry(k.to_string()).or_default() += 1;
+        let asid = field_u64(v, "asid");
+        let name = |key| field_str(v, key).unwrap_or("?").to_string();
+        if let (true, Some(reg)) = (k.starts_with("bar_"), field_str(v, "reg")) {
+            let m = if k == "bar_read" {
+                &mut self.reg_reads
+            } else {
+                &mut self.reg_writes
+            };
+            *m.entry(reg.to_string()).or_default() += 1;
+        }
+        match k {
+            "bar_write" => match field_str(v, "reg") {
+                Some("CMDQ_PROD") => self.cmdq.doorbell(field_u64(v, "value").unwrap_or(0), t),
+                Some("CMDQ_LOG2SIZE") => self.cmdq.set_log2(field_u64(v, "value").unwrap_or(6)),
+                // Reprogramming the queue (probe, rebind) restarts its positions at 0.
+                Some("CMDQ_BASE_LO") => self.cmdq.reset(),
+                _ => {}
+            },
+            "command" => {
+                self.cmdq.executed(field_u64(v, "cmd").unwrap_or(0));
+                let op = name("op");
+                if op == "inv_all" {
+                    self.inv_all += 1;
+                } else if matches!(op.as_str(), "inv_range" | "inv_asid" | "cfgi_ctx") {
+                    if let Some(a) = asid {
+                        *self
+                            .asids
+                            .entry(a)
+                            .or_default()
+                            .invalidations
+                            .entry(op)
+                            .or_default() += 1;
+                    }
+                }
+            }
+            "sync_done" => {
+                self.syncs += 1;
+                let idx = self.cmdq.executed(field_u64(v, "cmd").unwrap_or(0));
+                if let Some(t0) = self.cmdq.published(idx) {
+                    self.sync_latency_ns.push(t.saturating_sub(t0));
+                }
+            }
+            "job_start" => {
+                if let Some(a) = asid {
+                    self.asids.entry(a).or_default().jobs += 1;
+                }
+            }
+            "job_done" => {
+                if let Some(a) = asid {
+                    self.asids.entry(a).or_default().bytes += field_u64(v, "len").unwrap_or(0);
+                }
+            }
+            "dma_access" => {
+                if let Some(a) = asid {
+                    let s = self.asids.entry(a).or_default();
+                    s.accesses += 1;
+                    s.pages.insert(field_u64(v, "va").unwrap_or(0) >> 12);
+                }
+            }
+            "iotlb_fill" => {
+                if let Some(a) = asid {
+                    self.asids.entry(a).or_default().fills += 1;
+                }
+            }
+            "fault" => {
+                if let Some(a) = asid {
+                    *self
+                        .asids
+                        .entry(a)
+                        .or_default()
+                        .faults
+                        .entry(name("result"))
+                        .or_default() += 1;
+                }
+            }
+            "violation" => {
+                if let Some(a) = asid {
+                    *self
+                        .asids
+                        .entry(a)
+                        .or_default()
+                        .violations
+                        .entry(name("result"))
+                        .or_default() += 1;
+                }
+                if self.first_violations.len() < FIRST_VIOLATIONS {
+                    self.first_violations.push(v.clone());
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Total violations.
+    pub fn violations(&self) -> u64 {
+        self.by_kind.get("violation").copied().unwrap_or(0)
+    }
+}
+
+/// The `p`-th percentile (0..=100) of sorted `v`.
+pub fn percentile(sorted: &[u64], p: u32) -> Option<u64> {
+    if sorted.is_empty() {
+        return None;
+    }
+    let rank = (u64::from(p) * (sorted.len() as u64 - 1)).div_ceil(100) as usize;
+    sorted.get(rank).copied()
+}
+
+fn join(m: &BTreeMap<String, u64>) -> String {
+    if m.is_empty() {
+        return "-".into();
+    }
+    m.iter()
+        .map(|(k, v)| format!("{k} {v}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn us(ns: u64) -> String {
+    format!("{:.1} us", ns as f64 / 1000.0)
+}
+
+impl fmt::Display for Summary {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let span = self.span.map_or(0, |(a, b)| b - a);
+        writeln!(
+            f,
+            "{} events over {:.3} s; {} malformed lines",
+            self.events,
+            span as f64 / 1e9,
+            self.bad_lines.len()
+        )?;
+        writeln!(f, "events: {}", join(&self.by_kind))?;
+        writeln!(f, "register reads:  {}", join(&self.reg_reads))?;
+        writeln!(f, "register writes: {}", join(&self.reg_writes))?;
+        let mut lat = self.sync_latency_ns.clone();
+        lat.sort_unstable();
+        let p = |q| percentile(&lat, q).map_or("-".into(), us);
+        writeln!(
+            f,
+            "SYNCs: {} completed; doorbell to completion p50 {}, p99 {}, max {}",
+            self.syncs,
+            p(50),
+            p(99),
+            p(100)
+        )?;
+        if self.inv_all > 0 {
+            writeln!(f, "INV_ALL commands: {}", self.inv_all)?;
+        }
+        writeln!(
+            f,
+            "{:>5} {:>6} {:>12} {:>8} {:>9} {:>6}  invalidations / faults / violations",
+            "asid", "jobs", "bytes", "pages", "accesses", "hit%"
+        )?;
+        let mut quiet = 0;
+        for (asid, s) in &self.asids {
+            // Contexts that only came and went (context commands, no DMA) fit on one line.
+            if s.jobs == 0 && s.accesses == 0 && s.faults.is_empty() && s.violations.is_empty() {
+                quiet += 1;
+                continue;
+            }
+            writeln!(
+                f,
+                "{:>5} {:>6} {:>12} {:>8} {:>9} {:>5.1}%  inv: {} / faults: {} / violations: {}",
+                asid,
+                s.jobs,
+                s.bytes,
+                s.pages.len(),
+                s.accesses,
+                100.0 * s.hit_rate(),
+                join(&s.invalidations),
+                join(&s.faults),
+                join(&s.violations)
+            )?;
+        }
+        if quiet > 0 {
+            writeln!(
+                f,
+                "({quiet} more ASIDs had only context and invalidation commands, no DMA)"
+            )?;
+        }
+        let total: u64 = self.violations();
+        writeln!(f, "violations: {total}")?;
+        for v in &self.first_violations {
+            writeln!(f, "  {v}")?;
+        }
+        for b in self.bad_lines.iter().take(5) {
+            writeln!(f, "malformed line {}: {}", b.line, b.why)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn summarize(events: &[Value]) -> Summary {
+        let mut s = Summary::default();
+        for e in events {
+            s.add(e);
+        }
+        s
+    }
+
+    #[test]
+    fn per_asid_counts_hit_rate_and_classes() {
+        let s = summarize(&[
+            json!({"t_ns": 100, "kind": "job_start", "job": 1, "asid": 3}),
+            json!({"t_ns": 110, "kind": "iotlb_fill", "asid": 3, "va": 4096, "id": 1}),
+            json!({"t_ns": 120, "kind": "dma_access", "asid": 3, "va": 4096, "id": 1}),
+            json!({"t_ns": 130, "kind": "dma_access", "asid": 3, "va": 4608, "id": 1}),
+            json!({"t_ns": 140, "kind": "dma_access", "asid": 3, "va": 8192, "id": 1}),
+            json!({"t_ns": 150, "kind": "dma_access", "asid": 3, "va": 8704, "id": 1}),
+            json!({"t_ns": 160, "kind": "fault", "asid": 3, "result": "not_present"}),
+            json!({"t_ns": 170, "kind": "violation", "asid": 3, "result": "stale"}),
+            json!({"t_ns": 180, "kind": "job_done", "asid": 3, "len": 2048}),
+            json!({"t_ns": 190, "kind": "command", "cmd": 0, "op": "inv_range", "asid": 3}),
+        ]);
+        let a = &s.asids[&3];
+        assert_eq!(
+            (a.jobs, a.bytes, a.accesses, a.fills, a.pages.len()),
+            (1, 2048, 4, 1, 2)
+        );
+        assert!((a.hit_rate() - 0.75).abs() < 1e-9);
+        assert_eq!(a.faults["not_present"], 1);
+        assert_eq!(a.violations["stale"], 1);
+        assert_eq!(a.invalidations["inv_range"], 1);
+        assert_eq!(s.span, Some((100, 190)));
+        assert_eq!(s.first_violations.len(), 1);
+        let text = s.to_string();
+        assert!(text.contains("violations: 1"), "{text}");
+    }
+
+    #[test]
+    fn sync_latency_pairs_completion_with_its_doorbell() {
+        let s = summarize(&[
+            json!({"t_ns": 0, "kind": "bar_write", "reg": "CMDQ_LOG2SIZE", "value": 2}),
+            // Doorbell publishes commands 0 and 1 (INV, SYNC) at t=1000.
+            json!({"t_ns": 1000, "kind": "bar_write", "reg": "CMDQ_PROD", "value": 2}),
+            json!({"t_ns": 1500, "kind": "command", "cmd": 0, "op": "inv_range", "asid": 1}),
+            json!({"t_ns": 3000, "kind": "sync_done", "cmd": 1}),
+            // Around the ring (4 entries, wrap bit 4): positions 2, 3, then 4|0 = wrap.
+            json!({"t_ns": 5000, "kind": "bar_write", "reg": "CMDQ_PROD", "value": 4}),
+            json!({"t_ns": 5400, "kind": "sync_done", "cmd": 3}),
+        ]);
+        assert_eq!(s.sync_latency_ns, vec![2000, 400]);
+        assert_eq!(percentile(&[1, 2, 3, 4], 50), Some(3));
+        assert_eq!(percentile(&[], 50), None);
+    }
+
+    #[test]
+    fn empty_trace_summarises_to_zero() {
+        let s = summarize(&[]);
+        assert_eq!((s.events, s.syncs, s.violations()), (0, 0, 0));
+        assert!(s.to_string().contains("0 events"));
+    }
+}
