@@ -6,10 +6,12 @@
 //! - [`summary`]: per-ASID and overall counts, SYNC latency distribution.
 //! - [`filter`]: select events by ASID, kind, VA range, time window, command position.
 //! - [`check`]: re-verify the device's invariants offline.
+//! - [`perfetto`]: export a Chrome/Perfetto timeline.
 
 pub mod check;
 mod cmdq;
 pub mod filter;
+pub mod perfetto;
 pub mod reader;
 pub mod summary;
 

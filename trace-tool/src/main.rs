@@ -5,6 +5,7 @@
 //! zapguard-trace filter  [TRACE] [--asid N] [--kind K]... [--va LO-HI] [--from NS] [--to NS]
 //!                        [--cmd POS] [--table]
 //! zapguard-trace check   [TRACE]            offline invariant check; exit 1 on a finding
+//! zapguard-trace perfetto [TRACE] [-o OUT]  Chrome/Perfetto timeline JSON
 //! ```
 //!
 //! With no subcommand, `summary`. TRACE defaults to the latest run's (`target/zapguard/runs/latest/trace.jsonl`); `-` reads
@@ -16,6 +17,9 @@ use std::io::{BufRead, BufReader, BufWriter, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use zapguard_trace::{check::Checker, filter, reader, summary::Summary};
+
+/// The latest run's trace (relative to the repository root, where `just` runs).
+const LATEST: &str = "target/zapguard/runs/latest/trace.jsonl";
 
 #[derive(Parser)]
 #[command(name = "zapguard-trace", about = "Inspect a zapguard device trace")]
@@ -59,10 +63,17 @@ enum Cmd {
     },
     /// Re-verify the device's invariants offline; exit 1 with the offending lines on failure.
     Check { trace: Option<PathBuf> },
+    /// Export a Chrome/Perfetto trace-event JSON (open it in ui.perfetto.dev).
+    Perfetto {
+        trace: Option<PathBuf>,
+        /// Output file (default: the trace's name with `.perfetto.json`).
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+    },
 }
 
 fn open(path: Option<PathBuf>) -> Result<Box<dyn BufRead>, String> {
-    let path = path.unwrap_or_else(|| PathBuf::from("target/zapguard/runs/latest/trace.jsonl"));
+    let path = path.unwrap_or_else(|| PathBuf::from(LATEST));
     if path.as_os_str() == "-" {
         return Ok(Box::new(BufReader::new(std::io::stdin())));
     }
@@ -82,6 +93,31 @@ fn emit(text: &str) -> Result<(), String> {
 fn run(cli: Cli) -> Result<ExitCode, String> {
     let mut failed = false;
     let bad = match cli.cmd.unwrap_or(Cmd::Summary { trace: None }) {
+        Cmd::Perfetto { trace, output } => {
+            let input = trace.clone().unwrap_or_else(|| PathBuf::from(LATEST));
+            let output = output.unwrap_or_else(|| input.with_extension("perfetto.json"));
+            let file =
+                std::fs::File::create(&output).map_err(|e| format!("{}: {e}", output.display()))?;
+            let mut ex = zapguard_trace::perfetto::Exporter::new(BufWriter::new(file))
+                .map_err(|e| e.to_string())?;
+            let mut err = None;
+            let bad = reader::for_each_event(open(trace)?, |_, v| {
+                if err.is_none() {
+                    err = ex.add(v).err();
+                }
+            })
+            .map_err(|e| e.to_string())?;
+            if let Some(e) = err {
+                return Err(format!("{}: {e}", output.display()));
+            }
+            let n = ex.written;
+            ex.finish().map_err(|e| e.to_string())?;
+            emit(&format!(
+                "{}: {n} trace events; open it in https://ui.perfetto.dev\n",
+                output.display()
+            ))?;
+            bad
+        }
         Cmd::Summary { trace } => {
             let mut s = Summary::default();
             let bad =
