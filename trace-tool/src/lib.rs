@@ -7,6 +7,7 @@
 //! - [`filter`]: select events by ASID, kind, VA range, time window, command position.
 //! - [`check`]: re-verify the device's invariants offline.
 //! - [`perfetto`]: export a Chrome/Perfetto timeline.
+//! - [`svg`]: draw a window of that timeline as an SVG.
 
 pub mod check;
 mod cmdq;
@@ -14,6 +15,7 @@ pub mod filter;
 pub mod perfetto;
 pub mod reader;
 pub mod summary;
+pub mod svg;
 
 use serde_json::Value;
 

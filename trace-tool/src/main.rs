@@ -6,6 +6,7 @@
 //!                        [--cmd POS] [--table]
 //! zapguard-trace check   [TRACE]            offline invariant check; exit 1 on a finding
 //! zapguard-trace perfetto [TRACE] [-o OUT]  Chrome/Perfetto timeline JSON
+//! zapguard-trace svg [TRACE] [--from NS] [--to NS] [-o OUT]   the same timeline, drawn
 //! ```
 //!
 //! With no subcommand, `summary`. TRACE defaults to the latest run's (`target/zapguard/runs/latest/trace.jsonl`); `-` reads
@@ -70,6 +71,19 @@ enum Cmd {
         #[arg(short, long)]
         output: Option<PathBuf>,
     },
+    /// Draw the timeline of a time window as an SVG (t_ns bounds; default: the whole trace).
+    Svg {
+        trace: Option<PathBuf>,
+        /// Window start, t_ns.
+        #[arg(long)]
+        from: Option<u64>,
+        /// Window end, t_ns.
+        #[arg(long)]
+        to: Option<u64>,
+        /// Output file (default: the trace's name with `.svg`).
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+    },
 }
 
 fn open(path: Option<PathBuf>) -> Result<Box<dyn BufRead>, String> {
@@ -93,6 +107,42 @@ fn emit(text: &str) -> Result<(), String> {
 fn run(cli: Cli) -> Result<ExitCode, String> {
     let mut failed = false;
     let bad = match cli.cmd.unwrap_or(Cmd::Summary { trace: None }) {
+        Cmd::Svg {
+            trace,
+            from,
+            to,
+            output,
+        } => {
+            let input = trace.clone().unwrap_or_else(|| PathBuf::from(LATEST));
+            let output = output.unwrap_or_else(|| input.with_extension("svg"));
+            let (from, to) = (from.unwrap_or(0), to.unwrap_or(u64::MAX));
+            let mut ex =
+                zapguard_trace::perfetto::Exporter::new(Vec::new()).map_err(|e| e.to_string())?;
+            let (mut lo, mut hi) = (u64::MAX, 0);
+            let bad = reader::for_each_event(open(trace)?, |_, v| {
+                let t = zapguard_trace::field_u64(v, "t_ns").unwrap_or(0);
+                if (from..to).contains(&t) {
+                    lo = lo.min(t);
+                    hi = hi.max(t);
+                    let _ = ex.add(v);
+                }
+            })
+            .map_err(|e| e.to_string())?;
+            let json = ex.finish().map_err(|e| e.to_string())?;
+            let doc: serde_json::Value =
+                serde_json::from_slice(&json).map_err(|e| e.to_string())?;
+            let events = doc["traceEvents"].as_array().cloned().unwrap_or_default();
+            let title = format!("{}: t_ns {lo}..{hi}", input.display());
+            let svg = zapguard_trace::svg::render(
+                &events,
+                lo as f64 / 1000.0,
+                hi as f64 / 1000.0,
+                &title,
+            );
+            std::fs::write(&output, svg).map_err(|e| format!("{}: {e}", output.display()))?;
+            emit(&format!("{}\n", output.display()))?;
+            bad
+        }
         Cmd::Perfetto { trace, output } => {
             let input = trace.clone().unwrap_or_else(|| PathBuf::from(LATEST));
             let output = output.unwrap_or_else(|| input.with_extension("perfetto.json"));

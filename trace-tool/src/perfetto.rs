@@ -20,6 +20,8 @@ use std::io::Write;
 const PID: u64 = 1;
 const TID_CMDQ: u64 = 1;
 const TID_DMA: u64 = 2;
+/// Violation instants exported per ASID (the summary has the full counts).
+const VIOLATIONS_PER_ASID: u64 = 200;
 
 fn tid_asid(asid: u64) -> u64 {
     100 + asid
@@ -41,6 +43,8 @@ pub struct Exporter<W: Write> {
     jobs: HashMap<u64, (u64, u64, String)>,
     /// Stalled faults: (asid, tag) -> (t, va, write).
     stalls: HashMap<(u64, u64), (u64, u64, bool)>,
+    /// Violations exported per ASID (capped: a broken run reports one per burst).
+    violations: HashMap<u64, u64>,
     /// Trace-event records written.
     pub written: u64,
 }
@@ -57,6 +61,7 @@ impl<W: Write> Exporter<W> {
             pending_inv: Vec::new(),
             jobs: HashMap::new(),
             stalls: HashMap::new(),
+            violations: HashMap::new(),
             written: 0,
         };
         e.emit(&json!({"ph": "M", "pid": PID, "name": "process_name", "args": {"name": "zapguard device"}}))?;
@@ -196,6 +201,11 @@ impl<W: Write> Exporter<W> {
             }
             "violation" => {
                 let asid = u("asid").unwrap_or(0);
+                let n = self.violations.entry(asid).or_default();
+                *n += 1;
+                if *n > VIOLATIONS_PER_ASID {
+                    return Ok(());
+                }
                 let tid = self.asid_track(asid)?;
                 let name = format!("VIOLATION: {}", field_str(v, "result").unwrap_or("?"));
                 let args = json!({"va": format!("{:#x}", u("va").unwrap_or(0)), "why": field_str(v, "why")});
