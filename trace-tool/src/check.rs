@@ -57,6 +57,15 @@ impl Checker {
     pub fn add(&mut self, line: u64, v: &Value) {
         let u = |k| field_u64(v, k);
         match kind(v) {
+            // A new device (another run appended) or a device reset: translation ids and queue
+            // positions start over.
+            "connect" | "reset" => {
+                self.live.clear();
+                self.by_asid.clear();
+                self.pending.clear();
+                self.dead.clear();
+                self.cmdq = CmdqClock::default();
+            }
             "bar_write" => match field_str(v, "reg") {
                 Some("CMDQ_PROD") => self.cmdq.doorbell(u("value").unwrap_or(0), 0),
                 Some("CMDQ_LOG2SIZE") => self.cmdq.set_log2(u("value").unwrap_or(6)),
@@ -203,6 +212,20 @@ mod tests {
             access(2, 0x2000),
         ]);
         assert_eq!(c.ledger_violations, 2, "{:?}", c.findings);
+    }
+
+    #[test]
+    fn a_new_device_starts_a_new_ledger() {
+        let c = check(&[
+            json!({"kind": "bar_write", "reg": "CMDQ_PROD", "value": 2}),
+            fill(1, 0x1000),
+            json!({"kind": "iotlb_invalidate", "cmd": 0, "asid": 1, "va": 0, "len": u64::MAX}),
+            json!({"kind": "sync_done", "cmd": 1}),
+            json!({"kind": "connect"}),
+            fill(1, 0x1000),
+            access(1, 0x1000),
+        ]);
+        assert!(c.findings.is_empty(), "{:?}", c.findings);
     }
 
     #[test]

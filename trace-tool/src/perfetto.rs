@@ -109,6 +109,7 @@ impl<W: Write> Exporter<W> {
         let t = field_u64(v, "t_ns").unwrap_or(0);
         let u = |k| field_u64(v, k);
         match kind(v) {
+            "connect" | "reset" => self.cmdq = CmdqClock::default(),
             "bar_write" => match field_str(v, "reg") {
                 Some("CMDQ_PROD") => self.cmdq.doorbell(u("value").unwrap_or(0), t),
                 Some("CMDQ_LOG2SIZE") => self.cmdq.set_log2(u("value").unwrap_or(6)),

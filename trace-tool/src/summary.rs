@@ -88,6 +88,7 @@ impl Summary {
             *m.entry(reg.to_string()).or_default() += 1;
         }
         match k {
+            "connect" | "reset" => self.cmdq = CmdqClock::default(),
             "bar_write" => match field_str(v, "reg") {
                 Some("CMDQ_PROD") => self.cmdq.doorbell(field_u64(v, "value").unwrap_or(0), t),
                 Some("CMDQ_LOG2SIZE") => self.cmdq.set_log2(field_u64(v, "value").unwrap_or(6)),
