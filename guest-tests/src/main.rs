@@ -2,17 +2,20 @@
 //! report KTAP on stdout (which is the serial console). The host harness parses the `ok`/`not ok`
 //! lines and sums them with the host tests.
 //!
-//! Usage: `zapguard-guest-tests [FILTER]` — runs the tests whose name contains FILTER.
+//! Usage: `zapguard-guest-tests [FILTER]` — runs the tests whose name contains FILTER;
+//! `zapguard-guest-tests --bench [--smoke]` — runs the benchmarks (see `bench.rs`).
 //!
 //! To add a test: write a `fn name() -> Result<(), String>` below and add `name` to [`TESTS`].
 //! Tests run in list order; the module-reload test runs last because it rebinds the device.
 
+mod bench;
 mod dev;
 mod dmirror;
 mod hmm;
 mod ktap;
 mod mirror;
 
+use bench::bench_smoke;
 use hmm::*;
 use mirror::*;
 
@@ -73,6 +76,7 @@ const TESTS: &[Test] = ktap::tests![
     inject_skip_sync_wait_is_caught,
     inject_ignore_retry_is_caught,
     inject_keep_after_release_is_caught,
+    bench_smoke,
     validator_totals_match_injections,
     unbind_with_open_file_enodev,
     module_reload_rebinds,
@@ -301,7 +305,23 @@ fn module_reload_rebinds() -> Result<(), String> {
 }
 
 fn main() {
-    let filter = std::env::args().nth(1);
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("--bench") {
+        let smoke = args.iter().any(|a| a == "--smoke");
+        let sizes = if smoke {
+            bench::Sizes::smoke()
+        } else {
+            bench::Sizes::full()
+        };
+        match bench::run(&sizes) {
+            Ok(_) => std::process::exit(0),
+            Err(e) => {
+                println!("ZAPGUARD-BENCH-ERROR {e}");
+                std::process::exit(1);
+            }
+        }
+    }
+    let filter = args.first().cloned();
     let mut out = std::io::stdout().lock();
     match ktap::run(TESTS, filter.as_deref(), &mut out) {
         Ok(sum) => std::process::exit(if sum.failed == 0 { 0 } else { 1 }),
