@@ -34,8 +34,13 @@ check:
     cargo clippy --workspace --all-targets -- -D warnings
     make -s -C "$(bash images/kernel/build.sh)" M="$PWD/kmod" MO="$PWD/target/zapguard/clippy" LLVM=-19 CLIPPY=1 W=1 modules
 
-# Device benchmarks (IOTLB, page walk, DMA copy vs memcpy); prints the ratios.
+# Benchmarks in the guest (mirror, shootdown, device DMA vs test_hmm and the hardware's limits):
+# prints a table of ratios and writes target/zapguard/bench.json.
 bench:
+    cargo xtask bench
+
+# Device-model microbenchmarks on the host (IOTLB, page walk, DMA copy vs memcpy).
+bench-device:
     cargo bench -p qemu-dev --bench device
 
 # Fuzz the device model with libFuzzer for SECS seconds (installs nightly + cargo-fuzz if needed).

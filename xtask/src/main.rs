@@ -13,6 +13,7 @@
 //! run keeps its serial log, device log, QEMU log and device trace in `target/zapguard/runs/<id>/`,
 //! with `target/zapguard/runs/latest` pointing at the newest.
 
+mod bench;
 mod hosttests;
 mod ktap;
 mod trace;
@@ -589,7 +590,9 @@ fn finish(passed: usize, failed: usize) -> ExitCode {
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let Some(cmd) = args.first() else {
-        eprintln!("usage: cargo xtask run|shell|test|build [options] (see xtask/src/main.rs)");
+        eprintln!(
+            "usage: cargo xtask run|shell|test|build|bench [options] (see xtask/src/main.rs)"
+        );
         return ExitCode::from(2);
     };
     let opts = match parse_options(&args[1..]) {
@@ -680,6 +683,32 @@ fn main() -> ExitCode {
                 });
             Ok(finish(host.passed + vp, host.failed + vf))
         })(),
+        "bench" => build(&root).and_then(|art| {
+            let (accel, why) = vm::Accel::detect();
+            let t = step(&format!("boot guest for the benchmarks ({accel:?}: {why})"));
+            let mut cfg = vm_config(
+                &art,
+                new_run_dir(&root)?,
+                vec!["zg.run=bench".into()],
+                opts.timeout.max(Duration::from_secs(900)),
+                vm::Echo::Results,
+            );
+            cfg.interactive = false;
+            let o = vm::run(&cfg).map_err(|e| format!("VM run: {e}"))?;
+            eprintln!("    guest finished in {:.1}s", t.elapsed().as_secs_f32());
+            if o.tests_end_rc != Some(0) {
+                return Err(format!(
+                    "the guest benchmarks did not complete (rc {:?}); see {}",
+                    o.tests_end_rc,
+                    o.serial_log.display()
+                ));
+            }
+            let analysis = trace::analyse(&o.trace).map_err(|e| format!("trace: {e}"))?;
+            let hit = |asid: u64| analysis.summary.asids.get(&asid).map(|s| s.hit_rate());
+            let out = root.join("target/zapguard/bench.json");
+            bench::report(&o.bench, &format!("{accel:?}"), hit, &out)?;
+            Ok(ExitCode::SUCCESS)
+        }),
         other => Err(format!("unknown command {other}")),
     };
     res.unwrap_or_else(|e| {

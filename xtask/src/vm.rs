@@ -91,6 +91,8 @@ pub struct VmOutcome {
     pub splats: Vec<String>,
     pub tests_end_rc: Option<i32>,
     pub done_rc: Option<i32>,
+    /// `ZAPGUARD-BENCH` records (JSON) printed by the guest benchmarks.
+    pub bench: Vec<String>,
     /// Violations the guest's injected-bug tests caused, if the suite reported them.
     pub expected_violations: Option<u64>,
     pub timed_out: bool,
@@ -104,6 +106,8 @@ pub struct VmOutcome {
 }
 
 const GUEST_RAM: &str = "512M";
+/// Prefix of a benchmark record on the console (see guest-tests/src/bench.rs).
+const BENCH_MARK: &str = "ZAPGUARD-BENCH ";
 const LOG_CAP: u64 = 4 << 20;
 
 /// Copies `from` into `to`, stopping (but still draining) after [`LOG_CAP`] bytes.
@@ -357,6 +361,9 @@ fn handle_line(line: &str, echo: Echo, in_tests: &mut bool, out: &mut VmOutcome)
         out.done_rc = Some(rc);
     } else if let Some(n) = ktap::expected_violations(line) {
         out.expected_violations = Some(n);
+    } else if let Some(at) = line.find(BENCH_MARK) {
+        out.bench
+            .push(line[at + BENCH_MARK.len()..].trim().to_string());
     }
     let result = if *in_tests {
         ktap::parse_result(line)
