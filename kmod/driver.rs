@@ -486,7 +486,7 @@ impl ZgFile {
             return Err(EPERM);
         }
         let i: uapi::ZgInject = read_arg(arg)?;
-        if i.modes & !uapi::ZG_INJ_ALL != 0 {
+        if i.modes & !uapi::ZG_INJ_MODES != 0 {
             return Err(EINVAL);
         }
         let ctx = self.ctx()?;
@@ -496,8 +496,7 @@ impl ZgFile {
             i.modes,
             i.cmd_lag
         );
-        ctx.set_inject(i.modes, i.cmd_lag);
-        Ok(())
+        mirror::set_inject(ctx, i.modes, i.cmd_lag)
     }
 }
 

@@ -202,15 +202,7 @@ pub(crate) fn open(shared: &Arc<Shared>) -> Result<Arc<Context>> {
         Context::insert(mm, 0, pte::VA_LIMIT as usize, data),
         GFP_KERNEL,
     )?;
-    let entry = pte::ContextEntry {
-        flags: pte::CTX_VALID
-            | pte::CTX_STALL
-            | pte::CTX_VALIDATE
-            | if la57 { pte::CTX_CPU_LA57 } else { 0 },
-        pt_root: shared.hw.pool.addr(root)?,
-        cpu_root: mm::pgd_phys(ctx.mm()),
-        reserved: 0,
-    };
+    let entry = ctx.entry(root, ctx.mm(), pte::CTX_VALIDATE)?;
     let cfgi = [cmd::Command::new(cmd::CMD_CFGI_CTX, 0, asid, 0, 0)];
     let enable = || -> Result {
         shared.hw.write_ctx(asid, &entry)?;
@@ -607,11 +599,24 @@ impl Mirror {
         self.state.lock().released
     }
 
-    /// Enables injected bugs (and the device's command lag).
-    pub(crate) fn set_inject(&self, modes: u32, cmd_lag: u32) {
-        self.inject.store(modes, Ordering::Relaxed);
-        self.shared.set_cmd_lag(cmd_lag);
-        self.set_lag.store(cmd_lag != 0, Ordering::Relaxed);
+    /// The enabled context entry: valid, stalling, `extra` flags, the CPU root of `mm`.
+    fn entry(&self, root: PtPage, mm: &kernel::mm::Mm, extra: u64) -> Result<pte::ContextEntry> {
+        let la57 = if self.la57 { pte::CTX_CPU_LA57 } else { 0 };
+        Ok(pte::ContextEntry {
+            flags: pte::CTX_VALID | pte::CTX_STALL | la57 | extra,
+            pt_root: self.pool().addr(root)?,
+            cpu_root: mm::pgd_phys(mm),
+            reserved: 0,
+        })
+    }
+
+    /// `CTX_VALIDATE` unless `ZG_DBG_NO_VALIDATE` is on.
+    fn validate_flag(&self) -> u64 {
+        if self.injected(uapi::ZG_DBG_NO_VALIDATE) {
+            0
+        } else {
+            pte::CTX_VALIDATE
+        }
     }
 
     /// This context's counters.
@@ -707,17 +712,10 @@ impl IntervalInvalidate for Mirror {
             st.released = true;
             if self.injected(uapi::ZG_INJ_KEEP_AFTER_RELEASE) {
                 // Bug on purpose: tell the validator the mm is gone, leave the context enabled.
-                let entry = pte::ContextEntry {
-                    flags: pte::CTX_VALID
-                        | pte::CTX_STALL
-                        | pte::CTX_VALIDATE
-                        | pte::CTX_MM_RELEASED
-                        | if self.la57 { pte::CTX_CPU_LA57 } else { 0 },
-                    pt_root: self.pool().addr(st.root).unwrap_or(0),
-                    cpu_root: mm::pgd_phys(range.mm()),
-                    reserved: 0,
-                };
-                let _ = self.shared.hw.write_ctx(self.asid, &entry);
+                let flags = self.validate_flag() | pte::CTX_MM_RELEASED;
+                if let Ok(entry) = self.entry(st.root, range.mm(), flags) {
+                    let _ = self.shared.hw.write_ctx(self.asid, &entry);
+                }
                 return true;
             }
             if let Err(e) = self.disable(&mut st, pte::CTX_MM_RELEASED) {
@@ -885,6 +883,27 @@ pub(crate) fn snapshot(ctx: &Context, start: u64, out: &mut [u8]) -> Result {
         }
     }
     Ok(())
+}
+
+/// Enables injected bugs and debug modes (and sets the device's command lag). Switching
+/// `ZG_DBG_NO_VALIDATE` rewrites the context entry and reloads it on the device.
+pub(crate) fn set_inject(ctx: &Context, modes: u32, cmd_lag: u32) -> Result {
+    let old = ctx.inject.swap(modes, Ordering::Relaxed);
+    ctx.shared.set_cmd_lag(cmd_lag);
+    ctx.set_lag.store(cmd_lag != 0, Ordering::Relaxed);
+    if (old ^ modes) & uapi::ZG_DBG_NO_VALIDATE == 0 {
+        return Ok(());
+    }
+    let st = ctx.state.lock();
+    if st.released {
+        return Err(EINVAL);
+    }
+    let entry = ctx.entry(st.root, ctx.mm(), ctx.validate_flag())?;
+    let hw = &ctx.shared.hw;
+    hw.write_ctx(ctx.asid, &entry)?;
+    let cfgi = [cmd::Command::new(cmd::CMD_CFGI_CTX, 0, ctx.asid, 0, 0)];
+    let seq = hw.cmdq.post(&ctx.shared.bar, &cfgi, true, Wait::Sleep)?;
+    hw.cmdq.wait(seq, Wait::Sleep).map(|_| ())
 }
 
 /// Serves one device fault of `ctx`: maps the page with the access type.

@@ -272,14 +272,23 @@ fn dma_copy(sizes: &Sizes, out: &mut Vec<Record>) -> Result<(), String> {
     let mut b = buffer(len, true)?;
     dev::map(&f, a.addr, len, 0).map_err(err("MAP"))?;
     dev::map(&f, b.addr, len, ZG_MAP_WRITE).map_err(err("MAP"))?;
-    let (mut dev_ns, mut cpu_ns) = (Vec::new(), Vec::new());
-    for _ in 0..sizes.reps {
+    let (src, dst) = (a.addr, b.addr);
+    let copy = |samples: &mut Vec<u64>| -> Result<(), String> {
         let t = Instant::now();
         for _ in 0..jobs {
-            dev::dma(&f, dev::job(DMA_COPY, a.addr, b.addr, len, 0))
+            dev::dma(&f, dev::job(DMA_COPY, src, dst, len, 0))
                 .map_err(|(e, _)| format!("COPY: {e}"))?;
         }
-        dev_ns.push(ns(t));
+        samples.push(ns(t));
+        Ok(())
+    };
+    let (mut dev_ns, mut noval_ns, mut cpu_ns) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..sizes.reps {
+        copy(&mut dev_ns)?;
+        // The same copy with the device's validator off for this context.
+        dev::inject(&f, ZG_DBG_NO_VALIDATE, 0).map_err(err("INJECT"))?;
+        copy(&mut noval_ns)?;
+        dev::inject(&f, 0, 0).map_err(err("INJECT"))?;
         let t = Instant::now();
         for _ in 0..jobs {
             b.bytes_mut().copy_from_slice(a.bytes());
@@ -289,20 +298,19 @@ fn dma_copy(sizes: &Sizes, out: &mut Vec<Record>) -> Result<(), String> {
     }
     let bytes = (len * jobs) as u64;
     let asid = dev::stats(&f).ok().map(|s| s.asid);
-    out.push(Record {
-        name: "dma_copy.device".into(),
-        unit: "ns",
-        samples: dev_ns,
-        size: bytes,
-        asid,
-    });
-    out.push(Record {
-        name: "dma_copy.guest_memcpy".into(),
-        unit: "ns",
-        samples: cpu_ns,
-        size: bytes,
-        asid: None,
-    });
+    for (name, samples, asid) in [
+        ("dma_copy.device", dev_ns, asid),
+        ("dma_copy.device_no_validator", noval_ns, None),
+        ("dma_copy.guest_memcpy", cpu_ns, None),
+    ] {
+        out.push(Record {
+            name: name.into(),
+            unit: "ns",
+            samples,
+            size: bytes,
+            asid,
+        });
+    }
     Ok(())
 }
 

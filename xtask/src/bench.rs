@@ -171,12 +171,17 @@ pub fn report(
             gib_s(bytes, med("dma_copy.guest_memcpy")),
         );
         let h = gib_s(bytes, host_med);
+        let nv = gib_s(bytes, med("dma_copy.device_no_validator"));
         println!(
             "\ndevice copy of {} MiB: {d:.2} GiB/s = {:.0}% of a host memcpy ({h:.2} GiB/s; target >= 50%: {}); guest memcpy under the same accelerator {g:.2} GiB/s (context only){}",
             bytes >> 20,
             100.0 * d / h,
             verdict(d / h >= 0.5),
             dev.asid.and_then(&hit_rate).map_or(String::new(), |r| format!("; IOTLB hit rate {:.1}%", 100.0 * r))
+        );
+        println!(
+            "  validator off: {nv:.2} GiB/s ({:.2}x the validated copy)",
+            nv / d
         );
     }
 

@@ -273,6 +273,12 @@ pub const ZG_INJ_ALL: u32 = ZG_INJ_SKIP_SHOOTDOWN
     | ZG_INJ_KEEP_WRITE
     | ZG_INJ_KEEP_AFTER_RELEASE;
 
+/// [`ZgInject::modes`], not a bug: turn the device's validator off for this context (clears
+/// [`super::pte::CTX_VALIDATE`]), so that benchmarks can measure what validation costs.
+pub const ZG_DBG_NO_VALIDATE: u32 = 1 << 16;
+/// Every [`ZgInject::modes`] bit the driver accepts.
+pub const ZG_INJ_MODES: u32 = ZG_INJ_ALL | ZG_DBG_NO_VALIDATE;
+
 /// Argument of [`ZG_IOC_INJECT`] (needs `CAP_SYS_ADMIN`, else `EPERM`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
