@@ -117,6 +117,37 @@ fn buffer(len: usize, thp: bool) -> Result<Mapping, String> {
     Ok(m)
 }
 
+/// Mirrors `m` through test_hmm (`HMM_DMIRROR_READ`, which also copies the pages out), in chunks
+/// so that the sink fits next to the buffer in the guest's RAM.
+fn hmm_mirror(d: &File, m: &Mapping) -> Result<(), String> {
+    let chunk = m.len.min(CHUNK);
+    let mut sink = vec![0u8; chunk];
+    for off in (0..m.len).step_by(chunk) {
+        hmm_run(
+            d,
+            HMM_DMIRROR_READ,
+            m.addr + off,
+            sink.as_mut_ptr(),
+            chunk / PG,
+        )
+        .map_err(err("HMM_DMIRROR_READ"))?;
+    }
+    Ok(())
+}
+
+/// Records of one measurement for several drivers: `NAME.WHO`.
+fn push_each(out: &mut Vec<Record>, name: &str, size: usize, each: Vec<(&str, Vec<u64>)>) {
+    for (who, samples) in each {
+        out.push(Record {
+            name: format!("{name}.{who}"),
+            unit: "ns",
+            samples,
+            size: size as u64,
+            asid: None,
+        });
+    }
+}
+
 fn label(len: usize) -> String {
     if len >= MIB {
         format!("{}m", len / MIB)
@@ -138,34 +169,14 @@ fn populate(sizes: &Sizes, out: &mut Vec<Record>) -> Result<(), String> {
                 dev::map(&f, m.addr, len, 0).map_err(err("MAP"))?;
                 zg.push(ns(t));
                 drop(m);
-                // test_hmm's READ mirrors and copies out (its copy is part of its cost), in
-                // chunks so that the sink fits next to the buffer in the guest's RAM.
+                // test_hmm's READ also copies the pages out: part of its cost.
                 let m = buffer(len, thp)?;
-                let chunk = len.min(CHUNK);
-                let mut sink = vec![0u8; chunk];
                 let t = Instant::now();
-                for off in (0..len).step_by(chunk) {
-                    hmm_run(
-                        &d,
-                        HMM_DMIRROR_READ,
-                        m.addr + off,
-                        sink.as_mut_ptr(),
-                        chunk / PG,
-                    )
-                    .map_err(err("HMM_DMIRROR_READ"))?;
-                }
+                hmm_mirror(&d, &m)?;
                 hm.push(ns(t));
             }
             let name = format!("populate_{kind}_{}", label(len));
-            for (who, samples) in [("zapguard", zg), ("test_hmm", hm)] {
-                out.push(Record {
-                    name: format!("{name}.{who}"),
-                    unit: "ns",
-                    samples,
-                    size: len as u64,
-                    asid: None,
-                });
-            }
+            push_each(out, &name, len, vec![("zapguard", zg), ("test_hmm", hm)]);
         }
     }
     Ok(())
@@ -183,20 +194,7 @@ fn munmap(sizes: &Sizes, out: &mut Vec<Record>) -> Result<(), String> {
                 1 => {
                     dev::map(&f, m.addr, len, 0).map_err(err("MAP"))?;
                 }
-                2 => {
-                    let chunk = len.min(CHUNK);
-                    let mut sink = vec![0u8; chunk];
-                    for off in (0..len).step_by(chunk) {
-                        hmm_run(
-                            &d,
-                            HMM_DMIRROR_READ,
-                            m.addr + off,
-                            sink.as_mut_ptr(),
-                            chunk / PG,
-                        )
-                        .map_err(err("HMM_DMIRROR_READ"))?;
-                    }
-                }
+                2 => hmm_mirror(&d, &m)?,
                 _ => {}
             }
             let t = Instant::now();
@@ -205,15 +203,12 @@ fn munmap(sizes: &Sizes, out: &mut Vec<Record>) -> Result<(), String> {
         }
     }
     let name = format!("munmap_{}", label(len));
-    for (who, samples) in [("unmirrored", bare), ("zapguard", zg), ("test_hmm", hm)] {
-        out.push(Record {
-            name: format!("{name}.{who}"),
-            unit: "ns",
-            samples,
-            size: len as u64,
-            asid: None,
-        });
-    }
+    push_each(
+        out,
+        &name,
+        len,
+        vec![("unmirrored", bare), ("zapguard", zg), ("test_hmm", hm)],
+    );
     Ok(())
 }
 
