@@ -30,7 +30,7 @@ use kernel::{
     io::Io,
     new_condvar, new_mutex, new_spinlock, pci,
     prelude::*,
-    sync::{CondVar, Mutex, SpinLock},
+    sync::{CondVar, CondVarTimeoutResult, Mutex, MutexGuard, SpinLock},
     time::{
         delay::{fsleep, udelay},
         msecs_to_jiffies, Delta, Instant, Monotonic,
@@ -63,6 +63,35 @@ const NONBLOCK_SYNC_US: i64 = 20_000;
 const JOB_TIMEOUT: Delta = Delta::from_secs(30);
 /// Polls of CR0ACK before giving up on the enable/disable handshake (~65 us per read under TCG).
 const HANDSHAKE_POLLS: usize = 1000;
+
+/// How a condition wait treats a pending signal.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum OnSignal {
+    /// Give up with `EINTR` (the caller can leave the work running).
+    Interrupt,
+    /// Keep waiting (the work cannot be abandoned): nap without the lock instead of spinning on
+    /// the wait that a pending signal makes return at once.
+    Nap,
+}
+
+/// Sleeps on `cv` (with `lock`, whose guard is `guard`) for up to 100 ms or a notification.
+fn wait_on<'a, T>(
+    cv: &CondVar,
+    lock: &'a Mutex<T>,
+    mut guard: MutexGuard<'a, T>,
+    on_signal: OnSignal,
+) -> Result<MutexGuard<'a, T>> {
+    let r = cv.wait_interruptible_timeout(&mut guard, msecs_to_jiffies(100));
+    if let CondVarTimeoutResult::Signal { .. } = r {
+        if on_signal == OnSignal::Interrupt {
+            return Err(EINTR);
+        }
+        drop(guard);
+        fsleep(Delta::from_micros(50));
+        guard = lock.lock();
+    }
+    Ok(guard)
+}
 
 /// Reads `words[i]` of a coherent buffer.
 fn rd(buf: &Coherent<[u64]>, i: usize) -> Result<u64> {
@@ -325,16 +354,8 @@ impl CmdQueue {
                     if start.elapsed() > SYNC_TIMEOUT {
                         return Err(ETIMEDOUT);
                     }
-                    // Interruptible only so that a pending signal cannot make us unkillable for
-                    // long: a dying task (exit_mmap's release) keeps polling instead.
-                    let r = self
-                        .done
-                        .wait_interruptible_timeout(&mut guard, msecs_to_jiffies(100));
-                    if let kernel::sync::CondVarTimeoutResult::Signal { .. } = r {
-                        drop(guard);
-                        fsleep(Delta::from_micros(50));
-                        guard = self.done_lock.lock();
-                    }
+                    // A dying task (exit_mmap's release) must still wait for its SYNC.
+                    guard = wait_on(&self.done, &self.done_lock, guard, OnSignal::Nap)?;
                 }
             }
         }
@@ -499,12 +520,7 @@ impl Jobs {
             if start.elapsed() > JOB_TIMEOUT {
                 return Err(ETIMEDOUT);
             }
-            let _ = self
-                .cv
-                .wait_interruptible_timeout(&mut st, msecs_to_jiffies(20));
-            if kernel::current!().signal_pending() {
-                return Err(EINTR);
-            }
+            st = wait_on(&self.cv, &self.state, st, OnSignal::Interrupt)?;
         }
         let slot = queue::index(st.prod, RING_LOG2) as usize;
         let asid = job.asid as usize;
@@ -559,17 +575,12 @@ impl Jobs {
                 st.wedged = true;
                 return Err(ETIMEDOUT);
             }
-            let r = self
-                .cv
-                .wait_interruptible_timeout(&mut st, msecs_to_jiffies(100));
-            if let kernel::sync::CondVarTimeoutResult::Signal { .. } = r {
-                if interruptible {
-                    return Err(EINTR);
-                }
-                drop(st);
-                fsleep(Delta::from_micros(100));
-                st = self.state.lock();
-            }
+            let on_signal = if interruptible {
+                OnSignal::Interrupt
+            } else {
+                OnSignal::Nap
+            };
+            st = wait_on(&self.cv, &self.state, st, on_signal)?;
         }
     }
 
@@ -585,14 +596,7 @@ impl Jobs {
             if st.wedged || bar.try_access().is_none() || start.elapsed() > JOB_TIMEOUT {
                 return Err(ETIMEDOUT);
             }
-            let r = self
-                .cv
-                .wait_interruptible_timeout(&mut st, msecs_to_jiffies(100));
-            if let kernel::sync::CondVarTimeoutResult::Signal { .. } = r {
-                drop(st);
-                fsleep(Delta::from_micros(100));
-                st = self.state.lock();
-            }
+            st = wait_on(&self.cv, &self.state, st, OnSignal::Nap)?;
         }
     }
 }

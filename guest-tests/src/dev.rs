@@ -100,6 +100,11 @@ pub fn inject(f: &File, modes: u32, cmd_lag: u32) -> io::Result<()> {
     ioctl_raw(f, ZG_IOC_INJECT, &mut i as *mut ZgInject as usize).map(|_| ())
 }
 
+/// `MADV_COLLAPSE` (Linux 6.1; not in every libc's headers).
+pub const MADV_COLLAPSE: i32 = 25;
+/// `MREMAP_DONTUNMAP` (Linux 5.7; not in every libc's headers).
+pub const MREMAP_DONTUNMAP: i32 = 4;
+
 /// An anonymous private mapping, unmapped on drop (unless already unmapped by the test).
 pub struct Mapping {
     /// First address.

@@ -587,11 +587,10 @@ pub fn ksm_merge_while_mirrored() -> Result<(), String> {
 }
 
 pub fn thp_split_by_mprotect_then_collapse() -> Result<(), String> {
-    const MADV_COLLAPSE: i32 = 25;
     let f = open()?;
     let mut a = Mapping::anon_huge(2 << 20).map_err(|e| e.to_string())?;
     a.bytes_mut().fill(1);
-    let _ = a.madvise(0, a.len, MADV_COLLAPSE);
+    let _ = a.madvise(0, a.len, dev::MADV_COLLAPSE);
     let m = map(&f, &a, true)?;
     check_eq(m.huge, 1, "2 MiB device entry before the split")?;
     // mprotect of one page splits the PMD: the device drops its whole 2 MiB entry.
@@ -606,7 +605,7 @@ pub fn thp_split_by_mprotect_then_collapse() -> Result<(), String> {
     // Back to one VMA, collapse, mirror again with a 2 MiB entry.
     a.protect(libc::PROT_READ | libc::PROT_WRITE)
         .map_err(|e| e.to_string())?;
-    a.madvise(0, a.len, MADV_COLLAPSE)
+    a.madvise(0, a.len, dev::MADV_COLLAPSE)
         .map_err(|e| format!("MADV_COLLAPSE: {e}"))?;
     let m = map(&f, &a, true)?;
     check_eq(m.huge, 1, "2 MiB device entry after MADV_COLLAPSE")?;
@@ -620,7 +619,6 @@ pub fn thp_split_by_mprotect_then_collapse() -> Result<(), String> {
 }
 
 pub fn hmm_mremap_fixed_and_dontunmap() -> Result<(), String> {
-    const MREMAP_DONTUNMAP: i32 = 4;
     let f = open()?;
     let mut a = Mapping::anon(4 * PG).map_err(|e| e.to_string())?;
     a.bytes_mut().fill(0x11);
@@ -661,7 +659,7 @@ pub fn hmm_mremap_fixed_and_dontunmap() -> Result<(), String> {
             moved.addr as *mut _,
             moved.len,
             moved.len,
-            libc::MREMAP_MAYMOVE | MREMAP_DONTUNMAP,
+            libc::MREMAP_MAYMOVE | dev::MREMAP_DONTUNMAP,
         )
     };
     if r == libc::MAP_FAILED {

@@ -332,8 +332,7 @@ pub fn thp_mirrored_with_huge_entries() -> Result<(), String> {
     let mut cpu = dev::snapshot(&f, a.addr, 1).map_err(|e| format!("SNAPSHOT: {e}"))?;
     if cpu[0] & ZG_SNAP_CPU_HUGE == 0 {
         // The fault path fell back to small pages (fragmentation): collapse synchronously.
-        const MADV_COLLAPSE: i32 = 25;
-        let _ = a.madvise(0, a.len, MADV_COLLAPSE);
+        let _ = a.madvise(0, a.len, dev::MADV_COLLAPSE);
         cpu = dev::snapshot(&f, a.addr, 1).map_err(|e| format!("SNAPSHOT: {e}"))?;
     }
     if cpu[0] & ZG_SNAP_CPU_HUGE == 0 {
@@ -626,8 +625,7 @@ fn dontneed_during_long_job(
     for round in 0..LAG_ROUNDS {
         let mut a = Mapping::anon_huge(32 << 20).map_err(|e| e.to_string())?;
         a.bytes_mut().fill(5);
-        const MADV_COLLAPSE: i32 = 25;
-        let _ = a.madvise(0, a.len, MADV_COLLAPSE);
+        let _ = a.madvise(0, a.len, dev::MADV_COLLAPSE);
         map(&f, &a, false)?;
         run(&f, long_served_job(a.addr, a.len))?;
         dev::inject(&f, inject, cmd_lag).map_err(|e| format!("INJECT: {e}"))?;

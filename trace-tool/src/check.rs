@@ -56,6 +56,7 @@ impl Checker {
     /// Checks one event (at trace line `line`).
     pub fn add(&mut self, line: u64, v: &Value) {
         let u = |k| field_u64(v, k);
+        self.cmdq.observe(v);
         match kind(v) {
             // A new device (another run appended) or a device reset: translation ids and queue
             // positions start over.
@@ -64,14 +65,7 @@ impl Checker {
                 self.by_asid.clear();
                 self.pending.clear();
                 self.dead.clear();
-                self.cmdq = CmdqClock::default();
             }
-            "bar_write" => match field_str(v, "reg") {
-                Some("CMDQ_PROD") => self.cmdq.doorbell(u("value").unwrap_or(0), 0),
-                Some("CMDQ_LOG2SIZE") => self.cmdq.set_log2(u("value").unwrap_or(6)),
-                Some("CMDQ_BASE_LO") => self.cmdq.reset(),
-                _ => {}
-            },
             "command" => {
                 self.cmdq.executed(u("cmd").unwrap_or(0));
             }

@@ -37,13 +37,31 @@ impl CmdqClock {
         (to.wrapping_sub(from)) % modulus
     }
 
+    /// Follows the events that move the queue's positions: doorbells (`CMDQ_PROD`), the queue's
+    /// size, its reprogramming, and a new device or a reset (positions start over).
+    pub(crate) fn observe(&mut self, v: &serde_json::Value) {
+        let value = || crate::field_u64(v, "value").unwrap_or(0);
+        match crate::kind(v) {
+            "connect" | "reset" => *self = Self::default(),
+            "bar_write" => match crate::field_str(v, "reg") {
+                Some("CMDQ_PROD") => {
+                    self.doorbell(value(), crate::field_u64(v, "t_ns").unwrap_or(0))
+                }
+                Some("CMDQ_LOG2SIZE") => self.set_log2(crate::field_u64(v, "value").unwrap_or(6)),
+                Some("CMDQ_BASE_LO") => self.reset(),
+                _ => {}
+            },
+            _ => {}
+        }
+    }
+
     /// The queue's size changed (`CMDQ_LOG2SIZE`).
-    pub(crate) fn set_log2(&mut self, log2: u64) {
+    fn set_log2(&mut self, log2: u64) {
         self.log2 = log2.min(20) as u32;
     }
 
     /// The queue was reprogrammed: positions restart at 0.
-    pub(crate) fn reset(&mut self) {
+    fn reset(&mut self) {
         *self = Self {
             log2: self.log2,
             ..Self::default()
@@ -57,7 +75,7 @@ impl CmdqClock {
     }
 
     /// A `CMDQ_PROD` doorbell with `value` at time `t`.
-    pub(crate) fn doorbell(&mut self, value: u64, t: u64) {
+    fn doorbell(&mut self, value: u64, t: u64) {
         let pos = value & ((2u64 << self.log2.min(20)) - 1);
         self.prod_total += self.delta(self.prod_pos, pos);
         self.prod_pos = pos;

@@ -108,14 +108,8 @@ impl<W: Write> Exporter<W> {
     pub fn add(&mut self, v: &Value) -> std::io::Result<()> {
         let t = field_u64(v, "t_ns").unwrap_or(0);
         let u = |k| field_u64(v, k);
+        self.cmdq.observe(v);
         match kind(v) {
-            "connect" | "reset" => self.cmdq = CmdqClock::default(),
-            "bar_write" => match field_str(v, "reg") {
-                Some("CMDQ_PROD") => self.cmdq.doorbell(u("value").unwrap_or(0), t),
-                Some("CMDQ_LOG2SIZE") => self.cmdq.set_log2(u("value").unwrap_or(6)),
-                Some("CMDQ_BASE_LO") => self.cmdq.reset(),
-                _ => {}
-            },
             "command" => {
                 self.cmdq.executed(u("cmd").unwrap_or(0));
                 let op = field_str(v, "op").unwrap_or("?");

@@ -87,15 +87,8 @@ impl Summary {
             };
             *m.entry(reg.to_string()).or_default() += 1;
         }
+        self.cmdq.observe(v);
         match k {
-            "connect" | "reset" => self.cmdq = CmdqClock::default(),
-            "bar_write" => match field_str(v, "reg") {
-                Some("CMDQ_PROD") => self.cmdq.doorbell(field_u64(v, "value").unwrap_or(0), t),
-                Some("CMDQ_LOG2SIZE") => self.cmdq.set_log2(field_u64(v, "value").unwrap_or(6)),
-                // Reprogramming the queue (probe, rebind) restarts its positions at 0.
-                Some("CMDQ_BASE_LO") => self.cmdq.reset(),
-                _ => {}
-            },
             "command" => {
                 self.cmdq.executed(field_u64(v, "cmd").unwrap_or(0));
                 let op = name("op");

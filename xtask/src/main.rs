@@ -5,7 +5,7 @@
 //! cargo xtask shell                                           build, boot to an interactive guest shell
 //! cargo xtask test  [--filter F] [--timeout SECS] [--no-host] host tests + the VM run; last line `N passed, N failed`
 //! cargo xtask build                                           build every artifact, print their paths
-//! cargo xtask trace [TRACE.jsonl]                             summarise a device trace (default: latest run)
+//! cargo xtask bench                                           the guest benchmarks (table + target/zapguard/bench.json)
 //! ```
 //!
 //! Heavy artifacts (QEMU, kernel, initramfs) are built by the scripts under `images/`, which cache
