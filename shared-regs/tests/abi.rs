@@ -179,11 +179,58 @@ fn register_names_and_stats() {
     );
     assert_eq!(regs::name(regs::stat_lo(regs::STAT_COUNT)), None);
     assert_eq!(regs::name(regs::CMD_LAG), Some("CMD_LAG"));
+    assert_eq!(regs::name(regs::FAIL_INJECT), Some("FAIL_INJECT"));
+    assert_eq!(regs::name(regs::FAIL_ARG), Some("FAIL_ARG"));
+    assert_eq!(regs::name(regs::WALK_LAG), Some("WALK_LAG"));
+    assert_eq!(regs::name(regs::WALK_LAG + 4), None);
     assert_eq!(regs::name(0x038), None);
     assert_eq!(
         regs::version_minor(regs::VERSION_VALUE),
         regs::VERSION_MINOR
     );
+}
+
+#[test]
+fn registers_do_not_overlap() {
+    // Every named register sits alone in its 4-byte slot, below the statistics.
+    let named: Vec<u32> = (0..regs::STATS_BASE)
+        .step_by(4)
+        .filter(|&o| regs::name(o).is_some())
+        .collect();
+    for (o, want) in [
+        (regs::FAIL_INJECT, 0x0a0),
+        (regs::FAIL_ARG, 0x0a4),
+        (regs::WALK_LAG, 0x0a8),
+    ] {
+        assert_eq!(o, want);
+        assert!(named.contains(&o));
+    }
+    for o in 0..regs::STATS_BASE {
+        if o % 4 != 0 {
+            assert_eq!(regs::name(o), None, "{o:#x}");
+        }
+    }
+    assert_eq!(regs::VERSION_MINOR, 3);
+}
+
+#[test]
+fn failure_modes_fit_their_field() {
+    let modes = [
+        regs::FAIL_NONE,
+        regs::FAIL_CMDQ_STOP,
+        regs::FAIL_SYNC_DELAY,
+        regs::FAIL_CMDQ_ERROR,
+        regs::FAIL_DROP_CMD_MSI,
+        regs::FAIL_DMA_HANG,
+        regs::FAIL_DIE,
+    ];
+    for (i, &m) in modes.iter().enumerate() {
+        assert_eq!(m, i as u32, "modes are numbered densely from 0");
+        assert_eq!(m & !regs::FAIL_MODE_MASK, 0);
+    }
+    // The injected command error fits the consumer register's code field and is new.
+    assert!(u32::from(cmd::CERR_INJECTED) <= regs::CONS_ERR_CODE_MASK);
+    assert!(cmd::CERR_INJECTED > cmd::CERR_ABORT);
 }
 
 #[test]

@@ -32,6 +32,8 @@
 //! address outside guest RAM) stops the queue: `CMDQ_CONS` keeps pointing at it with
 //! [`super::regs::CONS_ERR`] and the `CERR_*` code set, [`super::regs::ERR_CMDQ`] is raised. The driver
 //! may rewrite the slot, then clears `ERR_CMDQ` in [`super::regs::ERROR`] to resume processing there.
+//! The same stop with [`CERR_INJECTED`] is a device failure injected with
+//! [`super::regs::FAIL_CMDQ_ERROR`]: the command is fine and runs once `ERR_CMDQ` is cleared.
 
 /// No operation.
 pub const CMD_NOP: u8 = 0x00;
@@ -63,6 +65,9 @@ pub const CERR_ASID: u8 = 2;
 pub const CERR_RANGE: u8 = 3;
 /// Command error: the command or its completion address is outside guest RAM.
 pub const CERR_ABORT: u8 = 4;
+/// Command error (ABI 1.3): injected by [`super::regs::FAIL_CMDQ_ERROR`]; the command itself
+/// may be fine and executes normally once the driver clears `ERR_CMDQ`.
+pub const CERR_INJECTED: u8 = 5;
 
 /// Size of a command in bytes.
 pub const CMD_SIZE: usize = 32;

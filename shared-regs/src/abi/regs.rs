@@ -38,6 +38,9 @@
 //! | 0x088 | [`DMAQ_LOG2SIZE`] | RW | 0 | log2 of the number of entries |
 //! | 0x08c | [`DMAQ_PROD`] | RW | 0 | producer (driver) |
 //! | 0x090 | [`DMAQ_CONS`] | RO | 0 | consumer (device): advances as jobs complete; [`CONS_ERR`] on a fetch abort |
+//! | 0x0a0 | [`FAIL_INJECT`] | RW | [`FAIL_NONE`] | test knob (1.3): device failure mode `FAIL_*` armed, bits 7:0 |
+//! | 0x0a4 | [`FAIL_ARG`] | RW | 0 | test knob (1.3): argument of the armed mode ([`FAIL_SYNC_DELAY`]: milliseconds) |
+//! | 0x0a8 | [`WALK_LAG`] | RW | 0 | test knob (1.3): microseconds the page walker waits before each table read (at most [`WALK_LAG_MAX`]) |
 //! | 0x100 + 8·i | [`stat_lo`]`(i)` | RO | 0 | statistic `STAT_*` i, bits 31:0 |
 //! | 0x104 + 8·i | [`stat_hi`]`(i)` | RO | 0 | statistic i, bits 63:32 (read HI, LO, HI again for a consistent value) |
 //!
@@ -49,6 +52,21 @@
 //! configuration (size out of range, misaligned base) is refused: the bit stays clear in
 //! `CR0ACK` and [`ERR_CONFIG`] is raised. Writes to a unit's base/size registers while it is
 //! enabled are ignored and raise `ERR_CONFIG`.
+//!
+//! **Bus mastering.** The device honours the PCI command register's bus-master enable like
+//! hardware: while it is clear the device makes no memory access at all (no command or job
+//! fetch, no DMA, no completion, status, event or SYNC write) and raises no MSI-X (an MSI is a
+//! memory write; vectors due meanwhile are lost, not delivered later). A job in flight stops at
+//! a burst boundary and continues where it stopped once bus mastering is set again. Register
+//! accesses keep working. Clearing bus mastering is how a driver fences a device that no longer
+//! answers `CR0` (see [`FAIL_DMA_HANG`]).
+//!
+//! **Failure injection (1.3).** [`FAIL_INJECT`] makes the device fail in one of the ways a
+//! driver must survive (DESIGN.md, "When the device fails"), so that tests can prove the
+//! driver's fallbacks. One mode is armed at a time; writing the register replaces it (writing
+//! [`FAIL_NONE`] disarms). A value with an unknown mode or reserved bits set is refused: nothing
+//! is stored, [`ERR_CONFIG`] is raised with [`ERROR_INFO`] = [`FAIL_INJECT`]. A device reset
+//! disarms every mode, ends a hang and zeroes [`FAIL_ARG`] and [`WALK_LAG`].
 
 /// Identity register.
 pub const IDENT: u32 = 0x000;
@@ -79,6 +97,23 @@ pub const IRQ_CTRL: u32 = 0x028;
 /// driver that waits for its SYNC is correct at any lag; one that does not is caught by the
 /// validator deterministically once the lag is large.
 pub const CMD_LAG: u32 = 0x02c;
+/// Failure injection (ABI 1.3), a test knob: the `FAIL_*` mode armed, in bits 7:0 (bits 31:8
+/// are reserved and must be written as 0). Reads back the armed mode; a one-shot mode reads
+/// [`FAIL_NONE`] once it fired.
+pub const FAIL_INJECT: u32 = 0x0a0;
+/// Argument of the armed failure mode (ABI 1.3): for [`FAIL_SYNC_DELAY`] the delay in
+/// milliseconds; unused by the other modes. Read when the mode fires, so it may be written
+/// before or after [`FAIL_INJECT`].
+pub const FAIL_ARG: u32 = 0x0a4;
+/// Page-walk lag (ABI 1.3), a test knob modelling a slow page-table walker: the walker waits
+/// this many microseconds (values above [`WALK_LAG_MAX`] act as the maximum) before each table
+/// read of a walk, so a 4-level walk takes at least four lags. The walker reads guest memory
+/// live, level by level, like hardware; the lag widens the window between reading a table
+/// entry and reading the table it points to. A driver that frees a device page-table page (and
+/// lets the kernel reuse it) only after the SYNC that covers its detachment is correct at any
+/// lag; one that frees it earlier lets the walker read the reused page, and a large lag makes
+/// that race likely enough to catch.
+pub const WALK_LAG: u32 = 0x0a8;
 /// Context table base, low half.
 pub const CTX_BASE_LO: u32 = 0x030;
 /// Context table base, high half.
@@ -158,7 +193,7 @@ pub const IDENT_MAGIC: u32 = u32::from_le_bytes(*b"ZAPG");
 /// Major ABI version: a driver must refuse a device with another major.
 pub const VERSION_MAJOR: u16 = 1;
 /// Minor ABI version: additions only.
-pub const VERSION_MINOR: u16 = 2;
+pub const VERSION_MINOR: u16 = 3;
 /// Value of [`VERSION`].
 pub const VERSION_VALUE: u32 = ((VERSION_MAJOR as u32) << 16) | VERSION_MINOR as u32;
 
@@ -215,13 +250,15 @@ pub const EVTQ_PROD_OVERFLOW: u32 = 1 << 31;
 
 /// Error: an MMIO access of a wrong width/alignment or to an undefined register.
 pub const ERR_BAD_ACCESS: u32 = 1 << 0;
-/// Error: the command queue stopped on a malformed command (see `CMDQ_CONS`); clearing this bit
-/// resumes processing at the consumer index.
+/// Error: the command queue stopped on a command error (a malformed command, or one injected
+/// with [`FAIL_CMDQ_ERROR`]; see `CMDQ_CONS`); clearing this bit resumes processing at the
+/// consumer index.
 pub const ERR_CMDQ: u32 = 1 << 1;
 /// Error: events were dropped because the event queue was full. (With the queue disabled,
 /// events are dropped silently and only counted in [`STAT_EVENTS_DROPPED`].)
 pub const ERR_EVTQ_OVERFLOW: u32 = 1 << 2;
-/// Error: a unit was enabled with a bad configuration, or reconfigured while enabled.
+/// Error: a unit was enabled with a bad configuration, or reconfigured while enabled, or
+/// [`FAIL_INJECT`] was written with a value it does not know.
 pub const ERR_CONFIG: u32 = 1 << 3;
 /// Error: an event could not be written (event ring outside guest RAM).
 pub const ERR_EVTQ_ABORT: u32 = 1 << 4;
@@ -231,6 +268,44 @@ pub const ERR_DMAQ_ABORT: u32 = 1 << 5;
 /// All error bits.
 pub const ERR_MASK: u32 =
     ERR_BAD_ACCESS | ERR_CMDQ | ERR_EVTQ_OVERFLOW | ERR_CONFIG | ERR_EVTQ_ABORT | ERR_DMAQ_ABORT;
+
+/// [`FAIL_INJECT`] bits holding the mode; the others are reserved.
+pub const FAIL_MODE_MASK: u32 = 0xff;
+/// Failure mode: none, the device works.
+pub const FAIL_NONE: u32 = 0;
+/// Failure mode: the command processor stops consuming. `CMDQ_CONS` freezes, nothing after it
+/// executes, no SYNC completes, and no error is reported. `CR0`/`CR0ACK` still work (disabling
+/// the command queue is acknowledged). Disarming resumes the queue where it stopped.
+pub const FAIL_CMDQ_STOP: u32 = 1;
+/// Failure mode: every SYNC reached while armed completes [`FAIL_ARG`] milliseconds (wall clock)
+/// later than it could, blocking the queue behind it like a slow device. Its completion write
+/// and interrupt then happen only if the command queue is still enabled and bus mastering is on
+/// (a SYNC whose queue was disabled meanwhile never completes; one waiting for bus mastering
+/// completes once it is set again).
+pub const FAIL_SYNC_DELAY: u32 = 2;
+/// Failure mode, one-shot: the next command the device executes is answered with a command
+/// error instead: `CMDQ_CONS` points at it with [`CONS_ERR`] and
+/// [`super::cmd::CERR_INJECTED`], [`ERR_CMDQ`] is raised (and the error vector). The mode then
+/// reads [`FAIL_NONE`]; clearing `ERR_CMDQ` resumes the queue at that command, which then
+/// executes normally.
+pub const FAIL_CMDQ_ERROR: u32 = 3;
+/// Failure mode: the command vector is never raised. SYNC completion words and DMA job status
+/// records are still written.
+pub const FAIL_DROP_CMD_MSI: u32 = 4;
+/// Failure mode: the DMA engine hangs inside the next job it runs (the current one, if a job is
+/// in flight) after one more burst of it: no further burst, no job fetch, no completion (even if
+/// that burst was the job's last). A SYNC that must wait for translations the hung job holds
+/// never completes. While hung, a `CR0` write clearing [`CR0_DMAQ_EN`] or [`CR0_CTX_EN`] is not
+/// acknowledged (`CR0ACK` keeps those bits): a hung engine does not answer the control path, so
+/// the driver must fence the device by clearing PCI bus mastering. Only a device reset ends the
+/// hang (rewriting [`FAIL_INJECT`] only changes what is armed).
+pub const FAIL_DMA_HANG: u32 = 5;
+/// Failure mode: the device dies at the next DMA burst. The device process flushes its trace
+/// and exits without answering the VMM; the guest then sees a device that is gone (MMIO reads
+/// return all ones).
+pub const FAIL_DIE: u32 = 6;
+/// Largest effective [`WALK_LAG`], in microseconds.
+pub const WALK_LAG_MAX: u32 = 100_000;
 
 /// Required alignment of queue bases.
 pub const QUEUE_BASE_ALIGN: u64 = 64;
@@ -269,6 +344,9 @@ pub const fn name(offset: u32) -> Option<&'static str> {
         DMAQ_LOG2SIZE => "DMAQ_LOG2SIZE",
         DMAQ_PROD => "DMAQ_PROD",
         DMAQ_CONS => "DMAQ_CONS",
+        FAIL_INJECT => "FAIL_INJECT",
+        FAIL_ARG => "FAIL_ARG",
+        WALK_LAG => "WALK_LAG",
         o if o >= STATS_BASE && o < STATS_BASE + 8 * STAT_COUNT => {
             if o % 8 == 0 {
                 "STAT_LO"
