@@ -103,6 +103,20 @@ pub fn walk<M: GuestMem + ?Sized>(
     va: u64,
     write: bool,
 ) -> Result<Translation, WalkFault> {
+    walk_paced(mem, root, va, write, |_| {})
+}
+
+/// [`walk`], calling `pace(level)` before reading the entry at each level (4 = root table
+/// first). The device's `WALK_LAG` sleeps there: every table is read from guest memory at that
+/// moment, never earlier, so whatever the guest writes to a table before the walker reaches it
+/// is what the walker sees.
+pub fn walk_paced<M: GuestMem + ?Sized>(
+    mem: &M,
+    root: u64,
+    va: u64,
+    write: bool,
+    mut pace: impl FnMut(u32),
+) -> Result<Translation, WalkFault> {
     if va >= pte::VA_LIMIT {
         return Err(fault(event::FAULT_ADDRESS, pte::PT_LEVELS));
     }
@@ -114,6 +128,7 @@ pub fn walk<M: GuestMem + ?Sized>(
     let mut level = pte::PT_LEVELS;
     loop {
         let gpa = entry_gpa(table, va, level);
+        pace(level);
         let e = mem
             .read_u64(gpa)
             .map_err(|_| fault(event::FAULT_WALK_ABORT, level))?;
@@ -760,6 +775,31 @@ mod tests {
         assert!(c.reads.get() <= 4);
         // The level-1 read lands in the level-2 table itself: entry 0 is not present.
         assert_eq!(r, err(FAULT_NOT_PRESENT, 1));
+    }
+
+    #[test]
+    fn pace_runs_before_each_table_read() {
+        let (mem, mut b) = setup();
+        let va = 0x1234_5000;
+        b.map_4k(&mem, va, 0x30_0000, true).unwrap();
+        let c = Counting::new(&mem);
+        let mut seen = vec![];
+        walk_paced(&c, b.root(), va, false, |level| {
+            seen.push((level, c.reads.get()));
+        })
+        .unwrap();
+        assert_eq!(
+            seen,
+            [(4, 0), (3, 1), (2, 2), (1, 3)],
+            "(level, reads so far)"
+        );
+        // A walk that stops early paces only the levels it reads.
+        let p = path(&mem, b.root(), va);
+        mem.write_u64(p[2], 0).unwrap();
+        let mut levels = vec![];
+        let r = walk_paced(&mem, b.root(), va, false, |l| levels.push(l));
+        assert_eq!(r, err(FAULT_NOT_PRESENT, 2));
+        assert_eq!(levels, [4, 3, 2]);
     }
 
     #[test]
