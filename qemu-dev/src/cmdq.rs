@@ -3,12 +3,22 @@
 //! Commands execute in order. A malformed command stops the queue (SMMUv3's CMDQ_ERR): the
 //! consumer keeps pointing at it with the error code until the driver clears `ERR_CMDQ`. A SYNC
 //! whose invalidations are still used by the in-flight DMA job blocks the queue until the job
-//! moves past those translations; DMA keeps running meanwhile, so this always resolves.
+//! moves past those translations; DMA keeps running meanwhile, so this always resolves (unless
+//! a hang is injected). A waiting SYNC is held in the device ([`PendingSync`]), not fetched
+//! again.
+//!
+//! Injected failures ([`crate::inject`]) act here too: [`FAIL_CMDQ_STOP`] stops fetching,
+//! [`FAIL_CMDQ_ERROR`] answers the next command with [`CERR_INJECTED`], and
+//! [`FAIL_SYNC_DELAY`] gives each SYNC reached a deadline before which it does not complete.
 
 use shared_regs::cmd::*;
 use shared_regs::pci::Vector;
 use shared_regs::queue;
-use shared_regs::regs::{CR0_CMDQ_EN, ERR_CMDQ, STAT_COMMANDS, STAT_SYNCS};
+use shared_regs::regs::{
+    CR0_CMDQ_EN, ERR_CMDQ, FAIL_CMDQ_ERROR, FAIL_CMDQ_STOP, FAIL_NONE, FAIL_SYNC_DELAY,
+    STAT_COMMANDS, STAT_SYNCS,
+};
+use std::time::{Duration, Instant};
 
 use crate::device::ZapguardDevice;
 use crate::events::{Activity, Events};
@@ -18,9 +28,19 @@ use crate::iotlb::IotlbEntry;
 /// Outcome of one command.
 enum Exec {
     Done(&'static str),
-    /// A SYNC waiting for in-flight DMA.
-    Blocked,
+    /// A SYNC waiting (for in-flight DMA or its deadline); `true` if it was just fetched.
+    Blocked(bool),
     Error(u8),
+}
+
+/// A SYNC the device fetched and holds at the head of the queue until it may complete.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct PendingSync {
+    /// Its queue position (the consumer index while it waits).
+    pub(crate) pos: u32,
+    pub(crate) cmd: Command,
+    /// [`FAIL_SYNC_DELAY`]: not before this time.
+    pub(crate) due: Option<Instant>,
 }
 
 /// Name of an opcode, for traces.
@@ -45,6 +65,7 @@ pub fn cerr_name(code: u8) -> &'static str {
         CERR_ASID => "bad_asid",
         CERR_RANGE => "bad_range",
         CERR_ABORT => "abort",
+        CERR_INJECTED => "injected",
         _ => "unknown",
     }
 }
@@ -56,29 +77,48 @@ impl<E: Events> ZapguardDevice<E> {
     /// whether anything changed.
     pub(crate) fn run_commands(&mut self, mem: &impl GuestMem) -> bool {
         let mut progress = false;
+        if self.armed(FAIL_CMDQ_STOP) {
+            return false;
+        }
         if self.s.lag_left > 0 {
             // CMD_LAG: only a running job makes the commands wait (each burst counts down).
-            if self.s.job.as_ref().is_some_and(|j| !j.is_stalled()) {
+            if self.job_runs() {
                 return false;
             }
             self.s.lag_left = 0;
         }
         while self.s.cr0ack & CR0_CMDQ_EN != 0 && self.s.cmdq_err == 0 && !self.s.cmdq.is_empty() {
             let pos = self.s.cmdq.cons;
-            let mut raw = [0u8; CMD_SIZE];
-            let fetched = self
-                .s
-                .cmdq
-                .slot(pos, CMD_SIZE)
-                .is_some_and(|a| mem.read(a, &mut raw).is_ok());
-            let cmd = Command::from_bytes(&raw);
-            let exec = if fetched {
-                self.execute(mem, pos, &cmd)
-            } else {
-                Exec::Error(CERR_ABORT)
+            let (cmd, exec) = match self.s.pending_sync.take() {
+                Some(p) if p.pos == pos => (p.cmd, self.sync(mem, pos, &p.cmd, Some(p.due))),
+                _ => {
+                    let mut raw = [0u8; CMD_SIZE];
+                    let fetched = self
+                        .s
+                        .cmdq
+                        .slot(pos, CMD_SIZE)
+                        .is_some_and(|a| mem.read(a, &mut raw).is_ok());
+                    let cmd = Command::from_bytes(&raw);
+                    let exec = if !fetched {
+                        Exec::Error(CERR_ABORT)
+                    } else if self.armed(FAIL_CMDQ_ERROR) {
+                        // One-shot: the command itself is not looked at.
+                        self.s.inject.mode = FAIL_NONE;
+                        self.fail_event(FAIL_CMDQ_ERROR, "command error injected", Some(pos), None);
+                        Exec::Error(CERR_INJECTED)
+                    } else {
+                        self.execute(mem, pos, &cmd)
+                    };
+                    (cmd, exec)
+                }
             };
             let result = match exec {
-                Exec::Blocked => break,
+                Exec::Blocked(fetched) => {
+                    // Fetching the SYNC changed the device's state even though it cannot
+                    // complete yet (`has_work` now sees it waiting).
+                    progress |= fetched;
+                    break;
+                }
                 Exec::Done(result) => result,
                 Exec::Error(code) => cerr_name(code),
             };
@@ -163,7 +203,7 @@ impl<E: Events> ZapguardDevice<E> {
                 self.s.ctx_cache.remove(&c.asid);
                 Exec::Done("ok")
             }
-            CMD_SYNC => self.sync(mem, pos, c),
+            CMD_SYNC => self.sync(mem, pos, c, None),
             CMD_RESUME | CMD_ABORT => {
                 if self.answer_stall(mem, c.asid, c.arg, c.op == CMD_RESUME) {
                     Exec::Done("ok")
@@ -177,16 +217,34 @@ impl<E: Events> ZapguardDevice<E> {
         }
     }
 
-    fn sync(&mut self, mem: &impl GuestMem, pos: u32, c: &Command) -> Exec {
-        if !c.addr.is_multiple_of(4) || c.arg > u64::from(u32::MAX) {
-            return Exec::Error(CERR_ILLEGAL);
-        }
+    /// Executes a SYNC: `held` is `Some(due)` for one already fetched and waiting.
+    fn sync(
+        &mut self,
+        mem: &impl GuestMem,
+        pos: u32,
+        c: &Command,
+        held: Option<Option<Instant>>,
+    ) -> Exec {
+        let due = match held {
+            Some(due) => due,
+            None => {
+                if !c.addr.is_multiple_of(4) || c.arg > u64::from(u32::MAX) {
+                    return Exec::Error(CERR_ILLEGAL);
+                }
+                self.sync_deadline(pos)
+            }
+        };
         // In-flight DMA still using a translation an earlier command invalidated: wait for it.
-        if self.s.job.as_ref().is_some_and(|j| j.holds_doomed()) {
-            return Exec::Blocked;
+        let dma = self.s.job.as_ref().is_some_and(|j| j.holds_doomed());
+        if dma || due.is_some_and(|d| self.clock.now() < d) {
+            self.s.pending_sync = Some(PendingSync { pos, cmd: *c, due });
+            return Exec::Blocked(held.is_none());
         }
         if c.addr != 0 && mem.write_u32(c.addr, c.arg as u32).is_err() {
             return Exec::Error(CERR_ABORT);
+        }
+        if due.is_some() {
+            self.fail_event(FAIL_SYNC_DELAY, "delayed sync completed", Some(pos), None);
         }
         self.s.ledger.sync_completed();
         self.s.stats[STAT_SYNCS as usize] += 1;
@@ -201,6 +259,18 @@ impl<E: Events> ZapguardDevice<E> {
             self.raise(Vector::Command);
         }
         Exec::Done("ok")
+    }
+
+    /// [`FAIL_SYNC_DELAY`]: the time before which a SYNC reached now must not complete.
+    fn sync_deadline(&mut self, pos: u32) -> Option<Instant> {
+        if !self.armed(FAIL_SYNC_DELAY) {
+            return None;
+        }
+        self.fail_event(FAIL_SYNC_DELAY, "sync delayed", Some(pos), None);
+        let now = self.clock.now();
+        let delay = Duration::from_millis(u64::from(self.s.inject.arg));
+        // At most 2^32 ms (49 days) ahead: a monotonic clock does not overflow on that.
+        Some(now.checked_add(delay).unwrap_or(now))
     }
 
     /// Marks the active job's held translations matching `pred` as doomed (usable until the

@@ -9,7 +9,14 @@
 //!   [`crate::dma_engine`]).
 //!
 //! It reports everything observable to the injected [`Events`] sink, and the MSI-X vectors to
-//! raise through [`ZapguardDevice::take_irqs`].
+//! raise through [`ZapguardDevice::take_irqs`]. Time (the failure-injection deadlines and the
+//! page-walk lag of [`crate::inject`]) comes from an injected [`Clock`].
+//!
+//! PCI bus mastering lives in config space, which the glue owns: it reports the command
+//! register's bit with [`ZapguardDevice::set_bus_master`]. While it is clear the device touches
+//! no guest memory and raises no interrupt. A new device starts with bus mastering *on*, so the
+//! library can be driven without a config space (tests, fuzzing, benchmarks); the vfio-user glue
+//! sets the real bit before the guest can do anything.
 
 use std::collections::HashMap;
 
@@ -18,8 +25,10 @@ use shared_regs::pte::ContextEntry;
 use shared_regs::queue;
 use shared_regs::regs::*;
 
+use crate::cmdq::PendingSync;
 use crate::dma_engine::ActiveJob;
 use crate::events::{le_value, Activity, Event, Events};
+use crate::inject::{Clock, Inject, SystemClock};
 use crate::iotlb::{Iotlb, Policy};
 use crate::ledger::Ledger;
 use crate::validator::Validator;
@@ -159,6 +168,11 @@ pub(crate) struct State {
     pub(crate) cmd_lag: u32,
     /// Bursts left before the commands published by the last doorbell may execute.
     pub(crate) lag_left: u32,
+    /// The SYNC at the head of the command queue, fetched and waiting (for in-flight DMA or a
+    /// [`FAIL_SYNC_DELAY`] deadline); it is not fetched again, as on hardware.
+    pub(crate) pending_sync: Option<PendingSync>,
+    /// Failure injection and the walk lag.
+    pub(crate) inject: Inject,
 }
 
 impl State {
@@ -191,6 +205,8 @@ impl State {
             irq_pending: 0,
             cmd_lag: 0,
             lag_left: 0,
+            pending_sync: None,
+            inject: Inject::default(),
         }
     }
 }
@@ -200,6 +216,10 @@ pub struct ZapguardDevice<E: Events> {
     pub(crate) config: DeviceConfig,
     pub(crate) events: E,
     pub(crate) s: State,
+    /// PCI bus-master enable, as the glue last reported it (not reset by [`Self::reset`]: it is
+    /// config-space state).
+    pub(crate) bus_master: bool,
+    pub(crate) clock: Box<dyn Clock>,
 }
 
 impl<E: Events> ZapguardDevice<E> {
@@ -215,6 +235,8 @@ impl<E: Events> ZapguardDevice<E> {
             s: State::new(&config),
             config,
             events,
+            bus_master: true,
+            clock: Box::new(SystemClock),
         }
     }
 
@@ -259,19 +281,53 @@ impl<E: Events> ZapguardDevice<E> {
         std::mem::take(&mut self.s.irq_pending)
     }
 
-    /// Raises `vector` if its cause is enabled in [`IRQ_CTRL`].
+    /// The PCI bus-master enable (config-space command register bit 2), as the glue reports it.
+    /// While it is clear the device makes no memory access and raises no MSI-X: commands and
+    /// jobs are not fetched, a job in flight stops at a burst boundary (and continues from there
+    /// when the bit is set again), and vectors due meanwhile are dropped, as are those raised
+    /// but not yet taken. The glue must wake the worker when it sets the bit.
+    pub fn set_bus_master(&mut self, enabled: bool) {
+        if enabled == self.bus_master {
+            return;
+        }
+        self.bus_master = enabled;
+        if !enabled {
+            // An MSI is a memory write: one not yet sent is lost.
+            self.s.irq_pending = 0;
+        }
+        let (job, pos) = self.s.job.as_ref().map(|j| (j.id(), j.pos())).unzip();
+        self.activity(Activity::BusMaster { enabled, job, pos });
+    }
+
+    /// Whether bus mastering is enabled.
+    pub fn bus_master(&self) -> bool {
+        self.bus_master
+    }
+
+    /// Raises `vector` if its cause is enabled in [`IRQ_CTRL`] (and it can be sent).
     pub(crate) fn raise(&mut self, vector: shared_regs::pci::Vector) {
         let enable = match vector {
             shared_regs::pci::Vector::Command => IRQ_CMD_EN,
             shared_regs::pci::Vector::Event => IRQ_EVT_EN,
             shared_regs::pci::Vector::Error => IRQ_ERR_EN,
         };
-        if self.s.irq_ctrl & enable != 0 {
-            self.s.irq_pending |= 1 << vector as u32;
-            self.activity(Activity::Interrupt {
+        if self.s.irq_ctrl & enable == 0 {
+            return;
+        }
+        if !self.bus_master {
+            self.activity(Activity::IrqDropped {
                 vector: vector as u16,
             });
+            return;
         }
+        if vector == shared_regs::pci::Vector::Command && self.armed(FAIL_DROP_CMD_MSI) {
+            self.fail_event(FAIL_DROP_CMD_MSI, "command vector not raised", None, None);
+            return;
+        }
+        self.s.irq_pending |= 1 << vector as u32;
+        self.activity(Activity::Interrupt {
+            vector: vector as u16,
+        });
     }
 
     /// Sets error bits; a newly set bit raises the error vector.
@@ -321,19 +377,41 @@ impl<E: Events> ZapguardDevice<E> {
         }
     }
 
-    /// Whether [`Self::process`] has something to do (the worker sleeps otherwise).
+    /// Whether [`Self::process`] has something to do (the worker sleeps otherwise, at most
+    /// for [`Self::until_deadline`]).
     pub fn has_work(&self) -> bool {
-        let cmdq =
-            self.s.cr0ack & CR0_CMDQ_EN != 0 && self.s.cmdq_err == 0 && !self.s.cmdq.is_empty();
-        let job = self.s.job.as_ref().is_some_and(|j| !j.is_stalled());
+        if !self.bus_master || self.s.inject.died {
+            return false;
+        }
+        let cmdq = self.s.cr0ack & CR0_CMDQ_EN != 0
+            && self.s.cmdq_err == 0
+            && !self.s.cmdq.is_empty()
+            && !self.armed(FAIL_CMDQ_STOP)
+            && !self.sync_waits();
         let dmaq = self.s.cr0ack & CR0_DMAQ_EN != 0
             && !self.s.dmaq_stopped
             && self.s.job.is_none()
+            && !self.s.inject.hung
             && !self.s.dmaq.is_empty();
-        cmdq || job || dmaq
+        cmdq || self.job_runs() || dmaq
     }
 
-    /// Device reset: every register back to its reset value, caches and the job dropped.
+    /// Whether a job is in flight and can make progress (not stalled, engine not hung).
+    pub(crate) fn job_runs(&self) -> bool {
+        !self.s.inject.hung && self.s.job.as_ref().is_some_and(|j| !j.is_stalled())
+    }
+
+    /// Whether the SYNC at the head of the queue must still wait (for DMA or its deadline).
+    fn sync_waits(&self) -> bool {
+        self.s.pending_sync.is_some_and(|p| {
+            p.due.is_some_and(|due| self.clock.now() < due)
+                || self.s.job.as_ref().is_some_and(|j| j.holds_doomed())
+        })
+    }
+
+    /// Device reset: every register back to its reset value, caches and the job dropped,
+    /// failure injection disarmed (a hang ends). Bus mastering is config space: the glue
+    /// reports it again after a reset.
     pub fn reset(&mut self) {
         self.s = State::new(&self.config);
         self.events.event(&Event::Reset);
@@ -384,6 +462,9 @@ impl<E: Events> ZapguardDevice<E> {
             DMAQ_LOG2SIZE => self.s.dmaq.log2,
             DMAQ_PROD => self.s.dmaq.prod,
             DMAQ_CONS => self.s.dmaq.cons | if self.s.dmaq_stopped { CONS_ERR } else { 0 },
+            FAIL_INJECT => self.s.inject.mode,
+            FAIL_ARG => self.s.inject.arg,
+            WALK_LAG => self.s.inject.walk_lag,
             o if (STATS_BASE..STATS_BASE + 8 * STAT_COUNT).contains(&o) => {
                 let v = self.stat((o - STATS_BASE) / 8);
                 if o % 8 == 0 {
@@ -429,8 +510,14 @@ impl<E: Events> ZapguardDevice<E> {
                 if self.s.lag_left == 0 {
                     self.s.lag_left = self.s.cmd_lag;
                 }
+                if self.armed(FAIL_CMDQ_STOP) && self.s.cr0ack & CR0_CMDQ_EN != 0 {
+                    self.cmdq_frozen();
+                }
             }
             CMD_LAG => self.s.cmd_lag = v,
+            FAIL_INJECT => self.write_fail_inject(v),
+            FAIL_ARG => self.s.inject.arg = v,
+            WALK_LAG => self.s.inject.walk_lag = v.min(WALK_LAG_MAX),
             EVTQ_CONS => self.s.evtq.cons = queue::position(v, self.s.evtq.log2),
             DMAQ_PROD => self.s.dmaq.prod = queue::position(v, self.s.dmaq.log2),
             _ => {}
@@ -462,16 +549,25 @@ impl<E: Events> ZapguardDevice<E> {
         self.s.cr0 = v & CR0_MASK;
         let mut ack = self.s.cr0ack;
         let mut refused = 0;
+        let mut unanswered = false;
         for unit in [CR0_CMDQ_EN, CR0_EVTQ_EN, CR0_DMAQ_EN, CR0_CTX_EN] {
             let want = self.s.cr0 & unit != 0;
             let have = ack & unit != 0;
             if want == have {
                 continue;
             }
+            if !want && self.s.inject.hung && unit & (CR0_DMAQ_EN | CR0_CTX_EN) != 0 {
+                // FAIL_DMA_HANG: the engine these units stop does not answer.
+                unanswered = true;
+                continue;
+            }
             if !want {
                 ack &= !unit;
                 match unit {
-                    CR0_CMDQ_EN => self.s.cmdq_err = 0,
+                    CR0_CMDQ_EN => {
+                        self.s.cmdq_err = 0;
+                        self.drop_pending_sync();
+                    }
                     // A disabled DMA queue drops its job without a status: the driver is
                     // tearing the queue down and owns its memory again.
                     CR0_DMAQ_EN => {
@@ -501,6 +597,7 @@ impl<E: Events> ZapguardDevice<E> {
                 CR0_CMDQ_EN => {
                     self.s.cmdq.enable();
                     self.s.cmdq_err = 0;
+                    self.drop_pending_sync();
                 }
                 CR0_EVTQ_EN => {
                     self.s.evtq.enable();
@@ -522,11 +619,25 @@ impl<E: Events> ZapguardDevice<E> {
             cr0ack: ack,
             refused,
         });
+        if unanswered {
+            let job = self.s.job.as_ref().map(|j| j.id());
+            self.fail_event(FAIL_DMA_HANG, "cr0 disable not acknowledged", None, job);
+        }
         if refused != 0 {
             self.set_error(ERR_CONFIG, CR0);
             self.report_error(format!(
                 "CR0 enable refused for {refused:#x}: queue size out of range or base misaligned"
             ));
+        }
+    }
+
+    /// Forgets the SYNC waiting at the head of the queue (the queue was disabled or reset): it
+    /// never completes.
+    fn drop_pending_sync(&mut self) {
+        if let Some(p) = self.s.pending_sync.take() {
+            if p.due.is_some() {
+                self.fail_event(FAIL_SYNC_DELAY, "delayed sync dropped", Some(p.pos), None);
+            }
         }
     }
 
@@ -542,7 +653,7 @@ impl<E: Events> ZapguardDevice<E> {
 mod tests {
     use super::*;
     use crate::events::EventLog;
-    use shared_regs::pci::BAR0_SIZE;
+    use shared_regs::pci::{Vector, BAR0_SIZE};
     use shared_regs::regs::{version_major, VERSION_MAJOR};
 
     fn device() -> ZapguardDevice<EventLog> {
@@ -761,10 +872,122 @@ mod tests {
         assert_eq!(rd(&mut d, IOTLB_ENTRIES), 64);
     }
 
+    /// Bus mastering off: no memory access, no interrupt; a job stops between bursts and
+    /// resumes where it stopped.
+    #[test]
+    fn bus_master_gates_every_memory_access() {
+        use crate::testkit::{job, Rig, SYNC_WORD};
+        use shared_regs::dma::{DMA_FILL, DMA_ST_OK};
+        use shared_regs::pte::PAGE_SIZE as PG;
+        const VA: u64 = 0x7f00_0000_0000;
+        let cfg = DeviceConfig {
+            dma_burst: 256,
+            ..DeviceConfig::default()
+        };
+        let mut r = Rig::new(cfg, EventLog::default());
+        r.bind(1, 0);
+        let frames = [r.map_page(1, VA), r.map_page(1, VA + PG)];
+        assert!(r.dev.bus_master(), "on for a library device");
+        let st = r.submit(job(DMA_FILL, 1, 0, VA, 2 * PG, 0x1111_1111_1111_1111));
+        for _ in 0..4 {
+            r.dev.process(&r.mem, 1);
+        }
+        r.dev.take_irqs();
+        let ram = |r: &Rig<EventLog>| {
+            let mut v = r.peek(frames[0], PG as usize);
+            v.extend(r.peek(frames[1], PG as usize));
+            v.extend(r.peek(SYNC_WORD, 4));
+            v.extend(r.peek(st, 32));
+            v
+        };
+        let before = ram(&r);
+
+        r.dev.set_bus_master(false);
+        r.dev.set_bus_master(false);
+        let cons = r.reg(CMDQ_CONS);
+        let s = r.post_sync();
+        r.submit(job(DMA_FILL, 1, 0, VA, 8, 0));
+        r.dev.read(3, &mut [0u8; 1]); // an error: its vector is due
+        assert!(!r.dev.has_work());
+        assert!(!r.dev.process(&r.mem, 64));
+        assert_eq!(ram(&r), before, "no memory access");
+        assert_eq!(r.reg(CMDQ_CONS), cons, "no command fetch");
+        assert_eq!(r.reg(ERROR), ERR_BAD_ACCESS, "registers still work");
+        assert_eq!(r.dev.take_irqs(), 0, "no MSI-X");
+
+        r.dev.set_bus_master(true);
+        r.run();
+        assert!(r.sync_done(s));
+        let done = r.status(st);
+        assert_eq!((done.status, done.bytes_done), (DMA_ST_OK, 2 * PG));
+        assert!(r.peek(frames[1], PG as usize).iter().all(|&b| b == 0x11));
+        assert_eq!(
+            r.dev.take_irqs(),
+            1 << Vector::Command as u32,
+            "the error vector due while off is not delivered later"
+        );
+
+        let acts: Vec<Activity> = r
+            .dev
+            .events()
+            .events
+            .iter()
+            .filter_map(|e| match e {
+                Event::Engine(a) => Some(a.clone()),
+                _ => None,
+            })
+            .collect();
+        let changes: Vec<&Activity> = acts
+            .iter()
+            .filter(|a| matches!(a, Activity::BusMaster { .. }))
+            .collect();
+        let stopped_at = 3 * 256;
+        assert_eq!(
+            changes,
+            [
+                &Activity::BusMaster {
+                    enabled: false,
+                    job: Some(1),
+                    pos: Some(stopped_at)
+                },
+                &Activity::BusMaster {
+                    enabled: true,
+                    job: Some(1),
+                    pos: Some(stopped_at)
+                },
+            ],
+            "each change once, with the job in flight"
+        );
+        assert!(acts.contains(&Activity::IrqDropped {
+            vector: Vector::Error as u16
+        }));
+        // The job resumed at the burst where it stopped.
+        let resumed = acts
+            .iter()
+            .skip_while(|a| !matches!(a, Activity::BusMaster { enabled: true, .. }))
+            .find_map(|a| match a {
+                Activity::DmaAccess { va, .. } => Some(*va),
+                _ => None,
+            });
+        assert_eq!(resumed, Some(VA + stopped_at));
+    }
+
+    #[test]
+    fn bus_master_survives_reset_and_drops_pending_irqs() {
+        let mut d = device();
+        wr(&mut d, IRQ_CTRL, IRQ_ERR_EN);
+        d.read(1, &mut [0u8; 4]);
+        d.set_bus_master(false);
+        assert_eq!(d.take_irqs(), 0, "raised but not sent: lost");
+        d.reset();
+        assert!(!d.bus_master(), "config space, not a register");
+    }
+
     #[test]
     fn register_names() {
         assert_eq!(register_name(IDENT.into()), Some("IDENT"));
         assert_eq!(register_name(SCRATCH.into()), Some("SCRATCH"));
+        assert_eq!(register_name(FAIL_INJECT.into()), Some("FAIL_INJECT"));
         assert_eq!(register_name(2), None);
     }
 }

@@ -6,6 +6,9 @@
 //! covers a held translation dooms it: the job may finish its burst sequence on that page (the
 //! CPU page table cannot change before the driver's SYNC returns), but a SYNC cannot complete
 //! until the job lets go, and the ledger flags any use after that SYNC.
+//!
+//! Nothing runs while bus mastering is off (a job stops between two bursts), and the injected
+//! [`FAIL_DMA_HANG`] and [`FAIL_DIE`] fire at a burst ([`crate::inject`]).
 
 use shared_regs::dma::*;
 use shared_regs::event::{self as ev, Event as EvtRecord};
@@ -60,6 +63,16 @@ impl ActiveJob {
     /// Whether it holds a translation an invalidation covered.
     pub(crate) fn holds_doomed(&self) -> bool {
         self.held.iter().flatten().any(|h| h.doomed)
+    }
+
+    /// The job's id (cookie).
+    pub(crate) fn id(&self) -> u64 {
+        self.desc.id
+    }
+
+    /// Bytes done.
+    pub(crate) fn pos(&self) -> u64 {
+        self.pos
     }
 }
 
@@ -116,14 +129,23 @@ fn page_left(va: u64) -> u64 {
 impl<E: Events> ZapguardDevice<E> {
     /// Runs commands and DMA bursts until neither can progress or `max_bursts` bursts ran.
     /// Commands go first each round, so invalidations interleave with long jobs at burst
-    /// granularity. Returns whether anything changed.
+    /// granularity. Returns whether anything changed. Does nothing while bus mastering is off
+    /// or after [`FAIL_DIE`] fired; returns early after a page walk slowed by [`WALK_LAG`] (the
+    /// caller holds a lock that register accesses wait for).
     pub fn process(&mut self, mem: &impl GuestMem, max_bursts: usize) -> bool {
         let mut progress = false;
         for _ in 0..max_bursts.max(1) {
+            if !self.bus_master || self.s.inject.died {
+                break;
+            }
+            let walks = self.s.stats[STAT_WALKS as usize];
             let c = self.run_commands(mem);
             let d = self.dma_step(mem);
             progress |= c | d;
             if !c && !d {
+                break;
+            }
+            if self.walk_lag().is_some() && self.s.stats[STAT_WALKS as usize] != walks {
                 break;
             }
         }
@@ -132,13 +154,28 @@ impl<E: Events> ZapguardDevice<E> {
 
     /// Fetches a job or runs one burst of the current one.
     fn dma_step(&mut self, mem: &impl GuestMem) -> bool {
-        if self.s.job.is_none() {
-            return self.fetch_job(mem);
-        }
-        if self.s.job.as_ref().is_some_and(|j| j.is_stalled()) {
+        if self.s.inject.hung {
             return false;
         }
-        self.burst(mem);
+        let Some(job) = self.s.job.as_ref() else {
+            return self.fetch_job(mem);
+        };
+        if job.is_stalled() {
+            return false;
+        }
+        let id = job.id();
+        if self.armed(FAIL_DIE) {
+            // The process dies before this burst touches memory.
+            self.s.inject.died = true;
+            self.fail_event(FAIL_DIE, "device died", None, Some(id));
+            return true;
+        }
+        let hang = self.armed(FAIL_DMA_HANG);
+        self.burst(mem, hang);
+        if hang {
+            self.s.inject.hung = true;
+            self.fail_event(FAIL_DMA_HANG, "dma engine hung", None, Some(id));
+        }
         self.s.lag_left = self.s.lag_left.saturating_sub(1);
         true
     }
@@ -191,7 +228,9 @@ impl<E: Events> ZapguardDevice<E> {
         true
     }
 
-    fn burst(&mut self, mem: &impl GuestMem) {
+    /// One burst of the current job; `hang`: the engine hangs after it, so nothing this burst
+    /// ends (the job, with success or a fault) is reported.
+    fn burst(&mut self, mem: &impl GuestMem, hang: bool) {
         let Some(job) = self.s.job.as_ref() else {
             return;
         };
@@ -227,7 +266,7 @@ impl<E: Events> ZapguardDevice<E> {
                 } else {
                     false
                 };
-                if finished {
+                if finished && !hang {
                     if d.op == DMA_COMPARE {
                         // `result` holds offset+1 of the first difference while running.
                         if let Some(j) = self.s.job.as_mut() {
@@ -237,6 +276,8 @@ impl<E: Events> ZapguardDevice<E> {
                     self.complete(mem, DMA_ST_OK, 0);
                 }
             }
+            // A hanging engine reports nothing about the burst that failed either.
+            Err(_) if hang => {}
             Err(Stop::BufError) => self.complete(mem, DMA_ST_BUF_ERROR, 0),
             Err(Stop::Fault {
                 reason,
@@ -411,12 +452,20 @@ impl<E: Events> ZapguardDevice<E> {
         write: bool,
     ) -> Result<IotlbEntry, Stop> {
         self.s.stats[STAT_WALKS as usize] += 1;
-        let t = pagetable::walk(mem, ctx.pt_root, va, write).map_err(|f| Stop::Fault {
-            reason: f.reason,
-            va,
-            write,
-            stallable: matches!(f.reason, ev::FAULT_NOT_PRESENT | ev::FAULT_PERMISSION),
-        })?;
+        // WALK_LAG: the walker sleeps before each table read, holding the device lock.
+        let (lag, clock) = (self.walk_lag(), &self.clock);
+        let pace = |_level| {
+            if let Some(d) = lag {
+                clock.sleep(d);
+            }
+        };
+        let t =
+            pagetable::walk_paced(mem, ctx.pt_root, va, write, pace).map_err(|f| Stop::Fault {
+                reason: f.reason,
+                va,
+                write,
+                stallable: matches!(f.reason, ev::FAULT_NOT_PRESENT | ev::FAULT_PERMISSION),
+            })?;
         // The snapshot describes one CPU leaf: it may stand for the whole entry only if that
         // leaf covers it (a 2 MiB device entry over 4 KiB CPU pages must not inherit one page's
         // dirty bit, or a clean sibling would look like a missed mkclean).
@@ -631,6 +680,10 @@ impl<E: Events> ZapguardDevice<E> {
         tag: u64,
         resume: bool,
     ) -> bool {
+        if self.s.inject.hung {
+            // A hung engine does not answer for its job.
+            return false;
+        }
         let Some(job) = self.s.job.as_mut() else {
             return false;
         };

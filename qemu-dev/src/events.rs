@@ -331,6 +331,38 @@ pub enum Activity {
         /// Vector number.
         vector: u16,
     },
+    /// An MSI-X vector was due while bus mastering was off: dropped (an MSI is a memory write).
+    IrqDropped {
+        /// Vector number.
+        vector: u16,
+    },
+    /// PCI bus mastering changed (config-space command register, reported by the glue).
+    BusMaster {
+        /// Whether the device may now access memory and raise MSI-X.
+        enabled: bool,
+        /// The DMA job in flight, which stops (or resumes) at a burst boundary.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        job: Option<u64>,
+        /// Bytes of that job done so far.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pos: Option<u64>,
+    },
+    /// A failure mode of `FAIL_INJECT` was armed or disarmed, or fired.
+    FailInject {
+        /// The mode (`none`, `cmdq_stop`, `sync_delay`, `cmdq_error`, `drop_cmd_msi`,
+        /// `dma_hang`, `die`).
+        mode: &'static str,
+        /// `armed`, `disarmed`, or what the failure did.
+        what: &'static str,
+        /// `FAIL_ARG` at the time.
+        arg: u32,
+        /// The command position involved, if any.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        cmd: Option<u32>,
+        /// The DMA job involved, if any.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        job: Option<u64>,
+    },
 }
 
 /// The little-endian integer value of an access of up to 8 bytes; 0 for longer accesses.

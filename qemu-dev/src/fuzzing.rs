@@ -21,11 +21,21 @@
 //!   answering stalls;
 //! - hostile structure: a ring or the context table moved to the end of RAM or outside it, an
 //!   entry on a live device or CPU page-table path overwritten (frame outside RAM, reserved
-//!   bits, PS, a loop to the root, not present), and rarely a device reset.
+//!   bits, PS, a loop to the root, not present), and rarely a device reset;
+//! - PCI bus mastering switched off and on (the glue's config-space report).
+//!
+//! The test knobs ([`FAIL_INJECT`], [`FAIL_ARG`], [`WALK_LAG`]) are registers like any other
+//! here, but they cannot make an input slow or end the process: the device runs on a
+//! [`VirtualClock`] whose sleeps (`WALK_LAG`) cost nothing and whose time only moves when the
+//! harness says (one millisecond per operation), so `FAIL_SYNC_DELAY` deadlines are virtual
+//! too and `has_work()` stays a function of the device's state. `FAIL_DIE` only sets a flag in
+//! the library (exiting is the vfio-user glue's business, which the fuzzer never runs); the
+//! device then stays dead for the rest of the input.
 //!
 //! After every operation it checks invariants and panics if one is broken (that is how a fuzzer
 //! reports a finding): register values stay in their fields (ring positions within their
-//! masks, error codes consistent with `ERROR`), `CR0ACK` ⊆ `CR0`, identity registers are
+//! masks, error codes consistent with `ERROR`), `CR0ACK` ⊆ `CR0` (except the DMA and context
+//! units a hung engine does not let go of), identity registers are
 //! constant, interrupts stay within the three vectors and their enabled causes, statistics
 //! never decrease (between resets), `has_work()` predicts exactly whether `process()` makes
 //! progress (the server's worker sleeps on it), a running job implies an enabled DMA queue, the
@@ -39,6 +49,9 @@
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use shared_regs::cmd::{self, Command, CMD_SIZE};
 use shared_regs::dma::{self, DmaJob, DMA_JOB_SIZE, DMA_STATUS_SIZE};
@@ -51,6 +64,7 @@ use shared_regs::regs::*;
 use crate::device::{DeviceConfig, ZapguardDevice};
 use crate::events::NoEvents;
 use crate::guest::{GuestMem, VecMem};
+use crate::inject::Clock;
 use crate::iotlb::Policy;
 use crate::memory::MemError;
 use crate::pagetable::PageTableBuilder;
@@ -88,7 +102,7 @@ const _: () = assert!(DEV_PT + PT_SLOTS * PT_SLOT <= FRAMES_LO);
 const _: () = assert!(FRAMES_HI + 0x10_0000 <= MEM_SIZE as u64);
 
 /// Every defined register (statistics apart).
-const REGISTERS: [u32; 28] = [
+const REGISTERS: [u32; 31] = [
     IDENT,
     VERSION,
     CAPS,
@@ -117,6 +131,9 @@ const REGISTERS: [u32; 28] = [
     DMAQ_LOG2SIZE,
     DMAQ_PROD,
     DMAQ_CONS,
+    FAIL_INJECT,
+    FAIL_ARG,
+    WALK_LAG,
 ];
 
 /// Interrupt vectors the device has.
@@ -361,6 +378,38 @@ impl GuestMem for Ram {
     }
 }
 
+/// Time that passes only when told to: sleeps advance it for free, the harness advances it
+/// between operations. Shared with the device (a [`Clock`] must be `Send`).
+#[derive(Clone, Debug)]
+pub struct VirtualClock {
+    base: Instant,
+    ns: Arc<AtomicU64>,
+}
+
+impl VirtualClock {
+    fn new() -> Self {
+        Self {
+            base: Instant::now(),
+            ns: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    fn advance(&self, d: Duration) {
+        let ns = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        self.ns.fetch_add(ns, Ordering::Relaxed);
+    }
+}
+
+impl Clock for VirtualClock {
+    fn now(&self) -> Instant {
+        self.base + Duration::from_nanos(self.ns.load(Ordering::Relaxed))
+    }
+
+    fn sleep(&self, d: Duration) {
+        self.advance(d);
+    }
+}
+
 /// Which side(s) of a mapping the "driver" writes.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Sides {
@@ -399,6 +448,7 @@ impl Snapshot {
 struct Harness<'m> {
     mem: &'m Ram,
     dev: ZapguardDevice<NoEvents>,
+    clock: VirtualClock,
     spaces: BTreeMap<u32, Space>,
     next_slot: u64,
     resets: u32,
@@ -409,9 +459,13 @@ struct Harness<'m> {
 impl<'m> Harness<'m> {
     /// A fresh device over `mem`, which must be all zeroes ([`Ram::clean`]).
     fn new(config: DeviceConfig, mem: &'m Ram) -> Self {
+        let clock = VirtualClock::new();
+        let mut dev = ZapguardDevice::new(config, NoEvents);
+        dev.set_clock(clock.clone());
         Self {
             mem,
-            dev: ZapguardDevice::new(config, NoEvents),
+            dev,
+            clock,
             spaces: BTreeMap::new(),
             next_slot: 0,
             resets: 0,
@@ -430,9 +484,10 @@ impl<'m> Harness<'m> {
         self.dev.write(reg.into(), &v.to_le_bytes());
     }
 
-    /// One operation.
+    /// One operation (a millisecond of virtual time).
     fn step(&mut self, input: &mut Input) {
-        match input.byte() % 35 {
+        self.clock.advance(Duration::from_millis(1));
+        match input.byte() % 37 {
             0..=2 => {
                 // A defined register, an edge value.
                 let reg = REGISTERS[usize::from(input.byte()) % REGISTERS.len()];
@@ -473,6 +528,34 @@ impl<'m> Harness<'m> {
                 // A device reset (VFIO reset / FLR), rarely.
                 self.dev.reset();
                 self.resets += 1;
+            }
+            35 => {
+                // The driver's pci_clear_master()/pci_set_master(), as the glue reports them;
+                // mostly back on, or the rest of the input would do nothing.
+                let on = !input.byte().is_multiple_of(4);
+                self.dev.set_bus_master(on);
+            }
+            36 => {
+                // Arm a failure mode (raw register values rarely hit one): mostly those that
+                // leave the device working in some way, rarely death or an unknown mode.
+                let b = input.byte();
+                let mode = [
+                    FAIL_NONE,
+                    FAIL_CMDQ_STOP,
+                    FAIL_SYNC_DELAY,
+                    FAIL_CMDQ_ERROR,
+                    FAIL_DROP_CMD_MSI,
+                    FAIL_DMA_HANG,
+                    FAIL_CMDQ_ERROR,
+                    FAIL_SYNC_DELAY,
+                ][usize::from(b % 8)];
+                let mode = match b >> 3 {
+                    0 => FAIL_DIE,
+                    1 => 0x100 | FAIL_CMDQ_STOP,
+                    _ => mode,
+                };
+                self.set(FAIL_ARG, u32::from(input.byte() % 16));
+                self.set(FAIL_INJECT, mode);
             }
             _ => {
                 // CR0 toggles and error clears, the driver's recovery paths.
@@ -1030,7 +1113,17 @@ impl<'m> Harness<'m> {
         assert_eq!(irq_ctrl & !IRQ_CTRL_MASK, 0, "IRQ_CTRL {irq_ctrl:#x}");
         let (cr0, ack) = (r[&CR0], r[&CR0ACK]);
         assert_eq!(cr0 & !CR0_MASK, 0, "CR0 {cr0:#x}");
-        assert_eq!(ack & !cr0, 0, "CR0ACK {ack:#x} not within CR0 {cr0:#x}");
+        // A hung DMA engine (FAIL_DMA_HANG) does not acknowledge disabling DMA or contexts.
+        let hung = self.dev.s.inject.hung;
+        let unacked = if hung { CR0_DMAQ_EN | CR0_CTX_EN } else { 0 };
+        assert_eq!(
+            ack & !cr0 & !unacked,
+            0,
+            "CR0ACK {ack:#x} not within CR0 {cr0:#x}"
+        );
+        let mode = r[&FAIL_INJECT];
+        assert!(mode <= FAIL_DIE, "FAIL_INJECT {mode:#x}");
+        assert!(r[&WALK_LAG] <= WALK_LAG_MAX, "WALK_LAG {:#x}", r[&WALK_LAG]);
 
         // Ring positions: index + wrap bit of the size the unit was enabled with (frozen while
         // enabled), plus each register's flag bits.
@@ -1075,7 +1168,7 @@ impl<'m> Harness<'m> {
         if cmdq_cons & CONS_ERR != 0 {
             let code = (cmdq_cons & CONS_CODE_BITS) >> CONS_ERR_SHIFT;
             assert!(
-                (cmd::CERR_ILLEGAL..=cmd::CERR_ABORT).contains(&(code as u8)),
+                (cmd::CERR_ILLEGAL..=cmd::CERR_INJECTED).contains(&(code as u8)),
                 "CMDQ_CONS {cmdq_cons:#x}: unknown error code"
             );
             assert_ne!(error & ERR_CMDQ, 0, "CMDQ_CONS error without ERR_CMDQ");

@@ -8,6 +8,7 @@
 //! - [`trace`]: the JSON Lines trace writer;
 //! - [`memory`]: guest RAM received through vfio-user `DMA_MAP`;
 //! - [`guest`]: the [`guest::GuestMem`] trait the device model reads guest memory through;
+//! - [`inject`]: failure injection, the page-walk lag and the device's clock (test knobs);
 //! - [`server`]: the `vfio_user::ServerBackend` and the serve loop.
 //!
 //! Register offsets, IDs and sizes come from the `shared-regs` crate, the single definition of
@@ -21,6 +22,7 @@ pub mod dma_engine;
 pub mod events;
 pub mod fuzzing;
 pub mod guest;
+pub mod inject;
 pub mod iotlb;
 pub mod ledger;
 pub mod memory;

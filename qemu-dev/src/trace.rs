@@ -41,6 +41,9 @@
 //! | `violation` | `job`, `asid`, `va`, `pa` (device's), `cpu_pa` (absent: CPU maps nothing), `write`, `result` (`stale`, `write_perm`, `write_clean`, `released`, `ledger`), `why` |
 //! | `queue_error` | `queue` (`cmdq`, `evtq`, `dmaq`), `cmd` (position), `result` |
 //! | `interrupt` | `vector` (0 command, 1 event, 2 error) |
+//! | `irq_dropped` | `vector`: due while PCI bus mastering was off, never sent |
+//! | `bus_master` | `enabled` (PCI bus mastering changed), `job` and `pos` (the job in flight and its bytes done; absent if none) |
+//! | `fail_inject` | `mode` (`none`, `cmdq_stop`, `sync_delay`, `cmdq_error`, `drop_cmd_msi`, `dma_hang`, `die`), `what` (`armed`, `disarmed`, or what the injected failure did), `arg` (`FAIL_ARG`), `cmd`, `job` (when one is involved) |
 //!
 //! The writer buffers; it flushes on `disconnect`, on [`TraceWriter::flush`] and on drop (the
 //! `BufWriter`'s own drop, which ignores errors: check [`TraceWriter::flush`] when it matters).
@@ -484,5 +487,47 @@ mod tests {
         assert_eq!(v[1]["seq"], 1);
         assert!(v[1].get("asid").is_none());
         assert_eq!(v[1]["in_flight"], 1);
+    }
+
+    #[test]
+    fn failure_and_bus_master_kinds() {
+        use crate::events::Activity;
+        let v = lines(&[
+            Event::Engine(Activity::FailInject {
+                mode: "sync_delay",
+                what: "sync delayed",
+                arg: 50,
+                cmd: Some(3),
+                job: None,
+            }),
+            Event::Engine(Activity::BusMaster {
+                enabled: false,
+                job: Some(7),
+                pos: Some(512),
+            }),
+            Event::Engine(Activity::BusMaster {
+                enabled: true,
+                job: None,
+                pos: None,
+            }),
+            Event::Engine(Activity::IrqDropped { vector: 2 }),
+        ]);
+        let strip = |l: &Value| {
+            let mut l = l.clone();
+            let o = l.as_object_mut().expect("object");
+            o.remove("t_ns");
+            o.remove("seq");
+            l
+        };
+        assert_eq!(
+            strip(&v[0]),
+            json!({"kind": "fail_inject", "mode": "sync_delay", "what": "sync delayed", "arg": 50, "cmd": 3})
+        );
+        assert_eq!(
+            strip(&v[1]),
+            json!({"kind": "bus_master", "enabled": false, "job": 7, "pos": 512})
+        );
+        assert_eq!(strip(&v[2]), json!({"kind": "bus_master", "enabled": true}));
+        assert_eq!(strip(&v[3]), json!({"kind": "irq_dropped", "vector": 2}));
     }
 }

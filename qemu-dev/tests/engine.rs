@@ -737,6 +737,9 @@ fn stats_registers_and_trace_kinds() {
             Activity::Violation { .. } => "violation",
             Activity::QueueError { .. } => "queue_error",
             Activity::Interrupt { .. } => "interrupt",
+            Activity::IrqDropped { .. } => "irq_dropped",
+            Activity::BusMaster { .. } => "bus_master",
+            Activity::FailInject { .. } => "fail_inject",
         })
         .collect();
     for k in [

@@ -106,8 +106,8 @@ pub const FAIL_INJECT: u32 = 0x0a0;
 /// before or after [`FAIL_INJECT`].
 pub const FAIL_ARG: u32 = 0x0a4;
 /// Page-walk lag (ABI 1.3), a test knob modelling a slow page-table walker: the walker waits
-/// this many microseconds (values above [`WALK_LAG_MAX`] act as the maximum) before each table
-/// read of a walk, so a 4-level walk takes at least four lags. The walker reads guest memory
+/// this many microseconds before each table read of a walk, so a 4-level walk takes at least
+/// four lags. Larger values than [`WALK_LAG_MAX`] are stored (and read back) as the maximum. The walker reads guest memory
 /// live, level by level, like hardware; the lag widens the window between reading a table
 /// entry and reading the table it points to. A driver that frees a device page-table page (and
 /// lets the kernel reuse it) only after the SYNC that covers its detachment is correct at any
@@ -295,10 +295,11 @@ pub const FAIL_DROP_CMD_MSI: u32 = 4;
 /// Failure mode: the DMA engine hangs inside the next job it runs (the current one, if a job is
 /// in flight) after one more burst of it: no further burst, no job fetch, no completion (even if
 /// that burst was the job's last). A SYNC that must wait for translations the hung job holds
-/// never completes. While hung, a `CR0` write clearing [`CR0_DMAQ_EN`] or [`CR0_CTX_EN`] is not
-/// acknowledged (`CR0ACK` keeps those bits): a hung engine does not answer the control path, so
-/// the driver must fence the device by clearing PCI bus mastering. Only a device reset ends the
-/// hang (rewriting [`FAIL_INJECT`] only changes what is armed).
+/// never completes, and RESUME/ABORT of its stall are ignored. While hung, a `CR0` write
+/// clearing [`CR0_DMAQ_EN`] or [`CR0_CTX_EN`] is not acknowledged (`CR0ACK` keeps those bits): a
+/// hung engine does not answer the control path, so the driver must fence the device by
+/// clearing PCI bus mastering. Only a device reset ends the hang (rewriting [`FAIL_INJECT`] only
+/// changes what is armed).
 pub const FAIL_DMA_HANG: u32 = 5;
 /// Failure mode: the device dies at the next DMA burst. The device process flushes its trace
 /// and exits without answering the VMM; the guest then sees a device that is gone (MMIO reads

@@ -1,0 +1,826 @@
+//! Test knobs that make the device fail or slow down (ABI 1.3): failure injection
+//! ([`FAIL_INJECT`], [`FAIL_ARG`]), the page-walk lag ([`WALK_LAG`]), and the [`Clock`] both run
+//! on.
+//!
+//! The register semantics are in [`shared_regs::regs`]. Here is where each mode bites:
+//!
+//! | mode | where | effect |
+//! |---|---|---|
+//! | [`FAIL_CMDQ_STOP`] | [`crate::cmdq`] | no command is fetched; `CR0` still answers |
+//! | [`FAIL_SYNC_DELAY`] | [`crate::cmdq`] | a SYNC reached is held until its deadline on the [`Clock`] |
+//! | [`FAIL_CMDQ_ERROR`] | [`crate::cmdq`] | the next command fetched stops the queue with `CERR_INJECTED` |
+//! | [`FAIL_DROP_CMD_MSI`] | [`crate::device`] | the command vector is not raised |
+//! | [`FAIL_DMA_HANG`] | [`crate::dma_engine`], [`crate::device`] | one more burst, then the engine stops; `CR0` clears of DMAQ/CTX are not acknowledged |
+//! | [`FAIL_DIE`] | [`crate::dma_engine`] | the next burst sets [`ZapguardDevice::die_requested`]; the glue exits the process |
+//!
+//! Every arming and every firing is traced as [`Activity::FailInject`]. Time is injected (a
+//! [`Clock`]) so that tests can watch or replace the walker's sleeps and the SYNC deadlines.
+
+use std::time::{Duration, Instant};
+
+use shared_regs::regs::*;
+
+use crate::device::ZapguardDevice;
+use crate::events::{Activity, Events};
+
+/// The time the device runs on: deadlines of [`FAIL_SYNC_DELAY`] and the sleeps of
+/// [`WALK_LAG`].
+pub trait Clock: Send {
+    /// The current time.
+    fn now(&self) -> Instant;
+    /// Blocks the calling thread for `d` (the device's worker, holding the device lock: that is
+    /// the point of a lag).
+    fn sleep(&self, d: Duration);
+}
+
+/// Wall-clock time and real sleeps.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> Instant {
+        Instant::now()
+    }
+
+    fn sleep(&self, d: Duration) {
+        std::thread::sleep(d);
+    }
+}
+
+/// The knobs' state (part of the device state: a reset clears it).
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Inject {
+    /// [`FAIL_INJECT`]: the armed mode.
+    pub(crate) mode: u32,
+    /// [`FAIL_ARG`].
+    pub(crate) arg: u32,
+    /// [`WALK_LAG`], clamped to [`WALK_LAG_MAX`].
+    pub(crate) walk_lag: u32,
+    /// [`FAIL_DMA_HANG`] fired: the DMA engine does nothing more until a reset.
+    pub(crate) hung: bool,
+    /// [`FAIL_DIE`] fired: the device does nothing more; the glue ends the process.
+    pub(crate) died: bool,
+    /// The freeze of the armed [`FAIL_CMDQ_STOP`] was traced (once per arming, not per
+    /// doorbell).
+    pub(crate) stop_traced: bool,
+}
+
+/// Name of a `FAIL_*` mode, for traces.
+pub fn mode_name(mode: u32) -> &'static str {
+    match mode {
+        FAIL_NONE => "none",
+        FAIL_CMDQ_STOP => "cmdq_stop",
+        FAIL_SYNC_DELAY => "sync_delay",
+        FAIL_CMDQ_ERROR => "cmdq_error",
+        FAIL_DROP_CMD_MSI => "drop_cmd_msi",
+        FAIL_DMA_HANG => "dma_hang",
+        FAIL_DIE => "die",
+        _ => "unknown",
+    }
+}
+
+impl<E: Events> ZapguardDevice<E> {
+    /// Replaces the device's clock (tests: to watch the walker's sleeps or run time faster).
+    pub fn set_clock(&mut self, clock: impl Clock + 'static) {
+        self.clock = Box::new(clock);
+    }
+
+    /// Whether [`FAIL_DIE`] fired: the glue must flush the trace and end the process without
+    /// answering the VMM. The device itself does nothing more meanwhile.
+    pub fn die_requested(&self) -> bool {
+        self.s.inject.died
+    }
+
+    /// How long until the device has work that only time brings (a delayed SYNC falls due),
+    /// if such a deadline lies in the future: the idle worker sleeps that long at most.
+    pub fn until_deadline(&self) -> Option<Duration> {
+        let now = self.clock.now();
+        self.s
+            .pending_sync
+            .and_then(|p| p.due)
+            .filter(|&due| due > now)
+            .map(|due| due - now)
+    }
+
+    /// A [`FAIL_INJECT`] write: arms `v`, or refuses it with [`ERR_CONFIG`].
+    pub(crate) fn write_fail_inject(&mut self, v: u32) {
+        let mode = v & FAIL_MODE_MASK;
+        if v != mode || mode > FAIL_DIE {
+            self.set_error(ERR_CONFIG, FAIL_INJECT);
+            self.report_error(format!(
+                "FAIL_INJECT {v:#x}: unknown failure mode or reserved bits set: ignored"
+            ));
+            return;
+        }
+        self.s.inject.mode = mode;
+        self.s.inject.stop_traced = false;
+        let what = if mode == FAIL_NONE {
+            "disarmed"
+        } else {
+            "armed"
+        };
+        self.fail_event(mode, what, None, None);
+        if mode == FAIL_CMDQ_STOP && self.s.cr0ack & CR0_CMDQ_EN != 0 && !self.s.cmdq.is_empty() {
+            self.cmdq_frozen();
+        }
+    }
+
+    /// [`FAIL_CMDQ_STOP`] holds back published commands: traced once per arming.
+    pub(crate) fn cmdq_frozen(&mut self) {
+        if !self.s.inject.stop_traced {
+            self.s.inject.stop_traced = true;
+            let cons = self.s.cmdq.cons;
+            self.fail_event(FAIL_CMDQ_STOP, "commands not consumed", Some(cons), None);
+        }
+    }
+
+    /// The walker's lag before each table read, if any.
+    pub(crate) fn walk_lag(&self) -> Option<Duration> {
+        let us = self.s.inject.walk_lag.min(WALK_LAG_MAX);
+        (us > 0).then(|| Duration::from_micros(u64::from(us)))
+    }
+
+    /// Whether `mode` is armed.
+    pub(crate) fn armed(&self, mode: u32) -> bool {
+        self.s.inject.mode == mode
+    }
+
+    /// Traces an arming or a firing of `mode`.
+    pub(crate) fn fail_event(
+        &mut self,
+        mode: u32,
+        what: &'static str,
+        cmd: Option<u32>,
+        job: Option<u64>,
+    ) {
+        self.activity(Activity::FailInject {
+            mode: mode_name(mode),
+            what,
+            arg: self.s.inject.arg,
+            cmd,
+            job,
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::events::{Event, EventLog};
+    use crate::guest::{GuestMem, VecMem};
+    use crate::memory::MemError;
+    use crate::testkit::{job, Rig, RING_LOG2, SYNC_WORD};
+    use crate::DeviceConfig;
+    use shared_regs::cmd::{self, Command, CERR_INJECTED};
+    use shared_regs::dma::{DMA_FILL, DMA_F_IRQ, DMA_ST_OK, DMA_ST_PENDING};
+    use shared_regs::pci::Vector;
+    use shared_regs::pte::{self, PAGE_SIZE as PG};
+    use shared_regs::queue;
+    use std::cell::RefCell;
+    use std::sync::{Arc, Mutex};
+
+    const VA: u64 = 0x7f00_0000_0000;
+    const CMD_IRQ: u32 = 1 << Vector::Command as u32;
+    const EVT_IRQ: u32 = 1 << Vector::Event as u32;
+    const ERR_IRQ: u32 = 1 << Vector::Error as u32;
+
+    /// Small bursts: a page takes 16 of them.
+    fn rig() -> Rig<EventLog> {
+        let cfg = DeviceConfig {
+            dma_burst: 256,
+            ..DeviceConfig::default()
+        };
+        let mut r = Rig::new(cfg, EventLog::default());
+        r.bind(1, pte::CTX_STALL);
+        r.map_page(1, VA);
+        r.map_page(1, VA + PG);
+        r.dev.take_irqs();
+        r
+    }
+
+    fn activity(r: &mut Rig<EventLog>) -> Vec<Activity> {
+        r.dev
+            .events()
+            .events
+            .iter()
+            .filter_map(|e| match e {
+                Event::Engine(a) => Some(a.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// `(mode, what)` of every failure-injection trace event.
+    fn fail_events(r: &mut Rig<EventLog>) -> Vec<(&'static str, &'static str)> {
+        activity(r)
+            .into_iter()
+            .filter_map(|a| match a {
+                Activity::FailInject { mode, what, .. } => Some((mode, what)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn bursts(r: &mut Rig<EventLog>) -> usize {
+        activity(r)
+            .iter()
+            .filter(|a| matches!(a, Activity::DmaAccess { .. }))
+            .count()
+    }
+
+    fn fill(len: u64) -> shared_regs::dma::DmaJob {
+        job(DMA_FILL, 1, 0, VA, len, 0x5a5a_5a5a_5a5a_5a5a)
+    }
+
+    /// A clock that only moves when told to (or when something sleeps on it), and remembers
+    /// every sleep.
+    #[derive(Clone)]
+    struct ManualClock(Arc<Mutex<(Instant, Vec<Duration>)>>);
+
+    impl ManualClock {
+        fn new() -> Self {
+            Self(Arc::new(Mutex::new((Instant::now(), vec![]))))
+        }
+
+        fn advance(&self, d: Duration) {
+            self.0.lock().unwrap().0 += d;
+        }
+
+        fn sleeps(&self) -> Vec<Duration> {
+            self.0.lock().unwrap().1.clone()
+        }
+    }
+
+    impl Clock for ManualClock {
+        fn now(&self) -> Instant {
+            self.0.lock().unwrap().0
+        }
+
+        fn sleep(&self, d: Duration) {
+            let mut s = self.0.lock().unwrap();
+            s.0 += d;
+            s.1.push(d);
+        }
+    }
+
+    #[test]
+    fn arming_is_traced_and_reads_back() {
+        let mut r = rig();
+        assert_eq!(r.reg(FAIL_INJECT), FAIL_NONE);
+        r.set(FAIL_ARG, 7);
+        for mode in FAIL_CMDQ_STOP..=FAIL_DIE {
+            r.set(FAIL_INJECT, mode);
+            assert_eq!(r.reg(FAIL_INJECT), mode);
+        }
+        r.set(FAIL_INJECT, FAIL_NONE);
+        let armed: Vec<_> = fail_events(&mut r);
+        assert_eq!(
+            armed,
+            [
+                ("cmdq_stop", "armed"),
+                ("sync_delay", "armed"),
+                ("cmdq_error", "armed"),
+                ("drop_cmd_msi", "armed"),
+                ("dma_hang", "armed"),
+                ("die", "armed"),
+                ("none", "disarmed"),
+            ]
+        );
+        assert!(activity(&mut r)
+            .iter()
+            .all(|a| !matches!(a, Activity::FailInject { arg, .. } if *arg != 7)));
+        assert_eq!(r.reg(FAIL_ARG), 7);
+        assert_eq!(r.reg(ERROR), 0);
+    }
+
+    #[test]
+    fn unknown_modes_are_refused_with_err_config() {
+        for bad in [FAIL_DIE + 1, 0xff, 0x100 | FAIL_CMDQ_STOP, u32::MAX] {
+            let mut r = rig();
+            r.set(FAIL_INJECT, FAIL_DROP_CMD_MSI);
+            r.dev.take_irqs();
+            r.set(FAIL_INJECT, bad);
+            assert_eq!(
+                r.reg(FAIL_INJECT),
+                FAIL_DROP_CMD_MSI,
+                "{bad:#x}: nothing stored"
+            );
+            assert_eq!(r.reg(ERROR), ERR_CONFIG, "{bad:#x}");
+            assert_eq!(r.reg(ERROR_INFO), FAIL_INJECT);
+            assert_eq!(r.dev.take_irqs(), ERR_IRQ);
+            let errors = r
+                .dev
+                .events()
+                .events
+                .iter()
+                .filter(|e| matches!(e, Event::Error { .. }))
+                .count();
+            assert_eq!(errors, 1, "{bad:#x}: one error event");
+        }
+    }
+
+    #[test]
+    fn cmdq_stop_freezes_the_queue_but_not_cr0() {
+        let mut r = rig();
+        let s = r.post_sync();
+        r.run();
+        assert!(r.sync_done(s));
+        r.dev.take_irqs();
+        let cons = r.reg(CMDQ_CONS);
+        r.set(FAIL_INJECT, FAIL_CMDQ_STOP);
+        r.post(Command::new(cmd::CMD_INV_ALL, 0, 0, 0, 0));
+        let s = r.post_sync();
+        assert!(!r.dev.has_work());
+        r.run();
+        assert!(!r.sync_done(s), "no SYNC completes");
+        assert_eq!(r.reg(CMDQ_CONS), cons, "CMDQ_CONS frozen");
+        assert_eq!(r.reg(ERROR), 0, "silently");
+        assert_eq!(r.dev.take_irqs(), 0);
+        // DMA still runs.
+        assert_eq!(r.dma(fill(8)).status, DMA_ST_OK);
+        assert_eq!(r.reg(CMDQ_CONS), cons);
+        // The control path answers: the command queue can be disabled and enabled again.
+        r.set(CR0, CR0_MASK & !CR0_CMDQ_EN);
+        assert_eq!(r.reg(CR0ACK), CR0_MASK & !CR0_CMDQ_EN);
+        r.set(CR0, CR0_MASK);
+        assert_eq!(r.reg(CR0ACK), CR0_MASK);
+        // Still frozen on the fresh ring; disarming resumes it where it stopped.
+        let s = r.post_sync();
+        r.run();
+        assert!(!r.sync_done(s));
+        r.set(FAIL_INJECT, FAIL_NONE);
+        assert!(r.dev.has_work());
+        r.run();
+        assert!(r.sync_done(s));
+        let fired = fail_events(&mut r);
+        assert_eq!(
+            fired
+                .iter()
+                .filter(|f| **f == ("cmdq_stop", "commands not consumed"))
+                .count(),
+            1,
+            "the freeze is traced once per arming: {fired:?}"
+        );
+    }
+
+    #[test]
+    fn sync_delay_completes_after_the_delay_and_not_before() {
+        const DELAY: Duration = Duration::from_millis(50);
+        let mut r = rig();
+        r.set(FAIL_ARG, DELAY.as_millis() as u32);
+        r.set(FAIL_INJECT, FAIL_SYNC_DELAY);
+        let s = r.post_sync();
+        r.post(Command::new(cmd::CMD_NOP, 0, 0, 0, 0));
+        let cons = r.reg(CMDQ_CONS);
+        let t0 = Instant::now();
+        assert!(r.dev.process(&r.mem, 1), "fetching the SYNC is progress");
+        assert!(r.dev.until_deadline().is_some());
+        let mut polls = 0;
+        while !r.sync_done(s) {
+            assert!(t0.elapsed() < Duration::from_secs(10), "never completed");
+            assert_eq!(r.reg(CMDQ_CONS), cons, "the queue behind it waits");
+            assert_eq!(r.dev.take_irqs(), 0);
+            std::thread::sleep(Duration::from_millis(5));
+            r.dev.process(&r.mem, 64);
+            polls += 1;
+        }
+        // The SYNC was reached after `t0`, so it completed no earlier than `t0 + DELAY`.
+        assert!(
+            t0.elapsed() >= DELAY && polls > 1,
+            "done after {:?}",
+            t0.elapsed()
+        );
+        r.run();
+        assert_eq!(
+            r.reg(CMDQ_CONS),
+            queue::next(queue::next(cons, RING_LOG2), RING_LOG2)
+        );
+        assert_eq!(r.dev.take_irqs(), CMD_IRQ, "the interrupt arrives late too");
+        assert_eq!(
+            fail_events(&mut r)[1..],
+            [
+                ("sync_delay", "sync delayed"),
+                ("sync_delay", "delayed sync completed")
+            ]
+        );
+    }
+
+    #[test]
+    fn delayed_sync_deadline_drives_has_work() {
+        let mut r = rig();
+        let clock = ManualClock::new();
+        r.dev.set_clock(clock.clone());
+        r.set(FAIL_ARG, 50);
+        r.set(FAIL_INJECT, FAIL_SYNC_DELAY);
+        let s = r.post_sync();
+        assert!(r.dev.has_work());
+        r.run();
+        assert!(!r.dev.has_work() && !r.sync_done(s));
+        assert_eq!(r.dev.until_deadline(), Some(Duration::from_millis(50)));
+        clock.advance(Duration::from_millis(49));
+        r.run();
+        assert!(!r.dev.has_work() && !r.sync_done(s));
+        assert_eq!(r.dev.until_deadline(), Some(Duration::from_millis(1)));
+        clock.advance(Duration::from_millis(1));
+        assert!(r.dev.has_work());
+        assert_eq!(
+            r.dev.until_deadline(),
+            None,
+            "due: no longer a future deadline"
+        );
+        r.run();
+        assert!(r.sync_done(s));
+        // Each SYNC reached while armed is delayed; disarmed, none is.
+        let s = r.post_sync();
+        r.run();
+        assert!(!r.sync_done(s));
+        r.set(FAIL_INJECT, FAIL_NONE);
+        clock.advance(Duration::from_millis(50));
+        r.run();
+        assert!(r.sync_done(s));
+        let s = r.post_sync();
+        r.run();
+        assert!(r.sync_done(s));
+    }
+
+    #[test]
+    fn delayed_sync_of_a_disabled_queue_never_completes() {
+        let mut r = rig();
+        let clock = ManualClock::new();
+        r.dev.set_clock(clock.clone());
+        r.set(FAIL_ARG, 50);
+        r.set(FAIL_INJECT, FAIL_SYNC_DELAY);
+        let s = r.post_sync();
+        r.run();
+        clock.advance(Duration::from_millis(49));
+        r.run();
+        assert!(!r.sync_done(s));
+        // The driver gives up and disables the command queue.
+        r.set(CR0, CR0_MASK & !CR0_CMDQ_EN);
+        clock.advance(Duration::from_millis(10));
+        assert!(!r.dev.has_work());
+        r.run();
+        assert_eq!(r.mem.read_u32(SYNC_WORD).unwrap(), 0, "no late write");
+        assert_eq!(r.dev.take_irqs(), 0, "no late interrupt");
+        assert!(fail_events(&mut r).contains(&("sync_delay", "delayed sync dropped")));
+    }
+
+    #[test]
+    fn delayed_sync_waits_for_bus_mastering() {
+        let mut r = rig();
+        let clock = ManualClock::new();
+        r.dev.set_clock(clock.clone());
+        r.set(FAIL_ARG, 10);
+        r.set(FAIL_INJECT, FAIL_SYNC_DELAY);
+        let s = r.post_sync();
+        r.run();
+        r.dev.set_bus_master(false);
+        clock.advance(Duration::from_millis(20));
+        r.run();
+        assert!(!r.sync_done(s), "no write without bus mastering");
+        r.dev.set_bus_master(true);
+        r.run();
+        assert!(r.sync_done(s));
+        assert_eq!(r.dev.take_irqs(), CMD_IRQ);
+    }
+
+    #[test]
+    fn cmdq_error_is_one_shot_and_clearing_resumes() {
+        let mut r = rig();
+        r.set(FAIL_INJECT, FAIL_CMDQ_ERROR);
+        let before = r.reg(CMDQ_CONS);
+        let s = r.post_sync();
+        r.run();
+        let cons = r.reg(CMDQ_CONS);
+        assert_eq!(
+            cons,
+            before | CONS_ERR | u32::from(CERR_INJECTED) << CONS_ERR_SHIFT,
+            "CONS points at the command with the injected code"
+        );
+        assert_eq!(r.reg(ERROR), ERR_CMDQ);
+        assert_eq!(r.reg(ERROR_INFO), before);
+        assert_eq!(r.dev.take_irqs(), ERR_IRQ);
+        assert!(!r.sync_done(s));
+        assert_eq!(r.reg(FAIL_INJECT), FAIL_NONE, "one-shot");
+        // The command was fine: clearing the error runs it.
+        r.set(ERROR, ERR_CMDQ);
+        r.run();
+        assert!(r.sync_done(s));
+        assert_eq!(r.reg(CMDQ_CONS), queue::next(before, RING_LOG2));
+        let s = r.post_sync();
+        r.run();
+        assert!(r.sync_done(s), "no second error");
+        let results: Vec<&str> = activity(&mut r)
+            .iter()
+            .filter_map(|a| match a {
+                Activity::Command { result, .. } => Some(*result),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(results, ["injected", "ok", "ok"]);
+        assert_eq!(
+            fail_events(&mut r)[1..],
+            [("cmdq_error", "command error injected")]
+        );
+    }
+
+    #[test]
+    fn drop_cmd_msi_writes_completions_without_the_vector() {
+        let mut r = rig();
+        r.set(FAIL_INJECT, FAIL_DROP_CMD_MSI);
+        let s = r.post_sync();
+        r.run();
+        assert!(r.sync_done(s), "the SYNC word is written");
+        let mut j = fill(8);
+        j.flags = DMA_F_IRQ;
+        assert_eq!(r.dma(j).status, DMA_ST_OK, "the job status is written");
+        assert_eq!(r.dev.take_irqs(), 0, "no command vector");
+        // Other vectors are not affected.
+        r.dma(job(DMA_FILL, 1, 0, VA + 8 * PG, 8, 0));
+        assert_eq!(r.dev.take_irqs(), EVT_IRQ);
+        assert_eq!(
+            fail_events(&mut r)[1..],
+            [
+                ("drop_cmd_msi", "command vector not raised"),
+                ("drop_cmd_msi", "command vector not raised")
+            ]
+        );
+        r.set(FAIL_INJECT, FAIL_NONE);
+        let s = r.post_sync();
+        r.run();
+        assert!(r.sync_done(s));
+        assert_eq!(r.dev.take_irqs(), CMD_IRQ);
+    }
+
+    #[test]
+    fn dma_hang_stops_the_job_and_ignores_cr0() {
+        let mut r = rig();
+        r.set(FAIL_INJECT, FAIL_DMA_HANG);
+        let st = r.submit(fill(2 * PG));
+        r.run();
+        assert_eq!(bursts(&mut r), 1, "one burst, then the hang");
+        assert_eq!(r.status(st).status, DMA_ST_PENDING, "no completion");
+        assert!(!r.dev.has_work());
+        // A SYNC that must wait for the hung job's doomed translation blocks forever.
+        r.post(Command::new(cmd::CMD_INV_RANGE, 0, 1, VA, PG));
+        let s = r.post_sync();
+        r.run();
+        assert!(!r.dev.has_work() && !r.dev.process(&r.mem, 64));
+        assert!(!r.sync_done(s));
+        // Nor does RESUME/ABORT reach it, nor do further jobs start.
+        r.submit(fill(8));
+        r.run();
+        assert_eq!(bursts(&mut r), 1);
+        // The control path does not answer for DMA and contexts.
+        r.set(CR0, CR0_MASK & !(CR0_DMAQ_EN | CR0_CTX_EN));
+        assert_eq!(r.reg(CR0), CR0_MASK & !(CR0_DMAQ_EN | CR0_CTX_EN));
+        assert_eq!(r.reg(CR0ACK), CR0_MASK, "disable not acknowledged");
+        assert_eq!(r.reg(FAIL_INJECT), FAIL_DMA_HANG);
+        // The fallback: clear bus mastering. Then nothing reaches memory any more.
+        r.dev.take_irqs();
+        r.dev.set_bus_master(false);
+        assert!(
+            activity(&mut r).contains(&Activity::BusMaster {
+                enabled: false,
+                job: Some(1),
+                pos: Some(256),
+            }),
+            "the hung job, one burst in"
+        );
+        r.set(CR0, CR0_MASK & !(CR0_DMAQ_EN | CR0_CTX_EN | CR0_CMDQ_EN));
+        assert_eq!(r.reg(CR0ACK), CR0_EVTQ_EN | CR0_DMAQ_EN | CR0_CTX_EN);
+        assert!(!r.dev.has_work() && !r.dev.process(&r.mem, 64));
+        assert_eq!(r.dev.take_irqs(), 0);
+        assert_eq!(
+            fail_events(&mut r)[1..],
+            [
+                ("dma_hang", "dma engine hung"),
+                ("dma_hang", "cr0 disable not acknowledged"),
+                ("dma_hang", "cr0 disable not acknowledged")
+            ]
+        );
+        // Only a reset ends it.
+        r.dev.reset();
+        assert_eq!((r.reg(CR0ACK), r.reg(FAIL_INJECT)), (0, FAIL_NONE));
+        assert!(r.dev.s.job.is_none() && !r.dev.s.inject.hung);
+    }
+
+    #[test]
+    fn dma_hang_withholds_the_completion_of_a_one_burst_job() {
+        let mut r = rig();
+        r.set(FAIL_INJECT, FAIL_DMA_HANG);
+        let st = r.submit(fill(8));
+        r.run();
+        assert_eq!(bursts(&mut r), 1);
+        assert_eq!(
+            r.peek(r.dev_leaf(1, VA).unwrap() & pte::PTE_ADDR_MASK, 1),
+            [0x5a]
+        );
+        assert_eq!(r.status(st).status, DMA_ST_PENDING, "hung inside the job");
+        assert_eq!(r.reg(DMAQ_CONS), 0);
+    }
+
+    #[test]
+    fn dma_hang_reports_no_fault_of_its_last_burst() {
+        let mut r = rig();
+        r.set(FAIL_INJECT, FAIL_DMA_HANG);
+        let st = r.submit(job(DMA_FILL, 1, 0, VA + 8 * PG, 8, 0));
+        r.run();
+        assert_eq!(r.status(st).status, DMA_ST_PENDING);
+        assert!(r.take_events().is_empty(), "no fault event");
+        assert_eq!(r.stat(STAT_FAULTS), 0);
+        assert!(r.dev.s.inject.hung);
+    }
+
+    #[test]
+    fn dma_hang_catches_the_running_job_at_its_next_burst() {
+        let mut r = rig();
+        let st = r.submit(fill(2 * PG));
+        for _ in 0..4 {
+            r.dev.process(&r.mem, 1);
+        }
+        let before = bursts(&mut r);
+        r.set(FAIL_INJECT, FAIL_DMA_HANG);
+        r.run();
+        assert_eq!(bursts(&mut r), before + 1);
+        assert_eq!(r.status(st).status, DMA_ST_PENDING);
+    }
+
+    #[test]
+    fn die_is_requested_at_the_next_burst() {
+        let mut r = rig();
+        r.set(FAIL_INJECT, FAIL_DIE);
+        // Commands alone do not kill it.
+        let s = r.post_sync();
+        r.run();
+        assert!(r.sync_done(s) && !r.dev.die_requested());
+        let st = r.submit(fill(8));
+        r.run();
+        assert!(r.dev.die_requested());
+        assert_eq!(bursts(&mut r), 0, "it died before the burst");
+        assert_eq!(r.status(st).status, DMA_ST_PENDING);
+        assert!(activity(&mut r).contains(&Activity::FailInject {
+            mode: "die",
+            what: "device died",
+            arg: 0,
+            cmd: None,
+            job: Some(1),
+        }));
+        // Dead: nothing more happens.
+        let s = r.post_sync();
+        assert!(!r.dev.has_work() && !r.dev.process(&r.mem, 64));
+        assert!(!r.sync_done(s));
+    }
+
+    #[test]
+    fn reset_clears_every_knob() {
+        let mut r = rig();
+        r.set(FAIL_ARG, 1234);
+        r.set(WALK_LAG, 5);
+        r.set(FAIL_INJECT, FAIL_DMA_HANG);
+        r.submit(fill(2 * PG));
+        r.run();
+        r.post(Command::new(cmd::CMD_INV_ALL, 0, 0, 0, 0));
+        r.post_sync();
+        r.run();
+        assert!(r.dev.s.inject.hung && r.dev.s.pending_sync.is_some());
+        r.dev.reset();
+        for reg in [FAIL_INJECT, FAIL_ARG, WALK_LAG] {
+            assert_eq!(r.reg(reg), 0);
+        }
+        assert!(!r.dev.s.inject.hung && r.dev.s.pending_sync.is_none());
+        assert_eq!(r.dev.until_deadline(), None);
+        // A fresh bring-up works.
+        crate::testkit::program(|reg, v| r.set(reg, v), RING_LOG2);
+        assert_eq!(r.dma(fill(8)).status, DMA_ST_OK);
+        let s = r.post_sync();
+        r.run();
+        assert!(r.sync_done(s));
+    }
+
+    #[test]
+    fn walk_lag_sleeps_before_each_level_and_is_clamped() {
+        let mut r = rig();
+        let clock = ManualClock::new();
+        r.dev.set_clock(clock.clone());
+        assert_eq!(r.dma(fill(8)).status, DMA_ST_OK);
+        assert!(clock.sleeps().is_empty(), "no lag by default");
+        r.set(WALK_LAG, WALK_LAG_MAX + 1);
+        assert_eq!(r.reg(WALK_LAG), WALK_LAG_MAX, "clamped");
+        r.set(WALK_LAG, 300);
+        // One walk (the second page misses the IOTLB).
+        assert_eq!(r.dma(job(DMA_FILL, 1, 0, VA + PG, 8, 1)).status, DMA_ST_OK);
+        assert_eq!(
+            clock.sleeps(),
+            vec![Duration::from_micros(300); pte::PT_LEVELS as usize]
+        );
+        // A lagged walk ends the processing slice: the worker lets register accesses in.
+        r.post(Command::new(cmd::CMD_INV_ALL, 0, 0, 0, 0));
+        r.run();
+        let walks = r.stat(STAT_WALKS);
+        let st = r.submit(fill(2 * PG));
+        assert!(r.dev.process(&r.mem, 64));
+        assert_eq!(r.stat(STAT_WALKS), walks + 1, "one walk per slice");
+        assert_eq!(r.status(st).status, DMA_ST_PENDING);
+        r.run();
+        assert_eq!(r.stat(STAT_WALKS), walks + 2);
+        assert_eq!(r.status(st).status, DMA_ST_OK);
+    }
+
+    /// Guest memory that timestamps reads of the device page tables and can rewrite a table
+    /// right after a given one of those reads (the driver racing the walker).
+    struct Racing<'a> {
+        mem: &'a VecMem,
+        tables: std::ops::Range<u64>,
+        reads: RefCell<Vec<(u64, Instant)>>,
+        /// After this many table reads, write `.1` at `.0`.
+        rewrite: Option<(usize, u64, u64)>,
+    }
+
+    impl GuestMem for Racing<'_> {
+        fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemError> {
+            self.mem.read(gpa, buf)?;
+            if self.tables.contains(&gpa) {
+                let mut reads = self.reads.borrow_mut();
+                reads.push((gpa, Instant::now()));
+                if let Some((_, at, v)) = self.rewrite.filter(|r| r.0 == reads.len()) {
+                    self.mem.write_u64(at, v)?;
+                }
+            }
+            Ok(())
+        }
+
+        fn write(&self, gpa: u64, buf: &[u8]) -> Result<(), MemError> {
+            self.mem.write(gpa, buf)
+        }
+
+        fn fetch_or_u64(&self, gpa: u64, bits: u64) -> Result<u64, MemError> {
+            self.mem.fetch_or_u64(gpa, bits)
+        }
+    }
+
+    /// Entry addresses on the device page-table path of `va`, root first.
+    fn path(r: &Rig<EventLog>, asid: u32, va: u64) -> Vec<u64> {
+        let mut table = r.ctx(asid).pt_root;
+        let mut out = vec![];
+        for level in (1..=pte::PT_LEVELS).rev() {
+            let gpa = table + 8 * pte::pt_index(va, level) as u64;
+            out.push(gpa);
+            table = r.mem.read_u64(gpa).unwrap() & pte::PTE_ADDR_MASK;
+        }
+        out
+    }
+
+    #[test]
+    fn walk_lag_paces_a_walk_level_by_level() {
+        const LAG: Duration = Duration::from_millis(3);
+        let mut r = rig();
+        r.set(WALK_LAG, LAG.as_micros() as u32);
+        r.submit(fill(8));
+        let racing = Racing {
+            mem: &r.mem,
+            tables: crate::testkit::DEV_PT..crate::testkit::CPU_PT,
+            reads: RefCell::new(vec![]),
+            rewrite: None,
+        };
+        let t0 = Instant::now();
+        while r.dev.process(&racing, 64) {}
+        let elapsed = t0.elapsed();
+        let reads = racing.reads.into_inner();
+        let levels = pte::PT_LEVELS as usize;
+        assert!(elapsed >= LAG * levels as u32, "{elapsed:?}");
+        let addrs: Vec<u64> = reads.iter().map(|&(a, _)| a).collect();
+        assert_eq!(addrs, path(&r, 1, VA), "root to leaf, each level once");
+        for w in reads.windows(2) {
+            assert!(w[1].1 - w[0].1 >= LAG, "a lag between two levels");
+        }
+        assert!(reads[0].1 - t0 >= LAG, "and before the root");
+    }
+
+    #[test]
+    fn walker_reads_a_table_rewritten_between_two_levels() {
+        let mut r = rig();
+        r.set(WALK_LAG, 1);
+        let old = r.dev_leaf(1, VA).unwrap() & pte::PTE_ADDR_MASK;
+        let other = r.frame();
+        let p = path(&r, 1, VA);
+        let st = r.submit(fill(8));
+        // Bug model: the driver freed the level-1 table and the page was reused while the walker
+        // was between the level-2 entry and the table it points to.
+        let racing = Racing {
+            mem: &r.mem,
+            tables: crate::testkit::DEV_PT..crate::testkit::CPU_PT,
+            reads: RefCell::new(vec![]),
+            rewrite: Some((3, p[3], other | pte::PTE_P | pte::PTE_W)),
+        };
+        while r.dev.process(&racing, 64) {}
+        assert_eq!(r.status(st).status, DMA_ST_OK);
+        assert_eq!(r.peek(other, 1), [0x5a], "the walker used the reused page");
+        assert_eq!(r.peek(old, 1), [0], "not the page the table held before");
+        assert_eq!(
+            r.stat(STAT_VIOLATIONS),
+            1,
+            "the validator catches the device writing a page the CPU does not map there"
+        );
+    }
+}
