@@ -229,8 +229,8 @@ fn failure_modes_fit_their_field() {
         assert_eq!(m & !regs::FAIL_MODE_MASK, 0);
     }
     // The injected command error fits the consumer register's code field and is new.
-    assert!(u32::from(cmd::CERR_INJECTED) <= regs::CONS_ERR_CODE_MASK);
-    assert!(cmd::CERR_INJECTED > cmd::CERR_ABORT);
+    const { assert!(cmd::CERR_INJECTED as u32 <= regs::CONS_ERR_CODE_MASK) };
+    const { assert!(cmd::CERR_INJECTED > cmd::CERR_ABORT) };
 }
 
 #[test]

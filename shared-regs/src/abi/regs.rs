@@ -107,12 +107,12 @@ pub const FAIL_INJECT: u32 = 0x0a0;
 pub const FAIL_ARG: u32 = 0x0a4;
 /// Page-walk lag (ABI 1.3), a test knob modelling a slow page-table walker: the walker waits
 /// this many microseconds before each table read of a walk, so a 4-level walk takes at least
-/// four lags. Larger values than [`WALK_LAG_MAX`] are stored (and read back) as the maximum. The walker reads guest memory
-/// live, level by level, like hardware; the lag widens the window between reading a table
-/// entry and reading the table it points to. A driver that frees a device page-table page (and
-/// lets the kernel reuse it) only after the SYNC that covers its detachment is correct at any
-/// lag; one that frees it earlier lets the walker read the reused page, and a large lag makes
-/// that race likely enough to catch.
+/// four lags. Larger values than [`WALK_LAG_MAX`] are stored (and read back) as the maximum.
+/// The walker reads guest memory live, level by level, like hardware; the lag widens the window
+/// between reading a table entry and reading the table it points to. A driver that frees a
+/// device page-table page (and lets the kernel reuse it) only after the SYNC that covers its
+/// detachment is correct at any lag; one that frees it earlier lets the walker read the reused
+/// page, and a large lag makes that race likely enough to catch.
 pub const WALK_LAG: u32 = 0x0a8;
 /// Context table base, low half.
 pub const CTX_BASE_LO: u32 = 0x030;
