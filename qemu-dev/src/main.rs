@@ -7,7 +7,9 @@
 //!
 //! Serves one QEMU connection (`-device vfio-user-pci,socket=PATH`), writes every device event
 //! to the JSON Lines trace, and exits 0 when QEMU goes away or on SIGTERM/SIGINT (after flushing
-//! the trace and removing the socket), 1 on an error.
+//! the trace and removing the socket), 1 on an error, and [`DIED`] when the guest injected
+//! `FAIL_DIE` (after flushing the trace and removing the socket, without answering QEMU: the
+//! guest sees its device vanish).
 
 use std::fs::File;
 use std::io;
@@ -21,6 +23,9 @@ use qemu_dev::iotlb::Policy;
 use qemu_dev::{serve, DeviceConfig, SharedEvents, TraceWriter, ZapguardBackend};
 
 type Trace = SharedEvents<TraceWriter<File>>;
+
+/// Exit status when the device died of an injected `FAIL_DIE`.
+const DIED: i32 = 3;
 
 /// The zapguard emulated PCI device, served to QEMU over vfio-user.
 #[derive(Debug, Parser)]
@@ -101,6 +106,15 @@ fn run(args: &Args) -> Result<(), String> {
     };
     let mut backend = ZapguardBackend::new(config, trace.clone())
         .map_err(|e| format!("cannot start the device worker: {e}"))?;
+    let (dying_trace, socket) = (trace.clone(), args.socket.clone());
+    backend.on_die(move || {
+        if let Err(e) = dying_trace.lock().flush() {
+            eprintln!("zapguard-dev: trace flush failed: {e}");
+        }
+        let _ = std::fs::remove_file(&socket);
+        eprintln!("zapguard-dev: FAIL_DIE injected: exiting without answering QEMU");
+        std::process::exit(DIED)
+    });
     let served = serve(listener, &mut backend);
 
     let flushed = {

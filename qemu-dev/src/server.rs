@@ -9,6 +9,12 @@
 //! faults, the validator) runs on its own worker thread ([`spawn_worker`]), so the guest sees a
 //! device that works asynchronously, like hardware: a doorbell write returns at once and the
 //! driver learns of completion from memory writes and MSI-X interrupts.
+//!
+//! The glue owns config space, so it tells the device about PCI bus mastering
+//! ([`ZapguardDevice::set_bus_master`]): at creation, on every config write that changes the
+//! command register, and on reset. When an injected `FAIL_DIE` fires, the worker calls the
+//! hook set with [`ZapguardBackend::on_die`] (the binary flushes its trace and exits there)
+//! instead of answering anything more.
 
 use std::fs::File;
 use std::io::{self, Write};
@@ -98,12 +104,16 @@ impl EventFdTable {
     }
 }
 
+/// What the device's death (an injected `FAIL_DIE`) runs: it is not expected to return.
+pub type DieHook = Box<dyn FnOnce() + Send>;
+
 /// What the message loop and the worker share.
 pub struct Shared<E: Events> {
     device: Mutex<ZapguardDevice<E>>,
     memory: RwLock<GuestMemory>,
     wake: Condvar,
     stop: AtomicBool,
+    on_die: Mutex<Option<DieHook>>,
 }
 
 impl<E: Events> Shared<E> {
@@ -120,15 +130,30 @@ impl<E: Events> Shared<E> {
     fn memory_mut(&self) -> std::sync::RwLockWriteGuard<'_, GuestMemory> {
         self.memory.write().unwrap_or_else(|p| p.into_inner())
     }
+
+    /// The device died (`FAIL_DIE`): runs the hook, if any. Without one the device stays
+    /// silent: the worker stops and nothing is processed any more.
+    fn die(&self) {
+        let hook = self.on_die.lock().unwrap_or_else(|p| p.into_inner()).take();
+        match hook {
+            Some(hook) => hook(),
+            None => self.device().report_error(
+                "FAIL_DIE fired and nobody ends the process: the worker stops".into(),
+            ),
+        }
+    }
 }
 
 /// Bursts the worker runs per lock hold: short enough that register accesses from the guest
 /// never wait long for the device lock.
 const WORKER_BURSTS: usize = 16;
+/// How long the idle worker sleeps between checks of the stop flag.
+const WORKER_IDLE: Duration = Duration::from_millis(200);
 
 /// Starts the device's worker: it runs [`ZapguardDevice::process`] whenever the device has
-/// work and raises the MSI-X vectors the device asks for. It stops when [`Shared`]'s stop flag
-/// is set (by [`ZapguardBackend`]'s drop).
+/// work (or a deadline of its passed) and raises the MSI-X vectors the device asks for. It stops
+/// when [`Shared`]'s stop flag is set (by [`ZapguardBackend`]'s drop), or when the device died,
+/// after running the die hook.
 pub fn spawn_worker<E: Events + Send + 'static>(
     shared: Arc<Shared<E>>,
     msix: EventFdTable,
@@ -136,14 +161,18 @@ pub fn spawn_worker<E: Events + Send + 'static>(
     std::thread::Builder::new()
         .name("zapguard-worker".into())
         .spawn(move || loop {
-            let irqs = {
+            let (irqs, died) = {
                 let mut dev = shared.device();
                 while !dev.has_work() && !shared.stop.load(Ordering::Acquire) {
-                    // The timeout only bounds how late a stop is noticed; work always comes with a
-                    // notification from the register write that created it.
+                    // Work comes with a notification from the register write that created it,
+                    // or at the device's next deadline; the idle timeout only bounds how late a
+                    // stop is noticed.
+                    let timeout = dev
+                        .until_deadline()
+                        .map_or(WORKER_IDLE, |d| d.min(WORKER_IDLE));
                     dev = shared
                         .wake
-                        .wait_timeout(dev, Duration::from_millis(200))
+                        .wait_timeout(dev, timeout)
                         .map(|(g, _)| g)
                         .unwrap_or_else(|p| p.into_inner().0);
                 }
@@ -153,8 +182,13 @@ pub fn spawn_worker<E: Events + Send + 'static>(
                 let mem = shared.memory();
                 dev.process(&*mem, WORKER_BURSTS);
                 drop(mem);
-                dev.take_irqs()
+                (dev.take_irqs(), dev.die_requested())
             };
+            if died {
+                // A dead device raises nothing and answers nothing.
+                shared.die();
+                return;
+            }
             raise(&msix, irqs);
         })
 }
@@ -179,19 +213,25 @@ pub struct ZapguardBackend<E: Events + Send + 'static> {
 }
 
 impl<E: Events + Send + 'static> ZapguardBackend<E> {
-    /// A backend around a fresh device, with its worker thread running.
+    /// A backend around a fresh device, with its worker thread running. Bus mastering starts
+    /// as config space's reset value (off).
     pub fn new(config: DeviceConfig, events: E) -> io::Result<Self> {
+        let pci = PciConfig::new();
+        let mut device = ZapguardDevice::new(config, events);
+        // Power-on state, not a change: no trace event before `connect`.
+        device.bus_master = pci.bus_master_enabled();
         let shared = Arc::new(Shared {
-            device: Mutex::new(ZapguardDevice::new(config, events)),
+            device: Mutex::new(device),
             memory: RwLock::new(GuestMemory::new()),
             wake: Condvar::new(),
             stop: AtomicBool::new(false),
+            on_die: Mutex::new(None),
         });
         let msix = EventFdTable::new(usize::from(MSIX_VECTORS));
         let worker = spawn_worker(Arc::clone(&shared), msix.clone())?;
         Ok(Self {
             shared,
-            config: PciConfig::new(),
+            config: pci,
             intx: EventFdTable::new(1),
             msix,
             worker: Some(worker),
@@ -220,6 +260,21 @@ impl<E: Events + Send + 'static> ZapguardBackend<E> {
     /// The config-space shadow.
     pub fn config_space(&self) -> &PciConfig {
         &self.config
+    }
+
+    /// Sets what the worker runs when the device dies (an injected `FAIL_DIE`): flush what must
+    /// survive and end the process. It runs on the worker thread, without the device lock.
+    pub fn on_die(&self, hook: impl FnOnce() + Send + 'static) {
+        *self.shared.on_die.lock().unwrap_or_else(|p| p.into_inner()) = Some(Box::new(hook));
+    }
+
+    /// Tells the device the bus-master bit of the command register, and wakes the worker in
+    /// case the device may work again.
+    fn report_bus_master(&self) {
+        self.shared
+            .device()
+            .set_bus_master(self.config.bus_master_enabled());
+        self.shared.wake.notify_one();
     }
 
     /// Guest memory received through DMA_MAP.
@@ -341,8 +396,12 @@ impl<E: Events + Send + 'static> ServerBackend for ZapguardBackend<E> {
                     size: data.len(),
                     value: le_value(data),
                 });
+                let command = self.config.command();
                 if let Err(e) = self.config.write(offset, data) {
                     self.report_error(e.to_string());
+                }
+                if self.config.command() != command {
+                    self.report_bus_master();
                 }
             }
             BAR0_REGION => {
@@ -411,7 +470,9 @@ impl<E: Events + Send + 'static> ServerBackend for ZapguardBackend<E> {
     fn reset(&mut self) -> io::Result<()> {
         // DMA maps and interrupt wiring belong to the VMM side and survive a device reset.
         self.config.reset();
-        self.shared.device().reset();
+        let mut dev = self.shared.device();
+        dev.reset();
+        dev.set_bus_master(self.config.bus_master_enabled());
         Ok(())
     }
 
@@ -542,6 +603,7 @@ mod tests {
     use super::*;
     use crate::events::{EventLog, SharedEvents};
     use crate::memory::tests::memfd;
+    use crate::pci::{PCI_COMMAND, PCI_COMMAND_MASTER, PCI_COMMAND_MEMORY};
     use shared_regs::pci::{DEVICE_ID, VENDOR_ID};
     use shared_regs::regs::{ERROR, ERR_BAD_ACCESS, IDENT, IDENT_MAGIC, SCRATCH};
     use std::io::Read;
@@ -570,6 +632,18 @@ mod tests {
 
     fn dup(f: &File) -> File {
         f.try_clone().expect("dup")
+    }
+
+    /// The driver's `pci_set_master()`/`pci_clear_master()`: a config write of the command
+    /// register.
+    fn bus_master<E: Events + Send>(b: &mut ZapguardBackend<E>, on: bool) {
+        let cmd = PCI_COMMAND_MEMORY | if on { PCI_COMMAND_MASTER } else { 0 };
+        b.region_write(
+            VFIO_PCI_CONFIG_REGION_INDEX,
+            PCI_COMMAND as u64,
+            &cmd.to_le_bytes(),
+        )
+        .expect("config write");
     }
 
     fn errors(log: &EventLog) -> usize {
@@ -705,6 +779,7 @@ mod tests {
         let trigger = VFIO_IRQ_SET_DATA_EVENTFD | VFIO_IRQ_SET_ACTION_TRIGGER;
         b.set_irqs(VFIO_PCI_MSIX_IRQ_INDEX, trigger, 0, 1, vec![dup(&efd)])
             .expect("set");
+        bus_master(&mut b, true);
         let mut reg = |r: u32, v: u32| {
             b.region_write(BAR0_REGION, r.into(), &v.to_le_bytes())
                 .expect("write");
@@ -744,6 +819,162 @@ mod tests {
         b.region_read(BAR0_REGION, CMDQ_CONS.into(), &mut cons)
             .expect("read");
         assert_eq!(u32::from_le_bytes(cons), 1);
+    }
+
+    /// Polls `cond` every 2 ms for up to `limit`; whether it became true.
+    fn eventually(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+        let t0 = std::time::Instant::now();
+        while t0.elapsed() < limit {
+            if cond() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        cond()
+    }
+
+    /// Guest RAM mapped at 0 with the command and DMA rings of `testkit::program` enabled.
+    fn machine(b: &mut ZapguardBackend<EventLog>) -> File {
+        let ram = memfd(16 << 20);
+        b.dma_map(DmaMapFlags::READ_WRITE, 0, 0, 16 << 20, Some(dup(&ram)))
+            .expect("map RAM");
+        crate::testkit::program(
+            |r, v| {
+                b.region_write(BAR0_REGION, r.into(), &v.to_le_bytes())
+                    .expect("write")
+            },
+            2,
+        );
+        ram
+    }
+
+    fn read_u32(ram: &File, at: u64) -> u32 {
+        let mut b = [0u8; 4];
+        std::os::unix::fs::FileExt::read_exact_at(ram, &mut b, at).expect("pread");
+        u32::from_le_bytes(b)
+    }
+
+    /// Posts a SYNC writing `value` to `testkit::SYNC_WORD` at command slot `slot`.
+    fn post_sync(b: &mut ZapguardBackend<EventLog>, ram: &File, slot: u32, value: u32) {
+        use shared_regs::cmd::{Command, CMD_SIZE, CMD_SYNC};
+        let c = Command::new(CMD_SYNC, 0, 0, crate::testkit::SYNC_WORD, value.into());
+        let at = crate::testkit::CMDQ + u64::from(slot) * CMD_SIZE as u64;
+        std::os::unix::fs::FileExt::write_all_at(ram, &c.to_bytes(), at).expect("ring");
+        b.region_write(
+            BAR0_REGION,
+            shared_regs::regs::CMDQ_PROD.into(),
+            &(slot + 1).to_le_bytes(),
+        )
+        .expect("doorbell");
+    }
+
+    #[test]
+    fn bus_master_follows_config_space() {
+        let mut b = backend();
+        assert!(
+            !b.device().bus_master(),
+            "off at power-on, like config space"
+        );
+        let ram = machine(&mut b);
+        post_sync(&mut b, &ram, 0, 7);
+        assert!(
+            !eventually(Duration::from_millis(50), || read_u32(
+                &ram,
+                crate::testkit::SYNC_WORD
+            ) == 7),
+            "no DMA before the driver sets bus mastering"
+        );
+        bus_master(&mut b, true);
+        assert!(b.device().bus_master());
+        assert!(
+            eventually(Duration::from_secs(5), || read_u32(
+                &ram,
+                crate::testkit::SYNC_WORD
+            ) == 7),
+            "setting it wakes the worker"
+        );
+        bus_master(&mut b, false);
+        assert!(!b.device().bus_master());
+        // Other command bits do not report a change.
+        b.region_write(VFIO_PCI_CONFIG_REGION_INDEX, 4, &[0x00, 0x04])
+            .expect("INTx disable");
+        bus_master(&mut b, true);
+        b.reset().expect("reset");
+        assert!(!b.device().bus_master(), "reset clears it");
+        let changes: Vec<bool> = b
+            .device()
+            .events()
+            .events
+            .iter()
+            .filter_map(|e| match e {
+                Event::Engine(crate::events::Activity::BusMaster { enabled, .. }) => Some(*enabled),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(changes, [true, false, true, false]);
+    }
+
+    /// The worker sleeps until a delayed SYNC is due, with no register write to wake it.
+    #[test]
+    fn worker_wakes_for_a_delayed_sync() {
+        use shared_regs::regs::{FAIL_ARG, FAIL_INJECT, FAIL_SYNC_DELAY};
+        let mut b = backend();
+        let ram = machine(&mut b);
+        bus_master(&mut b, true);
+        for (r, v) in [(FAIL_ARG, 40), (FAIL_INJECT, FAIL_SYNC_DELAY)] {
+            b.region_write(BAR0_REGION, r.into(), &v.to_le_bytes())
+                .expect("write");
+        }
+        let t0 = std::time::Instant::now();
+        post_sync(&mut b, &ram, 0, 9);
+        assert!(eventually(Duration::from_secs(5), || read_u32(
+            &ram,
+            crate::testkit::SYNC_WORD
+        ) == 9));
+        let took = t0.elapsed();
+        assert!(
+            took >= Duration::from_millis(40) && took < Duration::from_millis(180),
+            "completed at the deadline, not at the 200 ms idle tick: {took:?}"
+        );
+    }
+
+    #[test]
+    fn fail_die_runs_the_hook_on_the_worker() {
+        use shared_regs::dma::{DmaJob, DMA_FILL, DMA_JOB_SIZE};
+        use shared_regs::regs::{DMAQ_PROD, FAIL_DIE, FAIL_INJECT};
+        let mut b = backend();
+        let ram = machine(&mut b);
+        bus_master(&mut b, true);
+        let (tx, rx) = std::sync::mpsc::channel();
+        b.on_die(move || {
+            tx.send(std::thread::current().name().map(str::to_owned))
+                .unwrap()
+        });
+        b.region_write(BAR0_REGION, FAIL_INJECT.into(), &FAIL_DIE.to_le_bytes())
+            .expect("arm");
+        let j = DmaJob {
+            op: DMA_FILL,
+            flags: 0,
+            reserved0: 0,
+            asid: 0,
+            src: 0,
+            dst: 0x1000,
+            len: 8,
+            aux: 0,
+            status: crate::testkit::STATUS,
+            id: 1,
+            reserved1: 0,
+        };
+        std::os::unix::fs::FileExt::write_all_at(&ram, &j.to_bytes(), crate::testkit::DMAQ)
+            .expect("ring");
+        assert_eq!(j.to_bytes().len(), DMA_JOB_SIZE);
+        b.region_write(BAR0_REGION, DMAQ_PROD.into(), &1u32.to_le_bytes())
+            .expect("doorbell");
+        let who = rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("the hook ran");
+        assert_eq!(who.as_deref(), Some("zapguard-worker"));
+        assert!(b.device().die_requested());
     }
 
     #[test]
