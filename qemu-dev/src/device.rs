@@ -518,6 +518,11 @@ impl<E: Events> ZapguardDevice<E> {
             FAIL_INJECT => self.write_fail_inject(v),
             FAIL_ARG => self.s.inject.arg = v,
             WALK_LAG => self.s.inject.walk_lag = v.min(WALK_LAG_MAX),
+            RESET if v == RESET_KEY => self.reset(),
+            RESET => {
+                self.set_error(ERR_CONFIG, RESET);
+                self.report_error(format!("RESET written with {v:#x}: ignored"));
+            }
             EVTQ_CONS => self.s.evtq.cons = queue::position(v, self.s.evtq.log2),
             DMAQ_PROD => self.s.dmaq.prod = queue::position(v, self.s.dmaq.log2),
             _ => {}
@@ -870,6 +875,22 @@ mod tests {
         assert_eq!(rd(&mut d, ERROR), 0);
         assert_eq!(rd(&mut d, IDENT), IDENT_MAGIC);
         assert_eq!(rd(&mut d, IOTLB_ENTRIES), 64);
+    }
+
+    #[test]
+    fn reset_register_takes_only_its_key() {
+        let mut d = device();
+        wr(&mut d, SCRATCH, 7);
+        wr(&mut d, FAIL_INJECT, FAIL_CMDQ_STOP);
+        wr(&mut d, RESET, 1);
+        assert_eq!(rd(&mut d, SCRATCH), 7, "a wrong value resets nothing");
+        assert_eq!(d.error_bits(), ERR_CONFIG);
+        wr(&mut d, RESET, RESET_KEY);
+        assert_eq!(d.events().events.last(), Some(&Event::Reset));
+        assert_eq!(rd(&mut d, SCRATCH), 0);
+        assert_eq!(rd(&mut d, ERROR), 0);
+        assert_eq!(rd(&mut d, FAIL_INJECT), FAIL_NONE);
+        assert_eq!(rd(&mut d, RESET), 0);
     }
 
     /// Bus mastering off: no memory access, no interrupt; a job stops between bursts and

@@ -182,7 +182,8 @@ fn register_names_and_stats() {
     assert_eq!(regs::name(regs::FAIL_INJECT), Some("FAIL_INJECT"));
     assert_eq!(regs::name(regs::FAIL_ARG), Some("FAIL_ARG"));
     assert_eq!(regs::name(regs::WALK_LAG), Some("WALK_LAG"));
-    assert_eq!(regs::name(regs::WALK_LAG + 4), None);
+    assert_eq!(regs::name(regs::RESET), Some("RESET"));
+    assert_eq!(regs::name(regs::RESET + 4), None);
     assert_eq!(regs::name(0x038), None);
     assert_eq!(
         regs::version_minor(regs::VERSION_VALUE),
@@ -201,6 +202,7 @@ fn registers_do_not_overlap() {
         (regs::FAIL_INJECT, 0x0a0),
         (regs::FAIL_ARG, 0x0a4),
         (regs::WALK_LAG, 0x0a8),
+        (regs::RESET, 0x0ac),
     ] {
         assert_eq!(o, want);
         assert!(named.contains(&o));

@@ -41,6 +41,7 @@
 //! | 0x0a0 | [`FAIL_INJECT`] | RW | [`FAIL_NONE`] | test knob (1.3): device failure mode `FAIL_*` armed, bits 7:0 |
 //! | 0x0a4 | [`FAIL_ARG`] | RW | 0 | test knob (1.3): argument of the armed mode ([`FAIL_SYNC_DELAY`]: milliseconds) |
 //! | 0x0a8 | [`WALK_LAG`] | RW | 0 | test knob (1.3): microseconds the page walker waits before each table read (at most [`WALK_LAG_MAX`]) |
+//! | 0x0ac | [`RESET`] | WO | 0 | (1.3) writing [`RESET_KEY`] resets the device as a function-level reset does; reads 0 |
 //! | 0x100 + 8·i | [`stat_lo`]`(i)` | RO | 0 | statistic `STAT_*` i, bits 31:0 |
 //! | 0x104 + 8·i | [`stat_hi`]`(i)` | RO | 0 | statistic i, bits 63:32 (read HI, LO, HI again for a consistent value) |
 //!
@@ -114,6 +115,14 @@ pub const FAIL_ARG: u32 = 0x0a4;
 /// detachment is correct at any lag; one that frees it earlier lets the walker read the reused
 /// page, and a large lag makes that race likely enough to catch.
 pub const WALK_LAG: u32 = 0x0a8;
+/// Device reset (ABI 1.3): writing [`RESET_KEY`] returns every register, queue, cache, job and
+/// armed failure mode to its reset value, as a function-level reset does (PCI config space,
+/// bus mastering included, is untouched). A driver writes it at probe so that whatever a
+/// previous driver instance left behind (a failed, hung or half-configured device) is gone.
+/// Other values are ignored with [`ERR_CONFIG`]. Reads 0.
+pub const RESET: u32 = 0x0ac;
+/// The value that [`RESET`] takes: "RSET" as a little-endian u32.
+pub const RESET_KEY: u32 = u32::from_le_bytes(*b"RSET");
 /// Context table base, low half.
 pub const CTX_BASE_LO: u32 = 0x030;
 /// Context table base, high half.
@@ -348,6 +357,7 @@ pub const fn name(offset: u32) -> Option<&'static str> {
         FAIL_INJECT => "FAIL_INJECT",
         FAIL_ARG => "FAIL_ARG",
         WALK_LAG => "WALK_LAG",
+        RESET => "RESET",
         o if o >= STATS_BASE && o < STATS_BASE + 8 * STAT_COUNT => {
             if o % 8 == 0 {
                 "STAT_LO"
