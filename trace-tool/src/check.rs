@@ -4,7 +4,8 @@
 //!   before that SYNC covered (translations are named by `id` in `iotlb_fill` and `dma_access`).
 //! - **SYNC completion**: every command the driver published was executed by the end of the
 //!   trace (a SYNC stuck behind a stopped queue shows up here), and the command queue never
-//!   stopped on an error.
+//!   stopped on an error, except where the device's failure injection made it
+//!   (`result: "injected"`, counted in [`Checker::injected_queue_errors`]).
 //! - **Validator**: every `violation` the device reported online is a failure here too (the CPU
 //!   page tables it judged against are not in the trace; whether the mm was released neither), so
 //!   that `check` and the online validator agree on every trace.
@@ -50,6 +51,9 @@ pub struct Checker {
     pub device_violations: u64,
     /// Ledger violations found offline.
     pub ledger_violations: u64,
+    /// Command-queue errors the device's failure injection (`FAIL_CMDQ_ERROR`) caused on
+    /// purpose: expected, not findings.
+    pub injected_queue_errors: u64,
 }
 
 impl Checker {
@@ -127,6 +131,12 @@ impl Checker {
                     what: "device validator violation",
                     detail: v.to_string(),
                 });
+            }
+            "queue_error"
+                if field_str(v, "queue") == Some("cmdq")
+                    && field_str(v, "result") == Some("injected") =>
+            {
+                self.injected_queue_errors += 1;
             }
             "queue_error" if field_str(v, "queue") == Some("cmdq") => {
                 self.findings.push(Finding {
@@ -206,6 +216,18 @@ mod tests {
             access(2, 0x2000),
         ]);
         assert_eq!(c.ledger_violations, 2, "{:?}", c.findings);
+    }
+
+    #[test]
+    fn injected_queue_errors_are_expected_others_are_findings() {
+        let c = check(&[
+            json!({"kind": "queue_error", "queue": "cmdq", "cmd": 3, "result": "injected"}),
+            json!({"kind": "reset"}),
+            json!({"kind": "queue_error", "queue": "cmdq", "cmd": 5, "result": "illegal"}),
+        ]);
+        assert_eq!(c.injected_queue_errors, 1);
+        assert_eq!(c.findings.len(), 1, "{:?}", c.findings);
+        assert_eq!(c.findings[0].line, 3);
     }
 
     #[test]
