@@ -6,11 +6,12 @@
 //! an unbind, so they never borrow from it: they hold an [`Arc<Shared>`] whose BAR mapping is a
 //! [`pci::DevresBar`], revoked by the driver core at unbind, after which ioctls return `ENODEV`.
 
-use crate::abi::{cmd, event as ev, pci as zpci, pte, queue, regs, uapi};
-use crate::hw::{DevresBar, Hw, Wait, BAR0_SIZE, EVT_LOG2};
-use crate::mirror::{self, Context};
+use crate::abi::{pci as zpci, pte, regs, uapi};
+use crate::device::{Failure, Shared, NUM_VECTORS};
+use crate::hw::{Hw, Synced, BAR0_SIZE};
+use crate::mirror::{self, Context, Walk};
 use core::pin::Pin;
-use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use core::sync::atomic::Ordering;
 use kernel::{
     device::Core,
     dma::{Device as _, DmaMask},
@@ -18,14 +19,12 @@ use kernel::{
     io::Io,
     irq::{self, IrqReturn},
     miscdevice::{MiscDevice, MiscDeviceOptions, MiscDeviceRegistration},
-    new_mutex, new_spinlock, pci,
+    pci,
     prelude::*,
-    sync::{Arc, Mutex, SpinLock},
+    sync::Arc,
     transmute::{AsBytes, FromBytes},
     uaccess::{UserPtr, UserSlice},
 };
-
-const NUM_VECTORS: usize = zpci::MSIX_VECTORS as usize;
 
 // SAFETY: These uAPI structures are `repr(C)` and made only of integers laid out without padding
 // (their sizes are asserted in the ABI), so every byte is initialised and any bytes are a valid
@@ -46,206 +45,6 @@ unsafe impl AsBytes for uapi::ZgStats {}
 // SAFETY: See above.
 unsafe impl FromBytes for uapi::ZgInject {}
 
-/// Contexts by ASID, for the event thread. ASID 0 is never handed out.
-struct AsidTable {
-    used: KVec<bool>,
-    /// Where the next search for a free ASID starts: round robin, so that an ASID is reused as
-    /// late as possible (stale device state, and trace lines, are then easy to tell apart).
-    next: usize,
-    ctxs: KVec<Option<Arc<Context>>>,
-}
-
-/// State shared by the PCI device and every open file.
-#[pin_data(PinnedDrop)]
-pub(crate) struct Shared {
-    /// BAR0, revoked by the driver core when the device unbinds.
-    pub(crate) bar: DevresBar,
-    /// Interrupts seen per MSI-X vector ([`zpci::Vector`] order).
-    irqs: [AtomicU64; NUM_VECTORS],
-    /// Vectors allocated at probe (set once the handlers, which need `Shared`, exist).
-    irq_vectors: AtomicU32,
-    /// PCI domain/bus/devfn, as reported by [`uapi::ZgInfo::pci_location`].
-    pci_location: u32,
-    /// Duration of the probe-time SYNC round trip.
-    probe_sync_ns: AtomicU32,
-    /// DMA memory and queues.
-    #[pin]
-    pub(crate) hw: Hw,
-    /// Serialises consumers of the event ring (the event interrupt thread, and ioctls that
-    /// drain it so that their answer includes every event the device already posted).
-    #[pin]
-    events: Mutex<()>,
-    #[pin]
-    asids: SpinLock<AsidTable>,
-}
-
-impl Shared {
-    /// Reads the device's identity and parameters (live MMIO reads, so this also proves the path).
-    fn info(&self) -> Result<uapi::ZgInfo> {
-        let bar = self.bar.try_access().ok_or(ENODEV)?;
-        Ok(uapi::ZgInfo {
-            uapi_version: uapi::UAPI_VERSION,
-            ident: bar.read32(regs::IDENT as usize),
-            version: bar.read32(regs::VERSION as usize),
-            caps: bar.read32(regs::CAPS as usize),
-            iotlb_entries: bar.read32(regs::IOTLB_ENTRIES as usize),
-            asid_count: bar.read32(regs::ASID_COUNT as usize),
-            irq_vectors: self.irq_vectors.load(Ordering::Relaxed),
-            pci_location: self.pci_location,
-            irq_count: core::array::from_fn(|i| {
-                let n = self.irqs.get(i).map_or(0, |c| c.load(Ordering::Relaxed));
-                u32::try_from(n).unwrap_or(u32::MAX)
-            }),
-            probe_sync_ns: self.probe_sync_ns.load(Ordering::Relaxed),
-            reserved: [0; 4],
-        })
-    }
-
-    /// A 64-bit device statistic (HI, LO, HI until stable), 0 if the device is gone.
-    pub(crate) fn device_stat(&self, i: u32) -> u64 {
-        let Some(bar) = self.bar.try_access() else {
-            return 0;
-        };
-        loop {
-            let hi = bar.try_read32(regs::stat_hi(i) as usize).unwrap_or(0);
-            let lo = bar.try_read32(regs::stat_lo(i) as usize).unwrap_or(0);
-            if bar.try_read32(regs::stat_hi(i) as usize).unwrap_or(0) == hi {
-                return u64::from(hi) << 32 | u64::from(lo);
-            }
-        }
-    }
-
-    /// Sets the device's command lag (a test knob, see [`regs::CMD_LAG`]).
-    pub(crate) fn set_cmd_lag(&self, lag: u32) {
-        if let Some(bar) = self.bar.try_access() {
-            bar.write32(lag, regs::CMD_LAG as usize);
-        }
-    }
-
-    /// Takes a free ASID.
-    pub(crate) fn alloc_asid(&self) -> Result<u32> {
-        let mut t = self.asids.lock();
-        let n = t.used.len();
-        let start = t.next;
-        let asid = (0..n)
-            .map(|i| (start + i) % n)
-            .find(|&a| a != 0 && !t.used[a])
-            .ok_or(EBUSY)?;
-        t.used[asid] = true;
-        t.next = asid + 1;
-        Ok(asid as u32)
-    }
-
-    /// Returns an ASID (its context is disabled and no job names it).
-    pub(crate) fn free_asid(&self, asid: u32) {
-        if let Some(u) = self.asids.lock().used.get_mut(asid as usize) {
-            *u = false;
-        }
-    }
-
-    /// Makes `ctx` reachable by its ASID from the event thread.
-    pub(crate) fn publish(&self, asid: u32, ctx: Arc<Context>) -> Result {
-        let mut t = self.asids.lock();
-        let slot = t.ctxs.get_mut(asid as usize).ok_or(EINVAL)?;
-        *slot = Some(ctx);
-        Ok(())
-    }
-
-    /// Stops delivering events to the context of `asid`.
-    pub(crate) fn unpublish(&self, asid: u32) {
-        let old = self
-            .asids
-            .lock()
-            .ctxs
-            .get_mut(asid as usize)
-            .and_then(Option::take);
-        // Dropped outside the spinlock: the last reference removes the notifier, which sleeps.
-        drop(old);
-    }
-
-    fn lookup(&self, asid: u32) -> Option<Arc<Context>> {
-        self.asids.lock().ctxs.get(asid as usize)?.clone()
-    }
-
-    /// Command vector: SYNCs and DMA jobs completed.
-    fn on_command(&self) {
-        self.hw.cmdq.complete();
-        self.hw.jobs.complete(&self.bar);
-    }
-
-    /// Event vector: consume the event ring; serve stalled faults (this sleeps: it runs in the
-    /// vector's interrupt thread, or in an ioctl draining the ring).
-    pub(crate) fn on_events(&self) {
-        let _guard = self.events.lock();
-        loop {
-            let prod = match self.bar.try_access() {
-                Some(bar) => bar.read32(regs::EVTQ_PROD as usize),
-                None => return,
-            };
-            let prod = queue::position(prod & !regs::EVTQ_PROD_OVERFLOW, EVT_LOG2);
-            let mut cons = self.hw.evt_cons.load(Ordering::Relaxed);
-            if cons == prod {
-                return;
-            }
-            while cons != prod {
-                if let Ok(e) = self.hw.event(cons) {
-                    self.handle_event(&e);
-                }
-                cons = queue::next(cons, EVT_LOG2);
-                self.hw.evt_cons.store(cons, Ordering::Relaxed);
-                match self.bar.try_access() {
-                    Some(bar) => bar.write32(cons, regs::EVTQ_CONS as usize),
-                    None => return,
-                }
-            }
-        }
-    }
-
-    fn handle_event(&self, e: &ev::Event) {
-        let ctx = self.lookup(e.asid);
-        if let Some(ctx) = ctx.as_deref() {
-            ctx.on_event(e);
-        }
-        if e.ty != ev::EVT_FAULT || e.flags & ev::EVT_F_STALLED == 0 {
-            return;
-        }
-        let write = e.flags & ev::EVT_F_WRITE != 0;
-        let served = match ctx.as_deref() {
-            Some(c) => mirror::serve_fault(c, e.va, write).inspect_err(|err| {
-                c.record_abort(e.info2, *err);
-            }),
-            None => Err(ESRCH),
-        };
-        if let Some(c) = ctx.as_deref() {
-            c.count_fault_result(served.is_ok());
-        }
-        let op = if served.is_ok() {
-            cmd::CMD_RESUME
-        } else {
-            cmd::CMD_ABORT
-        };
-        let c = cmd::Command::new(op, 0, e.asid, 0, e.info);
-        if let Err(err) = self.hw.cmdq.post(&self.bar, &[c], false, Wait::Sleep) {
-            pr_err!("cannot answer stalled fault (asid {}): {:?}\n", e.asid, err);
-        }
-    }
-}
-
-#[pinned_drop]
-impl PinnedDrop for Shared {
-    fn drop(self: Pin<&mut Self>) {
-        // The last file and the device are gone: every page table and ASID must be back.
-        let lost = self.hw.pool.total() - self.hw.pool.free_pages();
-        if lost != 0 {
-            pr_err!("leak: {} device page-table pages not returned\n", lost);
-        }
-        let asids = self.asids.lock().used.iter().filter(|&&u| u).count();
-        if asids != 0 {
-            pr_err!("leak: {} ASIDs not returned\n", asids);
-        }
-    }
-}
-
 /// Interrupt handler for one MSI-X vector: the hard handler counts, the thread does the work.
 struct VectorHandler {
     shared: Arc<Shared>,
@@ -264,16 +63,7 @@ impl irq::ThreadedHandler for VectorHandler {
         match self.vector {
             v if v == zpci::Vector::Command as usize => self.shared.on_command(),
             v if v == zpci::Vector::Event as usize => self.shared.on_events(),
-            _ => {
-                if let Some(bar) = self.shared.bar.try_access() {
-                    let err = bar.read32(regs::ERROR as usize);
-                    let info = bar.read32(regs::ERROR_INFO as usize);
-                    // Write-1-to-clear; a stopped command queue is left stopped (its SYNC
-                    // waiters time out and report it).
-                    bar.write32(err & !regs::ERR_CMDQ, regs::ERROR as usize);
-                    pr_warn!("device error {:#x} (info {:#x})\n", err, info);
-                }
-            }
+            _ => self.shared.on_error(),
         }
         IrqReturn::Handled
     }
@@ -341,9 +131,11 @@ fn check_range(va: u64, len: u64) -> Result {
 }
 
 impl ZgFile {
-    /// The context, if the caller may use it: `EINVAL` once its address space is gone, `EPERM`
-    /// for a task of another address space (a context mirrors its opener only).
+    /// The context, if the caller may use it: `EIO` once the device failed (`ENODEV` once it is
+    /// unbound), `EINVAL` once its address space is gone, `EPERM` for a task of another
+    /// address space (a context mirrors its opener only).
     fn ctx(&self) -> Result<&Context> {
+        self.shared.check_live()?;
         if self.ctx.released() {
             return Err(EINVAL);
         }
@@ -364,13 +156,8 @@ impl ZgFile {
         check_range(m.va, m.len)?;
         let ctx = self.ctx()?;
         let mut out = mirror::MapOut::default();
-        let r = mirror::populate(
-            ctx,
-            m.va,
-            m.va + m.len,
-            m.flags & uapi::ZG_MAP_WRITE != 0,
-            &mut out,
-        );
+        let write = m.flags & uapi::ZG_MAP_WRITE != 0;
+        let r = mirror::populate(ctx, m.va, m.va + m.len, write, Walk::Locked, &mut out);
         m.retries = out.retries;
         m.pages = out.pages;
         m.huge = out.huge;
@@ -378,14 +165,11 @@ impl ZgFile {
         r
     }
 
-    fn dma(&self, arg: usize) -> Result {
+    /// Checks a DMA request and builds its job (without the bounce address).
+    fn dma_job(&self, d: &uapi::ZgDma, ctx: &Context) -> Result<crate::abi::dma::DmaJob> {
         use crate::abi::dma::*;
-        let mut d: uapi::ZgDma = read_arg(arg)?;
         let op = u8::try_from(d.op).map_err(|_| EINVAL)?;
         if !(DMA_COPY..=DMA_COMPARE).contains(&op) || d.flags & !uapi::ZG_DMA_FLAGS != 0 {
-            return Err(EINVAL);
-        }
-        if d.len == 0 || d.len > DMA_MAX_LEN {
             return Err(EINVAL);
         }
         if matches!(op, DMA_COPY | DMA_READ | DMA_CHECKSUM | DMA_COMPARE) {
@@ -394,44 +178,88 @@ impl ZgFile {
         if matches!(op, DMA_COPY | DMA_FILL | DMA_WRITE | DMA_COMPARE) {
             check_range(d.dst, d.len)?;
         }
-        let bounce = matches!(op, DMA_READ | DMA_WRITE);
-        if bounce && d.len > uapi::ZG_DMA_BOUNCE_MAX {
+        if matches!(op, DMA_READ | DMA_WRITE) && d.len > uapi::ZG_DMA_BOUNCE_MAX {
             return Err(EINVAL);
-        }
-        let ctx = self.ctx()?;
-        let jobs = &self.shared.hw.jobs;
-        let len = d.len as usize;
-        // READ/WRITE own the bounce buffer from the copy-in to the copy-out.
-        let mut owner = bounce.then(|| jobs.bounce_lock.lock());
-        let aux = if bounce { jobs.bounce_addr() } else { d.aux };
-        if op == DMA_WRITE {
-            // SAFETY: `owner` holds the bounce lock and no job is using the buffer (jobs that
-            // use it run under that lock and are waited for uninterruptibly).
-            let buf = unsafe { jobs.bounce_bytes(owner.as_mut().ok_or(EINVAL)?, len)? };
-            UserSlice::new(UserPtr::from_addr(d.aux as usize), len)
-                .reader()
-                .read_slice(buf)?;
         }
         let stall = if d.flags & uapi::ZG_DMA_NO_FAULT != 0 {
             0
         } else {
             DMA_F_STALL
         };
-        let job = DmaJob {
+        Ok(DmaJob {
             op,
             flags: DMA_F_IRQ | stall,
             asid: ctx.asid,
             src: d.src,
             dst: d.dst,
             len: d.len,
-            aux,
+            aux: d.aux,
             ..Default::default()
+        })
+    }
+
+    /// The error a user gets for a job the device did not finish: a timeout, a stopped queue
+    /// or a vanished device fails (and fences) the device first, so that nothing the job used
+    /// (the bounce buffer, the pages) is released while the device might still touch it.
+    fn job_error(&self, e: Error) -> Error {
+        let why = if e == ETIMEDOUT {
+            Failure::JobTimeout
+        } else if e == ENXIO {
+            Failure::Gone
+        } else if e == EIO {
+            Failure::QueueError
+        } else {
+            // EINTR (a fatal signal: the job finishes on its own), ENODEV (unbound).
+            return e;
         };
-        let seq = jobs.submit(&self.shared.bar, job)?;
-        let done = jobs.wait(&self.shared.bar, seq, !bounce)?;
+        self.shared.fail(why);
+        self.shared.failure_error()
+    }
+
+    /// Runs one job on the caller's context: submit, wait (killable), account its events.
+    fn run_job(
+        &self,
+        ctx: &Context,
+        job: crate::abi::dma::DmaJob,
+        bounce: bool,
+    ) -> Result<crate::hw::JobDone> {
+        let shared = &self.shared;
+        let jobs = &shared.hw.jobs;
+        let seq = jobs
+            .submit(&shared.bar, job, bounce, &shared.health)
+            .map_err(|e| self.job_error(e))?;
+        let done = jobs
+            .wait(&shared.bar, seq, &shared.health, &|| ctx.serving_fault())
+            .map_err(|e| self.job_error(e))?;
         // The job's events (violations) are in the ring by now: account them before answering.
-        self.shared.on_events();
+        shared.on_events();
         ctx.count_job();
+        Ok(done)
+    }
+
+    fn dma(&self, arg: usize) -> Result {
+        use crate::abi::dma::*;
+        let mut d: uapi::ZgDma = read_arg(arg)?;
+        let ctx = self.ctx()?;
+        let mut job = self.dma_job(&d, ctx)?;
+        let len = d.len as usize;
+        // READ/WRITE own the bounce buffer from the copy-in to the copy-out.
+        let mut bounce = if matches!(job.op, DMA_READ | DMA_WRITE) {
+            let shared = &self.shared;
+            let b = shared.hw.jobs.bounce(&shared.bar, &shared.health);
+            Some(b.map_err(|e| self.job_error(e))?)
+        } else {
+            None
+        };
+        if let Some(b) = bounce.as_mut() {
+            job.aux = b.addr();
+            if job.op == DMA_WRITE {
+                UserSlice::new(UserPtr::from_addr(d.aux as usize), len)
+                    .reader()
+                    .read_slice(b.bytes(len)?)?;
+            }
+        }
+        let done = self.run_job(ctx, job, bounce.is_some())?;
         let st = done.status;
         d.status = st.status.into();
         d.fault_reason = st.fault_reason.into();
@@ -440,17 +268,15 @@ impl ZgFile {
         d.result = st.result;
         d.elapsed_ns = done.elapsed.as_nanos().max(0) as u64;
         let abort = if st.status == DMA_ST_FAULT {
-            ctx.abort_error(seq)
+            ctx.abort_error(st.id)
         } else {
             None
         };
         d.error = abort.map_or(0, |e| e.to_errno());
-        if op == DMA_READ && st.status == DMA_ST_OK {
-            // SAFETY: As for DMA_WRITE above; the job has completed.
-            let buf = unsafe { jobs.bounce_bytes(owner.as_mut().ok_or(EINVAL)?, len)? };
+        if let (Some(b), DMA_READ, DMA_ST_OK) = (bounce.as_mut(), job.op, st.status) {
             UserSlice::new(UserPtr::from_addr(d.aux as usize), len)
                 .writer()
-                .write_slice(buf)?;
+                .write_slice(b.bytes(len)?)?;
         }
         write_arg(arg, &d)?;
         match st.status {
@@ -486,17 +312,23 @@ impl ZgFile {
             return Err(EPERM);
         }
         let i: uapi::ZgInject = read_arg(arg)?;
-        if i.modes & !uapi::ZG_INJ_MODES != 0 {
+        if i.modes & !uapi::ZG_INJ_MODES != 0
+            || i.dev_fail & !regs::FAIL_MODE_MASK != 0
+            || i.reserved != 0
+        {
             return Err(EINVAL);
         }
         let ctx = self.ctx()?;
         pr_info!(
-            "asid {}: injecting driver bugs {:#x}, device command lag {}\n",
+            "asid {}: injecting driver bugs {:#x}, device command lag {}, walk lag {} us, device failure {} ({})\n",
             ctx.asid,
             i.modes,
-            i.cmd_lag
+            i.cmd_lag,
+            i.walk_lag,
+            i.dev_fail,
+            i.dev_fail_arg
         );
-        mirror::set_inject(ctx, i.modes, i.cmd_lag)
+        mirror::set_inject(ctx, &i)
     }
 }
 
@@ -682,61 +514,13 @@ impl pci::Driver for ZapguardDriver {
             unsafe { pdev.dma_set_mask_and_coherent(DmaMask::new::<64>())? };
             let asid_count = bar.read32(regs::ASID_COUNT as usize).clamp(2, 4096);
             let hw = Hw::new(pdev.as_ref(), asid_count)?;
-            let mut used = KVec::with_capacity(asid_count as usize, GFP_KERNEL)?;
-            let mut ctxs = KVec::with_capacity(asid_count as usize, GFP_KERNEL)?;
-            for _ in 0..asid_count {
-                used.push(false, GFP_KERNEL)?;
-                ctxs.push(None, GFP_KERNEL)?;
-            }
-            let location = u32::from(pdev.dev_id());
-            let shared = Arc::pin_init(
-                try_pin_init!(Shared {
-                    bar: bar.into_devres()?,
-                    irqs: [const { AtomicU64::new(0) }; NUM_VECTORS],
-                    irq_vectors: AtomicU32::new(0),
-                    pci_location: location,
-                    probe_sync_ns: AtomicU32::new(0),
-                    hw <- hw,
-                    events <- new_mutex!((), "zapguard_events"),
-                    asids <- new_spinlock!(AsidTable { used, next: 1, ctxs }, "zapguard_asids"),
-                }),
-                GFP_KERNEL,
-            )?;
+            let shared = Shared::new(pdev, bar.into_devres()?, hw, asid_count)?;
+            let shared = Arc::pin_init(shared, GFP_KERNEL)?;
             let irqs = Vectors::new(pdev, &shared)?;
             shared
                 .irq_vectors
                 .store(irqs.vectors.len() as u32, Ordering::Relaxed);
-            {
-                // `access` with the bound device, not `try_access`: the handshake sleeps, which
-                // an RCU read-side section (try_access's guard) forbids.
-                let bar = shared.bar.access(pdev.as_ref())?;
-                shared.hw.enable(bar).inspect_err(|_| {
-                    dev_err!(pdev, "device did not acknowledge CR0\n");
-                })?;
-            }
-            // Prove the whole path once: command ring -> device worker -> completion by DMA into
-            // our memory -> MSI-X -> interrupt thread. A device that cannot do this is unusable.
-            let start = kernel::time::Instant::<kernel::time::Monotonic>::now();
-            let synced = shared
-                .hw
-                .cmdq
-                .post(&shared.bar, &[], true, Wait::Sleep)
-                .and_then(|seq| shared.hw.cmdq.wait(seq, Wait::Sleep));
-            if let Err(e) = synced {
-                dev_err!(pdev, "probe SYNC did not complete: {:?}\n", e);
-                if let Ok(bar) = shared.bar.access(pdev.as_ref()) {
-                    let _ = shared.hw.quiesce(bar);
-                }
-                return Err(e);
-            }
-            let ns = u32::try_from(start.elapsed().as_nanos()).unwrap_or(u32::MAX);
-            shared.probe_sync_ns.store(ns, Ordering::Relaxed);
-            dev_info!(
-                pdev,
-                "SYNC round trip {} us, {} CPU page-table levels\n",
-                ns / 1000,
-                crate::mm::cpu_pt_levels()
-            );
+            Self::start_device(pdev, &shared)?;
             dev_info!(
                 pdev,
                 "zapguard ABI {}.{}, {} MSI-X vectors, /dev/zapguard\n",
@@ -744,7 +528,6 @@ impl pci::Driver for ZapguardDriver {
                 regs::version_minor(version),
                 irqs.vectors.len()
             );
-
             Ok(try_pin_init!(ZgDevice {
                 pdev: &**pdev,
                 misc <- MiscReg::new(shared.clone()),
@@ -758,15 +541,45 @@ impl pci::Driver for ZapguardDriver {
         let seen: [u64; NUM_VECTORS] =
             core::array::from_fn(|i| this.shared.irqs[i].load(Ordering::Relaxed));
         dev_info!(pdev, "unbind: interrupts seen per vector {:?}\n", seen);
-        // Open files keep the DMA memory alive, but the BAR goes: stop the device using it now.
-        // `access` (no RCU section): quiescing sleeps while it polls CR0ACK.
-        match this.shared.bar.access(pdev.as_ref()) {
-            Ok(bar) => {
-                if this.shared.hw.quiesce(bar).is_err() {
-                    dev_err!(pdev, "device did not acknowledge CR0=0 at unbind\n");
-                }
+        // Open files keep the DMA memory alive, but the BAR goes: stop the device using it now
+        // (CR0 = 0, or bus mastering off if it does not answer). Files then get ENODEV.
+        this.shared.unbind();
+    }
+}
+
+impl ZapguardDriver {
+    /// Enables the device's units and proves the whole path once: command ring -> device
+    /// worker -> completion by DMA into our memory -> MSI-X -> interrupt thread. A device that
+    /// cannot do this is unusable.
+    fn start_device(pdev: &pci::Device<Core<'_>>, shared: &Shared) -> Result {
+        {
+            // `access` with the bound device, not `try_access`: the handshake sleeps, which an
+            // RCU read-side section (try_access's guard) forbids.
+            let bar = shared.bar.access(pdev.as_ref())?;
+            // Whatever a previous driver instance left (a failed, hung or half-configured
+            // device) goes with a device reset (ABI 1.3).
+            if regs::version_minor(bar.read32(regs::VERSION as usize)) >= 3 {
+                bar.write32(regs::RESET_KEY, regs::RESET as usize);
             }
-            Err(_) => dev_err!(pdev, "BAR already revoked at unbind\n"),
+            shared.hw.enable(bar).inspect_err(|_| {
+                dev_err!(pdev, "device did not acknowledge CR0\n");
+            })?;
         }
+        let start = kernel::time::Instant::<kernel::time::Monotonic>::now();
+        // INV_ALL: nothing a previous driver instance left in the IOTLB survives.
+        let inv_all = crate::abi::cmd::Command::new(crate::abi::cmd::CMD_INV_ALL, 0, 0, 0, 0);
+        if let Synced::Fenced = shared.sync(&[inv_all]) {
+            dev_err!(pdev, "probe SYNC did not complete\n");
+            return Err(EIO);
+        }
+        let ns = u32::try_from(start.elapsed().as_nanos()).unwrap_or(u32::MAX);
+        shared.probe_sync_ns.store(ns, Ordering::Relaxed);
+        dev_info!(
+            pdev,
+            "SYNC round trip {} us, {} CPU page-table levels\n",
+            ns / 1000,
+            crate::mm::cpu_pt_levels()
+        );
+        Ok(())
     }
 }

@@ -23,8 +23,9 @@
 //! all safe to take from an mmu_notifier callback (see [`crate::mm`]'s locking rules).
 
 use crate::abi::{cmd, dma, pte, queue, regs};
-use core::sync::atomic::AtomicU32;
+use core::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use kernel::{
+    bindings,
     device::{Bound, Device},
     dma::Coherent,
     io::Io,
@@ -55,26 +56,103 @@ const PAGE_WORDS: usize = 512;
 const CHUNK_PAGES: usize = 256;
 /// Pool chunks allocated at probe: 2048 table pages, enough to map 4 GiB with 4 KiB pages.
 const POOL_CHUNKS: usize = 8;
-/// Upper bound for one SYNC to complete before the device is declared wedged.
-const SYNC_TIMEOUT: Delta = Delta::from_secs(5);
+/// How long a SYNC may take before the device is failed (`sync_timeout_ms`, 5 s by default).
+fn sync_timeout() -> Delta {
+    Delta::from_millis(i64::from(
+        crate::module_parameters::sync_timeout_ms.value().max(10),
+    ))
+}
 /// How long a non-blockable invalidation may spin for its SYNC.
 const NONBLOCK_SYNC_US: i64 = 20_000;
-/// Upper bound for one DMA job (64 MiB with stalls served) before the device is declared wedged.
-const JOB_TIMEOUT: Delta = Delta::from_secs(30);
+/// How long a DMA job may make no progress before the device is failed (`job_timeout_ms`,
+/// 30 s by default: 64 MiB with stalls served under TCG).
+fn job_timeout() -> Delta {
+    Delta::from_millis(i64::from(
+        crate::module_parameters::job_timeout_ms.value().max(10),
+    ))
+}
 /// Polls of CR0ACK before giving up on the enable/disable handshake (~65 us per read under TCG).
 const HANDSHAKE_POLLS: usize = 1000;
+
+/// The device's health, as the queues see it (policy and the fence live in
+/// [`crate::device::Shared::fail`]).
+///
+/// # Invariants
+///
+/// `fenced` implies `failed`; neither is ever cleared.
+pub(crate) struct Health {
+    /// No new work may be given to the device; waiters stop waiting.
+    failed: AtomicBool,
+    /// The device can no longer touch memory.
+    fenced: AtomicBool,
+    /// Why it failed, as [`crate::device::Failure::code`]; 0 while live.
+    failure: AtomicU32,
+}
+
+impl Health {
+    pub(crate) const fn new() -> Self {
+        Self {
+            failed: AtomicBool::new(false),
+            fenced: AtomicBool::new(false),
+            failure: AtomicU32::new(0),
+        }
+    }
+
+    pub(crate) fn failed(&self) -> bool {
+        self.failed.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn fenced(&self) -> bool {
+        self.fenced.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn failure(&self) -> u32 {
+        self.failure.load(Ordering::Relaxed)
+    }
+
+    /// Marks the device failed; the first reason sticks.
+    pub(crate) fn set_failed(&self, code: u32) {
+        if !self.failed.swap(true, Ordering::AcqRel) {
+            self.failure.store(code, Ordering::Relaxed);
+        }
+    }
+
+    /// Marks the device fenced. Only [`crate::device::Shared::fail`] calls this, once the
+    /// fence is up.
+    pub(crate) fn set_fenced(&self) {
+        self.failed.store(true, Ordering::Release);
+        self.fenced.store(true, Ordering::Release);
+    }
+}
 
 /// How a condition wait treats a pending signal.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum OnSignal {
-    /// Give up with `EINTR` (the caller can leave the work running).
-    Interrupt,
-    /// Keep waiting (the work cannot be abandoned): nap without the lock instead of spinning on
-    /// the wait that a pending signal makes return at once.
+    /// A fatal signal ends the wait with `EINTR` (the work is left to finish safely); other
+    /// signals are ignored, so a job is never given up half done for a `SIGCHLD`.
+    Killable,
+    /// Keep waiting whatever is pending (the work cannot be abandoned, e.g. the SYNC of a
+    /// dying task's release).
     Nap,
 }
 
+/// Whether the current task has a fatal signal pending (`fatal_signal_pending()`, a static
+/// inline with no Rust helper: `SIGKILL` is queued in `pending` once the task is dying).
+fn fatal_signal_pending() -> bool {
+    let task = kernel::current!();
+    if !task.signal_pending() {
+        return false;
+    }
+    let raw = task.as_ptr();
+    // SAFETY: `raw` is the current task, valid for the whole call. `pending.signal` is a
+    // plain bitmap the C helper also reads without the siglock; a racy read only delays the
+    // answer to the next wake-up. SIGKILL is signal 9, bit 8 of the first word.
+    let word = unsafe { core::ptr::read_volatile(&raw const (*raw).pending.signal.sig[0]) };
+    word & (1 << (bindings::SIGKILL - 1)) != 0
+}
+
 /// Sleeps on `cv` (with `lock`, whose guard is `guard`) for up to 100 ms or a notification.
+/// Callers re-check their condition, and the device's health, at every return.
 fn wait_on<'a, T>(
     cv: &CondVar,
     lock: &'a Mutex<T>,
@@ -83,9 +161,10 @@ fn wait_on<'a, T>(
 ) -> Result<MutexGuard<'a, T>> {
     let r = cv.wait_interruptible_timeout(&mut guard, msecs_to_jiffies(100));
     if let CondVarTimeoutResult::Signal { .. } = r {
-        if on_signal == OnSignal::Interrupt {
+        if on_signal == OnSignal::Killable && fatal_signal_pending() {
             return Err(EINTR);
         }
+        // The wait returns at once while a signal is pending: nap without the lock instead.
         drop(guard);
         fsleep(Delta::from_micros(50));
         guard = lock.lock();
@@ -110,21 +189,39 @@ fn write_addr(bar: &Bar<'_>, lo: u32, hi: u32, addr: u64) -> Result {
     bar.try_write32((addr >> 32) as u32, hi as usize)
 }
 
-/// A device page-table page, by index in the [`PtPool`].
-pub(crate) type PtPage = u32;
+/// A device page-table page, by index in the [`PtPool`], owned by whoever holds the value.
+///
+/// Not `Copy` or `Clone`: a page comes out of [`PtPool::alloc`] or [`PtPool::detach`], goes
+/// back with [`PtPool::free`] or into a table with [`PtPool::attach`], each of which consumes
+/// it, so freeing a page twice, or freeing one still attached, does not type-check. Dropping
+/// one leaks it (on purpose, for a page the device might still walk).
+#[must_use = "a dropped page-table page is leaked"]
+pub(crate) struct PtPage(u32);
+
+impl PtPage {
+    /// The page's name, for reading and writing its entries.
+    pub(crate) fn id(&self) -> PtRef {
+        PtRef(self.0)
+    }
+}
+
+/// A device page-table page in use, named by index: reads and writes its entries, owns nothing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct PtRef(u32);
 
 /// Device page-table pages, allocated at probe so that contexts can take and return pages with a
 /// spinlock while holding their own lock (no allocation, hence no reclaim, in the shootdown path).
 ///
 /// # Invariants
 ///
-/// - Every page id `< total()` is either in `free` or owned by exactly one context.
+/// - Every page index `< total()` is either in `free` or owned by exactly one [`PtPage`] value
+///   or one present table entry.
 /// - Pages in `free` are not referenced by any device PTE the device can reach.
 #[pin_data]
 pub(crate) struct PtPool {
     chunks: KVec<Coherent<[u64]>>,
     #[pin]
-    free: SpinLock<KVec<PtPage>>,
+    free: SpinLock<KVec<u32>>,
 }
 
 impl PtPool {
@@ -137,7 +234,7 @@ impl PtPool {
                 GFP_KERNEL,
             )?;
             for p in 0..CHUNK_PAGES {
-                free.push((c * CHUNK_PAGES + p) as PtPage, GFP_KERNEL)?;
+                free.push((c * CHUNK_PAGES + p) as u32, GFP_KERNEL)?;
             }
         }
         Ok(try_pin_init!(Self {
@@ -146,8 +243,8 @@ impl PtPool {
         }))
     }
 
-    fn locate(&self, page: PtPage, idx: usize) -> Result<(&Coherent<[u64]>, usize)> {
-        let page = page as usize;
+    fn locate(&self, page: PtRef, idx: usize) -> Result<(&Coherent<[u64]>, usize)> {
+        let page = page.0 as usize;
         let chunk = self.chunks.get(page / CHUNK_PAGES).ok_or(EINVAL)?;
         if idx >= PAGE_WORDS {
             return Err(EINVAL);
@@ -156,33 +253,70 @@ impl PtPool {
     }
 
     /// Entry `idx` of table `page`.
-    pub(crate) fn read(&self, page: PtPage, idx: usize) -> Result<u64> {
+    pub(crate) fn read(&self, page: PtRef, idx: usize) -> Result<u64> {
         let (c, w) = self.locate(page, idx)?;
         rd(c, w)
     }
 
-    /// Sets entry `idx` of table `page`.
-    pub(crate) fn write(&self, page: PtPage, idx: usize, v: u64) -> Result {
+    /// Sets entry `idx` of table `page` (a leaf, or clearing a leaf: table pointers go through
+    /// [`Self::attach`] and [`Self::detach`]).
+    pub(crate) fn write(&self, page: PtRef, idx: usize, v: u64) -> Result {
         let (c, w) = self.locate(page, idx)?;
         wr(c, w, v)
     }
 
+    /// Whether every entry of `page` is clear.
+    pub(crate) fn is_empty(&self, page: PtRef) -> Result<bool> {
+        for i in 0..PAGE_WORDS {
+            if self.read(page, i)? & pte::PTE_P != 0 {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
     /// The bus address of `page`.
-    pub(crate) fn addr(&self, page: PtPage) -> Result<u64> {
+    pub(crate) fn addr(&self, page: PtRef) -> Result<u64> {
         let (c, w) = self.locate(page, 0)?;
         Ok(c.dma_address() + (w * 8) as u64)
     }
 
     /// The page whose bus address is `addr` (a table pointer read back from a PTE).
-    pub(crate) fn page_at(&self, addr: u64) -> Result<PtPage> {
+    pub(crate) fn page_at(&self, addr: u64) -> Result<PtRef> {
         for (i, c) in self.chunks.iter().enumerate() {
             let base = c.dma_address();
             if addr >= base && addr - base < c.size() as u64 {
-                return Ok((i * CHUNK_PAGES + ((addr - base) / pte::PAGE_SIZE) as usize) as PtPage);
+                let page = i * CHUNK_PAGES + ((addr - base) / pte::PAGE_SIZE) as usize;
+                return Ok(PtRef(page as u32));
             }
         }
         // A table pointer we did not write: the page table is corrupt.
         Err(EIO)
+    }
+
+    /// Points entry `idx` of `table` at `child` (with `flags`), which the tree then owns.
+    pub(crate) fn attach(
+        &self,
+        table: PtRef,
+        idx: usize,
+        child: PtPage,
+        flags: u64,
+    ) -> Result<PtRef> {
+        let id = child.id();
+        self.write(table, idx, self.addr(id)? | flags)?;
+        Ok(id)
+    }
+
+    /// Clears entry `idx` of `table` if it points at a table, and hands that table over. The
+    /// device may still walk it until a SYNC that follows the clearing completes.
+    pub(crate) fn detach(&self, table: PtRef, idx: usize) -> Result<Option<PtPage>> {
+        let e = self.read(table, idx)?;
+        if e & pte::PTE_P == 0 || e & pte::PTE_PS != 0 {
+            return Ok(None);
+        }
+        let child = self.page_at(e & pte::PTE_ADDR_MASK)?;
+        self.write(table, idx, 0)?;
+        Ok(Some(PtPage(child.0)))
     }
 
     /// Takes a zeroed page, or `None` when the pool is exhausted. Never sleeps.
@@ -190,8 +324,9 @@ impl PtPool {
         let Some(page) = self.free.lock().pop() else {
             return Ok(None);
         };
+        let page = PtPage(page);
         for i in 0..PAGE_WORDS {
-            self.write(page, i, 0)?;
+            self.write(page.id(), i, 0)?;
         }
         Ok(Some(page))
     }
@@ -207,10 +342,11 @@ impl PtPool {
     }
 
     /// Returns a page. The caller guarantees the device can no longer reach it (its parent entry
-    /// was cleared and a SYNC covering that completed, or the context is disabled).
+    /// was cleared and a SYNC covering that completed, or the context is disabled, or the device
+    /// is fenced).
     pub(crate) fn free(&self, page: PtPage) {
         // Cannot fail: the vector was allocated with room for every page.
-        let _ = self.free.lock().push_within_capacity(page);
+        let _ = self.free.lock().push_within_capacity(page.0);
     }
 }
 
@@ -237,10 +373,20 @@ struct CmdState {
     seq: u32,
 }
 
+/// How a SYNC ended: either way the device no longer uses what the commands before it
+/// invalidated.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Synced {
+    /// The device completed the SYNC after this long.
+    Done(Delta),
+    /// The device failed and is fenced: it touches no memory any more.
+    Fenced,
+}
+
 /// How a SYNC wait may wait.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Wait {
-    /// Sleep until the command interrupt (bounded by [`SYNC_TIMEOUT`]).
+    /// Sleep until the command interrupt (bounded by the `sync_timeout_ms` parameter).
     Sleep,
     /// Never sleep: spin for at most [`NONBLOCK_SYNC_US`] (non-blockable mmu_notifier ranges).
     Spin,
@@ -267,65 +413,87 @@ impl CmdQueue {
     /// Returns the SYNC's sequence number for [`Self::wait`].
     ///
     /// With [`Wait::Spin`] a full ring fails with `EAGAIN` instead of sleeping. `ENODEV` when the
-    /// device is gone (unbound: it was quiesced, nothing to invalidate), `EIO` when the command
-    /// queue stopped on an error.
+    /// device is unbound, `ENXIO` when it reads all ones (gone), `EIO` when the command queue
+    /// stopped on an error or the device already failed, `ETIMEDOUT` when the ring stayed full.
     pub(crate) fn post(
         &self,
         bar: &DevresBar,
         cmds: &[cmd::Command],
         sync: bool,
         how: Wait,
+        health: &Health,
     ) -> Result<u32> {
         let need = cmds.len() as u32 + u32::from(sync);
-        for _ in 0..100_000 {
-            {
-                let io = bar.try_access().ok_or(ENODEV)?;
-                let mut st = self.state.lock();
-                if queue::free(st.prod, st.cons, RING_LOG2) < need {
-                    let cons = io.read32(regs::CMDQ_CONS as usize);
-                    if cons & regs::CONS_ERR != 0 {
-                        return Err(EIO);
-                    }
-                    st.cons = queue::position(cons, RING_LOG2);
-                }
-                if queue::free(st.prod, st.cons, RING_LOG2) >= need {
-                    let mut prod = st.prod;
-                    let mut put = |c: &cmd::Command| -> Result {
-                        let slot = queue::index(prod, RING_LOG2) as usize * (cmd::CMD_SIZE / 8);
-                        let words: [u64; 4] = crate::abi::bytes_to_words(&c.to_bytes());
-                        for (i, w) in words.iter().enumerate() {
-                            wr(&self.ring, slot + i, *w)?;
-                        }
-                        prod = queue::next(prod, RING_LOG2);
-                        Ok(())
-                    };
-                    for c in cmds {
-                        put(c)?;
-                    }
-                    let mut seq = st.seq;
-                    if sync {
-                        seq = seq.wrapping_add(1);
-                        put(&cmd::Command::new(
-                            cmd::CMD_SYNC,
-                            cmd::CMD_F_SYNC_IRQ,
-                            0,
-                            self.sync_word.dma_address(),
-                            u64::from(seq),
-                        ))?;
-                    }
-                    // x86: MMIO writes are ordered after the ring writes above.
-                    io.write32(prod, regs::CMDQ_PROD as usize);
-                    st.prod = prod;
-                    st.seq = seq;
-                    return Ok(seq);
-                }
+        let start = Instant::<Monotonic>::now();
+        loop {
+            if health.failed() {
+                return Err(EIO);
+            }
+            if let Some(seq) = self.try_post(bar, cmds, sync, need)? {
+                return Ok(seq);
             }
             if how == Wait::Spin {
                 return Err(EAGAIN);
             }
+            if start.elapsed() > sync_timeout() {
+                return Err(ETIMEDOUT);
+            }
             fsleep(Delta::from_micros(20));
         }
-        Err(ETIMEDOUT)
+    }
+
+    /// Writes the commands and rings the doorbell if the ring has room (`None` if not).
+    fn try_post(
+        &self,
+        bar: &DevresBar,
+        cmds: &[cmd::Command],
+        sync: bool,
+        need: u32,
+    ) -> Result<Option<u32>> {
+        let io = bar.try_access().ok_or(ENODEV)?;
+        let mut st = self.state.lock();
+        if queue::free(st.prod, st.cons, RING_LOG2) < need {
+            let cons = io.read32(regs::CMDQ_CONS as usize);
+            if cons == u32::MAX {
+                return Err(ENXIO);
+            }
+            if cons & regs::CONS_ERR != 0 {
+                return Err(EIO);
+            }
+            st.cons = queue::position(cons, RING_LOG2);
+            if queue::free(st.prod, st.cons, RING_LOG2) < need {
+                return Ok(None);
+            }
+        }
+        let mut prod = st.prod;
+        let mut put = |c: &cmd::Command| -> Result {
+            let slot = queue::index(prod, RING_LOG2) as usize * (cmd::CMD_SIZE / 8);
+            let words: [u64; 4] = crate::abi::bytes_to_words(&c.to_bytes());
+            for (i, w) in words.iter().enumerate() {
+                wr(&self.ring, slot + i, *w)?;
+            }
+            prod = queue::next(prod, RING_LOG2);
+            Ok(())
+        };
+        for c in cmds {
+            put(c)?;
+        }
+        let mut seq = st.seq;
+        if sync {
+            seq = seq.wrapping_add(1);
+            put(&cmd::Command::new(
+                cmd::CMD_SYNC,
+                cmd::CMD_F_SYNC_IRQ,
+                0,
+                self.sync_word.dma_address(),
+                u64::from(seq),
+            ))?;
+        }
+        // x86: MMIO writes are ordered after the ring writes above.
+        io.write32(prod, regs::CMDQ_PROD as usize);
+        st.prod = prod;
+        st.seq = seq;
+        Ok(Some(seq))
     }
 
     /// Whether the SYNC numbered `seq` has completed (SYNCs complete in order).
@@ -334,13 +502,18 @@ impl CmdQueue {
         done.wrapping_sub(seq) as i32 >= 0
     }
 
-    /// Waits for the SYNC numbered `seq`; returns how long it took.
-    pub(crate) fn wait(&self, seq: u32, how: Wait) -> Result<Delta> {
+    /// Waits for the SYNC numbered `seq`; returns how long it took. `EIO` as soon as the device
+    /// failed, `ETIMEDOUT` after the `sync_timeout_ms` module parameter (sleeping), `EAGAIN`
+    /// after [`NONBLOCK_SYNC_US`] (spinning).
+    pub(crate) fn wait(&self, seq: u32, how: Wait, health: &Health) -> Result<Delta> {
         let start = Instant::<Monotonic>::now();
         match how {
             Wait::Spin => {
                 let mut spun = 0;
                 while !self.sync_done(seq) {
+                    if health.failed() {
+                        return Err(EIO);
+                    }
                     if spun >= NONBLOCK_SYNC_US {
                         return Err(EAGAIN);
                     }
@@ -351,7 +524,10 @@ impl CmdQueue {
             Wait::Sleep => {
                 let mut guard = self.done_lock.lock();
                 while !self.sync_done(seq) {
-                    if start.elapsed() > SYNC_TIMEOUT {
+                    if health.failed() {
+                        return Err(EIO);
+                    }
+                    if start.elapsed() > sync_timeout() {
                         return Err(ETIMEDOUT);
                     }
                     // A dying task (exit_mmap's release) must still wait for its SYNC.
@@ -375,25 +551,47 @@ pub(crate) struct JobDone {
     pub(crate) elapsed: Delta,
 }
 
+/// The state of one DMA ring slot, as far as its waiter is concerned.
+#[derive(Clone, Copy)]
+enum Slot {
+    /// No job, or its result was collected: the slot may take a new job.
+    Free,
+    /// A job is queued or running; `bounce` if it uses the bounce buffer.
+    Queued { bounce: bool },
+    /// The job retired; its status record was copied here when it did.
+    Done(dma::DmaStatus),
+    /// Its waiter left (fatal signal): the result is dropped when the job retires.
+    Orphaned { bounce: bool },
+}
+
 /// Job bookkeeping, under [`Jobs::state`].
 struct JobState {
     /// Our producer position.
     prod: u32,
     /// Consumer position up to which jobs are retired.
     cons: u32,
-    /// Jobs submitted (the next job's sequence number).
+    /// Jobs submitted (the next job's sequence number); job `seq` uses slot `seq % RING_ENTRIES`.
     submitted: u64,
     /// Jobs retired (completed and accounted).
     retired: u64,
     /// ASID of the job in each ring slot.
     slot_asid: [u32; RING_ENTRIES],
+    /// Each slot's job, until its waiter collected the result.
+    slots: [Slot; RING_ENTRIES],
     /// Jobs queued or running, per ASID.
     inflight: KVec<u32>,
-    /// The DMA queue stopped on an error or a job timed out: refuse new jobs.
-    wedged: bool,
+    /// Orphaned jobs that use the bounce buffer and have not retired: the buffer is not handed
+    /// to anyone else meanwhile.
+    bounce_orphans: u32,
 }
 
 /// The DMA job ring, the status records (one per slot) and the READ/WRITE bounce buffer.
+///
+/// # Invariants
+///
+/// A slot takes a new job only once the device consumed the previous one (`DMAQ_CONS`) and its
+/// waiter collected (or abandoned) the result, so a status record is never overwritten before
+/// it is read; the bounce buffer is handed out only while no orphaned job may still use it.
 #[pin_data]
 pub(crate) struct Jobs {
     ring: Coherent<[u64]>,
@@ -406,6 +604,35 @@ pub(crate) struct Jobs {
     /// Owner of `bounce` for a whole READ/WRITE (copy in, job, copy out).
     #[pin]
     pub(crate) bounce_lock: Mutex<()>,
+}
+
+/// Bounce-buffer ownership for one READ/WRITE: the bounce lock, taken once no orphaned job
+/// may still use the buffer.
+pub(crate) struct Bounce<'a> {
+    jobs: &'a Jobs,
+    _guard: MutexGuard<'a, ()>,
+}
+
+impl Bounce<'_> {
+    /// The buffer's bus address.
+    pub(crate) fn addr(&self) -> u64 {
+        self.jobs.bounce.dma_address()
+    }
+
+    /// The first `len` bytes of the buffer. Only while no job of ours uses it: the caller
+    /// either has not submitted its job yet or collected its result.
+    pub(crate) fn bytes(&mut self, len: usize) -> Result<&mut [u8]> {
+        if len > self.jobs.bounce.size() {
+            return Err(EINVAL);
+        }
+        // SAFETY: The buffer is `size()` bytes of coherent memory, valid while `jobs` lives.
+        // `self` holds the bounce lock, taken only once no orphaned job could still use the
+        // buffer, and the caller's own job is not running (see above), so the device does not
+        // touch it and nobody else reads or writes it meanwhile.
+        Ok(unsafe {
+            core::slice::from_raw_parts_mut(self.jobs.bounce.as_mut_ptr().cast::<u8>(), len)
+        })
+    }
 }
 
 impl Jobs {
@@ -435,60 +662,82 @@ impl Jobs {
                 submitted: 0,
                 retired: 0,
                 slot_asid: [0; RING_ENTRIES],
+                slots: [Slot::Free; RING_ENTRIES],
                 inflight,
-                wedged: false,
+                bounce_orphans: 0,
             }, "zapguard_jobs"),
             cv <- new_condvar!("zapguard_jobs"),
             bounce_lock <- new_mutex!((), "zapguard_bounce"),
         }))
     }
 
-    /// The bounce buffer's bus address.
-    pub(crate) fn bounce_addr(&self) -> u64 {
-        self.bounce.dma_address()
-    }
-
-    /// The first `len` bytes of the bounce buffer.
-    ///
-    /// # Safety
-    ///
-    /// `owner` is the guard of [`Self::bounce_lock`], and no job using the buffer is queued or
-    /// running (the device is the only other party that touches it).
-    pub(crate) unsafe fn bounce_bytes<'a>(
-        &'a self,
-        owner: &'a mut kernel::sync::MutexGuard<'_, ()>,
-        len: usize,
-    ) -> Result<&'a mut [u8]> {
-        let _ = owner;
-        if len > self.bounce.size() {
-            return Err(EINVAL);
+    /// Takes the bounce buffer for a READ/WRITE, once no abandoned job may still use it.
+    pub(crate) fn bounce(&self, bar: &DevresBar, health: &Health) -> Result<Bounce<'_>> {
+        let guard = self.bounce_lock.lock();
+        let start = Instant::<Monotonic>::now();
+        let mut st = self.state.lock();
+        loop {
+            self.retire(&mut st, bar)?;
+            // A fenced device writes nothing any more.
+            if st.bounce_orphans == 0 || health.fenced() {
+                break;
+            }
+            if health.failed() {
+                return Err(EIO);
+            }
+            if start.elapsed() > job_timeout() {
+                return Err(ETIMEDOUT);
+            }
+            st = wait_on(&self.cv, &self.state, st, OnSignal::Killable)?;
         }
-        // SAFETY: The buffer is `size()` bytes of coherent memory, valid while `self` lives; by
-        // the function's safety contract nobody else reads or writes it meanwhile.
-        Ok(unsafe { core::slice::from_raw_parts_mut(self.bounce.as_mut_ptr().cast::<u8>(), len) })
+        drop(st);
+        Ok(Bounce {
+            jobs: self,
+            _guard: guard,
+        })
     }
 
-    /// Accounts every job the device finished (DMAQ_CONS) and wakes waiters.
-    fn retire(&self, st: &mut JobState, bar: &DevresBar) {
+    fn status_record(&self, slot: usize) -> Result<dma::DmaStatus> {
+        let mut words = [0u64; 4];
+        for (i, w) in words.iter_mut().enumerate() {
+            *w = rd(&self.status, slot * dma::DMA_STATUS_SIZE / 8 + i)?;
+        }
+        Ok(dma::DmaStatus::from_bytes(&crate::abi::words_to_bytes(
+            words,
+        )))
+    }
+
+    /// Accounts every job the device finished (DMAQ_CONS), copies their status records out and
+    /// wakes waiters. `EIO` if the DMA queue stopped on an error, `ENXIO` if the device is gone.
+    fn retire(&self, st: &mut JobState, bar: &DevresBar) -> Result {
         if st.retired == st.submitted {
             // Nothing outstanding: spare the MMIO read (an exit to the VMM each).
-            return;
+            return Ok(());
         }
         let Some(io) = bar.try_access() else {
-            return;
+            return Ok(());
         };
         let cons = io.read32(regs::DMAQ_CONS as usize);
         drop(io);
-        if cons & regs::CONS_ERR != 0 {
-            st.wedged = true;
+        if cons == u32::MAX {
+            return Err(ENXIO);
         }
+        let stopped = cons & regs::CONS_ERR != 0;
         let cons = queue::position(cons, RING_LOG2);
         let mut progress = false;
         while st.cons != cons && st.retired < st.submitted {
-            let asid = st.slot_asid[queue::index(st.cons, RING_LOG2) as usize] as usize;
+            let slot = queue::index(st.cons, RING_LOG2) as usize;
+            let asid = st.slot_asid[slot] as usize;
             if let Some(n) = st.inflight.get_mut(asid) {
                 *n = n.saturating_sub(1);
             }
+            st.slots[slot] = match st.slots[slot] {
+                Slot::Orphaned { bounce } => {
+                    st.bounce_orphans -= u32::from(bounce);
+                    Slot::Free
+                }
+                _ => Slot::Done(self.status_record(slot)?),
+            };
             st.cons = queue::next(st.cons, RING_LOG2);
             st.retired += 1;
             progress = true;
@@ -496,31 +745,49 @@ impl Jobs {
         if progress {
             self.cv.notify_all();
         }
+        if stopped {
+            return Err(EIO);
+        }
+        Ok(())
     }
 
-    /// Command-vector interrupt: retires finished jobs.
+    /// Command-vector interrupt: retires finished jobs (errors are for the waiters to see).
     pub(crate) fn complete(&self, bar: &DevresBar) {
         let mut st = self.state.lock();
-        self.retire(&mut st, bar);
+        let _ = self.retire(&mut st, bar);
+    }
+
+    /// Wakes every waiter (they re-check the device's health).
+    pub(crate) fn wake(&self) {
+        self.cv.notify_all();
     }
 
     /// Queues `job` (its `status` and `id` are filled in) and rings the doorbell; returns the
-    /// job's sequence number for [`Self::wait`].
-    pub(crate) fn submit(&self, bar: &DevresBar, mut job: dma::DmaJob) -> Result<u64> {
+    /// job's sequence number for [`Self::wait`]. `bounce` says the job uses the bounce buffer.
+    /// Killable while the ring is full; errors as for [`Self::wait`].
+    pub(crate) fn submit(
+        &self,
+        bar: &DevresBar,
+        mut job: dma::DmaJob,
+        bounce: bool,
+        health: &Health,
+    ) -> Result<u64> {
         let start = Instant::<Monotonic>::now();
         let mut st = self.state.lock();
         loop {
-            if st.wedged {
+            if health.failed() {
                 return Err(EIO);
             }
-            self.retire(&mut st, bar);
-            if queue::free(st.prod, st.cons, RING_LOG2) > 0 {
+            self.retire(&mut st, bar)?;
+            let slot = queue::index(st.prod, RING_LOG2) as usize;
+            if queue::free(st.prod, st.cons, RING_LOG2) > 0 && matches!(st.slots[slot], Slot::Free)
+            {
                 break;
             }
-            if start.elapsed() > JOB_TIMEOUT {
+            if start.elapsed() > job_timeout() {
                 return Err(ETIMEDOUT);
             }
-            st = wait_on(&self.cv, &self.state, st, OnSignal::Interrupt)?;
+            st = wait_on(&self.cv, &self.state, st, OnSignal::Killable)?;
         }
         let slot = queue::index(st.prod, RING_LOG2) as usize;
         let asid = job.asid as usize;
@@ -541,6 +808,7 @@ impl Jobs {
         }
         st.prod = prod;
         st.slot_asid[slot] = job.asid;
+        st.slots[slot] = Slot::Queued { bounce };
         if let Some(n) = st.inflight.get_mut(asid) {
             *n += 1;
         }
@@ -548,52 +816,83 @@ impl Jobs {
         Ok(seq)
     }
 
-    /// Waits for job `seq` and returns its status record. With `interruptible`, a signal ends the
-    /// wait with `EINTR` while the job keeps running (its slot is retired later, by whoever
-    /// waits next or by the interrupt).
-    pub(crate) fn wait(&self, bar: &DevresBar, seq: u64, interruptible: bool) -> Result<JobDone> {
+    /// Waits for job `seq` and returns its status record.
+    ///
+    /// Killable: a fatal signal ends the wait with `EINTR` and leaves the job to finish (its
+    /// slot, and the bounce buffer if it uses it, stay out of reuse until it retires). `EIO` once
+    /// the device failed or its DMA queue stopped, `ENXIO` if it is gone, `ETIMEDOUT` if the job
+    /// made no progress for the `job_timeout_ms` parameter while `driver_busy()` was false (the
+    /// job waits for nothing the driver is doing, such as serving its fault).
+    pub(crate) fn wait(
+        &self,
+        bar: &DevresBar,
+        seq: u64,
+        health: &Health,
+        driver_busy: &dyn Fn() -> bool,
+    ) -> Result<JobDone> {
+        let slot = (seq % RING_ENTRIES as u64) as usize;
+        self.wait_slot(bar, slot, health, driver_busy)
+            .inspect_err(|_| self.abandon(slot))
+    }
+
+    fn wait_slot(
+        &self,
+        bar: &DevresBar,
+        slot: usize,
+        health: &Health,
+        driver_busy: &dyn Fn() -> bool,
+    ) -> Result<JobDone> {
         let start = Instant::<Monotonic>::now();
+        let mut idle_since = start;
         let mut st = self.state.lock();
         loop {
-            self.retire(&mut st, bar);
-            if st.retired > seq {
-                let slot = (seq % RING_ENTRIES as u64) as usize;
-                let mut words = [0u64; 4];
-                for (i, w) in words.iter_mut().enumerate() {
-                    *w = rd(&self.status, slot * dma::DMA_STATUS_SIZE / 8 + i)?;
-                }
-                let status = dma::DmaStatus::from_bytes(&crate::abi::words_to_bytes(words));
+            let retired = self.retire(&mut st, bar);
+            if let Slot::Done(status) = st.slots[slot] {
+                st.slots[slot] = Slot::Free;
+                self.cv.notify_all();
                 return Ok(JobDone {
                     status,
                     elapsed: start.elapsed(),
                 });
             }
-            if st.wedged {
+            retired?;
+            if health.failed() {
                 return Err(EIO);
             }
-            if start.elapsed() > JOB_TIMEOUT {
-                st.wedged = true;
+            if driver_busy() {
+                idle_since = Instant::<Monotonic>::now();
+            } else if idle_since.elapsed() > job_timeout() {
                 return Err(ETIMEDOUT);
             }
-            let on_signal = if interruptible {
-                OnSignal::Interrupt
-            } else {
-                OnSignal::Nap
-            };
-            st = wait_on(&self.cv, &self.state, st, on_signal)?;
+            st = wait_on(&self.cv, &self.state, st, OnSignal::Killable)?;
         }
     }
 
+    /// The waiter of `slot` leaves: drop its result now, or when the job retires.
+    fn abandon(&self, slot: usize) {
+        let mut st = self.state.lock();
+        st.slots[slot] = match st.slots[slot] {
+            Slot::Queued { bounce } => {
+                st.bounce_orphans += u32::from(bounce);
+                Slot::Orphaned { bounce }
+            }
+            _ => Slot::Free,
+        };
+        self.cv.notify_all();
+    }
+
     /// Waits until no job of `asid` is queued or running (before the ASID can be reused).
-    pub(crate) fn wait_idle(&self, bar: &DevresBar, asid: u32) -> Result {
+    /// Returns at once once the device is fenced (it runs nothing any more); `ETIMEDOUT` if the
+    /// jobs do not drain.
+    pub(crate) fn wait_idle(&self, bar: &DevresBar, asid: u32, health: &Health) -> Result {
         let start = Instant::<Monotonic>::now();
         let mut st = self.state.lock();
         loop {
-            self.retire(&mut st, bar);
-            if st.inflight.get(asid as usize).copied().unwrap_or(0) == 0 {
+            let _ = self.retire(&mut st, bar);
+            if st.inflight.get(asid as usize).copied().unwrap_or(0) == 0 || health.fenced() {
                 return Ok(());
             }
-            if st.wedged || bar.try_access().is_none() || start.elapsed() > JOB_TIMEOUT {
+            if health.failed() || start.elapsed() > job_timeout() {
                 return Err(ETIMEDOUT);
             }
             st = wait_on(&self.cv, &self.state, st, OnSignal::Nap)?;
@@ -642,6 +941,12 @@ impl Hw {
         }))
     }
 
+    /// Wakes every waiter on the device (after a failure: they re-check its health).
+    pub(crate) fn wake_all(&self) {
+        self.cmdq.complete();
+        self.jobs.wake();
+    }
+
     /// Programs every unit and enables it, then waits for CR0ACK.
     pub(crate) fn enable(&self, bar: &Bar<'_>) -> Result {
         write_addr(
@@ -682,13 +987,6 @@ impl Hw {
         );
         bar.write32(regs::CR0_MASK, regs::CR0 as usize);
         handshake(bar, regs::CR0_MASK)
-    }
-
-    /// Disables every unit and waits until the device acknowledges: after this the device no
-    /// longer touches any memory here.
-    pub(crate) fn quiesce(&self, bar: &Bar<'_>) -> Result {
-        bar.write32(0, regs::CR0 as usize);
-        handshake(bar, 0)
     }
 
     /// Writes context entry `asid`. The device's validator reads entries uncached at any time,

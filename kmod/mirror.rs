@@ -9,39 +9,59 @@
 //!   with a 2 MiB device entry where the CPU maps 2 MiB.
 //! - **Shootdown** ([`Mirror::invalidate`]): context lock -> `mmu_interval_set_seq()` -> clear the
 //!   device PTEs -> `CMD_INV_RANGE` (or `CMD_INV_ASID` above [`INV_ASID_THRESHOLD`] pages) + SYNC ->
-//!   wait for the SYNC. Page-table pages detached from the tree are freed only after it.
+//!   wait for the SYNC, or for the fence if the device fails meanwhile
+//!   ([`crate::device::Shared::sync`]). Tables emptied at any level are detached and freed only
+//!   after that.
+//! - **Device faults** ([`on_event`]): the event interrupt queues a stalled fault on its
+//!   context; the context's own work item (one at a time per context, on the unbound
+//!   workqueue) serves it with the unlocked `hmm_range_fault()` variant, which lets a
+//!   userfaultfd handler resolve the fault, and answers RESUME or ABORT. A fault that blocks
+//!   holds up only its own context.
 //! - **Release** (the `Release` event, and file close): disable the context on the device
-//!   (`CFGI_CTX` + `CMD_INV_ASID` + SYNC) before anything is freed.
+//!   (`CFGI_CTX` + `CMD_INV_ASID` + SYNC) before anything is freed. An ASID whose teardown the
+//!   device did not confirm (it was fenced instead) is quarantined, never reused.
 //!
-//! The context lock (`Mirror::state`) is "the driver lock" of [`crate::mm`]: nothing under it
-//! allocates with `GFP_KERNEL` or enters the mm (page-table pages come from the preallocated
-//! [`crate::hw::PtPool`]).
+//! # Locks
+//!
+//! A context's lock (`Mirror::state`) is "the driver lock" of [`crate::mm`]: it is taken in the
+//! invalidation callback, under the mm's locks, so nothing under it allocates with `GFP_KERNEL`
+//! or enters the mm (table pages come from the preallocated [`crate::hw::PtPool`]; the list of
+//! tables to free after a SYNC has its room reserved at open). Under it: the pool spinlock, the
+//! command queue locks, and the fence mutex when a SYNC fails. `Mirror::faults` is a spinlock
+//! taken alone.
+//!
+//! # Bounds
+//!
+//! A context holds at most `max_pt_pages` table pages (module parameter; `ENOMEM` beyond) and a
+//! process at most `max_contexts` contexts (`EBUSY` beyond), so that one process cannot take the
+//! pool or the ASIDs from everyone else.
 
 use crate::abi::{cmd, event as ev, pte, uapi};
-use crate::driver::Shared;
-use crate::hw::{PtPage, Wait};
+use crate::device::Shared;
+use crate::hw::{PtPage, PtRef, Synced, Wait};
 use crate::mm::{self, FaultOutcome, HmmPfn, HmmRequest, IntervalInvalidate, IntervalNotifier};
 use crate::mm::{NotifierEvent, NotifierRange};
 use core::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering};
 use kernel::{
     mm::{MmWithUser, MmWithUserAsync},
-    new_mutex,
+    new_mutex, new_spinlock,
     prelude::*,
     sync::aref::ARef,
-    sync::{Arc, Mutex},
-    time::{delay::fsleep, Delta, Instant, Monotonic},
+    sync::{Arc, Mutex, SpinLock},
+    time::{delay::fsleep, msecs_to_jiffies, Delta, Instant, Monotonic},
+    workqueue,
 };
 
 /// Pages above which one invalidation flushes the whole ASID instead of a range (SMMUv3's
 /// `CMDQ_MAX_TLBI_OPS` heuristic).
 pub(crate) const INV_ASID_THRESHOLD: u64 = 512;
 /// A populate that keeps colliding with invalidations gives up with `EBUSY` after this long.
-const POPULATE_TIMEOUT: Delta = Delta::from_secs(2);
-/// Page-table pages detached by one invalidation that can wait for its SYNC to be freed; beyond
-/// that, entries are cleared in place.
-const MAX_DEFERRED_FREE: usize = 32;
+const POPULATE_TIMEOUT_MS: u32 = 2000;
 /// Violations printed per context (the rest are only counted).
 const VIOLATIONS_LOGGED: u64 = 8;
+/// Stalled faults a context can have queued (the device runs one job at a time, so one is
+/// the usual number; beyond this they are aborted).
+const FAULT_QUEUE: usize = 8;
 
 const PAGE: u64 = pte::PAGE_SIZE;
 const HUGE: u64 = pte::HUGE_PAGE_SIZE;
@@ -52,26 +72,76 @@ const fn span(level: u32) -> u64 {
     1 << (12 + 9 * (level - 1))
 }
 
+/// The most table pages one context may hold (the `max_pt_pages` parameter, at least 4: a
+/// root and one path down).
+fn max_pt_pages() -> usize {
+    (crate::module_parameters::max_pt_pages.value() as usize).max(4)
+}
+
 /// A context: the interval notifier with its driver data.
 pub(crate) type Context = IntervalNotifier<Mirror>;
 
 /// Page-table state, under the context lock.
 struct PtState {
-    /// Root (level 4) table.
-    root: PtPage,
-    /// Table pages held, root included.
-    pages: u64,
+    /// Root (level 4) table; `None` only while the context is being dropped.
+    root: Option<PtPage>,
+    /// Table pages held, root and `deferred` included.
+    pages: usize,
     /// The address space was torn down: nothing is mapped any more, ioctls get `EINVAL`.
     released: bool,
     /// Device PTEs were cleared without a completed invalidation (a non-blockable callback gave
-    /// up, or a SYNC timed out): the next invalidation flushes the ASID whatever it clears.
+    /// up, or a SYNC was skipped): the next invalidation flushes the ASID whatever it clears.
     need_flush: bool,
-    /// The device never confirmed the context was off: its tables (root included) are leaked
-    /// rather than reused.
-    leaked: bool,
-    /// Tables detached by the current invalidation, freed after its SYNC.
-    deferred: [PtPage; MAX_DEFERRED_FREE],
-    ndeferred: usize,
+    /// Tables detached from the tree, freed after the next SYNC. Its capacity, reserved at
+    /// open, is the context's page bound, so pushing never allocates.
+    deferred: KVec<PtPage>,
+}
+
+impl PtState {
+    fn root(&self) -> Result<PtRef> {
+        self.root.as_ref().map(PtPage::id).ok_or(EINVAL)
+    }
+}
+
+/// One stalled device fault, waiting for its context's work item.
+#[derive(Clone, Copy, Default)]
+struct Fault {
+    va: u64,
+    write: bool,
+    /// The stall tag to RESUME or ABORT.
+    tag: u64,
+    /// The job that stalled.
+    job: u64,
+}
+
+/// Faults queued for a context's work item, under `Mirror::faults`.
+struct FaultQueue {
+    pending: [Fault; FAULT_QUEUE],
+    head: usize,
+    len: usize,
+    /// A work item is serving this queue (it stops when the queue is empty).
+    serving: bool,
+}
+
+impl FaultQueue {
+    fn push(&mut self, f: Fault) -> bool {
+        if self.len == FAULT_QUEUE {
+            return false;
+        }
+        self.pending[(self.head + self.len) % FAULT_QUEUE] = f;
+        self.len += 1;
+        true
+    }
+
+    fn pop(&mut self) -> Option<Fault> {
+        if self.len == 0 {
+            return None;
+        }
+        let f = self.pending[self.head];
+        self.head = (self.head + 1) % FAULT_QUEUE;
+        self.len -= 1;
+        Some(f)
+    }
 }
 
 /// Counters, readable without the lock (see [`uapi::ZgStats`]).
@@ -106,8 +176,8 @@ fn bump(c: &AtomicU64, n: u64) {
 /// # Invariants
 ///
 /// - `asid` is allocated to this context in [`Shared`]'s ASID table from creation until
-///   [`Mirror::shutdown`] released it (or until drop, if the context never reached the device).
-/// - Every table page reachable from `state.root` (and `state.root` itself) is owned by this
+///   [`Mirror::shutdown`] freed or quarantined it (`asid_done`), or until drop.
+/// - Every table page reachable from `state.root` (and the root itself) is owned by this
 ///   context, and freed only once the device can no longer reach it.
 #[pin_data(PinnedDrop)]
 pub(crate) struct Mirror {
@@ -117,16 +187,18 @@ pub(crate) struct Mirror {
     la57: bool,
     #[pin]
     state: Mutex<PtState>,
+    #[pin]
+    faults: SpinLock<FaultQueue>,
     stats: Stats,
     /// `ZG_INJ_*` bugs enabled on this context.
     inject: AtomicU32,
-    /// This context set the device's CMD_LAG (reset on close).
-    set_lag: AtomicBool,
+    /// This context set device test knobs (reset on close).
+    set_knobs: AtomicBool,
     /// The last fault the driver could not serve: (job id, negative errno).
     abort_job: AtomicU64,
     abort_errno: AtomicI64,
-    /// The ASID went back to the allocator (see `shutdown`).
-    asid_released: AtomicBool,
+    /// The ASID was freed or quarantined (see `shutdown`).
+    asid_done: AtomicBool,
 }
 
 /// What one populate wrote.
@@ -139,15 +211,26 @@ pub(crate) struct MapOut {
 
 /// One zap: the range to clear, and what was cleared.
 struct Zap {
-    /// Range to clear.
-    s: u64,
-    e: u64,
+    start: u64,
+    end: u64,
+    /// 4 KiB pages whose device PTEs were cleared.
     pages: u64,
+    /// The span of the cleared entries (for `INV_RANGE`), valid when `pages > 0`.
     lo: u64,
     hi: u64,
 }
 
 impl Zap {
+    fn new(start: u64, end: u64) -> Self {
+        Self {
+            start,
+            end: end.min(pte::VA_LIMIT),
+            pages: 0,
+            lo: 0,
+            hi: 0,
+        }
+    }
+
     fn add(&mut self, lo: u64, hi: u64, pages: u64) {
         if self.pages == 0 {
             (self.lo, self.hi) = (lo, hi);
@@ -157,68 +240,88 @@ impl Zap {
         }
         self.pages += pages;
     }
+
+    fn covers(&self, lo: u64, hi: u64) -> bool {
+        self.start <= lo && hi <= self.end
+    }
 }
 
 /// Creates the context of a file being opened by the current task: an ASID, a root table, the
 /// interval notifier over the whole device-addressable range, and the enabled context entry.
 pub(crate) fn open(shared: &Arc<Shared>) -> Result<Arc<Context>> {
+    shared.check_live()?;
     let task = kernel::current!();
     let mm = task.mm().ok_or(EINVAL)?;
-    let asid = shared.alloc_asid()?;
-    let root = match shared.hw.pool.alloc() {
-        Ok(Some(p)) => p,
-        Ok(None) => {
-            shared.free_asid(asid);
-            return Err(ENOMEM);
-        }
+    let max_ctx = crate::module_parameters::max_contexts.value().max(1) as usize;
+    let asid = shared.alloc_asid(mm.as_raw() as usize, max_ctx)?;
+    let data = match new_mirror(shared, asid) {
+        Ok(data) => data,
         Err(e) => {
             shared.free_asid(asid);
             return Err(e);
         }
     };
-    let la57 = mm::cpu_pt_levels() == 5;
-    let data = try_pin_init!(Mirror {
-        shared: shared.clone(),
-        asid,
-        la57,
-        state <- new_mutex!(PtState {
-            root,
-            pages: 1,
-            released: false,
-            need_flush: false,
-            leaked: false,
-            deferred: [0; MAX_DEFERRED_FREE],
-            ndeferred: 0,
-        }, "zapguard_ctx"),
-        stats: Stats::default(),
-        inject: AtomicU32::new(0),
-        set_lag: AtomicBool::new(false),
-        abort_job: AtomicU64::new(u64::MAX),
-        abort_errno: AtomicI64::new(0),
-        asid_released: AtomicBool::new(false),
-    }? Error);
     // On failure `data` is dropped, and with it the root page and the ASID.
     let ctx = Arc::pin_init(
         Context::insert(mm, 0, pte::VA_LIMIT as usize, data),
         GFP_KERNEL,
     )?;
-    let entry = ctx.entry(root, ctx.mm(), pte::CTX_VALIDATE)?;
-    let cfgi = [cmd::Command::new(cmd::CMD_CFGI_CTX, 0, asid, 0, 0)];
-    let enable = || -> Result {
-        shared.hw.write_ctx(asid, &entry)?;
-        let seq = shared.hw.cmdq.post(&shared.bar, &cfgi, true, Wait::Sleep)?;
-        shared.hw.cmdq.wait(seq, Wait::Sleep)?;
-        shared.publish(asid, ctx.clone())
-    };
-    if let Err(e) = enable() {
-        // Leave no valid entry pointing at tables about to be freed.
-        let _ = shared.hw.write_ctx(asid, &pte::ContextEntry::default());
-        if let Ok(seq) = shared.hw.cmdq.post(&shared.bar, &cfgi, true, Wait::Sleep) {
-            let _ = shared.hw.cmdq.wait(seq, Wait::Sleep);
-        }
-        return Err(e);
-    }
+    ctx.enable()?;
     Ok(ctx)
+}
+
+/// The initializer of a context's driver data (allocations happen here, outside any lock).
+fn new_mirror(shared: &Arc<Shared>, asid: u32) -> Result<impl PinInit<Mirror, Error>> {
+    let deferred = KVec::with_capacity(max_pt_pages(), GFP_KERNEL)?;
+    let root = shared.hw.pool.alloc()?.ok_or(ENOMEM)?;
+    let state = PtState {
+        root: Some(root),
+        pages: 1,
+        released: false,
+        need_flush: false,
+        deferred,
+    };
+    let queue = FaultQueue {
+        pending: [Fault::default(); FAULT_QUEUE],
+        head: 0,
+        len: 0,
+        serving: false,
+    };
+    let shared = shared.clone();
+    Ok(try_pin_init!(Mirror {
+        shared,
+        asid,
+        la57: mm::cpu_pt_levels() == 5,
+        state <- new_mutex!(state, "zapguard_ctx"),
+        faults <- new_spinlock!(queue, "zapguard_faults"),
+        stats: Stats::default(),
+        inject: AtomicU32::new(0),
+        set_knobs: AtomicBool::new(false),
+        abort_job: AtomicU64::new(u64::MAX),
+        abort_errno: AtomicI64::new(0),
+        asid_done: AtomicBool::new(false),
+    }? Error))
+}
+
+impl Context {
+    /// Writes the context entry and loads it on the device: `CFGI_CTX` + `INV_ASID` (the ASID's
+    /// previous owner may have left IOTLB entries behind) + SYNC; then events reach it.
+    fn enable(self: &Arc<Self>) -> Result {
+        let entry = {
+            let st = self.state.lock();
+            self.entry(st.root()?, self.mm(), pte::CTX_VALIDATE)?
+        };
+        self.shared.hw.write_ctx(self.asid, &entry)?;
+        match self.shared.sync(&self.load_cmds()) {
+            Synced::Done(_) => self.shared.publish(self.asid, self.clone()),
+            Synced::Fenced => {
+                // Nothing can reach the tables; the ASID stays out of reuse.
+                self.shared.quarantine_asid(self.asid);
+                self.asid_done.store(true, Ordering::Relaxed);
+                Err(self.shared.failure_error())
+            }
+        }
+    }
 }
 
 impl Mirror {
@@ -230,104 +333,97 @@ impl Mirror {
         self.inject.load(Ordering::Relaxed) & mode != 0
     }
 
-    /// The table an entry points to, allocating it if `alloc` and absent.
+    /// The commands that make the device (re)load this context's entry and forget its ASID.
+    fn load_cmds(&self) -> [cmd::Command; 2] {
+        [
+            cmd::Command::new(cmd::CMD_CFGI_CTX, 0, self.asid, 0, 0),
+            cmd::Command::new(cmd::CMD_INV_ASID, 0, self.asid, 0, 0),
+        ]
+    }
+
+    /// A zeroed table page, within the context's bound (`ENOMEM` beyond it or when the pool is
+    /// empty). Never sleeps.
+    fn new_table(&self, st: &mut PtState) -> Result<PtPage> {
+        if st.pages >= max_pt_pages() {
+            return Err(ENOMEM);
+        }
+        let page = self.pool().alloc()?.ok_or(ENOMEM)?;
+        st.pages += 1;
+        Ok(page)
+    }
+
+    /// The table entry `idx` of `table` points to, allocating it if `alloc` and absent.
     fn child(
         &self,
         st: &mut PtState,
-        table: PtPage,
+        table: PtRef,
         idx: usize,
         alloc: bool,
-    ) -> Result<Option<PtPage>> {
-        let e = self.pool().read(table, idx)?;
-        if e & pte::PTE_P != 0 {
-            if e & pte::PTE_PS != 0 {
+    ) -> Result<Option<PtRef>> {
+        let entry = self.pool().read(table, idx)?;
+        if entry & pte::PTE_P != 0 {
+            if entry & pte::PTE_PS != 0 {
                 // Only level-2 entries may be huge, and callers never ask for their child.
                 return Err(EIO);
             }
-            return self.pool().page_at(e & pte::PTE_ADDR_MASK).map(Some);
+            return self.pool().page_at(entry & pte::PTE_ADDR_MASK).map(Some);
         }
         if !alloc {
             return Ok(None);
         }
-        let page = self.pool().alloc()?.ok_or(ENOMEM)?;
-        st.pages += 1;
+        let page = self.new_table(st)?;
         // Table entries carry W so that leaf permissions alone decide.
-        self.pool().write(
-            table,
-            idx,
-            self.pool().addr(page)? | pte::PTE_P | pte::PTE_W,
-        )?;
-        Ok(Some(page))
+        let child = self
+            .pool()
+            .attach(table, idx, page, pte::PTE_P | pte::PTE_W)?;
+        Ok(Some(child))
     }
 
     /// The level-2 table covering `va`.
-    fn l2(&self, st: &mut PtState, va: u64, alloc: bool) -> Result<Option<PtPage>> {
-        let root = st.root;
+    fn l2_table(&self, st: &mut PtState, va: u64, alloc: bool) -> Result<Option<PtRef>> {
+        let root = st.root()?;
         let Some(l3) = self.child(st, root, pte::pt_index(va, 4), alloc)? else {
             return Ok(None);
         };
         self.child(st, l3, pte::pt_index(va, 3), alloc)
     }
 
-    /// Writes device PTEs for `[s, e)` (inside one 2 MiB block) from `pfns`.
+    /// Writes device PTEs for `[start, end)` (inside one 2 MiB block) from `pfns`.
     fn commit(
         &self,
         st: &mut PtState,
-        s: u64,
-        e: u64,
+        start: u64,
+        end: u64,
         pfns: &[HmmPfn],
         write: bool,
         out: &mut MapOut,
     ) -> Result {
-        let l2 = self.l2(st, s, true)?.ok_or(ENOMEM)?;
-        let i2 = pte::pt_index(s, 2);
-        let l2e = self.pool().read(l2, i2)?;
-        let wbit = |w: bool| if w { pte::PTE_W } else { 0 };
-        // A 2 MiB device entry when the CPU maps the whole block with one PMD.
-        if e - s == HUGE && l2e & pte::PTE_P == 0 {
-            let base = pfns.first().map_or(0, |p| p.phys());
-            let huge = base % HUGE == 0
-                && pfns.iter().enumerate().all(|(i, p)| {
-                    p.valid()
-                        && !p.error()
-                        && p.map_order() >= 9
-                        && p.phys() == base + i as u64 * PAGE
-                        && (!write || p.write())
-                });
-            if huge {
-                self.pool()
-                    .write(l2, i2, base | pte::PTE_P | pte::PTE_PS | wbit(write))?;
+        let l2 = self.l2_table(st, start, true)?.ok_or(ENOMEM)?;
+        let l2_idx = pte::pt_index(start, 2);
+        let l2_entry = self.pool().read(l2, l2_idx)?;
+        if end - start == HUGE && l2_entry & pte::PTE_P == 0 {
+            if let Some(base) = huge_frame(pfns, write) {
+                let leaf = base | pte::PTE_P | pte::PTE_PS | write_bit(write);
+                self.pool().write(l2, l2_idx, leaf)?;
                 out.huge += 1;
                 return Ok(());
             }
         }
-        let l1 = if l2e & pte::PTE_P == 0 {
-            self.child(st, l2, i2, true)?.ok_or(ENOMEM)?
-        } else if l2e & pte::PTE_PS != 0 {
-            // Split: the same translations as 4 KiB entries, then update the range. The device
-            // may keep using the cached 2 MiB translation meanwhile; it maps the same pages.
-            let page = self.pool().alloc()?.ok_or(ENOMEM)?;
-            st.pages += 1;
-            let frame = l2e & pte::PTE_ADDR_MASK;
-            for i in 0..ENTRIES {
-                let leaf = (frame + i as u64 * PAGE) | pte::PTE_P | (l2e & pte::PTE_W);
-                self.pool().write(page, i, leaf)?;
-            }
-            self.pool()
-                .write(l2, i2, self.pool().addr(page)? | pte::PTE_P | pte::PTE_W)?;
-            page
+        let l1 = if l2_entry & pte::PTE_P == 0 {
+            self.child(st, l2, l2_idx, true)?.ok_or(ENOMEM)?
+        } else if l2_entry & pte::PTE_PS != 0 {
+            self.split_huge(st, l2, l2_idx, l2_entry)?
         } else {
-            self.pool().page_at(l2e & pte::PTE_ADDR_MASK)?
+            self.pool().page_at(l2_entry & pte::PTE_ADDR_MASK)?
         };
-        for (i, p) in pfns.iter().enumerate() {
-            if !p.valid() || p.error() {
+        for (i, pfn) in pfns.iter().enumerate() {
+            if !pfn.valid() || pfn.error() {
                 continue;
             }
-            let va = s + i as u64 * PAGE;
-            let idx = pte::pt_index(va, 1);
+            let idx = pte::pt_index(start + i as u64 * PAGE, 1);
             let old = self.pool().read(l1, idx)?;
-            let mut leaf = p.phys() | pte::PTE_P | wbit(write && p.write());
-            if old & pte::PTE_P != 0 && old & pte::PTE_ADDR_MASK == p.phys() {
+            let mut leaf = pfn.phys() | pte::PTE_P | write_bit(write && pfn.write());
+            if old & pte::PTE_P != 0 && old & pte::PTE_ADDR_MASK == pfn.phys() {
                 // Never downgrade without an invalidation; keep the device's A/D bits.
                 leaf |= old & (pte::PTE_W | pte::PTE_A | pte::PTE_D);
                 if leaf == old {
@@ -340,144 +436,148 @@ impl Mirror {
         Ok(())
     }
 
-    /// Clears every device PTE in `[z.s, z.e)` below `table` (a table at `level` mapping
-    /// `base`).
-    fn zap_level(
+    /// Replaces the 2 MiB leaf at `l2[idx]` by a table of the same translations as 4 KiB
+    /// entries, so that part of the block can change. The device may keep using the cached
+    /// 2 MiB translation meanwhile: it maps the same pages.
+    fn split_huge(&self, st: &mut PtState, l2: PtRef, idx: usize, leaf: u64) -> Result<PtRef> {
+        let page = self.new_table(st)?;
+        let frame = leaf & pte::PTE_ADDR_MASK;
+        for i in 0..ENTRIES {
+            let small = (frame + i as u64 * PAGE) | pte::PTE_P | (leaf & pte::PTE_W);
+            self.pool().write(page.id(), i, small)?;
+        }
+        self.pool().attach(l2, idx, page, pte::PTE_P | pte::PTE_W)
+    }
+
+    /// Clears every device PTE in `[z.start, z.end)` below `table` (a table at `level` mapping
+    /// from `base`), and detaches every table that ends up empty (freed after the SYNC).
+    fn zap_table(
         &self,
         st: &mut PtState,
-        table: PtPage,
+        table: PtRef,
         level: u32,
         base: u64,
         z: &mut Zap,
     ) -> Result {
-        let (s, e) = (z.s, z.e);
-        let sz = span(level);
-        let first = ((s.max(base) - base) / sz) as usize;
-        let mut idx = first;
-        while idx < ENTRIES {
-            let lo = base + idx as u64 * sz;
-            if lo >= e {
+        let size = span(level);
+        let first = ((z.start.max(base) - base) / size) as usize;
+        for idx in first..ENTRIES {
+            let lo = base + idx as u64 * size;
+            if lo >= z.end {
                 break;
             }
-            let hi = lo + sz;
-            let ent = self.pool().read(table, idx)?;
-            if ent & pte::PTE_P != 0 {
-                if level == 1 || ent & pte::PTE_PS != 0 {
-                    self.pool().write(table, idx, 0)?;
-                    z.add(lo, hi, sz / PAGE);
-                } else {
-                    let child = self.pool().page_at(ent & pte::PTE_ADDR_MASK)?;
-                    if level == 2 && s <= lo && hi <= e && st.ndeferred < MAX_DEFERRED_FREE {
-                        // The whole block goes: detach its table, free it after the SYNC.
-                        let mut n = 0;
-                        for i in 0..ENTRIES {
-                            n += self.pool().read(child, i)? & pte::PTE_P;
-                        }
-                        self.pool().write(table, idx, 0)?;
-                        st.deferred[st.ndeferred] = child;
-                        st.ndeferred += 1;
-                        // Count the block even if empty: its table pointer must be flushed
-                        // from nothing (no walk cache) but the SYNC orders the free.
-                        z.add(lo, hi, n.max(1));
-                    } else {
-                        self.zap_level(st, child, level - 1, lo, z)?;
-                    }
+            let hi = lo + size;
+            let entry = self.pool().read(table, idx)?;
+            if entry & pte::PTE_P == 0 {
+                continue;
+            }
+            if level == 1 || entry & pte::PTE_PS != 0 {
+                // A 2 MiB leaf only partly in range goes whole: the device faults the rest in.
+                self.pool().write(table, idx, 0)?;
+                z.add(lo, hi, size / PAGE);
+                continue;
+            }
+            let child = self.pool().page_at(entry & pte::PTE_ADDR_MASK)?;
+            self.zap_table(st, child, level - 1, lo, z)?;
+            let empty = z.covers(lo, hi) || self.pool().is_empty(child)?;
+            // The room is reserved at open; a full list (impossible) just keeps the table.
+            if empty && st.deferred.len() < st.deferred.capacity() {
+                if let Some(page) = self.pool().detach(table, idx)? {
+                    let _ = st.deferred.push_within_capacity(page);
                 }
             }
-            idx += 1;
         }
         Ok(())
     }
 
-    /// Clears `[s, e)`, invalidates the device TLB and waits (per `how`). Returns pages zapped.
+    /// Clears `[start, end)`, invalidates the device TLB and waits per `how` (plus `ctx_cmds`
+    /// first, for teardown). Returns pages zapped and how the SYNC ended (`None`: nothing to do).
+    /// With [`Wait::Spin`], `EAGAIN` when it could not finish without sleeping.
     fn shootdown(
         &self,
         st: &mut PtState,
-        s: u64,
-        e: u64,
+        start: u64,
+        end: u64,
         how: Wait,
-        ctx_cmd: Option<cmd::Command>,
-    ) -> Result<u64> {
-        let mut z = Zap {
-            s,
-            e: e.min(pte::VA_LIMIT),
-            pages: 0,
-            lo: 0,
-            hi: 0,
-        };
-        let root = st.root;
-        let r = self.zap_level(st, root, pte::PT_LEVELS, 0, &mut z);
-        if z.pages == 0 && !st.need_flush && ctx_cmd.is_none() {
+        ctx_cmds: &[cmd::Command],
+    ) -> Result<(u64, Option<Synced>)> {
+        let mut z = Zap::new(start, end);
+        let root = st.root()?;
+        let zapped = self.zap_table(st, root, pte::PT_LEVELS, 0, &mut z);
+        if z.pages == 0 && st.deferred.is_empty() && !st.need_flush && ctx_cmds.is_empty() {
             bump(&self.stats.invalidations_empty, 1);
-            return r.map(|()| 0);
+            return zapped.map(|()| (0, None));
         }
         bump(&self.stats.pages_zapped, z.pages);
-        let flush_all =
-            st.need_flush || ctx_cmd.is_some() || (z.hi - z.lo) / PAGE > INV_ASID_THRESHOLD;
         // Cleared entries must not be trusted to be out of the IOTLB until the SYNC completes.
+        let flush_all =
+            st.need_flush || !ctx_cmds.is_empty() || (z.hi - z.lo) / PAGE > INV_ASID_THRESHOLD;
         st.need_flush = true;
-        let mut cmds = [cmd::Command::default(); 2];
+        let mut cmds = [cmd::Command::default(); 3];
         let mut n = 0;
-        if let Some(c) = ctx_cmd {
-            cmds[n] = c;
+        for (slot, c) in cmds.iter_mut().zip(ctx_cmds.iter().take(2)) {
+            *slot = *c;
             n += 1;
         }
-        cmds[n] = if flush_all {
+        cmds[n] = self.invalidation(&z, flush_all);
+        let cmds = &cmds[..=n];
+        if ctx_cmds.is_empty() && self.injected(uapi::ZG_INJ_EARLY_TABLE_FREE) {
+            self.free_detached_early(st);
+        }
+        if ctx_cmds.is_empty() && self.injected(uapi::ZG_INJ_SKIP_SYNC_WAIT) {
+            // Bug on purpose: return before the device confirmed. The detached tables stay
+            // pending until a later shootdown that does wait, so the pool stays consistent.
+            let _ =
+                self.shared
+                    .hw
+                    .cmdq
+                    .post(&self.shared.bar, cmds, true, how, &self.shared.health);
+            st.need_flush = false;
+            return zapped.map(|()| (z.pages, None));
+        }
+        let synced = match how {
+            Wait::Sleep => self.shared.sync(cmds),
+            Wait::Spin => self.shared.sync_nonblocking(cmds)?,
+        };
+        if let Synced::Done(took) = synced {
+            let ns = took.as_nanos().max(0) as u64;
+            bump(&self.stats.sync_waits, 1);
+            bump(&self.stats.sync_wait_ns, ns);
+            self.stats.sync_wait_max_ns.fetch_max(ns, Ordering::Relaxed);
+        }
+        st.need_flush = false;
+        self.free_deferred(st);
+        zapped.map(|()| (z.pages, Some(synced)))
+    }
+
+    /// The IOTLB command for zap `z`: the ASID, or the span of what was cleared.
+    fn invalidation(&self, z: &Zap, flush_all: bool) -> cmd::Command {
+        if flush_all || z.pages == 0 {
             bump(&self.stats.inv_asid_cmds, 1);
             cmd::Command::new(cmd::CMD_INV_ASID, 0, self.asid, 0, 0)
         } else {
             bump(&self.stats.inv_range_cmds, 1);
             cmd::Command::new(cmd::CMD_INV_RANGE, 0, self.asid, z.lo, z.hi - z.lo)
-        };
-        n += 1;
-        let hw = &self.shared.hw;
-        let posted = hw.cmdq.post(&self.shared.bar, &cmds[..n], true, how);
-        let seq = match posted {
-            Ok(seq) => seq,
-            // Unbound: the device was quiesced, nothing can use the translations.
-            Err(e) if e == ENODEV => {
-                self.free_deferred(st);
-                st.need_flush = false;
-                return Ok(z.pages);
-            }
-            Err(e) => return Err(e),
-        };
-        // Teardown (`ctx_cmd`) always waits: the injected bug is in the mm callbacks only.
-        if ctx_cmd.is_none() && self.injected(uapi::ZG_INJ_SKIP_SYNC_WAIT) {
-            // Bug on purpose: return before the device confirmed. The detached tables stay
-            // pending until a later shootdown that does wait, so the pool stays consistent.
-            st.need_flush = false;
-            return Ok(z.pages);
         }
-        let took = hw.cmdq.wait(seq, how)?;
-        bump(&self.stats.sync_waits, 1);
-        let ns = took.as_nanos().max(0) as u64;
-        bump(&self.stats.sync_wait_ns, ns);
-        self.stats.sync_wait_max_ns.fetch_max(ns, Ordering::Relaxed);
-        st.need_flush = false;
-        self.free_deferred(st);
-        r.map(|()| z.pages)
     }
 
+    /// Frees the tables detached before the SYNC that just completed (or the fence).
     fn free_deferred(&self, st: &mut PtState) {
-        for i in 0..st.ndeferred {
-            self.pool().free(st.deferred[i]);
+        while let Some(page) = st.deferred.pop() {
+            self.pool().free(page);
+            st.pages -= 1;
         }
-        st.pages -= st.ndeferred as u64;
-        st.ndeferred = 0;
     }
 
-    /// Frees every table below `table` (a table at `level`), not `table` itself.
-    fn free_tree(&self, st: &mut PtState, table: PtPage, level: u32) -> Result {
+    /// Frees every table below `table` (a table at `level`), not `table` itself. Only once the
+    /// device can no longer reach any of them.
+    fn free_tree(&self, st: &mut PtState, table: PtRef, level: u32) -> Result {
         if level == 1 {
             return Ok(());
         }
         for i in 0..ENTRIES {
-            let e = self.pool().read(table, i)?;
-            if e & pte::PTE_P != 0 && e & pte::PTE_PS == 0 {
-                let child = self.pool().page_at(e & pte::PTE_ADDR_MASK)?;
-                self.free_tree(st, child, level - 1)?;
-                self.pool().write(table, i, 0)?;
+            if let Some(child) = self.pool().detach(table, i)? {
+                self.free_tree(st, child.id(), level - 1)?;
                 self.pool().free(child);
                 st.pages -= 1;
             }
@@ -486,62 +586,63 @@ impl Mirror {
     }
 
     /// Disables the context on the device and drops every mapping: the device can no longer
-    /// reach this address space when this returns (or the device is gone). `flags` is what the
-    /// context entry says afterwards (0, or `CTX_MM_RELEASED` so that the validator flags any
-    /// later use); it is written only once the device confirmed the context is off, since the
-    /// validator reads it uncached and DMA still in flight before the SYNC is legal.
-    fn disable(&self, st: &mut PtState, flags: u64) -> Result {
+    /// reach this address space when this returns (it confirmed, or it is fenced). `flags` is
+    /// what the context entry says afterwards (0, or `CTX_MM_RELEASED` so that the validator
+    /// flags any later use); it is written only once the device confirmed the context is off,
+    /// since the validator reads it uncached and DMA still in flight before the SYNC is legal.
+    fn disable(&self, st: &mut PtState, flags: u64) -> Result<Synced> {
         let hw = &self.shared.hw;
         hw.write_ctx(self.asid, &pte::ContextEntry::default())?;
-        let cfgi = cmd::Command::new(cmd::CMD_CFGI_CTX, 0, self.asid, 0, 0);
-        let r = self.shootdown(st, 0, pte::VA_LIMIT, Wait::Sleep, Some(cfgi));
-        if r.is_ok() && flags != 0 {
-            hw.write_ctx(
-                self.asid,
-                &pte::ContextEntry {
-                    flags,
-                    ..Default::default()
-                },
-            )?;
+        let (_, synced) = self.shootdown(st, 0, pte::VA_LIMIT, Wait::Sleep, &self.load_cmds())?;
+        let synced = synced.unwrap_or(Synced::Fenced);
+        if matches!(synced, Synced::Done(_)) && flags != 0 {
+            let entry = pte::ContextEntry {
+                flags,
+                ..Default::default()
+            };
+            hw.write_ctx(self.asid, &entry)?;
         }
-        if r.is_err() {
-            // The device did not confirm (SYNC timeout, queue error): it might still walk the
-            // tables, so they are leaked rather than reused (the leak report at unload says so).
-            st.leaked = true;
-            return r.map(|_| ());
-        }
-        // With the context invalid and its translations flushed, no walk can reach the tables.
-        let root = st.root;
-        self.free_tree(st, root, pte::PT_LEVELS)
+        // With the context invalid and its translations flushed (or the device fenced), no
+        // walk can reach the tables.
+        let root = st.root()?;
+        self.free_tree(st, root, pte::PT_LEVELS)?;
+        Ok(synced)
     }
 
-    /// File close: disable the context, wait for its queued jobs, give the ASID back.
+    /// File close: disable the context, wait for its queued jobs, then free the ASID, or
+    /// quarantine it if the device did not confirm.
     pub(crate) fn shutdown(&self) {
         let shared = &self.shared;
         shared.unpublish(self.asid);
-        {
+        let synced = {
             let mut st = self.state.lock();
-            if let Err(e) = self.disable(&mut st, 0) {
-                pr_err!("asid {}: disable failed: {:?}\n", self.asid, e);
-            }
+            let r = self.disable(&mut st, 0);
             st.released = true;
+            r
+        };
+        if self.set_knobs.load(Ordering::Relaxed) {
+            shared.reset_knobs();
         }
-        if self.set_lag.load(Ordering::Relaxed) {
-            shared.set_cmd_lag(0);
-        }
-        // A job queued by a task that was interrupted still names this ASID: the ASID may be
-        // reused only once it is gone (it ends quickly: the context is invalid).
-        match shared.hw.jobs.wait_idle(&shared.bar, self.asid) {
-            Ok(()) => {
-                shared.free_asid(self.asid);
-                self.asid_released.store(true, Ordering::Relaxed);
+        // A job queued by a task that was killed still names this ASID: the ASID may be reused
+        // only once it is gone (it ends quickly: the context is invalid).
+        let idle = shared
+            .hw
+            .jobs
+            .wait_idle(&shared.bar, self.asid, &shared.health);
+        match (synced, idle) {
+            (Ok(Synced::Done(_)), Ok(())) => shared.free_asid(self.asid),
+            (synced, _) => {
+                if let Err(e) = synced {
+                    pr_err!("asid {}: disable failed: {:?}\n", self.asid, e);
+                }
+                shared.quarantine_asid(self.asid);
             }
-            Err(_) => pr_err!("asid {}: jobs did not drain, ASID leaked\n", self.asid),
         }
+        self.asid_done.store(true, Ordering::Relaxed);
     }
 
-    /// Records what the event thread saw for this ASID.
-    pub(crate) fn on_event(&self, e: &ev::Event) {
+    /// Records an event of this context's ASID (counters, violations).
+    fn record_event(&self, e: &ev::Event) {
         match e.ty {
             ev::EVT_FAULT => bump(&self.stats.faults, 1),
             ev::EVT_VIOLATION => {
@@ -564,7 +665,7 @@ impl Mirror {
     }
 
     /// Records that job `id` was aborted because its fault could not be served.
-    pub(crate) fn record_abort(&self, id: u64, err: Error) {
+    fn record_abort(&self, id: u64, err: Error) {
         self.abort_errno
             .store(err.to_errno().into(), Ordering::Relaxed);
         self.abort_job.store(id, Ordering::Release);
@@ -579,19 +680,23 @@ impl Mirror {
         None
     }
 
+    /// Whether the driver is serving a fault of this context (a job waiting for that is not
+    /// waiting for the device).
+    pub(crate) fn serving_fault(&self) -> bool {
+        self.faults.lock().serving
+    }
+
     pub(crate) fn count_job(&self) {
         bump(&self.stats.dma_jobs, 1);
     }
 
-    pub(crate) fn count_fault_result(&self, ok: bool) {
-        bump(
-            if ok {
-                &self.stats.faults_resolved
-            } else {
-                &self.stats.faults_aborted
-            },
-            1,
-        );
+    fn count_fault_result(&self, ok: bool) {
+        let c = if ok {
+            &self.stats.faults_resolved
+        } else {
+            &self.stats.faults_aborted
+        };
+        bump(c, 1);
     }
 
     /// Whether the address space is gone.
@@ -600,7 +705,7 @@ impl Mirror {
     }
 
     /// The enabled context entry: valid, stalling, `extra` flags, the CPU root of `mm`.
-    fn entry(&self, root: PtPage, mm: &kernel::mm::Mm, extra: u64) -> Result<pte::ContextEntry> {
+    fn entry(&self, root: PtRef, mm: &kernel::mm::Mm, extra: u64) -> Result<pte::ContextEntry> {
         let la57 = if self.la57 { pte::CTX_CPU_LA57 } else { 0 };
         Ok(pte::ContextEntry {
             flags: pte::CTX_VALID | pte::CTX_STALL | la57 | extra,
@@ -625,7 +730,7 @@ impl Mirror {
         let s = &self.stats;
         let (released, pages) = {
             let st = self.state.lock();
-            (st.released, st.pages)
+            (st.released, st.pages as u64)
         };
         uapi::ZgStats {
             asid: self.asid,
@@ -653,21 +758,74 @@ impl Mirror {
             reserved: [0; 6],
         }
     }
+
+    /// Handles the `Release` event: disable the context before the page tables go.
+    fn release(&self, st: &mut PtState, mm: &kernel::mm::Mm) {
+        st.released = true;
+        if self.injected(uapi::ZG_INJ_KEEP_AFTER_RELEASE) {
+            // Bug on purpose: tell the validator the mm is gone, leave the context enabled.
+            let flags = self.validate_flag() | pte::CTX_MM_RELEASED;
+            if let Ok(entry) = st.root().and_then(|root| self.entry(root, mm, flags)) {
+                let _ = self.shared.hw.write_ctx(self.asid, &entry);
+            }
+            return;
+        }
+        if let Err(e) = self.disable(st, pte::CTX_MM_RELEASED) {
+            pr_err!("asid {}: release failed: {:?}\n", self.asid, e);
+        }
+    }
+
+    /// Whether an injected bug skips this invalidation altogether.
+    fn skips(&self, event: NotifierEvent) -> bool {
+        let protection = matches!(
+            event,
+            NotifierEvent::ProtectionVma | NotifierEvent::ProtectionPage
+        );
+        self.injected(uapi::ZG_INJ_SKIP_SHOOTDOWN)
+            || (protection && self.injected(uapi::ZG_INJ_KEEP_WRITE))
+    }
+
+    /// `ZG_INJ_EARLY_TABLE_FREE`, a bug on purpose: tables detached by this invalidation go
+    /// back to the pool before its SYNC, while a page walk may still read them.
+    fn free_detached_early(&self, st: &mut PtState) {
+        self.free_deferred(st);
+    }
+}
+
+/// The physical base of a 2 MiB block that `pfns` map contiguously with a CPU mapping of order
+/// 9 or more (and writable, if `write`), if they do.
+fn huge_frame(pfns: &[HmmPfn], write: bool) -> Option<u64> {
+    let base = pfns.first()?.phys();
+    let contiguous = base % HUGE == 0
+        && pfns.iter().enumerate().all(|(i, p)| {
+            p.valid()
+                && !p.error()
+                && p.map_order() >= 9
+                && p.phys() == base + i as u64 * PAGE
+                && (!write || p.write())
+        });
+    contiguous.then_some(base)
+}
+
+fn write_bit(write: bool) -> u64 {
+    if write {
+        pte::PTE_W
+    } else {
+        0
+    }
 }
 
 #[pinned_drop]
 impl PinnedDrop for Mirror {
     fn drop(self: Pin<&mut Self>) {
-        // Reached after `shutdown` (tables freed, device context disabled) or when creation
-        // failed before the device saw the context: either way the device cannot reach the root.
-        let (root, leaked) = {
-            let st = self.state.lock();
-            (st.root, st.leaked)
-        };
-        if !leaked {
+        // Reached after `shutdown` (tables freed, device context disabled or the device fenced)
+        // or when creation failed before the device saw the context: either way the device
+        // cannot reach the root.
+        let root = self.state.lock().root.take();
+        if let Some(root) = root {
             self.pool().free(root);
         }
-        if !self.asid_released.load(Ordering::Relaxed) && !self.state.lock().released {
+        if !self.asid_done.load(Ordering::Relaxed) {
             self.shared.free_asid(self.asid);
         }
     }
@@ -699,41 +857,23 @@ impl IntervalInvalidate for Mirror {
         };
         sub.set_seq(cur_seq);
         let event = range.event();
-        let skip = self.injected(uapi::ZG_INJ_SKIP_SHOOTDOWN)
-            || (self.injected(uapi::ZG_INJ_KEEP_WRITE)
-                && matches!(
-                    event,
-                    NotifierEvent::ProtectionVma | NotifierEvent::ProtectionPage
-                ));
-        if st.released || skip {
+        if st.released || self.skips(event) {
             return true;
         }
         if event == NotifierEvent::Release {
-            st.released = true;
-            if self.injected(uapi::ZG_INJ_KEEP_AFTER_RELEASE) {
-                // Bug on purpose: tell the validator the mm is gone, leave the context enabled.
-                let flags = self.validate_flag() | pte::CTX_MM_RELEASED;
-                if let Ok(entry) = self.entry(st.root, range.mm(), flags) {
-                    let _ = self.shared.hw.write_ctx(self.asid, &entry);
-                }
-                return true;
-            }
-            if let Err(e) = self.disable(&mut st, pte::CTX_MM_RELEASED) {
-                pr_err!("asid {}: release failed: {:?}\n", self.asid, e);
-            }
+            self.release(&mut st, range.mm());
             return true;
         }
-        let (s, e) = (range.start() as u64, range.end() as u64);
-        match self.shootdown(&mut st, s, e, how, None) {
+        let (start, end) = (range.start() as u64, range.end() as u64);
+        match self.shootdown(&mut st, start, end, how, &[]) {
             Ok(_) => true,
-            Err(e) if how == Wait::Spin => {
-                // Nothing slept; the PTEs may be cleared already (need_flush covers it).
-                let _ = e;
+            Err(e) if e == EAGAIN => {
+                // Nothing slept; cleared PTEs are covered by `need_flush`.
                 bump(&self.stats.nonblock_failed, 1);
                 false
             }
             Err(e) => {
-                // A blockable callback must not fail; the device is wedged (SYNC timeout).
+                // The SYNC (or the fence) ran; only the page table walk failed (corrupt table).
                 pr_err!("asid {}: shootdown failed: {:?}\n", self.asid, e);
                 true
             }
@@ -760,6 +900,44 @@ fn block_end(s: u64, end: u64) -> u64 {
     end.min((s & !(HUGE - 1)) + HUGE)
 }
 
+/// How a populate faults pages in.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Walk {
+    /// `hmm_range_fault()` under the mmap read lock (the `MAP` ioctl).
+    Locked,
+    /// The unlocked variant: fault handlers may drop the mmap lock (userfaultfd); used to
+    /// serve device faults.
+    Unlocked,
+}
+
+/// Faults in one block and returns the notifier sequence its entries are valid for, or `None`
+/// when an invalidation overtook the walk (retry).
+fn fault_block(
+    ctx: &Context,
+    mm: &MmWithUser,
+    start: u64,
+    end: u64,
+    request: HmmRequest,
+    walk: Walk,
+    pfns: &mut [HmmPfn],
+) -> Result<Option<u64>> {
+    let (s, e) = (start as usize, end as usize);
+    match walk {
+        Walk::Locked => {
+            let seq = ctx.read_begin();
+            match ctx.hmm_range_fault(mm, s, e, request, seq, pfns)? {
+                FaultOutcome::Busy => Ok(None),
+                FaultOutcome::Done => Ok(Some(seq)),
+            }
+        }
+        Walk::Unlocked => {
+            let timeout = msecs_to_jiffies(POPULATE_TIMEOUT_MS);
+            ctx.hmm_range_fault_unlocked(mm, s, e, request, timeout, pfns)
+                .map(Some)
+        }
+    }
+}
+
 /// Mirrors `[start, end)` (page aligned, inside the context's interval) into the device, with
 /// write intent if `write`.
 pub(crate) fn populate(
@@ -767,6 +945,7 @@ pub(crate) fn populate(
     start: u64,
     end: u64,
     write: bool,
+    walk: Walk,
     out: &mut MapOut,
 ) -> Result {
     let (mm, mut pfns) = walk_setup(ctx)?;
@@ -780,21 +959,26 @@ pub(crate) fn populate(
         let e = block_end(s, end);
         let n = ((e - s) / PAGE) as usize;
         let pfns = &mut pfns[..n];
-        let deadline = Instant::<Monotonic>::now();
+        // The bound is on retries: time spent waiting in a fault handler (a userfaultfd
+        // handler resolving the page) does not count, the unlocked walk bounds its own retries.
+        let started = Instant::<Monotonic>::now();
+        let mut in_handlers = Delta::from_nanos(0);
         loop {
-            if deadline.elapsed() > POPULATE_TIMEOUT {
+            if started.elapsed() - in_handlers > Delta::from_millis(POPULATE_TIMEOUT_MS.into()) {
                 return Err(EBUSY);
             }
+            ctx.shared.check_live()?;
             bump(&ctx.stats.populates, 1);
-            let seq = ctx.read_begin();
-            match ctx.hmm_range_fault(&mm, s as usize, e as usize, request, seq, pfns)? {
-                FaultOutcome::Busy => {
-                    out.retries += 1;
-                    bump(&ctx.stats.populate_retries, 1);
-                    continue;
-                }
-                FaultOutcome::Done => {}
+            let walk_started = Instant::<Monotonic>::now();
+            let faulted = fault_block(ctx, &mm, s, e, request, walk, pfns)?;
+            if walk == Walk::Unlocked {
+                in_handlers += walk_started.elapsed();
             }
+            let Some(seq) = faulted else {
+                out.retries += 1;
+                bump(&ctx.stats.populate_retries, 1);
+                continue;
+            };
             let ignore_retry = ctx.injected(uapi::ZG_INJ_IGNORE_RETRY);
             if ignore_retry {
                 // Widen the window so that tests reliably land an invalidation in it.
@@ -821,6 +1005,54 @@ pub(crate) fn populate(
     Ok(())
 }
 
+/// The CPU half of a snapshot byte for one HMM entry.
+fn cpu_snapshot(p: HmmPfn) -> u8 {
+    if p.error() {
+        return uapi::ZG_SNAP_CPU_ERROR;
+    }
+    if !p.valid() {
+        return 0;
+    }
+    let mut b = uapi::ZG_SNAP_CPU_VALID;
+    if p.write() {
+        b |= uapi::ZG_SNAP_CPU_WRITE;
+    }
+    if p.map_order() >= 9 {
+        b |= uapi::ZG_SNAP_CPU_HUGE;
+    }
+    b
+}
+
+/// The device half of a snapshot byte for the page at `va`.
+fn device_snapshot(ctx: &Context, st: &mut PtState, va: u64) -> Result<u8> {
+    let Some(l2) = ctx.l2_table(st, va, false)? else {
+        return Ok(0);
+    };
+    let l2_entry = ctx.pool().read(l2, pte::pt_index(va, 2))?;
+    let (leaf, huge) = if l2_entry & pte::PTE_P == 0 {
+        return Ok(0);
+    } else if l2_entry & pte::PTE_PS != 0 {
+        (l2_entry, true)
+    } else {
+        let l1 = ctx.pool().page_at(l2_entry & pte::PTE_ADDR_MASK)?;
+        (ctx.pool().read(l1, pte::pt_index(va, 1))?, false)
+    };
+    if leaf & pte::PTE_P == 0 {
+        return Ok(0);
+    }
+    let mut b = uapi::ZG_SNAP_DEV_PRESENT;
+    if leaf & pte::PTE_W != 0 {
+        b |= uapi::ZG_SNAP_DEV_WRITE;
+    }
+    if huge {
+        b |= uapi::ZG_SNAP_DEV_HUGE;
+    }
+    if leaf & pte::PTE_D != 0 {
+        b |= uapi::ZG_SNAP_DEV_DIRTY;
+    }
+    Ok(b)
+}
+
 /// One `ZG_SNAP_*` byte per page of `[start, start + out.len() * 4096)`.
 pub(crate) fn snapshot(ctx: &Context, start: u64, out: &mut [u8]) -> Result {
     let end = start + out.len() as u64 * PAGE;
@@ -835,83 +1067,113 @@ pub(crate) fn snapshot(ctx: &Context, start: u64, out: &mut [u8]) -> Result {
         let seq = ctx.read_begin();
         // A snapshot is advisory: a concurrent invalidation just makes it a bit stale.
         let _ = ctx.hmm_range_fault(&mm, s as usize, e as usize, HmmRequest::Snapshot, seq, pf)?;
-        for (i, p) in pf.iter().enumerate() {
-            let mut b = 0;
-            if p.error() {
-                b |= uapi::ZG_SNAP_CPU_ERROR;
-            } else if p.valid() {
-                b |= uapi::ZG_SNAP_CPU_VALID;
-                if p.write() {
-                    b |= uapi::ZG_SNAP_CPU_WRITE;
-                }
-                if p.map_order() >= 9 {
-                    b |= uapi::ZG_SNAP_CPU_HUGE;
-                }
-            }
-            if let Some(o) = out.get_mut(first + i) {
-                *o = b;
-            }
+        for (o, p) in out.iter_mut().skip(first).zip(pf.iter()) {
+            *o = cpu_snapshot(*p);
         }
         s = e;
     }
     let mut st = ctx.state.lock();
     for (i, o) in out.iter_mut().enumerate() {
-        let va = start + i as u64 * PAGE;
-        let Some(l2) = ctx.l2(&mut st, va, false)? else {
-            continue;
-        };
-        let l2e = ctx.pool().read(l2, pte::pt_index(va, 2))?;
-        let (leaf, huge) = if l2e & pte::PTE_P == 0 {
-            continue;
-        } else if l2e & pte::PTE_PS != 0 {
-            (l2e, true)
-        } else {
-            let l1 = ctx.pool().page_at(l2e & pte::PTE_ADDR_MASK)?;
-            (ctx.pool().read(l1, pte::pt_index(va, 1))?, false)
-        };
-        if leaf & pte::PTE_P != 0 {
-            *o |= uapi::ZG_SNAP_DEV_PRESENT;
-            if leaf & pte::PTE_W != 0 {
-                *o |= uapi::ZG_SNAP_DEV_WRITE;
-            }
-            if huge {
-                *o |= uapi::ZG_SNAP_DEV_HUGE;
-            }
-            if leaf & pte::PTE_D != 0 {
-                *o |= uapi::ZG_SNAP_DEV_DIRTY;
-            }
-        }
+        *o |= device_snapshot(ctx, &mut st, start + i as u64 * PAGE)?;
     }
     Ok(())
 }
 
-/// Enables injected bugs and debug modes (and sets the device's command lag). Switching
+/// Enables injected bugs and debug modes, and sets the device's test knobs. Switching
 /// `ZG_DBG_NO_VALIDATE` rewrites the context entry and reloads it on the device.
-pub(crate) fn set_inject(ctx: &Context, modes: u32, cmd_lag: u32) -> Result {
-    let old = ctx.inject.swap(modes, Ordering::Relaxed);
-    ctx.shared.set_cmd_lag(cmd_lag);
-    ctx.set_lag.store(cmd_lag != 0, Ordering::Relaxed);
-    if (old ^ modes) & uapi::ZG_DBG_NO_VALIDATE == 0 {
+pub(crate) fn set_inject(ctx: &Context, i: &uapi::ZgInject) -> Result {
+    let old = ctx.inject.swap(i.modes, Ordering::Relaxed);
+    ctx.shared.set_knobs(i);
+    ctx.set_knobs.store(true, Ordering::Relaxed);
+    if (old ^ i.modes) & uapi::ZG_DBG_NO_VALIDATE == 0 {
         return Ok(());
     }
     let st = ctx.state.lock();
     if st.released {
         return Err(EINVAL);
     }
-    let entry = ctx.entry(st.root, ctx.mm(), ctx.validate_flag())?;
-    let hw = &ctx.shared.hw;
-    hw.write_ctx(ctx.asid, &entry)?;
-    let cfgi = [cmd::Command::new(cmd::CMD_CFGI_CTX, 0, ctx.asid, 0, 0)];
-    let seq = hw.cmdq.post(&ctx.shared.bar, &cfgi, true, Wait::Sleep)?;
-    hw.cmdq.wait(seq, Wait::Sleep).map(|_| ())
+    let entry = ctx.entry(st.root()?, ctx.mm(), ctx.validate_flag())?;
+    ctx.shared.hw.write_ctx(ctx.asid, &entry)?;
+    match ctx.shared.sync(&ctx.load_cmds()[..1]) {
+        Synced::Done(_) => Ok(()),
+        Synced::Fenced => Err(ctx.shared.failure_error()),
+    }
 }
 
 /// Serves one device fault of `ctx`: maps the page with the access type.
-pub(crate) fn serve_fault(ctx: &Context, va: u64, write: bool) -> Result {
+fn serve_fault(ctx: &Context, va: u64, write: bool) -> Result {
     if va >= pte::VA_LIMIT {
         return Err(EFAULT);
     }
     let page = va & !(PAGE - 1);
     let mut out = MapOut::default();
-    populate(ctx, page, page + PAGE, write, &mut out)
+    populate(ctx, page, page + PAGE, write, Walk::Unlocked, &mut out)
+}
+
+/// An event for `ctx`'s ASID (from the event interrupt thread): account it, and queue a stalled
+/// fault for the context's work item. Never blocks on the mm.
+pub(crate) fn on_event(ctx: &Arc<Context>, e: &ev::Event) {
+    ctx.record_event(e);
+    if e.ty != ev::EVT_FAULT || e.flags & ev::EVT_F_STALLED == 0 {
+        return;
+    }
+    let fault = Fault {
+        va: e.va,
+        write: e.flags & ev::EVT_F_WRITE != 0,
+        tag: e.info,
+        job: e.info2,
+    };
+    let (queued, spawn) = {
+        let mut q = ctx.faults.lock();
+        let queued = q.push(fault);
+        let spawn = queued && !q.serving;
+        q.serving |= spawn;
+        (queued, spawn)
+    };
+    if !queued {
+        ctx.finish_fault(&fault, Err(EBUSY));
+        return;
+    }
+    if spawn {
+        let worker = ctx.clone();
+        let spawned = workqueue::system_unbound().try_spawn(GFP_KERNEL, move || {
+            serve_queued_faults(&worker);
+        });
+        if spawned.is_err() {
+            // No memory for the work item: serve nothing, abort what is queued.
+            while let Some(f) = ctx.take_fault() {
+                ctx.finish_fault(&f, Err(ENOMEM));
+            }
+        }
+    }
+}
+
+impl Context {
+    /// The next queued fault; clears `serving` when there is none.
+    fn take_fault(&self) -> Option<Fault> {
+        let mut q = self.faults.lock();
+        let f = q.pop();
+        if f.is_none() {
+            q.serving = false;
+        }
+        f
+    }
+
+    /// Answers a served (or unservable) fault: RESUME, or ABORT with the reason recorded for
+    /// the job's waiter.
+    fn finish_fault(&self, f: &Fault, served: Result) {
+        if let Err(e) = served {
+            self.record_abort(f.job, e);
+        }
+        self.count_fault_result(served.is_ok());
+        self.shared.answer_fault(self.asid, f.tag, served.is_ok());
+    }
+}
+
+/// A context's fault work: serves its queued faults in order, then stops.
+fn serve_queued_faults(ctx: &Arc<Context>) {
+    while let Some(f) = ctx.take_fault() {
+        let served = serve_fault(ctx, f.va, f.write);
+        ctx.finish_fault(&f, served);
+    }
 }

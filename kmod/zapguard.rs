@@ -6,6 +6,8 @@
 //! Modules:
 //! - [`abi`]: the device ABI and uAPI, compiled from `shared-regs/src/abi/` (the same source the
 //!   device model and the guest tests use).
+//! - [`device`]: the state a device shares with its open files: health (live, failed, fenced),
+//!   ASIDs, event dispatch.
 //! - [`driver`]: the PCI driver, its interrupts and the `/dev/zapguard` misc device (ioctls).
 //! - [`hw`]: the device's DMA memory and queues (page-table pool, command queue with SYNC, DMA
 //!   job ring, event ring).
@@ -14,6 +16,7 @@
 
 #[path = "../shared-regs/src/abi/mod.rs"]
 pub mod abi;
+pub mod device;
 pub mod driver;
 pub mod hw;
 pub mod mirror;
@@ -25,4 +28,22 @@ kernel::module_pci_driver! {
     authors: ["zapguard developers"],
     description: "zapguard: mirror process address spaces into an IOMMU-style device",
     license: "GPL v2",
+    params: {
+        sync_timeout_ms: u32 {
+            default: 5000,
+            description: "Milliseconds a SYNC may take before the device is failed and fenced",
+        },
+        job_timeout_ms: u32 {
+            default: 30000,
+            description: "Milliseconds a DMA job may make no progress before the device is failed",
+        },
+        max_pt_pages: u32 {
+            default: 256,
+            description: "Device page-table pages one context may hold (of 2048)",
+        },
+        max_contexts: u32 {
+            default: 4,
+            description: "Open contexts (files) one process may hold",
+        },
+    },
 }

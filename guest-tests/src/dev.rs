@@ -96,7 +96,18 @@ pub fn stats(f: &File) -> io::Result<ZgStats> {
 
 /// `ZG_IOC_INJECT`.
 pub fn inject(f: &File, modes: u32, cmd_lag: u32) -> io::Result<()> {
-    let mut i = ZgInject { modes, cmd_lag };
+    inject_all(
+        f,
+        ZgInject {
+            modes,
+            cmd_lag,
+            ..Default::default()
+        },
+    )
+}
+
+/// `ZG_IOC_INJECT` with every field (device failure modes, walk lag).
+pub fn inject_all(f: &File, mut i: ZgInject) -> io::Result<()> {
     ioctl_raw(f, ZG_IOC_INJECT, &mut i as *mut ZgInject as usize).map(|_| ())
 }
 

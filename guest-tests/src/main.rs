@@ -9,15 +9,21 @@
 //! Tests run in list order; the module-reload test runs last because it rebinds the device.
 
 mod bench;
+mod bounds;
 mod dev;
 mod dmirror;
+mod failsafe;
 mod hmm;
 mod ktap;
 mod mirror;
+mod uffd;
 
 use bench::bench_smoke;
+use bounds::*;
+use failsafe::*;
 use hmm::*;
 use mirror::*;
+use uffd::*;
 
 use ktap::{check_eq, Test};
 use shared_regs::{regs, uapi};
@@ -70,6 +76,9 @@ const TESTS: &[Test] = ktap::tests![
     race_many_threads_map_unmap_submit,
     processes_are_isolated,
     compaction_while_mirrored,
+    pt_pages_bounded_and_reclaimed,
+    uffd_device_faults_served_by_handler,
+    uffd_held_fault_blocks_only_its_context,
     cmd_lag_with_sync_wait_is_clean,
     inject_skip_shootdown_is_caught,
     inject_keep_write_is_caught,
@@ -78,6 +87,21 @@ const TESTS: &[Test] = ktap::tests![
     inject_keep_after_release_is_caught,
     bench_smoke,
     validator_totals_match_injections,
+    fail_cmdq_stop_munmap_during_dma,
+    fail_cmdq_stop_exit_during_dma,
+    fail_cmdq_stop_unbind_during_dma,
+    fail_sync_delay_munmap_during_dma,
+    fail_sync_delay_exit_during_dma,
+    fail_sync_delay_unbind_during_dma,
+    fail_cmdq_error_munmap_during_dma,
+    fail_cmdq_error_exit_during_dma,
+    fail_cmdq_error_unbind_during_dma,
+    fail_drop_msi_munmap_during_dma,
+    fail_drop_msi_exit_during_dma,
+    fail_drop_msi_unbind_during_dma,
+    fail_dma_hang_munmap_during_dma,
+    fail_dma_hang_exit_during_dma,
+    fail_dma_hang_unbind_during_dma,
     unbind_with_open_file_enodev,
     module_reload_rebinds,
 ];
@@ -172,8 +196,13 @@ fn wrong_size_ioctl_enotty() -> Result<(), String> {
     }
 }
 
+/// Contexts a process may hold (the driver's `max_contexts` parameter default).
+const MAX_CONTEXTS: usize = 4;
+
+/// A process may open up to `max_contexts` contexts; the next open gets `EBUSY` (so that one
+/// process cannot take every ASID), and closing one makes room again.
 fn many_opens() -> Result<(), String> {
-    let files: Vec<_> = (0..16)
+    let mut files: Vec<_> = (0..MAX_CONTEXTS)
         .map(|_| dev::open())
         .collect::<Result<_, _>>()
         .map_err(|e| format!("open: {e}"))?;
@@ -185,6 +214,12 @@ fn many_opens() -> Result<(), String> {
             "IDENT through one of many files",
         )?;
     }
+    match dev::open() {
+        Ok(_) => return Err(format!("open #{} succeeded", MAX_CONTEXTS + 1)),
+        Err(e) => check_eq(dev::errno(&e), libc::EBUSY, "errno of one open too many")?,
+    }
+    files.pop();
+    files.push(dev::open().map_err(|e| format!("open after a close: {e}"))?);
     Ok(())
 }
 

@@ -50,7 +50,7 @@ pub const fn ioc_size(cmd: u32) -> usize {
 
 /// Version of this uAPI, reported in [`ZgInfo::uapi_version`] (2: `irq_count`, `probe_sync_ns`;
 /// 3: contexts, MAP, DMA, SNAPSHOT, STATS, INJECT).
-pub const UAPI_VERSION: u32 = 3;
+pub const UAPI_VERSION: u32 = 4;
 
 /// Answer of [`ZG_IOC_GET_INFO`]. Fields are filled from the device's registers at probe time
 /// and from the PCI core; `reserved` is zero and keeps the size stable as fields are added.
@@ -266,12 +266,18 @@ pub const ZG_INJ_KEEP_WRITE: u32 = 1 << 3;
 /// Release (`exit_mmap()`) leaves the device context enabled with its mappings (it is only
 /// marked released for the validator): a job still running keeps going (`VIOL_RELEASED`).
 pub const ZG_INJ_KEEP_AFTER_RELEASE: u32 = 1 << 4;
+/// Device page-table pages detached by an invalidation go back to the pool before its SYNC
+/// completes, while a page walk may still be reading them; another context can then reuse the
+/// page and the walk translates through its entries. Observable with a
+/// [`ZgInject::walk_lag`]: `VIOL_STALE`.
+pub const ZG_INJ_EARLY_TABLE_FREE: u32 = 1 << 5;
 /// Every injection mode.
 pub const ZG_INJ_ALL: u32 = ZG_INJ_SKIP_SHOOTDOWN
     | ZG_INJ_SKIP_SYNC_WAIT
     | ZG_INJ_IGNORE_RETRY
     | ZG_INJ_KEEP_WRITE
-    | ZG_INJ_KEEP_AFTER_RELEASE;
+    | ZG_INJ_KEEP_AFTER_RELEASE
+    | ZG_INJ_EARLY_TABLE_FREE;
 
 /// [`ZgInject::modes`], not a bug: turn the device's validator off for this context (clears
 /// [`super::pte::CTX_VALIDATE`]), so that benchmarks can measure what validation costs.
@@ -288,6 +294,18 @@ pub struct ZgInject {
     /// Value for the device's [`super::regs::CMD_LAG`] register (device-wide, reset to 0 when
     /// the context that set it closes).
     pub cmd_lag: u32,
+    /// Device failure mode for [`super::regs::FAIL_INJECT`] (`FAIL_*`, 0 = none; device-wide).
+    /// The device fails for good: recover it by reloading the driver (see the README's "When
+    /// the device fails").
+    pub dev_fail: u32,
+    /// Argument of the failure mode, [`super::regs::FAIL_ARG`] (milliseconds for
+    /// `FAIL_SYNC_DELAY`).
+    pub dev_fail_arg: u32,
+    /// Value for the device's [`super::regs::WALK_LAG`] register, in microseconds (device-wide,
+    /// reset to 0 when the context that set it closes).
+    pub walk_lag: u32,
+    /// Zero.
+    pub reserved: u32,
 }
 
 /// `_IOWR('z', 0x01, struct zg_map)`.
@@ -330,4 +348,4 @@ const _: () = assert!(core::mem::size_of::<ZgMap>() == 40);
 const _: () = assert!(core::mem::size_of::<ZgDma>() == 80);
 const _: () = assert!(core::mem::size_of::<ZgSnapshot>() == 24);
 const _: () = assert!(core::mem::size_of::<ZgStats>() == 256);
-const _: () = assert!(core::mem::size_of::<ZgInject>() == 8);
+const _: () = assert!(core::mem::size_of::<ZgInject>() == 24);

@@ -1,0 +1,240 @@
+//! Device faults on userfaultfd-registered memory, and fault service that blocks only its own
+//! context.
+//!
+//! The driver serves a device fault with the unlocked `hmm_range_fault()` variant, which lets
+//! the fault handler drop the mmap lock and wait for the userfaultfd handler thread (as
+//! test_hmm's `READ_UNLOCKED` does). Fault service runs on the faulting context's own work
+//! item, so a fault that a handler holds for seconds must not hold up the event interrupt,
+//! other processes' ioctls, or the event accounting they do.
+
+use crate::dev::{self, Mapping};
+use crate::ktap::check_eq;
+use crate::mirror::{fork_wait, open, run, stats};
+use shared_regs::dma::{fnv1a64, DMA_CHECKSUM, FNV_OFFSET};
+use std::fs::File;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::time::{Duration, Instant};
+
+const PG: usize = 4096;
+
+// The userfaultfd uAPI (<linux/userfaultfd.h>), which the libc crate does not carry.
+const UFFD_API: u64 = 0xaa;
+const UFFDIO_API: u64 = 0xc018_aa3f;
+const UFFDIO_REGISTER: u64 = 0xc020_aa00;
+const UFFDIO_COPY: u64 = 0xc028_aa03;
+const UFFDIO_REGISTER_MODE_MISSING: u64 = 1;
+const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
+
+#[repr(C)]
+struct UffdioApi {
+    api: u64,
+    features: u64,
+    ioctls: u64,
+}
+
+#[repr(C)]
+struct UffdioRegister {
+    start: u64,
+    len: u64,
+    mode: u64,
+    ioctls: u64,
+}
+
+#[repr(C)]
+struct UffdioCopy {
+    dst: u64,
+    src: u64,
+    len: u64,
+    mode: u64,
+    copy: i64,
+}
+
+/// `struct uffd_msg` for a page fault: the event in byte 0, the address at byte 16.
+#[repr(C)]
+struct UffdMsg {
+    event: u8,
+    _reserved: [u8; 15],
+    address: u64,
+    _rest: [u8; 8],
+}
+
+fn uffd_ioctl<T>(fd: &OwnedFd, cmd: u64, arg: &mut T) -> Result<(), String> {
+    // SAFETY: `arg` is the structure `cmd` takes, valid for reads and writes.
+    let r = unsafe { libc::ioctl(fd.as_raw_fd(), cmd as _, arg as *mut T) };
+    if r < 0 {
+        return Err(format!(
+            "userfaultfd ioctl {cmd:#x}: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(())
+}
+
+/// A userfaultfd with `[m.addr, m.addr + m.len)` registered for missing-page faults.
+fn register(m: &Mapping) -> Result<OwnedFd, String> {
+    // SAFETY: a plain syscall; the result is a new file descriptor or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC) };
+    if fd < 0 {
+        return Err(format!("userfaultfd: {}", std::io::Error::last_os_error()));
+    }
+    // SAFETY: `fd` is a new descriptor that nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    let mut api = UffdioApi {
+        api: UFFD_API,
+        features: 0,
+        ioctls: 0,
+    };
+    uffd_ioctl(&fd, UFFDIO_API, &mut api)?;
+    let mut reg = UffdioRegister {
+        start: m.addr as u64,
+        len: m.len as u64,
+        mode: UFFDIO_REGISTER_MODE_MISSING,
+        ioctls: 0,
+    };
+    uffd_ioctl(&fd, UFFDIO_REGISTER, &mut reg)?;
+    Ok(fd)
+}
+
+/// Answers page faults on `fd` with pages filled with `byte`, after holding each for `hold`,
+/// until `pages` faults were answered. Returns the addresses it saw.
+fn handler(fd: OwnedFd, byte: u8, hold: Duration, pages: usize) -> Result<Vec<u64>, String> {
+    let src = vec![byte; PG];
+    let mut seen = vec![];
+    while seen.len() < pages {
+        let mut msg = UffdMsg {
+            event: 0,
+            _reserved: [0; 15],
+            address: 0,
+            _rest: [0; 8],
+        };
+        // SAFETY: reading one `uffd_msg` into a buffer of its size.
+        let n = unsafe {
+            libc::read(
+                fd.as_raw_fd(),
+                (&mut msg as *mut UffdMsg).cast(),
+                std::mem::size_of::<UffdMsg>(),
+            )
+        };
+        if n != std::mem::size_of::<UffdMsg>() as isize {
+            return Err(format!(
+                "read uffd_msg: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        if msg.event != UFFD_EVENT_PAGEFAULT {
+            continue;
+        }
+        std::thread::sleep(hold);
+        let page = msg.address & !(PG as u64 - 1);
+        let mut copy = UffdioCopy {
+            dst: page,
+            src: src.as_ptr() as u64,
+            len: PG as u64,
+            mode: 0,
+            copy: 0,
+        };
+        uffd_ioctl(&fd, UFFDIO_COPY, &mut copy)?;
+        seen.push(page);
+    }
+    Ok(seen)
+}
+
+/// A device read of never-touched userfaultfd memory: every page faults on the device, the
+/// driver's fault service waits in the userfaultfd, a handler thread fills the page, and the
+/// device reads what the handler wrote.
+pub fn uffd_device_faults_served_by_handler() -> Result<(), String> {
+    const PAGES: usize = 8;
+    let f = open()?;
+    let m = Mapping::anon(PAGES * PG).map_err(|e| e.to_string())?;
+    m.madvise(0, m.len, libc::MADV_NOHUGEPAGE)
+        .map_err(|e| e.to_string())?;
+    let fd = register(&m)?;
+    let h = std::thread::spawn(move || handler(fd, 0x3c, Duration::ZERO, PAGES));
+    let mut out = vec![0u8; m.len];
+    let job = dev::job(
+        shared_regs::dma::DMA_READ,
+        m.addr,
+        0,
+        m.len,
+        out.as_mut_ptr() as u64,
+    );
+    let d = run(&f, job)?;
+    let seen = h.join().map_err(|_| "handler panicked")??;
+    check_eq(seen.len(), PAGES, "pages the handler filled")?;
+    if out.iter().any(|&b| b != 0x3c) {
+        return Err("device read something else than the handler's pages".into());
+    }
+    let s = stats(&f)?;
+    println!(
+        "# {} device faults, {} served through the userfaultfd",
+        d.faults, s.faults_resolved
+    );
+    check_eq(s.faults_resolved >= PAGES as u64, true, "faults resolved")
+}
+
+/// Another process's ioctls (which also drain the event ring) while `hold` passes.
+fn other_process_ioctls(deadline: Duration) -> Result<(), String> {
+    let status = fork_wait(|| {
+        let t = Instant::now();
+        let Ok(f) = dev::open() else { return 10 };
+        let Ok(mut b) = Mapping::anon(16 * PG) else {
+            return 11;
+        };
+        b.bytes_mut().fill(1);
+        for _ in 0..5 {
+            if dev::map(&f, b.addr, b.len, 0).is_err() {
+                return 12;
+            }
+            if dev::snapshot(&f, b.addr, 16).is_err() || dev::stats(&f).is_err() {
+                return 13;
+            }
+        }
+        drop(f);
+        if t.elapsed() > deadline {
+            println!("# other process took {} ms", t.elapsed().as_millis());
+            return 14;
+        }
+        0
+    })?;
+    check_eq(
+        status,
+        0,
+        "other process's ioctls during a held fault (exit status)",
+    )
+}
+
+/// A handler holds one device fault for two seconds. Meanwhile another process opens, MAPs,
+/// SNAPSHOTs and reads STATS (draining the event ring) without waiting for it; then the held
+/// fault is answered and the stalled job completes with the handler's data.
+pub fn uffd_held_fault_blocks_only_its_context() -> Result<(), String> {
+    let hold = Duration::from_secs(2);
+    let f: File = open()?;
+    let m = Mapping::anon(PG).map_err(|e| e.to_string())?;
+    let fd = register(&m)?;
+    let h = std::thread::spawn(move || handler(fd, 0x77, hold, 1));
+    let f2 = f.try_clone().map_err(|e| e.to_string())?;
+    let addr = m.addr;
+    let t = Instant::now();
+    let job = std::thread::spawn(move || dev::dma(&f2, dev::job(DMA_CHECKSUM, addr, 0, PG, 0)));
+    std::thread::sleep(Duration::from_millis(200));
+    other_process_ioctls(Duration::from_millis(1500))?;
+    let elapsed_others = t.elapsed();
+    let d = job
+        .join()
+        .map_err(|_| "job thread panicked")?
+        .map_err(|(e, d)| format!("held job: {e} ({d:?})"))?;
+    h.join().map_err(|_| "handler panicked")??;
+    println!(
+        "# other process done after {} ms; held job done after {} ms",
+        elapsed_others.as_millis(),
+        t.elapsed().as_millis()
+    );
+    if elapsed_others >= hold {
+        return Err("the other process waited for the held fault".into());
+    }
+    if t.elapsed() < hold {
+        return Err("the held job finished before its fault was answered".into());
+    }
+    let expect = fnv1a64(FNV_OFFSET, &[0x77; PG]);
+    check_eq(d.result, expect, "checksum of the handler's page")
+}

@@ -1,0 +1,564 @@
+// SPDX-License-Identifier: GPL-2.0
+
+//! The state one zapguard device shares with every open file: its BAR, DMA memory and queues,
+//! ASIDs, event dispatch, and its health.
+//!
+//! # Health
+//!
+//! The driver never trusts the device to finish. A device is *live* until one of these happens:
+//! a SYNC or a DMA job does not complete in time, a queue reports an error (`CONS_ERR`, the
+//! error vector), a register reads all ones (the device is gone), or unbind cannot quiesce it.
+//! Then it is *failed*: [`Shared::fail`] fences it with register writes that do not depend on the
+//! command queue (`CR0 = 0`, confirmed by `CR0ACK` within [`FENCE_POLLS`] polls), and if that is
+//! not confirmed it clears PCI bus mastering, which stops every DMA and MSI-X of the device. Only
+//! once the fence is up is the device *fenced*: nothing it could do can touch memory any more, so
+//! invalidations may return without a SYNC, and page-table pages may be freed. From then on
+//! nothing waits on the device again, ioctls answer `EIO` (`ENODEV` after unbind), and teardown
+//! completes at once. A fenced device stays fenced until it is unbound and probed again.
+//!
+//! # Locks
+//!
+//! | lock | kind | protects | taken under |
+//! |---|---|---|---|
+//! | `Shared::fence_lock` | mutex | the fence procedure (one at a time) | a context's lock |
+//! | `Shared::events` | mutex | the event ring consumer | nothing |
+//! | `Shared::asids` | spinlock | ASID states, contexts by ASID | `events` |
+//!
+//! See [`crate::hw`] for the queue locks and [`crate::mirror`] for a context's lock.
+
+use crate::abi::{cmd, event as ev, pci as zpci, queue, regs, uapi};
+use crate::hw::{DevresBar, Health, Hw, Synced, Wait, EVT_LOG2};
+use crate::mirror::Context;
+use core::pin::Pin;
+use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use kernel::{
+    bindings,
+    io::Io,
+    pci,
+    prelude::*,
+    sync::{aref::ARef, Arc, Mutex, SpinLock},
+    time::{delay::fsleep, Delta},
+};
+
+/// Vectors the device has.
+pub(crate) const NUM_VECTORS: usize = zpci::MSIX_VECTORS as usize;
+/// Polls of `CR0ACK` (10 us apart, ~65 us per read under TCG) before a fence falls back to
+/// clearing bus mastering: about 20 ms.
+const FENCE_POLLS: usize = 250;
+/// Error bits that mean the device can no longer be trusted to finish its work.
+const FATAL_ERRORS: u32 = regs::ERR_CMDQ | regs::ERR_DMAQ_ABORT | regs::ERR_EVTQ_ABORT;
+
+/// Why a device was failed (for the log and for the error users get).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Failure {
+    /// A SYNC did not complete within the timeout.
+    SyncTimeout,
+    /// A DMA job did not complete within the timeout.
+    JobTimeout,
+    /// A queue stopped on an error (`CONS_ERR`), or the command ring stayed full.
+    QueueError,
+    /// The error vector reported these fatal `ERR_*` bits.
+    ErrorIrq(u32),
+    /// A register read all ones: the device is gone.
+    Gone,
+    /// The device was unbound (quiesced, or fenced if it did not confirm).
+    Unbound,
+}
+
+/// How the fence was put up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Fence {
+    /// The device confirmed `CR0 = 0`.
+    Cr0Ack,
+    /// The device did not confirm; bus mastering was cleared.
+    BusMaster,
+    /// Registers read all ones or the BAR is gone: nothing is there to do DMA.
+    Absent,
+}
+
+/// What the ASID allocator knows about one ASID.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum AsidState {
+    Free,
+    Used,
+    /// Its teardown was never confirmed by the device: never reused on this device instance.
+    Quarantined,
+}
+
+/// Contexts by ASID, for the event thread. ASID 0 is never handed out.
+struct AsidTable {
+    state: KVec<AsidState>,
+    /// The address space (`mm_struct` address) each used ASID mirrors, to bound contexts per
+    /// process.
+    owner: KVec<usize>,
+    /// Where the next search for a free ASID starts: round robin, so that an ASID is reused as
+    /// late as possible (stale device state, and trace lines, are then easy to tell apart).
+    next: usize,
+    ctxs: KVec<Option<Arc<Context>>>,
+}
+
+/// State shared by the PCI device and every open file.
+///
+/// # Invariants
+///
+/// `health` is marked fenced only by [`Shared::fail`], after the device provably stopped
+/// touching memory (see the module documentation).
+#[pin_data(PinnedDrop)]
+pub(crate) struct Shared {
+    /// BAR0, revoked by the driver core when the device unbinds.
+    pub(crate) bar: DevresBar,
+    /// The PCI device, to clear bus mastering when the device does not answer.
+    pdev: ARef<pci::Device>,
+    /// Interrupts seen per MSI-X vector ([`zpci::Vector`] order).
+    pub(crate) irqs: [AtomicU64; NUM_VECTORS],
+    /// Vectors allocated at probe (set once the handlers, which need `Shared`, exist).
+    pub(crate) irq_vectors: AtomicU32,
+    /// PCI domain/bus/devfn, as reported by [`uapi::ZgInfo::pci_location`].
+    pci_location: u32,
+    /// Duration of the probe-time SYNC round trip.
+    pub(crate) probe_sync_ns: AtomicU32,
+    /// DMA memory and queues.
+    #[pin]
+    pub(crate) hw: Hw,
+    /// Live, failed, fenced.
+    pub(crate) health: Health,
+    /// One fence at a time; waiters that saw `failed` take it to wait for the fence.
+    #[pin]
+    fence_lock: Mutex<()>,
+    /// Serialises consumers of the event ring (the event interrupt thread, and ioctls that
+    /// drain it so that their answer includes every event the device already posted).
+    #[pin]
+    events: Mutex<()>,
+    #[pin]
+    asids: SpinLock<AsidTable>,
+}
+
+impl Failure {
+    /// A small non-zero integer, for [`Health`].
+    pub(crate) fn code(self) -> u32 {
+        match self {
+            Self::SyncTimeout => 1,
+            Self::JobTimeout => 2,
+            Self::QueueError => 3,
+            Self::ErrorIrq(_) => 4,
+            Self::Gone => 5,
+            Self::Unbound => 6,
+        }
+    }
+}
+
+impl Shared {
+    /// The initializer of the state of a device that passed its identity checks.
+    pub(crate) fn new(
+        pdev: &pci::Device,
+        bar: DevresBar,
+        hw: impl PinInit<Hw, Error>,
+        asid_count: u32,
+    ) -> Result<impl PinInit<Self, Error>> {
+        let n = asid_count as usize;
+        let mut state = KVec::with_capacity(n, GFP_KERNEL)?;
+        let mut owner = KVec::with_capacity(n, GFP_KERNEL)?;
+        let mut ctxs = KVec::with_capacity(n, GFP_KERNEL)?;
+        for _ in 0..n {
+            state.push(AsidState::Free, GFP_KERNEL)?;
+            owner.push(0, GFP_KERNEL)?;
+            ctxs.push(None, GFP_KERNEL)?;
+        }
+        let table = AsidTable {
+            state,
+            owner,
+            next: 1,
+            ctxs,
+        };
+        let pci_location = u32::from(pdev.dev_id());
+        let pdev: ARef<pci::Device> = pdev.into();
+        Ok(try_pin_init!(Shared {
+            bar,
+            pdev,
+            irqs: [const { AtomicU64::new(0) }; NUM_VECTORS],
+            irq_vectors: AtomicU32::new(0),
+            pci_location,
+            probe_sync_ns: AtomicU32::new(0),
+            hw <- hw,
+            health: Health::new(),
+            fence_lock <- kernel::new_mutex!((), "zapguard_fence"),
+            events <- kernel::new_mutex!((), "zapguard_events"),
+            asids <- kernel::new_spinlock!(table, "zapguard_asids"),
+        }))
+    }
+
+    /// Whether the device failed (or was unbound): no new work may be given to it.
+    pub(crate) fn failed(&self) -> bool {
+        self.health.failed()
+    }
+
+    /// Whether the device can no longer touch memory (fenced after a failure, or unbound).
+    pub(crate) fn fenced(&self) -> bool {
+        self.health.fenced()
+    }
+
+    /// The error users get once the device failed: `ENODEV` after unbind, `EIO` otherwise.
+    pub(crate) fn failure_error(&self) -> Error {
+        if self.health.failure() == Failure::Unbound.code() {
+            ENODEV
+        } else {
+            EIO
+        }
+    }
+
+    /// `Ok` while the device is live, else [`Self::failure_error`].
+    pub(crate) fn check_live(&self) -> Result {
+        if self.failed() {
+            return Err(self.failure_error());
+        }
+        Ok(())
+    }
+
+    /// Marks the device failed and fences it (see the module documentation); returns once the
+    /// fence is up, whoever put it up. Sleeps (at most about [`FENCE_POLLS`] register polls).
+    pub(crate) fn fail(&self, why: Failure) {
+        self.health.set_failed(why.code());
+        let _guard = self.fence_lock.lock();
+        if self.fenced() {
+            return;
+        }
+        let how = self.put_up_fence();
+        // INVARIANT: the fence is up: the device confirmed, lost bus mastering, or is absent.
+        self.health.set_fenced();
+        if why != Failure::Unbound || how != Fence::Cr0Ack {
+            dev_err!(
+                self.pdev.as_ref(),
+                "device failed ({:?}), fenced by {:?}: DMA stopped, users get {:?}\n",
+                why,
+                how,
+                self.failure_error()
+            );
+        }
+        // Waiters re-check the health at every wake-up.
+        self.hw.wake_all();
+    }
+
+    /// Disables every unit through `CR0` and waits a short bound for `CR0ACK`; if the device
+    /// does not confirm, clears bus mastering.
+    fn put_up_fence(&self) -> Fence {
+        match self.bar.try_access() {
+            Some(bar) => bar.write32(0, regs::CR0 as usize),
+            None => return Fence::Absent,
+        }
+        for _ in 0..FENCE_POLLS {
+            let ack = match self.bar.try_access() {
+                Some(bar) => bar.read32(regs::CR0ACK as usize),
+                None => return Fence::Absent,
+            };
+            if ack == u32::MAX {
+                return Fence::Absent;
+            }
+            if ack == 0 {
+                return Fence::Cr0Ack;
+            }
+            fsleep(Delta::from_micros(10));
+        }
+        let pdev: *const pci::Device = &*self.pdev;
+        // SAFETY: `pci::Device` is a transparent wrapper of `struct pci_dev`, and `self.pdev`
+        // holds a reference on it. `pci_clear_master()` only writes the command register in
+        // config space, which is valid whether or not a driver is bound.
+        unsafe { bindings::pci_clear_master(pdev.cast_mut().cast()) };
+        Fence::BusMaster
+    }
+
+    /// Unbind: quiesce the device (fence it if it does not confirm) before the BAR goes.
+    pub(crate) fn unbind(&self) {
+        self.fail(Failure::Unbound);
+    }
+
+    /// Posts `cmds` and a SYNC, and waits for it, sleeping: the device confirmed, or it failed
+    /// and is fenced. Either way the device no longer uses what the commands invalidated.
+    pub(crate) fn sync(&self, cmds: &[cmd::Command]) -> Synced {
+        match self.sync_how(cmds, Wait::Sleep) {
+            Ok(s) => s,
+            Err(_) => Synced::Fenced,
+        }
+    }
+
+    /// Like [`Self::sync`], but never sleeps (non-blockable invalidations): `EAGAIN` when the
+    /// SYNC did not complete within the spin bound, or the device failed and is not fenced yet.
+    pub(crate) fn sync_nonblocking(&self, cmds: &[cmd::Command]) -> Result<Synced> {
+        self.sync_how(cmds, Wait::Spin)
+    }
+
+    fn sync_how(&self, cmds: &[cmd::Command], how: Wait) -> Result<Synced> {
+        if self.fenced() {
+            return Ok(Synced::Fenced);
+        }
+        let failure = match self.hw.cmdq.post(&self.bar, cmds, true, how, &self.health) {
+            Ok(seq) => match self.hw.cmdq.wait(seq, how, &self.health) {
+                Ok(took) => return Ok(Synced::Done(took)),
+                Err(e) if e == EAGAIN => return Err(EAGAIN),
+                Err(e) if e == ETIMEDOUT => Failure::SyncTimeout,
+                Err(_) => Failure::QueueError,
+            },
+            Err(e) if e == EAGAIN => return Err(EAGAIN),
+            Err(e) if e == ENODEV => Failure::Unbound,
+            Err(e) if e == ENXIO => Failure::Gone,
+            Err(_) => Failure::QueueError,
+        };
+        if how == Wait::Spin {
+            // Fencing sleeps: a non-blockable caller must give up (unless already fenced).
+            return if self.fenced() {
+                Ok(Synced::Fenced)
+            } else {
+                Err(EAGAIN)
+            };
+        }
+        self.fail(failure);
+        Ok(Synced::Fenced)
+    }
+
+    /// Reads the device's identity and parameters (live MMIO reads, so this also proves the path).
+    pub(crate) fn info(&self) -> Result<uapi::ZgInfo> {
+        self.check_live()?;
+        let bar = self.bar.try_access().ok_or(ENODEV)?;
+        Ok(uapi::ZgInfo {
+            uapi_version: uapi::UAPI_VERSION,
+            ident: bar.read32(regs::IDENT as usize),
+            version: bar.read32(regs::VERSION as usize),
+            caps: bar.read32(regs::CAPS as usize),
+            iotlb_entries: bar.read32(regs::IOTLB_ENTRIES as usize),
+            asid_count: bar.read32(regs::ASID_COUNT as usize),
+            irq_vectors: self.irq_vectors.load(Ordering::Relaxed),
+            pci_location: self.pci_location,
+            irq_count: core::array::from_fn(|i| {
+                let n = self.irqs.get(i).map_or(0, |c| c.load(Ordering::Relaxed));
+                u32::try_from(n).unwrap_or(u32::MAX)
+            }),
+            probe_sync_ns: self.probe_sync_ns.load(Ordering::Relaxed),
+            reserved: [0; 4],
+        })
+    }
+
+    /// A 64-bit device statistic (HI, LO, HI until stable), 0 if the device failed or is gone.
+    pub(crate) fn device_stat(&self, i: u32) -> u64 {
+        if self.failed() {
+            return 0;
+        }
+        let Some(bar) = self.bar.try_access() else {
+            return 0;
+        };
+        loop {
+            let hi = bar.try_read32(regs::stat_hi(i) as usize).unwrap_or(0);
+            let lo = bar.try_read32(regs::stat_lo(i) as usize).unwrap_or(0);
+            if bar.try_read32(regs::stat_hi(i) as usize).unwrap_or(0) == hi {
+                return u64::from(hi) << 32 | u64::from(lo);
+            }
+        }
+    }
+
+    /// Sets the device's test knobs and failure injection from an `INJECT` request (device-wide),
+    /// if the device is live.
+    pub(crate) fn set_knobs(&self, i: &uapi::ZgInject) {
+        if self.failed() {
+            return;
+        }
+        if let Some(bar) = self.bar.try_access() {
+            bar.write32(i.cmd_lag, regs::CMD_LAG as usize);
+            bar.write32(i.walk_lag, regs::WALK_LAG as usize);
+            bar.write32(i.dev_fail_arg, regs::FAIL_ARG as usize);
+            bar.write32(i.dev_fail, regs::FAIL_INJECT as usize);
+        }
+    }
+
+    /// Turns the test knobs off again (when the context that set them closes).
+    pub(crate) fn reset_knobs(&self) {
+        self.set_knobs(&uapi::ZgInject::default());
+    }
+
+    /// Takes a free ASID for a context of the address space `owner`: `EBUSY` when every ASID is
+    /// in use (or quarantined), or when `owner` already has `max_per_owner` contexts.
+    pub(crate) fn alloc_asid(&self, owner: usize, max_per_owner: usize) -> Result<u32> {
+        let mut t = self.asids.lock();
+        let n = t.state.len();
+        let owned = (0..n)
+            .filter(|&a| t.state[a] == AsidState::Used && t.owner[a] == owner)
+            .count();
+        if owned >= max_per_owner {
+            return Err(EBUSY);
+        }
+        let start = t.next;
+        let asid = (0..n)
+            .map(|i| (start + i) % n)
+            .find(|&a| a != 0 && t.state[a] == AsidState::Free)
+            .ok_or(EBUSY)?;
+        t.state[asid] = AsidState::Used;
+        t.owner[asid] = owner;
+        t.next = asid + 1;
+        Ok(asid as u32)
+    }
+
+    /// Returns an ASID whose teardown the device confirmed (or that it never saw).
+    pub(crate) fn free_asid(&self, asid: u32) {
+        if let Some(s) = self.asids.lock().state.get_mut(asid as usize) {
+            *s = AsidState::Free;
+        }
+    }
+
+    /// Keeps an ASID whose teardown was not confirmed out of reuse: the device may still hold
+    /// translations or context state for it.
+    pub(crate) fn quarantine_asid(&self, asid: u32) {
+        if let Some(s) = self.asids.lock().state.get_mut(asid as usize) {
+            *s = AsidState::Quarantined;
+        }
+    }
+
+    /// Makes `ctx` reachable by its ASID from the event thread.
+    pub(crate) fn publish(&self, asid: u32, ctx: Arc<Context>) -> Result {
+        let mut t = self.asids.lock();
+        let slot = t.ctxs.get_mut(asid as usize).ok_or(EINVAL)?;
+        *slot = Some(ctx);
+        Ok(())
+    }
+
+    /// Stops delivering events to the context of `asid`.
+    pub(crate) fn unpublish(&self, asid: u32) {
+        let old = self
+            .asids
+            .lock()
+            .ctxs
+            .get_mut(asid as usize)
+            .and_then(Option::take);
+        // Dropped outside the spinlock: the last reference removes the notifier, which sleeps.
+        drop(old);
+    }
+
+    fn lookup(&self, asid: u32) -> Option<Arc<Context>> {
+        self.asids.lock().ctxs.get(asid as usize)?.clone()
+    }
+
+    /// Command vector: SYNCs and DMA jobs completed.
+    pub(crate) fn on_command(&self) {
+        self.hw.cmdq.complete();
+        self.hw.jobs.complete(&self.bar);
+    }
+
+    /// Error vector: log and clear the error bits; fail the device on a fatal one.
+    pub(crate) fn on_error(&self) {
+        let (err, info) = match self.bar.try_access() {
+            Some(bar) => {
+                let err = bar.read32(regs::ERROR as usize);
+                let info = bar.read32(regs::ERROR_INFO as usize);
+                if err != u32::MAX {
+                    // Write-1-to-clear; a stopped queue is left stopped (the device fails).
+                    bar.write32(err & !FATAL_ERRORS, regs::ERROR as usize);
+                }
+                (err, info)
+            }
+            None => return,
+        };
+        if err == u32::MAX {
+            self.fail(Failure::Gone);
+        } else if err & FATAL_ERRORS != 0 {
+            pr_err!("device error {:#x} (info {:#x})\n", err, info);
+            self.fail(Failure::ErrorIrq(err & FATAL_ERRORS));
+        } else if err != 0 {
+            pr_warn!("device error {:#x} (info {:#x})\n", err, info);
+        }
+    }
+
+    /// Event vector: consume the event ring and hand each event to its context. Never serves a
+    /// fault here: stalled faults go to their context's own work (see [`crate::mirror`]), so one
+    /// fault that blocks cannot hold up the ring, other contexts or ioctls.
+    pub(crate) fn on_events(&self) {
+        let _guard = self.events.lock();
+        loop {
+            let prod = match self.bar.try_access() {
+                Some(bar) => bar.read32(regs::EVTQ_PROD as usize),
+                None => return,
+            };
+            if prod == u32::MAX {
+                drop(_guard);
+                self.fail(Failure::Gone);
+                return;
+            }
+            let prod = queue::position(prod & !regs::EVTQ_PROD_OVERFLOW, EVT_LOG2);
+            let mut cons = self.hw.evt_cons.load(Ordering::Relaxed);
+            if cons == prod {
+                return;
+            }
+            while cons != prod {
+                if let Ok(e) = self.hw.event(cons) {
+                    self.handle_event(&e);
+                }
+                cons = queue::next(cons, EVT_LOG2);
+                self.hw.evt_cons.store(cons, Ordering::Relaxed);
+                match self.bar.try_access() {
+                    Some(bar) => bar.write32(cons, regs::EVTQ_CONS as usize),
+                    None => return,
+                }
+            }
+        }
+    }
+
+    fn handle_event(&self, e: &ev::Event) {
+        match self.lookup(e.asid) {
+            Some(ctx) => crate::mirror::on_event(&ctx, e),
+            None if e.ty == ev::EVT_FAULT && e.flags & ev::EVT_F_STALLED != 0 => {
+                // A context that is going away: its job must not stay stalled.
+                self.answer_fault(e.asid, e.info, false);
+            }
+            None => {}
+        }
+    }
+
+    /// Answers a stalled fault (`tag` from its event) with RESUME or ABORT. Never waits for the
+    /// queue to drain, and does nothing once the device failed (the fence stopped the job).
+    pub(crate) fn answer_fault(&self, asid: u32, tag: u64, resume: bool) {
+        if self.failed() {
+            return;
+        }
+        let op = if resume {
+            cmd::CMD_RESUME
+        } else {
+            cmd::CMD_ABORT
+        };
+        let c = cmd::Command::new(op, 0, asid, 0, tag);
+        match self
+            .hw
+            .cmdq
+            .post(&self.bar, &[c], false, Wait::Sleep, &self.health)
+        {
+            Ok(_) => {}
+            Err(e) if e == ENODEV => {}
+            Err(e) => {
+                pr_err!("cannot answer stalled fault (asid {}): {:?}\n", asid, e);
+                self.fail(Failure::QueueError);
+            }
+        }
+    }
+}
+
+#[pinned_drop]
+impl PinnedDrop for Shared {
+    fn drop(self: Pin<&mut Self>) {
+        // The last file and the device are gone: every page table and ASID must be back, except
+        // ASIDs quarantined because the device never confirmed their teardown.
+        let lost = self.hw.pool.total() - self.hw.pool.free_pages();
+        if lost != 0 {
+            pr_err!("leak: {} device page-table pages not returned\n", lost);
+        }
+        let t = self.asids.lock();
+        let used = t.state.iter().filter(|&&s| s == AsidState::Used).count();
+        let quarantined = t
+            .state
+            .iter()
+            .filter(|&&s| s == AsidState::Quarantined)
+            .count();
+        if used != 0 {
+            pr_err!("leak: {} ASIDs not returned\n", used);
+        }
+        if quarantined != 0 {
+            pr_info!(
+                "{} ASIDs were quarantined until the device reset\n",
+                quarantined
+            );
+        }
+    }
+}
