@@ -32,7 +32,7 @@ check:
     cargo fmt --all -- --check
     rustfmt --edition 2021 --check kmod/zapguard.rs
     cargo clippy --workspace --all-targets -- -D warnings
-    make -s -C "$(bash images/kernel/build.sh)" M="$PWD/kmod" MO="$PWD/target/zapguard/clippy" LLVM=-19 CLIPPY=1 W=1 modules
+    make -s -C "$(bash images/kernel/build.sh)" M="$PWD/kmod" MO="$PWD/target/zapguard/clippy" LLVM=-19 ZAPGUARD_INJECT=1 CLIPPY=1 W=1 modules
 
 # Benchmarks in the guest (mirror, shootdown, device DMA vs test_hmm and the hardware's limits):
 # prints a table of ratios and writes target/zapguard/bench.json.

@@ -307,6 +307,9 @@ impl ZgFile {
     }
 
     fn inject(&self, arg: usize) -> Result {
+        if !cfg!(zapguard_inject) {
+            return Err(EOPNOTSUPP);
+        }
         // SAFETY: `capable()` only reads the current task's credentials.
         if !unsafe { kernel::bindings::capable(kernel::bindings::CAP_SYS_ADMIN as i32) } {
             return Err(EPERM);

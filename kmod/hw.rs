@@ -6,8 +6,13 @@
 //!
 //! Everything here lives in [`Hw`], owned by the `Arc` that the PCI device and every open file
 //! share: files can outlive an unbind, and the device must never see freed memory. Unbind
-//! quiesces the device (`CR0 = 0`) before the BAR is revoked, after which nothing here is
-//! touched by the device; the memory itself is freed when the last file closes.
+//! fences the device (`CR0 = 0`, or bus mastering off if it does not confirm, see
+//! [`crate::device`]) before the BAR is revoked, after which nothing here is touched by the
+//! device; the memory itself is freed when the last file closes.
+//!
+//! Every wait here is bounded (the `sync_timeout_ms` and `job_timeout_ms` parameters) and
+//! returns as soon as [`Health`] says the device failed; the caller then fails and fences the
+//! device before it lets go of anything the device might still use.
 //!
 //! # Locks
 //!
@@ -15,8 +20,8 @@
 //! |---|---|---|---|
 //! | `PtPool::free` | spinlock | free table pages | a context's lock |
 //! | `CmdQueue::state` | spinlock | command ring producer, SYNC sequence | a context's lock |
-//! | `CmdQueue::done_lock` | mutex | SYNC completion wake-ups (with `done`) | a context's lock |
-//! | `Jobs::state` | mutex | DMA ring, job bookkeeping (with `cv`) | nothing |
+//! | `CmdQueue::done_lock` | mutex | SYNC completion wake-ups (with `done`) | a context's lock, the fence lock |
+//! | `Jobs::state` | mutex | DMA ring, slot results, in-flight counts (with `cv`) | the bounce lock |
 //! | `Jobs::bounce_lock` | mutex | the READ/WRITE bounce buffer | nothing |
 //!
 //! None of them is held while allocating with `GFP_KERNEL` or calling into the mm, so they are

@@ -121,6 +121,9 @@ struct FaultQueue {
     len: usize,
     /// A work item is serving this queue (it stops when the queue is empty).
     serving: bool,
+    /// The fault the work item is serving, since when, and whether it was already aborted for
+    /// taking too long.
+    current: Option<(Fault, Instant<Monotonic>, bool)>,
 }
 
 impl FaultQueue {
@@ -286,6 +289,7 @@ fn new_mirror(shared: &Arc<Shared>, asid: u32) -> Result<impl PinInit<Mirror, Er
         head: 0,
         len: 0,
         serving: false,
+        current: None,
     };
     let shared = shared.clone();
     Ok(try_pin_init!(Mirror {
@@ -329,8 +333,10 @@ impl Mirror {
         &self.shared.hw.pool
     }
 
+    /// Whether injected bug `mode` is on; always `false` (and the branches it guards compiled
+    /// out) unless the module is built with `ZAPGUARD_INJECT=1`.
     fn injected(&self, mode: u32) -> bool {
-        self.inject.load(Ordering::Relaxed) & mode != 0
+        cfg!(zapguard_inject) && self.inject.load(Ordering::Relaxed) & mode != 0
     }
 
     /// The commands that make the device (re)load this context's entry and forget its ASID.
@@ -681,8 +687,33 @@ impl Mirror {
     }
 
     /// Whether the driver is serving a fault of this context (a job waiting for that is not
-    /// waiting for the device).
+    /// waiting for the device). A fault served for longer than `job_timeout_ms` (a page whose
+    /// fault never completes, a userfaultfd nobody answers) is aborted: that job alone fails
+    /// with `ETIMEDOUT`, and the device is free for other jobs; the work item's late answer is
+    /// ignored by the device.
     pub(crate) fn serving_fault(&self) -> bool {
+        let bound = Delta::from_millis(crate::module_parameters::job_timeout_ms.value().into());
+        let overdue = {
+            let mut q = self.faults.lock();
+            match q.current.as_mut() {
+                Some((f, since, aborted)) if !*aborted && since.elapsed() > bound => {
+                    *aborted = true;
+                    Some(*f)
+                }
+                _ => None,
+            }
+        };
+        if let Some(f) = overdue {
+            pr_warn!(
+                "asid {}: fault at {:#x} not served within {} ms: job aborted\n",
+                self.asid,
+                f.va,
+                bound.as_millis()
+            );
+            self.record_abort(f.job, ETIMEDOUT);
+            bump(&self.stats.faults_aborted, 1);
+            self.shared.answer_fault(self.asid, f.tag, false);
+        }
         self.faults.lock().serving
     }
 
@@ -1149,14 +1180,20 @@ pub(crate) fn on_event(ctx: &Arc<Context>, e: &ev::Event) {
 }
 
 impl Context {
-    /// The next queued fault; clears `serving` when there is none.
+    /// The next queued fault, now the one in service; clears `serving` when there is none.
     fn take_fault(&self) -> Option<Fault> {
         let mut q = self.faults.lock();
         let f = q.pop();
+        q.current = f.map(|f| (f, Instant::<Monotonic>::now(), false));
         if f.is_none() {
             q.serving = false;
         }
         f
+    }
+
+    /// Whether the fault in service was aborted for taking too long (its answer is then moot).
+    fn current_aborted(&self) -> bool {
+        matches!(self.faults.lock().current, Some((_, _, true)))
     }
 
     /// Answers a served (or unservable) fault: RESUME, or ABORT with the reason recorded for
@@ -1174,6 +1211,8 @@ impl Context {
 fn serve_queued_faults(ctx: &Arc<Context>) {
     while let Some(f) = ctx.take_fault() {
         let served = serve_fault(ctx, f.va, f.write);
-        ctx.finish_fault(&f, served);
+        if !ctx.current_aborted() {
+            ctx.finish_fault(&f, served);
+        }
     }
 }

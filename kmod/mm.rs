@@ -191,8 +191,11 @@ pub trait IntervalInvalidate: Sync + Sized + 'static {
     /// Unless skipping the event entirely (self-inflicted, see [`NotifierRange::owner`]), take
     /// the driver lock, call `sub.set_seq(cur_seq)` under it, tear down the device mappings and
     /// wait for the device to have stopped using them before returning `true`. If
-    /// [`NotifierRange::blockable`] is `false`, never sleep: return `false` (without calling
-    /// [`IntervalNotifier::set_seq`]) if the work cannot be done without sleeping.
+    /// [`NotifierRange::blockable`] is `false`, never sleep: trylock the driver lock (`false`
+    /// if it is taken), and return `false` if the work cannot be finished without sleeping. A
+    /// `false` after [`IntervalNotifier::set_seq`] is fine: the core ends the invalidation
+    /// sequence either way, so readers retry, and the caller (the OOM reaper) tries again
+    /// later.
     fn invalidate(
         &self,
         sub: &IntervalNotifier<Self>,

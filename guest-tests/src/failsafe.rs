@@ -8,6 +8,7 @@
 use crate::dev::{self, Mapping};
 use crate::ktap::check_eq;
 use crate::mirror::{fork_wait, map, open, stats};
+use crate::DRIVER_DIR;
 use shared_regs::dma::DMA_CHECKSUM;
 use shared_regs::regs::*;
 use shared_regs::uapi::ZgInject;
@@ -28,7 +29,6 @@ const FENCED_EVENT_BOUND: Duration = Duration::from_millis(300);
 const JOB_LEN: usize = 8 << 20;
 
 const MODULE: &str = "/lib/modules/zapguard.ko";
-const DRIVER_DIR: &str = "/sys/bus/pci/drivers/zapguard";
 
 /// What users see once the event is over.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -39,38 +39,21 @@ enum Outcome {
     Live,
 }
 
-fn sh(cmd: &str, args: &[&str]) -> Result<(), String> {
-    let out = std::process::Command::new(cmd)
-        .args(args)
-        .output()
-        .map_err(|e| format!("{cmd}: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "{cmd} {args:?}: {} {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        ));
-    }
-    Ok(())
-}
-
 /// Reloads the driver with `params` (the probe resets the device).
-fn reload(params: &[&str]) -> Result<(), String> {
+pub(crate) fn reload(params: &[&str]) -> Result<(), String> {
     if std::path::Path::new(DRIVER_DIR).exists() {
-        sh("rmmod", &["zapguard"])?;
+        crate::run_cmd("rmmod", &["zapguard"])?;
     }
     let mut args = vec![MODULE];
     args.extend_from_slice(params);
-    sh("insmod", &args)
+    crate::run_cmd("insmod", &args)
 }
 
 /// The PCI address of the device the driver is bound to.
 fn bound_device() -> Result<String, String> {
-    std::fs::read_dir(DRIVER_DIR)
-        .map_err(|e| format!("{DRIVER_DIR}: {e}"))?
-        .filter_map(|e| e.ok())
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .find(|n| n.contains(':'))
+    crate::bound_devices()?
+        .into_iter()
+        .next()
         .ok_or_else(|| "no device bound".into())
 }
 
@@ -290,4 +273,46 @@ failure_tests! {
     fail_dma_hang_munmap_during_dma: FAIL_DMA_HANG, 0, Outcome::Failed, munmap_during_dma;
     fail_dma_hang_exit_during_dma: FAIL_DMA_HANG, 0, Outcome::Failed, exit_during_dma;
     fail_dma_hang_unbind_during_dma: FAIL_DMA_HANG, 0, Outcome::Failed, unbind_during_dma;
+}
+
+/// The kernel command-line word that marks the harness's device-death boot.
+const DEVICE_DIES_BOOT: &str = "zg.device_dies=1";
+
+/// The device process dies while it runs DMA (`FAIL_DIE`); QEMU then answers the BAR with all
+/// ones. The driver must notice (the job's wait reads all ones), fence, and answer `EIO`; an
+/// mm event must then return at once and the module must unload. Runs only in the harness's
+/// device-death boot of `just test` (the device cannot come back in the same boot).
+pub fn device_dies_mid_dma() -> Result<(), String> {
+    let cmdline = std::fs::read_to_string("/proc/cmdline").map_err(|e| e.to_string())?;
+    if !cmdline.split_whitespace().any(|w| w == DEVICE_DIES_BOOT) {
+        return Err(crate::ktap::skip(
+            "runs in the device-death boot of `just test` (the device does not come back)",
+        ));
+    }
+    let timeout = format!("sync_timeout_ms={SYNC_TIMEOUT_MS}");
+    reload(&[&timeout, "job_timeout_ms=3000"])?;
+    let f = open()?;
+    let mut spare = Mapping::anon(4096).map_err(|e| e.to_string())?;
+    spare.bytes_mut().fill(1);
+    map(&f, &spare, false)?;
+    let (buf, traffic) = Traffic::start(&f)?;
+    let t = Instant::now();
+    arm(&f, FAIL_DIE, 0)?;
+    let errno = traffic.finish()?;
+    check_bound(
+        "the job's end after the device died",
+        t.elapsed(),
+        FAILED_EVENT_BOUND,
+    )?;
+    check_eq(errno, libc::EIO, "errno of the job the device died under")?;
+    let t = Instant::now();
+    drop(buf);
+    check_bound(
+        "munmap after the device died",
+        t.elapsed(),
+        FENCED_EVENT_BOUND,
+    )?;
+    check_failed(&f, spare)?;
+    drop(f);
+    crate::run_cmd("rmmod", &["zapguard"])
 }

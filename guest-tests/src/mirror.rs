@@ -724,6 +724,161 @@ pub fn inject_keep_after_release_is_caught() -> Result<(), String> {
     Err("device use after release not caught".into())
 }
 
+/// A 2 MiB block of 4 KiB pages (one level-1 device table), filled with `byte`.
+fn small_page_block(byte: u8) -> Result<Mapping, String> {
+    let prot = libc::PROT_READ | libc::PROT_WRITE;
+    let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS;
+    let mut m = Mapping::new(HUGE, prot, flags, -1, HUGE).map_err(|e| e.to_string())?;
+    m.madvise(0, m.len, libc::MADV_NOHUGEPAGE)
+        .map_err(|e| e.to_string())?;
+    m.bytes_mut().fill(byte);
+    Ok(m)
+}
+
+/// Blocks the table churner maps before it unmaps them all and starts over (each takes one
+/// level-1 table; the context's default bound is 256 table pages).
+const CHURN_BLOCKS: usize = 200;
+
+/// A process that keeps taking device page-table pages: it mirrors untouched 2 MiB blocks of a
+/// read-only region (512 zero-page entries each, in a new level-1 table) one after the other,
+/// until the parent writes 1 into the shared `stop` word. A table page the parent's context
+/// returns to the pool is this process's next level-1 table (the pool hands pages out
+/// last-in first-out), all 512 entries written.
+fn table_churner(stop: *const std::sync::atomic::AtomicU32) -> i32 {
+    let Ok(f) = dev::open() else { return 10 };
+    // SAFETY: `stop` points into a MAP_SHARED page that outlives both processes' use of it.
+    let stop = unsafe { &*stop };
+    while stop.load(Ordering::Relaxed) == 0 {
+        let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
+        let Ok(region) = Mapping::new(CHURN_BLOCKS * HUGE, libc::PROT_READ, flags, -1, HUGE) else {
+            return 11;
+        };
+        // No huge zero page: every block needs a level-1 table.
+        if region
+            .madvise(0, region.len, libc::MADV_NOHUGEPAGE)
+            .is_err()
+        {
+            return 12;
+        }
+        for i in 0..CHURN_BLOCKS {
+            if stop.load(Ordering::Relaxed) != 0
+                || dev::map(&f, region.addr + i * HUGE, HUGE, 0).is_err()
+            {
+                break;
+            }
+        }
+    }
+    0
+}
+
+/// Rounds of [`early_free_race`] before giving up on catching the bug.
+const EARLY_FREE_ROUNDS: u32 = 40;
+
+/// The device walks a 2 MiB block with a slow walker (`walk_lag` us per table read) while the
+/// block is unmapped and another process churns through table pages; `EARLY_FREE_ROUNDS`
+/// times, or until `stop` says so.
+fn early_free_race(
+    inject: u32,
+    walk_lag: u32,
+    stop: impl Fn(&ZgStats) -> bool,
+) -> Result<ZgStats, String> {
+    use std::sync::atomic::AtomicU32;
+    let shared = Mapping::new(
+        PG,
+        libc::PROT_READ | libc::PROT_WRITE,
+        libc::MAP_SHARED | libc::MAP_ANONYMOUS,
+        -1,
+        0,
+    )
+    .map_err(|e| e.to_string())?;
+    let flag = shared.addr as *const AtomicU32;
+    // SAFETY: the child only runs the churner and `_exit`s.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(format!("fork: {}", std::io::Error::last_os_error()));
+    }
+    if pid == 0 {
+        let code = table_churner(flag);
+        // SAFETY: terminating the child without running the parent's destructors.
+        unsafe { libc::_exit(code) };
+    }
+    let r = early_free_rounds(inject, walk_lag, stop);
+    // SAFETY: `flag` points into the shared page, alive until `shared` drops below.
+    unsafe { &*flag }.store(1, Ordering::Relaxed);
+    let mut status = 0;
+    // SAFETY: waiting for our own child.
+    unsafe { libc::waitpid(pid, &mut status, 0) };
+    drop(shared);
+    let s = r?;
+    if !libc::WIFEXITED(status) || libc::WEXITSTATUS(status) != 0 {
+        return Err(format!("table churner failed (status {status:#x})"));
+    }
+    Ok(s)
+}
+
+fn early_free_rounds(
+    inject: u32,
+    walk_lag: u32,
+    stop: impl Fn(&ZgStats) -> bool,
+) -> Result<ZgStats, String> {
+    let f = open()?;
+    // An anchor keeps this context's upper tables: the block's level-1 table is then the only
+    // page a zap frees, and the next one the churner takes.
+    let anchor = Mapping::anon(PG).map_err(|e| e.to_string())?;
+    map(&f, &anchor, false)?;
+    for round in 0..EARLY_FREE_ROUNDS {
+        let mut a = small_page_block(5)?;
+        map(&f, &a, false)?;
+        let knobs = ZgInject {
+            modes: inject,
+            walk_lag,
+            ..Default::default()
+        };
+        dev::inject_all(&f, knobs).map_err(|e| format!("INJECT: {e}"))?;
+        let f2 = f.try_clone().map_err(|e| e.to_string())?;
+        let (addr, len) = (a.addr, a.len);
+        let t =
+            std::thread::spawn(move || dev::dma(&f2, long_read_job(addr, len)).map(|d| d.status));
+        std::thread::sleep(Duration::from_millis(20 + 7 * u64::from(round % 5)));
+        a.unmap();
+        let _ = t.join();
+        dev::inject(&f, 0, 0).map_err(|e| format!("INJECT off: {e}"))?;
+        let s = stats(&f)?;
+        if stop(&s) {
+            println!("# stopped after {} round(s)", round + 1);
+            return Ok(s);
+        }
+    }
+    stats(&f)
+}
+
+/// Walk lag for the early-free race: long enough that a table page freed at the start of a
+/// lag is reused by the churner before the walker reads it.
+const EARLY_FREE_WALK_LAG_US: u32 = 5000;
+
+/// With a slow walker, a correct driver (tables freed only after the SYNC that detaches them)
+/// stays clean while its tables are freed and reused all around.
+pub fn walk_lag_with_late_table_free_is_clean() -> Result<(), String> {
+    let before = device_violations()?;
+    let s = early_free_race(0, EARLY_FREE_WALK_LAG_US, |_| false)?;
+    println!(
+        "# {} pages zapped, {} SYNC waits",
+        s.pages_zapped, s.sync_waits
+    );
+    check_eq(device_violations()?, before, "device violations")
+}
+
+/// `ZG_INJ_EARLY_TABLE_FREE`: a table page freed before the SYNC that detaches it is reused
+/// by another process while the slow walker is between two levels: it translates the first
+/// process's address to the other process's page (`VIOL_STALE`).
+pub fn inject_early_table_free_is_caught() -> Result<(), String> {
+    expect_violations(VIOL_STALE, || {
+        early_free_race(ZG_INJ_EARLY_TABLE_FREE, EARLY_FREE_WALK_LAG_US, |s| {
+            ctx_violations(s) > 0
+        })
+    })
+}
+
 pub fn validator_totals_match_injections() -> Result<(), String> {
     let device = device_violations()?;
     let expected = INJECTED_VIOLATIONS.load(Ordering::Relaxed);

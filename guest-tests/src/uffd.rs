@@ -238,3 +238,50 @@ pub fn uffd_held_fault_blocks_only_its_context() -> Result<(), String> {
     let expect = fnv1a64(FNV_OFFSET, &[0x77; PG]);
     check_eq(d.result, expect, "checksum of the handler's page")
 }
+
+/// A handler that never answers (until the test lets it): the driver aborts the stalled job
+/// after `job_timeout_ms` (`ETIMEDOUT`) instead of holding the device's DMA engine, and the
+/// device stays live: the context's next job (on mirrored memory) runs.
+pub fn uffd_unanswered_fault_aborts_only_its_job() -> Result<(), String> {
+    crate::failsafe::reload(&["job_timeout_ms=1000"])?;
+    let r = unanswered_fault();
+    let restored = crate::failsafe::reload(&[]);
+    r?;
+    restored
+}
+
+fn unanswered_fault() -> Result<(), String> {
+    let f = open()?;
+    let m = Mapping::anon(PG).map_err(|e| e.to_string())?;
+    let fd = register(&m)?;
+    let (release, released) = std::sync::mpsc::channel::<()>();
+    let h = std::thread::spawn(move || {
+        // Hold the first fault until the test says so (or for 20 s at most).
+        let _ = released.recv_timeout(Duration::from_secs(20));
+        handler(fd, 0x11, Duration::ZERO, 1)
+    });
+    let t = Instant::now();
+    let r = dev::dma(&f, dev::job(DMA_CHECKSUM, m.addr, 0, PG, 0));
+    let took = t.elapsed();
+    println!(
+        "# the unanswered fault's job ended after {} ms",
+        took.as_millis()
+    );
+    let errno = match r {
+        Ok(d) => return Err(format!("job on an unanswered fault succeeded: {d:?}")),
+        Err((e, _)) => dev::errno(&e),
+    };
+    check_eq(
+        errno,
+        libc::ETIMEDOUT,
+        "errno of the job whose fault was never served",
+    )?;
+    let mut b = Mapping::anon(16 * PG).map_err(|e| e.to_string())?;
+    b.bytes_mut().fill(9);
+    crate::mirror::map(&f, &b, false)?;
+    run(&f, dev::job(DMA_CHECKSUM, b.addr, 0, b.len, 0))?;
+    let _ = release.send(());
+    h.join().map_err(|_| "handler panicked")??;
+    let s = stats(&f)?;
+    check_eq(s.faults_aborted >= 1, true, "faults aborted")
+}

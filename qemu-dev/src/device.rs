@@ -948,16 +948,7 @@ mod tests {
             "the error vector due while off is not delivered later"
         );
 
-        let acts: Vec<Activity> = r
-            .dev
-            .events()
-            .events
-            .iter()
-            .filter_map(|e| match e {
-                Event::Engine(a) => Some(a.clone()),
-                _ => None,
-            })
-            .collect();
+        let acts = r.activity();
         let changes: Vec<&Activity> = acts
             .iter()
             .filter(|a| matches!(a, Activity::BusMaster { .. }))

@@ -198,21 +198,9 @@ mod tests {
         r
     }
 
-    fn activity(r: &mut Rig<EventLog>) -> Vec<Activity> {
-        r.dev
-            .events()
-            .events
-            .iter()
-            .filter_map(|e| match e {
-                Event::Engine(a) => Some(a.clone()),
-                _ => None,
-            })
-            .collect()
-    }
-
     /// `(mode, what)` of every failure-injection trace event.
     fn fail_events(r: &mut Rig<EventLog>) -> Vec<(&'static str, &'static str)> {
-        activity(r)
+        r.activity()
             .into_iter()
             .filter_map(|a| match a {
                 Activity::FailInject { mode, what, .. } => Some((mode, what)),
@@ -222,7 +210,7 @@ mod tests {
     }
 
     fn bursts(r: &mut Rig<EventLog>) -> usize {
-        activity(r)
+        r.activity()
             .iter()
             .filter(|a| matches!(a, Activity::DmaAccess { .. }))
             .count()
@@ -286,7 +274,8 @@ mod tests {
                 ("none", "disarmed"),
             ]
         );
-        assert!(activity(&mut r)
+        assert!(r
+            .activity()
             .iter()
             .all(|a| !matches!(a, Activity::FailInject { arg, .. } if *arg != 7)));
         assert_eq!(r.reg(FAIL_ARG), 7);
@@ -510,7 +499,8 @@ mod tests {
         let s = r.post_sync();
         r.run();
         assert!(r.sync_done(s), "no second error");
-        let results: Vec<&str> = activity(&mut r)
+        let results: Vec<&str> = r
+            .activity()
             .iter()
             .filter_map(|a| match a {
                 Activity::Command { result, .. } => Some(*result),
@@ -580,7 +570,7 @@ mod tests {
         r.dev.take_irqs();
         r.dev.set_bus_master(false);
         assert!(
-            activity(&mut r).contains(&Activity::BusMaster {
+            r.activity().contains(&Activity::BusMaster {
                 enabled: false,
                 job: Some(1),
                 pos: Some(256),
@@ -659,7 +649,7 @@ mod tests {
         assert!(r.dev.die_requested());
         assert_eq!(bursts(&mut r), 0, "it died before the burst");
         assert_eq!(r.status(st).status, DMA_ST_PENDING);
-        assert!(activity(&mut r).contains(&Activity::FailInject {
+        assert!(r.activity().contains(&Activity::FailInject {
             mode: "die",
             what: "device died",
             arg: 0,

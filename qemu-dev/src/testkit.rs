@@ -75,6 +75,21 @@ pub struct Rig<E: Events> {
     job_seq: u64,
 }
 
+impl Rig<crate::events::EventLog> {
+    /// What the engine reported so far (the `Engine` events of the log), in order.
+    pub fn activity(&mut self) -> Vec<crate::events::Activity> {
+        self.dev
+            .events()
+            .events
+            .iter()
+            .filter_map(|e| match e {
+                crate::events::Event::Engine(a) => Some(a.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
 impl<E: Events> Rig<E> {
     /// A device with every unit enabled and all interrupt causes on.
     pub fn new(config: DeviceConfig, events: E) -> Self {

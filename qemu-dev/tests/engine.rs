@@ -2,7 +2,7 @@
 //! kernel driver drives it (via `testkit::Rig`): DMA data paths, faults and stalls, SYNC
 //! semantics, command errors, event-queue overflow, and the validator's verdicts.
 
-use qemu_dev::events::{Activity, Event, EventLog};
+use qemu_dev::events::{Activity, EventLog};
 use qemu_dev::testkit::{job, Rig, AUX, FRAMES, RING_LOG2, SYNC_WORD};
 use qemu_dev::x86pt::{CpuFlags, X86_D, X86_RW};
 use qemu_dev::{DeviceConfig, GuestMem};
@@ -29,18 +29,6 @@ fn pattern(n: usize, seed: u8) -> Vec<u8> {
 
 fn violations(r: &mut Rig<EventLog>) -> u64 {
     r.stat(STAT_VIOLATIONS)
-}
-
-fn activity(r: &mut Rig<EventLog>) -> Vec<Activity> {
-    r.dev
-        .events()
-        .events
-        .iter()
-        .filter_map(|e| match e {
-            Event::Engine(a) => Some(a.clone()),
-            _ => None,
-        })
-        .collect()
 }
 
 #[test]
@@ -321,7 +309,7 @@ fn sync_waits_for_in_flight_dma() {
     );
     r.run();
     assert!(r.sync_done(s));
-    let acts = activity(&mut r);
+    let acts = r.activity();
     let waited = acts.iter().find_map(|a| match a {
         Activity::SyncDone { waited, .. } => Some(*waited),
         _ => None,
@@ -721,7 +709,8 @@ fn stats_registers_and_trace_kinds() {
     assert_eq!(r.stat(STAT_SYNCS), 1);
     assert_eq!(r.stat(STAT_COMMANDS), 2);
     assert_eq!(r.stat(STAT_IOTLB_INVALIDATED), 1);
-    let kinds: std::collections::BTreeSet<&str> = activity(&mut r)
+    let kinds: std::collections::BTreeSet<&str> = r
+        .activity()
         .iter()
         .map(|a| match a {
             Activity::Control { .. } => "control",

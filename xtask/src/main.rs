@@ -210,7 +210,7 @@ fn kernel_artifacts(
             .arg(&ktree)
             .arg(format!("M={}", root.join("kmod").display()))
             .arg(format!("MO={}", mo.display()))
-            .args(["LLVM=-19", "modules"]),
+            .args(["LLVM=-19", "ZAPGUARD_INJECT=1", "modules"]),
         "module build",
     )?;
     let module = mo.join("zapguard.ko");
@@ -401,6 +401,7 @@ fn vm_config(
         echo,
         interactive: false,
         kill_device_on: None,
+        device_may_die: false,
     }
 }
 
@@ -578,6 +579,76 @@ fn harness_selftests(root: &Path, art: &Artifacts) -> Result<(usize, usize)> {
     Ok(print_checks("harness self-tests:", &checks))
 }
 
+/// The device-death boot: the device process dies mid-DMA (`FAIL_DIE`, which exits it with
+/// status 3) and the guest must carry on: the driver fences it, users get `EIO`, nothing hangs,
+/// the module unloads. Only `device_dies_mid_dma` runs (it skips in every other boot).
+fn device_death_run(root: &Path, art: &Artifacts) -> Result<(usize, usize)> {
+    let t = step("device-death boot (the device process dies mid-DMA, the guest carries on)");
+    let dir = root.join("target/zapguard/runs/device-dies-mid-dma");
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut cfg = vm_config(
+        art,
+        dir,
+        vec![
+            "zg.run=tests".into(),
+            "zg.filter=device_dies_mid_dma".into(),
+            "zg.device_dies=1".into(),
+        ],
+        Duration::from_secs(180),
+        vm::Echo::Results,
+    );
+    cfg.device_may_die = true;
+    let o = vm::run(&cfg).map_err(|e| format!("device-death boot: {e}"))?;
+    let analysis = trace::analyse(&o.trace);
+    let ran = o
+        .results
+        .iter()
+        .any(|r| r.name == "device_dies_mid_dma" && r.outcome == ktap::Outcome::Pass);
+    let (trace_ok, trace_detail) = match &analysis {
+        // The device died with commands in its queue: only that finding is expected.
+        Ok(a) => {
+            let unexpected: Vec<_> = a.check.findings.iter().filter(|f| f.line != 0).collect();
+            (
+                unexpected.is_empty(),
+                unexpected.first().map_or(String::new(), |f| f.to_string()),
+            )
+        }
+        Err(e) => (false, format!("{}: {e}", o.trace.display())),
+    };
+    let checks = [
+        Check {
+            name: "the device died mid-DMA and the guest test passed",
+            ok: ran && o.device_died_early && o.tests_end_rc == Some(0) && !o.timed_out,
+            detail: format!(
+                "test passed {ran}, device died {}, tests rc {:?}, timed out {}",
+                o.device_died_early, o.tests_end_rc, o.timed_out
+            ),
+        },
+        Check {
+            name: "the device exited with FAIL_DIE's status (3)",
+            ok: o.device_status.and_then(|s| s.code()) == Some(3),
+            detail: format!("zapguard-dev {:?}", o.device_status),
+        },
+        Check {
+            name: "no kernel panic, oops, BUG or WARN after the device died",
+            ok: o.splats.is_empty(),
+            detail: o.splats.first().cloned().unwrap_or_default(),
+        },
+        Check {
+            name: "modules unloaded and the guest powered off",
+            ok: o.done_rc == Some(0) && o.qemu_status.is_some(),
+            detail: format!("init rc {:?}, QEMU {:?}", o.done_rc, o.qemu_status),
+        },
+        Check {
+            name: "trace check: no violation, nothing touched after a SYNC",
+            ok: trace_ok,
+            detail: trace_detail,
+        },
+    ];
+    eprintln!("    {:.1}s", t.elapsed().as_secs_f32());
+    Ok(print_checks("device-death boot:", &checks))
+}
+
 fn finish(passed: usize, failed: usize) -> ExitCode {
     println!("{passed} passed, {failed} failed");
     if failed == 0 {
@@ -659,8 +730,9 @@ fn main() -> ExitCode {
                     if opts.filter.is_none() {
                         let (bp, bf) = bindings_checks(&root, &art);
                         let (sp, sf) = harness_selftests(&root, &art)?;
-                        p += bp + sp;
-                        f += bf + sf;
+                        let (dp, df) = device_death_run(&root, &art)?;
+                        p += bp + sp + dp;
+                        f += bf + sf + df;
                         // The same suite on the lock-debugging kernel: any lockdep, might_sleep
                         // or DEBUG_VM report fails its run checks.
                         println!(

@@ -30,6 +30,9 @@ pub struct VmConfig {
     pub interactive: bool,
     /// Harness self-test: SIGKILL the device when a serial line contains this text.
     pub kill_device_on: Option<&'static str>,
+    /// The device is meant to die during the run (the device-death boot): keep the guest
+    /// running when it does, so that the driver's handling of a vanished device is tested.
+    pub device_may_die: bool,
 }
 
 /// How much of the guest console reaches the terminal.
@@ -320,15 +323,18 @@ fn collect(
         }
         if !out.device_died_early {
             if let Ok(Some(s)) = dev.try_wait() {
-                // A dead server makes QEMU spin on errors: stop the guest now.
                 out.device_died_early = true;
                 out.device_status = Some(s);
-                if cfg.echo != Echo::Silent {
-                    eprintln!(
-                        "xtask: zapguard-dev exited ({s}) while the guest ran; stopping QEMU"
-                    );
+                // A dead server makes QEMU log every guest access: stop the guest now, unless
+                // this run is about the guest surviving it.
+                if !cfg.device_may_die {
+                    if cfg.echo != Echo::Silent {
+                        eprintln!(
+                            "xtask: zapguard-dev exited ({s}) while the guest ran; stopping QEMU"
+                        );
+                    }
+                    kill(qemu);
                 }
-                kill(qemu);
             }
         }
         if Instant::now() >= deadline {
