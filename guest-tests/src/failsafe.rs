@@ -169,8 +169,13 @@ fn munmap_during_dma(mode: u32, arg: u32, outcome: Outcome) -> Result<(), String
             check_failed(&f, spare)
         }
         Outcome::Live => {
-            // The job read an unmapped buffer: its fault could not be served.
-            check_eq(errno, libc::EFAULT, "errno of the job after munmap")?;
+            // A job running into the unmapped buffer cannot have its fault served; one that
+            // finished before the munmap (and was still being waited for) succeeded.
+            if errno != 0 && errno != libc::EFAULT {
+                return Err(format!(
+                    "errno of the job after munmap: {errno}, expected 0 or EFAULT"
+                ));
+            }
             check_live(&f)
         }
     }
