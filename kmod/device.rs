@@ -26,9 +26,10 @@
 //!
 //! See [`crate::hw`] for the queue locks and [`crate::mirror`] for a context's lock.
 
-use crate::abi::{cmd, event as ev, pci as zpci, queue, regs, uapi};
+use crate::abi::{cmd, event as ev, pci as zpci, queue, regs as abi_regs, uapi};
 use crate::hw::{DevresBar, Health, Hw, Synced, Wait, EVT_LOG2};
 use crate::mirror::Context;
+use crate::regs;
 use core::pin::Pin;
 use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use kernel::{
@@ -46,7 +47,7 @@ pub(crate) const NUM_VECTORS: usize = zpci::MSIX_VECTORS as usize;
 /// clearing bus mastering: about 20 ms.
 const FENCE_POLLS: usize = 250;
 /// Error bits that mean the device can no longer be trusted to finish its work.
-const FATAL_ERRORS: u32 = regs::ERR_CMDQ | regs::ERR_DMAQ_ABORT | regs::ERR_EVTQ_ABORT;
+const FATAL_ERRORS: u32 = abi_regs::ERR_CMDQ | abi_regs::ERR_DMAQ_ABORT | abi_regs::ERR_EVTQ_ABORT;
 
 /// Why a device was failed (for the log and for the error users get).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -242,12 +243,12 @@ impl Shared {
     /// does not confirm, clears bus mastering.
     fn put_up_fence(&self) -> Fence {
         match self.bar.try_access() {
-            Some(bar) => bar.write32(0, regs::CR0 as usize),
+            Some(bar) => bar.write_reg(regs::CR0::zeroed()),
             None => return Fence::Absent,
         }
         for _ in 0..FENCE_POLLS {
             let ack = match self.bar.try_access() {
-                Some(bar) => bar.read32(regs::CR0ACK as usize),
+                Some(bar) => bar.read(regs::CR0ACK).into_raw(),
                 None => return Fence::Absent,
             };
             if ack == u32::MAX {
@@ -320,11 +321,11 @@ impl Shared {
         let bar = self.bar.try_access().ok_or(ENODEV)?;
         Ok(uapi::ZgInfo {
             uapi_version: uapi::UAPI_VERSION,
-            ident: bar.read32(regs::IDENT as usize),
-            version: bar.read32(regs::VERSION as usize),
-            caps: bar.read32(regs::CAPS as usize),
-            iotlb_entries: bar.read32(regs::IOTLB_ENTRIES as usize),
-            asid_count: bar.read32(regs::ASID_COUNT as usize),
+            ident: bar.read(regs::IDENT).into_raw(),
+            version: bar.read(regs::VERSION).into_raw(),
+            caps: bar.read(regs::CAPS).into_raw(),
+            iotlb_entries: bar.read(regs::IOTLB_ENTRIES).into_raw(),
+            asid_count: bar.read(regs::ASID_COUNT).into_raw(),
             irq_vectors: self.irq_vectors.load(Ordering::Relaxed),
             pci_location: self.pci_location,
             irq_count: core::array::from_fn(|i| {
@@ -345,9 +346,11 @@ impl Shared {
             return 0;
         };
         loop {
-            let hi = bar.try_read32(regs::stat_hi(i) as usize).unwrap_or(0);
-            let lo = bar.try_read32(regs::stat_lo(i) as usize).unwrap_or(0);
-            if bar.try_read32(regs::stat_hi(i) as usize).unwrap_or(0) == hi {
+            // The statistics are an indexed block (`register!` arrays would repeat the ABI's
+            // layout); the index is checked by `try_read32`.
+            let hi = bar.try_read32(abi_regs::stat_hi(i) as usize).unwrap_or(0);
+            let lo = bar.try_read32(abi_regs::stat_lo(i) as usize).unwrap_or(0);
+            if bar.try_read32(abi_regs::stat_hi(i) as usize).unwrap_or(0) == hi {
                 return u64::from(hi) << 32 | u64::from(lo);
             }
         }
@@ -360,10 +363,11 @@ impl Shared {
             return;
         }
         if let Some(bar) = self.bar.try_access() {
-            bar.write32(i.cmd_lag, regs::CMD_LAG as usize);
-            bar.write32(i.walk_lag, regs::WALK_LAG as usize);
-            bar.write32(i.dev_fail_arg, regs::FAIL_ARG as usize);
-            bar.write32(i.dev_fail, regs::FAIL_INJECT as usize);
+            bar.write_reg(regs::CMD_LAG::zeroed().with_value(i.cmd_lag));
+            bar.write_reg(regs::WALK_LAG::zeroed().with_value(i.walk_lag));
+            bar.write_reg(regs::FAIL_ARG::zeroed().with_value(i.dev_fail_arg));
+            // `dev_fail` was checked against the mode field's width by the ioctl.
+            bar.write_reg(regs::FAIL_INJECT::from_raw(i.dev_fail));
         }
     }
 
@@ -443,11 +447,11 @@ impl Shared {
     pub(crate) fn on_error(&self) {
         let (err, info) = match self.bar.try_access() {
             Some(bar) => {
-                let err = bar.read32(regs::ERROR as usize);
-                let info = bar.read32(regs::ERROR_INFO as usize);
+                let err = bar.read(regs::ERROR).into_raw();
+                let info = bar.read(regs::ERROR_INFO).into_raw();
                 if err != u32::MAX {
                     // Write-1-to-clear; a stopped queue is left stopped (the device fails).
-                    bar.write32(err & !FATAL_ERRORS, regs::ERROR as usize);
+                    bar.write_reg(regs::ERROR::from_raw(err & !FATAL_ERRORS));
                 }
                 (err, info)
             }
@@ -470,15 +474,15 @@ impl Shared {
         let _guard = self.events.lock();
         loop {
             let prod = match self.bar.try_access() {
-                Some(bar) => bar.read32(regs::EVTQ_PROD as usize),
+                Some(bar) => bar.read(regs::EVTQ_PROD),
                 None => return,
             };
-            if prod == u32::MAX {
+            if prod.into_raw() == u32::MAX {
                 drop(_guard);
                 self.fail(Failure::Gone);
                 return;
             }
-            let prod = queue::position(prod & !regs::EVTQ_PROD_OVERFLOW, EVT_LOG2);
+            let prod = queue::position(prod.position().get(), EVT_LOG2);
             let mut cons = self.hw.evt_cons.load(Ordering::Relaxed);
             if cons == prod {
                 return;
@@ -490,7 +494,10 @@ impl Shared {
                 cons = queue::next(cons, EVT_LOG2);
                 self.hw.evt_cons.store(cons, Ordering::Relaxed);
                 match self.bar.try_access() {
-                    Some(bar) => bar.write32(cons, regs::EVTQ_CONS as usize),
+                    Some(bar) => match regs::EVTQ_CONS::zeroed().try_with_position(cons) {
+                        Ok(r) => bar.write_reg(r),
+                        Err(_) => return,
+                    },
                     None => return,
                 }
             }

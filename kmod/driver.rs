@@ -6,10 +6,11 @@
 //! an unbind, so they never borrow from it: they hold an [`Arc<Shared>`] whose BAR mapping is a
 //! [`pci::DevresBar`], revoked by the driver core at unbind, after which ioctls return `ENODEV`.
 
-use crate::abi::{pci as zpci, pte, regs, uapi};
+use crate::abi::{pci as zpci, pte, regs as abi_regs, uapi};
 use crate::device::{Failure, Shared, NUM_VECTORS};
 use crate::hw::{Hw, Synced, BAR0_SIZE};
 use crate::mirror::{self, Context, Walk};
+use crate::regs;
 use core::pin::Pin;
 use core::sync::atomic::Ordering;
 use kernel::{
@@ -316,7 +317,7 @@ impl ZgFile {
         }
         let i: uapi::ZgInject = read_arg(arg)?;
         if i.modes & !uapi::ZG_INJ_MODES != 0
-            || i.dev_fail & !regs::FAIL_MODE_MASK != 0
+            || i.dev_fail & !abi_regs::FAIL_MODE_MASK != 0
             || i.reserved != 0
         {
             return Err(EINVAL);
@@ -458,31 +459,36 @@ impl ZapguardDriver {
         if pdev.vendor_id().as_raw() != zpci::VENDOR_ID || pdev.device_id() != zpci::DEVICE_ID {
             return Err(ENODEV);
         }
-        let ident = bar.read32(regs::IDENT as usize);
-        let version = bar.read32(regs::VERSION as usize);
-        if ident != regs::IDENT_MAGIC {
+        let ident = bar.read(regs::IDENT).into_raw();
+        let version = bar.read(regs::VERSION);
+        if ident != abi_regs::IDENT_MAGIC {
             dev_err!(
                 pdev,
                 "bad IDENT {:#010x}, expected {:#010x}\n",
                 ident,
-                regs::IDENT_MAGIC
+                abi_regs::IDENT_MAGIC
             );
             return Err(ENODEV);
         }
-        if regs::version_major(version) != regs::VERSION_MAJOR {
+        let (major, minor) = (version.major().get(), version.minor().get());
+        if major != u32::from(abi_regs::VERSION_MAJOR) {
             dev_err!(
                 pdev,
                 "unsupported ABI {}.{}, driver speaks {}.x\n",
-                regs::version_major(version),
-                regs::version_minor(version),
-                regs::VERSION_MAJOR
+                major,
+                minor,
+                abi_regs::VERSION_MAJOR
             );
             return Err(ENODEV);
         }
         // A posted write followed by a read proves the MMIO path round-trips before we rely on it.
-        for pattern in [!regs::IDENT_MAGIC, regs::IDENT_MAGIC.rotate_left(7), 0] {
-            bar.write32(pattern, regs::SCRATCH as usize);
-            let back = bar.read32(regs::SCRATCH as usize);
+        for pattern in [
+            !abi_regs::IDENT_MAGIC,
+            abi_regs::IDENT_MAGIC.rotate_left(7),
+            0,
+        ] {
+            bar.write_reg(regs::SCRATCH::zeroed().with_value(pattern));
+            let back = bar.read(regs::SCRATCH).into_raw();
             if back != pattern {
                 dev_err!(
                     pdev,
@@ -512,10 +518,10 @@ impl pci::Driver for ZapguardDriver {
             pdev.set_master();
             let bar = pdev.iomap_region_sized::<BAR0_SIZE>(zpci::BAR0, c"zapguard")?;
             Self::check_identity(pdev, &bar)?;
-            let version = bar.read32(regs::VERSION as usize);
+            let version = bar.read(regs::VERSION);
             // SAFETY: called from probe, before any DMA allocation or mapping of this device.
             unsafe { pdev.dma_set_mask_and_coherent(DmaMask::new::<64>())? };
-            let asid_count = bar.read32(regs::ASID_COUNT as usize).clamp(2, 4096);
+            let asid_count = bar.read(regs::ASID_COUNT).into_raw().clamp(2, 4096);
             let hw = Hw::new(pdev.as_ref(), asid_count)?;
             let shared = Shared::new(pdev, bar.into_devres()?, hw, asid_count)?;
             let shared = Arc::pin_init(shared, GFP_KERNEL)?;
@@ -527,8 +533,8 @@ impl pci::Driver for ZapguardDriver {
             dev_info!(
                 pdev,
                 "zapguard ABI {}.{}, {} MSI-X vectors, /dev/zapguard\n",
-                regs::version_major(version),
-                regs::version_minor(version),
+                version.major().get(),
+                version.minor().get(),
                 irqs.vectors.len()
             );
             Ok(try_pin_init!(ZgDevice {
@@ -561,8 +567,8 @@ impl ZapguardDriver {
             let bar = shared.bar.access(pdev.as_ref())?;
             // Whatever a previous driver instance left (a failed, hung or half-configured
             // device) goes with a device reset (ABI 1.3).
-            if regs::version_minor(bar.read32(regs::VERSION as usize)) >= 3 {
-                bar.write32(regs::RESET_KEY, regs::RESET as usize);
+            if bar.read(regs::VERSION).minor().get() >= 3 {
+                bar.write_reg(regs::RESET::zeroed().with_value(abi_regs::RESET_KEY));
             }
             shared.hw.enable(bar).inspect_err(|_| {
                 dev_err!(pdev, "device did not acknowledge CR0\n");

@@ -27,7 +27,8 @@
 //! None of them is held while allocating with `GFP_KERNEL` or calling into the mm, so they are
 //! all safe to take from an mmu_notifier callback (see [`crate::mm`]'s locking rules).
 
-use crate::abi::{cmd, dma, pte, queue, regs};
+use crate::abi::{cmd, dma, pte, queue};
+use crate::regs;
 use core::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use kernel::{
     bindings,
@@ -186,12 +187,6 @@ fn rd(buf: &Coherent<[u64]>, i: usize) -> Result<u64> {
 fn wr(buf: &Coherent<[u64]>, i: usize, v: u64) -> Result {
     kernel::io::io_write!(buf, [try: i], v);
     Ok(())
-}
-
-/// Writes a 64-bit address into a `_LO`/`_HI` register pair.
-fn write_addr(bar: &Bar<'_>, lo: u32, hi: u32, addr: u64) -> Result {
-    bar.try_write32(addr as u32, lo as usize)?;
-    bar.try_write32((addr >> 32) as u32, hi as usize)
 }
 
 /// A device page-table page, by index in the [`PtPool`], owned by whoever holds the value.
@@ -458,14 +453,14 @@ impl CmdQueue {
         let io = bar.try_access().ok_or(ENODEV)?;
         let mut st = self.state.lock();
         if queue::free(st.prod, st.cons, RING_LOG2) < need {
-            let cons = io.read32(regs::CMDQ_CONS as usize);
-            if cons == u32::MAX {
+            let cons = io.read(regs::CMDQ_CONS);
+            if cons.into_raw() == u32::MAX {
                 return Err(ENXIO);
             }
-            if cons & regs::CONS_ERR != 0 {
+            if cons.err() {
                 return Err(EIO);
             }
-            st.cons = queue::position(cons, RING_LOG2);
+            st.cons = queue::position(cons.position().get(), RING_LOG2);
             if queue::free(st.prod, st.cons, RING_LOG2) < need {
                 return Ok(None);
             }
@@ -495,7 +490,7 @@ impl CmdQueue {
             ))?;
         }
         // x86: MMIO writes are ordered after the ring writes above.
-        io.write32(prod, regs::CMDQ_PROD as usize);
+        io.write_reg(regs::CMDQ_PROD::zeroed().try_with_position(prod)?);
         st.prod = prod;
         st.seq = seq;
         Ok(Some(seq))
@@ -722,13 +717,13 @@ impl Jobs {
         let Some(io) = bar.try_access() else {
             return Ok(());
         };
-        let cons = io.read32(regs::DMAQ_CONS as usize);
+        let cons = io.read(regs::DMAQ_CONS);
         drop(io);
-        if cons == u32::MAX {
+        if cons.into_raw() == u32::MAX {
             return Err(ENXIO);
         }
-        let stopped = cons & regs::CONS_ERR != 0;
-        let cons = queue::position(cons, RING_LOG2);
+        let stopped = cons.err();
+        let cons = queue::position(cons.position().get(), RING_LOG2);
         let mut progress = false;
         while st.cons != cons && st.retired < st.submitted {
             let slot = queue::index(st.cons, RING_LOG2) as usize;
@@ -809,7 +804,7 @@ impl Jobs {
         let prod = queue::next(st.prod, RING_LOG2);
         {
             let io = bar.try_access().ok_or(ENODEV)?;
-            io.write32(prod, regs::DMAQ_PROD as usize);
+            io.write_reg(regs::DMAQ_PROD::zeroed().try_with_position(prod)?);
         }
         st.prod = prod;
         st.slot_asid[slot] = job.asid;
@@ -954,44 +949,34 @@ impl Hw {
 
     /// Programs every unit and enables it, then waits for CR0ACK.
     pub(crate) fn enable(&self, bar: &Bar<'_>) -> Result {
-        write_addr(
-            bar,
-            regs::CTX_BASE_LO,
-            regs::CTX_BASE_HI,
-            self.ctx.dma_address(),
-        )?;
-        for (lo, hi, size, addr, log2) in [
-            (
-                regs::CMDQ_BASE_LO,
-                regs::CMDQ_BASE_HI,
-                regs::CMDQ_LOG2SIZE,
-                self.cmdq.ring.dma_address(),
-                RING_LOG2,
-            ),
-            (
-                regs::EVTQ_BASE_LO,
-                regs::EVTQ_BASE_HI,
-                regs::EVTQ_LOG2SIZE,
-                self.evtq.dma_address(),
-                EVT_LOG2,
-            ),
-            (
-                regs::DMAQ_BASE_LO,
-                regs::DMAQ_BASE_HI,
-                regs::DMAQ_LOG2SIZE,
-                self.jobs.ring.dma_address(),
-                RING_LOG2,
-            ),
-        ] {
-            write_addr(bar, lo, hi, addr)?;
-            bar.try_write32(log2, size as usize)?;
-        }
-        bar.write32(
-            regs::IRQ_CMD_EN | regs::IRQ_EVT_EN | regs::IRQ_ERR_EN,
-            regs::IRQ_CTRL as usize,
+        let (lo, hi) = split(self.ctx.dma_address());
+        bar.write_reg(regs::CTX_BASE_LO::zeroed().with_value(lo));
+        bar.write_reg(regs::CTX_BASE_HI::zeroed().with_value(hi));
+        let (lo, hi) = split(self.cmdq.ring.dma_address());
+        bar.write_reg(regs::CMDQ_BASE_LO::zeroed().with_value(lo));
+        bar.write_reg(regs::CMDQ_BASE_HI::zeroed().with_value(hi));
+        bar.write_reg(regs::CMDQ_LOG2SIZE::zeroed().with_value(RING_LOG2));
+        let (lo, hi) = split(self.evtq.dma_address());
+        bar.write_reg(regs::EVTQ_BASE_LO::zeroed().with_value(lo));
+        bar.write_reg(regs::EVTQ_BASE_HI::zeroed().with_value(hi));
+        bar.write_reg(regs::EVTQ_LOG2SIZE::zeroed().with_value(EVT_LOG2));
+        let (lo, hi) = split(self.jobs.ring.dma_address());
+        bar.write_reg(regs::DMAQ_BASE_LO::zeroed().with_value(lo));
+        bar.write_reg(regs::DMAQ_BASE_HI::zeroed().with_value(hi));
+        bar.write_reg(regs::DMAQ_LOG2SIZE::zeroed().with_value(RING_LOG2));
+        bar.write_reg(
+            regs::IRQ_CTRL::zeroed()
+                .with_cmd_en(true)
+                .with_evt_en(true)
+                .with_err_en(true),
         );
-        bar.write32(regs::CR0_MASK, regs::CR0 as usize);
-        handshake(bar, regs::CR0_MASK)
+        let all = regs::CR0::zeroed()
+            .with_cmdq_en(true)
+            .with_evtq_en(true)
+            .with_dmaq_en(true)
+            .with_ctx_en(true);
+        bar.write_reg(all);
+        handshake(bar, all.into_raw())
     }
 
     /// Writes context entry `asid`. The device's validator reads entries uncached at any time,
@@ -1019,10 +1004,15 @@ impl Hw {
     }
 }
 
-/// Polls CR0ACK until it equals `want`.
+/// The low and high halves of a 64-bit bus address, for a `_LO`/`_HI` register pair.
+fn split(addr: u64) -> (u32, u32) {
+    (addr as u32, (addr >> 32) as u32)
+}
+
+/// Polls CR0ACK until it equals `want` (a `CR0` value).
 fn handshake(bar: &Bar<'_>, want: u32) -> Result {
     for _ in 0..HANDSHAKE_POLLS {
-        if bar.read32(regs::CR0ACK as usize) == want {
+        if bar.read(regs::CR0ACK).into_raw() == want {
             return Ok(());
         }
         fsleep(Delta::from_micros(10));

@@ -13,6 +13,7 @@
 //!   job ring, event ring).
 //! - [`mirror`]: contexts: populate, shootdown, fault service, release.
 //! - [`mm`]: safe abstractions over mmu_interval_notifier and hmm_range_fault.
+//! - [`regs`]: typed BAR0 registers (`register!`), generated from the ABI.
 
 #[path = "../shared-regs/src/abi/mod.rs"]
 pub mod abi;
@@ -21,6 +22,7 @@ pub mod driver;
 pub mod hw;
 pub mod mirror;
 pub mod mm;
+pub mod regs;
 
 kernel::module_pci_driver! {
     type: driver::ZapguardDriver,
