@@ -63,22 +63,48 @@ const REGS: &[Reg] = &[
         VERSION,
         "ABI version.",
         &[
-            f("major", 0xffff_0000, "Major version: the driver refuses another."),
+            f(
+                "major",
+                0xffff_0000,
+                "Major version: the driver refuses another.",
+            ),
             f("minor", 0x0000_ffff, "Minor version: additions only."),
         ],
     ),
     r("CAPS", CAPS, "Capability bits (`CAP_*`).", WHOLE),
     r("IOTLB_ENTRIES", IOTLB_ENTRIES, "IOTLB entries.", WHOLE),
-    r("ASID_COUNT", ASID_COUNT, "ASIDs (context-table entries).", WHOLE),
-    r("SCRATCH", SCRATCH, "Free for software (MMIO path probes).", WHOLE),
+    r(
+        "ASID_COUNT",
+        ASID_COUNT,
+        "ASIDs (context-table entries).",
+        WHOLE,
+    ),
+    r(
+        "SCRATCH",
+        SCRATCH,
+        "Free for software (MMIO path probes).",
+        WHOLE,
+    ),
     r(
         "ERROR",
         ERROR,
         "Global error bits, write 1 to clear.",
         &[
-            f("dmaq_abort", ERR_DMAQ_ABORT, "A DMA job could not be fetched."),
-            f("evtq_abort", ERR_EVTQ_ABORT, "An event could not be written."),
-            f("config", ERR_CONFIG, "A unit was refused its configuration."),
+            f(
+                "dmaq_abort",
+                ERR_DMAQ_ABORT,
+                "A DMA job could not be fetched.",
+            ),
+            f(
+                "evtq_abort",
+                ERR_EVTQ_ABORT,
+                "An event could not be written.",
+            ),
+            f(
+                "config",
+                ERR_CONFIG,
+                "A unit was refused its configuration.",
+            ),
             f("evtq_overflow", ERR_EVTQ_OVERFLOW, "Events were dropped."),
             f("cmdq", ERR_CMDQ, "The command queue stopped on an error."),
             f("bad_access", ERR_BAD_ACCESS, "A bad MMIO access."),
@@ -86,7 +112,12 @@ const REGS: &[Reg] = &[
     ),
     r("ERROR_INFO", ERROR_INFO, "Detail of the last error.", WHOLE),
     r("CR0", CR0, "Unit enables.", UNITS),
-    r("CR0ACK", CR0ACK, "Unit enables as applied by the device.", UNITS),
+    r(
+        "CR0ACK",
+        CR0ACK,
+        "Unit enables as applied by the device.",
+        UNITS,
+    ),
     r(
         "IRQ_CTRL",
         IRQ_CTRL,
@@ -94,20 +125,74 @@ const REGS: &[Reg] = &[
         &[
             f("err_en", IRQ_ERR_EN, "Error vector."),
             f("evt_en", IRQ_EVT_EN, "Event vector."),
-            f("cmd_en", IRQ_CMD_EN, "Command vector (SYNC and job completions)."),
+            f(
+                "cmd_en",
+                IRQ_CMD_EN,
+                "Command vector (SYNC and job completions).",
+            ),
         ],
     ),
-    r("CMD_LAG", CMD_LAG, "Test knob: bursts a job may run before new commands execute.", WHOLE),
-    r("CTX_BASE_LO", CTX_BASE_LO, "Context table address, bits 31:0.", WHOLE),
-    r("CTX_BASE_HI", CTX_BASE_HI, "Context table address, bits 63:32.", WHOLE),
-    r("CMDQ_BASE_LO", CMDQ_BASE_LO, "Command ring address, bits 31:0.", WHOLE),
-    r("CMDQ_BASE_HI", CMDQ_BASE_HI, "Command ring address, bits 63:32.", WHOLE),
-    r("CMDQ_LOG2SIZE", CMDQ_LOG2SIZE, "Command ring size, log2 of the entries.", WHOLE),
-    r("CMDQ_PROD", CMDQ_PROD, "Command ring producer (the doorbell).", PRODUCER),
+    r(
+        "CMD_LAG",
+        CMD_LAG,
+        "Test knob: bursts a job may run before new commands execute.",
+        WHOLE,
+    ),
+    r(
+        "CTX_BASE_LO",
+        CTX_BASE_LO,
+        "Context table address, bits 31:0.",
+        WHOLE,
+    ),
+    r(
+        "CTX_BASE_HI",
+        CTX_BASE_HI,
+        "Context table address, bits 63:32.",
+        WHOLE,
+    ),
+    r(
+        "CMDQ_BASE_LO",
+        CMDQ_BASE_LO,
+        "Command ring address, bits 31:0.",
+        WHOLE,
+    ),
+    r(
+        "CMDQ_BASE_HI",
+        CMDQ_BASE_HI,
+        "Command ring address, bits 63:32.",
+        WHOLE,
+    ),
+    r(
+        "CMDQ_LOG2SIZE",
+        CMDQ_LOG2SIZE,
+        "Command ring size, log2 of the entries.",
+        WHOLE,
+    ),
+    r(
+        "CMDQ_PROD",
+        CMDQ_PROD,
+        "Command ring producer (the doorbell).",
+        PRODUCER,
+    ),
     r("CMDQ_CONS", CMDQ_CONS, "Command ring consumer.", CONSUMER),
-    r("EVTQ_BASE_LO", EVTQ_BASE_LO, "Event ring address, bits 31:0.", WHOLE),
-    r("EVTQ_BASE_HI", EVTQ_BASE_HI, "Event ring address, bits 63:32.", WHOLE),
-    r("EVTQ_LOG2SIZE", EVTQ_LOG2SIZE, "Event ring size, log2 of the entries.", WHOLE),
+    r(
+        "EVTQ_BASE_LO",
+        EVTQ_BASE_LO,
+        "Event ring address, bits 31:0.",
+        WHOLE,
+    ),
+    r(
+        "EVTQ_BASE_HI",
+        EVTQ_BASE_HI,
+        "Event ring address, bits 63:32.",
+        WHOLE,
+    ),
+    r(
+        "EVTQ_LOG2SIZE",
+        EVTQ_LOG2SIZE,
+        "Event ring size, log2 of the entries.",
+        WHOLE,
+    ),
     r(
         "EVTQ_PROD",
         EVTQ_PROD,
@@ -117,20 +202,60 @@ const REGS: &[Reg] = &[
             f("position", POSITION, "Index and wrap bit."),
         ],
     ),
-    r("EVTQ_CONS", EVTQ_CONS, "Event ring consumer (the driver's).", PRODUCER),
-    r("DMAQ_BASE_LO", DMAQ_BASE_LO, "DMA job ring address, bits 31:0.", WHOLE),
-    r("DMAQ_BASE_HI", DMAQ_BASE_HI, "DMA job ring address, bits 63:32.", WHOLE),
-    r("DMAQ_LOG2SIZE", DMAQ_LOG2SIZE, "DMA job ring size, log2 of the entries.", WHOLE),
-    r("DMAQ_PROD", DMAQ_PROD, "DMA job ring producer (the doorbell).", PRODUCER),
-    r("DMAQ_CONS", DMAQ_CONS, "DMA job ring consumer (jobs completed).", CONSUMER),
+    r(
+        "EVTQ_CONS",
+        EVTQ_CONS,
+        "Event ring consumer (the driver's).",
+        PRODUCER,
+    ),
+    r(
+        "DMAQ_BASE_LO",
+        DMAQ_BASE_LO,
+        "DMA job ring address, bits 31:0.",
+        WHOLE,
+    ),
+    r(
+        "DMAQ_BASE_HI",
+        DMAQ_BASE_HI,
+        "DMA job ring address, bits 63:32.",
+        WHOLE,
+    ),
+    r(
+        "DMAQ_LOG2SIZE",
+        DMAQ_LOG2SIZE,
+        "DMA job ring size, log2 of the entries.",
+        WHOLE,
+    ),
+    r(
+        "DMAQ_PROD",
+        DMAQ_PROD,
+        "DMA job ring producer (the doorbell).",
+        PRODUCER,
+    ),
+    r(
+        "DMAQ_CONS",
+        DMAQ_CONS,
+        "DMA job ring consumer (jobs completed).",
+        CONSUMER,
+    ),
     r(
         "FAIL_INJECT",
         FAIL_INJECT,
         "Test knob: the device failure mode armed.",
         &[f("mode", FAIL_MODE_MASK, "`FAIL_*`.")],
     ),
-    r("FAIL_ARG", FAIL_ARG, "Test knob: the failure mode's argument.", WHOLE),
-    r("WALK_LAG", WALK_LAG, "Test knob: microseconds before each table read of a walk.", WHOLE),
+    r(
+        "FAIL_ARG",
+        FAIL_ARG,
+        "Test knob: the failure mode's argument.",
+        WHOLE,
+    ),
+    r(
+        "WALK_LAG",
+        WALK_LAG,
+        "Test knob: microseconds before each table read of a walk.",
+        WHOLE,
+    ),
     r("RESET", RESET, "Device reset: takes `RESET_KEY`.", WHOLE),
 ];
 
@@ -165,7 +290,10 @@ fn render() -> String {
             out.push('\n');
         }
         out += &format!("    /// {}\n", reg.doc);
-        out += &format!("    pub(crate) {}(u32) @ {:#05x} {{\n", reg.name, reg.offset);
+        out += &format!(
+            "    pub(crate) {}(u32) @ {:#05x} {{\n",
+            reg.name, reg.offset
+        );
         for field in reg.fields {
             let (hi, lo) = bits(field.mask);
             let conv = if hi == lo { " => bool" } else { "" };
