@@ -250,8 +250,7 @@ register! {
 const _: () = assert!(<IDENT as Register>::OFFSET == crate::abi::regs::IDENT as usize);
 const _: () = assert!(<VERSION as Register>::OFFSET == crate::abi::regs::VERSION as usize);
 const _: () = assert!(<CAPS as Register>::OFFSET == crate::abi::regs::CAPS as usize);
-const _: () =
-    assert!(<IOTLB_ENTRIES as Register>::OFFSET == crate::abi::regs::IOTLB_ENTRIES as usize);
+const _: () = assert!(<IOTLB_ENTRIES as Register>::OFFSET == crate::abi::regs::IOTLB_ENTRIES as usize);
 const _: () = assert!(<ASID_COUNT as Register>::OFFSET == crate::abi::regs::ASID_COUNT as usize);
 const _: () = assert!(<SCRATCH as Register>::OFFSET == crate::abi::regs::SCRATCH as usize);
 const _: () = assert!(<ERROR as Register>::OFFSET == crate::abi::regs::ERROR as usize);
@@ -262,28 +261,19 @@ const _: () = assert!(<IRQ_CTRL as Register>::OFFSET == crate::abi::regs::IRQ_CT
 const _: () = assert!(<CMD_LAG as Register>::OFFSET == crate::abi::regs::CMD_LAG as usize);
 const _: () = assert!(<CTX_BASE_LO as Register>::OFFSET == crate::abi::regs::CTX_BASE_LO as usize);
 const _: () = assert!(<CTX_BASE_HI as Register>::OFFSET == crate::abi::regs::CTX_BASE_HI as usize);
-const _: () =
-    assert!(<CMDQ_BASE_LO as Register>::OFFSET == crate::abi::regs::CMDQ_BASE_LO as usize);
-const _: () =
-    assert!(<CMDQ_BASE_HI as Register>::OFFSET == crate::abi::regs::CMDQ_BASE_HI as usize);
-const _: () =
-    assert!(<CMDQ_LOG2SIZE as Register>::OFFSET == crate::abi::regs::CMDQ_LOG2SIZE as usize);
+const _: () = assert!(<CMDQ_BASE_LO as Register>::OFFSET == crate::abi::regs::CMDQ_BASE_LO as usize);
+const _: () = assert!(<CMDQ_BASE_HI as Register>::OFFSET == crate::abi::regs::CMDQ_BASE_HI as usize);
+const _: () = assert!(<CMDQ_LOG2SIZE as Register>::OFFSET == crate::abi::regs::CMDQ_LOG2SIZE as usize);
 const _: () = assert!(<CMDQ_PROD as Register>::OFFSET == crate::abi::regs::CMDQ_PROD as usize);
 const _: () = assert!(<CMDQ_CONS as Register>::OFFSET == crate::abi::regs::CMDQ_CONS as usize);
-const _: () =
-    assert!(<EVTQ_BASE_LO as Register>::OFFSET == crate::abi::regs::EVTQ_BASE_LO as usize);
-const _: () =
-    assert!(<EVTQ_BASE_HI as Register>::OFFSET == crate::abi::regs::EVTQ_BASE_HI as usize);
-const _: () =
-    assert!(<EVTQ_LOG2SIZE as Register>::OFFSET == crate::abi::regs::EVTQ_LOG2SIZE as usize);
+const _: () = assert!(<EVTQ_BASE_LO as Register>::OFFSET == crate::abi::regs::EVTQ_BASE_LO as usize);
+const _: () = assert!(<EVTQ_BASE_HI as Register>::OFFSET == crate::abi::regs::EVTQ_BASE_HI as usize);
+const _: () = assert!(<EVTQ_LOG2SIZE as Register>::OFFSET == crate::abi::regs::EVTQ_LOG2SIZE as usize);
 const _: () = assert!(<EVTQ_PROD as Register>::OFFSET == crate::abi::regs::EVTQ_PROD as usize);
 const _: () = assert!(<EVTQ_CONS as Register>::OFFSET == crate::abi::regs::EVTQ_CONS as usize);
-const _: () =
-    assert!(<DMAQ_BASE_LO as Register>::OFFSET == crate::abi::regs::DMAQ_BASE_LO as usize);
-const _: () =
-    assert!(<DMAQ_BASE_HI as Register>::OFFSET == crate::abi::regs::DMAQ_BASE_HI as usize);
-const _: () =
-    assert!(<DMAQ_LOG2SIZE as Register>::OFFSET == crate::abi::regs::DMAQ_LOG2SIZE as usize);
+const _: () = assert!(<DMAQ_BASE_LO as Register>::OFFSET == crate::abi::regs::DMAQ_BASE_LO as usize);
+const _: () = assert!(<DMAQ_BASE_HI as Register>::OFFSET == crate::abi::regs::DMAQ_BASE_HI as usize);
+const _: () = assert!(<DMAQ_LOG2SIZE as Register>::OFFSET == crate::abi::regs::DMAQ_LOG2SIZE as usize);
 const _: () = assert!(<DMAQ_PROD as Register>::OFFSET == crate::abi::regs::DMAQ_PROD as usize);
 const _: () = assert!(<DMAQ_CONS as Register>::OFFSET == crate::abi::regs::DMAQ_CONS as usize);
 const _: () = assert!(<FAIL_INJECT as Register>::OFFSET == crate::abi::regs::FAIL_INJECT as usize);

@@ -22,6 +22,7 @@ pub mod driver;
 pub mod hw;
 pub mod mirror;
 pub mod mm;
+#[rustfmt::skip] // Generated (see the file): the generator owns its layout.
 pub mod regs;
 
 kernel::module_pci_driver! {
