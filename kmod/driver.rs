@@ -9,7 +9,7 @@
 use crate::abi::{pci as zpci, pte, regs as abi_regs, uapi};
 use crate::device::{Failure, Shared, NUM_VECTORS};
 use crate::hw::{Hw, Synced, BAR0_SIZE};
-use crate::mirror::{self, Context, Walk};
+use crate::mirror::{self, Access, Context, Walk};
 use crate::regs;
 use core::pin::Pin;
 use core::sync::atomic::Ordering;
@@ -157,8 +157,12 @@ impl ZgFile {
         check_range(m.va, m.len)?;
         let ctx = self.ctx()?;
         let mut out = mirror::MapOut::default();
-        let write = m.flags & uapi::ZG_MAP_WRITE != 0;
-        let r = mirror::populate(ctx, m.va, m.va + m.len, write, Walk::Locked, &mut out);
+        let access = if m.flags & uapi::ZG_MAP_WRITE != 0 {
+            Access::Write
+        } else {
+            Access::Read
+        };
+        let r = mirror::populate(ctx, m.va, m.va + m.len, access, Walk::Locked, &mut out);
         m.retries = out.retries;
         m.pages = out.pages;
         m.huge = out.huge;

@@ -70,6 +70,8 @@ fn sync_timeout() -> Delta {
 }
 /// How long a non-blockable invalidation may spin for its SYNC.
 const NONBLOCK_SYNC_US: i64 = 20_000;
+/// How long a sleeping SYNC wait spins on the completion word first.
+const SYNC_SPIN: Delta = Delta::from_micros(50);
 /// How long a DMA job may make no progress before the device is failed (`job_timeout_ms`,
 /// 30 s by default: 64 MiB with stalls served under TCG).
 fn job_timeout() -> Delta {
@@ -367,11 +369,23 @@ pub(crate) struct CmdQueue {
 struct CmdState {
     /// Our producer position.
     prod: u32,
-    /// Last consumer position read from the device.
+    /// A consumer position the device has reached (read from the device, or known from a
+    /// completed SYNC).
     cons: u32,
     /// Sequence number of the last SYNC posted.
     seq: u32,
+    /// The last SYNCs posted: (sequence number, producer position after it, commands posted
+    /// before it). A completed one tells how far the device consumed without reading
+    /// `CMDQ_CONS`, while it is less than a ring behind (positions repeat every two rings).
+    syncs: [(u32, u32, u64); SYNCS_TRACKED],
+    /// Commands posted so far.
+    posted: u64,
+    /// Where the next SYNC goes in `syncs`.
+    next_sync: usize,
 }
+
+/// SYNCs whose ring position the command queue remembers.
+const SYNCS_TRACKED: usize = 8;
 
 /// How a SYNC ended: either way the device no longer uses what the commands before it
 /// invalidated.
@@ -403,7 +417,14 @@ impl CmdQueue {
         Ok(try_pin_init!(Self {
             ring,
             sync_word,
-            state <- new_spinlock!(CmdState { prod: 0, cons: 0, seq: 0 }, "zapguard_cmdq"),
+            state <- new_spinlock!(CmdState {
+                prod: 0,
+                cons: 0,
+                seq: 0,
+                syncs: [(0, 0, 0); SYNCS_TRACKED],
+                posted: 0,
+                next_sync: 0,
+            }, "zapguard_cmdq"),
             done_lock <- new_mutex!((), "zapguard_sync_done"),
             done <- new_condvar!("zapguard_sync_done"),
         }))
@@ -453,6 +474,18 @@ impl CmdQueue {
         let io = bar.try_access().ok_or(ENODEV)?;
         let mut st = self.state.lock();
         if queue::free(st.prod, st.cons, RING_LOG2) < need {
+            // The newest completed SYNC says how far the device got, without an MMIO read.
+            let recent = |posted: u64| st.posted - posted < RING_ENTRIES as u64;
+            let known = st.syncs.iter().rev().find(|&&(seq, pos, posted)| {
+                recent(posted)
+                    && self.sync_done(seq)
+                    && queue::free(st.prod, pos, RING_LOG2) >= need
+            });
+            if let Some(&(_, pos, _)) = known {
+                st.cons = pos;
+            }
+        }
+        if queue::free(st.prod, st.cons, RING_LOG2) < need {
             let cons = io.read(regs::CMDQ_CONS);
             if cons.into_raw() == u32::MAX {
                 return Err(ENXIO);
@@ -493,6 +526,12 @@ impl CmdQueue {
         io.write_reg(regs::CMDQ_PROD::zeroed().try_with_position(prod)?);
         st.prod = prod;
         st.seq = seq;
+        st.posted += u64::from(need);
+        if sync {
+            let slot = st.next_sync;
+            st.syncs[slot] = (seq, prod, st.posted);
+            st.next_sync = (slot + 1) % SYNCS_TRACKED;
+        }
         Ok(Some(seq))
     }
 
@@ -522,6 +561,11 @@ impl CmdQueue {
                 }
             }
             Wait::Sleep => {
+                // The fast path: a SYNC usually completes within microseconds, sooner than a
+                // sleep and an interrupt-thread wake-up take.
+                while !self.sync_done(seq) && start.elapsed() < SYNC_SPIN {
+                    core::hint::spin_loop();
+                }
                 let mut guard = self.done_lock.lock();
                 while !self.sync_done(seq) {
                     if health.failed() {

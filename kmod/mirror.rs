@@ -166,6 +166,8 @@ struct Stats {
     faults: AtomicU64,
     faults_resolved: AtomicU64,
     faults_aborted: AtomicU64,
+    /// Pages mapped by served faults (fault-around included).
+    fault_pages: AtomicU64,
     dma_jobs: AtomicU64,
     violations: [AtomicU64; uapi::ZG_VIOL_CLASSES],
 }
@@ -210,6 +212,21 @@ pub(crate) struct MapOut {
     pub(crate) retries: u32,
     pub(crate) pages: u64,
     pub(crate) huge: u64,
+}
+
+/// What a populate maps for.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Access {
+    /// Read: entries are read-only.
+    Read,
+    /// Write: entries are writable (the CPU's are made writable and dirty first).
+    Write,
+}
+
+impl Access {
+    fn write(self) -> bool {
+        self == Self::Write
+    }
 }
 
 /// One zap: the range to clear, and what was cleared.
@@ -401,12 +418,13 @@ impl Mirror {
         start: u64,
         end: u64,
         pfns: &[HmmPfn],
-        write: bool,
+        access: Access,
         out: &mut MapOut,
     ) -> Result {
         let l2 = self.l2_table(st, start, true)?.ok_or(ENOMEM)?;
         let l2_idx = pte::pt_index(start, 2);
         let l2_entry = self.pool().read(l2, l2_idx)?;
+        let write = access.write();
         if end - start == HUGE && l2_entry & pte::PTE_P == 0 {
             if let Some(base) = huge_frame(pfns, write) {
                 let leaf = base | pte::PTE_P | pte::PTE_PS | write_bit(write);
@@ -786,7 +804,8 @@ impl Mirror {
             violations: core::array::from_fn(|i| l(&s.violations[i])),
             device_violations: self.shared.device_stat(crate::abi::regs::STAT_VIOLATIONS),
             pt_pages: pages,
-            reserved: [0; 6],
+            fault_pages: l(&s.fault_pages),
+            reserved: [0; 5],
         }
     }
 
@@ -975,16 +994,11 @@ pub(crate) fn populate(
     ctx: &Context,
     start: u64,
     end: u64,
-    write: bool,
+    access: Access,
     walk: Walk,
     out: &mut MapOut,
 ) -> Result {
     let (mm, mut pfns) = walk_setup(ctx)?;
-    let request = if write {
-        HmmRequest::Write
-    } else {
-        HmmRequest::Read
-    };
     let mut s = start;
     while s < end {
         let e = block_end(s, end);
@@ -1001,6 +1015,11 @@ pub(crate) fn populate(
             ctx.shared.check_live()?;
             bump(&ctx.stats.populates, 1);
             let walk_started = Instant::<Monotonic>::now();
+            let request = if access.write() {
+                HmmRequest::Write
+            } else {
+                HmmRequest::Read
+            };
             let faulted = fault_block(ctx, &mm, s, e, request, walk, pfns)?;
             if walk == Walk::Unlocked {
                 in_handlers += walk_started.elapsed();
@@ -1026,7 +1045,7 @@ pub(crate) fn populate(
                 continue;
             }
             let (p0, h0) = (out.pages, out.huge);
-            ctx.commit(&mut st, s, e, pfns, write, out)?;
+            ctx.commit(&mut st, s, e, pfns, access, out)?;
             bump(&ctx.stats.pages_mapped, out.pages - p0);
             bump(&ctx.stats.huge_mapped, out.huge - h0);
             break;
@@ -1131,14 +1150,61 @@ pub(crate) fn set_inject(ctx: &Context, i: &uapi::ZgInject) -> Result {
     }
 }
 
-/// Serves one device fault of `ctx`: maps the page with the access type.
-fn serve_fault(ctx: &Context, va: u64, write: bool) -> Result {
+/// The most one served fault maps: the aligned 2 MiB block around it (fault-around).
+const FAULT_AROUND: u64 = HUGE;
+
+/// The fault-around window for a fault at `page`: its aligned [`FAULT_AROUND`] block clamped to
+/// the VMA for a read; for a write, from the page to the end of that block (a device writes
+/// forward; write intent allocates and dirties pages, so not behind it). Just the page for a
+/// userfaultfd-registered VMA (its handler must only see the pages the device touches) or when
+/// the VMA cannot be looked up.
+fn fault_window(ctx: &Context, page: u64, write: bool) -> (u64, u64) {
+    let single = (page, page + PAGE);
+    let Some(mm) = ctx.mm().mmget_not_zero() else {
+        return single;
+    };
+    let mm = MmWithUser::into_mmput_async(mm);
+    let guard = mm.mmap_read_lock();
+    let Some(vma) = guard.vma_lookup(page as usize) else {
+        return single;
+    };
+    let uffd = (1 << kernel::bindings::VMA_UFFD_MISSING_BIT)
+        | (1 << kernel::bindings::VMA_UFFD_MINOR_BIT)
+        | (1 << kernel::bindings::VMA_UFFD_WP_BIT);
+    if vma.flags() & uffd != 0 {
+        return single;
+    }
+    let block = page & !(FAULT_AROUND - 1);
+    let start = if write {
+        page
+    } else {
+        block.max(vma.start() as u64)
+    };
+    let end = (block + FAULT_AROUND)
+        .min(vma.end() as u64)
+        .min(pte::VA_LIMIT);
+    (start, end)
+}
+
+/// Serves one device fault of `ctx`: maps the window around it ([`fault_window`]) with one
+/// `hmm_range_fault()` and the fault's access type; if the window cannot be faulted in whole
+/// (a neighbour that cannot be), just the page. Returns the pages mapped.
+fn serve_fault(ctx: &Context, va: u64, write: bool) -> Result<u64> {
     if va >= pte::VA_LIMIT {
         return Err(EFAULT);
     }
     let page = va & !(PAGE - 1);
+    let access = if write { Access::Write } else { Access::Read };
+    let (start, end) = fault_window(ctx, page, write);
     let mut out = MapOut::default();
-    populate(ctx, page, page + PAGE, write, Walk::Unlocked, &mut out)
+    let r = populate(ctx, start, end, access, Walk::Unlocked, &mut out);
+    if r.is_err() && end - start > PAGE {
+        out = MapOut::default();
+        populate(ctx, page, page + PAGE, access, Walk::Unlocked, &mut out)?;
+    } else {
+        r?;
+    }
+    Ok(out.pages + out.huge * (HUGE / PAGE))
 }
 
 /// An event for `ctx`'s ASID (from the event interrupt thread): account it, and queue a stalled
@@ -1211,8 +1277,11 @@ impl Context {
 fn serve_queued_faults(ctx: &Arc<Context>) {
     while let Some(f) = ctx.take_fault() {
         let served = serve_fault(ctx, f.va, f.write);
+        if let Ok(pages) = served {
+            bump(&ctx.stats.fault_pages, pages);
+        }
         if !ctx.current_aborted() {
-            ctx.finish_fault(&f, served);
+            ctx.finish_fault(&f, served.map(|_| ()));
         }
     }
 }

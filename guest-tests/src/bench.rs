@@ -20,7 +20,7 @@ const CHUNK: usize = 16 * MIB;
 
 /// Problem sizes: full runs for `just bench`, tiny ones for the smoke test in `just test`.
 pub struct Sizes {
-    /// Buffers mirrored for the populate benchmarks.
+    /// Buffers mirrored for the populate benchmarks, and read on first touch.
     pub populate: Vec<usize>,
     /// munmap benchmark buffer.
     pub munmap: usize,
@@ -162,7 +162,12 @@ fn populate(sizes: &Sizes, out: &mut Vec<Record>) -> Result<(), String> {
         for thp in [false, true] {
             let kind = if thp { "thp" } else { "4k" };
             let (mut zg, mut hm) = (Vec::new(), Vec::new());
-            for _ in 0..sizes.reps {
+            for round in 0..sizes.reps {
+                progress(
+                    &format!("populate_{kind}_{}", label(len)),
+                    round,
+                    sizes.reps,
+                );
                 let f = open()?;
                 let m = buffer(len, thp)?;
                 let t = Instant::now();
@@ -180,6 +185,58 @@ fn populate(sizes: &Sizes, out: &mut Vec<Record>) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// The device's first touch of a buffer, like for like with test_hmm: both read a touched
+/// buffer into a user buffer, neither has mapped it before. zapguard's device takes faults (no
+/// MAP; each served fault maps the 2 MiB block around it), test_hmm faults its READ's range.
+/// The two sides alternate within each round, so that a ratio compares neighbours.
+fn first_touch(sizes: &Sizes, out: &mut Vec<Record>) -> Result<(), String> {
+    let d = crate::dmirror::open().map_err(err("/dev/hmm_dmirror0"))?;
+    let chunk = ZG_DMA_BOUNCE_MAX as usize;
+    let mut sink = vec![0u8; CHUNK];
+    for &len in &sizes.populate {
+        for thp in [false, true] {
+            let kind = if thp { "thp" } else { "4k" };
+            let name = format!("first_touch_read_{kind}_{}", label(len));
+            let (mut zg, mut hm, mut faults, mut pages) = (vec![], vec![], vec![], vec![]);
+            for round in 0..sizes.reps {
+                progress(&name, round, sizes.reps);
+                let f = open()?;
+                let m = buffer(len, thp)?;
+                let t = Instant::now();
+                for off in (0..len).step_by(chunk) {
+                    let job = dev::job(DMA_READ, m.addr + off, 0, chunk, sink.as_mut_ptr() as u64);
+                    dev::dma(&f, job).map_err(|(e, _)| format!("READ: {e}"))?;
+                }
+                zg.push(ns(t));
+                let s = dev::stats(&f).map_err(err("STATS"))?;
+                faults.push(s.faults_resolved);
+                pages.push(s.fault_pages);
+                drop(m);
+                let m = buffer(len, thp)?;
+                let t = Instant::now();
+                hmm_mirror(&d, &m)?;
+                hm.push(ns(t));
+            }
+            push_each(out, &name, len, vec![("zapguard", zg), ("test_hmm", hm)]);
+            for (what, samples) in [("faults", faults), ("fault_pages", pages)] {
+                out.push(Record {
+                    name: format!("{name}.{what}"),
+                    unit: "count",
+                    samples,
+                    size: len as u64,
+                    asid: None,
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A progress line for the host (`just bench` shows the guest's `#` lines as they come).
+fn progress(what: &str, round: usize, rounds: usize) {
+    println!("# bench: {what} round {}/{rounds}", round + 1);
 }
 
 fn munmap(sizes: &Sizes, out: &mut Vec<Record>) -> Result<(), String> {
@@ -216,7 +273,13 @@ fn shootdown(sizes: &Sizes, out: &mut Vec<Record>) -> Result<(), String> {
     let f = open()?;
     let reps = sizes.reps * 10;
     let (mut total, mut sync) = (Vec::new(), Vec::new());
-    for _ in 0..reps {
+    // Bare costs, interleaved with the shootdowns: a syscall that reaches the driver (an
+    // unknown ioctl), and GET_INFO, which adds exactly 5 MMIO reads.
+    let (mut null, mut info) = (Vec::new(), Vec::new());
+    for round in 0..reps {
+        if round % 10 == 0 {
+            progress("shootdown_1page", round / 10, sizes.reps);
+        }
         let mut m = buffer(PG, false)?;
         dev::map(&f, m.addr, PG, 0).map_err(err("MAP"))?;
         let s0 = dev::stats(&f).map_err(err("STATS"))?;
@@ -227,18 +290,12 @@ fn shootdown(sizes: &Sizes, out: &mut Vec<Record>) -> Result<(), String> {
         let s1 = dev::stats(&f).map_err(err("STATS"))?;
         sync.push(s1.sync_wait_ns - s0.sync_wait_ns);
         m.unmap();
-    }
-    // Bare costs in the same boot: a syscall that reaches the driver (an unknown ioctl), and
-    // GET_INFO, which adds exactly 5 MMIO reads.
-    let (mut null, mut info) = (Vec::new(), Vec::new());
-    for _ in 0..reps {
         let t = Instant::now();
         let _ = dev::ioctl_raw(&f, 0x7a7f, 0);
         null.push(ns(t));
         let t = Instant::now();
-        let i = dev::get_info(&f).map_err(err("GET_INFO"))?;
+        dev::get_info(&f).map_err(err("GET_INFO"))?;
         info.push(ns(t));
-        let _ = i;
     }
     let mmio: Vec<u64> = info
         .iter()
@@ -366,7 +423,8 @@ fn scaling(sizes: &Sizes, out: &mut Vec<Record>) -> Result<(), String> {
 pub fn run(sizes: &Sizes) -> Result<Vec<Record>, String> {
     let mut out = Vec::new();
     type Bench = fn(&Sizes, &mut Vec<Record>) -> Result<(), String>;
-    let benches: [(&str, Bench); 6] = [
+    let benches: [(&str, Bench); 7] = [
+        ("first_touch", first_touch),
         ("populate", populate),
         ("munmap", munmap),
         ("shootdown", shootdown),
@@ -375,6 +433,7 @@ pub fn run(sizes: &Sizes) -> Result<Vec<Record>, String> {
         ("scaling", scaling),
     ];
     for (name, bench) in benches {
+        println!("# bench: {name}");
         let first = out.len();
         bench(sizes, &mut out).map_err(|e| format!("{name}: {e}"))?;
         for r in &out[first..] {
@@ -392,7 +451,7 @@ pub fn bench_smoke() -> Result<(), String> {
     if let Some(r) = records.iter().find(|r| r.samples.is_empty()) {
         return Err(format!("{} produced no samples", r.name));
     }
-    if records.len() < 15 {
+    if records.len() < 19 {
         return Err(format!("only {} measurements", records.len()));
     }
     Ok(())

@@ -476,12 +476,16 @@ pub fn side_by_side_anon_read() -> Result<(), String> {
         )
     });
     let (r2, t2) = timed(|| hmm_run(&d, HMM_DMIRROR_READ, a.addr, b2.as_mut_ptr(), 64));
-    r1.map_err(|(e, _)| format!("zapguard READ: {e}"))?;
-    r2.map_err(|e| format!("test_hmm READ: {e}"))?;
+    let d1 = r1.map_err(|(e, _)| format!("zapguard READ: {e}"))?;
+    let d2 = r2.map_err(|e| format!("test_hmm READ: {e}"))?;
     if b1 != a.bytes() || b2 != a.bytes() {
         return Err("a mirror read other data than the CPU wrote".into());
     }
-    println!("# 64 pages, first read (faults in): zapguard {t1:?}, test_hmm {t2:?}");
+    let s = stats(&f)?;
+    println!(
+        "# 64 pages, first read (faults in): zapguard {t1:?} ({} device faults, {} pages mapped by them), test_hmm {t2:?} ({} fault passes)",
+        d1.faults, s.fault_pages, d2.faults
+    );
     clean(&f)
 }
 

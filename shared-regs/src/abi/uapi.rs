@@ -247,8 +247,12 @@ pub struct ZgStats {
     pub device_violations: u64,
     /// Device page-table pages this context holds.
     pub pt_pages: u64,
+    /// Pages mapped by served device faults: a fault maps the 2 MiB-aligned block around it
+    /// (clamped to its VMA; just the page on userfaultfd ranges), so this over
+    /// `faults_resolved` is the fault-around's yield.
+    pub fault_pages: u64,
     /// Zero.
-    pub reserved: [u64; 6],
+    pub reserved: [u64; 5],
 }
 
 /// [`ZgInject::modes`]: the invalidation callback only bumps the sequence (no PTE clear, no
