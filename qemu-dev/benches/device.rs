@@ -6,27 +6,34 @@
 //! - `walk`: a device page-table walk ending at a 4 KiB and at a 2 MiB leaf (A already set, as
 //!   in steady state);
 //! - `dma_copy_1MiB`: a 1 MiB `DMA_COPY` job submitted through the DMA ring and run to
-//!   completion by `testkit::Rig<NoEvents>` (the default model: 512-byte bursts, 64-entry LRU
-//!   IOTLB, so every page of the 256 + 256 misses and is walked each time), with the validator
-//!   on and off (context without `CTX_VALIDATE`), against a plain `copy_from_slice` of 1 MiB.
+//!   completion by `testkit::Rig` with the default model (64-entry LRU IOTLB, so every page of
+//!   the 256 + 256 misses and is walked each time): validator on and off (context without
+//!   `CTX_VALIDATE`), both without a trace (`NoEvents`), and validator on with the JSON Lines
+//!   trace written to a byte counter (`TraceWriter`, no disk); against a plain
+//!   `copy_from_slice` of 1 MiB.
 //!
-//! Then, in the same process, simple timed loops (a few hundred ms each) measure the same
-//! operations again to print the ratios (device vs memcpy, validator on vs off), since
-//! criterion's results are not available programmatically; they are also written as JSON to
-//! `<target dir>/zapguard/bench-device.json`. The loops only run in bench mode (`cargo bench`),
-//! not when `cargo test --benches` runs each benchmark once.
+//! Then, in the same process, timed loops measure the same operations again to print the
+//! ratios (device vs memcpy, validator on vs off, trace on vs off), since criterion's results
+//! are not available programmatically: [`ROUNDS`] rounds, each timing every variant once in
+//! turn (so a disturbance hits all sides of a ratio alike), reported as the median ratio over
+//! the rounds with its range. They also report the trace bytes one 1 MiB job writes. All of it
+//! is written as JSON to `<target dir>/zapguard/bench-device.json`. The loops only run in bench
+//! mode (`cargo bench`), not when `cargo test --benches` runs each benchmark once.
 //!
 //! `cargo bench -p qemu-dev --bench device` (about a minute), or with `-- --quick`.
 
+use std::cell::Cell;
 use std::hint::black_box;
+use std::io::{self, Write};
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput};
 use qemu_dev::iotlb::{Iotlb, IotlbEntry, Policy};
 use qemu_dev::pagetable::{walk, PageTableBuilder, Translation};
 use qemu_dev::testkit::{job, Rig, RING_LOG2};
-use qemu_dev::{DeviceConfig, NoEvents, VecMem};
+use qemu_dev::{DeviceConfig, Events, NoEvents, TraceWriter, VecMem};
 use shared_regs::dma::{DMA_COPY, DMA_ST_OK};
 use shared_regs::pte::{self, HUGE_PAGE_SIZE, PAGE_SIZE};
 use shared_regs::regs::{
@@ -42,7 +49,9 @@ const ASID: u32 = 1;
 /// IOTLB sizes benchmarked.
 const IOTLB_SIZES: [usize; 2] = [64, 4096];
 /// Time per measurement of the ratio loops.
-const RATIO_BUDGET: Duration = Duration::from_millis(300);
+const RATIO_BUDGET: Duration = Duration::from_millis(60);
+/// Rounds of the ratio loops (odd: the median is one of them).
+const ROUNDS: usize = 9;
 
 // ---------------------------------------------------------------------------------------------
 // Fixtures
@@ -144,9 +153,33 @@ impl Walks {
     }
 }
 
+/// A `Write` that only counts bytes (shared with the bench): the trace's CPU cost without a
+/// disk, and its size.
+#[derive(Clone, Default)]
+struct ByteCount(Rc<Cell<u64>>);
+
+impl Write for ByteCount {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.set(self.0.get() + buf.len() as u64);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+type Traced = TraceWriter<ByteCount>;
+
+/// A rig tracing into a byte counter, and the counter.
+fn traced_rig() -> (Rig<Traced>, ByteCount) {
+    let bytes = ByteCount::default();
+    (dma_rig(true, TraceWriter::new(bytes.clone())), bytes)
+}
+
 /// A rig with ASID 1 bound (validating or not) and `DMA_LEN` bytes mapped at both VAs.
-fn dma_rig(validate: bool) -> Rig<NoEvents> {
-    let mut r = Rig::new(DeviceConfig::default(), NoEvents);
+fn dma_rig<E: Events>(validate: bool, events: E) -> Rig<E> {
+    let mut r = Rig::new(DeviceConfig::default(), events);
     r.bind(ASID, 0);
     if !validate {
         let mut c = r.ctx(ASID);
@@ -162,7 +195,7 @@ fn dma_rig(validate: bool) -> Rig<NoEvents> {
     }
     // One job outside any measurement: checks the copy, and leaves A/D set as in steady state.
     dma_copy(&mut r);
-    let first = |r: &Rig<NoEvents>, va: u64| {
+    let first = |r: &Rig<E>, va: u64| {
         let pa = r.dev_leaf(ASID, va).expect("mapped") & pte::PTE_ADDR_MASK;
         r.peek(pa, 64)
     };
@@ -173,7 +206,7 @@ fn dma_rig(validate: bool) -> Rig<NoEvents> {
     r
 }
 
-fn dma_copy(r: &mut Rig<NoEvents>) {
+fn dma_copy<E: Events>(r: &mut Rig<E>) {
     let st = r.dma(job(DMA_COPY, ASID, SRC_VA, DST_VA, DMA_LEN, 0));
     assert_eq!((st.status, st.bytes_done), (DMA_ST_OK, DMA_LEN));
 }
@@ -223,10 +256,14 @@ fn bench_dma(c: &mut Criterion) {
     let mut g = c.benchmark_group("dma_copy_1MiB");
     g.throughput(Throughput::Bytes(DMA_LEN));
     g.sample_size(10);
-    let mut on = dma_rig(true);
+    let mut on = dma_rig(true, NoEvents);
     g.bench_function("device_validator_on", |b| b.iter(|| dma_copy(&mut on)));
-    let mut off = dma_rig(false);
+    let mut off = dma_rig(false, NoEvents);
     g.bench_function("device_validator_off", |b| b.iter(|| dma_copy(&mut off)));
+    let (mut traced, _) = traced_rig();
+    g.bench_function("device_validator_on_trace", |b| {
+        b.iter(|| dma_copy(&mut traced))
+    });
     let mut m = Memcpy::new();
     g.bench_function("memcpy", |b| b.iter(|| m.copy()));
     g.finish();
@@ -262,16 +299,53 @@ fn ns(d: Duration) -> f64 {
     d.as_secs_f64() * 1e9
 }
 
-fn bytes_per_sec(d: Duration) -> f64 {
-    DMA_LEN as f64 / d.as_secs_f64()
-}
-
 fn rate(bps: f64) -> String {
     const MIB: f64 = (1 << 20) as f64;
     if bps >= 1024.0 * MIB {
         format!("{:.1} GiB/s", bps / (1024.0 * MIB))
     } else {
         format!("{:.0} MiB/s", bps / MIB)
+    }
+}
+
+/// The median and range of per-round values.
+#[derive(Clone, Copy, Debug)]
+struct Spread {
+    median: f64,
+    min: f64,
+    max: f64,
+}
+
+impl Spread {
+    fn of(mut v: Vec<f64>) -> Self {
+        v.sort_by(f64::total_cmp);
+        Self {
+            median: v[v.len() / 2],
+            min: v[0],
+            max: v[v.len() - 1],
+        }
+    }
+
+    fn json(&self) -> serde_json::Value {
+        serde_json::json!({ "median": self.median, "min": self.min, "max": self.max })
+    }
+
+    /// `median [min-max]` with `digits` decimals.
+    fn show(&self, digits: usize) -> String {
+        format!(
+            "{:.digits$} [{:.digits$}-{:.digits$}]",
+            self.median, self.min, self.max
+        )
+    }
+
+    /// A share as `median% [min-max%]`.
+    fn percent(&self) -> String {
+        format!(
+            "{:.0}% [{:.0}-{:.0}%]",
+            self.median * 100.0,
+            self.min * 100.0,
+            self.max * 100.0
+        )
     }
 }
 
@@ -283,29 +357,60 @@ fn target_dir() -> PathBuf {
         .unwrap_or_else(|| manifest.parent().unwrap_or(manifest).join("target"))
 }
 
+/// What one job costs the device, from its statistics.
+fn per_job<E: Events>(r: &mut Rig<E>) -> serde_json::Value {
+    let before: Vec<u64> = (0..STAT_COUNT).map(|i| r.stat(i)).collect();
+    dma_copy(r);
+    let after: Vec<u64> = (0..STAT_COUNT).map(|i| r.stat(i)).collect();
+    let d = |i: u32| after[i as usize] - before[i as usize];
+    serde_json::json!({
+        "iotlb_hits": d(STAT_IOTLB_HITS),
+        "iotlb_misses": d(STAT_IOTLB_MISSES),
+        "walks": d(STAT_WALKS),
+    })
+}
+
+/// Trace bytes and lines one job writes.
+fn trace_per_job(r: &mut Rig<Traced>, bytes: &ByteCount) -> (u64, u64) {
+    r.dev.events().flush().expect("flush to a counter");
+    let (b0, l0) = (bytes.0.get(), r.dev.events().len());
+    dma_copy(r);
+    r.dev.events().flush().expect("flush to a counter");
+    (bytes.0.get() - b0, r.dev.events().len() - l0)
+}
+
 fn ratios() {
     let config = DeviceConfig::default();
-    let mut on = dma_rig(true);
-    let mut off = dma_rig(false);
+    let mut on = dma_rig(true, NoEvents);
+    let mut off = dma_rig(false, NoEvents);
+    let (mut traced, bytes) = traced_rig();
     let mut m = Memcpy::new();
-    let t_on = mean_time(|| dma_copy(&mut on));
-    let t_off = mean_time(|| dma_copy(&mut off));
-    let t_memcpy = mean_time(|| m.copy());
 
-    // What one job costs the device, from its statistics.
-    let per_job = |r: &mut Rig<NoEvents>| {
-        let before: Vec<u64> = (0..STAT_COUNT).map(|i| r.stat(i)).collect();
-        dma_copy(r);
-        let after: Vec<u64> = (0..STAT_COUNT).map(|i| r.stat(i)).collect();
-        let d = |i: u32| after[i as usize] - before[i as usize];
-        serde_json::json!({
-            "iotlb_hits": d(STAT_IOTLB_HITS),
-            "iotlb_misses": d(STAT_IOTLB_MISSES),
-            "walks": d(STAT_WALKS),
-            "bursts_at_least": DMA_LEN.div_ceil(u64::from(config.dma_burst)),
-        })
-    };
+    // Every round times each variant once, in turn.
+    let mut t = [vec![], vec![], vec![], vec![]];
+    for _ in 0..ROUNDS {
+        t[0].push(mean_time(|| m.copy()).as_secs_f64());
+        t[1].push(mean_time(|| dma_copy(&mut on)).as_secs_f64());
+        t[2].push(mean_time(|| dma_copy(&mut off)).as_secs_f64());
+        t[3].push(mean_time(|| dma_copy(&mut traced)).as_secs_f64());
+    }
+    let [t_memcpy, t_on, t_off, t_trace] = &t;
+    let per_round = |f: &dyn Fn(usize) -> f64| Spread::of((0..ROUNDS).map(f).collect());
+    let bps = |ts: &[f64]| per_round(&|i| DMA_LEN as f64 / ts[i]);
+    let (memcpy_bps, on_bps, off_bps, trace_bps) =
+        (bps(t_memcpy), bps(t_on), bps(t_off), bps(t_trace));
+    // Device throughput as a share of memcpy's (the issue's target: >= 50%).
+    let on_share = per_round(&|i| t_memcpy[i] / t_on[i]);
+    let off_share = per_round(&|i| t_memcpy[i] / t_off[i]);
+    let trace_share = per_round(&|i| t_memcpy[i] / t_trace[i]);
+    let on_over_off = per_round(&|i| t_on[i] / t_off[i]);
+    let trace_over_on = per_round(&|i| t_trace[i] / t_on[i]);
+    let validator_part = per_round(&|i| 1.0 - t_off[i] / t_on[i]);
+    let trace_part = per_round(&|i| 1.0 - t_on[i] / t_trace[i]);
+
     let on_job = per_job(&mut on);
+    let (trace_bytes, trace_lines) = trace_per_job(&mut traced, &bytes);
+    let trace_bytes_per_mib = trace_bytes as f64 * (1u64 << 20) as f64 / DMA_LEN as f64;
 
     let mut hit_ns = serde_json::Map::new();
     let mut miss_ns = serde_json::Map::new();
@@ -325,19 +430,10 @@ fn ratios() {
     let walk_4k = mean_op_ns(|| w.walk(WALK_VA_4K));
     let walk_2m = mean_op_ns(|| w.walk(WALK_VA_2M));
 
-    let (on_bps, off_bps, memcpy_bps) = (
-        bytes_per_sec(t_on),
-        bytes_per_sec(t_off),
-        bytes_per_sec(t_memcpy),
-    );
-    let device_over_memcpy = t_on.as_secs_f64() / t_memcpy.as_secs_f64();
-    let off_over_memcpy = t_off.as_secs_f64() / t_memcpy.as_secs_f64();
-    let on_over_off = t_on.as_secs_f64() / t_off.as_secs_f64();
-
     println!();
     println!(
-        "zapguard ratios (this run; {} MiB DMA_COPY, {}-byte bursts, {}-entry {:?} IOTLB, \
-         timed loops of {} ms):",
+        "zapguard ratios (this run; {} MiB DMA_COPY, steps of at most {} bytes, {}-entry {:?} \
+         IOTLB; median [range] of {ROUNDS} interleaved rounds of {} ms per variant):",
         DMA_LEN >> 20,
         config.dma_burst,
         config.iotlb_entries,
@@ -345,19 +441,32 @@ fn ratios() {
         RATIO_BUDGET.as_millis()
     );
     println!(
-        "  dma_copy / memcpy                 = {device_over_memcpy:.1}x slower (device {}, memcpy {})",
-        rate(on_bps),
-        rate(memcpy_bps)
+        "  device / memcpy throughput, validator on       = {} (device {}, memcpy {})",
+        on_share.percent(),
+        rate(on_bps.median),
+        rate(memcpy_bps.median)
     );
     println!(
-        "  dma_copy (validator off) / memcpy = {off_over_memcpy:.1}x slower (device {})",
-        rate(off_bps)
+        "  device / memcpy throughput, validator off      = {} (device {})",
+        off_share.percent(),
+        rate(off_bps.median)
     );
     println!(
-        "  validator on / off                = {on_over_off:.2}x ({} vs {}; validator cost {:.0}% of a job)",
-        rate(on_bps),
-        rate(off_bps),
-        (1.0 - t_off.as_secs_f64() / t_on.as_secs_f64()) * 100.0
+        "  device / memcpy throughput, validator + trace  = {} (device {})",
+        trace_share.percent(),
+        rate(trace_bps.median)
+    );
+    println!(
+        "  validator on / off time = {}x (validator {} of a job)",
+        on_over_off.show(2),
+        validator_part.percent()
+    );
+    println!(
+        "  trace on / off time     = {}x (trace {} of a job; {trace_lines} lines, {} bytes per \
+         MiB copied)",
+        trace_over_on.show(2),
+        trace_part.percent(),
+        trace_bytes_per_mib as u64
     );
     println!(
         "  iotlb hit {}; miss+insert+evict {}",
@@ -379,17 +488,26 @@ fn ratios() {
             "ring_log2": RING_LOG2,
             "iotlb_sizes_benchmarked": IOTLB_SIZES,
             "ratio_loop_ms": RATIO_BUDGET.as_millis() as u64,
+            "rounds": ROUNDS,
         },
         "dma_copy": {
             "per_job": on_job,
-            "validator_on": { "ns_per_job": ns(t_on), "bytes_per_sec": on_bps },
-            "validator_off": { "ns_per_job": ns(t_off), "bytes_per_sec": off_bps },
-            "memcpy": { "ns_per_copy": ns(t_memcpy), "bytes_per_sec": memcpy_bps },
+            "validator_on": { "bytes_per_sec": on_bps.json() },
+            "validator_off": { "bytes_per_sec": off_bps.json() },
+            "validator_on_trace": { "bytes_per_sec": trace_bps.json() },
+            "memcpy": { "bytes_per_sec": memcpy_bps.json() },
+            "trace": {
+                "bytes_per_job": trace_bytes,
+                "lines_per_job": trace_lines,
+                "bytes_per_mib": trace_bytes_per_mib,
+            },
         },
         "ratios": {
-            "dma_copy_over_memcpy": device_over_memcpy,
-            "dma_copy_no_validator_over_memcpy": off_over_memcpy,
-            "validator_on_over_off": on_over_off,
+            "dma_copy_over_memcpy": per_round(&|i| t_on[i] / t_memcpy[i]).json(),
+            "dma_copy_no_validator_over_memcpy": per_round(&|i| t_off[i] / t_memcpy[i]).json(),
+            "dma_copy_trace_over_memcpy": per_round(&|i| t_trace[i] / t_memcpy[i]).json(),
+            "validator_on_over_off": on_over_off.json(),
+            "trace_on_over_off": trace_over_on.json(),
         },
         "iotlb_ns": { "hit": hit_ns, "miss_insert_evict": miss_ns },
         "walk_ns": { "4k_leaf": walk_4k, "2m_leaf": walk_2m },
