@@ -8,6 +8,21 @@
 use crate::memory::MemError;
 use std::cell::RefCell;
 
+/// Largest copy [`GuestMem::copy`]'s default makes all or nothing (it stages through a stack
+/// buffer this big); the DMA engine never copies more at once.
+pub const COPY_CHUNK: usize = 4096;
+
+/// Which side of a [`GuestMem::copy`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CopyError {
+    /// The source cannot be read.
+    #[error("copy source: {0}")]
+    Read(MemError),
+    /// The destination cannot be written.
+    #[error("copy destination: {0}")]
+    Write(MemError),
+}
+
 /// Guest-physical memory.
 pub trait GuestMem {
     /// Copies `buf.len()` bytes at `gpa` into `buf`.
@@ -17,6 +32,27 @@ pub trait GuestMem {
     /// Atomically ORs `bits` into the naturally aligned u64 at `gpa`; returns the old value.
     /// Page-table A/D updates use this so a concurrent driver update is never lost.
     fn fetch_or_u64(&self, gpa: u64, bits: u64) -> Result<u64, MemError>;
+
+    /// Copies `len` bytes from `src` to `dst` inside guest memory, as `memmove` would (the
+    /// ranges may overlap). Up to [`COPY_CHUNK`] bytes it is all or nothing: on an error no
+    /// byte was written. The default stages through a stack buffer with [`Self::read`] and
+    /// [`Self::write`]; memories that can address both ranges directly copy once instead.
+    fn copy(&self, src: u64, dst: u64, len: usize) -> Result<(), CopyError> {
+        let mut buf = [0u8; COPY_CHUNK];
+        // Chunks go backwards when the destination overlaps the source from above, so no chunk
+        // reads bytes an earlier one already overwrote.
+        let backwards = dst > src;
+        let chunks = len.div_ceil(COPY_CHUNK);
+        for c in 0..chunks {
+            let i = if backwards { chunks - 1 - c } else { c };
+            let off = i * COPY_CHUNK;
+            let n = COPY_CHUNK.min(len - off);
+            let (s, d) = (src.wrapping_add(off as u64), dst.wrapping_add(off as u64));
+            self.read(s, &mut buf[..n]).map_err(CopyError::Read)?;
+            self.write(d, &buf[..n]).map_err(CopyError::Write)?;
+        }
+        Ok(())
+    }
 
     /// Reads a little-endian u64.
     fn read_u64(&self, gpa: u64) -> Result<u64, MemError> {
@@ -99,6 +135,13 @@ impl GuestMem for VecMem {
         self.write_u64(gpa, old | bits)?;
         Ok(old)
     }
+
+    fn copy(&self, src: u64, dst: u64, len: usize) -> Result<(), CopyError> {
+        let from = self.range(src, len).map_err(CopyError::Read)?;
+        let to = self.range(dst, len).map_err(CopyError::Write)?;
+        self.bytes.borrow_mut().copy_within(from, to.start);
+        Ok(())
+    }
 }
 
 impl GuestMem for crate::memory::GuestMemory {
@@ -112,6 +155,10 @@ impl GuestMem for crate::memory::GuestMemory {
 
     fn fetch_or_u64(&self, gpa: u64, bits: u64) -> Result<u64, MemError> {
         crate::memory::GuestMemory::fetch_or_u64(self, gpa, bits)
+    }
+
+    fn copy(&self, src: u64, dst: u64, len: usize) -> Result<(), CopyError> {
+        crate::memory::GuestMemory::copy(self, src, dst, len)
     }
 }
 
@@ -132,5 +179,69 @@ mod tests {
         assert_eq!(m.fetch_or_u64(0x1000, 0x30).unwrap(), 7);
         assert_eq!(m.read_u64(0x1000).unwrap(), 0x37);
         assert!(m.fetch_or_u64(0x1004, 1).is_err(), "unaligned atomic");
+    }
+
+    /// Memory that only has `read` and `write`: [`GuestMem::copy`]'s default.
+    struct Plain(VecMem);
+
+    impl GuestMem for Plain {
+        fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemError> {
+            self.0.read(gpa, buf)
+        }
+        fn write(&self, gpa: u64, buf: &[u8]) -> Result<(), MemError> {
+            self.0.write(gpa, buf)
+        }
+        fn fetch_or_u64(&self, gpa: u64, bits: u64) -> Result<u64, MemError> {
+            self.0.fetch_or_u64(gpa, bits)
+        }
+    }
+
+    /// Both implementations behave like `memmove` and fail without writing anything.
+    #[test]
+    fn copy_is_memmove_and_all_or_nothing() {
+        const SIZE: usize = 5 * COPY_CHUNK;
+        let image: Vec<u8> = (0..SIZE).map(|i| (i * 7 + i / 251) as u8).collect();
+        let fresh = || {
+            let m = VecMem::new(0x1000, SIZE);
+            m.write(0x1000, &image).unwrap();
+            m
+        };
+        let cases: &[(u64, u64, usize)] = &[
+            (0, 0x100, 64),
+            (0x100, 0, 64),
+            (0x10, 0x20, COPY_CHUNK),
+            (0x20, 0x10, COPY_CHUNK),
+            (0, 3 * COPY_CHUNK as u64, COPY_CHUNK),
+            (0x80, 0x80, 300),
+            // Longer than a chunk, overlapping either way (the default goes chunk by chunk).
+            (0x10, 0x1010, 3 * COPY_CHUNK + 5),
+            (0x1010, 0x10, 3 * COPY_CHUNK + 5),
+            (0, 0, 0),
+        ];
+        for &(src, dst, len) in cases {
+            let mut want = image.clone();
+            want.copy_within(src as usize..src as usize + len, dst as usize);
+            let (vec, plain) = (fresh(), Plain(fresh()));
+            vec.copy(0x1000 + src, 0x1000 + dst, len).unwrap();
+            plain.copy(0x1000 + src, 0x1000 + dst, len).unwrap();
+            let mut got = vec![0u8; SIZE];
+            for m in [&vec, &plain.0] {
+                m.read(0x1000, &mut got).unwrap();
+                assert!(got == want, "{src:#x} -> {dst:#x} len {len:#x}");
+            }
+        }
+        let end = 0x1000 + SIZE as u64;
+        for (src, dst, read_fails) in [(end - 8, 0x1000, true), (0x1000, end - 8, false)] {
+            let (vec, plain) = (fresh(), Plain(fresh()));
+            for r in [vec.copy(src, dst, 16), plain.copy(src, dst, 16)] {
+                assert_eq!(matches!(r, Err(CopyError::Read(_))), read_fails);
+                assert_eq!(matches!(r, Err(CopyError::Write(_))), !read_fails);
+            }
+            let mut got = vec![0u8; SIZE];
+            for m in [&vec, &plain.0] {
+                m.read(0x1000, &mut got).unwrap();
+                assert!(got == image, "nothing written");
+            }
+        }
     }
 }

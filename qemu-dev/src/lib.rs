@@ -36,7 +36,7 @@ pub mod x86pt;
 
 pub use device::{DeviceConfig, ZapguardDevice};
 pub use events::{Event, EventLog, Events, Fanout, NoEvents, SharedEvents};
-pub use guest::{GuestMem, VecMem};
+pub use guest::{CopyError, GuestMem, VecMem};
 pub use memory::{GuestMemory, MemError};
 pub use pci::PciConfig;
 pub use server::{serve, EventFdTable, ZapguardBackend};

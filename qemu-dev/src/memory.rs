@@ -16,6 +16,8 @@ use std::ptr::NonNull;
 
 use thiserror::Error;
 
+use crate::guest::CopyError;
+
 /// A failed guest-memory operation.
 #[derive(Debug, Error)]
 pub enum MemError {
@@ -319,6 +321,18 @@ impl GuestMemory {
         Ok(())
     }
 
+    /// Copies `len` bytes from `src` to `dst` in guest memory (the ranges may overlap, as with
+    /// `memmove`); on an error nothing was written.
+    pub fn copy(&self, src: u64, dst: u64, len: usize) -> Result<(), CopyError> {
+        let (from, at) = self.locate(src, len, false).map_err(CopyError::Read)?;
+        let (to, to_at) = self.locate(dst, len, true).map_err(CopyError::Write)?;
+        // SAFETY: `locate` checked that both ranges lie inside their mappings and that the
+        // destination is writable; `ptr::copy` allows them to overlap. No Rust reference points
+        // into guest memory (see `Mapping`).
+        unsafe { std::ptr::copy(from.at(at), to.at(to_at), len) };
+        Ok(())
+    }
+
     /// Atomically ORs `bits` into the 8-aligned u64 at `gpa` (shared with the guest's CPUs, which
     /// may update the same page-table entry concurrently); returns the old value.
     pub fn fetch_or_u64(&self, gpa: u64, bits: u64) -> Result<u64, MemError> {
@@ -409,6 +423,12 @@ pub(crate) mod tests {
         mem.read(0x1_0000_0010, &mut buf).expect("read high");
         assert_eq!(&buf, b"zapguard");
         assert_eq!(mem.len(), 2);
+        // A copy from one mapping to the other, then within one, overlapping.
+        mem.copy(0x1_0000_0010, 0x40, 8).expect("copy");
+        mem.copy(0x40, 0x42, 8).expect("overlapping copy");
+        let mut buf = [0u8; 10];
+        mem.read(0x40, &mut buf).expect("read");
+        assert_eq!(&buf, b"zazapguard");
     }
 
     #[test]
@@ -457,6 +477,20 @@ pub(crate) mod tests {
         assert!(mem.read(u64::MAX, &mut b).is_err());
         assert!(mem.write(0x10_1ff0, &b).is_ok(), "exactly up to the end");
         assert!(mem.read(0x10_1ff0, &mut []).is_ok());
+        // A copy names the side that failed and writes nothing.
+        mem.write(0x10_0000, &[0x11; 16]).expect("write");
+        assert!(matches!(
+            mem.copy(0x10_0ff8, 0x10_0000, 16),
+            Err(CopyError::Read(MemError::CrossesRegion { .. }))
+        ));
+        assert!(matches!(
+            mem.copy(0x10_1000, 0xc_0000, 16),
+            Err(CopyError::Write(MemError::NotShared { .. }))
+        ));
+        assert!(mem.copy(0x10_1ff0, 0x10_0000, 16).is_ok());
+        let mut c = [0u8; 16];
+        mem.read(0x10_0000, &mut c).expect("read");
+        assert_eq!(c, b);
     }
 
     #[test]
