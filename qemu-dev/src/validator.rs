@@ -20,13 +20,21 @@
 //!
 //! [`event::VIOL_LEDGER`] is not decided here: it needs the device's invalidation history.
 
-use crate::cpu_walk::{cpu_walk, CpuPte};
+use crate::cpu_walk::{cpu_walk, CpuPte, CpuWalkError};
 use crate::guest::GuestMem;
 use crate::x86pt::X86_SIZE_4K;
 use shared_regs::{event, pte};
 
 // The device's frames and the CPU's are compared 4 KiB frame to 4 KiB frame.
 const _: () = assert!(pte::PAGE_SIZE == X86_SIZE_4K);
+
+/// What a CPU page-table walk found: a mapping (or none), or a table it could not follow.
+pub type CpuLookup = Result<CpuPte, CpuWalkError>;
+
+/// Whether `ctx`'s CPU table has five levels.
+pub fn la57(ctx: &pte::ContextEntry) -> bool {
+    ctx.flags & pte::CTX_CPU_LA57 != 0
+}
 
 /// One device access to one page, as the device is about to perform it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -142,12 +150,25 @@ impl Validator {
         ctx: &pte::ContextEntry,
         a: &Access,
     ) -> Option<Violation> {
+        self.judge(mem, ctx, a, None)
+    }
+
+    /// [`Self::check`] with the CPU walk of `a.va` under `ctx` already done ([`Self::lookup`]),
+    /// if `walked` is given: the device walks the CPU table once per page access and shares
+    /// that walk between its IOTLB fill's snapshot and this verdict. Without it, walks here.
+    pub fn judge(
+        &mut self,
+        mem: &impl GuestMem,
+        ctx: &pte::ContextEntry,
+        a: &Access,
+        walked: Option<CpuLookup>,
+    ) -> Option<Violation> {
         if ctx.flags & (pte::CTX_MM_RELEASED | pte::CTX_VALIDATE) == 0 {
             self.counts.skipped += 1;
             return None;
         }
         self.counts.checks += 1;
-        let v = self.verdict(mem, ctx, a)?;
+        let v = self.verdict(mem, ctx, a, walked)?;
         let c = &mut self.counts;
         match v.class {
             event::VIOL_STALE => c.stale += 1,
@@ -156,6 +177,20 @@ impl Validator {
             _ => c.released += 1,
         }
         Some(v)
+    }
+
+    /// The CPU walk of `va` under `ctx`, if a verdict can need one: `None` if validation is off
+    /// for `ctx` or its address space was released.
+    pub fn lookup(
+        &self,
+        mem: &impl GuestMem,
+        ctx: &pte::ContextEntry,
+        va: u64,
+    ) -> Option<CpuLookup> {
+        if ctx.flags & pte::CTX_VALIDATE == 0 || ctx.flags & pte::CTX_MM_RELEASED != 0 {
+            return None;
+        }
+        Some(cpu_walk(mem, ctx.cpu_root, la57(ctx), va))
     }
 
     /// What the CPU maps at `va` now, for the device to record
@@ -168,10 +203,7 @@ impl Validator {
         ctx: &pte::ContextEntry,
         va: u64,
     ) -> Option<CpuPte> {
-        if ctx.flags & pte::CTX_VALIDATE == 0 || ctx.flags & pte::CTX_MM_RELEASED != 0 {
-            return None;
-        }
-        cpu_walk(mem, ctx.cpu_root, ctx.flags & pte::CTX_CPU_LA57 != 0, va).ok()
+        self.lookup(mem, ctx, va)?.ok()
     }
 
     /// Counters so far.
@@ -184,6 +216,7 @@ impl Validator {
         mem: &impl GuestMem,
         ctx: &pte::ContextEntry,
         a: &Access,
+        walked: Option<CpuLookup>,
     ) -> Option<Violation> {
         let viol = |class: u16, cpu_pa: u64, why: &'static str| {
             Some(Violation {
@@ -203,8 +236,8 @@ impl Validator {
                 "device access for an address space whose mm was already released",
             );
         }
-        let la57 = ctx.flags & pte::CTX_CPU_LA57 != 0;
-        let (pa, writable, dirty) = match cpu_walk(mem, ctx.cpu_root, la57, a.va) {
+        let walked = walked.unwrap_or_else(|| cpu_walk(mem, ctx.cpu_root, la57(ctx), a.va));
+        let (pa, writable, dirty) = match walked {
             Ok(CpuPte::Present {
                 pa,
                 writable,
@@ -590,6 +623,51 @@ mod tests {
         let c = f.v.counts();
         assert_eq!(c.checks + c.skipped, 20_000);
         assert!(c.violations() <= c.checks);
+    }
+
+    /// A verdict on a walk done earlier judges that walk: the device shares one CPU walk per
+    /// page access between its fill and the verdict, so judge must not walk again.
+    #[test]
+    fn judge_uses_the_walk_it_is_given() {
+        let mut f = Fx::new(false);
+        let va = 0x6000_0000;
+        f.pt.map_4k(&f.mem, va, 0x50_0000, CpuFlags::WRITABLE_DIRTY)
+            .unwrap();
+        let a = f.access(va, 0x50_0000, true);
+        let walked = f.v.lookup(&f.mem, &f.ctx, va);
+        assert_eq!(
+            walked,
+            Some(Ok(CpuPte::Present {
+                pa: 0x50_0000,
+                writable: true,
+                dirty: true,
+                size: X86_SIZE_4K
+            }))
+        );
+        assert_eq!(f.v.judge(&f.mem, &f.ctx, &a, walked), None);
+        // The table changes after the walk: the verdict is about the walk, not memory now.
+        f.pt.unmap(&f.mem, va).unwrap();
+        assert_eq!(f.v.judge(&f.mem, &f.ctx, &a, walked), None);
+        assert_eq!(f.class(&a), Some(VIOL_STALE), "check walks itself");
+        let stale = Some(Ok(CpuPte::NotPresent));
+        let v = f.v.judge(&f.mem, &f.ctx, &a, stale).unwrap();
+        assert_eq!((v.class, v.cpu_pa), (VIOL_STALE, NO_PA));
+        let broken = Some(Err(CpuWalkError::BadRoot { root: 1 }));
+        assert_eq!(
+            f.v.judge(&f.mem, &f.ctx, &a, broken).map(|v| v.class),
+            Some(VIOL_STALE)
+        );
+        assert_eq!(f.v.counts().walk_errors, 1);
+        // No walk when no verdict needs one; release and "off" are decided by the context.
+        f.ctx.flags |= pte::CTX_MM_RELEASED;
+        assert_eq!(f.v.lookup(&f.mem, &f.ctx, va), None);
+        assert_eq!(
+            f.v.judge(&f.mem, &f.ctx, &a, None).map(|v| v.class),
+            Some(VIOL_RELEASED)
+        );
+        f.ctx.flags &= !(pte::CTX_MM_RELEASED | pte::CTX_VALIDATE);
+        assert_eq!(f.v.lookup(&f.mem, &f.ctx, va), None);
+        assert_eq!(f.v.judge(&f.mem, &f.ctx, &a, stale), None);
     }
 
     #[test]
