@@ -208,7 +208,10 @@ impl Iotlb {
         let seed = RandomState::new().build_hasher().finish();
         Self {
             slots: Vec::with_capacity(prealloc),
-            map: HashMap::with_capacity_and_hasher(prealloc, SeededHash(seed)),
+            // Twice the entries: removals leave tombstones, and when they use up the table,
+            // hashbrown rehashes in place only while it is at most half full; otherwise it
+            // reallocates. So a full IOTLB churning on the DMA path never allocates.
+            map: HashMap::with_capacity_and_hasher(2 * prealloc, SeededHash(seed)),
             head: NIL,
             tail: NIL,
             capacity,
