@@ -81,7 +81,7 @@ impl<E: Events> ZapguardDevice<E> {
             return false;
         }
         if self.s.lag_left > 0 {
-            // CMD_LAG: only a running job makes the commands wait (each burst counts down).
+            // CMD_LAG: only a running job makes the commands wait (each step counts down).
             if self.job_runs() {
                 return false;
             }

@@ -43,8 +43,10 @@ pub struct DeviceConfig {
     pub asid_count: u32,
     /// IOTLB replacement policy.
     pub iotlb_policy: Policy,
-    /// Largest DMA burst in bytes: commands are processed between bursts, so this is the
-    /// granularity at which invalidations interleave with a running job.
+    /// Largest DMA step in bytes (clamped to 8..=1 MiB). A step also ends at every page
+    /// boundary of either side, so the default, a page, gives page steps and anything larger
+    /// changes nothing. Commands run between steps: a smaller value lets an invalidation land
+    /// inside a page a job is working on (tests that watch that interleaving set it).
     pub dma_burst: u32,
 }
 
@@ -54,7 +56,7 @@ impl Default for DeviceConfig {
             iotlb_entries: 64,
             asid_count: 256,
             iotlb_policy: Policy::Lru,
-            dma_burst: 512,
+            dma_burst: shared_regs::pte::PAGE_SIZE as u32,
         }
     }
 }
@@ -161,12 +163,12 @@ pub(crate) struct State {
     pub(crate) stats: [u64; STAT_COUNT as usize],
     pub(crate) next_translation_id: u64,
     pub(crate) next_stall_tag: u64,
-    /// Bursts executed while the SYNC at the head of the command queue waited.
+    /// DMA steps executed while the SYNC at the head of the command queue waited.
     pub(crate) sync_waited: u64,
     pub(crate) irq_pending: u32,
-    /// [`CMD_LAG`]: bursts a running job may do after a doorbell before commands execute.
+    /// [`CMD_LAG`]: steps a running job may do after a doorbell before commands execute.
     pub(crate) cmd_lag: u32,
-    /// Bursts left before the commands published by the last doorbell may execute.
+    /// Steps left before the commands published by the last doorbell may execute.
     pub(crate) lag_left: u32,
     /// The SYNC at the head of the command queue, fetched and waiting (for in-flight DMA or a
     /// [`FAIL_SYNC_DELAY`] deadline); it is not fetched again, as on hardware.
@@ -216,6 +218,9 @@ pub struct ZapguardDevice<E: Events> {
     pub(crate) config: DeviceConfig,
     pub(crate) events: E,
     pub(crate) s: State,
+    /// Where DMA steps that do not copy guest-to-guest stage their bytes (FILL, CHECKSUM,
+    /// COMPARE): no state, so a reset keeps it, and no allocation per step.
+    pub(crate) staging: Box<[u8]>,
     /// PCI bus-master enable, as the glue last reported it (not reset by [`Self::reset`]: it is
     /// config-space state).
     pub(crate) bus_master: bool,
@@ -235,6 +240,7 @@ impl<E: Events> ZapguardDevice<E> {
             s: State::new(&config),
             config,
             events,
+            staging: vec![0; crate::dma_engine::STAGING_SIZE].into_boxed_slice(),
             bus_master: true,
             clock: Box::new(SystemClock),
         }
@@ -283,7 +289,7 @@ impl<E: Events> ZapguardDevice<E> {
 
     /// The PCI bus-master enable (config-space command register bit 2), as the glue reports it.
     /// While it is clear the device makes no memory access and raises no MSI-X: commands and
-    /// jobs are not fetched, a job in flight stops at a burst boundary (and continues from there
+    /// jobs are not fetched, a job in flight stops at a step boundary (and continues from there
     /// when the bit is set again), and vectors due meanwhile are dropped, as are those raised
     /// but not yet taken. The glue must wake the worker when it sets the bit.
     pub fn set_bus_master(&mut self, enabled: bool) {
@@ -893,8 +899,8 @@ mod tests {
         assert_eq!(rd(&mut d, RESET), 0);
     }
 
-    /// Bus mastering off: no memory access, no interrupt; a job stops between bursts and
-    /// resumes where it stopped.
+    /// Bus mastering off: no memory access, no interrupt; a job stops between steps and
+    /// resumes where it stopped. (256-byte steps, so that it stops inside a page.)
     #[test]
     fn bus_master_gates_every_memory_access() {
         use crate::testkit::{job, Rig, SYNC_WORD};
@@ -973,7 +979,7 @@ mod tests {
         assert!(acts.contains(&Activity::IrqDropped {
             vector: Vector::Error as u16
         }));
-        // The job resumed at the burst where it stopped.
+        // The job resumed at the step where it stopped.
         let resumed = acts
             .iter()
             .skip_while(|a| !matches!(a, Activity::BusMaster { enabled: true, .. }))

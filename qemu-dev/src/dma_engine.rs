@@ -1,14 +1,22 @@
-//! The DMA engine: jobs from the DMA ring, executed in bursts through the IOTLB, with faults
-//! (fail or stall), event reporting and the validator's check on every access.
+//! The DMA engine: jobs from the DMA ring, executed in steps through the IOTLB, with faults
+//! (fail or stall), event reporting and the validator's check on every page access.
 //!
-//! A job holds at most two translations (its read side and its write side) across the bursts of
-//! a page, as a device holds translations for transactions in flight. An invalidation that
-//! covers a held translation dooms it: the job may finish its burst sequence on that page (the
-//! CPU page table cannot change before the driver's SYNC returns), but a SYNC cannot complete
-//! until the job lets go, and the ledger flags any use after that SYNC.
+//! A step ends at the next page boundary of its source or destination, whichever comes first
+//! (or after [`crate::DeviceConfig::dma_burst`] bytes, if that is smaller). Per step, each side
+//! is translated once (held translation, IOTLB hit or walk) and walked once in the CPU page
+//! table (the walk an IOTLB fill makes for its snapshot is the one the verdict uses), the bytes
+//! move with one guest-to-guest copy or through a staging buffer the device keeps (no
+//! allocation), and each side is traced as one `dma_access` and judged by the ledger and the
+//! validator. Commands run between steps.
 //!
-//! Nothing runs while bus mastering is off (a job stops between two bursts), and the injected
-//! [`FAIL_DMA_HANG`] and [`FAIL_DIE`] fire at a burst ([`crate::inject`]).
+//! A job holds at most two translations (its read side and its write side) from the step that
+//! translated them until a later step translates another page, as a device holds translations
+//! for transactions in flight. An invalidation that covers a held translation dooms it: the job
+//! may keep using it (the CPU page table cannot change before the driver's SYNC returns), but a
+//! SYNC cannot complete until the job lets go, and the ledger flags any use after that SYNC.
+//!
+//! Nothing runs while bus mastering is off (a job stops between two steps), and the injected
+//! [`FAIL_DMA_HANG`] and [`FAIL_DIE`] fire at a step ([`crate::inject`]).
 
 use shared_regs::dma::*;
 use shared_regs::event::{self as ev, Event as EvtRecord};
@@ -20,10 +28,10 @@ use shared_regs::regs::*;
 use crate::cpu_walk::CpuPte;
 use crate::device::ZapguardDevice;
 use crate::events::{Activity, Events};
-use crate::guest::GuestMem;
+use crate::guest::{CopyError, GuestMem};
 use crate::iotlb::IotlbEntry;
 use crate::pagetable;
-use crate::validator::Access;
+use crate::validator::{la57, Access, CpuLookup};
 
 /// A translation held by the running job.
 #[derive(Clone, Copy, Debug)]
@@ -102,7 +110,47 @@ fn status_name(st: u16) -> &'static str {
 const READ: usize = 0;
 const WRITE: usize = 1;
 
-/// Why a burst could not run.
+/// Bytes of the device's staging buffer: two pages, for COMPARE's two sides.
+pub(crate) const STAGING_SIZE: usize = 2 * pte::PAGE_SIZE as usize;
+
+/// A CPU walk made at an IOTLB fill, with the root and mode it walked.
+#[derive(Clone, Copy, Debug)]
+struct Walked {
+    cpu_root: u64,
+    la57: bool,
+    result: CpuLookup,
+}
+
+/// One side of a step, translated.
+#[derive(Clone, Copy, Debug)]
+struct Side {
+    /// Held-translation slot ([`READ`] or [`WRITE`]).
+    slot: usize,
+    /// First VA of the step on this side.
+    va: u64,
+    /// Its guest-physical address.
+    pa: u64,
+    /// Translation id.
+    id: u64,
+    /// A write (false for both sides of a COMPARE).
+    write: bool,
+    /// The CPU walk the fill made, if this step filled the translation.
+    walked: Option<Walked>,
+}
+
+/// Which access of a step's data movement failed.
+enum Missed {
+    /// Reading the source VA.
+    Src,
+    /// Writing (or, for COMPARE, reading) the destination VA.
+    Dst,
+    /// Reading the DMA_WRITE buffer (before the destination is touched).
+    AuxRead,
+    /// Writing the DMA_READ buffer.
+    AuxWrite,
+}
+
+/// Why a step could not run.
 enum Stop {
     Fault {
         reason: u16,
@@ -127,14 +175,15 @@ fn page_left(va: u64) -> u64 {
 }
 
 impl<E: Events> ZapguardDevice<E> {
-    /// Runs commands and DMA bursts until neither can progress or `max_bursts` bursts ran.
-    /// Commands go first each round, so invalidations interleave with long jobs at burst
-    /// granularity. Returns whether anything changed. Does nothing while bus mastering is off
-    /// or after [`FAIL_DIE`] fired; returns early after a page walk slowed by [`WALK_LAG`] (the
-    /// caller holds a lock that register accesses wait for).
-    pub fn process(&mut self, mem: &impl GuestMem, max_bursts: usize) -> bool {
+    /// Runs commands and DMA steps until neither can progress or `max_steps` rounds ran (a
+    /// round: every command that can run, then one DMA step or job fetch). Commands go first
+    /// each round, so invalidations interleave with long jobs at step granularity. Returns
+    /// whether anything changed. Does nothing while bus mastering is off or after [`FAIL_DIE`]
+    /// fired; returns early after a page walk slowed by [`WALK_LAG`] (the caller holds a lock
+    /// that register accesses wait for).
+    pub fn process(&mut self, mem: &impl GuestMem, max_steps: usize) -> bool {
         let mut progress = false;
-        for _ in 0..max_bursts.max(1) {
+        for _ in 0..max_steps.max(1) {
             if !self.bus_master || self.s.inject.died {
                 break;
             }
@@ -152,7 +201,7 @@ impl<E: Events> ZapguardDevice<E> {
         progress
     }
 
-    /// Fetches a job or runs one burst of the current one.
+    /// Fetches a job or runs one step of the current one.
     fn dma_step(&mut self, mem: &impl GuestMem) -> bool {
         if self.s.inject.hung {
             return false;
@@ -165,13 +214,13 @@ impl<E: Events> ZapguardDevice<E> {
         }
         let id = job.id();
         if self.armed(FAIL_DIE) {
-            // The process dies before this burst touches memory.
+            // The process dies before this step touches memory.
             self.s.inject.died = true;
             self.fail_event(FAIL_DIE, "device died", None, Some(id));
             return true;
         }
         let hang = self.armed(FAIL_DMA_HANG);
-        self.burst(mem, hang);
+        self.step(mem, hang);
         if hang {
             self.s.inject.hung = true;
             self.fail_event(FAIL_DMA_HANG, "dma engine hung", None, Some(id));
@@ -228,9 +277,9 @@ impl<E: Events> ZapguardDevice<E> {
         true
     }
 
-    /// One burst of the current job; `hang`: the engine hangs after it, so nothing this burst
+    /// One step of the current job; `hang`: the engine hangs after it, so nothing this step
     /// ends (the job, with success or a fault) is reported.
-    fn burst(&mut self, mem: &impl GuestMem, hang: bool) {
+    fn step(&mut self, mem: &impl GuestMem, hang: bool) {
         let Some(job) = self.s.job.as_ref() else {
             return;
         };
@@ -238,7 +287,11 @@ impl<E: Events> ZapguardDevice<E> {
         let pos = job.pos;
         let remaining = d.len - pos;
         let (src, dst) = (d.src.wrapping_add(pos), d.dst.wrapping_add(pos));
-        let mut n = remaining.min(u64::from(self.config.dma_burst));
+        // Every opcode touches a VA on at least one side, so a step never exceeds a page (the
+        // staging buffer's size relies on it; the explicit bound keeps that local).
+        let mut n = remaining
+            .min(u64::from(self.config.dma_burst))
+            .min(pte::PAGE_SIZE);
         let reads_va = matches!(d.op, DMA_COPY | DMA_READ | DMA_CHECKSUM | DMA_COMPARE);
         let writes_va = matches!(d.op, DMA_COPY | DMA_FILL | DMA_WRITE);
         let second_read = d.op == DMA_COMPARE;
@@ -248,17 +301,8 @@ impl<E: Events> ZapguardDevice<E> {
         if writes_va || second_read {
             n = n.min(page_left(dst));
         }
-        match self.burst_inner(
-            mem,
-            &d,
-            pos,
-            src,
-            dst,
-            n as usize,
-            reads_va,
-            writes_va,
-            second_read,
-        ) {
+        let sides = (reads_va, writes_va, second_read);
+        match self.step_inner(mem, &d, pos, src, dst, n as usize, sides) {
             Ok(done) => {
                 let finished = if let Some(j) = self.s.job.as_mut() {
                     j.pos += done;
@@ -276,7 +320,7 @@ impl<E: Events> ZapguardDevice<E> {
                     self.complete(mem, DMA_ST_OK, 0);
                 }
             }
-            // A hanging engine reports nothing about the burst that failed either.
+            // A hanging engine reports nothing about the step that failed either.
             Err(_) if hang => {}
             Err(Stop::BufError) => self.complete(mem, DMA_ST_BUF_ERROR, 0),
             Err(Stop::Fault {
@@ -288,8 +332,10 @@ impl<E: Events> ZapguardDevice<E> {
         }
     }
 
+    /// Translates, moves `n` bytes, then traces and judges the sides the step reached; returns
+    /// the bytes done. `sides`: (reads `src`, writes `dst`, reads `dst`).
     #[allow(clippy::too_many_arguments)]
-    fn burst_inner(
+    fn step_inner(
         &mut self,
         mem: &impl GuestMem,
         d: &DmaJob,
@@ -297,80 +343,132 @@ impl<E: Events> ZapguardDevice<E> {
         src: u64,
         dst: u64,
         n: usize,
-        reads_va: bool,
-        writes_va: bool,
-        second_read: bool,
+        (reads_va, writes_va, second_read): (bool, bool, bool),
     ) -> Result<u64, Stop> {
-        let mut buf = vec![0u8; n];
-        // Translate every side first: a fault must not leave a half-done burst behind.
-        let src_pa = if reads_va {
+        // Translate every side first: a fault must not leave a half-done step behind.
+        let src_side = if reads_va {
             Some(self.translate(mem, READ, d.asid, src, false)?)
         } else {
             None
         };
-        let dst_pa = if writes_va || second_read {
+        let dst_side = if writes_va || second_read {
             Some(self.translate(mem, WRITE, d.asid, dst, writes_va)?)
         } else {
             None
         };
+        // The validator reads the context entry uncached: it judges what the driver says now.
+        let fresh = read_context(mem, self.s.ctx_base, d.asid);
+        // One CPU walk per side, before the access: the fill's if it still applies.
+        let cpu = |s: &Side| fresh.as_ref().and_then(|c| self.cpu_walk(mem, c, s));
+        let (src_cpu, dst_cpu) = (
+            src_side.as_ref().and_then(cpu),
+            dst_side.as_ref().and_then(cpu),
+        );
 
-        if let Some((pa, id)) = src_pa {
-            self.checked_access(mem, d, src, pa, n, false, READ, id);
-            mem.read(pa, &mut buf).map_err(|_| Stop::Fault {
-                reason: ev::FAULT_WALK_ABORT,
-                va: src,
-                write: false,
-                stallable: false,
-            })?;
+        let moved = self.move_data(
+            mem,
+            d,
+            pos,
+            n,
+            src_side.map(|s| s.pa),
+            dst_side.map(|s| s.pa),
+        );
+        // Trace and judge what the step touched, in order; a side the step never reached (the
+        // source could not be read, or DMA_WRITE's buffer) is neither.
+        let fresh = fresh.as_ref();
+        if let Some(s) = &src_side {
+            self.checked_access(mem, d, fresh, s, n, src_cpu);
         }
-        match d.op {
-            DMA_FILL => {
-                let pat = d.aux.to_le_bytes();
-                for (i, b) in buf.iter_mut().enumerate() {
-                    *b = pat[(pos as usize + i) % 8];
+        if !matches!(moved, Err(Missed::Src | Missed::AuxRead)) {
+            if let Some(s) = &dst_side {
+                self.checked_access(mem, d, fresh, s, n, dst_cpu);
+            }
+        }
+        let abort = |va, write| Stop::Fault {
+            reason: ev::FAULT_WALK_ABORT,
+            va,
+            write,
+            stallable: false,
+        };
+        let done = moved.map_err(|m| match m {
+            Missed::Src => abort(src, false),
+            Missed::Dst => abort(dst, writes_va),
+            Missed::AuxRead | Missed::AuxWrite => Stop::BufError,
+        })?;
+        if self.s.job.as_ref().is_some_and(|j| j.holds_doomed()) {
+            self.s.sync_waited += 1;
+        }
+        Ok(done)
+    }
+
+    /// The CPU walk for one side's verdict: the one its fill made if the context still names
+    /// the same table, else a new one (`None` when no verdict needs a walk).
+    fn cpu_walk(&self, mem: &impl GuestMem, ctx: &ContextEntry, s: &Side) -> Option<CpuLookup> {
+        match s.walked {
+            Some(w) if w.cpu_root == ctx.cpu_root && w.la57 == la57(ctx) => Some(w.result),
+            _ => self.s.validator.lookup(mem, ctx, s.va),
+        }
+    }
+
+    /// Performs the job's operation on `n` bytes at offset `pos`, through the translated
+    /// guest-physical addresses; returns the bytes done (less than `n` only when a COMPARE
+    /// found a difference).
+    fn move_data(
+        &mut self,
+        mem: &impl GuestMem,
+        d: &DmaJob,
+        pos: u64,
+        n: usize,
+        src: Option<u64>,
+        dst: Option<u64>,
+    ) -> Result<u64, Missed> {
+        let aux = d.aux.wrapping_add(pos);
+        let (staging, job) = (&mut self.staging, &mut self.s.job);
+        match (d.op, src, dst) {
+            (DMA_COPY, Some(s), Some(t)) => mem.copy(s, t, n).map_err(|e| match e {
+                CopyError::Read(_) => Missed::Src,
+                CopyError::Write(_) => Missed::Dst,
+            })?,
+            (DMA_READ, Some(s), _) => mem.copy(s, aux, n).map_err(|e| match e {
+                CopyError::Read(_) => Missed::Src,
+                CopyError::Write(_) => Missed::AuxWrite,
+            })?,
+            (DMA_WRITE, _, Some(t)) => mem.copy(aux, t, n).map_err(|e| match e {
+                CopyError::Read(_) => Missed::AuxRead,
+                CopyError::Write(_) => Missed::Dst,
+            })?,
+            (DMA_FILL, _, Some(t)) => {
+                let buf = &mut staging[..n];
+                // The 8-byte pattern as seen from this step's first byte.
+                let mut pat = d.aux.to_le_bytes();
+                pat.rotate_left((pos % 8) as usize);
+                for c in buf.chunks_mut(8) {
+                    c.copy_from_slice(&pat[..c.len()]);
+                }
+                mem.write(t, buf).map_err(|_| Missed::Dst)?;
+            }
+            (DMA_CHECKSUM, Some(s), _) => {
+                let buf = &mut staging[..n];
+                mem.read(s, buf).map_err(|_| Missed::Src)?;
+                if let Some(j) = job.as_mut() {
+                    j.result = fnv1a64(j.result, buf);
                 }
             }
-            DMA_WRITE => mem
-                .read(d.aux + pos, &mut buf)
-                .map_err(|_| Stop::BufError)?,
-            _ => {}
-        }
-        if let Some((pa, id)) = dst_pa {
-            self.checked_access(mem, d, dst, pa, n, writes_va, WRITE, id);
-            if writes_va {
-                mem.write(pa, &buf).map_err(|_| Stop::Fault {
-                    reason: ev::FAULT_WALK_ABORT,
-                    va: dst,
-                    write: true,
-                    stallable: false,
-                })?;
-            } else {
-                let mut other = vec![0u8; n];
-                mem.read(pa, &mut other).map_err(|_| Stop::Fault {
-                    reason: ev::FAULT_WALK_ABORT,
-                    va: dst,
-                    write: false,
-                    stallable: false,
-                })?;
-                if let Some(k) = buf.iter().zip(&other).position(|(a, b)| a != b) {
-                    if let Some(j) = self.s.job.as_mut() {
+            (DMA_COMPARE, Some(s), Some(t)) => {
+                let (a, b) = staging.split_at_mut(STAGING_SIZE / 2);
+                let (a, b) = (&mut a[..n], &mut b[..n]);
+                mem.read(s, a).map_err(|_| Missed::Src)?;
+                mem.read(t, b).map_err(|_| Missed::Dst)?;
+                if a != b {
+                    let k = a.iter().zip(&*b).position(|(x, y)| x != y).unwrap_or(0);
+                    if let Some(j) = job.as_mut() {
                         j.result = pos + k as u64 + 1;
                     }
                     return Ok(k as u64);
                 }
             }
-        }
-        match d.op {
-            DMA_READ => mem.write(d.aux + pos, &buf).map_err(|_| Stop::BufError)?,
-            DMA_CHECKSUM => {
-                if let Some(j) = self.s.job.as_mut() {
-                    j.result = fnv1a64(j.result, &buf);
-                }
-            }
+            // `step` translated exactly the sides each opcode uses.
             _ => {}
-        }
-        if self.s.job.as_ref().is_some_and(|j| j.holds_doomed()) {
-            self.s.sync_waited += 1;
         }
         Ok(n as u64)
     }
@@ -398,29 +496,37 @@ impl<E: Events> ZapguardDevice<E> {
     }
 
     /// Translates `va` for one side of the job, reusing the held translation when it covers
-    /// the access. Returns the guest-physical address and the translation id.
+    /// the access.
     fn translate(
         &mut self,
         mem: &impl GuestMem,
-        side: usize,
+        slot: usize,
         asid: u32,
         va: u64,
         write: bool,
-    ) -> Result<(u64, u64), Stop> {
+    ) -> Result<Side, Stop> {
         let usable = |e: &IotlbEntry| {
             e.asid == asid
                 && va >= e.va_base
                 && va - e.va_base < e.size
                 && (!write || (e.writable && e.dirty))
         };
-        if let Some(h) = self.s.job.as_ref().and_then(|j| j.held[side]) {
+        let side = |e: &IotlbEntry, walked| Side {
+            slot,
+            va,
+            pa: e.pa_base + (va - e.va_base),
+            id: e.id,
+            write,
+            walked,
+        };
+        if let Some(h) = self.s.job.as_ref().and_then(|j| j.held[slot]) {
             if usable(&h.entry) {
-                return Ok((h.entry.pa_base + (va - h.entry.va_base), h.entry.id));
+                return Ok(side(&h.entry, None));
             }
         }
         // Moving off the held translation releases it (and unblocks a SYNC waiting for it).
         if let Some(j) = self.s.job.as_mut() {
-            j.held[side] = None;
+            j.held[slot] = None;
         }
         let ctx = self.context(mem, asid).ok_or(Stop::Fault {
             reason: ev::FAULT_CTX_INVALID,
@@ -428,21 +534,23 @@ impl<E: Events> ZapguardDevice<E> {
             write,
             stallable: false,
         })?;
-        let entry = match self.s.iotlb.lookup(asid, va) {
-            Some(e) if usable(&e) => e,
+        let (entry, walked) = match self.s.iotlb.lookup(asid, va) {
+            Some(e) if usable(&e) => (e, None),
             // A miss, or a hit lacking write permission or the dirty bit: walk again (the
             // driver may have upgraded the entry; a write must set D before it happens).
             _ => self.fill(mem, &ctx, asid, va, write)?,
         };
         if let Some(j) = self.s.job.as_mut() {
-            j.held[side] = Some(Held {
+            j.held[slot] = Some(Held {
                 entry,
                 doomed: false,
             });
         }
-        Ok((entry.pa_base + (va - entry.va_base), entry.id))
+        Ok(side(&entry, walked))
     }
 
+    /// Walks the device table for `va` and caches the translation; also returns the CPU walk
+    /// its snapshot made, for the step's verdict to reuse.
     fn fill(
         &mut self,
         mem: &impl GuestMem,
@@ -450,7 +558,7 @@ impl<E: Events> ZapguardDevice<E> {
         asid: u32,
         va: u64,
         write: bool,
-    ) -> Result<IotlbEntry, Stop> {
+    ) -> Result<(IotlbEntry, Option<Walked>), Stop> {
         self.s.stats[STAT_WALKS as usize] += 1;
         // WALK_LAG: the walker sleeps before each table read, holding the device lock.
         let (lag, clock) = (self.walk_lag(), &self.clock);
@@ -469,9 +577,14 @@ impl<E: Events> ZapguardDevice<E> {
         // The snapshot describes one CPU leaf: it may stand for the whole entry only if that
         // leaf covers it (a 2 MiB device entry over 4 KiB CPU pages must not inherit one page's
         // dirty bit, or a clean sibling would look like a missed mkclean).
+        let walked = self.s.validator.lookup(mem, ctx, va).map(|result| Walked {
+            cpu_root: ctx.cpu_root,
+            la57: la57(ctx),
+            result,
+        });
         let snapshot_dirty = matches!(
-            self.s.validator.cpu_snapshot(mem, ctx, va),
-            Some(CpuPte::Present { dirty: true, size, .. }) if size >= t.size
+            walked.map(|w| w.result),
+            Some(Ok(CpuPte::Present { dirty: true, size, .. })) if size >= t.size
         );
         // Re-walking a translation that was never invalidated (a read entry upgraded for a
         // write) keeps what the device knew when it first cached it: otherwise a missed mkclean
@@ -517,63 +630,61 @@ impl<E: Events> ZapguardDevice<E> {
             writable: t.writable,
             id,
         });
-        Ok(entry)
+        Ok((entry, walked))
     }
 
-    /// Traces an access and runs the ledger and validator checks on it.
-    #[allow(clippy::too_many_arguments)]
+    /// Traces one side's access of `n` bytes and runs the ledger and validator checks on it.
+    /// `fresh`: the context entry as guest memory holds it now; `walked`: the CPU walk of the
+    /// side's VA under it.
     fn checked_access(
         &mut self,
         mem: &impl GuestMem,
         d: &DmaJob,
-        va: u64,
-        pa: u64,
+        fresh: Option<&ContextEntry>,
+        s: &Side,
         n: usize,
-        write: bool,
-        side: usize,
-        id: u64,
+        walked: Option<CpuLookup>,
     ) {
         self.activity(Activity::DmaAccess {
             job: d.id,
             asid: d.asid,
-            va,
-            pa,
+            va: s.va,
+            pa: s.pa,
             len: n as u64,
-            write,
-            id,
+            write: s.write,
+            id: s.id,
         });
-        if self.s.ledger.is_dead(id) {
+        if self.s.ledger.is_dead(s.id) {
             self.violation(
                 mem,
                 d,
                 ev::VIOL_LEDGER,
-                va,
-                pa,
+                s.va,
+                s.pa,
                 None,
-                write,
+                s.write,
                 "translation used after the SYNC covering its invalidation completed",
             );
         }
-        // The validator reads the context entry uncached: it judges what the driver says now.
-        let Some(fresh) = read_context(mem, self.s.ctx_base, d.asid) else {
+        let Some(fresh) = fresh else {
             return;
         };
         let dirty_at_fill = self
             .s
             .job
             .as_ref()
-            .and_then(|j| j.held[side])
+            .and_then(|j| j.held[s.slot])
             .is_some_and(|h| h.entry.cpu_dirty_at_fill);
         let access = Access {
             asid: d.asid,
-            va,
-            dev_pa: pa,
-            write,
+            va: s.va,
+            dev_pa: s.pa,
+            write: s.write,
             cpu_dirty_at_fill: dirty_at_fill,
         };
-        if let Some(v) = self.s.validator.check(mem, &fresh, &access) {
+        if let Some(v) = self.s.validator.judge(mem, fresh, &access, walked) {
             let cpu_pa = (v.cpu_pa != ev::NO_PA).then_some(v.cpu_pa);
-            self.violation(mem, d, v.class, va, pa, cpu_pa, write, v.why);
+            self.violation(mem, d, v.class, s.va, s.pa, cpu_pa, s.write, v.why);
         }
     }
 
@@ -776,4 +887,358 @@ pub(crate) fn read_context(mem: &impl GuestMem, base: u64, asid: u32) -> Option<
     let mut raw = [0u8; CTX_ENTRY_SIZE];
     mem.read(addr, &mut raw).ok()?;
     Some(ContextEntry::from_bytes(&raw))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::Cell;
+
+    use shared_regs::cmd::{Command, CMD_INV_RANGE};
+    use shared_regs::pte::{HUGE_PAGE_SIZE, PAGE_SIZE as PG};
+
+    use super::*;
+    use crate::events::EventLog;
+    use crate::memory::MemError;
+    use crate::testkit::{job, Rig, CPU_PT, FRAMES};
+    use crate::x86pt::CpuFlags;
+    use crate::{DeviceConfig, VecMem};
+
+    const VA: u64 = 0x7f00_0000_0000;
+
+    /// Guest memory that counts reads of the CPU page tables in `reads`: four per 4-level walk.
+    struct CpuWalks<'a> {
+        mem: &'a VecMem,
+        reads: &'a Cell<u64>,
+    }
+
+    impl GuestMem for CpuWalks<'_> {
+        fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemError> {
+            if (CPU_PT..FRAMES).contains(&gpa) {
+                self.reads.set(self.reads.get() + 1);
+            }
+            self.mem.read(gpa, buf)
+        }
+
+        fn write(&self, gpa: u64, buf: &[u8]) -> Result<(), MemError> {
+            self.mem.write(gpa, buf)
+        }
+
+        fn fetch_or_u64(&self, gpa: u64, bits: u64) -> Result<u64, MemError> {
+            self.mem.fetch_or_u64(gpa, bits)
+        }
+
+        fn copy(&self, src: u64, dst: u64, len: usize) -> Result<(), CopyError> {
+            self.mem.copy(src, dst, len)
+        }
+    }
+
+    /// (va, len, write, id) of every `dma_access`.
+    fn accesses(r: &mut Rig<EventLog>) -> Vec<(u64, u64, bool, u64)> {
+        r.activity()
+            .iter()
+            .filter_map(|a| match *a {
+                Activity::DmaAccess {
+                    va, len, write, id, ..
+                } => Some((va, len, write, id)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// A rig with page steps (the default) and ASID 1 bound, validating.
+    fn rig() -> Rig<EventLog> {
+        let mut r = Rig::new(DeviceConfig::default(), EventLog::default());
+        r.bind(1, 0);
+        r
+    }
+
+    /// Maps `pages` pages from `va` and writes a distinct byte pattern into each; returns the
+    /// frames.
+    fn pages(r: &mut Rig<EventLog>, va: u64, pages: u64, seed: u8) -> Vec<u64> {
+        (0..pages)
+            .map(|p| {
+                let f = r.map_page(1, va + p * PG);
+                let bytes: Vec<u8> = (0..PG)
+                    .map(|i| (i as u8).wrapping_mul(13).wrapping_add(seed + p as u8))
+                    .collect();
+                r.poke(f, &bytes);
+                f
+            })
+            .collect()
+    }
+
+    #[test]
+    fn steps_end_at_the_first_page_boundary_of_either_side() {
+        let mut r = rig();
+        let (src, dst) = (VA, VA + 0x10_0000);
+        let src_frames = pages(&mut r, src, 4, 1);
+        let dst_frames = pages(&mut r, dst, 4, 100);
+        let (src_off, dst_off, len) = (0x100, 0x800, 3 * PG);
+        let mut want: Vec<u8> = src_frames
+            .iter()
+            .flat_map(|&f| r.peek(f, PG as usize))
+            .collect();
+        want.drain(..src_off as usize);
+        want.truncate(len as usize);
+
+        let reads = Cell::new(0);
+        r.submit(job(DMA_COPY, 1, src + src_off, dst + dst_off, len, 0));
+        let counting = CpuWalks {
+            mem: &r.mem,
+            reads: &reads,
+        };
+        while r.dev.process(&counting, 64) {}
+
+        let mut got: Vec<u8> = dst_frames
+            .iter()
+            .flat_map(|&f| r.peek(f, PG as usize))
+            .collect();
+        got.drain(..dst_off as usize);
+        got.truncate(len as usize);
+        assert!(got == want, "copied across both sides' page boundaries");
+        // Boundaries: the destination's at job offsets 0x800, 0x1800, 0x2800 and the source's
+        // at 0xf00, 0x1f00, 0x2f00; each step is one read and one write.
+        let cuts = [0, 0x800, 0xf00, 0x1800, 0x1f00, 0x2800, 0x2f00, 0x3000];
+        let acts = accesses(&mut r);
+        assert_eq!(acts.len(), 2 * (cuts.len() - 1), "{acts:x?}");
+        for (step, w) in cuts.windows(2).enumerate() {
+            let (at, n) = (w[0], w[1] - w[0]);
+            let (read, write) = (acts[2 * step], acts[2 * step + 1]);
+            assert_eq!((read.0, read.1, read.2), (src + src_off + at, n, false));
+            assert_eq!((write.0, write.1, write.2), (dst + dst_off + at, n, true));
+        }
+        // Each page of either side translated once, each side of each step judged once with
+        // one CPU walk.
+        assert_eq!(r.dev.stat(STAT_WALKS), 8);
+        let steps = (cuts.len() - 1) as u64;
+        assert_eq!(r.dev.s.validator.counts().checks, 2 * steps);
+        assert_eq!(reads.get() / 4, 2 * steps);
+        assert_eq!(r.dev.stat(STAT_VIOLATIONS), 0);
+        let done = r.status(crate::testkit::STATUS);
+        assert_eq!((done.status, done.bytes_done), (DMA_ST_OK, len));
+    }
+
+    #[test]
+    fn every_opcode_moves_whole_steps() {
+        let mut r = rig();
+        let (a, b) = (VA, VA + 0x10_0000);
+        let fa = pages(&mut r, a, 3, 7);
+        let fb = pages(&mut r, b, 3, 7);
+        let off = 0x234;
+        let len = 2 * PG;
+        let bytes = |r: &Rig<EventLog>, frames: &[u64]| -> Vec<u8> {
+            let all: Vec<u8> = frames
+                .iter()
+                .flat_map(|&f| r.peek(f, PG as usize))
+                .collect();
+            all[off as usize..(off + len) as usize].to_vec()
+        };
+        // Equal contents: COMPARE runs to the end; then one byte differs.
+        let st = r.dma(job(DMA_COMPARE, 1, a + off, b + off, len, 0));
+        assert_eq!(
+            (st.status, st.result, st.bytes_done),
+            (DMA_ST_OK, u64::MAX, len)
+        );
+        r.poke(fb[1] + 0x10, &[0xee]);
+        let diff = PG - off + 0x10;
+        let st = r.dma(job(DMA_COMPARE, 1, a + off, b + off, len, 0));
+        assert_eq!(
+            (st.status, st.result, st.bytes_done),
+            (DMA_ST_OK, diff, diff)
+        );
+        // CHECKSUM is FNV-1a over the bytes, whatever the steps.
+        let st = r.dma(job(DMA_CHECKSUM, 1, a + off, 0, len, 0));
+        assert_eq!(st.result, fnv1a64(FNV_OFFSET, &bytes(&r, &fa)));
+        // FILL keeps the pattern's phase across steps.
+        let pat = 0x0807_0605_0403_0201u64;
+        r.dma(job(DMA_FILL, 1, 0, b + off, len, pat));
+        let filled = bytes(&r, &fb);
+        assert!(filled
+            .iter()
+            .enumerate()
+            .all(|(i, &x)| x == (i % 8) as u8 + 1));
+        // READ then WRITE through the AUX buffer: a round trip.
+        let aux = crate::testkit::AUX;
+        r.dma(job(DMA_READ, 1, a + off, 0, len, aux));
+        assert_eq!(r.peek(aux, len as usize), bytes(&r, &fa));
+        r.dma(job(DMA_WRITE, 1, 0, b + off, len, aux));
+        assert_eq!(bytes(&r, &fb), bytes(&r, &fa));
+        // The offset splits every job into three steps, none longer than a page.
+        let acts = accesses(&mut r);
+        let lens: Vec<u64> = acts.iter().map(|a| a.1).collect();
+        let three = [PG - off, PG, off];
+        // The first COMPARE: three steps, two sides each.
+        assert_eq!(
+            lens[..6],
+            [three[0], three[0], three[1], three[1], three[2], three[2]]
+        );
+        assert_eq!(r.dev.stat(STAT_VIOLATIONS), 0);
+    }
+
+    /// An invalidation between two steps dooms the translation the job still holds; the SYNC
+    /// after it completes right after the step that moves the job off that page, and not before.
+    #[test]
+    fn sync_waits_exactly_until_the_job_leaves_the_doomed_page() {
+        let mut r = rig();
+        let (src, dst) = (VA, VA + 0x10_0000);
+        pages(&mut r, src, 3, 1);
+        pages(&mut r, dst, 3, 2);
+        // Steps: [0, 0x800) ends the destination's first page, [0x800, 0xf00) the source's.
+        r.submit(job(DMA_COPY, 1, src + 0x100, dst + 0x800, 2 * PG, 0));
+        r.dev.process(&r.mem, 1); // fetch
+        r.dev.process(&r.mem, 1); // step 1: the source is still on its first page
+        assert_eq!(accesses(&mut r).len(), 2);
+        let src_id = accesses(&mut r)[0].3;
+        r.post(Command::new(CMD_INV_RANGE, 0, 1, src, PG));
+        let s = r.post_sync();
+        r.dev.process(&r.mem, 1); // INV, SYNC waits; step 2 still reads the doomed page
+        assert!(!r.sync_done(s));
+        assert_eq!(
+            accesses(&mut r)[2],
+            (
+                src + 0xf00 - 0x100 + 0x100 - 0x800 + 0x800 - 0xf00 + 0x900,
+                0x700,
+                false,
+                src_id
+            )
+        );
+        r.dev.process(&r.mem, 1); // step 3 moves the source to its second page
+        assert!(
+            !r.sync_done(s),
+            "commands ran before step 3 released the page"
+        );
+        r.dev.process(&r.mem, 1); // the SYNC completes first thing
+        assert!(r.sync_done(s));
+
+        let acts = r.activity();
+        let inv = acts.iter().find_map(|a| match a {
+            Activity::IotlbInvalidate { in_flight, .. } => Some(*in_flight),
+            _ => None,
+        });
+        assert_eq!(inv, Some(1), "only the source's translation was held there");
+        let done_at = acts
+            .iter()
+            .position(|a| matches!(a, Activity::SyncDone { .. }))
+            .expect("sync_done");
+        let before: Vec<(u64, u64)> = acts[..done_at]
+            .iter()
+            .filter_map(|a| match *a {
+                Activity::DmaAccess { va, id, .. } => Some((va, id)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(before.len(), 6, "three steps ran before the SYNC completed");
+        assert_eq!(
+            before[4],
+            (src + PG, before[4].1),
+            "step 3 read the next source page"
+        );
+        assert_ne!(before[4].1, src_id);
+        assert!(
+            acts[done_at + 1..].iter().all(|a| !matches!(a,
+                Activity::DmaAccess { id, .. } if *id == src_id)),
+            "no use of the doomed translation after the SYNC"
+        );
+        assert!(matches!(
+            acts[done_at],
+            Activity::SyncDone { waited: 1, .. }
+        ));
+        r.run();
+        assert_eq!(r.dev.stat(STAT_VIOLATIONS), 0);
+    }
+
+    /// CMD_LAG counts steps: with page steps, a lag of 2 lets the job move two more pages.
+    #[test]
+    fn cmd_lag_counts_page_steps() {
+        let mut r = rig();
+        pages(&mut r, VA, 6, 0);
+        r.set(CMD_LAG, 2);
+        r.submit(job(DMA_FILL, 1, 0, VA, 6 * PG, 0x77));
+        r.dev.process(&r.mem, 2); // fetch, page 0
+        let s = r.post_sync();
+        for page in 1..=2 {
+            r.dev.process(&r.mem, 1);
+            assert!(!r.sync_done(s), "lagged while the job writes page {page}");
+        }
+        r.dev.process(&r.mem, 1);
+        assert!(r.sync_done(s), "the lag is over: commands first");
+        let acts = accesses(&mut r);
+        assert_eq!(
+            acts.len(),
+            4,
+            "page 3 was written in that same round, after the SYNC"
+        );
+        assert_eq!(acts[2].0, VA + 2 * PG);
+    }
+
+    /// A 2 MiB translation serves every step inside it: one walk, one IOTLB lookup, and still
+    /// one validator check (one CPU walk) per 4 KiB step, since the CPU may map 4 KiB pages
+    /// under it.
+    #[test]
+    fn a_huge_translation_serves_many_steps_without_a_walk() {
+        let mut r = rig();
+        let va = 0x7e00_0000_0000;
+        let hf = r.huge_frame();
+        r.dev_map_2m(1, va, hf, true);
+        for p in 0..HUGE_PAGE_SIZE / PG {
+            r.cpu_map(1, va + p * PG, hf + p * PG, CpuFlags::WRITABLE_DIRTY);
+        }
+        let len = 64 * PG;
+        let reads = Cell::new(0);
+        r.submit(job(DMA_FILL, 1, 0, va + 0x1000, len, 0x5a5a_5a5a_5a5a_5a5a));
+        // Mid-job, an invalidation of a page the job has not reached dooms the whole 2 MiB
+        // translation: the job keeps using it, the SYNC waits for the end of the job.
+        for _ in 0..9 {
+            r.dev.process(
+                &CpuWalks {
+                    mem: &r.mem,
+                    reads: &reads,
+                },
+                1,
+            );
+        }
+        r.post(Command::new(CMD_INV_RANGE, 0, 1, va + 0x10_0000, PG));
+        let s = r.post_sync();
+        r.dev.process(
+            &CpuWalks {
+                mem: &r.mem,
+                reads: &reads,
+            },
+            1,
+        );
+        assert!(!r.sync_done(s));
+        while r.dev.process(
+            &CpuWalks {
+                mem: &r.mem,
+                reads: &reads,
+            },
+            64,
+        ) {}
+        assert!(r.sync_done(s));
+
+        assert_eq!(r.peek(hf + 0x1000 + len - 1, 1), [0x5a]);
+        assert_eq!(r.peek(hf + 0x1000 + len, 1), [0]);
+        let acts = accesses(&mut r);
+        assert_eq!(acts.len(), 64);
+        assert!(acts
+            .iter()
+            .all(|&(_, n, w, id)| n == PG && w && id == acts[0].3));
+        assert_eq!(r.dev.stat(STAT_WALKS), 1);
+        assert_eq!(
+            (r.dev.stat(STAT_IOTLB_MISSES), r.dev.stat(STAT_IOTLB_HITS)),
+            (1, 0)
+        );
+        assert_eq!(r.dev.s.validator.counts().checks, 64);
+        assert_eq!(
+            reads.get() / 4,
+            64,
+            "one CPU walk per step: the fill's served its step's verdict"
+        );
+        assert_eq!(r.dev.stat(STAT_VIOLATIONS), 0);
+        let waited = r.activity().iter().find_map(|a| match a {
+            Activity::SyncDone { waited, .. } => Some(*waited),
+            _ => None,
+        });
+        assert_eq!(waited, Some(64 - 8), "every step after the invalidation");
+    }
 }

@@ -190,7 +190,7 @@ pub enum Activity {
         pa: u64,
         /// Value written.
         value: u32,
-        /// DMA bursts the SYNC waited for (in-flight uses of translations it covers).
+        /// DMA steps the SYNC waited for (in-flight uses of translations it covers).
         waited: u64,
     },
     /// A translation was cached after a page walk.
@@ -263,7 +263,7 @@ pub enum Activity {
         /// Faults taken.
         faults: u32,
     },
-    /// One DMA burst through a translation.
+    /// One side of one DMA step (up to a page) through a translation.
     DmaAccess {
         /// Job id.
         job: u64,
@@ -340,7 +340,7 @@ pub enum Activity {
     BusMaster {
         /// Whether the device may now access memory and raise MSI-X.
         enabled: bool,
-        /// The DMA job in flight, which stops (or resumes) at a burst boundary.
+        /// The DMA job in flight, which stops (or resumes) at a step boundary.
         #[serde(skip_serializing_if = "Option::is_none")]
         job: Option<u64>,
         /// Bytes of that job done so far.

@@ -5,7 +5,7 @@
 //! [`ZapguardDevice`]`<`[`NoEvents`]`>` over a [`VecMem`] of [`MEM_SIZE`] bytes (all zero at
 //! the start of every input; the memory is kept per thread and only the pages the previous
 //! input wrote are cleared, which is most of the speed of the fuzzer). The first bytes choose
-//! the model parameters (IOTLB size and policy, ASID count, burst size) and a head start
+//! the model parameters (IOTLB size and policy, ASID count, largest DMA step) and a head start
 //! (nothing, the enable sequence, or that plus a bound and mapped ASID 0). Each operation is one
 //! of:
 //!
@@ -43,7 +43,7 @@
 //! [`shared_regs::event::VIOL_LEDGER`] violation is a device bug whatever the guest does). At
 //! the end it reads every register, the MSI-X area and some holes.
 //!
-//! Work per input is bounded: at most [`MAX_OPS`] operations, at most 16 bursts per
+//! Work per input is bounded: at most [`MAX_OPS`] operations, at most 16 steps per
 //! `process` (1024 for "until idle"), and the input stops once the device has executed
 //! [`COMMAND_BUDGET`] commands.
 
@@ -1302,7 +1302,7 @@ mod tests {
         // Setup; bind ASID 0 with validation; map page 0 on both sides; COPY 17 bytes within
         // it (src = dst); run until idle.
         let program = [
-            0, 0, // config: 64 entries LRU, 256 ASIDs; 512-byte bursts
+            0, 0, // config: 64 entries LRU, 256 ASIDs; steps of at most 512 bytes
             0, // no prologue
             14, 0, // setup with the testkit ring size
             15, 0, 0, // bind ASID 0: validate, no stall, 4-level

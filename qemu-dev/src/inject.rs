@@ -10,8 +10,8 @@
 //! | [`FAIL_SYNC_DELAY`] | [`crate::cmdq`] | a SYNC reached is held until its deadline on the [`Clock`] |
 //! | [`FAIL_CMDQ_ERROR`] | [`crate::cmdq`] | the next command fetched stops the queue with `CERR_INJECTED` |
 //! | [`FAIL_DROP_CMD_MSI`] | [`crate::device`] | the command vector is not raised |
-//! | [`FAIL_DMA_HANG`] | [`crate::dma_engine`], [`crate::device`] | one more burst, then the engine stops; `CR0` clears of DMAQ/CTX are not acknowledged |
-//! | [`FAIL_DIE`] | [`crate::dma_engine`] | the next burst sets [`ZapguardDevice::die_requested`]; the glue exits the process |
+//! | [`FAIL_DMA_HANG`] | [`crate::dma_engine`], [`crate::device`] | one more DMA step, then the engine stops; `CR0` clears of DMAQ/CTX are not acknowledged |
+//! | [`FAIL_DIE`] | [`crate::dma_engine`] | the next DMA step sets [`ZapguardDevice::die_requested`]; the glue exits the process |
 //!
 //! Every arming and every firing is traced as [`Activity::FailInject`]. Time is injected (a
 //! [`Clock`]) so that tests can watch or replace the walker's sleeps and the SYNC deadlines.
@@ -184,7 +184,7 @@ mod tests {
     const EVT_IRQ: u32 = 1 << Vector::Event as u32;
     const ERR_IRQ: u32 = 1 << Vector::Error as u32;
 
-    /// Small bursts: a page takes 16 of them.
+    /// Small steps: a page takes 16 of them.
     fn rig() -> Rig<EventLog> {
         let cfg = DeviceConfig {
             dma_burst: 256,

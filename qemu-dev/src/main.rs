@@ -48,7 +48,8 @@ struct Args {
     /// IOTLB replacement policy: `lru`, `fifo` or `random[:SEED]`.
     #[arg(long, default_value = "lru", value_parser = parse_policy)]
     iotlb_policy: Policy,
-    /// Largest DMA burst in bytes; commands interleave with a running job at this granularity.
+    /// Largest DMA step in bytes. Steps also end at every page boundary, so the default (a
+    /// page) gives page steps; commands interleave with a running job between steps.
     #[arg(long, default_value_t = DeviceConfig::default().dma_burst,
           value_parser = clap::value_parser!(u32).range(8..=1 << 20))]
     dma_burst: u32,

@@ -144,9 +144,9 @@ impl<E: Events> Shared<E> {
     }
 }
 
-/// Bursts the worker runs per lock hold: short enough that register accesses from the guest
-/// never wait long for the device lock.
-const WORKER_BURSTS: usize = 16;
+/// DMA steps (of at most a page) the worker runs per lock hold: short enough that register
+/// accesses from the guest never wait long for the device lock.
+const WORKER_STEPS: usize = 16;
 /// How long the idle worker sleeps between checks of the stop flag.
 const WORKER_IDLE: Duration = Duration::from_millis(200);
 
@@ -180,7 +180,7 @@ pub fn spawn_worker<E: Events + Send + 'static>(
                     return;
                 }
                 let mem = shared.memory();
-                dev.process(&*mem, WORKER_BURSTS);
+                dev.process(&*mem, WORKER_STEPS);
                 drop(mem);
                 (dev.take_irqs(), dev.die_requested())
             };

@@ -30,13 +30,13 @@
 //! |---|---|
 //! | `control` | `cr0ack` (units enabled), `refused` (enables refused for bad configuration) |
 //! | `command` | `cmd`, `op` (`inv_range`, `inv_asid`, `inv_all`, `cfgi_ctx`, `sync`, `resume`, `abort`, `nop`), `asid`, `va` (address operand), `len` (second operand), `result` (`ok`, `ignored`, or the `CERR_*` name: the queue stopped) |
-//! | `sync_done` | `cmd`, `pa` (completion address), `value`, `waited` (DMA bursts it waited for) |
+//! | `sync_done` | `cmd`, `pa` (completion address), `value`, `waited` (DMA steps it waited for) |
 //! | `iotlb_fill` | `asid`, `va`, `pa`, `len` (4096 or 2 MiB), `writable`, `id` |
 //! | `iotlb_evict` | `asid`, `va`, `len`, `id` |
 //! | `iotlb_invalidate` | `cmd`, `asid` (absent for INV_ALL), `va`, `len`, `dropped`, `in_flight` (held by a running job; the next SYNC waits for them) |
 //! | `job_start` | `job`, `op`, `asid`, `src`, `dst`, `len` |
 //! | `job_done` | `job`, `asid`, `result` (`ok`, `fault`, `bad_job`, `buf_error`), `len` (bytes done), `faults` |
-//! | `dma_access` | `job`, `asid`, `va`, `pa`, `len`, `write`, `id`: one burst through translation `id` |
+//! | `dma_access` | `job`, `asid`, `va`, `pa`, `len`, `write`, `id`: one side of one DMA step (at most a page, never crossing one) through translation `id` |
 //! | `fault` | `job`, `asid`, `va`, `write`, `result` (`FAULT_*` name), `stalled`, `tag` |
 //! | `violation` | `job`, `asid`, `va`, `pa` (device's), `cpu_pa` (absent: CPU maps nothing), `write`, `result` (`stale`, `write_perm`, `write_clean`, `released`, `ledger`), `why` |
 //! | `queue_error` | `queue` (`cmdq`, `evtq`, `dmaq`), `cmd` (position), `result` |

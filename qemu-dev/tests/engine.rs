@@ -286,7 +286,8 @@ fn invalidation_makes_the_device_see_the_new_page() {
 
 #[test]
 fn sync_waits_for_in_flight_dma() {
-    // Small bursts: a 4 KiB page takes 16 bursts, so the invalidation lands mid-page.
+    // Steps of at most 256 bytes (page steps are the default): a 4 KiB page takes 16 of them,
+    // so the invalidation lands mid-page. dma_engine's tests cover page steps.
     let cfg = DeviceConfig {
         dma_burst: 256,
         ..DeviceConfig::default()
@@ -296,7 +297,7 @@ fn sync_waits_for_in_flight_dma() {
     r.map_page(1, VA);
     r.map_page(1, VA + PG);
     r.submit(job(DMA_FILL, 1, 0, VA, 2 * PG, 0x5a5a_5a5a_5a5a_5a5a));
-    // Let the job run a few bursts on the first page.
+    // Let the job run a few steps on the first page.
     for _ in 0..3 {
         r.dev.process(&r.mem, 1);
     }
@@ -316,7 +317,7 @@ fn sync_waits_for_in_flight_dma() {
     });
     assert!(
         waited.is_some_and(|w| w > 0),
-        "the SYNC records the bursts it waited for: {waited:?}"
+        "the SYNC records the steps it waited for: {waited:?}"
     );
     let inv = acts.iter().find_map(|a| match a {
         Activity::IotlbInvalidate { in_flight, .. } => Some(*in_flight),
@@ -751,6 +752,8 @@ fn stats_registers_and_trace_kinds() {
 /// without waiting for the SYNC lets the kernel reuse the page while the device still writes it.
 #[test]
 fn command_lag_exposes_a_missing_sync_wait() {
+    // 256-byte steps: the four-page job takes 64 of them, so the lag still holds the
+    // invalidation while the job works on its first pages (with page steps it would end first).
     let cfg = DeviceConfig {
         dma_burst: 256,
         ..DeviceConfig::default()

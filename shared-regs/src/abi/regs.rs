@@ -20,7 +20,7 @@
 //! | 0x020 | [`CR0`] | RW | 0 | enables `CR0_*` |
 //! | 0x024 | [`CR0ACK`] | RO | 0 | `CR0` as applied by the device; poll it after writing `CR0` |
 //! | 0x028 | [`IRQ_CTRL`] | RW | 0 | MSI-X causes enabled, `IRQ_*` |
-//! | 0x02c | [`CMD_LAG`] | RW | 0 | test knob (1.2): DMA bursts a running job may still do after a doorbell before the device executes the commands it published |
+//! | 0x02c | [`CMD_LAG`] | RW | 0 | test knob (1.2): DMA steps a running job may still do after a doorbell before the device executes the commands it published |
 //! | 0x030 | [`CTX_BASE_LO`] | RW | 0 | context table GPA bits 31:0 (4 KiB aligned) |
 //! | 0x034 | [`CTX_BASE_HI`] | RW | 0 | context table GPA bits 63:32 |
 //! | 0x040 | [`CMDQ_BASE_LO`] | RW | 0 | command ring GPA bits 31:0 (64-byte aligned) |
@@ -58,9 +58,9 @@
 //! hardware: while it is clear the device makes no memory access at all (no command or job
 //! fetch, no DMA, no completion, status, event or SYNC write) and raises no MSI-X (an MSI is a
 //! memory write; vectors due meanwhile are lost, not delivered later). A job in flight stops at
-//! a burst boundary and continues where it stopped once bus mastering is set again. Register
-//! accesses keep working. Clearing bus mastering is how a driver fences a device that no longer
-//! answers `CR0` (see [`FAIL_DMA_HANG`]).
+//! a step boundary (see [`CMD_LAG`]) and continues where it stopped once bus mastering is set
+//! again. Register accesses keep working. Clearing bus mastering is how a driver fences a device
+//! that no longer answers `CR0` (see [`FAIL_DMA_HANG`]).
 //!
 //! **Failure injection (1.3).** [`FAIL_INJECT`] makes the device fail in one of the ways a
 //! driver must survive (DESIGN.md, "When the device fails"), so that tests can prove the
@@ -92,11 +92,14 @@ pub const CR0ACK: u32 = 0x024;
 /// Interrupt cause enables.
 pub const IRQ_CTRL: u32 = 0x028;
 /// Command lag (ABI 1.2), a test knob modelling a slow command processor: after a
-/// [`CMDQ_PROD`] doorbell, a running (not stalled) DMA job may do this many more bursts before the
-/// device executes the newly published commands. With no job running they execute at once, and
-/// SYNC semantics are unchanged (it still completes only after the lagged invalidations). A
-/// driver that waits for its SYNC is correct at any lag; one that does not is caught by the
-/// validator deterministically once the lag is large.
+/// [`CMDQ_PROD`] doorbell, a running (not stalled) DMA job may do this many more steps before the
+/// device executes the newly published commands. A step is the device's unit of DMA work;
+/// commands run between steps. It ends at the next page boundary of the job's source or
+/// destination, whichever comes first, so it moves at most one page (less on a model configured
+/// with smaller steps). With no job running the commands execute at once, and SYNC semantics are
+/// unchanged (it still completes only after the lagged invalidations). A driver that waits for
+/// its SYNC is correct at any lag; one that does not is caught by the validator
+/// deterministically once the lag is large.
 pub const CMD_LAG: u32 = 0x02c;
 /// Failure injection (ABI 1.3), a test knob: the `FAIL_*` mode armed, in bits 7:0 (bits 31:8
 /// are reserved and must be written as 0). Reads back the armed mode; a one-shot mode reads
@@ -302,17 +305,17 @@ pub const FAIL_CMDQ_ERROR: u32 = 3;
 /// records are still written.
 pub const FAIL_DROP_CMD_MSI: u32 = 4;
 /// Failure mode: the DMA engine hangs inside the next job it runs (the current one, if a job is
-/// in flight) after one more burst of it: no further burst, no job fetch, no completion (even if
-/// that burst was the job's last). A SYNC that must wait for translations the hung job holds
-/// never completes, and RESUME/ABORT of its stall are ignored. While hung, a `CR0` write
-/// clearing [`CR0_DMAQ_EN`] or [`CR0_CTX_EN`] is not acknowledged (`CR0ACK` keeps those bits): a
-/// hung engine does not answer the control path, so the driver must fence the device by
-/// clearing PCI bus mastering. Only a device reset ends the hang (rewriting [`FAIL_INJECT`] only
-/// changes what is armed).
+/// in flight) after one more step of it (see [`CMD_LAG`]): no further step, no job fetch, no
+/// completion (even if that step was the job's last). The hung job keeps the translations that
+/// step used, so a SYNC that must wait for them never completes; RESUME/ABORT of its stall are
+/// ignored. While hung, a `CR0` write clearing [`CR0_DMAQ_EN`] or [`CR0_CTX_EN`] is not
+/// acknowledged (`CR0ACK` keeps those bits): a hung engine does not answer the control path, so
+/// the driver must fence the device by clearing PCI bus mastering. Only a device reset ends the
+/// hang (rewriting [`FAIL_INJECT`] only changes what is armed).
 pub const FAIL_DMA_HANG: u32 = 5;
-/// Failure mode: the device dies at the next DMA burst. The device process flushes its trace
-/// and exits without answering the VMM; the guest then sees a device that is gone (MMIO reads
-/// return all ones).
+/// Failure mode: the device dies at the next DMA step (see [`CMD_LAG`]), before it touches
+/// memory. The device process flushes its trace and exits without answering the VMM; the guest
+/// then sees a device that is gone (MMIO reads return all ones).
 pub const FAIL_DIE: u32 = 6;
 /// Largest effective [`WALK_LAG`], in microseconds.
 pub const WALK_LAG_MAX: u32 = 100_000;
