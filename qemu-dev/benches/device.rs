@@ -10,7 +10,8 @@
 //!   the 256 + 256 misses and is walked each time): validator on and off (context without
 //!   `CTX_VALIDATE`), both without a trace (`NoEvents`), and validator on with the JSON Lines
 //!   trace written to a byte counter (`TraceWriter`, no disk); against a plain
-//!   `copy_from_slice` of 1 MiB.
+//!   `copy_from_slice` of 1 MiB;
+//! - `trace`: one `dma_access` line written by `TraceWriter` (into a byte counter).
 //!
 //! Then, in the same process, timed loops measure the same operations again to print the
 //! ratios (device vs memcpy, validator on vs off, trace on vs off), since criterion's results
@@ -30,10 +31,11 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput};
+use qemu_dev::events::Activity;
 use qemu_dev::iotlb::{Iotlb, IotlbEntry, Policy};
 use qemu_dev::pagetable::{walk, PageTableBuilder, Translation};
 use qemu_dev::testkit::{job, Rig, RING_LOG2};
-use qemu_dev::{DeviceConfig, Events, NoEvents, TraceWriter, VecMem};
+use qemu_dev::{DeviceConfig, Event, Events, NoEvents, TraceWriter, VecMem};
 use shared_regs::dma::{DMA_COPY, DMA_ST_OK};
 use shared_regs::pte::{self, HUGE_PAGE_SIZE, PAGE_SIZE};
 use shared_regs::regs::{
@@ -249,6 +251,28 @@ fn bench_walk(c: &mut Criterion) {
     let mut g = c.benchmark_group("walk");
     g.bench_function("4k_leaf", |b| b.iter(|| w.walk(WALK_VA_4K + 0x123)));
     g.bench_function("2m_leaf", |b| b.iter(|| w.walk(WALK_VA_2M + 0x12_3456)));
+    g.finish();
+}
+
+/// One `dma_access` trace line (the kind written per page and side), into a byte counter.
+fn bench_trace(c: &mut Criterion) {
+    let mut w = TraceWriter::new(ByteCount::default());
+    let mut va = SRC_VA;
+    let mut g = c.benchmark_group("trace");
+    g.bench_function("dma_access_line", |b| {
+        b.iter(|| {
+            va += PAGE_SIZE;
+            w.event(&Event::Engine(Activity::DmaAccess {
+                job: 17,
+                asid: ASID,
+                va: black_box(va),
+                pa: 0x1234_5000,
+                len: PAGE_SIZE,
+                write: true,
+                id: 4711,
+            }));
+        })
+    });
     g.finish();
 }
 
@@ -537,6 +561,7 @@ fn main() {
         .configure_from_args();
     bench_iotlb(&mut c);
     bench_walk(&mut c);
+    bench_trace(&mut c);
     bench_dma(&mut c);
     c.final_summary();
     // `cargo bench` passes --bench; `cargo test --benches` does not (criterion then runs every
