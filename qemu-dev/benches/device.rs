@@ -17,9 +17,11 @@
 //! ratios (device vs memcpy, validator on vs off, trace on vs off), since criterion's results
 //! are not available programmatically: [`ROUNDS`] rounds, each timing every variant once in
 //! turn (so a disturbance hits all sides of a ratio alike), reported as the median ratio over
-//! the rounds with its range. They also report the trace bytes one 1 MiB job writes. All of it
-//! is written as JSON to `<target dir>/zapguard/bench-device.json`. The loops only run in bench
-//! mode (`cargo bench`), not when `cargo test --benches` runs each benchmark once.
+//! the rounds with its range. They also report the trace bytes one 1 MiB job writes, in page
+//! steps and in 512-byte steps (what the engine did before it moved pages), with a thrashing and
+//! with a warm IOTLB. All of it is written as JSON to `<target dir>/zapguard/bench-device.json`.
+//! The loops only run in bench mode (`cargo bench`), not when `cargo test --benches` runs each
+//! benchmark once.
 //!
 //! `cargo bench -p qemu-dev --bench device` (about a minute), or with `-- --quick`.
 
@@ -181,7 +183,12 @@ fn traced_rig() -> (Rig<Traced>, ByteCount) {
 
 /// A rig with ASID 1 bound (validating or not) and `DMA_LEN` bytes mapped at both VAs.
 fn dma_rig<E: Events>(validate: bool, events: E) -> Rig<E> {
-    let mut r = Rig::new(DeviceConfig::default(), events);
+    dma_rig_with(DeviceConfig::default(), validate, events)
+}
+
+/// [`dma_rig`] with another model configuration.
+fn dma_rig_with<E: Events>(config: DeviceConfig, validate: bool, events: E) -> Rig<E> {
+    let mut r = Rig::new(config, events);
     r.bind(ASID, 0);
     if !validate {
         let mut c = r.ctx(ASID);
@@ -403,6 +410,23 @@ fn trace_per_job(r: &mut Rig<Traced>, bytes: &ByteCount) -> (u64, u64) {
     (bytes.0.get() - b0, r.dev.events().len() - l0)
 }
 
+/// Trace bytes and lines per MiB copied, with steps of at most `step` bytes (512: the old
+/// engine's bursts, one `dma_access` per side per 512 bytes) and an IOTLB of `entries` (64:
+/// every page misses, so each step also traces a fill and an eviction; 4096: after the warm-up
+/// job every page hits).
+fn trace_volume(step: u32, entries: u32) -> (u64, u64) {
+    let config = DeviceConfig {
+        dma_burst: step,
+        iotlb_entries: entries,
+        ..DeviceConfig::default()
+    };
+    let bytes = ByteCount::default();
+    let mut r = dma_rig_with(config, true, TraceWriter::new(bytes.clone()));
+    let (b, l) = trace_per_job(&mut r, &bytes);
+    let per_mib = |v: u64| v * (1 << 20) / DMA_LEN;
+    (per_mib(b), per_mib(l))
+}
+
 fn ratios() {
     let config = DeviceConfig::default();
     let mut on = dma_rig(true, NoEvents);
@@ -499,6 +523,23 @@ fn ratios() {
     );
     println!("  page walk {walk_4k:.1} ns (4 KiB leaf), {walk_2m:.1} ns (2 MiB leaf)");
     println!("  per 1 MiB job (validator on): {on_job}");
+    let mut volume = serde_json::Map::new();
+    for entries in [64, 4096] {
+        let (old_b, old_l) = trace_volume(512, entries);
+        let (new_b, new_l) = trace_volume(PAGE_SIZE as u32, entries);
+        println!(
+            "  trace per MiB copied, {entries}-entry IOTLB: {new_b} bytes ({new_l} lines) in \
+             page steps, {old_b} bytes ({old_l} lines) in 512-byte steps: {:.1}x smaller",
+            old_b as f64 / new_b as f64
+        );
+        volume.insert(
+            format!("iotlb_{entries}"),
+            serde_json::json!({
+                "page_steps": { "bytes": new_b, "lines": new_l },
+                "steps_512": { "bytes": old_b, "lines": old_l },
+            }),
+        );
+    }
 
     let json = serde_json::json!({
         "config": {
@@ -524,6 +565,7 @@ fn ratios() {
                 "bytes_per_job": trace_bytes,
                 "lines_per_job": trace_lines,
                 "bytes_per_mib": trace_bytes_per_mib,
+                "per_mib_by_config": volume,
             },
         },
         "ratios": {
