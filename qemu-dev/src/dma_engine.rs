@@ -1171,6 +1171,43 @@ mod tests {
         assert_eq!(acts[2].0, VA + 2 * PG);
     }
 
+    /// FAIL_DMA_HANG with page steps: one more step (a whole page), then nothing; the hung job
+    /// keeps that page's translation, so a SYNC covering it never completes. FAIL_DIE fires
+    /// before the next step touches memory.
+    #[test]
+    fn hang_and_death_fire_at_page_steps() {
+        let mut r = rig();
+        let frames = pages(&mut r, VA, 3, 0);
+        r.set(FAIL_INJECT, FAIL_DMA_HANG);
+        let st = r.submit(job(DMA_FILL, 1, 0, VA, 3 * PG, 0x4242_4242_4242_4242));
+        r.run();
+        assert_eq!(accesses(&mut r).len(), 1, "one step, then the hang");
+        assert_eq!(r.peek(frames[0] + PG - 1, 1), [0x42], "a whole page");
+        assert_ne!(r.peek(frames[1], 1), [0x42]);
+        assert_eq!(r.status(st).status, DMA_ST_PENDING);
+        r.post(Command::new(CMD_INV_RANGE, 0, 1, VA, PG));
+        let s = r.post_sync();
+        r.run();
+        assert!(!r.sync_done(s), "the hung job holds page 0");
+        r.dev.set_bus_master(false);
+        assert!(r.activity().contains(&Activity::BusMaster {
+            enabled: false,
+            job: Some(1),
+            pos: Some(PG),
+        }));
+
+        let mut r = rig();
+        let frames = pages(&mut r, VA, 2, 0);
+        let st = r.submit(job(DMA_FILL, 1, 0, VA, 2 * PG, 0x4242_4242_4242_4242));
+        r.dev.process(&r.mem, 2); // fetch, page 0
+        r.set(FAIL_INJECT, FAIL_DIE);
+        r.run();
+        assert!(r.dev.die_requested());
+        assert_eq!(accesses(&mut r).len(), 1);
+        assert_ne!(r.peek(frames[1], 1), [0x42], "died before the step");
+        assert_eq!(r.status(st).status, DMA_ST_PENDING);
+    }
+
     /// A 2 MiB translation serves every step inside it: one walk, one IOTLB lookup, and still
     /// one validator check (one CPU walk) per 4 KiB step, since the CPU may map 4 KiB pages
     /// under it.

@@ -18,6 +18,10 @@
 //! PTE that was never dirty is legal: shared mappings without write-notify (shmem) get writable
 //! clean PTEs on read faults, and the CPU itself would write there without a fault.
 //!
+//! The DMA engine asks once per side of each step (a step never crosses a page), and shares one
+//! CPU walk between an IOTLB fill's snapshot and the verdict ([`Validator::lookup`],
+//! [`Validator::judge`]).
+//!
 //! [`event::VIOL_LEDGER`] is not decided here: it needs the device's invalidation history.
 
 use crate::cpu_walk::{cpu_walk, CpuPte, CpuWalkError};
