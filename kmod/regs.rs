@@ -103,7 +103,7 @@ register! {
         0:0 cmd_en => bool;
     }
 
-    /// Test knob: bursts a job may run before new commands execute.
+    /// Test knob: DMA steps a job may run before new commands execute.
     pub(crate) CMD_LAG(u32) @ 0x02c {
         /// The whole register.
         31:0 value;

@@ -135,7 +135,7 @@ const REGS: &[Reg] = &[
     r(
         "CMD_LAG",
         CMD_LAG,
-        "Test knob: bursts a job may run before new commands execute.",
+        "Test knob: DMA steps a job may run before new commands execute.",
         WHOLE,
     ),
     r(
