@@ -1,7 +1,9 @@
-//! Reading zapguard device traces (JSON Lines written by `zapguard-dev`, schema in
-//! `qemu-dev/src/trace.rs`) as a stream: traces can be larger than memory, so every tool here
-//! looks at one line at a time and keeps only aggregates.
+//! Reading zapguard device traces (written by `zapguard-dev`: binary, see [`format`], or JSON
+//! Lines; schema in `qemu-dev/src/trace.rs`) as a stream: traces can be larger than memory, so
+//! every tool here looks at one event at a time and keeps only aggregates. Every tool reads
+//! both formats: a binary record is decoded to the JSON line it stands for.
 //!
+//! - [`format`]: the binary format's record layouts and its decoder.
 //! - [`reader`]: line-numbered events, malformed lines reported and skipped.
 //! - [`summary`]: per-ASID and overall counts, SYNC latency distribution.
 //! - [`filter`]: select events by ASID, kind, VA range, time window, command position.
@@ -12,6 +14,7 @@
 pub mod check;
 mod cmdq;
 pub mod filter;
+pub mod format;
 pub mod perfetto;
 pub mod reader;
 pub mod summary;

@@ -7,10 +7,13 @@
 //! zapguard-trace check   [TRACE]            offline invariant check; exit 1 on a finding
 //! zapguard-trace perfetto [TRACE] [-o OUT]  Chrome/Perfetto timeline JSON
 //! zapguard-trace svg [TRACE] [--from NS] [--to NS] [-o OUT]   the same timeline, drawn
+//! zapguard-trace json [TRACE]               the trace as JSON Lines (a binary one decoded)
 //! ```
 //!
-//! With no subcommand, `summary`. TRACE defaults to the latest run's (`target/zapguard/runs/latest/trace.jsonl`); `-` reads
-//! stdin. Malformed lines are reported on stderr with their line numbers and skipped; with
+//! Every subcommand reads both formats (binary `trace.zgt`, or JSON Lines), told apart by the
+//! first byte. With no subcommand, `summary`. TRACE defaults to the latest run's
+//! (`target/zapguard/runs/latest/trace.zgt`, or `trace.jsonl` in a run from before the binary
+//! format); `-` reads stdin. Malformed lines are reported on stderr with their line numbers and skipped; with
 //! `--strict` they make the exit status 2.
 
 use clap::{Parser, Subcommand};
@@ -20,7 +23,21 @@ use std::process::ExitCode;
 use zapguard_trace::{check::Checker, filter, reader, summary::Summary};
 
 /// The latest run's trace (relative to the repository root, where `just` runs).
-const LATEST: &str = "target/zapguard/runs/latest/trace.jsonl";
+const LATEST: &str = "target/zapguard/runs/latest/trace.zgt";
+/// The latest run's trace in runs from before the binary format.
+const LATEST_JSON: &str = "target/zapguard/runs/latest/trace.jsonl";
+
+/// `path`, or the latest run's trace.
+fn or_latest(path: Option<PathBuf>) -> PathBuf {
+    path.unwrap_or_else(|| {
+        let bin = PathBuf::from(LATEST);
+        if !bin.exists() && std::path::Path::new(LATEST_JSON).exists() {
+            PathBuf::from(LATEST_JSON)
+        } else {
+            bin
+        }
+    })
+}
 
 #[derive(Parser)]
 #[command(name = "zapguard-trace", about = "Inspect a zapguard device trace")]
@@ -71,6 +88,9 @@ enum Cmd {
         #[arg(short, long)]
         output: Option<PathBuf>,
     },
+    /// Print the trace as JSON Lines (a binary trace decoded, byte for byte what the JSON
+    /// writer writes).
+    Json { trace: Option<PathBuf> },
     /// Draw the timeline of a time window as an SVG (t_ns bounds; default: the whole trace).
     Svg {
         trace: Option<PathBuf>,
@@ -87,7 +107,7 @@ enum Cmd {
 }
 
 fn open(path: Option<PathBuf>) -> Result<Box<dyn BufRead>, String> {
-    let path = path.unwrap_or_else(|| PathBuf::from(LATEST));
+    let path = or_latest(path);
     if path.as_os_str() == "-" {
         return Ok(Box::new(BufReader::new(std::io::stdin())));
     }
@@ -113,7 +133,7 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             to,
             output,
         } => {
-            let input = trace.clone().unwrap_or_else(|| PathBuf::from(LATEST));
+            let input = or_latest(trace.clone());
             let output = output.unwrap_or_else(|| input.with_extension("svg"));
             let (from, to) = (from.unwrap_or(0), to.unwrap_or(u64::MAX));
             let mut ex =
@@ -144,7 +164,7 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             bad
         }
         Cmd::Perfetto { trace, output } => {
-            let input = trace.clone().unwrap_or_else(|| PathBuf::from(LATEST));
+            let input = or_latest(trace.clone());
             let output = output.unwrap_or_else(|| input.with_extension("perfetto.json"));
             let file =
                 std::fs::File::create(&output).map_err(|e| format!("{}: {e}", output.display()))?;
@@ -166,6 +186,25 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                 "{}: {n} trace events; open it in https://ui.perfetto.dev\n",
                 output.display()
             ))?;
+            bad
+        }
+        Cmd::Json { trace } => {
+            let mut out = BufWriter::new(std::io::stdout().lock());
+            let mut io_err = None;
+            let bad = reader::for_each_line(open(trace)?, |_, line| {
+                if io_err.is_none() {
+                    io_err = out
+                        .write_all(line)
+                        .and_then(|()| out.write_all(b"\n"))
+                        .err();
+                }
+            })
+            .map_err(|e| e.to_string())?;
+            // A closed pipe (`| head`) is not an error.
+            match io_err.or_else(|| out.flush().err()) {
+                Some(e) if e.kind() != std::io::ErrorKind::BrokenPipe => return Err(e.to_string()),
+                _ => {}
+            }
             bad
         }
         Cmd::Summary { trace } => {

@@ -49,20 +49,21 @@ pub fn failed_test_asids(serial: &str, test: &str) -> Vec<u64> {
     out
 }
 
-/// The last `n` trace lines of `asid` (streamed, so big traces are fine).
+/// The last `n` trace lines of `asid` (streamed, so big traces are fine; a binary trace is
+/// decoded to its JSON lines).
 pub fn last_lines_of_asid(path: &Path, asid: u64, n: usize) -> std::io::Result<Vec<String>> {
-    use std::io::BufRead;
     let needle = format!("\"asid\":{asid},");
     let mut ring = std::collections::VecDeque::with_capacity(n);
-    for line in std::io::BufReader::new(std::fs::File::open(path)?).lines() {
-        let line = line?;
+    let f = std::io::BufReader::with_capacity(1 << 20, std::fs::File::open(path)?);
+    reader::for_each_line(f, |_, line| {
+        let line = String::from_utf8_lossy(line);
         if line.contains(&needle) {
             if ring.len() == n {
                 ring.pop_front();
             }
-            ring.push_back(line);
+            ring.push_back(line.into_owned());
         }
-    }
+    })?;
     Ok(ring.into())
 }
 
