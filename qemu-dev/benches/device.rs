@@ -8,10 +8,11 @@
 //! - `dma_copy_1MiB`: a 1 MiB `DMA_COPY` job submitted through the DMA ring and run to
 //!   completion by `testkit::Rig` with the default model (64-entry LRU IOTLB, so every page of
 //!   the 256 + 256 misses and is walked each time): validator on and off (context without
-//!   `CTX_VALIDATE`), both without a trace (`NoEvents`), and validator on with the JSON Lines
-//!   trace written to a byte counter (`TraceWriter`, no disk); against a plain
-//!   `copy_from_slice` of 1 MiB;
-//! - `trace`: one `dma_access` line written by `TraceWriter` (into a byte counter).
+//!   `CTX_VALIDATE`), both without a trace (`NoEvents`), and validator on with the binary
+//!   trace written to a byte counter (`TraceWriter`, whose background thread writes to it: no
+//!   disk); against a plain `copy_from_slice` of 1 MiB;
+//! - `trace`: one `dma_access` recorded by `TraceWriter` (binary), and one line written by
+//!   `JsonTraceWriter`, each into a byte counter.
 //!
 //! Then, in the same process, timed loops measure the same operations again to print the
 //! ratios (device vs memcpy, validator on vs off, trace on vs off), since criterion's results
@@ -25,11 +26,11 @@
 //!
 //! `cargo bench -p qemu-dev --bench device` (about a minute), or with `-- --quick`.
 
-use std::cell::Cell;
 use std::hint::black_box;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
-use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput};
@@ -37,7 +38,7 @@ use qemu_dev::events::Activity;
 use qemu_dev::iotlb::{Iotlb, IotlbEntry, Policy};
 use qemu_dev::pagetable::{walk, PageTableBuilder, Translation};
 use qemu_dev::testkit::{job, Rig, RING_LOG2};
-use qemu_dev::{DeviceConfig, Event, Events, NoEvents, TraceWriter, VecMem};
+use qemu_dev::{DeviceConfig, Event, Events, JsonTraceWriter, NoEvents, TraceWriter, VecMem};
 use shared_regs::dma::{DMA_COPY, DMA_ST_OK};
 use shared_regs::pte::{self, HUGE_PAGE_SIZE, PAGE_SIZE};
 use shared_regs::regs::{
@@ -157,14 +158,20 @@ impl Walks {
     }
 }
 
-/// A `Write` that only counts bytes (shared with the bench): the trace's CPU cost without a
-/// disk, and its size.
+/// A `Write` that only counts bytes (shared with the bench; the trace writer's background
+/// thread writes to it): the trace's CPU cost without a disk, and its size.
 #[derive(Clone, Default)]
-struct ByteCount(Rc<Cell<u64>>);
+struct ByteCount(Arc<AtomicU64>);
+
+impl ByteCount {
+    fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
 
 impl Write for ByteCount {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.0.set(self.0.get() + buf.len() as u64);
+        self.0.fetch_add(buf.len() as u64, Ordering::Relaxed);
         Ok(buf.len())
     }
 
@@ -178,7 +185,10 @@ type Traced = TraceWriter<ByteCount>;
 /// A rig tracing into a byte counter, and the counter.
 fn traced_rig() -> (Rig<Traced>, ByteCount) {
     let bytes = ByteCount::default();
-    (dma_rig(true, TraceWriter::new(bytes.clone())), bytes)
+    (
+        dma_rig(true, TraceWriter::new(bytes.clone()).expect("trace writer")),
+        bytes,
+    )
 }
 
 /// A rig with ASID 1 bound (validating or not) and `DMA_LEN` bytes mapped at both VAs.
@@ -261,25 +271,31 @@ fn bench_walk(c: &mut Criterion) {
     g.finish();
 }
 
-/// One `dma_access` trace line (the kind written per page and side), into a byte counter.
+/// One `dma_access` (the kind written per page and side): a binary record, with the clock shared
+/// as by default and read for each, and a JSON line.
 fn bench_trace(c: &mut Criterion) {
-    let mut w = TraceWriter::new(ByteCount::default());
+    fn one<E: Events>(w: &mut E, va: &mut u64) {
+        *va += PAGE_SIZE;
+        w.event(&Event::Engine(Activity::DmaAccess {
+            job: 17,
+            asid: ASID,
+            va: black_box(*va),
+            pa: 0x1234_5000,
+            len: PAGE_SIZE,
+            write: true,
+            id: 4711,
+        }));
+    }
     let mut va = SRC_VA;
     let mut g = c.benchmark_group("trace");
-    g.bench_function("dma_access_line", |b| {
-        b.iter(|| {
-            va += PAGE_SIZE;
-            w.event(&Event::Engine(Activity::DmaAccess {
-                job: 17,
-                asid: ASID,
-                va: black_box(va),
-                pa: 0x1234_5000,
-                len: PAGE_SIZE,
-                write: true,
-                id: 4711,
-            }));
-        })
+    let mut w = TraceWriter::new(ByteCount::default()).expect("trace writer");
+    g.bench_function("dma_access_record", |b| b.iter(|| one(&mut w, &mut va)));
+    let mut w = TraceWriter::with_exact_time(ByteCount::default(), true).expect("trace writer");
+    g.bench_function("dma_access_record_exact_time", |b| {
+        b.iter(|| one(&mut w, &mut va))
     });
+    let mut w = JsonTraceWriter::new(ByteCount::default());
+    g.bench_function("dma_access_json_line", |b| b.iter(|| one(&mut w, &mut va)));
     g.finish();
 }
 
@@ -404,10 +420,10 @@ fn per_job<E: Events>(r: &mut Rig<E>) -> serde_json::Value {
 /// Trace bytes and lines one job writes.
 fn trace_per_job(r: &mut Rig<Traced>, bytes: &ByteCount) -> (u64, u64) {
     r.dev.events().flush().expect("flush to a counter");
-    let (b0, l0) = (bytes.0.get(), r.dev.events().len());
+    let (b0, l0) = (bytes.get(), r.dev.events().len());
     dma_copy(r);
     r.dev.events().flush().expect("flush to a counter");
-    (bytes.0.get() - b0, r.dev.events().len() - l0)
+    (bytes.get() - b0, r.dev.events().len() - l0)
 }
 
 /// Trace bytes and lines per MiB copied, with steps of at most `step` bytes (512: the old
@@ -421,7 +437,11 @@ fn trace_volume(step: u32, entries: u32) -> (u64, u64) {
         ..DeviceConfig::default()
     };
     let bytes = ByteCount::default();
-    let mut r = dma_rig_with(config, true, TraceWriter::new(bytes.clone()));
+    let mut r = dma_rig_with(
+        config,
+        true,
+        TraceWriter::new(bytes.clone()).expect("trace writer"),
+    );
     let (b, l) = trace_per_job(&mut r, &bytes);
     let per_mib = |v: u64| v * (1 << 20) / DMA_LEN;
     (per_mib(b), per_mib(l))

@@ -5,7 +5,7 @@
 //! - [`pci`]: the PCI config space shadow (identity, BAR0, MSI-X capability);
 //! - [`device`]: the BAR0 register file ([`device::ZapguardDevice`]);
 //! - [`events`]: what the device reports, and sinks for it;
-//! - [`trace`]: the JSON Lines trace writer;
+//! - [`trace`]: the trace writers (binary, drained by a background thread; JSON Lines);
 //! - [`memory`]: guest RAM received through vfio-user `DMA_MAP`;
 //! - [`guest`]: the [`guest::GuestMem`] trait the device model reads guest memory through;
 //! - [`inject`]: failure injection, the page-walk lag and the device's clock (test knobs);
@@ -40,4 +40,4 @@ pub use guest::{CopyError, GuestMem, VecMem};
 pub use memory::{GuestMemory, MemError};
 pub use pci::PciConfig;
 pub use server::{serve, EventFdTable, ZapguardBackend};
-pub use trace::TraceWriter;
+pub use trace::{JsonTraceWriter, TraceWriter};

@@ -1,12 +1,12 @@
 //! `zapguard-dev`: the zapguard device as a vfio-user server process.
 //!
 //! ```text
-//! zapguard-dev --socket PATH --trace PATH [--iotlb-entries N] [--asids N]
+//! zapguard-dev --socket PATH --trace PATH [--trace-exact-time] [--iotlb-entries N] [--asids N]
 //!              [--iotlb-policy lru|fifo|random[:SEED]] [--dma-burst BYTES]
 //! ```
 //!
 //! Serves one QEMU connection (`-device vfio-user-pci,socket=PATH`), writes every device event
-//! to the JSON Lines trace, and exits 0 when QEMU goes away or on SIGTERM/SIGINT (after flushing
+//! to the binary trace (`zapguard-trace json PATH` prints it as JSON Lines), and exits 0 when QEMU goes away or on SIGTERM/SIGINT (after flushing
 //! the trace and removing the socket), 1 on an error, and [`DIED`] when the guest injected
 //! `FAIL_DIE` (after flushing the trace and removing the socket, without answering QEMU: the
 //! guest sees its device vanish).
@@ -34,9 +34,13 @@ struct Args {
     /// Unix socket to listen on (a stale socket there is replaced).
     #[arg(long)]
     socket: PathBuf,
-    /// JSON Lines trace file to write (truncated).
+    /// Binary trace file to write (truncated); `zapguard-trace` reads it.
     #[arg(long)]
     trace: PathBuf,
+    /// Read the clock for every event: by default the per-page events (`dma_access`,
+    /// `iotlb_fill`, `iotlb_evict`) share one read among several, which halves their cost.
+    #[arg(long)]
+    trace_exact_time: bool,
     /// Number of IOTLB entries the device reports.
     #[arg(long, default_value_t = DeviceConfig::default().iotlb_entries,
           value_parser = clap::value_parser!(u32).range(1..))]
@@ -84,7 +88,7 @@ fn run(args: &Args) -> Result<(), String> {
     // thread (sigwait) ever receives SIGINT/SIGTERM.
     let signals = block_termination_signals().map_err(|e| format!("signal mask: {e}"))?;
     let trace: Trace = SharedEvents::new(
-        TraceWriter::create(&args.trace)
+        TraceWriter::create(&args.trace, args.trace_exact_time)
             .map_err(|e| format!("cannot create trace {}: {e}", args.trace.display()))?,
     );
     remove_stale_socket(&args.socket)

@@ -1,6 +1,12 @@
-//! JSON Lines trace of device events.
+//! The trace of device events: a binary writer for the device ([`TraceWriter`]) and a JSON Lines
+//! one ([`JsonTraceWriter`]), which define the same lines.
 //!
-//! One JSON object per line. Every line has:
+//! The schema is JSON Lines, one JSON object per event. [`TraceWriter`] records each event as a
+//! compact binary record instead (layouts in `zapguard_trace::format`, shared with the reader),
+//! on the device's thread into a buffer that a background thread drains to the file: formatting
+//! JSON on the DMA path cost more than the copy. `zapguard-trace` decodes every record to the
+//! line [`JsonTraceWriter`] writes for the same event, byte for byte (`zapguard-trace json
+//! TRACE`), and reads either format. Every line has:
 //!
 //! | field | type | meaning |
 //! |---|---|---|
@@ -45,21 +51,28 @@
 //! | `bus_master` | `enabled` (PCI bus mastering changed), `job` and `pos` (the job in flight and its bytes done; absent if none) |
 //! | `fail_inject` | `mode` (`none`, `cmdq_stop`, `sync_delay`, `cmdq_error`, `drop_cmd_msi`, `dma_hang`, `die`), `what` (`armed`, `disarmed`, or what the injected failure did), `arg` (`FAIL_ARG`), `cmd`, `job` (when one is involved) |
 //!
-//! The writer buffers; it flushes on `disconnect`, on [`TraceWriter::flush`] and on drop (the
-//! `BufWriter`'s own drop, which ignores errors: check [`TraceWriter::flush`] when it matters).
+//! Both writers buffer; they flush on `disconnect`, on `flush` and on drop (which ignores
+//! errors: check `flush` when it matters). [`TraceWriter::flush`] returns once the background
+//! thread has written and flushed everything recorded before it.
 //!
-//! The kinds the DMA path writes for every page (`dma_access`, `iotlb_fill`, `iotlb_evict`) are
-//! formatted by hand into a buffer the writer reuses (`hot_line`), byte for byte what serde
-//! would write: the trace is a large part of a traced DMA job's cost, and serde's generic path
-//! (a flattened, internally tagged enum) takes about twice as long per line. Nothing is
+//! The kinds the DMA path writes for every page (`dma_access`, `iotlb_fill`, `iotlb_evict`) have
+//! fixed binary records; the binary writer reads the clock only every [`CLOCK_EVERY`] of them
+//! (a clock read costs as much as the record), so their `t_ns` is that of a read at most
+//! `CLOCK_EVERY - 1` per-page events earlier, unless the writer was made with `exact_time`.
+//! Every other kind is rare and is recorded as its serde JSON. The JSON writer formats the
+//! per-page kinds by hand (`hot_line`), byte for byte what serde would write. Nothing is
 //! allocated per event on either path.
 
 use std::fs::File;
 use std::io::{self, BufWriter, Write};
 use std::path::Path;
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::thread::JoinHandle;
 use std::time::Instant;
 
 use serde::Serialize;
+use zapguard_trace::format as fmt;
+use zerocopy::IntoBytes;
 
 use crate::device::register_name;
 use crate::events::{Activity, Event, Events};
@@ -209,30 +222,56 @@ impl<'a> Body<'a> {
     }
 }
 
+/// Where a writer's timestamps come from.
+enum Clock {
+    /// Nanoseconds since the writer was made.
+    Real(Instant),
+    /// 0, 1, 2, ... one per read: tests compare writers that read the clock alike.
+    #[cfg(test)]
+    Count(u64),
+}
+
+impl Clock {
+    fn now(&mut self) -> u64 {
+        match self {
+            Self::Real(start) => u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX),
+            #[cfg(test)]
+            Self::Count(n) => {
+                *n += 1;
+                *n - 1
+            }
+        }
+    }
+}
+
 /// Writes events as JSON Lines to `W`.
-pub struct TraceWriter<W: Write> {
+pub struct JsonTraceWriter<W: Write> {
     out: BufWriter<W>,
     /// Where the per-page kinds are formatted.
     line: Box<Line>,
-    start: Instant,
+    clock: Clock,
     seq: u64,
     error: Option<io::Error>,
 }
 
-impl TraceWriter<File> {
+impl JsonTraceWriter<File> {
     /// Creates (truncates) the trace file at `path`.
     pub fn create(path: &Path) -> io::Result<Self> {
         Ok(Self::new(File::create(path)?))
     }
 }
 
-impl<W: Write> TraceWriter<W> {
+impl<W: Write> JsonTraceWriter<W> {
     /// A trace whose clock starts now.
     pub fn new(out: W) -> Self {
+        Self::with_clock(out, Clock::Real(Instant::now()))
+    }
+
+    fn with_clock(out: W, clock: Clock) -> Self {
         Self {
             out: BufWriter::new(out),
             line: Box::new(Line::new()),
-            start: Instant::now(),
+            clock,
             seq: 0,
             error: None,
         }
@@ -240,7 +279,7 @@ impl<W: Write> TraceWriter<W> {
 
     /// Writes one event as a line.
     pub fn record(&mut self, ev: &Event) -> io::Result<()> {
-        let t_ns = u64::try_from(self.start.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        let t_ns = self.clock.now();
         if hot_line(&mut self.line, t_ns, self.seq, ev) {
             self.out.write_all(self.line.as_bytes())?;
             self.seq += 1;
@@ -443,12 +482,342 @@ fn hot_line(l: &mut Line, t_ns: u64, seq: u64, ev: &Event) -> bool {
     true
 }
 
-impl<W: Write> Events for TraceWriter<W> {
+impl<W: Write> Events for JsonTraceWriter<W> {
     fn event(&mut self, ev: &Event) {
         if let Err(e) = self.record(ev) {
             self.error.get_or_insert(e);
         }
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The binary writer
+
+/// Per-page records that share one clock read (see the module doc).
+pub const CLOCK_EVERY: u32 = 8;
+/// Bytes the device thread buffers before handing them to the background thread.
+const CHUNK: usize = 256 << 10;
+/// Room past [`CHUNK`] for the record that fills it (per-page records and their CLOCK and JOB
+/// records are never more than this): a full chunk is shipped after the record, never grown.
+const CHUNK_SLACK: usize = 128;
+/// Chunks in flight to the background thread before the device thread waits for it: the trace
+/// never drops an event (the ledger check needs them all), so a slow disk slows the device.
+const DEPTH: usize = 16;
+
+enum Msg {
+    Chunk(Vec<u8>),
+    /// Write out everything sent before, flush, and answer with the first error since the last
+    /// answer.
+    Flush(SyncSender<io::Result<()>>),
+}
+
+/// The background thread's ends of the channels.
+struct Drain<W> {
+    tx: SyncSender<Msg>,
+    /// Written chunks coming back, emptied, for reuse: nothing is allocated in steady state.
+    spare: Receiver<Vec<u8>>,
+    thread: JoinHandle<(W, Option<io::Error>)>,
+}
+
+/// Records events in the binary format (`zapguard_trace::format`) into a buffer that a
+/// background thread writes to `W`.
+pub struct TraceWriter<W: Write + Send + 'static> {
+    chunk: Vec<u8>,
+    /// Where rare events are serialised.
+    json: Vec<u8>,
+    clock: Clock,
+    exact_time: bool,
+    /// Per-page records that may still reuse the last clock read.
+    reuse: u32,
+    /// The time of the last CLOCK record.
+    last_t: Option<u64>,
+    /// The (job, ASID) of the last JOB record.
+    job: Option<(u64, u32)>,
+    seq: u64,
+    drain: Option<Drain<W>>,
+    error: Option<io::Error>,
+}
+
+fn gone() -> io::Error {
+    io::Error::other("the trace writer thread is gone")
+}
+
+impl TraceWriter<File> {
+    /// Creates (truncates) the trace file at `path`; see [`TraceWriter::with_exact_time`].
+    pub fn create(path: &Path, exact_time: bool) -> io::Result<Self> {
+        Self::with_exact_time(File::create(path)?, exact_time)
+    }
+}
+
+impl<W: Write + Send + 'static> TraceWriter<W> {
+    /// A trace whose clock starts now, written by a new background thread.
+    pub fn new(out: W) -> io::Result<Self> {
+        Self::with_exact_time(out, false)
+    }
+
+    /// [`TraceWriter::new`]; with `exact_time`, every event reads the clock (see the module
+    /// doc).
+    pub fn with_exact_time(out: W, exact_time: bool) -> io::Result<Self> {
+        Self::with_clock(out, exact_time, Clock::Real(Instant::now()))
+    }
+
+    fn with_clock(out: W, exact_time: bool, clock: Clock) -> io::Result<Self> {
+        let (tx, rx) = sync_channel(DEPTH);
+        let (spare_tx, spare) = sync_channel(DEPTH + 2);
+        let thread = std::thread::Builder::new()
+            .name("trace-writer".into())
+            .spawn(move || drain(out, rx, spare_tx))?;
+        let mut chunk = Vec::with_capacity(CHUNK + CHUNK_SLACK);
+        let flags = if exact_time { fmt::FLAG_EXACT_TIME } else { 0 };
+        chunk.extend_from_slice(fmt::FileHeader::new(flags).as_bytes());
+        Ok(Self {
+            chunk,
+            json: Vec::with_capacity(256),
+            clock,
+            exact_time,
+            reuse: 0,
+            last_t: None,
+            job: None,
+            seq: 0,
+            drain: Some(Drain { tx, spare, thread }),
+            error: None,
+        })
+    }
+
+    /// Records one event.
+    pub fn record(&mut self, ev: &Event) {
+        match *ev {
+            Event::Engine(Activity::DmaAccess {
+                job,
+                asid,
+                va,
+                pa,
+                len,
+                write,
+                id,
+            }) if len <= u32::MAX.into() => {
+                self.hot_clock();
+                if self.job != Some((job, asid)) {
+                    self.job = Some((job, asid));
+                    let r = fmt::Job {
+                        kind: fmt::JOB,
+                        job: job.into(),
+                        asid: asid.into(),
+                    };
+                    self.chunk.extend_from_slice(r.as_bytes());
+                }
+                let r = fmt::Dma {
+                    kind: if write { fmt::DMA_WRITE } else { fmt::DMA_READ },
+                    va: va.into(),
+                    pa: pa.into(),
+                    len: (len as u32).into(),
+                    id: id.into(),
+                };
+                self.chunk.extend_from_slice(r.as_bytes());
+            }
+            Event::Engine(Activity::IotlbFill {
+                asid,
+                va,
+                pa,
+                len,
+                writable,
+                id,
+            }) if len <= u32::MAX.into() => {
+                self.hot_clock();
+                let r = fmt::Fill {
+                    kind: if writable { fmt::FILL_RW } else { fmt::FILL_RO },
+                    asid: asid.into(),
+                    va: va.into(),
+                    pa: pa.into(),
+                    len: (len as u32).into(),
+                    id: id.into(),
+                };
+                self.chunk.extend_from_slice(r.as_bytes());
+            }
+            Event::Engine(Activity::IotlbEvict { asid, va, len, id }) if len <= u32::MAX.into() => {
+                self.hot_clock();
+                let r = fmt::Evict {
+                    kind: fmt::EVICT,
+                    asid: asid.into(),
+                    va: va.into(),
+                    len: (len as u32).into(),
+                    id: id.into(),
+                };
+                self.chunk.extend_from_slice(r.as_bytes());
+            }
+            _ => self.record_json(ev),
+        }
+        self.seq += 1;
+        if self.chunk.len() >= CHUNK {
+            self.ship();
+        }
+        if matches!(ev, Event::Disconnect) {
+            if let Err(e) = self.flush() {
+                self.error.get_or_insert(e);
+            }
+        }
+    }
+
+    /// A rare event: its serde JSON (what the JSON writer writes after `t_ns` and `seq`).
+    fn record_json(&mut self, ev: &Event) {
+        self.stamp();
+        self.json.clear();
+        let written = match (Body::of(ev), ev) {
+            (Some(body), _) => serde_json::to_writer(&mut self.json, &body),
+            (None, Event::Engine(activity)) => serde_json::to_writer(&mut self.json, activity),
+            (None, _) => Ok(()),
+        };
+        if let Err(e) = written {
+            // Serialising these types into memory cannot fail; keep the stream framed if it did.
+            self.error.get_or_insert(e.into());
+            self.json.clear();
+            self.json
+                .extend_from_slice(br#"{"kind":"error","what":"unserialisable event"}"#);
+        }
+        let head = fmt::EventHead {
+            kind: fmt::EVENT,
+            len: (self.json.len() as u32).into(),
+        };
+        self.chunk.extend_from_slice(head.as_bytes());
+        self.chunk.extend_from_slice(&self.json);
+    }
+
+    /// Reads the clock for a rare event, and records the time if it moved.
+    fn stamp(&mut self) {
+        let t = self.clock.now();
+        self.reuse = if self.exact_time { 0 } else { CLOCK_EVERY - 1 };
+        if self.last_t != Some(t) {
+            self.last_t = Some(t);
+            let r = fmt::Clock {
+                kind: fmt::CLOCK,
+                t_ns: t.into(),
+            };
+            self.chunk.extend_from_slice(r.as_bytes());
+        }
+    }
+
+    /// A per-page event reuses the last clock read, up to [`CLOCK_EVERY`] of them.
+    fn hot_clock(&mut self) {
+        if self.reuse == 0 {
+            self.stamp();
+        } else {
+            self.reuse -= 1;
+        }
+    }
+
+    /// Hands the buffered records to the background thread and takes an empty buffer.
+    fn ship(&mut self) {
+        let Some(d) = &self.drain else {
+            self.chunk.clear();
+            return;
+        };
+        let next = d
+            .spare
+            .try_recv()
+            .unwrap_or_else(|_| Vec::with_capacity(CHUNK + CHUNK_SLACK));
+        let full = std::mem::replace(&mut self.chunk, next);
+        if d.tx.send(Msg::Chunk(full)).is_err() {
+            self.error.get_or_insert_with(gone);
+        }
+    }
+
+    /// Number of events recorded so far.
+    pub fn len(&self) -> u64 {
+        self.seq
+    }
+
+    /// Whether nothing was recorded yet.
+    pub fn is_empty(&self) -> bool {
+        self.seq == 0
+    }
+
+    /// Returns once everything recorded so far is written to `W` and `W` is flushed, with the
+    /// first write error since the last flush.
+    pub fn flush(&mut self) -> io::Result<()> {
+        if !self.chunk.is_empty() {
+            self.ship();
+        }
+        let d = self.drain.as_ref().ok_or_else(gone)?;
+        let (ack, done) = sync_channel(1);
+        d.tx.send(Msg::Flush(ack)).map_err(|_| gone())?;
+        done.recv().map_err(|_| gone())?
+    }
+
+    /// The first error met through [`Events::event`], which cannot return it (a write error
+    /// shows up at the next flush: `disconnect` flushes).
+    pub fn take_error(&mut self) -> Option<io::Error> {
+        self.error.take()
+    }
+
+    /// Writes out everything, stops the background thread and returns `W`.
+    pub fn into_inner(mut self) -> io::Result<W> {
+        self.finish()
+    }
+
+    fn finish(&mut self) -> io::Result<W> {
+        if !self.chunk.is_empty() {
+            self.ship();
+        }
+        let d = self.drain.take().ok_or_else(gone)?;
+        drop(d.tx);
+        match d.thread.join() {
+            Ok((out, None)) => Ok(out),
+            Ok((_, Some(e))) => Err(e),
+            Err(_) => Err(io::Error::other("the trace writer thread panicked")),
+        }
+    }
+}
+
+impl<W: Write + Send + 'static> Drop for TraceWriter<W> {
+    fn drop(&mut self) {
+        if self.drain.is_some() {
+            let _ = self.finish();
+        }
+    }
+}
+
+impl<W: Write + Send + 'static> Events for TraceWriter<W> {
+    fn event(&mut self, ev: &Event) {
+        self.record(ev)
+    }
+}
+
+/// The background thread: writes chunks in order and flushes when asked. After a write error
+/// it writes nothing more (a gap would unframe the records after it), and reports the error
+/// once, at the next flush or at the end.
+fn drain<W: Write>(
+    mut out: W,
+    rx: Receiver<Msg>,
+    spare: SyncSender<Vec<u8>>,
+) -> (W, Option<io::Error>) {
+    let (mut failed, mut error) = (false, None);
+    for msg in rx {
+        match msg {
+            Msg::Chunk(mut c) => {
+                if !failed {
+                    if let Err(e) = out.write_all(&c) {
+                        (failed, error) = (true, Some(e));
+                    }
+                }
+                c.clear();
+                let _ = spare.try_send(c);
+            }
+            Msg::Flush(ack) => {
+                let r = match error.take() {
+                    Some(e) => Err(e),
+                    None if failed => Ok(()),
+                    None => out.flush(),
+                };
+                let _ = ack.send(r);
+            }
+        }
+    }
+    if !failed {
+        if let Err(e) = out.flush() {
+            error.get_or_insert(e);
+        }
+    }
+    (out, error)
 }
 
 #[cfg(test)]
@@ -458,7 +827,7 @@ mod tests {
     use serde_json::{json, Value};
 
     fn lines(events: &[Event]) -> Vec<Value> {
-        let mut w = TraceWriter::new(Vec::new());
+        let mut w = JsonTraceWriter::new(Vec::new());
         for ev in events {
             w.event(ev);
         }
@@ -501,7 +870,7 @@ mod tests {
             },
             Event::DmaMap {
                 iova: 0x10_0000,
-                size: 0x20_0000,
+                size: 0x30_0000,
                 offset: 0x10_0000,
                 has_fd: true,
                 flags: 3,
@@ -562,7 +931,7 @@ mod tests {
             json!({"kind": "bar_write", "bar": 0, "offset": 0x14, "size": 4, "value": 7, "reg": "SCRATCH"}),
             json!({"kind": "bar_read", "bar": 0, "offset": 3, "size": 1, "value": 0}),
             json!({"kind": "config_write", "offset": 4, "size": 2, "value": 6}),
-            json!({"kind": "dma_map", "iova": 0x10_0000, "size": 0x20_0000, "offset": 0x10_0000, "has_fd": true, "flags": 3}),
+            json!({"kind": "dma_map", "iova": 0x10_0000, "size": 0x30_0000, "offset": 0x10_0000, "has_fd": true, "flags": 3}),
             json!({"kind": "dma_unmap", "iova": 0, "size": 0, "flags": 2}),
             json!({"kind": "irq_setup", "index": "msix", "index_raw": 2, "flags": 0x24, "start": 1, "count": 1, "nfds": 1}),
             json!({"kind": "reset"}),
@@ -578,7 +947,7 @@ mod tests {
     fn disconnect_flushes_and_drop_flushes() {
         let path = std::env::temp_dir().join(format!("zg-trace-{}.jsonl", std::process::id()));
         {
-            let mut w = TraceWriter::create(&path).expect("create");
+            let mut w = JsonTraceWriter::create(&path).expect("create");
             w.event(&Event::Connect);
             assert_eq!(std::fs::read(&path).expect("read").len(), 0, "buffered");
             w.event(&Event::Disconnect);
@@ -603,7 +972,7 @@ mod tests {
 
     #[test]
     fn write_errors_are_kept_not_panicked() {
-        let mut w = TraceWriter::new(Broken);
+        let mut w = JsonTraceWriter::new(Broken);
         w.event(&Event::Connect);
         w.event(&Event::Disconnect);
         assert!(w.take_error().is_some());
@@ -742,5 +1111,330 @@ mod tests {
         );
         assert_eq!(strip(&v[2]), json!({"kind": "bus_master", "enabled": true}));
         assert_eq!(strip(&v[3]), json!({"kind": "irq_dropped", "vector": 2}));
+    }
+}
+
+#[cfg(test)]
+mod binary_tests {
+    use super::*;
+    use crate::events::IrqIndex;
+    use zapguard_trace::reader;
+
+    /// One event of every kind, and per-page ones across jobs, ASIDs and extreme values
+    /// (including a `len` too long for a per-page record).
+    fn every_kind() -> Vec<Event> {
+        let mut v = vec![
+            Event::Connect,
+            Event::BarRead {
+                bar: 0,
+                offset: 0,
+                size: 4,
+                value: 0x4750_415a,
+            },
+            Event::BarWrite {
+                bar: 2,
+                offset: 0x14,
+                size: 16,
+                value: 0,
+            },
+            Event::ConfigWrite {
+                offset: 4,
+                size: 2,
+                value: 6,
+            },
+            Event::DmaMap {
+                iova: 0x10_0000,
+                size: 0x30_0000,
+                offset: 0x10_0000,
+                has_fd: true,
+                flags: 3,
+            },
+            Event::DmaUnmap {
+                iova: 0,
+                size: 0,
+                flags: 2,
+            },
+            Event::IrqSetup {
+                index: IrqIndex::Unknown(9),
+                flags: 0x24,
+                start: 1,
+                count: 1,
+                nfds: 1,
+            },
+            Event::Reset,
+            Event::Error {
+                what: "bad \"thing\"\n\u{1}é".into(),
+            },
+        ];
+        let a = [
+            Activity::Control {
+                cr0ack: 7,
+                refused: 1,
+            },
+            Activity::Command {
+                cmd: 0x8000_0001,
+                op: "inv_range",
+                asid: 3,
+                va: 0x7000,
+                len: 0x2000,
+                result: "ok",
+            },
+            Activity::SyncDone {
+                cmd: 2,
+                pa: 0x1000,
+                value: 9,
+                waited: 4,
+            },
+            Activity::IotlbInvalidate {
+                cmd: 5,
+                asid: None,
+                va: 0,
+                len: u64::MAX,
+                dropped: 2,
+                in_flight: 1,
+            },
+            Activity::IotlbInvalidate {
+                cmd: 6,
+                asid: Some(3),
+                va: 0x7000,
+                len: 0x1000,
+                dropped: 0,
+                in_flight: 0,
+            },
+            Activity::JobStart {
+                job: 11,
+                op: "copy",
+                asid: 3,
+                src: 0x7000,
+                dst: 0x9000,
+                len: 8192,
+            },
+            Activity::JobDone {
+                job: 11,
+                asid: 3,
+                result: "ok",
+                len: 8192,
+                faults: 0,
+            },
+            Activity::Fault {
+                job: 11,
+                asid: 3,
+                va: 0x7000,
+                write: true,
+                result: "FAULT_NOT_PRESENT",
+                stalled: true,
+                tag: 5,
+            },
+            Activity::Violation {
+                job: 11,
+                asid: 3,
+                va: 0x7000,
+                pa: 0x1000,
+                cpu_pa: Some(0x2000),
+                write: false,
+                result: "stale",
+                why: "CPU maps another page",
+            },
+            Activity::QueueError {
+                queue: "cmdq",
+                cmd: 3,
+                result: "injected",
+            },
+            Activity::Interrupt { vector: 1 },
+            Activity::IrqDropped { vector: 2 },
+            Activity::BusMaster {
+                enabled: false,
+                job: Some(7),
+                pos: Some(512),
+            },
+            Activity::FailInject {
+                mode: "die",
+                what: "armed",
+                arg: 0,
+                cmd: None,
+                job: Some(3),
+            },
+        ];
+        v.extend(a.into_iter().map(Event::Engine));
+        let ends = [0, 1, 4096, 0x7f00_0000_1000, u64::MAX];
+        for (i, &x) in ends.iter().enumerate() {
+            let y = ends[(i + 2) % ends.len()];
+            let len = [4096, 0x30_0000, u32::MAX.into(), u64::from(u32::MAX) + 1][i % 4];
+            let asid = [0, 1, u32::MAX][i % 3];
+            for job in [x, x, y] {
+                v.push(Event::Engine(Activity::DmaAccess {
+                    job,
+                    asid,
+                    va: x,
+                    pa: y,
+                    len,
+                    write: i % 2 == 0,
+                    id: y,
+                }));
+            }
+            v.push(Event::Engine(Activity::IotlbFill {
+                asid,
+                va: y,
+                pa: x,
+                len,
+                writable: i % 2 == 1,
+                id: x,
+            }));
+            v.push(Event::Engine(Activity::IotlbEvict {
+                asid,
+                va: x,
+                len,
+                id: y,
+            }));
+        }
+        v.push(Event::Disconnect);
+        v
+    }
+
+    fn binary(events: &[Event], exact_time: bool) -> Vec<u8> {
+        let mut w = TraceWriter::with_clock(Vec::new(), exact_time, Clock::Count(0)).expect("w");
+        for ev in events {
+            w.event(ev);
+        }
+        assert!(w.take_error().is_none());
+        assert_eq!(w.len(), events.len() as u64);
+        w.into_inner().expect("into a Vec")
+    }
+
+    fn decoded(file: &[u8]) -> (String, Vec<reader::BadLine>) {
+        let mut text = String::new();
+        let bad = reader::for_each_line(file, |_, l| {
+            text += std::str::from_utf8(l).expect("utf-8");
+            text.push('\n');
+        })
+        .expect("read");
+        (text, bad)
+    }
+
+    /// Every record decodes to the very bytes the JSON writer writes for its event.
+    #[test]
+    fn records_decode_to_the_json_writers_lines() {
+        let events = every_kind();
+        let mut j = JsonTraceWriter::with_clock(Vec::new(), Clock::Count(0));
+        for ev in &events {
+            j.event(ev);
+        }
+        let want = String::from_utf8(j.into_inner().expect("json")).expect("utf-8");
+        let file = binary(&events, true);
+        assert_eq!(&file[..8], b"ZGTRACE\n");
+        let (got, bad) = decoded(&file);
+        assert!(bad.is_empty(), "{bad:?}");
+        assert_eq!(got, want);
+    }
+
+    /// Per-page events share a clock read among `CLOCK_EVERY`; rare ones always read it.
+    #[test]
+    fn per_page_events_share_clock_reads() {
+        let dma = |va| {
+            Event::Engine(Activity::DmaAccess {
+                job: 1,
+                asid: 1,
+                va,
+                pa: va,
+                len: 4096,
+                write: false,
+                id: 1,
+            })
+        };
+        let mut events: Vec<Event> = (0..20).map(dma).collect();
+        events.push(Event::Reset);
+        events.push(dma(99));
+        let (text, _) = decoded(&binary(&events, false));
+        let t: Vec<u64> = text
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("json")["t_ns"].as_u64())
+            .map(|t| t.expect("t_ns"))
+            .collect();
+        let e = u64::from(CLOCK_EVERY);
+        let mut want: Vec<u64> = (0..20).map(|i| i / e).collect();
+        want.extend([3, 3]);
+        assert_eq!(t, want);
+    }
+
+    /// The device killed mid-write leaves a cut last record: a bad last line, not a panic.
+    #[test]
+    fn a_cut_last_record_is_reported() {
+        let events = every_kind();
+        let file = binary(&events, true);
+        let n = events.len() as u64;
+        for cut in [1, 4, 20] {
+            let mut seen = 0;
+            let bad =
+                reader::for_each_event(&file[..file.len() - cut], |_, _| seen += 1).expect("read");
+            assert_eq!(seen, n - 1, "all but the last");
+            assert_eq!(bad.len(), 1, "{bad:?}");
+            assert_eq!(bad[0].line, n);
+            assert!(bad[0].why.contains("cut short"), "{}", bad[0].why);
+        }
+    }
+
+    #[test]
+    fn disconnect_flushes_and_drop_flushes() {
+        let path = std::env::temp_dir().join(format!("zg-trace-{}.zgt", std::process::id()));
+        let count = |path: &Path| {
+            let f = std::fs::read(path).expect("read");
+            decoded(&f).0.lines().count()
+        };
+        {
+            let mut w = TraceWriter::create(&path, false).expect("create");
+            w.event(&Event::Connect);
+            assert_eq!(std::fs::read(&path).expect("read").len(), 0, "buffered");
+            w.event(&Event::Disconnect);
+            assert_eq!(count(&path), 2);
+            w.event(&Event::Reset);
+            w.flush().expect("flush");
+            assert_eq!(count(&path), 3);
+            w.event(&Event::Reset);
+        }
+        assert_eq!(count(&path), 4, "drop wrote the last event");
+        let _ = std::fs::remove_file(&path);
+    }
+
+    /// A chunk's worth of events goes to the background thread while recording goes on.
+    #[test]
+    fn long_traces_cross_chunks() {
+        let events: Vec<Event> = (0..30_000u64)
+            .map(|i| {
+                Event::Engine(Activity::IotlbEvict {
+                    asid: 1,
+                    va: i << 12,
+                    len: 4096,
+                    id: i,
+                })
+            })
+            .collect();
+        let file = binary(&events, false);
+        assert!(file.len() > 2 * CHUNK);
+        let mut ids = vec![];
+        let bad =
+            reader::for_each_event(&file[..], |_, v| ids.push(v["id"].as_u64())).expect("read");
+        assert!(bad.is_empty());
+        assert_eq!(ids, (0..30_000).map(Some).collect::<Vec<_>>());
+    }
+
+    struct Broken;
+    impl Write for Broken {
+        fn write(&mut self, _: &[u8]) -> io::Result<usize> {
+            Err(io::Error::other("disk full"))
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Err(io::Error::other("disk full"))
+        }
+    }
+
+    #[test]
+    fn write_errors_are_kept_not_panicked() {
+        let mut w = TraceWriter::new(Broken).expect("w");
+        w.event(&Event::Connect);
+        w.event(&Event::Disconnect);
+        assert!(w.take_error().is_some(), "disconnect flushed");
+        assert!(w.take_error().is_none());
+        w.event(&Event::Reset);
+        assert!(w.flush().is_ok(), "reported once");
     }
 }

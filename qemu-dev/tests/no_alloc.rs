@@ -1,6 +1,6 @@
 //! The DMA engine allocates nothing per step: a job that misses the IOTLB on every page (so
 //! every step walks, fills and evicts), with the validator on, runs without touching the heap,
-//! with no event sink and with the JSON Lines trace writer.
+//! with no event sink, with the binary trace writer and with the JSON Lines one.
 //!
 //! A global allocator counts this thread's allocations; it is the only test in this binary so
 //! that nothing else shares the count.
@@ -11,7 +11,7 @@ use std::io;
 
 use qemu_dev::events::Events;
 use qemu_dev::testkit::{job, Rig};
-use qemu_dev::{DeviceConfig, NoEvents, TraceWriter};
+use qemu_dev::{DeviceConfig, JsonTraceWriter, NoEvents, TraceWriter};
 use shared_regs::dma::{DMA_COPY, DMA_ST_OK};
 use shared_regs::pte::PAGE_SIZE as PG;
 use shared_regs::regs::{STAT_IOTLB_EVICTIONS, STAT_VIOLATIONS};
@@ -75,8 +75,13 @@ fn allocations_per_job<E: Events>(events: E) -> u64 {
 fn dma_steps_do_not_allocate() {
     assert_eq!(allocations_per_job(NoEvents), 0, "no event sink");
     assert_eq!(
-        allocations_per_job(TraceWriter::new(io::sink())),
+        allocations_per_job(TraceWriter::new(io::sink()).expect("trace writer")),
         0,
         "tracing to a writer"
+    );
+    assert_eq!(
+        allocations_per_job(JsonTraceWriter::new(io::sink())),
+        0,
+        "tracing JSON to a writer"
     );
 }

@@ -238,7 +238,7 @@ pub fn run(cfg: &VmConfig) -> std::io::Result<VmOutcome> {
     std::fs::create_dir_all(&cfg.run_dir)?;
     let mut out = VmOutcome {
         serial_log: cfg.run_dir.join("serial.log"),
-        trace: cfg.run_dir.join("trace.jsonl"),
+        trace: cfg.run_dir.join("trace.zgt"),
         device_log: cfg.run_dir.join("device.log"),
         qemu_log: cfg.run_dir.join("qemu.log"),
         ..Default::default()
