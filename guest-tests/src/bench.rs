@@ -272,9 +272,10 @@ fn munmap(sizes: &Sizes, out: &mut Vec<Record>) -> Result<(), String> {
 fn shootdown(sizes: &Sizes, out: &mut Vec<Record>) -> Result<(), String> {
     let f = open()?;
     let reps = sizes.reps * 10;
-    let (mut total, mut sync) = (Vec::new(), Vec::new());
-    // Bare costs, interleaved with the shootdowns: a syscall that reaches the driver (an
-    // unknown ioctl), and GET_INFO, which adds exactly 5 MMIO reads.
+    let (mut total, mut sync, mut bare) = (Vec::new(), Vec::new(), Vec::new());
+    // Bare costs, interleaved with the shootdowns: the same madvise of a page nothing mirrors,
+    // a syscall that reaches the driver (an unknown ioctl), and GET_INFO, which adds exactly 5
+    // MMIO reads.
     let (mut null, mut info) = (Vec::new(), Vec::new());
     for round in 0..reps {
         if round % 10 == 0 {
@@ -290,6 +291,12 @@ fn shootdown(sizes: &Sizes, out: &mut Vec<Record>) -> Result<(), String> {
         let s1 = dev::stats(&f).map_err(err("STATS"))?;
         sync.push(s1.sync_wait_ns - s0.sync_wait_ns);
         m.unmap();
+        let m = buffer(PG, false)?;
+        let t = Instant::now();
+        m.madvise(0, PG, libc::MADV_DONTNEED)
+            .map_err(err("madvise"))?;
+        bare.push(ns(t));
+        drop(m);
         let t = Instant::now();
         let _ = dev::ioctl_raw(&f, 0x7a7f, 0);
         null.push(ns(t));
@@ -312,6 +319,7 @@ fn shootdown(sizes: &Sizes, out: &mut Vec<Record>) -> Result<(), String> {
     };
     out.push(rec("shootdown_1page.total", total));
     out.push(rec("shootdown_1page.sync_wait", sync));
+    out.push(rec("shootdown_1page.unmirrored", bare));
     out.push(rec("mmio_read_round_trip", mmio));
     out.push(rec("doorbell_to_completion_probe", vec![u64::from(probe)]));
     Ok(())
@@ -451,7 +459,7 @@ pub fn bench_smoke() -> Result<(), String> {
     if let Some(r) = records.iter().find(|r| r.samples.is_empty()) {
         return Err(format!("{} produced no samples", r.name));
     }
-    if records.len() < 19 {
+    if records.len() < 20 {
         return Err(format!("only {} measurements", records.len()));
     }
     Ok(())

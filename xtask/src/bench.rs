@@ -186,17 +186,20 @@ pub fn report(
         println!("\nmunmap of {} MiB: zapguard-mirrored {zr:.2}x unmirrored ({zlo:.2}..{zhi:.2}; target <= 1.2x: {}), test_hmm-mirrored {hm:.2}x", r.size >> 20, verdict(zr <= 1.2));
     }
 
-    let (total, sync, mmio) = (
+    let (total, sync, mmio, bare) = (
         med("shootdown_1page.total"),
         med("shootdown_1page.sync_wait"),
         med("mmio_read_round_trip"),
+        med("shootdown_1page.unmirrored"),
     );
     let doorbell = med("doorbell_to_completion_probe");
     println!(
-        "\none-page shootdown (MADV_DONTNEED of a mirrored page): {:.1} us = driver+kernel {:.1} us + SYNC wait {:.1} us",
+        "\none-page shootdown (MADV_DONTNEED of a mirrored page): {:.1} us = driver+kernel {:.1} us + SYNC wait {:.1} us; the same madvise unmirrored {:.1} us, so mirroring adds {:.1} us",
         total / 1e3,
         (total - sync) / 1e3,
-        sync / 1e3
+        sync / 1e3,
+        bare / 1e3,
+        (total - bare) / 1e3
     );
     let (sr, slo, shi) = paired(
         samples("shootdown_1page.total"),
