@@ -15,12 +15,14 @@
 //!   `JsonTraceWriter`, each into a byte counter.
 //!
 //! Then, in the same process, timed loops measure the same operations again to print the
-//! ratios (device vs memcpy, validator on vs off, trace on vs off), since criterion's results
-//! are not available programmatically: [`ROUNDS`] rounds, each timing every variant once in
-//! turn (so a disturbance hits all sides of a ratio alike), reported as the median ratio over
-//! the rounds with its range. They also report the trace bytes one 1 MiB job writes, in page
-//! steps and in 512-byte steps (what the engine did before it moved pages), with a thrashing and
-//! with a warm IOTLB. All of it is written as JSON to `<target dir>/zapguard/bench-device.json`.
+//! ratios (device vs memcpy, validator on vs off, trace on vs off, the latter also on one rig
+//! with its trace switched: rigs differ by memory layout, which moves a job's time by up to
+//! 20% from one process to the next), since criterion's results are not available
+//! programmatically: [`ROUNDS`] rounds, each timing every variant once in turn (so a
+//! disturbance hits all sides of a ratio alike), reported as the median ratio over the rounds
+//! with its range. They also report the trace bytes one 1 MiB job writes, binary and as JSON
+//! Lines, in page steps and in 512-byte steps (what the engine did before it moved pages), with
+//! a thrashing and with a warm IOTLB. All of it is written as JSON to `<target dir>/zapguard/bench-device.json`.
 //! The loops only run in bench mode (`cargo bench`), not when `cargo test --benches` runs each
 //! benchmark once.
 //!
@@ -38,7 +40,9 @@ use qemu_dev::events::Activity;
 use qemu_dev::iotlb::{Iotlb, IotlbEntry, Policy};
 use qemu_dev::pagetable::{walk, PageTableBuilder, Translation};
 use qemu_dev::testkit::{job, Rig, RING_LOG2};
-use qemu_dev::{DeviceConfig, Event, Events, JsonTraceWriter, NoEvents, TraceWriter, VecMem};
+use qemu_dev::{
+    DeviceConfig, Event, Events, Fanout, JsonTraceWriter, NoEvents, TraceWriter, VecMem,
+};
 use shared_regs::dma::{DMA_COPY, DMA_ST_OK};
 use shared_regs::pte::{self, HUGE_PAGE_SIZE, PAGE_SIZE};
 use shared_regs::regs::{
@@ -180,15 +184,28 @@ impl Write for ByteCount {
     }
 }
 
-type Traced = TraceWriter<ByteCount>;
+/// The trace writer behind a switch: the same rig (same memory layout, which moves a job's
+/// time by more than the trace costs from one process to the next) timed with the trace on
+/// and off.
+struct Traced {
+    on: bool,
+    w: TraceWriter<ByteCount>,
+}
+
+impl Events for Traced {
+    #[inline(always)]
+    fn event(&mut self, ev: &Event) {
+        if self.on {
+            self.w.event(ev)
+        }
+    }
+}
 
 /// A rig tracing into a byte counter, and the counter.
 fn traced_rig() -> (Rig<Traced>, ByteCount) {
     let bytes = ByteCount::default();
-    (
-        dma_rig(true, TraceWriter::new(bytes.clone()).expect("trace writer")),
-        bytes,
-    )
+    let w = TraceWriter::new(bytes.clone()).expect("trace writer");
+    (dma_rig(true, Traced { on: true, w }), bytes)
 }
 
 /// A rig with ASID 1 bound (validating or not) and `DMA_LEN` bytes mapped at both VAs.
@@ -419,32 +436,40 @@ fn per_job<E: Events>(r: &mut Rig<E>) -> serde_json::Value {
 
 /// Trace bytes and lines one job writes.
 fn trace_per_job(r: &mut Rig<Traced>, bytes: &ByteCount) -> (u64, u64) {
-    r.dev.events().flush().expect("flush to a counter");
-    let (b0, l0) = (bytes.get(), r.dev.events().len());
+    let w = &mut r.dev.events().w;
+    w.flush().expect("flush to a counter");
+    let (b0, l0) = (bytes.get(), w.len());
     dma_copy(r);
-    r.dev.events().flush().expect("flush to a counter");
-    (bytes.get() - b0, r.dev.events().len() - l0)
+    let w = &mut r.dev.events().w;
+    w.flush().expect("flush to a counter");
+    (bytes.get() - b0, w.len() - l0)
 }
 
-/// Trace bytes and lines per MiB copied, with steps of at most `step` bytes (512: the old
-/// engine's bursts, one `dma_access` per side per 512 bytes) and an IOTLB of `entries` (64:
-/// every page misses, so each step also traces a fill and an eviction; 4096: after the warm-up
-/// job every page hits).
-fn trace_volume(step: u32, entries: u32) -> (u64, u64) {
+/// Trace bytes per MiB copied, binary and as JSON Lines, and events per MiB, with steps of at
+/// most `step` bytes (512: the old engine's bursts, one `dma_access` per side per 512 bytes)
+/// and an IOTLB of `entries` (64: every page misses, so each step also traces a fill and an
+/// eviction; 4096: after the warm-up job every page hits).
+fn trace_volume(step: u32, entries: u32) -> (u64, u64, u64) {
     let config = DeviceConfig {
         dma_burst: step,
         iotlb_entries: entries,
         ..DeviceConfig::default()
     };
-    let bytes = ByteCount::default();
-    let mut r = dma_rig_with(
-        config,
-        true,
-        TraceWriter::new(bytes.clone()).expect("trace writer"),
-    );
-    let (b, l) = trace_per_job(&mut r, &bytes);
+    let (bin, json) = (ByteCount::default(), ByteCount::default());
+    let w = TraceWriter::new(bin.clone()).expect("trace writer");
+    let mut r = dma_rig_with(config, true, Fanout(w, JsonTraceWriter::new(json.clone())));
+    let flush = |r: &mut Rig<Fanout<TraceWriter<ByteCount>, JsonTraceWriter<ByteCount>>>| {
+        let f = r.dev.events();
+        f.0.flush()
+            .and_then(|()| f.1.flush())
+            .expect("flush to counters");
+        (bin.get(), json.get(), f.0.len())
+    };
+    let (b0, j0, l0) = flush(&mut r);
+    dma_copy(&mut r);
+    let (b1, j1, l1) = flush(&mut r);
     let per_mib = |v: u64| v * (1 << 20) / DMA_LEN;
-    (per_mib(b), per_mib(l))
+    (per_mib(b1 - b0), per_mib(j1 - j0), per_mib(l1 - l0))
 }
 
 fn ratios() {
@@ -455,14 +480,18 @@ fn ratios() {
     let mut m = Memcpy::new();
 
     // Every round times each variant once, in turn.
-    let mut t = [vec![], vec![], vec![], vec![]];
+    let mut t = [vec![], vec![], vec![], vec![], vec![]];
     for _ in 0..ROUNDS {
         t[0].push(mean_time(|| m.copy()).as_secs_f64());
         t[1].push(mean_time(|| dma_copy(&mut on)).as_secs_f64());
         t[2].push(mean_time(|| dma_copy(&mut off)).as_secs_f64());
+        traced.dev.events().on = true;
         t[3].push(mean_time(|| dma_copy(&mut traced)).as_secs_f64());
+        traced.dev.events().on = false;
+        t[4].push(mean_time(|| dma_copy(&mut traced)).as_secs_f64());
     }
-    let [t_memcpy, t_on, t_off, t_trace] = &t;
+    traced.dev.events().on = true;
+    let [t_memcpy, t_on, t_off, t_trace, t_untraced] = &t;
     let per_round = |f: &dyn Fn(usize) -> f64| Spread::of((0..ROUNDS).map(f).collect());
     let bps = |ts: &[f64]| per_round(&|i| DMA_LEN as f64 / ts[i]);
     let (memcpy_bps, on_bps, off_bps, trace_bps) =
@@ -473,6 +502,8 @@ fn ratios() {
     let trace_share = per_round(&|i| t_memcpy[i] / t_trace[i]);
     let on_over_off = per_round(&|i| t_on[i] / t_off[i]);
     let trace_over_on = per_round(&|i| t_trace[i] / t_on[i]);
+    // The same rig with its trace switched off: no layout difference in the ratio.
+    let trace_over_untraced = per_round(&|i| t_trace[i] / t_untraced[i]);
     let validator_part = per_round(&|i| 1.0 - t_off[i] / t_on[i]);
     let trace_part = per_round(&|i| 1.0 - t_on[i] / t_trace[i]);
 
@@ -530,11 +561,12 @@ fn ratios() {
         validator_part.percent()
     );
     println!(
-        "  trace on / off time     = {}x (trace {} of a job; {trace_lines} lines, {} bytes per \
-         MiB copied)",
+        "  trace on / off time     = {}x (trace {} of a job; {trace_lines} events, {} bytes per \
+         MiB copied); on / off on the same rig = {}x",
         trace_over_on.show(2),
         trace_part.percent(),
-        trace_bytes_per_mib as u64
+        trace_bytes_per_mib as u64,
+        trace_over_untraced.show(2)
     );
     println!(
         "  iotlb hit {}; miss+insert+evict {}",
@@ -545,18 +577,19 @@ fn ratios() {
     println!("  per 1 MiB job (validator on): {on_job}");
     let mut volume = serde_json::Map::new();
     for entries in [64, 4096] {
-        let (old_b, old_l) = trace_volume(512, entries);
-        let (new_b, new_l) = trace_volume(PAGE_SIZE as u32, entries);
+        let (old_b, old_j, old_l) = trace_volume(512, entries);
+        let (new_b, new_j, new_l) = trace_volume(PAGE_SIZE as u32, entries);
         println!(
-            "  trace per MiB copied, {entries}-entry IOTLB: {new_b} bytes ({new_l} lines) in \
-             page steps, {old_b} bytes ({old_l} lines) in 512-byte steps: {:.1}x smaller",
-            old_b as f64 / new_b as f64
+            "  trace per MiB copied, {entries}-entry IOTLB: page steps {new_b} bytes binary, \
+             {new_j} as JSON ({new_l} events); 512-byte steps {old_b} binary, {old_j} as JSON \
+             ({old_l} events): binary in page steps {:.1}x smaller than JSON in 512-byte steps",
+            old_j as f64 / new_b as f64
         );
         volume.insert(
             format!("iotlb_{entries}"),
             serde_json::json!({
-                "page_steps": { "bytes": new_b, "lines": new_l },
-                "steps_512": { "bytes": old_b, "lines": old_l },
+                "page_steps": { "bytes": new_b, "json_bytes": new_j, "lines": new_l },
+                "steps_512": { "bytes": old_b, "json_bytes": old_j, "lines": old_l },
             }),
         );
     }
@@ -594,6 +627,7 @@ fn ratios() {
             "dma_copy_trace_over_memcpy": per_round(&|i| t_trace[i] / t_memcpy[i]).json(),
             "validator_on_over_off": on_over_off.json(),
             "trace_on_over_off": trace_over_on.json(),
+            "trace_on_over_off_same_rig": trace_over_untraced.json(),
         },
         "iotlb_ns": { "hit": hit_ns, "miss_insert_evict": miss_ns },
         "walk_ns": { "4k_leaf": walk_4k, "2m_leaf": walk_2m },

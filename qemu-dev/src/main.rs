@@ -38,7 +38,7 @@ struct Args {
     #[arg(long)]
     trace: PathBuf,
     /// Read the clock for every event: by default the per-page events (`dma_access`,
-    /// `iotlb_fill`, `iotlb_evict`) share one read among several, which halves their cost.
+    /// `iotlb_fill`, `iotlb_evict`) share one read among 8 (a read costs about three records).
     #[arg(long)]
     trace_exact_time: bool,
     /// Number of IOTLB entries the device reports.

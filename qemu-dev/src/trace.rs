@@ -584,7 +584,9 @@ impl<W: Write + Send + 'static> TraceWriter<W> {
         })
     }
 
-    /// Records one event.
+    /// Records one event. Inlined: where the caller builds the event, the match folds away
+    /// and the fields go to the record in registers, not through the event in memory.
+    #[inline(always)]
     pub fn record(&mut self, ev: &Event) {
         match *ev {
             Event::Engine(Activity::DmaAccess {
@@ -651,14 +653,12 @@ impl<W: Write + Send + 'static> TraceWriter<W> {
         if self.chunk.len() >= CHUNK {
             self.ship();
         }
-        if matches!(ev, Event::Disconnect) {
-            if let Err(e) = self.flush() {
-                self.error.get_or_insert(e);
-            }
-        }
     }
 
-    /// A rare event: its serde JSON (what the JSON writer writes after `t_ns` and `seq`).
+    /// A rare event: its serde JSON (what the JSON writer writes after `t_ns` and `seq`). Kept
+    /// out of line, so that the per-page path inlined into the DMA engine stays small.
+    #[cold]
+    #[inline(never)]
     fn record_json(&mut self, ev: &Event) {
         self.stamp();
         self.json.clear();
@@ -680,9 +680,15 @@ impl<W: Write + Send + 'static> TraceWriter<W> {
         };
         self.chunk.extend_from_slice(head.as_bytes());
         self.chunk.extend_from_slice(&self.json);
+        if matches!(ev, Event::Disconnect) {
+            if let Err(e) = self.flush() {
+                self.error.get_or_insert(e);
+            }
+        }
     }
 
-    /// Reads the clock for a rare event, and records the time if it moved.
+    /// Reads the clock, and records the time if it moved.
+    #[inline(never)]
     fn stamp(&mut self) {
         let t = self.clock.now();
         self.reuse = if self.exact_time { 0 } else { CLOCK_EVERY - 1 };
@@ -706,6 +712,8 @@ impl<W: Write + Send + 'static> TraceWriter<W> {
     }
 
     /// Hands the buffered records to the background thread and takes an empty buffer.
+    #[cold]
+    #[inline(never)]
     fn ship(&mut self) {
         let Some(d) = &self.drain else {
             self.chunk.clear();
@@ -777,6 +785,7 @@ impl<W: Write + Send + 'static> Drop for TraceWriter<W> {
 }
 
 impl<W: Write + Send + 'static> Events for TraceWriter<W> {
+    #[inline(always)]
     fn event(&mut self, ev: &Event) {
         self.record(ev)
     }
