@@ -17,12 +17,17 @@ use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::{Arc, Weak};
 
 use clap::Parser;
 use qemu_dev::iotlb::Policy;
-use qemu_dev::{serve, DeviceConfig, SharedEvents, TraceWriter, ZapguardBackend};
+use qemu_dev::server::Shared;
+use qemu_dev::{serve, DeviceConfig, TraceWriter, ZapguardBackend};
 
-type Trace = SharedEvents<TraceWriter<File>>;
+/// The device with its trace. The trace is the device's own sink, reached by the signal thread
+/// and the die hook through the device lock: a lock of its own would cost more per event than
+/// recording it.
+type Device = Shared<TraceWriter<File>>;
 
 /// Exit status when the device died of an injected `FAIL_DIE`.
 const DIED: i32 = 3;
@@ -87,21 +92,12 @@ fn run(args: &Args) -> Result<(), String> {
     // Before any thread exists, so that every thread inherits the mask and only the signal
     // thread (sigwait) ever receives SIGINT/SIGTERM.
     let signals = block_termination_signals().map_err(|e| format!("signal mask: {e}"))?;
-    let trace: Trace = SharedEvents::new(
-        TraceWriter::create(&args.trace, args.trace_exact_time)
-            .map_err(|e| format!("cannot create trace {}: {e}", args.trace.display()))?,
-    );
+    let trace = TraceWriter::create(&args.trace, args.trace_exact_time)
+        .map_err(|e| format!("cannot create trace {}: {e}", args.trace.display()))?;
     remove_stale_socket(&args.socket)
         .map_err(|e| format!("socket {}: {e}", args.socket.display()))?;
     let listener = UnixListener::bind(&args.socket)
         .map_err(|e| format!("cannot listen on {}: {e}", args.socket.display()))?;
-    spawn_signal_thread(signals, trace.clone(), args.socket.clone())
-        .map_err(|e| format!("signal thread: {e}"))?;
-    eprintln!(
-        "zapguard-dev: listening on {}, trace -> {}",
-        args.socket.display(),
-        args.trace.display()
-    );
 
     let config = DeviceConfig {
         iotlb_entries: args.iotlb_entries,
@@ -109,11 +105,21 @@ fn run(args: &Args) -> Result<(), String> {
         iotlb_policy: args.iotlb_policy,
         dma_burst: args.dma_burst,
     };
-    let mut backend = ZapguardBackend::new(config, trace.clone())
+    let mut backend = ZapguardBackend::new(config, trace)
         .map_err(|e| format!("cannot start the device worker: {e}"))?;
-    let (dying_trace, socket) = (trace.clone(), args.socket.clone());
+    spawn_signal_thread(signals, backend.shared(), args.socket.clone())
+        .map_err(|e| format!("signal thread: {e}"))?;
+    eprintln!(
+        "zapguard-dev: listening on {}, trace -> {}",
+        args.socket.display(),
+        args.trace.display()
+    );
+    // Weak: the hook is kept in the device's shared state, which must not keep itself alive.
+    let (dying, socket) = (Arc::downgrade(&backend.shared()), args.socket.clone());
     backend.on_die(move || {
-        if let Err(e) = dying_trace.lock().flush() {
+        // The worker runs the hook without holding the device lock.
+        let flushed = Weak::upgrade(&dying).map(|d| d.device().events().flush());
+        if let Some(Err(e)) = flushed {
             eprintln!("zapguard-dev: trace flush failed: {e}");
         }
         let _ = std::fs::remove_file(&socket);
@@ -123,7 +129,8 @@ fn run(args: &Args) -> Result<(), String> {
     let served = serve(listener, &mut backend);
 
     let flushed = {
-        let mut t = trace.lock();
+        let mut dev = backend.device();
+        let t = dev.events();
         match t.take_error() {
             Some(e) => Err(e),
             None => t.flush(),
@@ -163,17 +170,17 @@ fn block_termination_signals() -> io::Result<libc::sigset_t> {
     }
 }
 
-/// `serve` blocks inside the vfio-user loop, so termination is handled here: take the trace
-/// lock (waiting for an event being written), flush, remove the socket, exit.
-fn spawn_signal_thread(set: libc::sigset_t, trace: Trace, socket: PathBuf) -> io::Result<()> {
+/// `serve` blocks inside the vfio-user loop, so termination is handled here: take the device
+/// lock (waiting for at most a few DMA steps or a register access), flush the trace, remove the
+/// socket, exit.
+fn spawn_signal_thread(set: libc::sigset_t, dev: Arc<Device>, socket: PathBuf) -> io::Result<()> {
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
             let mut sig: libc::c_int = 0;
             // SAFETY: `set` is an initialised signal set and `sig` a valid out-pointer.
             while unsafe { libc::sigwait(&set, &mut sig) } != 0 {}
-            let mut t = trace.lock();
-            let flushed = t.flush();
+            let flushed = dev.device().events().flush();
             let _ = std::fs::remove_file(&socket);
             match flushed {
                 Ok(()) => std::process::exit(0),
