@@ -23,7 +23,7 @@ shell:
 build:
     cargo xtask build
 
-# Inspect a device trace (default: summary of the latest run's): summary|filter|check [TRACE] ...
+# Inspect a device trace (default: summary of the latest run's): summary|filter|check|json|perfetto|svg [TRACE] ...
 trace *ARGS:
     cargo run --quiet --release -p zapguard-trace -- {{ARGS}}
 

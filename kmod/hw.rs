@@ -29,7 +29,7 @@
 
 use crate::abi::{cmd, dma, pte, queue};
 use crate::regs;
-use core::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU16, AtomicU32, Ordering};
 use kernel::{
     bindings,
     device::{Bound, Device},
@@ -222,6 +222,10 @@ pub(crate) struct PtRef(u32);
 #[pin_data]
 pub(crate) struct PtPool {
     chunks: KVec<Coherent<[u64]>>,
+    /// Present entries per page, kept by [`Self::write`], so that an emptied table is found
+    /// without reading its 512 entries (uncached memory, slow). A page's count changes only
+    /// under its owner's lock, like its entries.
+    present: KVec<AtomicU16>,
     #[pin]
     free: SpinLock<KVec<u32>>,
 }
@@ -230,6 +234,7 @@ impl PtPool {
     fn new(dev: &Device<Bound>) -> Result<impl PinInit<Self, Error>> {
         let mut chunks = KVec::with_capacity(POOL_CHUNKS, GFP_KERNEL)?;
         let mut free = KVec::with_capacity(POOL_CHUNKS * CHUNK_PAGES, GFP_KERNEL)?;
+        let mut present = KVec::with_capacity(POOL_CHUNKS * CHUNK_PAGES, GFP_KERNEL)?;
         for c in 0..POOL_CHUNKS {
             chunks.push(
                 Coherent::zeroed_slice(dev, CHUNK_PAGES * PAGE_WORDS, GFP_KERNEL)?,
@@ -237,10 +242,12 @@ impl PtPool {
             )?;
             for p in 0..CHUNK_PAGES {
                 free.push((c * CHUNK_PAGES + p) as u32, GFP_KERNEL)?;
+                present.push(AtomicU16::new(0), GFP_KERNEL)?;
             }
         }
         Ok(try_pin_init!(Self {
             chunks,
+            present,
             free <- new_spinlock!(free, "zapguard_pt_pool"),
         }))
     }
@@ -264,17 +271,24 @@ impl PtPool {
     /// [`Self::attach`] and [`Self::detach`]).
     pub(crate) fn write(&self, page: PtRef, idx: usize, v: u64) -> Result {
         let (c, w) = self.locate(page, idx)?;
-        wr(c, w, v)
+        let was = rd(c, w)? & pte::PTE_P != 0;
+        let is = v & pte::PTE_P != 0;
+        wr(c, w, v)?;
+        if was != is {
+            let count = self.present.get(page.0 as usize).ok_or(EINVAL)?;
+            if is {
+                count.fetch_add(1, Ordering::Relaxed);
+            } else {
+                count.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+        Ok(())
     }
 
     /// Whether every entry of `page` is clear.
     pub(crate) fn is_empty(&self, page: PtRef) -> Result<bool> {
-        for i in 0..PAGE_WORDS {
-            if self.read(page, i)? & pte::PTE_P != 0 {
-                return Ok(false);
-            }
-        }
-        Ok(true)
+        let count = self.present.get(page.0 as usize).ok_or(EINVAL)?;
+        Ok(count.load(Ordering::Relaxed) == 0)
     }
 
     /// The bus address of `page`.
@@ -328,7 +342,11 @@ impl PtPool {
         };
         let page = PtPage(page);
         for i in 0..PAGE_WORDS {
-            self.write(page.id(), i, 0)?;
+            let (c, w) = self.locate(page.id(), i)?;
+            wr(c, w, 0)?;
+        }
+        if let Some(count) = self.present.get(page.0 as usize) {
+            count.store(0, Ordering::Relaxed);
         }
         Ok(Some(page))
     }
