@@ -285,10 +285,15 @@ impl PtPool {
         Ok(())
     }
 
+    /// Present entries of `page`.
+    pub(crate) fn present(&self, page: PtRef) -> Result<u64> {
+        let count = self.present.get(page.0 as usize).ok_or(EINVAL)?;
+        Ok(count.load(Ordering::Relaxed).into())
+    }
+
     /// Whether every entry of `page` is clear.
     pub(crate) fn is_empty(&self, page: PtRef) -> Result<bool> {
-        let count = self.present.get(page.0 as usize).ok_or(EINVAL)?;
-        Ok(count.load(Ordering::Relaxed) == 0)
+        Ok(self.present(page)? == 0)
     }
 
     /// The bus address of `page`.
