@@ -35,9 +35,10 @@ check:
     make -s -C "$(bash images/kernel/build.sh)" M="$PWD/kmod" MO="$PWD/target/zapguard/clippy" LLVM=-19 ZAPGUARD_INJECT=1 CLIPPY=1 W=1 modules
 
 # Benchmarks in the guest (mirror, shootdown, device DMA vs test_hmm and the hardware's limits):
-# prints a table of ratios and writes target/zapguard/bench.json.
-bench:
-    cargo xtask bench
+# prints a table of ratios and writes target/zapguard/bench.json (`just bench --filter dma_copy`:
+# only the benchmarks whose name contains it, written to bench-partial.json).
+bench *ARGS:
+    cargo xtask bench {{ARGS}}
 
 # Device-model microbenchmarks on the host (IOTLB, page walk, DMA copy vs memcpy).
 bench-device:

@@ -3,7 +3,8 @@
 //! lines and sums them with the host tests.
 //!
 //! Usage: `zapguard-guest-tests [FILTER]` — runs the tests whose name contains FILTER;
-//! `zapguard-guest-tests --bench [--smoke]` — runs the benchmarks (see `bench.rs`).
+//! `zapguard-guest-tests --bench [--smoke] [NAME]` — runs the benchmarks (those whose name
+//! contains NAME; see `bench.rs`).
 //!
 //! To add a test: write a `fn name() -> Result<(), String>` below and add `name` to [`TESTS`].
 //! Tests run in list order; the module-reload test runs last because it rebinds the device.
@@ -352,7 +353,8 @@ fn main() {
         } else {
             bench::Sizes::full()
         };
-        match bench::run(&sizes) {
+        let only = args[1..].iter().find(|a| !a.starts_with("--")).cloned();
+        match bench::run(&sizes, only.as_deref()) {
             Ok(_) => std::process::exit(0),
             Err(e) => {
                 println!("ZAPGUARD-BENCH-ERROR {e}");

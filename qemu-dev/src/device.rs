@@ -43,12 +43,17 @@ pub struct DeviceConfig {
     pub asid_count: u32,
     /// IOTLB replacement policy.
     pub iotlb_policy: Policy,
-    /// Largest DMA step in bytes (clamped to 8..=1 MiB). A step also ends at every page
-    /// boundary of either side, so the default, a page, gives page steps and anything larger
-    /// changes nothing. Commands run between steps: a smaller value lets an invalidation land
-    /// inside a page a job is working on (tests that watch that interleaving set it).
+    /// Largest DMA step in bytes (clamped to 8..=1 MiB). A step also ends where either side's
+    /// translation or CPU leaf ends (a page, for 4 KiB entries), and, for the opcodes that
+    /// stage data (FILL, CHECKSUM, COMPARE), at every page boundary. The default, 64 KiB, gives
+    /// page steps on 4 KiB entries and moves 2 MiB entries 16 pages at a time. Commands run
+    /// between steps: a value below a page lets an invalidation land inside a page a job is
+    /// working on (tests that watch that interleaving set it).
     pub dma_burst: u32,
 }
+
+/// [`DeviceConfig::dma_burst`]'s default: sixteen pages (64 KiB).
+pub const DEFAULT_DMA_BURST: u32 = 16 * shared_regs::pte::PAGE_SIZE as u32;
 
 impl Default for DeviceConfig {
     fn default() -> Self {
@@ -56,7 +61,7 @@ impl Default for DeviceConfig {
             iotlb_entries: 64,
             asid_count: 256,
             iotlb_policy: Policy::Lru,
-            dma_burst: shared_regs::pte::PAGE_SIZE as u32,
+            dma_burst: DEFAULT_DMA_BURST,
         }
     }
 }

@@ -1,8 +1,11 @@
 //! The DMA engine: jobs from the DMA ring, executed in steps through the IOTLB, with faults
 //! (fail or stall), event reporting and the validator's check on every page access.
 //!
-//! A step ends at the next page boundary of its source or destination, whichever comes first
-//! (or after [`crate::DeviceConfig::dma_burst`] bytes, if that is smaller). Per step, each side
+//! A step ends where either side's translation ends or the CPU leaf its verdict used ends
+//! (a page boundary, for 4 KiB entries), after [`crate::DeviceConfig::dma_burst`] bytes (16
+//! pages by default), and, for the opcodes staged through the device's buffer (FILL, CHECKSUM,
+//! COMPARE), at every page boundary: every byte of a step has one translation id and one
+//! verdict. Per step, each side
 //! is translated once (held translation, IOTLB hit or walk) and walked once in the CPU page
 //! table (the walk an IOTLB fill makes for its snapshot is the one the verdict uses), the bytes
 //! move with one guest-to-guest copy or through a staging buffer the device keeps (no
@@ -132,6 +135,8 @@ struct Side {
     pa: u64,
     /// Translation id.
     id: u64,
+    /// The VA where the translation ends.
+    end: u64,
     /// A write (false for both sides of a COMPARE).
     write: bool,
     /// The CPU walk the fill made, if this step filled the translation.
@@ -172,6 +177,20 @@ fn valid_job(j: &DmaJob) -> bool {
 
 fn page_left(va: u64) -> u64 {
     pte::PAGE_SIZE - (va & (pte::PAGE_SIZE - 1))
+}
+
+impl Side {
+    /// Bytes from the side's VA that one step may move under one verdict: up to the end of
+    /// its translation and of the CPU leaf `cpu` found (a page when the CPU maps nothing
+    /// there, so that a violation names one page; unbounded when no verdict needs a walk).
+    fn reach(&self, cpu: Option<CpuLookup>) -> u64 {
+        let in_leaf = match cpu {
+            None => u64::MAX,
+            Some(Ok(CpuPte::Present { size, .. })) => size - (self.va & (size - 1)),
+            Some(_) => page_left(self.va),
+        };
+        (self.end - self.va).min(in_leaf)
+    }
 }
 
 impl<E: Events> ZapguardDevice<E> {
@@ -287,19 +306,19 @@ impl<E: Events> ZapguardDevice<E> {
         let pos = job.pos;
         let remaining = d.len - pos;
         let (src, dst) = (d.src.wrapping_add(pos), d.dst.wrapping_add(pos));
-        // Every opcode touches a VA on at least one side, so a step never exceeds a page (the
-        // staging buffer's size relies on it; the explicit bound keeps that local).
-        let mut n = remaining
-            .min(u64::from(self.config.dma_burst))
-            .min(pte::PAGE_SIZE);
+        let mut n = remaining.min(u64::from(self.config.dma_burst));
         let reads_va = matches!(d.op, DMA_COPY | DMA_READ | DMA_CHECKSUM | DMA_COMPARE);
         let writes_va = matches!(d.op, DMA_COPY | DMA_FILL | DMA_WRITE);
         let second_read = d.op == DMA_COMPARE;
-        if reads_va {
-            n = n.min(page_left(src));
-        }
-        if writes_va || second_read {
-            n = n.min(page_left(dst));
+        if !matches!(d.op, DMA_COPY | DMA_READ | DMA_WRITE) {
+            // Staged opcodes end at page boundaries: the staging buffer holds a page per side.
+            n = n.min(pte::PAGE_SIZE);
+            if reads_va {
+                n = n.min(page_left(src));
+            }
+            if writes_va || second_read {
+                n = n.min(page_left(dst));
+            }
         }
         let sides = (reads_va, writes_va, second_read);
         match self.step_inner(mem, &d, pos, src, dst, n as usize, sides) {
@@ -364,6 +383,12 @@ impl<E: Events> ZapguardDevice<E> {
             src_side.as_ref().and_then(cpu),
             dst_side.as_ref().and_then(cpu),
         );
+        // The step stays inside both sides' translations and CPU leaves: one translation id
+        // and one verdict hold for every byte of it.
+        let n = [(&src_side, src_cpu), (&dst_side, dst_cpu)]
+            .into_iter()
+            .filter_map(|(s, cpu)| s.as_ref().map(|s| s.reach(cpu)))
+            .fold(n as u64, u64::min) as usize;
 
         let moved = self.move_data(
             mem,
@@ -516,6 +541,7 @@ impl<E: Events> ZapguardDevice<E> {
             va,
             pa: e.pa_base + (va - e.va_base),
             id: e.id,
+            end: e.va_base + e.size,
             write,
             walked,
         };
@@ -1211,6 +1237,46 @@ mod tests {
     /// A 2 MiB translation serves every step inside it: one walk, one IOTLB lookup, and still
     /// one validator check (one CPU walk) per 4 KiB step, since the CPU may map 4 KiB pages
     /// under it.
+    /// A COPY between 2 MiB device entries moves `dma_burst` bytes per step while both CPU
+    /// leaves are 2 MiB too; over 4 KiB CPU pages its steps end at their boundaries, so every
+    /// byte of a step has one translation and one verdict.
+    #[test]
+    fn copies_step_by_burst_inside_translations_and_cpu_leaves() {
+        let burst = u64::from(DeviceConfig::default().dma_burst);
+        assert!(burst > PG);
+        for dst_cpu_huge in [true, false] {
+            let mut r = rig();
+            let (src, dst) = (0x7e00_0000_0000, 0x7e00_4000_0000);
+            let (sf, df) = (r.huge_frame(), r.huge_frame());
+            r.dev_map_2m(1, src, sf, false);
+            r.dev_map_2m(1, dst, df, true);
+            r.cpu_map_2m(1, src, sf, CpuFlags::WRITABLE_DIRTY);
+            if dst_cpu_huge {
+                r.cpu_map_2m(1, dst, df, CpuFlags::WRITABLE_DIRTY);
+            } else {
+                for p in 0..HUGE_PAGE_SIZE / PG {
+                    r.cpu_map(1, dst + p * PG, df + p * PG, CpuFlags::WRITABLE_DIRTY);
+                }
+            }
+            let (off, len) = (0x800, 3 * burst);
+            let data: Vec<u8> = (0..len).map(|i| (i * 7 + i / 4096) as u8).collect();
+            r.poke(sf + off, &data);
+            r.submit(job(DMA_COPY, 1, src + off, dst + off, len, 0));
+            r.run();
+            assert_eq!(r.peek(df + off, len as usize), data);
+            let acts = accesses(&mut r);
+            let step = if dst_cpu_huge { burst } else { PG };
+            let writes: Vec<u64> = acts.iter().filter(|a| a.2).map(|a| a.1).collect();
+            let first = if dst_cpu_huge { step } else { PG - off };
+            assert_eq!(writes[0], first, "huge CPU leaf on dst: {dst_cpu_huge}");
+            assert!(writes[1..writes.len() - 1].iter().all(|&n| n == step));
+            assert_eq!(writes.iter().sum::<u64>(), len);
+            assert_eq!(r.dev.s.validator.counts().checks, acts.len() as u64);
+            assert_eq!(r.dev.stat(STAT_WALKS), 2);
+            assert_eq!(r.dev.stat(STAT_VIOLATIONS), 0);
+        }
+    }
+
     #[test]
     fn a_huge_translation_serves_many_steps_without_a_walk() {
         let mut r = rig();

@@ -57,8 +57,8 @@ struct Args {
     /// IOTLB replacement policy: `lru`, `fifo` or `random[:SEED]`.
     #[arg(long, default_value = "lru", value_parser = parse_policy)]
     iotlb_policy: Policy,
-    /// Largest DMA step in bytes. Steps also end at every page boundary, so the default (a
-    /// page) gives page steps; commands interleave with a running job between steps.
+    /// Largest DMA step in bytes. Steps also end where a translation or CPU leaf ends (every
+    /// page, for 4 KiB entries); commands interleave with a running job between steps.
     #[arg(long, default_value_t = DeviceConfig::default().dma_burst,
           value_parser = clap::value_parser!(u32).range(8..=1 << 20))]
     dma_burst: u32,

@@ -144,9 +144,9 @@ impl<E: Events> Shared<E> {
     }
 }
 
-/// DMA steps (of at most a page) the worker runs per lock hold: short enough that register
-/// accesses from the guest never wait long for the device lock (four pages, 16 KiB: some
-/// microseconds of copying; the old engine held it for sixteen 512-byte bursts, 8 KiB).
+/// DMA steps the worker runs per lock hold: short enough that register accesses from the guest
+/// never wait long for the device lock (four steps: four pages through 4 KiB entries, 256 KiB
+/// through 2 MiB entries, tens of microseconds of copying).
 const WORKER_STEPS: usize = 4;
 /// How long the idle worker sleeps between checks of the stop flag.
 const WORKER_IDLE: Duration = Duration::from_millis(200);

@@ -127,7 +127,11 @@ impl Summary {
                 if let Some(a) = asid {
                     let s = self.asids.entry(a).or_default();
                     s.accesses += 1;
-                    s.pages.insert(field_u64(v, "va").unwrap_or(0) >> 12);
+                    // A step over a 2 MiB translation covers several pages.
+                    let va = field_u64(v, "va").unwrap_or(0);
+                    let len = field_u64(v, "len").unwrap_or(1).clamp(1, 1 << 20);
+                    s.pages
+                        .extend((va >> 12)..=(va.saturating_add(len - 1) >> 12));
                 }
             }
             "iotlb_fill" => {
@@ -321,6 +325,16 @@ mod tests {
         assert_eq!(s.sync_latency_ns, vec![2000, 400]);
         assert_eq!(percentile(&[1, 2, 3, 4], 50), Some(3));
         assert_eq!(percentile(&[], 50), None);
+    }
+
+    #[test]
+    fn a_multi_page_access_counts_every_page_it_covers() {
+        let s = summarize(&[
+            json!({"t_ns": 1, "kind": "dma_access", "asid": 1, "va": 0x2800, "len": 0x4000, "id": 1}),
+            json!({"t_ns": 2, "kind": "dma_access", "asid": 1, "va": 0x6800, "len": 0x800, "id": 1}),
+        ]);
+        let a = &s.asids[&1];
+        assert_eq!((a.accesses, a.pages.len()), (2, 5), "pages 2 to 6");
     }
 
     #[test]

@@ -186,31 +186,33 @@ pub fn report(
         println!("\nmunmap of {} MiB: zapguard-mirrored {zr:.2}x unmirrored ({zlo:.2}..{zhi:.2}; target <= 1.2x: {}), test_hmm-mirrored {hm:.2}x", r.size >> 20, verdict(zr <= 1.2));
     }
 
-    let (total, sync, mmio, bare) = (
-        med("shootdown_1page.total"),
-        med("shootdown_1page.sync_wait"),
-        med("mmio_read_round_trip"),
-        med("shootdown_1page.unmirrored"),
-    );
-    let doorbell = med("doorbell_to_completion_probe");
-    println!(
-        "\none-page shootdown (MADV_DONTNEED of a mirrored page): {:.1} us = driver+kernel {:.1} us + SYNC wait {:.1} us; the same madvise unmirrored {:.1} us, so mirroring adds {:.1} us",
-        total / 1e3,
-        (total - sync) / 1e3,
-        sync / 1e3,
-        bare / 1e3,
-        (total - bare) / 1e3
-    );
-    let (sr, slo, shi) = paired(
-        samples("shootdown_1page.total"),
-        samples("mmio_read_round_trip"),
-    );
-    println!(
-        "  vs one MMIO read round trip {:.1} us: {sr:.1}x ({slo:.1}..{shi:.1}; target <= 1.0x: {}); a posted doorbell + memory completion (probe SYNC) {:.1} us",
-        mmio / 1e3,
-        verdict(sr <= 1.0),
-        doorbell / 1e3
-    );
+    if by.contains_key("shootdown_1page.total") {
+        let (total, sync, mmio, bare) = (
+            med("shootdown_1page.total"),
+            med("shootdown_1page.sync_wait"),
+            med("mmio_read_round_trip"),
+            med("shootdown_1page.unmirrored"),
+        );
+        let doorbell = med("doorbell_to_completion_probe");
+        println!(
+            "\none-page shootdown (MADV_DONTNEED of a mirrored page): {:.1} us = driver+kernel {:.1} us + SYNC wait {:.1} us; the same madvise unmirrored {:.1} us, so mirroring adds {:.1} us",
+            total / 1e3,
+            (total - sync) / 1e3,
+            sync / 1e3,
+            bare / 1e3,
+            (total - bare) / 1e3
+        );
+        let (sr, slo, shi) = paired(
+            samples("shootdown_1page.total"),
+            samples("mmio_read_round_trip"),
+        );
+        println!(
+            "  vs one MMIO read round trip {:.1} us: {sr:.1}x ({slo:.1}..{shi:.1}; target <= 1.0x: {}); a posted doorbell + memory completion (probe SYNC) {:.1} us",
+            mmio / 1e3,
+            verdict(sr <= 1.0),
+            doorbell / 1e3
+        );
+    }
 
     if let Some(dev) = by.get("dma_copy.device") {
         let bytes = dev.size;
@@ -232,6 +234,13 @@ pub fn report(
             verdict(d / h >= 0.5),
             dev.asid.and_then(&hit_rate).map_or(String::new(), |r| format!("; IOTLB hit rate {:.1}%", 100.0 * r))
         );
+        if let Some(h) = by.get("dma_copy.huge_entries") {
+            println!(
+                "  buffers: {} of {} MiB in 2 MiB device entries",
+                h.median() as u64 * 2,
+                h.size >> 20
+            );
+        }
         println!(
             "  validator off: {nv:.2} GiB/s ({:.2}x the validated copy)",
             nv / d

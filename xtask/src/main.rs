@@ -5,7 +5,8 @@
 //! cargo xtask shell                                           build, boot to an interactive guest shell
 //! cargo xtask test  [--filter F] [--timeout SECS] [--no-host] host tests + the VM run; last line `N passed, N failed`
 //! cargo xtask build                                           build every artifact, print their paths
-//! cargo xtask bench                                           the guest benchmarks (table + target/zapguard/bench.json)
+//! cargo xtask bench [--filter F]                              the guest benchmarks (table + target/zapguard/bench.json;
+//!                                                             with F only those whose name contains it, -> bench-partial.json)
 //! ```
 //!
 //! Heavy artifacts (QEMU, kernel, initramfs) are built by the scripts under `images/`, which cache
@@ -758,10 +759,12 @@ fn main() -> ExitCode {
         "bench" => build(&root).and_then(|art| {
             let (accel, why) = vm::Accel::detect();
             let t = step(&format!("boot guest for the benchmarks ({accel:?}: {why})"));
+            let mut args = vec!["zg.run=bench".to_string()];
+            args.extend(opts.filter.iter().map(|f| format!("zg.filter={f}")));
             let mut cfg = vm_config(
                 &art,
                 new_run_dir(&root)?,
-                vec!["zg.run=bench".into()],
+                args,
                 opts.timeout.max(Duration::from_secs(900)),
                 vm::Echo::Results,
             );
@@ -777,7 +780,12 @@ fn main() -> ExitCode {
             }
             let analysis = trace::analyse(&o.trace).map_err(|e| format!("trace: {e}"))?;
             let hit = |asid: u64| analysis.summary.asids.get(&asid).map(|s| s.hit_rate());
-            let out = root.join("target/zapguard/bench.json");
+            // A partial run must not replace the full run's results.
+            let out = root.join(if opts.filter.is_some() {
+                "target/zapguard/bench-partial.json"
+            } else {
+                "target/zapguard/bench.json"
+            });
             bench::report(&o.bench, &format!("{accel:?}"), hit, &out)?;
             Ok(ExitCode::SUCCESS)
         }),
