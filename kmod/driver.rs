@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: GPL-2.0
 
-//! The zapguard PCI driver and its `/dev/zapguard` misc device.
+//! The zapguard PCI driver, its `/dev/zapguard` misc device and the test_hmm-compatible
+//! `/dev/zapguard_hmm0` and `1` ([`crate::hmm_uapi`]).
 //!
 //! Lifetimes: the PCI driver data ([`ZgDevice`]) lives from probe to unbind. Open files can outlive
 //! an unbind, so they never borrow from it: they hold an [`Arc<Shared>`] whose BAR mapping is a
@@ -8,6 +9,7 @@
 
 use crate::abi::{pci as zpci, pte, regs as abi_regs, uapi};
 use crate::device::{Failure, Shared, NUM_VECTORS};
+use crate::hmm_uapi::HmmFile;
 use crate::hw::{Hw, Synced, BAR0_SIZE};
 use crate::mirror::{self, Access, Context, Walk};
 use crate::regs;
@@ -70,27 +72,46 @@ impl irq::ThreadedHandler for VectorHandler {
     }
 }
 
-/// `/dev/zapguard`'s registration, paired with the state its files need.
+/// A misc device registration (`/dev/zapguard`, `/dev/zapguard_hmm*`), paired with the state
+/// its files need.
 ///
 /// # Invariants
 ///
-/// Every `MiscDeviceRegistration<ZgFile>` is the `reg` field of a `MiscReg`: this is the only
-/// place one is created, which lets [`ZgFile::open`] find `shared` with `container_of!`.
+/// Every `MiscDeviceRegistration<T>` of a zapguard file type is the `reg` field of a
+/// `MiscReg<T>`: this is the only place one is created, which lets [`open_context`] find
+/// `shared` with `container_of!`.
 #[pin_data]
-struct MiscReg {
+struct MiscReg<T: MiscDevice> {
     shared: Arc<Shared>,
     #[pin]
-    reg: MiscDeviceRegistration<ZgFile>,
+    reg: MiscDeviceRegistration<T>,
 }
 
-impl MiscReg {
-    fn new(shared: Arc<Shared>) -> impl PinInit<Self, Error> {
+impl<T: MiscDevice> MiscReg<T> {
+    fn new(shared: Arc<Shared>, name: &'static CStr) -> impl PinInit<Self, Error> {
         // `shared` is initialised first: open() can run as soon as `reg` is registered.
         try_pin_init!(Self {
             shared,
-            reg <- MiscDeviceRegistration::register(MiscDeviceOptions { name: c"zapguard" }),
+            reg <- MiscDeviceRegistration::register(MiscDeviceOptions { name }),
         })
     }
+}
+
+/// Opens a context for the calling process on the device behind `misc`.
+pub(crate) fn open_context<T: MiscDevice>(
+    misc: &MiscDeviceRegistration<T>,
+) -> Result<(Arc<Shared>, Arc<Context>)> {
+    let reg = core::ptr::from_ref(misc).cast_mut();
+    // SAFETY: by `MiscReg`'s invariant `misc` is the `reg` field of a `MiscReg<T>`, which is
+    // alive: the misc core calls open() only while the device is registered, and
+    // deregistration (in `MiscReg`'s drop) waits for open() under `misc_mtx`.
+    let outer = unsafe { &*kernel::container_of!(reg, MiscReg<T>, reg) };
+    let shared = outer.shared.clone();
+    if shared.bar.try_access().is_none() {
+        return Err(ENODEV);
+    }
+    let ctx = mirror::open(&shared)?;
+    Ok((shared, ctx))
 }
 
 /// An open `/dev/zapguard`: one context.
@@ -106,21 +127,21 @@ impl Drop for ZgFile {
 }
 
 /// Reads an ioctl argument of type `T`.
-fn read_arg<T: FromBytes>(arg: usize) -> Result<T> {
+pub(crate) fn read_arg<T: FromBytes>(arg: usize) -> Result<T> {
     UserSlice::new(UserPtr::from_addr(arg), core::mem::size_of::<T>())
         .reader()
         .read()
 }
 
 /// Writes an ioctl result of type `T`.
-fn write_arg<T: AsBytes>(arg: usize, v: &T) -> Result {
+pub(crate) fn write_arg<T: AsBytes>(arg: usize, v: &T) -> Result {
     UserSlice::new(UserPtr::from_addr(arg), core::mem::size_of::<T>())
         .writer()
         .write(v)
 }
 
 /// Checks `[va, va + len)`: `EINVAL` if empty or wrapping, `EFAULT` if not device-addressable.
-fn check_range(va: u64, len: u64) -> Result {
+pub(crate) fn check_range(va: u64, len: u64) -> Result {
     let end = va.checked_add(len).ok_or(EINVAL)?;
     if len == 0 {
         return Err(EINVAL);
@@ -131,21 +152,72 @@ fn check_range(va: u64, len: u64) -> Result {
     Ok(())
 }
 
+/// The error a user gets for a job the device did not finish: a timeout, a stopped queue or a
+/// vanished device fails (and fences) the device first, so that nothing the job used (the
+/// bounce buffer, the pages) is released while the device might still touch it.
+pub(crate) fn job_error(shared: &Shared, e: Error) -> Error {
+    let why = if e == ETIMEDOUT {
+        Failure::JobTimeout
+    } else if e == ENXIO {
+        Failure::Gone
+    } else if e == EIO {
+        Failure::QueueError
+    } else {
+        // EINTR (a fatal signal: the job finishes on its own), ENODEV (unbound).
+        return e;
+    };
+    shared.fail(why);
+    shared.failure_error()
+}
+
+/// Runs one job on `ctx`: submit, wait (killable), account its events.
+pub(crate) fn run_job(
+    shared: &Shared,
+    ctx: &Context,
+    job: crate::abi::dma::DmaJob,
+    bounce: bool,
+) -> Result<crate::hw::JobDone> {
+    let jobs = &shared.hw.jobs;
+    let seq = jobs
+        .submit(&shared.bar, job, bounce, &shared.health)
+        .map_err(|e| job_error(shared, e))?;
+    let done = jobs
+        .wait(&shared.bar, seq, &shared.health, &|| ctx.serving_fault())
+        .map_err(|e| job_error(shared, e))?;
+    // The job's events (violations) are in the ring by now: account them before answering.
+    shared.on_events();
+    ctx.count_job();
+    Ok(done)
+}
+
+/// The device's bounce buffer, once no orphaned job can still write it.
+pub(crate) fn bounce(shared: &Shared) -> Result<crate::hw::Bounce<'_>> {
+    shared
+        .hw
+        .jobs
+        .bounce(&shared.bar, &shared.health)
+        .map_err(|e| job_error(shared, e))
+}
+
+/// `ctx`, if the caller may use it: `EIO` once the device failed (`ENODEV` once it is unbound),
+/// `EINVAL` once its address space is gone, `EPERM` for a task of another address space (a
+/// context mirrors its opener only).
+pub(crate) fn usable_context<'a>(shared: &Shared, ctx: &'a Context) -> Result<&'a Context> {
+    shared.check_live()?;
+    if ctx.released() {
+        return Err(EINVAL);
+    }
+    let task = kernel::current!();
+    let mine = task.mm().map(|m| m.as_raw());
+    if mine != Some(ctx.mm().as_raw()) {
+        return Err(EPERM);
+    }
+    Ok(ctx)
+}
+
 impl ZgFile {
-    /// The context, if the caller may use it: `EIO` once the device failed (`ENODEV` once it is
-    /// unbound), `EINVAL` once its address space is gone, `EPERM` for a task of another
-    /// address space (a context mirrors its opener only).
     fn ctx(&self) -> Result<&Context> {
-        self.shared.check_live()?;
-        if self.ctx.released() {
-            return Err(EINVAL);
-        }
-        let task = kernel::current!();
-        let mine = task.mm().map(|m| m.as_raw());
-        if mine != Some(self.ctx.mm().as_raw()) {
-            return Err(EPERM);
-        }
-        Ok(&self.ctx)
+        usable_context(&self.shared, &self.ctx)
     }
 
     fn map(&self, arg: usize) -> Result {
@@ -203,43 +275,13 @@ impl ZgFile {
         })
     }
 
-    /// The error a user gets for a job the device did not finish: a timeout, a stopped queue
-    /// or a vanished device fails (and fences) the device first, so that nothing the job used
-    /// (the bounce buffer, the pages) is released while the device might still touch it.
-    fn job_error(&self, e: Error) -> Error {
-        let why = if e == ETIMEDOUT {
-            Failure::JobTimeout
-        } else if e == ENXIO {
-            Failure::Gone
-        } else if e == EIO {
-            Failure::QueueError
-        } else {
-            // EINTR (a fatal signal: the job finishes on its own), ENODEV (unbound).
-            return e;
-        };
-        self.shared.fail(why);
-        self.shared.failure_error()
-    }
-
-    /// Runs one job on the caller's context: submit, wait (killable), account its events.
     fn run_job(
         &self,
         ctx: &Context,
         job: crate::abi::dma::DmaJob,
         bounce: bool,
     ) -> Result<crate::hw::JobDone> {
-        let shared = &self.shared;
-        let jobs = &shared.hw.jobs;
-        let seq = jobs
-            .submit(&shared.bar, job, bounce, &shared.health)
-            .map_err(|e| self.job_error(e))?;
-        let done = jobs
-            .wait(&shared.bar, seq, &shared.health, &|| ctx.serving_fault())
-            .map_err(|e| self.job_error(e))?;
-        // The job's events (violations) are in the ring by now: account them before answering.
-        shared.on_events();
-        ctx.count_job();
-        Ok(done)
+        run_job(&self.shared, ctx, job, bounce)
     }
 
     fn dma(&self, arg: usize) -> Result {
@@ -250,9 +292,7 @@ impl ZgFile {
         let len = d.len as usize;
         // READ/WRITE own the bounce buffer from the copy-in to the copy-out.
         let mut bounce = if matches!(job.op, DMA_READ | DMA_WRITE) {
-            let shared = &self.shared;
-            let b = shared.hw.jobs.bounce(&shared.bar, &shared.health);
-            Some(b.map_err(|e| self.job_error(e))?)
+            Some(bounce(&self.shared)?)
         } else {
             None
         };
@@ -345,16 +385,7 @@ impl MiscDevice for ZgFile {
     type Ptr = KBox<Self>;
 
     fn open(_file: &File, misc: &MiscDeviceRegistration<Self>) -> Result<KBox<Self>> {
-        let reg = core::ptr::from_ref(misc).cast_mut();
-        // SAFETY: by `MiscReg`'s invariant `misc` is the `reg` field of a `MiscReg`, which is
-        // alive: the misc core calls open() only while the device is registered, and
-        // deregistration (in `MiscReg`'s drop) waits for open() under `misc_mtx`.
-        let outer = unsafe { &*kernel::container_of!(reg, MiscReg, reg) };
-        let shared = outer.shared.clone();
-        if shared.bar.try_access().is_none() {
-            return Err(ENODEV);
-        }
-        let ctx = mirror::open(&shared)?;
+        let (shared, ctx) = open_context(misc)?;
         match KBox::new(
             Self {
                 shared,
@@ -441,7 +472,12 @@ pub struct ZgDevice<'bound> {
     pdev: &'bound pci::Device,
     /// Dropped first: no new opens once unbinding starts.
     #[pin]
-    misc: MiscReg,
+    misc: MiscReg<ZgFile>,
+    /// The test_hmm-compatible nodes (two, as `hmm2` fixtures open units 0 and 1).
+    #[pin]
+    hmm0: MiscReg<HmmFile>,
+    #[pin]
+    hmm1: MiscReg<HmmFile>,
     irqs: Vectors<'bound>,
     shared: Arc<Shared>,
 }
@@ -536,14 +572,16 @@ impl pci::Driver for ZapguardDriver {
             Self::start_device(pdev, &shared)?;
             dev_info!(
                 pdev,
-                "zapguard ABI {}.{}, {} MSI-X vectors, /dev/zapguard\n",
+                "zapguard ABI {}.{}, {} MSI-X vectors, /dev/zapguard, /dev/zapguard_hmm[01]\n",
                 version.major().get(),
                 version.minor().get(),
                 irqs.vectors.len()
             );
             Ok(try_pin_init!(ZgDevice {
                 pdev: &**pdev,
-                misc <- MiscReg::new(shared.clone()),
+                misc <- MiscReg::new(shared.clone(), c"zapguard"),
+                hmm0 <- MiscReg::new(shared.clone(), c"zapguard_hmm0"),
+                hmm1 <- MiscReg::new(shared.clone(), c"zapguard_hmm1"),
                 irqs,
                 shared,
             }))

@@ -1117,10 +1117,16 @@ fn device_snapshot(ctx: &Context, st: &mut PtState, va: u64) -> Result<u8> {
     Ok(b)
 }
 
-/// One `ZG_SNAP_*` byte per page of `[start, start + out.len() * 4096)`.
-pub(crate) fn snapshot(ctx: &Context, start: u64, out: &mut [u8]) -> Result {
+/// One byte per page of `[start, start + out.len() * 4096)`: `encode` of what
+/// `hmm_range_fault()` sees there without faulting (takes the mmap lock; call it without the
+/// context lock).
+pub(crate) fn cpu_snapshot_with(
+    ctx: &Context,
+    start: u64,
+    out: &mut [u8],
+    encode: fn(HmmPfn) -> u8,
+) -> Result {
     let end = start + out.len() as u64 * PAGE;
-    // CPU side first (takes the mmap lock; no context lock held).
     let (mm, mut pfns) = walk_setup(ctx)?;
     let mut s = start;
     while s < end {
@@ -1132,10 +1138,17 @@ pub(crate) fn snapshot(ctx: &Context, start: u64, out: &mut [u8]) -> Result {
         // A snapshot is advisory: a concurrent invalidation just makes it a bit stale.
         let _ = ctx.hmm_range_fault(&mm, s as usize, e as usize, HmmRequest::Snapshot, seq, pf)?;
         for (o, p) in out.iter_mut().skip(first).zip(pf.iter()) {
-            *o = cpu_snapshot(*p);
+            *o = encode(*p);
         }
         s = e;
     }
+    Ok(())
+}
+
+/// One `ZG_SNAP_*` byte per page of `[start, start + out.len() * 4096)`.
+pub(crate) fn snapshot(ctx: &Context, start: u64, out: &mut [u8]) -> Result {
+    // CPU side first (takes the mmap lock; no context lock held).
+    cpu_snapshot_with(ctx, start, out, cpu_snapshot)?;
     let mut st = ctx.state.lock();
     for (i, o) in out.iter_mut().enumerate() {
         *o |= device_snapshot(ctx, &mut st, start + i as u64 * PAGE)?;

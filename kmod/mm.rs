@@ -665,6 +665,20 @@ impl HmmPfn {
         // SAFETY: Pure arithmetic on the value.
         unsafe { bindings::hmm_pfn_to_map_order(self.0) }
     }
+
+    /// Whether this is the shared zero page (`is_zero_pfn()`; valid entries only): what a read
+    /// fault of never-written private anonymous memory maps.
+    #[inline]
+    pub fn is_zero_page(self) -> bool {
+        extern "C" {
+            /// The zero page's PFN (`mm/mm_init.c`, exported; x86 has one zero page, no
+            /// colours, so `is_zero_pfn()` is an equality).
+            static zero_page_pfn: c_ulong;
+        }
+        // SAFETY: `zero_page_pfn` is set once during early boot, before any user page exists,
+        // and only read afterwards.
+        self.valid() && self.pfn() == unsafe { zero_page_pfn }
+    }
 }
 
 /// Returns an `mmgrab` reference to the current task's address space: the reference to keep for a

@@ -9,6 +9,8 @@
 //! - [`device`]: the state a device shares with its open files: health (live, failed, fenced),
 //!   ASIDs, event dispatch.
 //! - [`driver`]: the PCI driver, its interrupts and the `/dev/zapguard` misc device (ioctls).
+//! - [`hmm_uapi`]: the kernel's test_hmm uAPI on `/dev/zapguard_hmm0` and `1`, so that the
+//!   kernel's own `hmm-tests` run against the device unmodified.
 //! - [`hw`]: the device's DMA memory and queues (page-table pool, command queue with SYNC, DMA
 //!   job ring, event ring).
 //! - [`mirror`]: contexts: populate, shootdown, fault service, release.
@@ -19,6 +21,7 @@
 pub mod abi;
 pub mod device;
 pub mod driver;
+pub mod hmm_uapi;
 pub mod hw;
 pub mod mirror;
 pub mod mm;

@@ -1,34 +1,10 @@
 //! The kernel's own mirroring test driver, `lib/test_hmm.c` (`/dev/hmm_dmirror0`), for side-by-side
-//! runs of the same scenario. Its uAPI is the kernel's (`lib/test_hmm_uapi.h`), reproduced here.
+//! runs of the same scenario. Its uAPI is the kernel's (`lib/test_hmm_uapi.h`), defined once in `shared_regs::hmm`.
 
-use shared_regs::uapi::{ioc, IOC_READ, IOC_WRITE};
 use std::fs::{File, OpenOptions};
 use std::io;
 
-/// `struct hmm_dmirror_cmd`.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
-pub struct DmirrorCmd {
-    pub addr: u64,
-    pub ptr: u64,
-    pub npages: u64,
-    pub cpages: u64,
-    pub faults: u64,
-}
-
-const fn cmd(nr: u8) -> u32 {
-    ioc(
-        IOC_READ | IOC_WRITE,
-        b'H',
-        nr,
-        std::mem::size_of::<DmirrorCmd>(),
-    )
-}
-
-/// `HMM_DMIRROR_READ`: the mirror copies `npages` from `addr` (faulting them in) to `ptr`.
-pub const HMM_DMIRROR_READ: u32 = cmd(0x00);
-/// `HMM_DMIRROR_WRITE`: the mirror copies `npages` from `ptr` to `addr` (faulting for write).
-pub const HMM_DMIRROR_WRITE: u32 = cmd(0x01);
+pub use shared_regs::hmm::{HmmDmirrorCmd as DmirrorCmd, HMM_DMIRROR_READ, HMM_DMIRROR_WRITE};
 
 /// Opens `/dev/hmm_dmirror0`.
 pub fn open() -> io::Result<File> {

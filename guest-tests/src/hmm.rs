@@ -571,23 +571,135 @@ pub fn side_by_side_prot_none_and_readonly() -> Result<(), String> {
     clean(&f)
 }
 
+/// A hugetlbfs page (`MAP_HUGETLB`, 2 MiB, reserved at boot with `hugepages=`) is mirrored by
+/// one 2 MiB device entry; the device writes it, a COW fault of a forked child leaves the
+/// parent's mirror intact, and munmap shoots down the whole entry.
 pub fn hugetlbfs_mirrored() -> Result<(), String> {
+    const HUGE: usize = 2 << 20;
     let fs = std::fs::read_to_string("/proc/filesystems").unwrap_or_default();
     if !fs.contains("hugetlbfs") {
-        return Err(crate::ktap::skip(
-            "CONFIG_HUGETLBFS is not set in the guest kernel",
-        ));
+        return Err("CONFIG_HUGETLBFS is not set in the guest kernel".into());
     }
-    Err("hugetlbfs present but no test written for it".into())
+    let f = open()?;
+    let mut a = Mapping::new(
+        HUGE,
+        libc::PROT_READ | libc::PROT_WRITE,
+        libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_HUGETLB,
+        -1,
+        HUGE,
+    )
+    .map_err(|e| {
+        format!(
+            "mmap(MAP_HUGETLB) (free huge pages: {}): {e}",
+            free_huge_pages()
+        )
+    })?;
+    a.bytes_mut().fill(4);
+    let m = map(&f, &a, true)?;
+    check_eq((m.pages, m.huge), (0, 1), "(4 KiB, 2 MiB) device entries")?;
+    let snap = dev::snapshot(&f, a.addr, HUGE / PG).map_err(|e| format!("SNAPSHOT: {e}"))?;
+    if snap
+        .iter()
+        .any(|s| s & ZG_SNAP_DEV_HUGE == 0 || s & ZG_SNAP_CPU_HUGE == 0)
+    {
+        return Err("hugetlb page not mirrored by a 2 MiB entry".into());
+    }
+    run(&f, fill_job(a.addr, HUGE, 0x5c))?;
+    if a.bytes().iter().any(|&b| b != 0x5c) {
+        return Err("device FILL of the hugetlb page not visible".into());
+    }
+    let s0 = stats(&f)?;
+    a.unmap();
+    let s1 = stats(&f)?;
+    check_eq(
+        s1.pages_zapped - s0.pages_zapped,
+        (HUGE / PG) as u64,
+        "pages zapped by munmap",
+    )?;
+    clean(&f)
 }
 
+fn free_huge_pages() -> String {
+    std::fs::read_to_string("/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages")
+        .map_or_else(|e| e.to_string(), |s| s.trim().to_string())
+}
+
+/// KSM merges identical mirrored pages into one write-protected page: the merge replaces each
+/// page's PTE, so the device must lose its entries (and fault the merged page back in read-only);
+/// a device write afterwards breaks COW (the write fault-around unmerges the pages it maps). The
+/// device's data is right at every step and its validator sees no violation.
 pub fn ksm_merge_while_mirrored() -> Result<(), String> {
-    if !std::path::Path::new("/sys/kernel/mm/ksm").exists() {
-        return Err(crate::ktap::skip(
-            "CONFIG_KSM is not set in the guest kernel",
-        ));
+    const PAGES: usize = 64;
+    let ksm = std::path::Path::new("/sys/kernel/mm/ksm");
+    if !ksm.exists() {
+        return Err("CONFIG_KSM is not set in the guest kernel".into());
     }
-    Err("KSM present but no test written for it".into())
+    let f = open()?;
+    let mut a = Mapping::anon(PAGES * PG).map_err(|e| e.to_string())?;
+    a.bytes_mut().fill(0x3e);
+    map(&f, &a, true)?;
+    run(&f, fill_job(a.addr, a.len, 0x3e))?;
+    let s0 = stats(&f)?;
+    a.madvise(0, a.len, libc::MADV_MERGEABLE)
+        .map_err(|e| format!("MADV_MERGEABLE: {e}"))?;
+    let merged = ksm_run_until(|| ksm_counter("pages_sharing") >= (PAGES - 1) as u64)?;
+    let s1 = stats(&f)?;
+    let result = (|| {
+        if !merged {
+            return Err(format!(
+                "KSM did not merge the pages (pages_shared {}, pages_sharing {})",
+                ksm_counter("pages_shared"),
+                ksm_counter("pages_sharing")
+            ));
+        }
+        if s1.pages_zapped < s0.pages_zapped + (PAGES - 1) as u64 {
+            return Err(format!(
+                "merging {PAGES} pages zapped only {} device entries",
+                s1.pages_zapped - s0.pages_zapped
+            ));
+        }
+        // The device reads the merged page (a fault maps it read-only), then writes one page:
+        // the write fault breaks COW, and only that page changes.
+        let sum = run(&f, dev::job(DMA_CHECKSUM, a.addr, 0, a.len, 0))?.result;
+        let want = fnv1a64(FNV_OFFSET, &vec![0x3e; a.len]);
+        check_eq(sum, want, "device checksum of the merged pages")?;
+        run(&f, fill_job(a.addr + 5 * PG, PG, 0x71))?;
+        for (i, page) in a.bytes().chunks(PG).enumerate() {
+            let b = if i == 5 { 0x71 } else { 0x3e };
+            if page.iter().any(|&x| x != b) {
+                return Err(format!("page {i} wrong after the device's COW write"));
+            }
+        }
+        clean(&f)
+    })();
+    let _ = std::fs::write(ksm.join("run"), "2");
+    result
+}
+
+fn ksm_counter(name: &str) -> u64 {
+    std::fs::read_to_string(format!("/sys/kernel/mm/ksm/{name}"))
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Starts ksmd scanning fast and waits (up to 20 s) for `done`.
+fn ksm_run_until(done: impl Fn() -> bool) -> Result<bool, String> {
+    let ksm = std::path::Path::new("/sys/kernel/mm/ksm");
+    for (knob, v) in [
+        ("sleep_millisecs", "0"),
+        ("pages_to_scan", "1000"),
+        ("run", "1"),
+    ] {
+        std::fs::write(ksm.join(knob), v).map_err(|e| format!("ksm/{knob}: {e}"))?;
+    }
+    for _ in 0..200 {
+        if done() {
+            return Ok(true);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(done())
 }
 
 pub fn thp_split_by_mprotect_then_collapse() -> Result<(), String> {

@@ -1,9 +1,74 @@
 //! A minimal KTAP v1 producer: each test is a named function returning `Result<(), String>`; the
 //! runner prints `ok`/`not ok` lines, diagnostics as `#` lines, and the closing `N passed, N failed`
 //! line that the host harness sums with its own results.
+//!
+//! A test that runs a suite of its own (the kernel's hmm-tests) reports each of its results with
+//! [`subtest`]; the runner prints them as a nested KTAP block (indented four spaces) before the
+//! test's own line, which fails if any of them failed. The host counts nested results too.
 
 use std::io::Write;
+use std::sync::Mutex;
 use std::time::Instant;
+
+/// One result of a test's own suite.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Sub {
+    /// Name (no spaces).
+    pub name: String,
+    /// `Ok`, or `Err` as a test's (a [`skip`] reason skips).
+    pub result: Result<(), String>,
+    /// Wall time in milliseconds.
+    pub ms: u128,
+}
+
+/// Results reported by the running test, printed (and cleared) when it returns.
+static SUBS: Mutex<Vec<Sub>> = Mutex::new(Vec::new());
+
+/// Reports one result of the running test's own suite.
+pub fn subtest(sub: Sub) {
+    SUBS.lock().unwrap_or_else(|p| p.into_inner()).push(sub);
+}
+
+/// The outcome word and directive of a result line, counting it into `sum`.
+fn outcome(res: &Result<(), String>, ms: u128, sum: &mut Summary) -> (&'static str, String) {
+    match res {
+        Err(why) if why.starts_with(SKIP) => {
+            sum.skipped += 1;
+            ("ok", format!(" # SKIP {}", why[SKIP.len()..].trim()))
+        }
+        Ok(()) => {
+            sum.passed += 1;
+            ("ok", format!(" # time={ms}ms"))
+        }
+        Err(_) => {
+            sum.failed += 1;
+            ("not ok", format!(" # time={ms}ms"))
+        }
+    }
+}
+
+/// Prints the running test's nested results; returns their failures.
+fn print_subs(out: &mut dyn Write, sum: &mut Summary) -> std::io::Result<usize> {
+    let subs = std::mem::take(&mut *SUBS.lock().unwrap_or_else(|p| p.into_inner()));
+    if subs.is_empty() {
+        return Ok(0);
+    }
+    writeln!(out, "    KTAP version 1")?;
+    writeln!(out, "    1..{}", subs.len())?;
+    let failed_before = sum.failed;
+    for (i, s) in subs.iter().enumerate() {
+        if let Err(why) = &s.result {
+            if !why.starts_with(SKIP) {
+                for line in why.lines() {
+                    writeln!(out, "    # {}: {line}", s.name)?;
+                }
+            }
+        }
+        let (word, directive) = outcome(&s.result, s.ms, sum);
+        writeln!(out, "    {word} {} {}{directive}", i + 1, s.name)?;
+    }
+    Ok(sum.failed - failed_before)
+}
 
 /// One test: a name (`snake_case`, no spaces, it ends up in the KTAP line) and its body.
 pub struct Test {
@@ -56,24 +121,20 @@ pub fn run(tests: &[Test], filter: Option<&str>, out: &mut dyn Write) -> std::io
             Err(format!("panicked: {msg}"))
         });
         let ms = start.elapsed().as_millis();
-        match res {
-            Err(why) if why.starts_with(SKIP) => {
-                sum.skipped += 1;
-                let reason = why[SKIP.len()..].trim();
-                writeln!(out, "ok {n} {} # SKIP {reason}", t.name)?;
-            }
-            Ok(()) => {
-                sum.passed += 1;
-                writeln!(out, "ok {n} {} # time={ms}ms", t.name)?;
-            }
-            Err(why) => {
-                sum.failed += 1;
+        let failed_subs = print_subs(out, &mut sum)?;
+        let res = match res {
+            Ok(()) if failed_subs > 0 => Err(format!("{failed_subs} of its own tests failed")),
+            r => r,
+        };
+        if let Err(why) = &res {
+            if !why.starts_with(SKIP) {
                 for line in why.lines() {
                     writeln!(out, "# {}: {line}", t.name)?;
                 }
-                writeln!(out, "not ok {n} {} # time={ms}ms", t.name)?;
             }
         }
+        let (word, directive) = outcome(&res, ms, &mut sum);
+        writeln!(out, "{word} {n} {}{directive}", t.name)?;
     }
     writeln!(
         out,
@@ -156,6 +217,49 @@ mod unit_tests {
             *lines.last().unwrap(),
             "# guest: 1 passed, 2 failed, 0 skipped"
         );
+    }
+
+    fn suite() -> Result<(), String> {
+        for (name, result) in [
+            ("a.one", Ok(())),
+            ("a.two", Err(skip("no hugetlb pages"))),
+            ("a.three", Err("wrong".to_string())),
+        ] {
+            subtest(Sub {
+                name: name.into(),
+                result,
+                ms: 5,
+            });
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn nested_results_print_before_their_test_which_fails_with_them() {
+        let mut out = Vec::new();
+        let tests = [Test {
+            name: "suite",
+            run: suite,
+        }];
+        let sum = run(&tests, None, &mut out).unwrap();
+        assert_eq!(
+            sum,
+            Summary {
+                passed: 1,
+                failed: 2,
+                skipped: 1
+            }
+        );
+        let text = String::from_utf8(out).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[2], "    KTAP version 1");
+        assert_eq!(lines[3], "    1..3");
+        assert_eq!(lines[4], "    ok 1 a.one # time=5ms");
+        assert_eq!(lines[5], "    ok 2 a.two # SKIP no hugetlb pages");
+        assert_eq!(lines[6], "    # a.three: wrong");
+        assert_eq!(lines[7], "    not ok 3 a.three # time=5ms");
+        assert_eq!(lines[8], "# suite: 1 of its own tests failed");
+        assert!(lines[9].starts_with("not ok 1 suite # time="));
     }
 
     #[test]

@@ -18,6 +18,7 @@ mod hmm;
 mod ktap;
 mod mirror;
 mod uffd;
+mod upstream;
 
 use bench::bench_smoke;
 use bounds::*;
@@ -25,6 +26,7 @@ use failsafe::*;
 use hmm::*;
 use mirror::*;
 use uffd::*;
+use upstream::*;
 
 use ktap::{check_eq, Test};
 use shared_regs::{regs, uapi};
@@ -81,6 +83,9 @@ const TESTS: &[Test] = ktap::tests![
     uffd_device_faults_served_by_handler,
     uffd_held_fault_blocks_only_its_context,
     uffd_unanswered_fault_aborts_only_its_job,
+    hmm_compat_node_reads_snapshots_and_refuses,
+    upstream_hmm_tests_test_hmm,
+    upstream_hmm_tests_zapguard,
     cmd_lag_with_sync_wait_is_clean,
     inject_skip_shootdown_is_caught,
     inject_keep_write_is_caught,

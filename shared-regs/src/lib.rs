@@ -9,4 +9,4 @@
 
 pub mod abi;
 
-pub use abi::{cmd, dma, event, pci, pte, queue, regs, uapi};
+pub use abi::{cmd, dma, event, hmm, pci, pte, queue, regs, uapi};

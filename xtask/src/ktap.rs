@@ -21,8 +21,10 @@ pub struct TestLine {
     pub outcome: Outcome,
 }
 
-/// Parses a top-level KTAP/TAP result line; `None` for anything else (diagnostics, plan, noise).
+/// Parses a KTAP/TAP result line, top-level or nested (indented: a guest test's own suite, such
+/// as the kernel's hmm-tests); `None` for anything else (diagnostics, plan, noise).
 pub fn parse_result(line: &str) -> Option<TestLine> {
+    let line = line.trim_start_matches(' ');
     let (outcome, rest) = if let Some(r) = line.strip_prefix("not ok ") {
         (Outcome::Fail, r)
     } else if let Some(r) = line.strip_prefix("ok ") {
@@ -132,6 +134,15 @@ mod tests {
             ("not ok 5 baz", Some(("baz", Outcome::Fail))),
             ("# ok 1 inside a diagnostic", None),
             ("ok x notanumber", None),
+            (
+                "    ok 2 test_hmm.anon_read # time=40ms",
+                Some(("test_hmm.anon_read", Outcome::Pass)),
+            ),
+            (
+                "    not ok 3 zapguard.compound # time=1ms",
+                Some(("zapguard.compound", Outcome::Fail)),
+            ),
+            ("    1..15", None),
             ("1..9", None),
             ("KTAP version 1", None),
             ("[    1.2] ok 1 prefixed by the kernel", None),

@@ -221,12 +221,24 @@ fn kernel_artifacts(
         t.elapsed().as_secs_f32()
     );
 
+    let t = step("hmm-tests, the kernel's own HMM selftest (static, cached by input hash)");
+    let hmm_tests = PathBuf::from(run_capture(
+        script(root, "images/hmm-tests/build.sh").arg(&ktree),
+        "images/hmm-tests/build.sh",
+    )?);
+    eprintln!(
+        "    {} ({:.1}s)",
+        hmm_tests.display(),
+        t.elapsed().as_secs_f32()
+    );
+
     let t = step("initramfs");
     let initramfs = PathBuf::from(run_capture(
         script(root, "images/initramfs/build.sh")
             .arg(&ktree)
             .arg(&module)
-            .arg(guest_tests),
+            .arg(guest_tests)
+            .arg(&hmm_tests),
         "images/initramfs/build.sh",
     )?);
     eprintln!(

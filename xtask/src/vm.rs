@@ -185,7 +185,9 @@ fn start_device(cfg: &VmConfig, socket: &Path, out: &mut VmOutcome) -> std::io::
 }
 
 fn qemu_command(cfg: &VmConfig, socket: &Path) -> Command {
-    let mut append = String::from("console=ttyS0 panic=-1 oops=panic");
+    // hugepages=: 2 MiB hugetlbfs pages reserved at boot, before memory fragments (hmm-tests'
+    // hugetlbfs tests and the guest suite's need one or two at a time).
+    let mut append = String::from("console=ttyS0 panic=-1 oops=panic hugepages=8");
     for a in &cfg.init_args {
         append.push(' ');
         append.push_str(a);
@@ -386,7 +388,10 @@ fn handle_line(line: &str, echo: Echo, in_tests: &mut bool, out: &mut VmOutcome)
                     Outcome::Skip => "skipped",
                 };
                 println!("  guest {tag} {}", r.name);
-            } else if *in_tests && line.starts_with("# ") && !line.starts_with("# guest:") {
+            } else if *in_tests
+                && line.trim_start().starts_with("# ")
+                && !line.starts_with("# guest:")
+            {
                 println!("        {line}");
             }
         }

@@ -8,6 +8,7 @@
 //! - [`event`]: event records (faults and validator violations).
 //! - [`pte`]: device page-table entries and context entries.
 //! - [`uapi`]: `/dev/zapguard` ioctls and their structures.
+//! - [`hmm`]: the kernel's `test_hmm` uAPI, which zapguard also serves (`/dev/zapguard_hmm*`).
 //!
 //! All multi-byte fields are little-endian. Descriptors convert to and from their byte form with
 //! `to_bytes`/`from_bytes`, so neither side needs `unsafe` to read them from shared memory.
@@ -15,6 +16,7 @@
 pub mod cmd;
 pub mod dma;
 pub mod event;
+pub mod hmm;
 pub mod pci;
 pub mod pte;
 pub mod queue;
