@@ -7,7 +7,8 @@
 default:
     @just --list
 
-# Build everything, boot the guest, run the guest tests (FILTER: substring of test names).
+# Build everything, boot the guest, run the guest tests (--filter F: substring of test names;
+# --exec PROG [ARGS...]: your static program instead, --add FILE: more files for /user).
 run *ARGS:
     cargo xtask run {{ARGS}}
 
@@ -15,9 +16,10 @@ run *ARGS:
 test *ARGS:
     cargo xtask test {{ARGS}}
 
-# Boot the guest to an interactive shell (driver loaded; 'poweroff -f' to leave).
-shell:
-    cargo xtask shell
+# Boot the guest to an interactive shell (driver loaded; 'poweroff -f' to leave; --add FILE puts
+# files in /user).
+shell *ARGS:
+    cargo xtask shell {{ARGS}}
 
 # Build every artifact (QEMU, kernel, module, device, guest tests, initramfs) and print the paths.
 build:

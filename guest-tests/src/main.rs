@@ -84,6 +84,7 @@ const TESTS: &[Test] = ktap::tests![
     uffd_held_fault_blocks_only_its_context,
     uffd_unanswered_fault_aborts_only_its_job,
     hmm_compat_node_reads_snapshots_and_refuses,
+    c_example_through_zapguard_h,
     upstream_hmm_tests_test_hmm,
     upstream_hmm_tests_zapguard,
     cmd_lag_with_sync_wait_is_clean,
@@ -293,6 +294,27 @@ fn run_cmd(cmd: &str, args: &[&str]) -> Result<(), String> {
             "{cmd} {args:?}: {} {}",
             out.status,
             String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    Ok(())
+}
+
+/// The C example (`examples/zg-example.c`, built against the generated `zapguard.h` only) runs a
+/// device copy and checksum, a munmap and STATS, and says `ok`.
+fn c_example_through_zapguard_h() -> Result<(), String> {
+    let out = Command::new("/bin/zg-example")
+        .arg("32")
+        .output()
+        .map_err(|e| format!("/bin/zg-example: {e}"))?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    for line in stdout.lines() {
+        println!("# {line}");
+    }
+    if !out.status.success() || !stdout.contains("zg-example: ok") {
+        return Err(format!(
+            "zg-example: {}: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
         ));
     }
     Ok(())

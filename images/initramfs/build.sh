@@ -1,18 +1,21 @@
 #!/usr/bin/env bash
 # Builds the guest initramfs and prints its path.
-# usage: build.sh KERNEL_TREE ZAPGUARD_KO GUEST_TESTS_BIN HMM_TESTS_BIN
-# Contents: busybox-static, init, zapguard.ko, test_hmm.ko, the guest test binary, the kernel's
-# hmm-tests. Cached by a hash of exactly those inputs, so unchanged ones reuse the image.
+# usage: build.sh KERNEL_TREE ZAPGUARD_KO GUEST_TESTS_BIN [EXTRA_BIN...]
+# Contents: busybox-static, init, zapguard.ko, test_hmm.ko, the guest test binary and the extra
+# static binaries (the kernel's hmm-tests, the C examples) in /bin under their own names. Cached
+# by a hash of exactly those inputs, so unchanged ones reuse the image.
 source "$(dirname "$0")/../lib.sh"
-[ $# -eq 4 ] || die "usage: $0 KERNEL_TREE ZAPGUARD_KO GUEST_TESTS_BIN HMM_TESTS_BIN"
-tree=$1 ko=$2 tests=$3 hmm_tests=$4
+[ $# -ge 3 ] || die "usage: $0 KERNEL_TREE ZAPGUARD_KO GUEST_TESTS_BIN [EXTRA_BIN...]"
+tree=$1 ko=$2 tests=$3
+shift 3
+extras=("$@")
 busybox=/bin/busybox
 [ -x "$busybox" ] || die "busybox-static missing: run images/provision-host.sh"
 hmm="$tree/lib/test_hmm.ko"
-for f in "$ko" "$hmm" "$tests" "$hmm_tests"; do [ -f "$f" ] || die "initramfs input missing: $f"; done
+for f in "$ko" "$hmm" "$tests" "${extras[@]}"; do [ -f "$f" ] || die "initramfs input missing: $f"; done
 init="$REPO_ROOT/images/initramfs/init"
 
-key=$(hash_inputs "$init" "$REPO_ROOT/images/initramfs/build.sh" "$busybox" "$ko" "$hmm" "$tests" "$hmm_tests")
+key=$(hash_inputs "$init" "$REPO_ROOT/images/initramfs/build.sh" "$busybox" "$ko" "$hmm" "$tests" "${extras[@]}")
 out="$ZAPGUARD_CACHE/initramfs/$key.cpio"
 if [ -f "$out" ]; then echo "$out"; exit 0; fi
 cache_lock initramfs
@@ -26,7 +29,7 @@ install -m 0755 "$busybox" "$stage/bin/busybox"
 install -m 0755 "$init" "$stage/init"
 install -m 0644 "$ko" "$hmm" "$stage/lib/modules/"
 install -m 0755 "$tests" "$stage/bin/zapguard-guest-tests"
-install -m 0755 "$hmm_tests" "$stage/bin/hmm-tests"
+for f in "${extras[@]}"; do install -m 0755 "$f" "$stage/bin/$(basename "$f")"; done
 ( cd "$stage" && find . -print0 | LC_ALL=C sort -z | cpio --quiet -o -0 -H newc -R 0:0 ) > "$out.tmp"
 mv "$out.tmp" "$out"
 # Old images are cheap to rebuild: keep the newest five.

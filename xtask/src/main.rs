@@ -2,7 +2,8 @@
 //!
 //! ```text
 //! cargo xtask run   [--filter F] [--timeout SECS] [--quiet]   build, boot, run the guest tests, show the trace summary
-//! cargo xtask shell                                           build, boot to an interactive guest shell
+//! cargo xtask run   [--add FILE]... --exec PROG [ARGS...]     the same, running your static PROG instead of the tests
+//! cargo xtask shell [--add FILE]... [--exec PROG [ARGS...]]   build, boot to an interactive guest shell (files in /user)
 //! cargo xtask test  [--filter F] [--timeout SECS] [--no-host] host tests + the VM run; last line `N passed, N failed`
 //! cargo xtask build                                           build every artifact, print their paths
 //! cargo xtask bench [--filter F]                              the guest benchmarks (table + target/zapguard/bench.json;
@@ -18,6 +19,7 @@ mod bench;
 mod hosttests;
 mod ktap;
 mod trace;
+mod user;
 mod vm;
 
 use ktap::Outcome;
@@ -31,6 +33,10 @@ const MUSL: &str = "x86_64-unknown-linux-musl";
 
 struct Options {
     filter: Option<String>,
+    /// `--exec PATH [ARGS...]`: a user's program to run in the guest instead of the tests.
+    exec: Option<user::Exec>,
+    /// `--add FILE`: more files for `/user` (repeatable, before `--exec`).
+    add: Vec<PathBuf>,
     timeout: Duration,
     quiet: bool,
     host: bool,
@@ -44,6 +50,8 @@ fn parse_options(args: &[String]) -> Result<Options> {
         .unwrap_or(300);
     let mut o = Options {
         filter: None,
+        exec: None,
+        add: vec![],
         timeout: Duration::from_secs(default_timeout),
         quiet: false,
         host: true,
@@ -59,6 +67,15 @@ fn parse_options(args: &[String]) -> Result<Options> {
                     v.parse()
                         .map_err(|_| format!("--timeout: not a number: {v}"))?,
                 );
+            }
+            "--add" => o
+                .add
+                .push(PathBuf::from(it.next().ok_or("--add needs a file")?)),
+            "--exec" => {
+                // Everything after the program is its arguments.
+                let path = PathBuf::from(it.next().ok_or("--exec needs a program")?);
+                let args = it.by_ref().cloned().collect();
+                o.exec = Some(user::Exec { path, args });
             }
             "--quiet" => o.quiet = true,
             "--no-host" => o.host = false,
@@ -125,6 +142,8 @@ struct Artifacts {
     module: PathBuf,
     device: PathBuf,
     guest_tests: PathBuf,
+    /// The C examples, built against `zapguard.h` (in the image's `/bin`).
+    examples: Vec<PathBuf>,
     initramfs: PathBuf,
 }
 
@@ -164,7 +183,16 @@ fn build(root: &Path) -> Result<Artifacts> {
         .join("release/zapguard-guest-tests");
     eprintln!("    {:.1}s", t.elapsed().as_secs_f32());
 
-    let (ktree, module, initramfs) = kernel_artifacts(root, "default", &guest_tests)?;
+    let t =
+        step("zapguard.h and the C examples (target/zapguard/include, target/zapguard/examples)");
+    let examples = user::build_examples(root)?;
+    eprintln!(
+        "    {} built ({:.1}s)",
+        examples.len(),
+        t.elapsed().as_secs_f32()
+    );
+
+    let (ktree, module, initramfs) = kernel_artifacts(root, "default", &guest_tests, &examples)?;
     Ok(Artifacts {
         ktree: ktree.clone(),
         qemu,
@@ -172,6 +200,7 @@ fn build(root: &Path) -> Result<Artifacts> {
         module,
         device,
         guest_tests,
+        examples,
         initramfs,
     })
 }
@@ -182,6 +211,7 @@ fn kernel_artifacts(
     root: &Path,
     flavor: &str,
     guest_tests: &Path,
+    examples: &[PathBuf],
 ) -> Result<(PathBuf, PathBuf, PathBuf)> {
     let t = step(&format!(
         "guest kernel, {flavor} flavor (cached by input hash)"
@@ -238,7 +268,8 @@ fn kernel_artifacts(
             .arg(&ktree)
             .arg(&module)
             .arg(guest_tests)
-            .arg(&hmm_tests),
+            .arg(&hmm_tests)
+            .args(examples),
         "images/initramfs/build.sh",
     )?);
     eprintln!(
@@ -252,7 +283,8 @@ fn kernel_artifacts(
 
 /// `art` with the kernel, module and initramfs of another kernel flavor.
 fn flavor_artifacts(root: &Path, art: &Artifacts, flavor: &str) -> Result<Artifacts> {
-    let (ktree, module, initramfs) = kernel_artifacts(root, flavor, &art.guest_tests)?;
+    let (ktree, module, initramfs) =
+        kernel_artifacts(root, flavor, &art.guest_tests, &art.examples)?;
     Ok(Artifacts {
         bzimage: ktree.join("arch/x86/boot/bzImage"),
         ktree,
@@ -260,6 +292,7 @@ fn flavor_artifacts(root: &Path, art: &Artifacts, flavor: &str) -> Result<Artifa
         module,
         device: art.device.clone(),
         guest_tests: art.guest_tests.clone(),
+        examples: art.examples.clone(),
         initramfs,
     })
 }
@@ -427,12 +460,19 @@ fn vm_run(root: &Path, art: &Artifacts, opts: &Options, echo: vm::Echo) -> Resul
     if let Some(f) = &opts.filter {
         init_args.push(format!("zg.filter={f}"));
     }
+    let mut cfg = vm_config(art, run_dir.clone(), vec![], opts.timeout, echo);
+    if opts.exec.is_some() {
+        // The user's program instead of the guest tests, with the same run checks.
+        init_args = vec!["zg.run=user".to_string()];
+        cfg.initramfs =
+            user::user_initramfs(&art.initramfs, &run_dir, opts.exec.as_ref(), &opts.add)?;
+    }
+    cfg.init_args = init_args;
     let t = step(&format!(
         "boot guest ({accel:?}: {why}; timeout {} s)",
         opts.timeout.as_secs()
     ));
-    let o = vm::run(&vm_config(art, run_dir, init_args, opts.timeout, echo))
-        .map_err(|e| format!("VM run: {e}"))?;
+    let o = vm::run(&cfg).map_err(|e| format!("VM run: {e}"))?;
     eprintln!("    guest finished in {:.1}s", t.elapsed().as_secs_f32());
 
     let rel = |p: &Path| {
@@ -703,13 +743,19 @@ fn main() -> ExitCode {
             })
             .map(|(p, f)| finish(p, f)),
         "shell" => build(&root).and_then(|art| {
+            let run_dir = new_run_dir(&root)?;
             let mut cfg = vm_config(
                 &art,
-                new_run_dir(&root)?,
+                run_dir.clone(),
                 vec!["zg.run=shell".into()],
                 Duration::MAX,
                 vm::Echo::Console,
             );
+            if opts.exec.is_some() || !opts.add.is_empty() {
+                // The files are in /user; /user/run runs the --exec program.
+                cfg.initramfs =
+                    user::user_initramfs(&art.initramfs, &run_dir, opts.exec.as_ref(), &opts.add)?;
+            }
             cfg.interactive = true;
             vm::run(&cfg)
                 .map(|_| ExitCode::SUCCESS)
