@@ -21,6 +21,11 @@ test *ARGS:
 shell *ARGS:
     cargo xtask shell {{ARGS}}
 
+# The guest image as one reproducible archive to hand over (kernel, initramfs, static device,
+# run.sh, README): target/zapguard/zapguard-image-<commit>.tar.gz.
+image:
+    cargo xtask image
+
 # Build every artifact (QEMU, kernel, module, device, guest tests, initramfs) and print the paths.
 build:
     cargo xtask build

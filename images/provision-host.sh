@@ -4,7 +4,8 @@
 source "$(dirname "$0")/lib.sh"
 
 APT_PKGS=(clang-19 lld-19 llvm-19 libclang-19-dev flex bison libelf-dev bc cpio kmod
-          busybox-static mmdebstrap dpkg-dev zstd xz-utils)
+          busybox-static mmdebstrap dpkg-dev zstd xz-utils
+          libc6-dev)  # static glibc: hmm-tests and the C examples are linked -static
 BINDGEN_VERSION=0.73.2
 
 missing=()

@@ -30,7 +30,9 @@ install -m 0755 "$init" "$stage/init"
 install -m 0644 "$ko" "$hmm" "$stage/lib/modules/"
 install -m 0755 "$tests" "$stage/bin/zapguard-guest-tests"
 for f in "${extras[@]}"; do install -m 0755 "$f" "$stage/bin/$(basename "$f")"; done
-( cd "$stage" && find . -print0 | LC_ALL=C sort -z | cpio --quiet -o -0 -H newc -R 0:0 ) > "$out.tmp"
+# Fixed times, owners and order: the same inputs give the same bytes (`just image` relies on it).
+find "$stage" -exec touch -h -d @0 {} +
+( cd "$stage" && find . -print0 | LC_ALL=C sort -z | cpio --quiet -o -0 -H newc -R 0:0 --reproducible ) > "$out.tmp"
 mv "$out.tmp" "$out"
 # Old images are cheap to rebuild: keep the newest five.
 ls -1t "$ZAPGUARD_CACHE"/initramfs/*.cpio | tail -n +6 | xargs -r rm -f

@@ -12,7 +12,10 @@ source "$(dirname "$0")/../lib.sh"
 here="$REPO_ROOT/images/kernel"
 source "$here/pin.env"
 
-make_flags=(LLVM=-19 -j"$(nproc)")
+# Fixed build identity (no date, user or host of this machine in the image): the same inputs give
+# the same kernel, which `just image` relies on.
+make_flags=(LLVM=-19 -j"$(nproc)" KBUILD_BUILD_TIMESTAMP="Thu Jan  1 00:00:00 UTC 2026"
+            KBUILD_BUILD_USER=zapguard KBUILD_BUILD_HOST=zapguard)
 toolchain="$(rustc --version) | $(bindgen --version 2>&1 | head -n1) | $(clang-19 --version | head -n1)"
 patches=("$here"/*.patch)
 flavor=${1:-default}
@@ -74,10 +77,22 @@ done < <(cat "${fragments[@]}")
 [ "$bad" -eq 0 ] || die "kernel config fragment not satisfied (see above); for CONFIG_RUST run 'make LLVM=-19 rustavailable' in $tree"
 
 log "kernel: building bzImage + modules in $tree (~6-10 min from scratch, log: $tree/../build.log)"
-if ! make "${make_flags[@]}" bzImage modules > ../build.log 2>&1; then
+make "${make_flags[@]}" bzImage modules > ../build.log 2>&1 &
+pid=$!
+start=$SECONDS next=60
+# A minute-by-minute sign of life: elapsed time and the build steps Kbuild has logged so far.
+while kill -0 "$pid" 2>/dev/null; do
+    sleep 2
+    if [ $((SECONDS - start)) -ge "$next" ]; then
+        log "kernel: building, $((next / 60)) min, $(grep -c '^  [A-Z]' ../build.log || true) build steps so far"
+        next=$((next + 60))
+    fi
+done
+if ! wait "$pid"; then
     tail -n 40 ../build.log >&2
     die "kernel build failed; full log: $tree/../build.log"
 fi
+log "kernel: built in $(((SECONDS - start) / 60)) min $(((SECONDS - start) % 60)) s"
 touch "$stamp"
 # Keep the two newest trees of each flavor: enough to seed an incremental rebuild, bounded on disk.
 # (`|| true`: with pipefail, an empty glob must not fail the build that just succeeded.)

@@ -5,7 +5,7 @@
 //! zapguard-trace filter  [TRACE] [--asid N] [--kind K]... [--va LO-HI] [--from NS] [--to NS]
 //!                        [--cmd POS] [--table]
 //! zapguard-trace check   [TRACE]            offline invariant check; exit 1 on a finding
-//! zapguard-trace perfetto [TRACE] [-o OUT]  Chrome/Perfetto timeline JSON
+//! zapguard-trace perfetto [TRACE] [--from NS] [--to NS] [-o OUT]   Chrome/Perfetto timeline JSON
 //! zapguard-trace svg [TRACE] [--from NS] [--to NS] [-o OUT]   the same timeline, drawn
 //! zapguard-trace json [TRACE]               the trace as JSON Lines (a binary one decoded)
 //! ```
@@ -14,13 +14,15 @@
 //! first byte. With no subcommand, `summary`. TRACE defaults to the latest run's
 //! (`target/zapguard/runs/latest/trace.zgt`, or `trace.jsonl` in a run from before the binary
 //! format); `-` reads stdin. Malformed lines are reported on stderr with their line numbers and skipped; with
-//! `--strict` they make the exit status 2.
+//! `--strict` they make the exit status 2. A trace or window without events is not an error:
+//! stderr says so, and `perfetto` and `svg` still write a valid file saying so; a window whose
+//! `--from` is not before its `--to` is (exit status 2).
 
 use clap::{Parser, Subcommand};
 use std::io::{BufRead, BufReader, BufWriter, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use zapguard_trace::{check::Checker, filter, reader, summary::Summary};
+use zapguard_trace::{check::Checker, filter, perfetto, reader, summary::Summary};
 
 /// The latest run's trace (relative to the repository root, where `just` runs).
 const LATEST: &str = "target/zapguard/runs/latest/trace.zgt";
@@ -84,6 +86,12 @@ enum Cmd {
     /// Export a Chrome/Perfetto trace-event JSON (open it in ui.perfetto.dev).
     Perfetto {
         trace: Option<PathBuf>,
+        /// Only events at or after this t_ns.
+        #[arg(long)]
+        from: Option<u64>,
+        /// Only events before this t_ns.
+        #[arg(long)]
+        to: Option<u64>,
         /// Output file (default: the trace's name with `.perfetto.json`).
         #[arg(short, long)]
         output: Option<PathBuf>,
@@ -115,6 +123,26 @@ fn open(path: Option<PathBuf>) -> Result<Box<dyn BufRead>, String> {
     Ok(Box::new(BufReader::with_capacity(1 << 20, f)))
 }
 
+/// The `[from, to)` window of `--from`/`--to` (`None`: neither given); an empty one is an
+/// error, not a silently empty output.
+fn window(from: Option<u64>, to: Option<u64>) -> Result<Option<(u64, u64)>, String> {
+    if from.is_none() && to.is_none() {
+        return Ok(None);
+    }
+    let (from, to) = (from.unwrap_or(0), to.unwrap_or(u64::MAX));
+    if from >= to {
+        return Err(format!(
+            "empty window: --from {from} is not before --to {to}"
+        ));
+    }
+    Ok(Some((from, to)))
+}
+
+/// Says on stderr that there was nothing to show (stdout stays what scripts parse).
+fn nothing(what: &str) {
+    eprintln!("zapguard-trace: {what}");
+}
+
 /// Writes `text` to stdout; a closed pipe (`| head`) is not an error.
 fn emit(text: &str) -> Result<(), String> {
     let mut out = std::io::stdout().lock();
@@ -133,65 +161,58 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             to,
             output,
         } => {
+            let window = window(from, to)?;
             let input = or_latest(trace.clone());
             let output = output.unwrap_or_else(|| input.with_extension("svg"));
-            let (from, to) = (from.unwrap_or(0), to.unwrap_or(u64::MAX));
-            let mut ex =
-                zapguard_trace::perfetto::Exporter::new(Vec::new()).map_err(|e| e.to_string())?;
-            let (mut lo, mut hi) = (u64::MAX, 0);
-            let bad = reader::for_each_event(open(trace)?, |_, v| {
-                let t = zapguard_trace::field_u64(v, "t_ns").unwrap_or(0);
-                if (from..to).contains(&t) {
-                    lo = lo.min(t);
-                    hi = hi.max(t);
-                    let _ = ex.add(v);
-                }
-            })
-            .map_err(|e| e.to_string())?;
-            let json = ex.finish().map_err(|e| e.to_string())?;
-            let doc: serde_json::Value =
-                serde_json::from_slice(&json).map_err(|e| e.to_string())?;
-            let events = doc["traceEvents"].as_array().cloned().unwrap_or_default();
-            let title = format!("{}: t_ns {lo}..{hi}", input.display());
-            let svg = zapguard_trace::svg::render(
-                &events,
-                lo as f64 / 1000.0,
-                hi as f64 / 1000.0,
-                &title,
-            );
+            let (svg, seen) =
+                zapguard_trace::svg::from_trace(open(trace)?, window, &input.display().to_string())
+                    .map_err(|e| e.to_string())?;
             std::fs::write(&output, svg).map_err(|e| format!("{}: {e}", output.display()))?;
+            if seen.shown == 0 {
+                nothing(&format!(
+                    "{}: {}; wrote an SVG that says so",
+                    output.display(),
+                    perfetto::empty_note(window)
+                ));
+            }
             emit(&format!("{}\n", output.display()))?;
-            bad
+            seen.bad
         }
-        Cmd::Perfetto { trace, output } => {
+        Cmd::Perfetto {
+            trace,
+            from,
+            to,
+            output,
+        } => {
+            let window = window(from, to)?;
             let input = or_latest(trace.clone());
             let output = output.unwrap_or_else(|| input.with_extension("perfetto.json"));
+            // The input first: a missing trace must not leave an empty output behind.
+            let input = open(trace)?;
             let file =
                 std::fs::File::create(&output).map_err(|e| format!("{}: {e}", output.display()))?;
-            let mut ex = zapguard_trace::perfetto::Exporter::new(BufWriter::new(file))
-                .map_err(|e| e.to_string())?;
-            let mut err = None;
-            let bad = reader::for_each_event(open(trace)?, |_, v| {
-                if err.is_none() {
-                    err = ex.add(v).err();
-                }
-            })
-            .map_err(|e| e.to_string())?;
-            if let Some(e) = err {
-                return Err(format!("{}: {e}", output.display()));
+            let (_, seen) = perfetto::export(input, BufWriter::new(file), window)
+                .map_err(|e| format!("{}: {e}", output.display()))?;
+            if seen.shown == 0 {
+                nothing(&format!(
+                    "{}: {}; wrote a timeline that says so",
+                    output.display(),
+                    perfetto::empty_note(window)
+                ));
             }
-            let n = ex.written;
-            ex.finish().map_err(|e| e.to_string())?;
             emit(&format!(
-                "{}: {n} trace events; open it in https://ui.perfetto.dev\n",
-                output.display()
+                "{}: {} trace events; open it in https://ui.perfetto.dev\n",
+                output.display(),
+                seen.written
             ))?;
-            bad
+            seen.bad
         }
         Cmd::Json { trace } => {
             let mut out = BufWriter::new(std::io::stdout().lock());
             let mut io_err = None;
+            let mut n = 0u64;
             let bad = reader::for_each_line(open(trace)?, |_, line| {
+                n += 1;
                 if io_err.is_none() {
                     io_err = out
                         .write_all(line)
@@ -205,6 +226,9 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                 Some(e) if e.kind() != std::io::ErrorKind::BrokenPipe => return Err(e.to_string()),
                 _ => {}
             }
+            if n == 0 {
+                nothing("no events in this trace");
+            }
             bad
         }
         Cmd::Summary { trace } => {
@@ -213,6 +237,9 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                 reader::for_each_event(open(trace)?, |_, v| s.add(v)).map_err(|e| e.to_string())?;
             s.bad_lines = bad.clone();
             emit(&s.to_string())?;
+            if s.events == 0 {
+                nothing("no events in this trace");
+            }
             bad
         }
         Cmd::Filter {
@@ -229,16 +256,17 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                 asid,
                 kinds,
                 va,
-                time: (from.is_some() || to.is_some())
-                    .then(|| (from.unwrap_or(0), to.unwrap_or(u64::MAX))),
+                time: window(from, to)?,
                 cmd,
             };
             let mut out = BufWriter::new(std::io::stdout().lock());
             let mut io_err = None;
+            let mut kept = 0u64;
             let bad = reader::for_each_event(open(trace)?, |_, v| {
                 if io_err.is_some() || !f.keeps(v) {
                     return;
                 }
+                kept += 1;
                 let r = if table {
                     writeln!(out, "{}", filter::table_row(v))
                 } else {
@@ -252,12 +280,26 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                 Some(e) if e.kind() != std::io::ErrorKind::BrokenPipe => return Err(e.to_string()),
                 _ => {}
             }
+            if kept == 0 {
+                nothing(if f.time.is_some() {
+                    "no events match in this window"
+                } else {
+                    "no events match"
+                });
+            }
             bad
         }
         Cmd::Check { trace } => {
             let mut c = Checker::default();
-            let bad = reader::for_each_event(open(trace)?, |n, v| c.add(n, v))
-                .map_err(|e| e.to_string())?;
+            let mut n = 0u64;
+            let bad = reader::for_each_event(open(trace)?, |line, v| {
+                n += 1;
+                c.add(line, v);
+            })
+            .map_err(|e| e.to_string())?;
+            if n == 0 {
+                nothing("no events in this trace: nothing to check");
+            }
             c.finish();
             let mut text = String::new();
             for f in c.findings.iter().take(50) {

@@ -1,30 +1,45 @@
 //! `perfetto`: export a Chrome/Perfetto trace-event JSON (open it in ui.perfetto.dev).
 //!
-//! One process, "zapguard device", with tracks:
+//! One process, "zapguard device", with tracks named for what they hold (Perfetto shows a
+//! thread id after each name; the ids mean nothing):
 //!
 //! | track | spans | instants |
 //! |---|---|---|
-//! | command queue | each invalidation until the SYNC that covers it completes; each SYNC from its doorbell to its completion | — |
-//! | DMA engine | each job, start to done | — |
-//! | asid N | its jobs; each stalled fault until the RESUME/ABORT that answers it | faults that end a job, validator violations |
+//! | command queue: invalidations, SYNCs | each invalidation until the SYNC that covers it completes; each SYNC from its doorbell to its completion | — |
+//! | DMA engine: all jobs | each job, start to done | — |
+//! | ASID N: jobs, faults | its jobs; each stalled fault until the RESUME/ABORT that answers it | faults that end a job, validator violations |
+//!
+//! A timeline with nothing on it (an empty trace or window) gets one global instant saying so,
+//! so that the file is still a valid trace that explains itself.
 //!
 //! Per-burst events (`dma_access`, IOTLB fills) are not exported: a timeline of millions of
 //! 512-byte bursts shows nothing, and the summary counts them.
 
 use crate::cmdq::CmdqClock;
+use crate::reader::{self, BadLine};
 use crate::{field_str, field_u64, kind};
 use serde_json::{json, Value};
 use std::collections::HashMap;
-use std::io::Write;
+use std::io::{BufRead, Write};
 
 const PID: u64 = 1;
 const TID_CMDQ: u64 = 1;
 const TID_DMA: u64 = 2;
 /// Violation instants exported per ASID (the summary has the full counts).
 const VIOLATIONS_PER_ASID: u64 = 200;
+/// Track names.
+pub const CMDQ_TRACK: &str = "command queue: invalidations, SYNCs";
+/// See [`CMDQ_TRACK`].
+pub const DMA_TRACK: &str = "DMA engine: all jobs";
+
+/// The name of an ASID's track.
+pub fn asid_track_name(asid: u64) -> String {
+    format!("ASID {asid}: jobs, faults")
+}
 
 fn tid_asid(asid: u64) -> u64 {
-    100 + asid
+    // Saturating: `asid` comes from the trace, and a garbage one must not overflow.
+    100u64.saturating_add(asid)
 }
 
 fn us(ns: u64) -> f64 {
@@ -47,6 +62,8 @@ pub struct Exporter<W: Write> {
     violations: HashMap<u64, u64>,
     /// Trace-event records written.
     pub written: u64,
+    /// Spans and instants written (the rest is track metadata).
+    pub shown: u64,
 }
 
 impl<W: Write> Exporter<W> {
@@ -63,10 +80,11 @@ impl<W: Write> Exporter<W> {
             stalls: HashMap::new(),
             violations: HashMap::new(),
             written: 0,
+            shown: 0,
         };
         e.emit(&json!({"ph": "M", "pid": PID, "name": "process_name", "args": {"name": "zapguard device"}}))?;
-        e.thread(TID_CMDQ, "command queue", 0)?;
-        e.thread(TID_DMA, "DMA engine", 1)?;
+        e.thread(TID_CMDQ, CMDQ_TRACK, 0)?;
+        e.thread(TID_DMA, DMA_TRACK, 1)?;
         Ok(e)
     }
 
@@ -89,11 +107,12 @@ impl<W: Write> Exporter<W> {
 
     fn asid_track(&mut self, asid: u64) -> std::io::Result<u64> {
         let tid = tid_asid(asid);
-        self.thread(tid, &format!("asid {asid}"), tid)?;
+        self.thread(tid, &asid_track_name(asid), tid)?;
         Ok(tid)
     }
 
     fn span(&mut self, tid: u64, name: &str, t0: u64, t1: u64, args: Value) -> std::io::Result<()> {
+        self.shown += 1;
         self.emit(&json!({
             "ph": "X", "pid": PID, "tid": tid, "name": name,
             "ts": us(t0), "dur": us(t1.saturating_sub(t0)), "args": args,
@@ -101,6 +120,7 @@ impl<W: Write> Exporter<W> {
     }
 
     fn instant(&mut self, tid: u64, name: &str, t: u64, args: Value) -> std::io::Result<()> {
+        self.shown += 1;
         self.emit(&json!({"ph": "i", "s": "t", "pid": PID, "tid": tid, "name": name, "ts": us(t), "args": args}))
     }
 
@@ -211,12 +231,72 @@ impl<W: Write> Exporter<W> {
         Ok(())
     }
 
+    /// A global instant at `t_ns` saying `text` (not counted in [`Self::shown`]).
+    pub fn note(&mut self, text: &str, t_ns: u64) -> std::io::Result<()> {
+        self.emit(&json!({"ph": "i", "s": "g", "pid": PID, "name": text, "ts": us(t_ns)}))
+    }
+
     /// Closes the JSON document.
     pub fn finish(mut self) -> std::io::Result<W> {
         self.out.write_all(b"\n]}\n")?;
         self.out.flush()?;
         Ok(self.out)
     }
+}
+
+/// What [`export`] saw and wrote.
+#[derive(Debug, Default)]
+pub struct Exported {
+    /// Trace events in the window.
+    pub events: u64,
+    /// First and last `t_ns` of those events (`None`: none in the window).
+    pub span: Option<(u64, u64)>,
+    /// Spans and instants written (0: the timeline is empty but for a note saying so).
+    pub shown: u64,
+    /// Trace-event records written, metadata included.
+    pub written: u64,
+    /// Malformed lines of the trace.
+    pub bad: Vec<BadLine>,
+}
+
+/// The note an empty timeline carries.
+pub fn empty_note(window: Option<(u64, u64)>) -> &'static str {
+    if window.is_some() {
+        "no events in this window"
+    } else {
+        "no events in this trace"
+    }
+}
+
+/// Exports the events of `input` whose `t_ns` is in `window` (`[from, to)`; `None`: all) to
+/// `out`. An empty window (or one holding only events that are not drawn) still gives a valid
+/// document, holding a note that says so.
+pub fn export<W: Write>(
+    input: impl BufRead,
+    out: W,
+    window: Option<(u64, u64)>,
+) -> std::io::Result<(W, Exported)> {
+    let mut ex = Exporter::new(out)?;
+    let mut seen = Exported::default();
+    let mut err = None;
+    seen.bad = reader::for_each_event(input, |_, v| {
+        let t = field_u64(v, "t_ns").unwrap_or(0);
+        if err.is_some() || window.is_some_and(|(from, to)| t < from || t >= to) {
+            return;
+        }
+        seen.events += 1;
+        seen.span = Some(seen.span.map_or((t, t), |(a, b)| (a.min(t), b.max(t))));
+        err = ex.add(v).err();
+    })?;
+    if let Some(e) = err {
+        return Err(e);
+    }
+    if ex.shown == 0 {
+        let at = seen.span.map_or(window.map_or(0, |w| w.0), |s| s.0);
+        ex.note(empty_note(window), at)?;
+    }
+    (seen.shown, seen.written) = (ex.shown, ex.written);
+    Ok((ex.finish()?, seen))
 }
 
 #[cfg(test)]
@@ -283,6 +363,48 @@ mod tests {
             .filter(|x| x["name"] == "thread_name")
             .map(|x| x["args"]["name"].as_str().unwrap_or("").to_string())
             .collect();
-        assert_eq!(names, vec!["command queue", "DMA engine", "asid 3"]);
+        assert_eq!(names, vec![CMDQ_TRACK, DMA_TRACK, "ASID 3: jobs, faults"]);
+    }
+
+    fn exported(trace: &str, window: Option<(u64, u64)>) -> (Value, Exported) {
+        let (out, seen) = export(trace.as_bytes(), Vec::new(), window).expect("export");
+        (serde_json::from_slice(&out).expect("valid JSON"), seen)
+    }
+
+    fn notes(doc: &Value) -> Vec<String> {
+        let evs = doc["traceEvents"].as_array().expect("array");
+        evs.iter()
+            .filter(|e| e["s"] == "g")
+            .map(|e| e["name"].as_str().unwrap_or("").to_string())
+            .collect()
+    }
+
+    #[test]
+    fn an_empty_trace_or_window_is_a_valid_document_with_a_note() {
+        let (doc, seen) = exported("", None);
+        assert_eq!((seen.events, seen.shown, seen.span), (0, 0, None));
+        assert_eq!(notes(&doc), ["no events in this trace"]);
+        let trace = "{\"t_ns\":1000,\"kind\":\"job_start\",\"job\":1,\"op\":\"copy\",\"asid\":2}\n\
+                     {\"t_ns\":2000,\"kind\":\"job_done\",\"job\":1,\"asid\":2,\"result\":\"ok\"}\n";
+        let (doc, seen) = exported(trace, Some((3_000_000_000, 3_400_000_000)));
+        assert_eq!((seen.events, seen.shown), (0, 0));
+        assert_eq!(notes(&doc), ["no events in this window"]);
+        // Inverted: nothing, not a panic.
+        let (_, seen) = exported(trace, Some((5000, 10)));
+        assert_eq!(seen.events, 0);
+        let (doc, seen) = exported(trace, Some((0, 5000)));
+        assert_eq!(
+            (seen.events, seen.shown, seen.span),
+            (2, 2, Some((1000, 2000)))
+        );
+        assert!(notes(&doc).is_empty());
+    }
+
+    #[test]
+    fn a_huge_asid_does_not_overflow() {
+        let mut e = Exporter::new(Vec::new()).expect("start");
+        let v = json!({"t_ns": 1, "kind": "violation", "asid": u64::MAX, "result": "stale"});
+        e.add(&v).expect("add");
+        assert_eq!(e.shown, 1);
     }
 }

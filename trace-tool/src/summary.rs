@@ -256,10 +256,47 @@ impl fmt::Display for Summary {
                 "({quiet} more ASIDs had only context and invalidation commands, no DMA)"
             )?;
         }
+        self.write_violations(f, None)
+    }
+}
+
+impl Summary {
+    /// The summary as [`Display`](fmt::Display) writes it, except that violations are split
+    /// into the `expected` ones (the run's injected-bug tests announce how many they cause) and
+    /// the rest, and shown in full only when some are not expected.
+    pub fn report(&self, expected: u64) -> String {
+        let mut s = self.to_string();
+        if let Some(at) = s.rfind("\nviolations: ") {
+            s.truncate(at + 1);
+        }
+        let mut tail = String::new();
+        let _ = self.write_violations(&mut tail, Some(expected));
+        s + &tail
+    }
+
+    fn write_violations(&self, f: &mut dyn fmt::Write, expected: Option<u64>) -> fmt::Result {
         let total: u64 = self.violations();
-        writeln!(f, "violations: {total}")?;
-        for v in &self.first_violations {
-            writeln!(f, "  {v}")?;
+        match expected {
+            None => writeln!(f, "violations: {total}")?,
+            Some(e) => {
+                let unexpected = total.saturating_sub(e);
+                writeln!(
+                    f,
+                    "violations: {total} = expected {} (injected-bug tests) + unexpected {unexpected}",
+                    total.min(e)
+                )?;
+            }
+        }
+        if expected.is_none_or(|e| total != e) {
+            if expected.is_some() {
+                writeln!(
+                    f,
+                    "first violations in the trace (not all of them expected):"
+                )?;
+            }
+            for v in &self.first_violations {
+                writeln!(f, "  {v}")?;
+            }
         }
         for b in self.bad_lines.iter().take(5) {
             writeln!(f, "malformed line {}: {}", b.line, b.why)?;
@@ -335,6 +372,19 @@ mod tests {
         ]);
         let a = &s.asids[&1];
         assert_eq!((a.accesses, a.pages.len()), (2, 5), "pages 2 to 6");
+    }
+
+    #[test]
+    fn report_splits_expected_violations_and_hides_them_when_all_are() {
+        let v = json!({"t_ns": 1, "kind": "violation", "asid": 1, "result": "stale"});
+        let s = summarize(&[v.clone(), v]);
+        let all = s.report(2);
+        assert!(all.contains("violations: 2 = expected 2 (injected-bug tests) + unexpected 0"));
+        assert!(!all.contains("\"kind\":\"violation\""), "{all}");
+        let some = s.report(1);
+        assert!(some.contains("+ unexpected 1"));
+        assert!(some.contains("\"kind\":\"violation\""), "{some}");
+        assert_eq!(s.to_string().matches("\"kind\":\"violation\"").count(), 2);
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! cargo xtask shell [--add FILE]... [--exec PROG [ARGS...]]   build, boot to an interactive guest shell (files in /user)
 //! cargo xtask test  [--filter F] [--timeout SECS] [--no-host] host tests + the VM run; last line `N passed, N failed`
 //! cargo xtask build                                           build every artifact, print their paths
+//! cargo xtask image                                           the guest image as one reproducible archive (target/zapguard/zapguard-image-*.tar.gz)
 //! cargo xtask bench [--filter F]                              the guest benchmarks (table + target/zapguard/bench.json;
 //!                                                             with F only those whose name contains it, -> bench-partial.json)
 //! ```
@@ -17,6 +18,7 @@
 
 mod bench;
 mod hosttests;
+mod image;
 mod ktap;
 mod trace;
 mod user;
@@ -521,7 +523,7 @@ fn vm_run(root: &Path, art: &Artifacts, opts: &Options, echo: vm::Echo) -> Resul
     match &analysis {
         Ok(a) => {
             println!("device trace summary (zapguard-trace summary):");
-            for l in a.summary.to_string().lines() {
+            for l in a.summary.report(o.expected_violations.unwrap_or(0)).lines() {
                 println!("  {l}");
             }
         }
@@ -567,6 +569,57 @@ fn bindings_checks(root: &Path, art: &Artifacts) -> (usize, usize) {
         },
     ];
     print_checks("bindings checks:  ", &checks)
+}
+
+/// A static (musl) `zapguard-dev`, for the image: it must run on any x86-64 Linux box.
+fn static_device(root: &Path) -> Result<PathBuf> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    run_status(
+        Command::new(&cargo)
+            .current_dir(root)
+            .args(["build", "--quiet", "--release", "-p", "qemu-dev"])
+            .args(["--bin", "zapguard-dev", "--target", MUSL]),
+        "cargo build zapguard-dev (musl)",
+    )?;
+    Ok(root.join("target").join(MUSL).join("release/zapguard-dev"))
+}
+
+/// Builds the image archive from `art`.
+fn build_image(root: &Path, art: &Artifacts) -> Result<(PathBuf, String)> {
+    let device = static_device(root)?;
+    let header = root.join("target/zapguard/include/zapguard.h");
+    image::build(
+        root,
+        &image::Parts {
+            bzimage: &art.bzimage,
+            initramfs: &art.initramfs,
+            device: &device,
+            header: &header,
+        },
+    )
+}
+
+/// `just image` from a test: two builds give the same bytes, and the archive boots through its
+/// own run script (one quick guest test) with the QEMU this machine uses.
+fn image_checks(root: &Path, art: &Artifacts) -> Result<(usize, usize)> {
+    let t = step("guest image: reproducible, and boots through its own run.sh");
+    let (first, sha1) = build_image(root, art)?;
+    let (_, sha2) = build_image(root, art)?;
+    let (booted, text) = image::boot_check(root, &first, &art.qemu, "get_info_identity")?;
+    eprintln!("    {:.1}s", t.elapsed().as_secs_f32());
+    let checks = [
+        Check {
+            name: "just image twice gives the same sha256",
+            ok: sha1 == sha2 && !sha1.is_empty(),
+            detail: format!("{sha1} then {sha2}"),
+        },
+        Check {
+            name: "the image boots through its own run.sh and its guest test passes",
+            ok: booted && text.contains("ok 2 get_info_identity"),
+            detail: text.lines().rev().take(12).collect::<Vec<_>>().join(" | "),
+        },
+    ];
+    Ok(print_checks("image checks:      ", &checks))
 }
 
 /// The harness must fail runs that go wrong. Each scenario breaks the guest or the device on
@@ -715,7 +768,7 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let Some(cmd) = args.first() else {
         eprintln!(
-            "usage: cargo xtask run|shell|test|build|bench [options] (see xtask/src/main.rs)"
+            "usage: cargo xtask run|shell|test|build|image|bench [options] (see xtask/src/main.rs)"
         );
         return ExitCode::from(2);
     };
@@ -790,8 +843,9 @@ fn main() -> ExitCode {
                         let (bp, bf) = bindings_checks(&root, &art);
                         let (sp, sf) = harness_selftests(&root, &art)?;
                         let (dp, df) = device_death_run(&root, &art)?;
-                        p += bp + sp + dp;
-                        f += bf + sf + df;
+                        let (ip, iff) = image_checks(&root, &art)?;
+                        p += bp + sp + dp + ip;
+                        f += bf + sf + df + iff;
                         // The same suite on the lock-debugging kernel: any lockdep, might_sleep
                         // or DEBUG_VM report fails its run checks.
                         println!(
@@ -814,6 +868,11 @@ fn main() -> ExitCode {
                 });
             Ok(finish(host.passed + vp, host.failed + vf))
         })(),
+        "image" => build(&root).and_then(|art| {
+            let (path, sha) = build_image(&root, &art)?;
+            println!("{}\nsha256 {sha}", path.display());
+            Ok(ExitCode::SUCCESS)
+        }),
         "bench" => build(&root).and_then(|art| {
             let (accel, why) = vm::Accel::detect();
             let t = step(&format!("boot guest for the benchmarks ({accel:?}: {why})"));

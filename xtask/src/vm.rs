@@ -185,54 +185,66 @@ fn start_device(cfg: &VmConfig, socket: &Path, out: &mut VmOutcome) -> std::io::
 }
 
 fn qemu_command(cfg: &VmConfig, socket: &Path) -> Command {
+    let mut c = Command::new(&cfg.qemu);
+    c.args(cfg.accel.args()).args(machine_args(
+        &cfg.bzimage.to_string_lossy(),
+        &cfg.initramfs.to_string_lossy(),
+        &cfg.init_args,
+        &socket.to_string_lossy(),
+    ));
+    c
+}
+
+/// QEMU's arguments after the accelerator's: the machine, its memory, the console, the kernel
+/// and its command line (`init_args` for init), and the device at `socket`. `just image`'s run
+/// script is rendered from the same list.
+pub fn machine_args(
+    bzimage: &str,
+    initramfs: &str,
+    init_args: &[String],
+    socket: &str,
+) -> Vec<String> {
     // hugepages=: 2 MiB hugetlbfs pages reserved at boot, before memory fragments (hmm-tests'
     // hugetlbfs tests and the guest suite's need one or two at a time).
     let mut append = String::from("console=ttyS0 panic=-1 oops=panic hugepages=8");
-    for a in &cfg.init_args {
+    for a in init_args {
         append.push(' ');
         append.push_str(a);
     }
-    let device = format!(
-        r#"{{"driver":"vfio-user-pci","socket":{{"path":"{}","type":"unix"}}}}"#,
-        socket.display()
-    );
-    let mut c = Command::new(&cfg.qemu);
-    c.args(cfg.accel.args())
+    let device =
+        format!(r#"{{"driver":"vfio-user-pci","socket":{{"path":"{socket}","type":"unix"}}}}"#);
+    [
         // The device maps guest RAM from the memfd QEMU passes in DMA_MAP: it must be shared,
         // or the device's view silently diverges from the guest's.
-        .args([
-            "-object",
-            &format!("memory-backend-memfd,id=mem,size={GUEST_RAM},share=on"),
-        ])
-        .args([
-            "-machine",
-            "q35,memory-backend=mem",
-            "-m",
-            GUEST_RAM,
-            "-smp",
-            "2",
-        ])
-        .args([
-            "-display",
-            "none",
-            "-monitor",
-            "none",
-            "-no-reboot",
-            "-nodefaults",
-        ])
-        .args([
-            "-chardev",
-            "stdio,id=con,signal=off",
-            "-serial",
-            "chardev:con",
-        ])
-        .arg("-kernel")
-        .arg(&cfg.bzimage)
-        .arg("-initrd")
-        .arg(&cfg.initramfs)
-        .args(["-append", &append])
-        .args(["-device", &device]);
-    c
+        "-object",
+        &format!("memory-backend-memfd,id=mem,size={GUEST_RAM},share=on"),
+        "-machine",
+        "q35,memory-backend=mem",
+        "-m",
+        GUEST_RAM,
+        "-smp",
+        "2",
+        "-display",
+        "none",
+        "-monitor",
+        "none",
+        "-no-reboot",
+        "-nodefaults",
+        "-chardev",
+        "stdio,id=con,signal=off",
+        "-serial",
+        "chardev:con",
+        "-kernel",
+        bzimage,
+        "-initrd",
+        initramfs,
+        "-append",
+        &append,
+        "-device",
+        &device,
+    ]
+    .map(String::from)
+    .to_vec()
 }
 
 /// Boots the guest and collects everything; `Err` only for failures to even start.
