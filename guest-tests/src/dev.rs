@@ -26,10 +26,22 @@ pub fn ioctl_raw(f: &File, cmd: u32, arg: usize) -> io::Result<i32> {
     }
 }
 
+/// Issues `cmd` with `arg` as its in/out structure. The bounds say what makes this sound: the
+/// kernel reads the structure's bytes (`IntoBytes`: no padding, every byte initialised) and
+/// writes any bytes back (`FromBytes`: every bit pattern is a valid `T`); the ioctl number's
+/// encoded size must be `T`'s, which the ABI asserts for each one.
+pub fn ioctl_rw<T: zerocopy::IntoBytes + zerocopy::FromBytes>(
+    f: &File,
+    cmd: u32,
+    arg: &mut T,
+) -> io::Result<i32> {
+    ioctl_raw(f, cmd, arg as *mut T as usize)
+}
+
 /// `ZG_IOC_GET_INFO`.
 pub fn get_info(f: &File) -> io::Result<ZgInfo> {
     let mut info = ZgInfo::default();
-    ioctl_raw(f, ZG_IOC_GET_INFO, &mut info as *mut ZgInfo as usize)?;
+    ioctl_rw(f, ZG_IOC_GET_INFO, &mut info)?;
     Ok(info)
 }
 
@@ -51,13 +63,13 @@ pub fn map(f: &File, va: usize, len: usize, flags: u32) -> io::Result<ZgMap> {
         flags,
         ..Default::default()
     };
-    ioctl_raw(f, ZG_IOC_MAP, &mut m as *mut ZgMap as usize)?;
+    ioctl_rw(f, ZG_IOC_MAP, &mut m)?;
     Ok(m)
 }
 
 /// `ZG_IOC_DMA`; on failure the errno comes with the filled-in job record.
 pub fn dma(f: &File, mut d: ZgDma) -> Result<ZgDma, (io::Error, ZgDma)> {
-    match ioctl_raw(f, ZG_IOC_DMA, &mut d as *mut ZgDma as usize) {
+    match ioctl_rw(f, ZG_IOC_DMA, &mut d) {
         Ok(_) => Ok(d),
         Err(e) => Err((e, d)),
     }
@@ -83,14 +95,23 @@ pub fn snapshot(f: &File, va: usize, npages: usize) -> io::Result<Vec<u8>> {
         npages: npages as u64,
         out: out.as_mut_ptr() as u64,
     };
-    ioctl_raw(f, ZG_IOC_SNAPSHOT, &mut s as *mut ZgSnapshot as usize)?;
+    ioctl_rw(f, ZG_IOC_SNAPSHOT, &mut s)?;
     Ok(out)
+}
+
+/// Snapshot bytes by flag name, for messages: `[DEV_PRESENT | CPU_VALID, -]`.
+pub fn snap_names(snap: &[u8]) -> String {
+    let names: Vec<String> = snap
+        .iter()
+        .map(|&b| shared_regs::flags::names::<shared_regs::flags::Snap>(b).to_string())
+        .collect();
+    format!("[{}]", names.join(", "))
 }
 
 /// `ZG_IOC_STATS`.
 pub fn stats(f: &File) -> io::Result<ZgStats> {
     let mut s = ZgStats::default();
-    ioctl_raw(f, ZG_IOC_STATS, &mut s as *mut ZgStats as usize)?;
+    ioctl_rw(f, ZG_IOC_STATS, &mut s)?;
     Ok(s)
 }
 
@@ -108,7 +129,7 @@ pub fn inject(f: &File, modes: u32, cmd_lag: u32) -> io::Result<()> {
 
 /// `ZG_IOC_INJECT` with every field (device failure modes, walk lag).
 pub fn inject_all(f: &File, mut i: ZgInject) -> io::Result<()> {
-    ioctl_raw(f, ZG_IOC_INJECT, &mut i as *mut ZgInject as usize).map(|_| ())
+    ioctl_rw(f, ZG_IOC_INJECT, &mut i).map(|_| ())
 }
 
 /// `MADV_COLLAPSE` (Linux 6.1; not in every libc's headers).

@@ -22,6 +22,6 @@ pub fn run(f: &File, op: u32, addr: usize, ptr: *mut u8, npages: usize) -> io::R
         npages: npages as u64,
         ..Default::default()
     };
-    crate::dev::ioctl_raw(f, op, &mut c as *mut DmirrorCmd as usize)?;
+    crate::dev::ioctl_rw(f, op, &mut c)?;
     Ok(c)
 }

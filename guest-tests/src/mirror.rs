@@ -124,7 +124,8 @@ pub fn mirror_read_write_copy() -> Result<(), String> {
         if s & ZG_SNAP_DEV_PRESENT == 0 || s & ZG_SNAP_DEV_WRITE != 0 || s & ZG_SNAP_CPU_VALID == 0
         {
             return Err(format!(
-                "page {i}: snapshot {s:#04x}, expected present read-only"
+                "page {i}: snapshot {}, expected present read-only",
+                dev::snap_names(&[*s])
             ));
         }
     }
@@ -211,7 +212,10 @@ pub fn madvise_dontneed_refaults_new_page() -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     let snap = dev::snapshot(&f, a.addr, 16).map_err(|e| format!("SNAPSHOT: {e}"))?;
     if snap.iter().any(|s| s & ZG_SNAP_DEV_PRESENT != 0) {
-        return Err(format!("device PTEs survived MADV_DONTNEED: {snap:x?}"));
+        return Err(format!(
+            "device PTEs survived MADV_DONTNEED: {}",
+            dev::snap_names(&snap)
+        ));
     }
     let mut nf = dev::job(DMA_CHECKSUM, a.addr, 0, a.len, 0);
     nf.flags = ZG_DMA_NO_FAULT;
@@ -237,7 +241,8 @@ pub fn mprotect_readonly_refuses_device_writes() -> Result<(), String> {
     let snap = dev::snapshot(&f, a.addr, 8).map_err(|e| format!("SNAPSHOT: {e}"))?;
     if snap.iter().any(|s| s & ZG_SNAP_DEV_WRITE != 0) {
         return Err(format!(
-            "device still writable after mprotect(PROT_READ): {snap:x?}"
+            "device still writable after mprotect(PROT_READ): {}",
+            dev::snap_names(&snap)
         ));
     }
     run_err(&f, fill_job(a.addr, a.len, 0x33), libc::EPERM)?;
@@ -337,8 +342,8 @@ pub fn thp_mirrored_with_huge_entries() -> Result<(), String> {
     }
     if cpu[0] & ZG_SNAP_CPU_HUGE == 0 {
         return Err(format!(
-            "the CPU did not map a THP (snapshot {:#04x})",
-            cpu[0]
+            "the CPU did not map a THP (snapshot {})",
+            dev::snap_names(&cpu)
         ));
     }
     let m = map(&f, &a, true)?;

@@ -3,10 +3,14 @@
 //!
 //! Everything under [`abi`] is `no_std` and dependency-free because the kernel module compiles the
 //! very same files (`#[path = "../shared-regs/src/abi/mod.rs"] pub mod abi;` in `kmod/zapguard.rs`).
-//! Code there must therefore only use `core` and `super::` paths, never `crate::`.
+//! Code there must therefore only use `core` and `super::` paths, never `crate::`. Host code can
+//! turn on the `host` feature for named flag sets ([`flags`]) and zerocopy's byte-conversion
+//! traits on the uAPI structures.
 #![no_std]
 #![deny(missing_docs)]
 
 pub mod abi;
+#[cfg(feature = "host")]
+pub mod flags;
 
 pub use abi::{cmd, dma, event, hmm, pci, pte, queue, regs, uapi};

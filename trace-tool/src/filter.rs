@@ -74,6 +74,18 @@ pub fn parse_range(s: &str) -> Result<(u64, u64), String> {
     }
 }
 
+/// A register's value as people read it: flag registers by flag name (`CMDQ_EN | EVTQ_EN`).
+fn register_value(reg: Option<&str>, n: u64) -> String {
+    use shared_regs::flags::{names, Caps, Cr0, IrqCtrl};
+    let bits = n as u32;
+    match reg {
+        Some("CR0" | "CR0ACK") => format!("{} ({n:#x})", names::<Cr0>(bits)),
+        Some("IRQ_CTRL") => format!("{} ({n:#x})", names::<IrqCtrl>(bits)),
+        Some("CAPS") => format!("{} ({n:#x})", names::<Caps>(bits)),
+        _ => n.to_string(),
+    }
+}
+
 /// One event as a table row: time, kind, asid, then the other fields.
 pub fn table_row(v: &Value) -> String {
     let t = field_u64(v, "t_ns").unwrap_or(0);
@@ -86,6 +98,7 @@ pub fn table_row(v: &Value) -> String {
             }
             let shown = match (k.as_str(), x.as_u64()) {
                 ("va" | "pa" | "cpu_pa" | "src" | "dst" | "iova", Some(n)) => format!("{n:#x}"),
+                ("value", Some(n)) => register_value(field_str(v, "reg"), n),
                 _ => x.as_str().map_or_else(|| x.to_string(), str::to_string),
             };
             rest.push(format!("{k}={shown}"));
@@ -104,6 +117,18 @@ pub fn table_row(v: &Value) -> String {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn flag_registers_read_by_name_in_the_table() {
+        let w = json!({"t_ns": 1, "kind": "bar_write", "reg": "CR0", "value": 15});
+        assert!(
+            table_row(&w).contains("value=CMDQ_EN | EVTQ_EN | DMAQ_EN | CTX_EN (0xf)"),
+            "{}",
+            table_row(&w)
+        );
+        let other = json!({"t_ns": 1, "kind": "bar_write", "reg": "CMDQ_PROD", "value": 15});
+        assert!(table_row(&other).contains("value=15"));
+    }
 
     #[test]
     fn each_condition_filters() {

@@ -21,6 +21,10 @@ use super::uapi::{ioc, IOC_READ, IOC_WRITE};
 /// `struct hmm_dmirror_cmd`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(
+    feature = "host",
+    derive(zerocopy::FromBytes, zerocopy::IntoBytes, zerocopy::Immutable)
+)]
 pub struct HmmDmirrorCmd {
     /// (in) The address the device reads or writes.
     pub addr: u64,

@@ -56,6 +56,10 @@ pub const UAPI_VERSION: u32 = 4;
 /// and from the PCI core; `reserved` is zero and keeps the size stable as fields are added.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(
+    feature = "host",
+    derive(zerocopy::FromBytes, zerocopy::IntoBytes, zerocopy::Immutable)
+)]
 pub struct ZgInfo {
     /// [`UAPI_VERSION`] of the driver.
     pub uapi_version: u32,
@@ -100,6 +104,10 @@ pub const ZG_MAP_FLAGS: u32 = ZG_MAP_WRITE;
 /// kept being invalidated; retry), `ENOMEM` (device page-table pool exhausted).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(
+    feature = "host",
+    derive(zerocopy::FromBytes, zerocopy::IntoBytes, zerocopy::Immutable)
+)]
 pub struct ZgMap {
     /// In: first address (page aligned).
     pub va: u64,
@@ -133,6 +141,10 @@ pub const ZG_DMA_BOUNCE_MAX: u64 = 1 << 20;
 /// `PROT_NONE`, `EPERM` for a write to a read-only mapping) with the status filled in.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(
+    feature = "host",
+    derive(zerocopy::FromBytes, zerocopy::IntoBytes, zerocopy::Immutable)
+)]
 pub struct ZgDma {
     /// In: `DMA_*` opcode.
     pub op: u32,
@@ -185,6 +197,10 @@ pub const ZG_SNAPSHOT_MAX_PAGES: u64 = 4096;
 /// is written to the user buffer `out`. Faults nothing in.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(
+    feature = "host",
+    derive(zerocopy::FromBytes, zerocopy::IntoBytes, zerocopy::Immutable)
+)]
 pub struct ZgSnapshot {
     /// First address (page aligned).
     pub va: u64,
@@ -202,6 +218,10 @@ pub const ZG_VIOL_CLASSES: usize = 6;
 /// Answer of [`ZG_IOC_STATS`]: counters of this context since it was opened.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(
+    feature = "host",
+    derive(zerocopy::FromBytes, zerocopy::IntoBytes, zerocopy::Immutable)
+)]
 pub struct ZgStats {
     /// The context's device ASID.
     pub asid: u32,
@@ -292,6 +312,10 @@ pub const ZG_INJ_MODES: u32 = ZG_INJ_ALL | ZG_DBG_NO_VALIDATE;
 /// Argument of [`ZG_IOC_INJECT`] (needs `CAP_SYS_ADMIN`, else `EPERM`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(
+    feature = "host",
+    derive(zerocopy::FromBytes, zerocopy::IntoBytes, zerocopy::Immutable)
+)]
 pub struct ZgInject {
     /// `ZG_INJ_*` bugs to enable on this context (0 turns them off).
     pub modes: u32,
