@@ -8,7 +8,9 @@
 //!   lock) -> context lock -> `mmu_interval_read_retry()` -> write device PTEs, in 2 MiB blocks,
 //!   with a 2 MiB device entry where the CPU maps 2 MiB.
 //! - **Shootdown** ([`Mirror::invalidate`]): context lock -> `mmu_interval_set_seq()` -> clear the
-//!   device PTEs -> `CMD_INV_RANGE` (or `CMD_INV_ASID` above [`INV_ASID_THRESHOLD`] pages) + SYNC ->
+//!   device PTEs, or only make them read-only for the write-protects that keep pages mapped
+//!   (`Change::for_event`: fork's COW, mkclean, soft-dirty) -> `CMD_INV_RANGE` (or
+//!   `CMD_INV_ASID` above [`INV_ASID_THRESHOLD`] pages) + SYNC ->
 //!   wait for the SYNC, or for the fence if the device fails meanwhile
 //!   ([`crate::device::Shared::sync`]). Tables emptied at any level are detached and freed only
 //!   after that.
@@ -154,6 +156,7 @@ struct Stats {
     invalidations_empty: AtomicU64,
     nonblock_failed: AtomicU64,
     pages_zapped: AtomicU64,
+    pages_write_protected: AtomicU64,
     inv_range_cmds: AtomicU64,
     inv_asid_cmds: AtomicU64,
     sync_waits: AtomicU64,
@@ -230,6 +233,30 @@ impl Access {
 }
 
 /// One zap: the range to clear, and what was cleared.
+/// What an invalidation does to the device PTEs of its range.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Change {
+    /// Clear them: the pages may go away or change.
+    Clear,
+    /// Make them read-only: the kernel only write-protects pages that stay mapped.
+    WriteProtect,
+}
+
+impl Change {
+    /// Write-protect for the events that only take write permission from pages that stay
+    /// mapped at the same frames (7.3: `MMU_NOTIFY_PROTECTION_PAGE` from fork's COW
+    /// `copy_page_range()`, writeback's `folio_mkclean()` and the dirty-tracking helpers;
+    /// `MMU_NOTIFY_SOFT_DIRTY` from `clear_refs`). Everything else clears, including
+    /// `MMU_NOTIFY_PROTECTION_VMA` (mprotect, NUMA hinting, userfaultfd write-protect), which
+    /// may remove read access too and does not say so.
+    fn for_event(event: NotifierEvent) -> Self {
+        match event {
+            NotifierEvent::ProtectionPage | NotifierEvent::SoftDirty => Self::WriteProtect,
+            _ => Self::Clear,
+        }
+    }
+}
+
 struct Zap {
     start: u64,
     end: u64,
@@ -528,9 +555,40 @@ impl Mirror {
         Ok(())
     }
 
-    /// Clears `[start, end)`, invalidates the device TLB and waits per `how` (plus `ctx_cmds`
-    /// first, for teardown). Returns pages zapped and how the SYNC ended (`None`: nothing to do).
-    /// With [`Wait::Spin`], `EAGAIN` when it could not finish without sleeping.
+    /// Makes the device PTEs of `[z.start, z.end)` read-only and clean, keeping their frames and
+    /// every table: a write-protect that keeps the pages mapped. A 2 MiB leaf only partly in
+    /// range is protected whole (a device write faults it back).
+    fn protect_table(&self, table: PtRef, level: u32, base: u64, z: &mut Zap) -> Result {
+        let size = span(level);
+        let first = ((z.start.max(base) - base) / size) as usize;
+        for idx in first..ENTRIES {
+            let lo = base + idx as u64 * size;
+            if lo >= z.end {
+                break;
+            }
+            let entry = self.pool().read(table, idx)?;
+            if entry & pte::PTE_P == 0 {
+                continue;
+            }
+            if level == 1 || entry & pte::PTE_PS != 0 {
+                if entry & pte::PTE_W != 0 {
+                    // D goes with W: the CPU PTE is clean or read-only now, and the device's
+                    // next write must fault (breaking COW, or marking the page dirty again).
+                    self.pool()
+                        .write(table, idx, entry & !(pte::PTE_W | pte::PTE_D))?;
+                    z.add(lo, lo + size, size / PAGE);
+                }
+                continue;
+            }
+            let child = self.pool().page_at(entry & pte::PTE_ADDR_MASK)?;
+            self.protect_table(child, level - 1, lo, z)?;
+        }
+        Ok(())
+    }
+
+    /// Applies `change` to `[start, end)`, invalidates the device TLB and waits per `how` (plus
+    /// `ctx_cmds` first, for teardown). Returns pages changed and how the SYNC ended (`None`:
+    /// nothing to do). With [`Wait::Spin`], `EAGAIN` when it could not finish without sleeping.
     fn shootdown(
         &self,
         st: &mut PtState,
@@ -538,15 +596,23 @@ impl Mirror {
         end: u64,
         how: Wait,
         ctx_cmds: &[cmd::Command],
+        change: Change,
     ) -> Result<(u64, Option<Synced>)> {
         let mut z = Zap::new(start, end);
         let root = st.root()?;
-        let zapped = self.zap_table(st, root, pte::PT_LEVELS, 0, &mut z);
+        let zapped = match change {
+            Change::Clear => self.zap_table(st, root, pte::PT_LEVELS, 0, &mut z),
+            Change::WriteProtect => self.protect_table(root, pte::PT_LEVELS, 0, &mut z),
+        };
         if z.pages == 0 && st.deferred.is_empty() && !st.need_flush && ctx_cmds.is_empty() {
             bump(&self.stats.invalidations_empty, 1);
             return zapped.map(|()| (0, None));
         }
-        bump(&self.stats.pages_zapped, z.pages);
+        let counter = match change {
+            Change::Clear => &self.stats.pages_zapped,
+            Change::WriteProtect => &self.stats.pages_write_protected,
+        };
+        bump(counter, z.pages);
         // Cleared entries must not be trusted to be out of the IOTLB until the SYNC completes.
         let flush_all =
             st.need_flush || !ctx_cmds.is_empty() || (z.hi - z.lo) / PAGE > INV_ASID_THRESHOLD;
@@ -631,7 +697,9 @@ impl Mirror {
     fn disable(&self, st: &mut PtState, flags: u64) -> Result<Synced> {
         let hw = &self.shared.hw;
         hw.write_ctx(self.asid, &pte::ContextEntry::default())?;
-        let (_, synced) = self.shootdown(st, 0, pte::VA_LIMIT, Wait::Sleep, &self.load_cmds())?;
+        let cmds = self.load_cmds();
+        let (_, synced) =
+            self.shootdown(st, 0, pte::VA_LIMIT, Wait::Sleep, &cmds, Change::Clear)?;
         let synced = synced.unwrap_or(Synced::Fenced);
         if matches!(synced, Synced::Done(_)) && flags != 0 {
             let entry = pte::ContextEntry {
@@ -802,6 +870,7 @@ impl Mirror {
             invalidations_empty: l(&s.invalidations_empty),
             invalidations_nonblock_failed: l(&s.nonblock_failed),
             pages_zapped: l(&s.pages_zapped),
+            pages_write_protected: l(&s.pages_write_protected),
             inv_range_cmds: l(&s.inv_range_cmds),
             inv_asid_cmds: l(&s.inv_asid_cmds),
             sync_waits: l(&s.sync_waits),
@@ -819,7 +888,7 @@ impl Mirror {
             device_violations: self.shared.device_stat(crate::abi::regs::STAT_VIOLATIONS),
             pt_pages: pages,
             fault_pages: l(&s.fault_pages),
-            reserved: [0; 5],
+            reserved: [0; 4],
         }
     }
 
@@ -929,7 +998,12 @@ impl IntervalInvalidate for Mirror {
             return true;
         }
         let (start, end) = (range.start() as u64, range.end() as u64);
-        match self.shootdown(&mut st, start, end, how, &[]) {
+        let change = if self.injected(uapi::ZG_DBG_ZAP_WRITE_PROTECT) {
+            Change::Clear
+        } else {
+            Change::for_event(event)
+        };
+        match self.shootdown(&mut st, start, end, how, &[], change) {
             Ok(_) => true,
             Err(e) if e == EAGAIN => {
                 // Nothing slept; cleared PTEs are covered by `need_flush`.

@@ -239,6 +239,74 @@ fn first_touch(sizes: &Sizes, out: &mut Vec<Record>) -> Result<(), String> {
     Ok(())
 }
 
+/// A device read of a mirrored buffer right after `fork()`, with fork's COW write-protect made a
+/// device write-protect (the driver's way) and, interleaved, with it clearing the device PTEs
+/// (`ZG_DBG_ZAP_WRITE_PROTECT`, the way before): time and device faults of each read.
+fn fork_read(sizes: &Sizes, out: &mut Vec<Record>) -> Result<(), String> {
+    let len = sizes.munmap;
+    let (mut wp, mut zap, mut wp_faults, mut zap_faults) = (vec![], vec![], vec![], vec![]);
+    for round in 0..sizes.reps {
+        progress("fork_read", round, sizes.reps);
+        for (mode, times, faults) in [
+            (0, &mut wp, &mut wp_faults),
+            (ZG_DBG_ZAP_WRITE_PROTECT, &mut zap, &mut zap_faults),
+        ] {
+            let f = open()?;
+            dev::inject(&f, mode, 0).map_err(err("INJECT"))?;
+            let m = buffer(len, false)?;
+            dev::map(&f, m.addr, len, ZG_MAP_WRITE).map_err(err("MAP"))?;
+            let mut go = [0; 2];
+            // SAFETY: a pipe into a local array.
+            if unsafe { libc::pipe(go.as_mut_ptr()) } != 0 {
+                return Err("pipe".into());
+            }
+            // SAFETY: the child only blocks on the pipe and `_exit`s.
+            let pid = unsafe { libc::fork() };
+            if pid == 0 {
+                let mut b = [0u8; 1];
+                // SAFETY: our pipe; then leave without running the parent's destructors.
+                unsafe {
+                    libc::read(go[0], b.as_mut_ptr().cast(), 1);
+                    libc::_exit(0);
+                }
+            }
+            let s0 = dev::stats(&f).map_err(err("STATS"))?;
+            let t = Instant::now();
+            dev::dma(&f, dev::job(DMA_CHECKSUM, m.addr, 0, len, 0))
+                .map_err(|(e, _)| format!("CHECKSUM: {e}"))?;
+            times.push(ns(t));
+            let s1 = dev::stats(&f).map_err(err("STATS"))?;
+            faults.push(s1.faults - s0.faults);
+            // SAFETY: releasing and reaping our child.
+            unsafe {
+                libc::write(go[1], b"x".as_ptr().cast(), 1);
+                libc::waitpid(pid, std::ptr::null_mut(), 0);
+                libc::close(go[0]);
+                libc::close(go[1]);
+            }
+        }
+    }
+    push_each(
+        out,
+        "fork_read",
+        len,
+        vec![("write_protect", wp), ("zap", zap)],
+    );
+    for (what, samples) in [
+        ("write_protect_faults", wp_faults),
+        ("zap_faults", zap_faults),
+    ] {
+        out.push(Record {
+            name: format!("fork_read.{what}"),
+            unit: "count",
+            samples,
+            size: len as u64,
+            asid: None,
+        });
+    }
+    Ok(())
+}
+
 /// A progress line for the host (`just bench` shows the guest's `#` lines as they come).
 fn progress(what: &str, round: usize, rounds: usize) {
     println!("# bench: {what} round {}/{rounds}", round + 1);
@@ -446,10 +514,11 @@ fn scaling(sizes: &Sizes, out: &mut Vec<Record>) -> Result<(), String> {
 pub fn run(sizes: &Sizes, only: Option<&str>) -> Result<Vec<Record>, String> {
     let mut out = Vec::new();
     type Bench = fn(&Sizes, &mut Vec<Record>) -> Result<(), String>;
-    let benches: [(&str, Bench); 7] = [
+    let benches: [(&str, Bench); 8] = [
         ("first_touch", first_touch),
         ("populate", populate),
         ("munmap", munmap),
+        ("fork_read", fork_read),
         ("shootdown", shootdown),
         ("dma_copy", dma_copy),
         ("iotlb", iotlb),

@@ -21,7 +21,7 @@ const HUGE: usize = 2 << 20;
 
 /// Violations the injection tests caused (and expected); the clean-totals test compares the
 /// device's counter with it.
-static INJECTED_VIOLATIONS: AtomicU64 = AtomicU64::new(0);
+pub(crate) static INJECTED_VIOLATIONS: AtomicU64 = AtomicU64::new(0);
 
 pub(crate) fn open() -> Result<File, String> {
     dev::open().map_err(|e| format!("open {}: {e}", dev::DEV_PATH))
@@ -328,6 +328,119 @@ pub fn fork_cow_keeps_child_private() -> Result<(), String> {
         return Err("fork's write-protect did not reach the driver".into());
     }
     clean(&f)
+}
+
+/// A child forked with its own view of `a`, blocked on a pipe until [`Child::check`]; it then
+/// exits 0 if every byte of `a` is still `byte`.
+struct Child {
+    pid: libc::pid_t,
+    go: libc::c_int,
+}
+
+impl Child {
+    fn fork(a: &Mapping, byte: u8) -> Result<Self, String> {
+        let mut fds = [0; 2];
+        // SAFETY: a pipe into a local array.
+        if unsafe { libc::pipe(fds.as_mut_ptr()) } != 0 {
+            return Err("pipe".into());
+        }
+        // SAFETY: as in `fork_wait`.
+        let pid = unsafe { libc::fork() };
+        if pid < 0 {
+            return Err(format!("fork: {}", std::io::Error::last_os_error()));
+        }
+        if pid == 0 {
+            let mut b = [0u8; 1];
+            // SAFETY: reading one byte from our pipe.
+            unsafe { libc::read(fds[0], b.as_mut_ptr().cast(), 1) };
+            let ok = a.bytes().iter().all(|&x| x == byte);
+            // SAFETY: see `fork_wait`.
+            unsafe { libc::_exit(if ok { 0 } else { 1 }) };
+        }
+        // SAFETY: the parent keeps only the write end.
+        unsafe { libc::close(fds[0]) };
+        Ok(Self { pid, go: fds[1] })
+    }
+
+    /// Lets the child look, and returns whether it still saw its bytes.
+    fn check(self) -> bool {
+        let mut status = 0;
+        // SAFETY: one byte to our pipe, then reaping our child.
+        unsafe {
+            libc::write(self.go, b"x".as_ptr().cast(), 1);
+            libc::close(self.go);
+            libc::waitpid(self.pid, &mut status, 0);
+        }
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0
+    }
+}
+
+/// fork's COW write-protect (`MMU_NOTIFY_PROTECTION_PAGE`) makes the parent's device PTEs
+/// read-only instead of clearing them: 64 MiB stay mirrored, the device reads them without a
+/// single fault, and its first write faults, breaking COW; the child's data stays its own.
+pub fn fork_write_protects_instead_of_zapping() -> Result<(), String> {
+    const LEN: usize = 64 << 20;
+    let f = open()?;
+    let mut a = Mapping::anon(LEN).map_err(|e| e.to_string())?;
+    a.bytes_mut().fill(b'A');
+    map(&f, &a, true)?;
+    let s0 = stats(&f)?;
+    let child = Child::fork(&a, b'A')?;
+    let s1 = stats(&f)?;
+    let result = (|| {
+        check_eq(s1.pages_zapped - s0.pages_zapped, 0, "pages zapped by fork")?;
+        check_eq(
+            s1.pages_write_protected - s0.pages_write_protected,
+            (LEN / PG) as u64,
+            "pages write-protected by fork",
+        )?;
+        let snap = dev::snapshot(&f, a.addr, 4096).map_err(|e| format!("SNAPSHOT: {e}"))?;
+        if let Some(s) = snap
+            .iter()
+            .find(|&&s| s & ZG_SNAP_DEV_PRESENT == 0 || s & ZG_SNAP_DEV_WRITE != 0)
+        {
+            return Err(format!(
+                "after fork: {}, expected present read-only",
+                dev::snap_names(&[*s])
+            ));
+        }
+        let mut read = dev::job(DMA_CHECKSUM, a.addr, 0, LEN, 0);
+        read.flags = ZG_DMA_NO_FAULT;
+        let d = run(&f, read)?;
+        check_eq(d.faults, 0, "device faults of a read after fork")?;
+        let w = run(&f, fill_job(a.addr, 16 * PG, b'C'))?;
+        if w.faults == 0 {
+            return Err("a device write after fork did not fault: COW not broken".into());
+        }
+        if a.bytes()[..16 * PG].iter().any(|&x| x != b'C') {
+            return Err("parent does not see its device write".into());
+        }
+        Ok(())
+    })();
+    let child_ok = child.check();
+    result?;
+    if !child_ok {
+        return Err("the child saw the parent's device write: COW broken".into());
+    }
+    clean(&f)
+}
+
+pub fn inject_keep_write_after_fork_is_caught() -> Result<(), String> {
+    expect_violations(VIOL_WRITE_PERM, || {
+        let f = open()?;
+        let mut a = Mapping::anon(4 * PG).map_err(|e| e.to_string())?;
+        a.bytes_mut().fill(b'A');
+        map(&f, &a, true)?;
+        dev::inject(&f, ZG_INJ_KEEP_WRITE, 0).map_err(|e| format!("INJECT: {e}"))?;
+        let child = Child::fork(&a, b'A')?;
+        // The bug keeps the device PTEs writable: this write lands in the page the child shares.
+        let mut j = fill_job(a.addr, a.len, b'X');
+        j.flags = ZG_DMA_NO_FAULT;
+        let _ = dev::dma(&f, j);
+        let child_ok = child.check();
+        println!("# child still saw its own data: {child_ok}");
+        stats(&f)
+    })
 }
 
 pub fn thp_mirrored_with_huge_entries() -> Result<(), String> {

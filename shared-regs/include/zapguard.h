@@ -284,8 +284,14 @@ struct zg_stats {
 	 * faults_resolved is the fault-around's yield.
 	 */
 	__u64 fault_pages;
+	/*
+	 * 4 KiB pages whose device PTEs were made read-only instead of cleared (a 2 MiB entry
+	 * counts 512): write-protects that keep the pages mapped (fork's COW, writeback's mkclean,
+	 * soft-dirty tracking).
+	 */
+	__u64 pages_write_protected;
 	/* Zero. */
-	__u64 reserved[5];
+	__u64 reserved[4];
 };
 _Static_assert(sizeof(struct zg_stats) == 256, "struct zg_stats: size as in shared-regs");
 _Static_assert(offsetof(struct zg_stats, asid) == 0, "struct zg_stats.asid: offset");
@@ -311,7 +317,8 @@ _Static_assert(offsetof(struct zg_stats, violations) == 144, "struct zg_stats.vi
 _Static_assert(offsetof(struct zg_stats, device_violations) == 192, "struct zg_stats.device_violations: offset");
 _Static_assert(offsetof(struct zg_stats, pt_pages) == 200, "struct zg_stats.pt_pages: offset");
 _Static_assert(offsetof(struct zg_stats, fault_pages) == 208, "struct zg_stats.fault_pages: offset");
-_Static_assert(offsetof(struct zg_stats, reserved) == 216, "struct zg_stats.reserved: offset");
+_Static_assert(offsetof(struct zg_stats, pages_write_protected) == 216, "struct zg_stats.pages_write_protected: offset");
+_Static_assert(offsetof(struct zg_stats, reserved) == 224, "struct zg_stats.reserved: offset");
 
 /*
  * struct zg_inject.modes: the invalidation callback only bumps the sequence (no PTE clear, no
@@ -360,8 +367,15 @@ _Static_assert(offsetof(struct zg_stats, reserved) == 216, "struct zg_stats.rese
  */
 #define ZG_DBG_NO_VALIDATE 0x10000u
 
+/*
+ * Debug switch (not a bug): clear the device PTEs on write-protects that keep pages mapped
+ * (fork's COW, mkclean, soft-dirty), as the driver did before it made them read-only; for
+ * just bench's before/after comparison.
+ */
+#define ZG_DBG_ZAP_WRITE_PROTECT 0x20000u
+
 /* Every struct zg_inject.modes bit the driver accepts. */
-#define ZG_INJ_MODES 0x1003fu
+#define ZG_INJ_MODES 0x3003fu
 
 /* Argument of ZG_IOC_INJECT (needs CAP_SYS_ADMIN, else EPERM). */
 struct zg_inject {

@@ -86,6 +86,7 @@ bitflags! {
         const KEEP_AFTER_RELEASE = uapi::ZG_INJ_KEEP_AFTER_RELEASE;
         const EARLY_TABLE_FREE = uapi::ZG_INJ_EARLY_TABLE_FREE;
         const DBG_NO_VALIDATE = uapi::ZG_DBG_NO_VALIDATE;
+        const DBG_ZAP_WRITE_PROTECT = uapi::ZG_DBG_ZAP_WRITE_PROTECT;
     }
 }
 

@@ -32,7 +32,7 @@ fn uapi_values() -> BTreeMap<&'static str, Value> {
         ZG_SNAP_CPU_WRITE, ZG_SNAP_CPU_HUGE, ZG_SNAP_CPU_ERROR, ZG_SNAPSHOT_MAX_PAGES,
         ZG_STATS_RELEASED, ZG_VIOL_CLASSES, ZG_INJ_SKIP_SHOOTDOWN, ZG_INJ_SKIP_SYNC_WAIT,
         ZG_INJ_IGNORE_RETRY, ZG_INJ_KEEP_WRITE, ZG_INJ_KEEP_AFTER_RELEASE,
-        ZG_INJ_EARLY_TABLE_FREE, ZG_INJ_ALL, ZG_DBG_NO_VALIDATE, ZG_INJ_MODES, ZG_IOC_MAP,
+        ZG_INJ_EARLY_TABLE_FREE, ZG_INJ_ALL, ZG_DBG_NO_VALIDATE, ZG_DBG_ZAP_WRITE_PROTECT, ZG_INJ_MODES, ZG_IOC_MAP,
         ZG_IOC_DMA, ZG_IOC_SNAPSHOT, ZG_IOC_STATS, ZG_IOC_INJECT)
     .into_iter()
     .collect()
@@ -131,6 +131,12 @@ fn items(src: &str) -> Vec<Item> {
             continue;
         }
         if t.starts_with("#[") {
+            // An attribute, possibly over several lines (rustfmt splits long `cfg_attr`s).
+            let mut depth = t.matches('[').count() as i32 - t.matches(']').count() as i32;
+            while depth > 0 {
+                let Some(l) = lines.next() else { break };
+                depth += l.matches('[').count() as i32 - l.matches(']').count() as i32;
+            }
             continue;
         }
         if line.starts_with("pub const ") && !line.starts_with("pub const fn") {

@@ -186,6 +186,19 @@ pub fn report(
         println!("\nmunmap of {} MiB: zapguard-mirrored {zr:.2}x unmirrored ({zlo:.2}..{zhi:.2}; target <= 1.2x: {}), test_hmm-mirrored {hm:.2}x", r.size >> 20, verdict(zr <= 1.2));
     }
 
+    if let Some(r) = by.get("fork_read.write_protect") {
+        let mib = r.size as f64 / f64::from(1 << 20);
+        let (ratio, lo, hi) = paired(samples("fork_read.zap"), &r.samples);
+        println!(
+            "\ndevice read of {} MiB right after fork: {:.1} faults/MiB, {:.1} ms with the COW write-protect made read-only device PTEs; {:.1} faults/MiB, {:.1} ms when it cleared them (before): {ratio:.2}x faster ({lo:.2}..{hi:.2})",
+            mib as u64,
+            med("fork_read.write_protect_faults") / mib,
+            r.median() / 1e6,
+            med("fork_read.zap_faults") / mib,
+            med("fork_read.zap") / 1e6,
+        );
+    }
+
     if by.contains_key("shootdown_1page.total") {
         let (total, sync, mmio, bare) = (
             med("shootdown_1page.total"),

@@ -271,8 +271,12 @@ pub struct ZgStats {
     /// (clamped to its VMA; just the page on userfaultfd ranges), so this over
     /// `faults_resolved` is the fault-around's yield.
     pub fault_pages: u64,
+    /// 4 KiB pages whose device PTEs were made read-only instead of cleared (a 2 MiB entry
+    /// counts 512): write-protects that keep the pages mapped (fork's COW, writeback's mkclean,
+    /// soft-dirty tracking).
+    pub pages_write_protected: u64,
     /// Zero.
-    pub reserved: [u64; 5],
+    pub reserved: [u64; 4],
 }
 
 /// [`ZgInject::modes`]: the invalidation callback only bumps the sequence (no PTE clear, no
@@ -306,8 +310,12 @@ pub const ZG_INJ_ALL: u32 = ZG_INJ_SKIP_SHOOTDOWN
 /// [`ZgInject::modes`], not a bug: turn the device's validator off for this context (clears
 /// [`super::pte::CTX_VALIDATE`]), so that benchmarks can measure what validation costs.
 pub const ZG_DBG_NO_VALIDATE: u32 = 1 << 16;
+/// Debug switch (not a bug): clear the device PTEs on write-protects that keep pages mapped
+/// (fork's COW, mkclean, soft-dirty), as the driver did before it made them read-only; for
+/// `just bench`'s before/after comparison.
+pub const ZG_DBG_ZAP_WRITE_PROTECT: u32 = 1 << 17;
 /// Every [`ZgInject::modes`] bit the driver accepts.
-pub const ZG_INJ_MODES: u32 = ZG_INJ_ALL | ZG_DBG_NO_VALIDATE;
+pub const ZG_INJ_MODES: u32 = ZG_INJ_ALL | ZG_DBG_NO_VALIDATE | ZG_DBG_ZAP_WRITE_PROTECT;
 
 /// Argument of [`ZG_IOC_INJECT`] (needs `CAP_SYS_ADMIN`, else `EPERM`).
 #[repr(C)]
