@@ -194,7 +194,8 @@ impl HmmFile {
                 Dir::Read => Access::Read,
                 Dir::Write => Access::Write,
             };
-            let from = addr + done as u64;
+            // Page aligned even if a device with sub-page steps stopped inside a page.
+            let from = (addr + done as u64) & !(PAGE - 1);
             mirror::populate(ctx, from, end, access, walk, &mut MapOut::default())?;
             faults += 1;
             last_pass_at = Some(done);

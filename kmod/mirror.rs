@@ -41,7 +41,8 @@
 use crate::abi::{cmd, event as ev, pte, uapi};
 use crate::device::Shared;
 use crate::hw::{PtPage, PtRef, Synced, Wait};
-use crate::mm::{self, FaultOutcome, HmmPfn, HmmRequest, IntervalInvalidate, IntervalNotifier};
+use crate::mm::{self, Aging, AgingNotifier, FaultOutcome, HmmPfn, HmmRequest};
+use crate::mm::{IntervalInvalidate, IntervalNotifier};
 use crate::mm::{NotifierEvent, NotifierRange};
 use core::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering};
 use kernel::{
@@ -173,6 +174,9 @@ struct Stats {
     fault_pages: AtomicU64,
     dma_jobs: AtomicU64,
     violations: [AtomicU64; uapi::ZG_VIOL_CLASSES],
+    /// Aging queries answered "young", and device accessed bits cleared.
+    aging_young: AtomicU64,
+    aging_cleared: AtomicU64,
 }
 
 fn bump(c: &AtomicU64, n: u64) {
@@ -207,6 +211,10 @@ pub(crate) struct Mirror {
     abort_errno: AtomicI64,
     /// The ASID was freed or quarantined (see `shutdown`).
     asid_done: AtomicBool,
+    /// Answers reclaim's and idle tracking's aging queries from the device PTEs' accessed
+    /// bits; registered by [`open`], unregistered by [`Mirror::shutdown`].
+    #[pin]
+    aging: AgingNotifier<Mirror>,
 }
 
 /// What one populate wrote.
@@ -314,6 +322,13 @@ pub(crate) fn open(shared: &Arc<Shared>) -> Result<Arc<Context>> {
         GFP_KERNEL,
     )?;
     ctx.enable()?;
+    let mirror: &Mirror = &ctx;
+    // SAFETY: `aging` is a field of the pinned context's data, which unregisters it in
+    // `shutdown` or, failing that, drops it (unregistering) before the rest of itself.
+    if let Err(e) = unsafe { mirror.aging.register(mirror, mm) } {
+        ctx.shutdown();
+        return Err(e);
+    }
     Ok(ctx)
 }
 
@@ -348,6 +363,7 @@ fn new_mirror(shared: &Arc<Shared>, asid: u32) -> Result<impl PinInit<Mirror, Er
         abort_job: AtomicU64::new(u64::MAX),
         abort_errno: AtomicI64::new(0),
         asid_done: AtomicBool::new(false),
+        aging <- AgingNotifier::new(),
     }? Error))
 }
 
@@ -555,35 +571,83 @@ impl Mirror {
         Ok(())
     }
 
-    /// Makes the device PTEs of `[z.start, z.end)` read-only and clean, keeping their frames and
-    /// every table: a write-protect that keeps the pages mapped. A 2 MiB leaf only partly in
-    /// range is protected whole (a device write faults it back).
-    fn protect_table(&self, table: PtRef, level: u32, base: u64, z: &mut Zap) -> Result {
+    /// Calls `visit(table, index, entry, va, size)` for each present leaf (a 4 KiB entry or a 2 MiB
+    /// one) under `table`, a table at `level` mapping from `base`, that overlaps `[start, end)`,
+    /// until `visit` says stop (`Ok(true)`); returns whether it did. The context lock is held.
+    fn for_each_leaf(
+        &self,
+        (table, level, base): (PtRef, u32, u64),
+        (start, end): (u64, u64),
+        visit: &mut dyn FnMut(PtRef, usize, u64, u64, u64) -> Result<bool>,
+    ) -> Result<bool> {
         let size = span(level);
-        let first = ((z.start.max(base) - base) / size) as usize;
+        let first = ((start.max(base) - base) / size) as usize;
         for idx in first..ENTRIES {
             let lo = base + idx as u64 * size;
-            if lo >= z.end {
+            if lo >= end {
                 break;
             }
             let entry = self.pool().read(table, idx)?;
             if entry & pte::PTE_P == 0 {
                 continue;
             }
-            if level == 1 || entry & pte::PTE_PS != 0 {
+            let stop = if level == 1 || entry & pte::PTE_PS != 0 {
+                visit(table, idx, entry, lo, size)?
+            } else {
+                let child = self.pool().page_at(entry & pte::PTE_ADDR_MASK)?;
+                self.for_each_leaf((child, level - 1, lo), (start, end), visit)?
+            };
+            if stop {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// Makes the device PTEs of `[z.start, z.end)` read-only and clean, keeping their frames and
+    /// every table: a write-protect that keeps the pages mapped. A 2 MiB leaf only partly in
+    /// range is protected whole (a device write faults it back).
+    fn protect_table(&self, root: PtRef, z: &mut Zap) -> Result {
+        let range = (z.start, z.end);
+        self.for_each_leaf(
+            (root, pte::PT_LEVELS, 0),
+            range,
+            &mut |table, idx, entry, lo, size| {
                 if entry & pte::PTE_W != 0 {
-                    // D goes with W: the CPU PTE is clean or read-only now, and the device's
-                    // next write must fault (breaking COW, or marking the page dirty again).
+                    // D goes with W: the CPU PTE is clean or read-only now, and the device's next
+                    // write must fault (breaking COW, or marking the page dirty again).
                     self.pool()
                         .write(table, idx, entry & !(pte::PTE_W | pte::PTE_D))?;
                     z.add(lo, lo + size, size / PAGE);
                 }
-                continue;
-            }
-            let child = self.pool().page_at(entry & pte::PTE_ADDR_MASK)?;
-            self.protect_table(child, level - 1, lo, z)?;
-        }
-        Ok(())
+                Ok(false)
+            },
+        )
+        .map(|_| ())
+    }
+
+    /// Whether a device leaf in `[z.start, z.end)` has its accessed bit set (the device walked
+    /// it since the bit was last cleared); with `clear`, clears every such bit (the leaves added
+    /// to `z`), else stops at the first.
+    fn age_table(&self, root: PtRef, z: &mut Zap, clear: bool) -> Result<bool> {
+        let mut young = false;
+        let range = (z.start, z.end);
+        self.for_each_leaf(
+            (root, pte::PT_LEVELS, 0),
+            range,
+            &mut |table, idx, entry, lo, size| {
+                if entry & pte::PTE_A == 0 {
+                    return Ok(false);
+                }
+                young = true;
+                if clear {
+                    self.pool().write(table, idx, entry & !pte::PTE_A)?;
+                    z.add(lo, lo + size, size / PAGE);
+                }
+                Ok(!clear)
+            },
+        )?;
+        Ok(young)
     }
 
     /// Applies `change` to `[start, end)`, invalidates the device TLB and waits per `how` (plus
@@ -602,7 +666,7 @@ impl Mirror {
         let root = st.root()?;
         let zapped = match change {
             Change::Clear => self.zap_table(st, root, pte::PT_LEVELS, 0, &mut z),
-            Change::WriteProtect => self.protect_table(root, pte::PT_LEVELS, 0, &mut z),
+            Change::WriteProtect => self.protect_table(root, &mut z),
         };
         if z.pages == 0 && st.deferred.is_empty() && !st.need_flush && ctx_cmds.is_empty() {
             bump(&self.stats.invalidations_empty, 1);
@@ -718,6 +782,8 @@ impl Mirror {
     /// File close: disable the context, wait for its queued jobs, then free the ASID, or
     /// quarantine it if the device did not confirm.
     pub(crate) fn shutdown(&self) {
+        // No aging query may look at the tables once teardown starts.
+        self.aging.unregister();
         let shared = &self.shared;
         shared.unpublish(self.asid);
         let synced = {
@@ -871,6 +937,8 @@ impl Mirror {
             invalidations_nonblock_failed: l(&s.nonblock_failed),
             pages_zapped: l(&s.pages_zapped),
             pages_write_protected: l(&s.pages_write_protected),
+            aging_young: l(&s.aging_young),
+            aging_cleared: l(&s.aging_cleared),
             inv_range_cmds: l(&s.inv_range_cmds),
             inv_asid_cmds: l(&s.inv_asid_cmds),
             sync_waits: l(&s.sync_waits),
@@ -888,7 +956,7 @@ impl Mirror {
             device_violations: self.shared.device_stat(crate::abi::regs::STAT_VIOLATIONS),
             pt_pages: pages,
             fault_pages: l(&s.fault_pages),
-            reserved: [0; 4],
+            reserved: [0; 2],
         }
     }
 
@@ -1016,6 +1084,64 @@ impl IntervalInvalidate for Mirror {
                 true
             }
         }
+    }
+}
+
+impl Aging for Mirror {
+    fn clear_young(&self, start: usize, end: usize, flush: bool) -> bool {
+        // Atomic context: a busy context answers "not young" rather than wait.
+        let Some(st) = self.state.try_lock() else {
+            return false;
+        };
+        if st.released {
+            return false;
+        }
+        let mut z = Zap::new(start as u64, end as u64);
+        let young = st
+            .root()
+            .and_then(|root| self.age_table(root, &mut z, true))
+            .unwrap_or(false);
+        if z.pages > 0 {
+            bump(&self.stats.aging_cleared, z.pages);
+            // The device sets A again only when it walks: its cached translations of the
+            // range must go. Aging is advisory, so a full ring or a failed device is ignored.
+            let inv = cmd::Command::new(cmd::CMD_INV_RANGE, 0, self.asid, z.lo, z.hi - z.lo);
+            if flush {
+                let _ = self.shared.sync_nonblocking(&[inv]);
+            } else {
+                let hw = &self.shared.hw;
+                let _ = hw.cmdq.post(
+                    &self.shared.bar,
+                    &[inv],
+                    false,
+                    Wait::Spin,
+                    &self.shared.health,
+                );
+            }
+        }
+        drop(st);
+        if young {
+            bump(&self.stats.aging_young, 1);
+        }
+        young
+    }
+
+    fn test_young(&self, address: usize) -> bool {
+        let Some(st) = self.state.try_lock() else {
+            return false;
+        };
+        let page = (address as u64) & !(PAGE - 1);
+        let mut z = Zap::new(page, page + PAGE);
+        let young = !st.released
+            && st
+                .root()
+                .and_then(|root| self.age_table(root, &mut z, false))
+                .unwrap_or(false);
+        drop(st);
+        if young {
+            bump(&self.stats.aging_young, 1);
+        }
+        young
     }
 }
 

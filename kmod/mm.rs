@@ -555,6 +555,178 @@ impl<T: IntervalInvalidate> Deref for IntervalNotifier<T> {
     }
 }
 
+/// The aging callbacks of a full `mmu_notifier` ([`AgingNotifier`]): reclaim and idle-page
+/// tracking asking whether the device used pages (`ops->clear_flush_young`, `clear_young`,
+/// `test_young`).
+///
+/// Called from any thread in atomic context (under page-table locks, the rmap locks or RCU):
+/// implementations must not sleep. Trylock the driver lock and answer "not young" when it is
+/// busy; post invalidations without waiting for them (or spin a bounded time).
+pub trait Aging: Sync + Sized + 'static {
+    /// Whether the device used a page of `[start, end)` since the last clear, clearing that, so
+    /// that the device marks its next use again. `flush` (`clear_flush_young`): the caller needs
+    /// the clear to be in effect on return (the device's cached translations gone).
+    fn clear_young(&self, start: usize, end: usize, flush: bool) -> bool;
+
+    /// Whether the device used the page at `address` since the last clear; clears nothing.
+    fn test_young(&self, address: usize) -> bool;
+}
+
+/// A `struct mmu_notifier` registered on an address space for its aging callbacks only (the
+/// invalidations are an [`IntervalNotifier`]'s), answered by the `T` that registered it.
+///
+/// Created unregistered ([`AgingNotifier::new`]), typically as a pinned field of its owner,
+/// then [`AgingNotifier::register`]ed; [`AgingNotifier::unregister`] (or dropping it) may sleep:
+/// `mmu_notifier_unregister()` waits for callbacks in progress.
+///
+/// # Invariants
+///
+/// - `owner` is null, or `raw` is registered on `mm` (by `mmu_notifier_register()` with `ops` =
+///   [`Self::OPS`], and not unregistered since) and `owner` points to a `T` that is alive until
+///   `raw` is unregistered.
+/// - `raw` is only ever the `raw` field of an `AgingNotifier<T>` with this `T`.
+#[pin_data(PinnedDrop)]
+pub struct AgingNotifier<T: Aging> {
+    #[pin]
+    raw: Opaque<bindings::mmu_notifier>,
+    owner: core::sync::atomic::AtomicPtr<T>,
+    mm: core::sync::atomic::AtomicPtr<bindings::mm_struct>,
+}
+
+// SAFETY: The callbacks only share `&T` (`T: Sync`), and `register`/`unregister` are called by
+// the owner, which serialises them.
+unsafe impl<T: Aging> Sync for AgingNotifier<T> {}
+// SAFETY: Unregistering (on drop) may happen on any thread; `owner` is a pointer the owner set.
+unsafe impl<T: Aging + Send> Send for AgingNotifier<T> {}
+
+impl<T: Aging> AgingNotifier<T> {
+    /// Only the aging callbacks: `release` is not needed (the interval notifier sees the exit).
+    const OPS: bindings::mmu_notifier_ops = bindings::mmu_notifier_ops {
+        clear_flush_young: Some(Self::clear_flush_young_callback),
+        clear_young: Some(Self::clear_young_callback),
+        test_young: Some(Self::test_young_callback),
+        ..pin_init::zeroed()
+    };
+
+    /// An unregistered notifier.
+    pub fn new() -> impl PinInit<Self> {
+        pin_init!(Self {
+            raw <- Opaque::zeroed(),
+            owner: core::sync::atomic::AtomicPtr::new(core::ptr::null_mut()),
+            mm: core::sync::atomic::AtomicPtr::new(core::ptr::null_mut()),
+        })
+    }
+
+    /// Registers on `mm` (`mmu_notifier_register()`), with `owner` answering the callbacks.
+    /// May sleep (it takes the mmap write lock). `EBUSY` if already registered.
+    ///
+    /// # Safety
+    ///
+    /// `owner` must stay alive until [`Self::unregister`] returns or `self` is dropped (as when
+    /// `self` is a field of `owner`), and `self` must not move meanwhile (it is pinned in
+    /// practice: a field of a pinned owner).
+    pub unsafe fn register(&self, owner: &T, mm: &MmWithUser) -> Result {
+        use core::sync::atomic::Ordering;
+        if !self.owner.load(Ordering::Acquire).is_null() {
+            return Err(EBUSY);
+        }
+        let raw = self.raw.get();
+        // SAFETY: `raw` is ours and not registered (`owner` is null), so nobody else reads it.
+        unsafe { (*raw).ops = &Self::OPS };
+        // The callbacks can run as soon as it is registered: publish the owner first.
+        self.owner
+            .store(core::ptr::from_ref(owner).cast_mut(), Ordering::Release);
+        self.mm.store(mm.as_raw(), Ordering::Release);
+        // SAFETY: `raw` is zero-initialised apart from `ops`, which is `'static`; it does not move
+        // (the caller's promise) and stays registered only as long as `owner` lives (ditto).
+        // `mm` has `mm_users > 0` for the call. INVARIANT: on success `raw` is registered with
+        // `OPS` and `owner` is set.
+        let r = to_result(unsafe { bindings::mmu_notifier_register(raw, mm.as_raw()) });
+        if r.is_err() {
+            self.owner.store(core::ptr::null_mut(), Ordering::Release);
+        }
+        r
+    }
+
+    /// Unregisters (`mmu_notifier_unregister()`): on return no callback runs or will run. May
+    /// sleep; a no-op when not registered. Works after the address space exited.
+    pub fn unregister(&self) {
+        use core::sync::atomic::Ordering;
+        if self.owner.load(Ordering::Acquire).is_null() {
+            return;
+        }
+        let mm = self.mm.load(Ordering::Acquire);
+        // SAFETY: By the invariants `raw` is registered on `mm`; the subscription holds an
+        // `mmgrab` on `mm` until this call, so `mm` is valid. The call waits for callbacks in
+        // progress (SRCU), after which `owner` is no longer reachable from C.
+        unsafe { bindings::mmu_notifier_unregister(self.raw.get(), mm) };
+        // INVARIANT: unregistered, so `owner` may go.
+        self.owner.store(core::ptr::null_mut(), Ordering::Release);
+    }
+
+    /// The owner of the subscription the kernel called back.
+    ///
+    /// # Safety
+    ///
+    /// `sub` must be the `raw` field of an `AgingNotifier<T>` registered with [`Self::OPS`] (true
+    /// when the kernel calls through `OPS`), for the duration of a callback.
+    unsafe fn owner<'a>(sub: *mut bindings::mmu_notifier) -> Option<&'a T> {
+        let field = Opaque::cast_from(sub).cast_mut();
+        // SAFETY: By the invariants `sub` is the `raw` field of a live `AgingNotifier<T>` (it is
+        // unregistered, waiting for callbacks, before it goes).
+        let this = unsafe { &*kernel::container_of!(field, Self, raw) };
+        let owner = this.owner.load(core::sync::atomic::Ordering::Acquire);
+        // SAFETY: While registered, `owner` is alive (invariant); a callback runs only while it
+        // is registered.
+        (!owner.is_null()).then(|| unsafe { &*owner })
+    }
+
+    /// # Safety
+    ///
+    /// Called by the kernel through [`Self::OPS`] only.
+    unsafe extern "C" fn clear_flush_young_callback(
+        sub: *mut bindings::mmu_notifier,
+        _mm: *mut bindings::mm_struct,
+        start: c_ulong,
+        end: c_ulong,
+    ) -> bool {
+        // SAFETY: The kernel calls this through `OPS` with our subscription.
+        unsafe { Self::owner(sub) }.is_some_and(|o| o.clear_young(start, end, true))
+    }
+
+    /// # Safety
+    ///
+    /// Called by the kernel through [`Self::OPS`] only.
+    unsafe extern "C" fn clear_young_callback(
+        sub: *mut bindings::mmu_notifier,
+        _mm: *mut bindings::mm_struct,
+        start: c_ulong,
+        end: c_ulong,
+    ) -> bool {
+        // SAFETY: The kernel calls this through `OPS` with our subscription.
+        unsafe { Self::owner(sub) }.is_some_and(|o| o.clear_young(start, end, false))
+    }
+
+    /// # Safety
+    ///
+    /// Called by the kernel through [`Self::OPS`] only.
+    unsafe extern "C" fn test_young_callback(
+        sub: *mut bindings::mmu_notifier,
+        _mm: *mut bindings::mm_struct,
+        address: c_ulong,
+    ) -> bool {
+        // SAFETY: The kernel calls this through `OPS` with our subscription.
+        unsafe { Self::owner(sub) }.is_some_and(|o| o.test_young(address))
+    }
+}
+
+#[pinned_drop]
+impl<T: Aging> PinnedDrop for AgingNotifier<T> {
+    fn drop(self: Pin<&mut Self>) {
+        self.unregister();
+    }
+}
+
 /// What [`IntervalNotifier::hmm_range_fault`] asks for, for every page of the range
 /// (`default_flags`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -451,6 +451,101 @@ pub fn compaction_while_mirrored() -> Result<(), String> {
     clean(&f)
 }
 
+/// The PFN of each page of `m` (`/proc/self/pagemap`; root sees PFNs), or an error for one that
+/// is not present.
+fn pfns(m: &Mapping) -> Result<Vec<u64>, String> {
+    let mut f = std::fs::File::open("/proc/self/pagemap").map_err(|e| format!("pagemap: {e}"))?;
+    let mut out = Vec::new();
+    for page in 0..m.len / PG {
+        let mut e = [0u8; 8];
+        f.seek(SeekFrom::Start(((m.addr / PG + page) * 8) as u64))
+            .and_then(|_| f.read_exact(&mut e))
+            .map_err(|e| format!("pagemap: {e}"))?;
+        let e = u64::from_le_bytes(e);
+        if e & (1 << 63) == 0 {
+            return Err(format!("page {page} not present"));
+        }
+        out.push(e & ((1 << 55) - 1));
+    }
+    Ok(out)
+}
+
+const PAGE_IDLE: &str = "/sys/kernel/mm/page_idle/bitmap";
+
+/// Marks `pfns` idle (`page_idle/bitmap`: 64-bit words, bit n of word w is PFN 64w + n).
+fn mark_idle(pfns: &[u64]) -> Result<(), String> {
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(PAGE_IDLE)
+        .map_err(|e| format!("{PAGE_IDLE}: {e}"))?;
+    for &pfn in pfns {
+        f.seek(SeekFrom::Start(pfn / 64 * 8))
+            .and_then(|_| f.write_all(&(1u64 << (pfn % 64)).to_le_bytes()))
+            .map_err(|e| format!("{PAGE_IDLE}: {e}"))?;
+    }
+    Ok(())
+}
+
+/// Whether each of `pfns` is still idle (reading runs the rmap walk that asks every
+/// secondary MMU, the device included, whether it used the page).
+fn still_idle(pfns: &[u64]) -> Result<Vec<bool>, String> {
+    let mut f = std::fs::File::open(PAGE_IDLE).map_err(|e| format!("{PAGE_IDLE}: {e}"))?;
+    pfns.iter()
+        .map(|&pfn| {
+            let mut w = [0u8; 8];
+            f.seek(SeekFrom::Start(pfn / 64 * 8))
+                .and_then(|_| f.read_exact(&mut w))
+                .map_err(|e| format!("{PAGE_IDLE}: {e}"))?;
+            Ok(u64::from_le_bytes(w) & (1 << (pfn % 64)) != 0)
+        })
+        .collect()
+}
+
+/// Idle-page tracking sees the device's use: pages marked idle and then read only by the
+/// device are reported not idle (the driver answers `clear_young` from the device PTEs'
+/// accessed bits), pages the device did not touch stay idle, and the device reports no
+/// violation.
+pub fn aging_reports_device_use_to_idle_tracking() -> Result<(), String> {
+    const PAGES: usize = 64;
+    if !std::path::Path::new(PAGE_IDLE).exists() {
+        return Err(crate::ktap::skip(
+            "CONFIG_IDLE_PAGE_TRACKING is not set in the guest kernel",
+        ));
+    }
+    let f = open()?;
+    let mut a = Mapping::anon(PAGES * PG).map_err(|e| e.to_string())?;
+    a.madvise(0, a.len, libc::MADV_NOHUGEPAGE)
+        .map_err(|e| e.to_string())?;
+    a.bytes_mut().fill(0x11);
+    map(&f, &a, false)?;
+    // Idle tracking only sees pages on the LRU lists: compaction drains the per-CPU batches.
+    let _ = std::fs::write("/proc/sys/vm/compact_memory", "1");
+    let pfns = pfns(&a)?;
+    mark_idle(&pfns)?;
+    let s0 = stats(&f)?;
+    // The device reads the first half only; the CPU touches nothing.
+    run(&f, dev::job(DMA_CHECKSUM, a.addr, 0, PAGES / 2 * PG, 0))?;
+    let idle = still_idle(&pfns)?;
+    let s1 = stats(&f)?;
+    let used: Vec<usize> = (0..PAGES / 2).filter(|&i| idle[i]).collect();
+    let untouched: Vec<usize> = (PAGES / 2..PAGES).filter(|&i| !idle[i]).collect();
+    println!(
+        "# aging: {} young answers, {} device accessed bits cleared",
+        s1.aging_young - s0.aging_young,
+        s1.aging_cleared - s0.aging_cleared
+    );
+    if !used.is_empty() {
+        return Err(format!("pages the device read still idle: {used:?}"));
+    }
+    if !untouched.is_empty() {
+        return Err(format!("pages nobody touched reported used: {untouched:?}"));
+    }
+    if s1.aging_young == s0.aging_young {
+        return Err("no aging query was answered young by the driver".into());
+    }
+    clean(&f)
+}
+
 /// Runs `f` once and measures it.
 fn timed<T>(f: impl FnOnce() -> T) -> (T, Duration) {
     let t = std::time::Instant::now();

@@ -80,6 +80,7 @@ const TESTS: &[Test] = ktap::tests![
     race_many_threads_map_unmap_submit,
     processes_are_isolated,
     compaction_while_mirrored,
+    aging_reports_device_use_to_idle_tracking,
     pt_pages_bounded_and_reclaimed,
     uffd_device_faults_served_by_handler,
     uffd_held_fault_blocks_only_its_context,

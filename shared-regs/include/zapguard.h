@@ -290,8 +290,15 @@ struct zg_stats {
 	 * soft-dirty tracking).
 	 */
 	__u64 pages_write_protected;
+	/*
+	 * Aging queries (clear_young, clear_flush_young, test_young: reclaim, idle-page
+	 * tracking) answered "young" from the device PTEs' accessed bits.
+	 */
+	__u64 aging_young;
+	/* Device accessed bits cleared by aging queries (a 2 MiB entry counts 512). */
+	__u64 aging_cleared;
 	/* Zero. */
-	__u64 reserved[4];
+	__u64 reserved[2];
 };
 _Static_assert(sizeof(struct zg_stats) == 256, "struct zg_stats: size as in shared-regs");
 _Static_assert(offsetof(struct zg_stats, asid) == 0, "struct zg_stats.asid: offset");
@@ -318,7 +325,9 @@ _Static_assert(offsetof(struct zg_stats, device_violations) == 192, "struct zg_s
 _Static_assert(offsetof(struct zg_stats, pt_pages) == 200, "struct zg_stats.pt_pages: offset");
 _Static_assert(offsetof(struct zg_stats, fault_pages) == 208, "struct zg_stats.fault_pages: offset");
 _Static_assert(offsetof(struct zg_stats, pages_write_protected) == 216, "struct zg_stats.pages_write_protected: offset");
-_Static_assert(offsetof(struct zg_stats, reserved) == 224, "struct zg_stats.reserved: offset");
+_Static_assert(offsetof(struct zg_stats, aging_young) == 224, "struct zg_stats.aging_young: offset");
+_Static_assert(offsetof(struct zg_stats, aging_cleared) == 232, "struct zg_stats.aging_cleared: offset");
+_Static_assert(offsetof(struct zg_stats, reserved) == 240, "struct zg_stats.reserved: offset");
 
 /*
  * struct zg_inject.modes: the invalidation callback only bumps the sequence (no PTE clear, no

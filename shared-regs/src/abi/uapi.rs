@@ -275,8 +275,13 @@ pub struct ZgStats {
     /// counts 512): write-protects that keep the pages mapped (fork's COW, writeback's mkclean,
     /// soft-dirty tracking).
     pub pages_write_protected: u64,
+    /// Aging queries (`clear_young`, `clear_flush_young`, `test_young`: reclaim, idle-page
+    /// tracking) answered "young" from the device PTEs' accessed bits.
+    pub aging_young: u64,
+    /// Device accessed bits cleared by aging queries (a 2 MiB entry counts 512).
+    pub aging_cleared: u64,
     /// Zero.
-    pub reserved: [u64; 4],
+    pub reserved: [u64; 2],
 }
 
 /// [`ZgInject::modes`]: the invalidation callback only bumps the sequence (no PTE clear, no
