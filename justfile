@@ -21,6 +21,11 @@ test *ARGS:
 shell *ARGS:
     cargo xtask shell {{ARGS}}
 
+# Break the driver one mutant at a time (kmod/mutants.json) and print which tests or checks killed
+# each (`just mutants --filter ID`: only those whose id contains ID). About a minute per mutant.
+mutants *ARGS:
+    cargo xtask mutants {{ARGS}}
+
 # The guest image as one reproducible archive to hand over (kernel, initramfs, static device,
 # run.sh, README): target/zapguard/zapguard-image-<commit>.tar.gz.
 image:

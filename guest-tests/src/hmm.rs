@@ -543,6 +543,19 @@ pub fn aging_reports_device_use_to_idle_tracking() -> Result<(), String> {
     if s1.aging_young == s0.aging_young {
         return Err("no aging query was answered young by the driver".into());
     }
+    // The answers cleared the device's marks: with no new use, every page is idle again.
+    mark_idle(&pfns)?;
+    let again: Vec<usize> = still_idle(&pfns)?
+        .iter()
+        .enumerate()
+        .filter(|(_, &idle)| !idle)
+        .map(|(i, _)| i)
+        .collect();
+    if !again.is_empty() {
+        return Err(format!(
+            "pages reported used again with no new device access: {again:?}"
+        ));
+    }
     clean(&f)
 }
 

@@ -232,6 +232,34 @@ pub fn madvise_dontneed_refaults_new_page() -> Result<(), String> {
     clean(&f)
 }
 
+/// `mprotect(PROT_NONE)` of a mirrored range takes read access from the device at once: the
+/// device PTEs go (a protection change that may remove read access clears, it does not only
+/// write-protect), and a device read faults and fails with `EFAULT`.
+pub fn mprotect_none_takes_device_reads_away() -> Result<(), String> {
+    let f = open()?;
+    let mut a = Mapping::anon(8 * PG).map_err(|e| e.to_string())?;
+    a.bytes_mut().fill(0x42);
+    map(&f, &a, false)?;
+    run(&f, dev::job(DMA_CHECKSUM, a.addr, 0, a.len, 0))?;
+    a.protect(libc::PROT_NONE).map_err(|e| e.to_string())?;
+    let snap = dev::snapshot(&f, a.addr, 8).map_err(|e| format!("SNAPSHOT: {e}"))?;
+    if snap.iter().any(|s| s & ZG_SNAP_DEV_PRESENT != 0) {
+        return Err(format!(
+            "device PTEs survived mprotect(PROT_NONE): {}",
+            dev::snap_names(&snap)
+        ));
+    }
+    let mut nf = dev::job(DMA_CHECKSUM, a.addr, 0, a.len, 0);
+    nf.flags = ZG_DMA_NO_FAULT;
+    run_err(&f, nf, libc::EFAULT)?;
+    run_err(
+        &f,
+        dev::job(DMA_CHECKSUM, a.addr, 0, a.len, 0),
+        libc::EFAULT,
+    )?;
+    clean(&f)
+}
+
 pub fn mprotect_readonly_refuses_device_writes() -> Result<(), String> {
     let f = open()?;
     let a = Mapping::anon(8 * PG).map_err(|e| e.to_string())?;

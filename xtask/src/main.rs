@@ -6,6 +6,7 @@
 //! cargo xtask shell [--add FILE]... [--exec PROG [ARGS...]]   build, boot to an interactive guest shell (files in /user)
 //! cargo xtask test  [--filter F] [--timeout SECS] [--no-host] host tests + the VM run; last line `N passed, N failed`
 //! cargo xtask build                                           build every artifact, print their paths
+//! cargo xtask mutants [--filter ID]                          break the driver one mutant at a time (kmod/mutants.json), print what killed each
 //! cargo xtask image                                           the guest image as one reproducible archive (target/zapguard/zapguard-image-*.tar.gz)
 //! cargo xtask bench [--filter F]                              the guest benchmarks (table + target/zapguard/bench.json;
 //!                                                             with F only those whose name contains it, -> bench-partial.json)
@@ -20,6 +21,7 @@ mod bench;
 mod hosttests;
 mod image;
 mod ktap;
+mod mutants;
 mod trace;
 mod user;
 mod vm;
@@ -768,7 +770,7 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let Some(cmd) = args.first() else {
         eprintln!(
-            "usage: cargo xtask run|shell|test|build|image|bench [options] (see xtask/src/main.rs)"
+            "usage: cargo xtask run|shell|test|build|image|mutants|bench [options] (see xtask/src/main.rs)"
         );
         return ExitCode::from(2);
     };
@@ -868,6 +870,10 @@ fn main() -> ExitCode {
                 });
             Ok(finish(host.passed + vp, host.failed + vf))
         })(),
+        "mutants" => build(&root).and_then(|art| {
+            mutants::run(&root, &art, opts.filter.as_deref())?;
+            Ok(ExitCode::SUCCESS)
+        }),
         "image" => build(&root).and_then(|art| {
             let (path, sha) = build_image(&root, &art)?;
             println!("{}\nsha256 {sha}", path.display());

@@ -1,0 +1,252 @@
+//! `just mutants`: break the driver in small plausible ways, one at a time, and count how many
+//! breakages the guest suite and the device notice.
+//!
+//! The mutants are data (`kmod/mutants.json`): the file, the exact text (it must occur exactly
+//! once), its replacement, the rule it breaks and the guest tests to run (a filter). For each,
+//! the runner applies it, rebuilds only the module, boots the guest with those tests, restores
+//! the source (always, even on error), and records whether it was killed: a guest test failed, a
+//! run check failed (a kernel splat, an unexpected device violation, a module that did not
+//! unload), or the module did not build. A mutant that survives breaks a rule no test or device
+//! check sees yet.
+
+use crate::vm;
+use crate::{script, vm_checks, vm_config, Artifacts, Result};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// One mutant, as `kmod/mutants.json` lists it.
+#[derive(Clone, Debug)]
+pub struct Mutant {
+    pub id: String,
+    pub file: String,
+    pub find: String,
+    pub replace: String,
+    pub rule: String,
+    pub filter: String,
+}
+
+/// What became of a mutant.
+#[derive(Debug)]
+pub struct Outcome {
+    pub id: String,
+    pub killed: bool,
+    /// The tests or checks that killed it, or why it survived.
+    pub by: String,
+    pub took: Duration,
+}
+
+/// The mutants listed in `kmod/mutants.json`.
+pub fn load(root: &Path) -> Result<Vec<Mutant>> {
+    let path = root.join("kmod/mutants.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let list: Vec<Value> =
+        serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+    list.iter()
+        .map(|m| {
+            let s = |k: &str| {
+                m.get(k)
+                    .and_then(Value::as_str)
+                    .map(str::to_string)
+                    .ok_or_else(|| format!("{}: a mutant lacks `{k}`: {m}", path.display()))
+            };
+            Ok(Mutant {
+                id: s("id")?,
+                file: s("file")?,
+                find: s("find")?,
+                replace: s("replace")?,
+                rule: s("rule")?,
+                filter: s("filter")?,
+            })
+        })
+        .collect()
+}
+
+/// `text` with the mutant applied; an error unless its `find` occurs exactly once.
+pub fn apply(m: &Mutant, text: &str) -> Result<String> {
+    match text.matches(&m.find).count() {
+        1 => Ok(text.replacen(&m.find, &m.replace, 1)),
+        n => Err(format!(
+            "mutant {}: its text occurs {n} times in {} (must be exactly once)",
+            m.id, m.file
+        )),
+    }
+}
+
+/// Puts a source file back as it was when dropped.
+struct Restore {
+    path: PathBuf,
+    text: String,
+}
+
+impl Drop for Restore {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::write(&self.path, &self.text) {
+            eprintln!(
+                "xtask: RESTORE FAILED for {}: {e}; run `git checkout {}`",
+                self.path.display(),
+                self.path.display()
+            );
+        }
+    }
+}
+
+/// Runs one mutant; the source is restored before this returns.
+fn run_one(root: &Path, art: &Artifacts, m: &Mutant, timeout: Duration) -> Result<Outcome> {
+    let start = Instant::now();
+    let path = root.join(&m.file);
+    let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mutated = apply(m, &text)?;
+    let _restore = Restore {
+        path: path.clone(),
+        text,
+    };
+    std::fs::write(&path, mutated).map_err(|e| format!("{}: {e}", path.display()))?;
+    let outcome = |killed, by: String| Outcome {
+        id: m.id.clone(),
+        killed,
+        by,
+        took: start.elapsed(),
+    };
+
+    let mo = root.join("target/zapguard/kmod-mutant");
+    std::fs::create_dir_all(&mo).map_err(|e| format!("{}: {e}", mo.display()))?;
+    let built = Command::new("make")
+        .args(["-s", "-C"])
+        .arg(&art.ktree)
+        .arg(format!("M={}", root.join("kmod").display()))
+        .arg(format!("MO={}", mo.display()))
+        .args(["LLVM=-19", "ZAPGUARD_INJECT=1", "modules"])
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("make: {e}"))?;
+    if !built.status.success() {
+        return Ok(outcome(true, "the module does not build".into()));
+    }
+    let hmm_tests = script(root, "images/hmm-tests/build.sh")
+        .arg(&art.ktree)
+        .stderr(Stdio::null())
+        .output()
+        .map_err(|e| format!("hmm-tests: {e}"))?;
+    let out = script(root, "images/initramfs/build.sh")
+        .arg(&art.ktree)
+        .arg(mo.join("zapguard.ko"))
+        .arg(&art.guest_tests)
+        .arg(String::from_utf8_lossy(&hmm_tests.stdout).trim())
+        .args(&art.examples)
+        .stderr(Stdio::inherit())
+        .output()
+        .map_err(|e| format!("initramfs: {e}"))?;
+    if !out.status.success() {
+        return Err(format!("mutant {}: initramfs build failed", m.id));
+    }
+    let initramfs = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+
+    let dir = root
+        .join("target/zapguard/runs")
+        .join(format!("mutant-{}", m.id));
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut cfg = vm_config(
+        art,
+        dir,
+        vec!["zg.run=tests".into(), format!("zg.filter={}", m.filter)],
+        timeout,
+        vm::Echo::Silent,
+    );
+    cfg.initramfs = initramfs;
+    let o = vm::run(&cfg).map_err(|e| format!("mutant {}: VM run: {e}", m.id))?;
+    let mut by: Vec<String> = o
+        .results
+        .iter()
+        .filter(|r| r.outcome == crate::ktap::Outcome::Fail)
+        .map(|r| r.name.clone())
+        .collect();
+    let checks = vm_checks(&o, &crate::trace::analyse(&o.trace));
+    by.extend(checks.iter().filter(|c| !c.ok).map(|c| c.name.to_string()));
+    let ran = o
+        .results
+        .iter()
+        .filter(|r| r.outcome != crate::ktap::Outcome::Skip)
+        .count();
+    if by.is_empty() {
+        return Ok(outcome(
+            false,
+            format!(
+                "{ran} tests (filter `{}`) and every run check passed",
+                m.filter
+            ),
+        ));
+    }
+    Ok(outcome(true, by.join(", ")))
+}
+
+/// Runs the mutants whose id contains `only` (all without it); prints the table. Returns
+/// (killed, survived).
+pub fn run(root: &Path, art: &Artifacts, only: Option<&str>) -> Result<(usize, usize)> {
+    let all = load(root)?;
+    let chosen: Vec<&Mutant> = all
+        .iter()
+        .filter(|m| only.is_none_or(|o| m.id.contains(o)))
+        .collect();
+    let mut outcomes = Vec::new();
+    for (i, m) in chosen.iter().enumerate() {
+        eprintln!(
+            "==> mutant {}/{}: {} ({}; tests `{}`)",
+            i + 1,
+            chosen.len(),
+            m.id,
+            m.rule,
+            m.filter
+        );
+        let o = run_one(root, art, m, Duration::from_secs(300))?;
+        eprintln!(
+            "    {} in {:.0}s: {}",
+            if o.killed { "killed" } else { "SURVIVED" },
+            o.took.as_secs_f32(),
+            o.by
+        );
+        outcomes.push(o);
+    }
+    println!(
+        "\nmutants ({} of {} in kmod/mutants.json)",
+        chosen.len(),
+        all.len()
+    );
+    println!("  {:<34} {:<9} {:>6}  by", "mutant", "result", "time");
+    for o in &outcomes {
+        println!(
+            "  {:<34} {:<9} {:>5.0}s  {}",
+            o.id,
+            if o.killed { "killed" } else { "SURVIVED" },
+            o.took.as_secs_f32(),
+            o.by
+        );
+    }
+    let killed = outcomes.iter().filter(|o| o.killed).count();
+    println!(
+        "killed {killed} of {} ({:.0}%)",
+        outcomes.len(),
+        100.0 * killed as f64 / outcomes.len().max(1) as f64
+    );
+    Ok((killed, outcomes.len() - killed))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_listed_mutant_applies_exactly_once() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+        let all = load(root).unwrap();
+        assert!(all.len() >= 10);
+        for m in &all {
+            let text = std::fs::read_to_string(root.join(&m.file)).unwrap();
+            let out = apply(m, &text).unwrap();
+            assert_ne!(out, text, "{}", m.id);
+        }
+        let ids: std::collections::BTreeSet<_> = all.iter().map(|m| &m.id).collect();
+        assert_eq!(ids.len(), all.len(), "mutant ids are unique");
+    }
+}
