@@ -473,32 +473,49 @@ fn pfns(m: &Mapping) -> Result<Vec<u64>, String> {
 const PAGE_IDLE: &str = "/sys/kernel/mm/page_idle/bitmap";
 
 /// Marks `pfns` idle (`page_idle/bitmap`: 64-bit words, bit n of word w is PFN 64w + n).
-fn mark_idle(pfns: &[u64]) -> Result<(), String> {
+/// Returns which pages can be tracked: the kernel neither reads nor writes the bitmap's last
+/// word when `max_pfn` ends inside it (the access returns 0 bytes).
+fn mark_idle(pfns: &[u64]) -> Result<Vec<bool>, String> {
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .open(PAGE_IDLE)
         .map_err(|e| format!("{PAGE_IDLE}: {e}"))?;
-    for &pfn in pfns {
-        f.seek(SeekFrom::Start(pfn / 64 * 8))
-            .and_then(|_| f.write_all(&(1u64 << (pfn % 64)).to_le_bytes()))
-            .map_err(|e| format!("{PAGE_IDLE}: {e}"))?;
-    }
-    Ok(())
-}
-
-/// Whether each of `pfns` is still idle (reading runs the rmap walk that asks every
-/// secondary MMU, the device included, whether it used the page).
-fn still_idle(pfns: &[u64]) -> Result<Vec<bool>, String> {
-    let mut f = std::fs::File::open(PAGE_IDLE).map_err(|e| format!("{PAGE_IDLE}: {e}"))?;
     pfns.iter()
         .map(|&pfn| {
+            f.seek(SeekFrom::Start(pfn / 64 * 8))
+                .and_then(|_| f.write(&(1u64 << (pfn % 64)).to_le_bytes()))
+                .map(|n| n == 8)
+                .map_err(|e| format!("{PAGE_IDLE}: {e}"))
+        })
+        .collect()
+}
+
+/// Whether each trackable page of `pfns` is still idle (`None` for the others). Reading runs
+/// the rmap walk that asks every secondary MMU, the device included, whether it used the page.
+fn still_idle(pfns: &[u64], trackable: &[bool]) -> Result<Vec<Option<bool>>, String> {
+    let mut f = std::fs::File::open(PAGE_IDLE).map_err(|e| format!("{PAGE_IDLE}: {e}"))?;
+    pfns.iter()
+        .zip(trackable)
+        .map(|(&pfn, &ok)| {
+            if !ok {
+                return Ok(None);
+            }
             let mut w = [0u8; 8];
             f.seek(SeekFrom::Start(pfn / 64 * 8))
                 .and_then(|_| f.read_exact(&mut w))
                 .map_err(|e| format!("{PAGE_IDLE}: {e}"))?;
-            Ok(u64::from_le_bytes(w) & (1 << (pfn % 64)) != 0)
+            Ok(Some(u64::from_le_bytes(w) & (1 << (pfn % 64)) != 0))
         })
         .collect()
+}
+
+/// Which pages of `m` no longer have the PFN in `pfns` (migrated by compaction, say).
+fn moved_pages(m: &Mapping, pfns_before: &[u64]) -> Result<Vec<bool>, String> {
+    Ok(pfns(m)?
+        .iter()
+        .zip(pfns_before)
+        .map(|(a, b)| a != b)
+        .collect())
 }
 
 /// Idle-page tracking sees the device's use: pages marked idle and then read only by the
@@ -521,14 +538,27 @@ pub fn aging_reports_device_use_to_idle_tracking() -> Result<(), String> {
     // Idle tracking only sees pages on the LRU lists: compaction drains the per-CPU batches.
     let _ = std::fs::write("/proc/sys/vm/compact_memory", "1");
     let pfns = pfns(&a)?;
-    mark_idle(&pfns)?;
+    let ok = mark_idle(&pfns)?;
+    let tracked = |half: std::ops::Range<usize>| half.filter(|&i| ok[i]).count();
+    if tracked(0..PAGES / 2) < 8 || tracked(PAGES / 2..PAGES) < 8 {
+        return Err(format!("too few trackable pages: {ok:?}"));
+    }
     let s0 = stats(&f)?;
     // The device reads the first half only; the CPU touches nothing.
     run(&f, dev::job(DMA_CHECKSUM, a.addr, 0, PAGES / 2 * PG, 0))?;
-    let idle = still_idle(&pfns)?;
+    let idle = still_idle(&pfns, &ok)?;
     let s1 = stats(&f)?;
-    let used: Vec<usize> = (0..PAGES / 2).filter(|&i| idle[i]).collect();
-    let untouched: Vec<usize> = (PAGES / 2..PAGES).filter(|&i| !idle[i]).collect();
+    // Compaction may have moved a page meanwhile: its old PFN now names someone else's page.
+    let moved = moved_pages(&a, &pfns)?;
+    let idle: Vec<Option<bool>> = idle
+        .iter()
+        .zip(&moved)
+        .map(|(&i, &m)| if m { None } else { i })
+        .collect();
+    let used: Vec<usize> = (0..PAGES / 2).filter(|&i| idle[i] == Some(true)).collect();
+    let untouched: Vec<usize> = (PAGES / 2..PAGES)
+        .filter(|&i| idle[i] == Some(false))
+        .collect();
     println!(
         "# aging: {} young answers, {} device accessed bits cleared",
         s1.aging_young - s0.aging_young,
@@ -545,10 +575,13 @@ pub fn aging_reports_device_use_to_idle_tracking() -> Result<(), String> {
     }
     // The answers cleared the device's marks: with no new use, every page is idle again.
     mark_idle(&pfns)?;
-    let again: Vec<usize> = still_idle(&pfns)?
+    let idle = still_idle(&pfns, &ok)?;
+    let moved = moved_pages(&a, &pfns)?;
+    let again: Vec<usize> = idle
         .iter()
+        .zip(&moved)
         .enumerate()
-        .filter(|(_, &idle)| !idle)
+        .filter(|(_, (&idle, &m))| idle == Some(false) && !m)
         .map(|(i, _)| i)
         .collect();
     if !again.is_empty() {

@@ -208,6 +208,8 @@ pub fn madvise_dontneed_refaults_new_page() -> Result<(), String> {
     let mut a = Mapping::anon(16 * PG).map_err(|e| e.to_string())?;
     a.bytes_mut().fill(0x5a);
     map(&f, &a, true)?;
+    // Warm the IOTLB with all 16 translations: the shootdown must invalidate every one.
+    run(&f, dev::job(DMA_CHECKSUM, a.addr, 0, a.len, 0))?;
     a.madvise(0, a.len, libc::MADV_DONTNEED)
         .map_err(|e| e.to_string())?;
     let snap = dev::snapshot(&f, a.addr, 16).map_err(|e| format!("SNAPSHOT: {e}"))?;
