@@ -125,7 +125,10 @@ fn open(path: Option<PathBuf>) -> Result<Box<dyn BufRead>, String> {
 
 /// The `[from, to)` window of `--from`/`--to` (`None`: neither given); an empty one is an
 /// error, not a silently empty output.
-fn window(from: Option<u64>, to: Option<u64>) -> Result<Option<(u64, u64)>, String> {
+/// A time window in ns (`None`: the whole trace).
+type Window = Option<(u64, u64)>;
+
+fn window(from: Option<u64>, to: Option<u64>) -> Result<Window, String> {
     if from.is_none() && to.is_none() {
         return Ok(None);
     }
@@ -141,6 +144,32 @@ fn window(from: Option<u64>, to: Option<u64>) -> Result<Option<(u64, u64)>, Stri
 /// Says on stderr that there was nothing to show (stdout stays what scripts parse).
 fn nothing(what: &str) {
     eprintln!("zapguard-trace: {what}");
+}
+
+/// A timeline export's window, input path and output path (default: the input's path with
+/// extension `ext`).
+fn timeline_target(
+    from: Option<u64>,
+    to: Option<u64>,
+    trace: &Option<PathBuf>,
+    output: Option<PathBuf>,
+    ext: &str,
+) -> Result<(Window, PathBuf, PathBuf), String> {
+    let window = window(from, to)?;
+    let input = or_latest(trace.clone());
+    let output = output.unwrap_or_else(|| input.with_extension(ext));
+    Ok((window, input, output))
+}
+
+/// Says on stderr that the `what` written to `output` shows no event (`shown` is 0).
+fn say_if_empty(shown: u64, output: &std::path::Path, window: Window, what: &str) {
+    if shown == 0 {
+        nothing(&format!(
+            "{}: {}; wrote {what} that says so",
+            output.display(),
+            perfetto::empty_note(window)
+        ));
+    }
 }
 
 /// Writes `text` to stdout; a closed pipe (`| head`) is not an error.
@@ -161,20 +190,12 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             to,
             output,
         } => {
-            let window = window(from, to)?;
-            let input = or_latest(trace.clone());
-            let output = output.unwrap_or_else(|| input.with_extension("svg"));
+            let (window, input, output) = timeline_target(from, to, &trace, output, "svg")?;
             let (svg, seen) =
                 zapguard_trace::svg::from_trace(open(trace)?, window, &input.display().to_string())
                     .map_err(|e| e.to_string())?;
             std::fs::write(&output, svg).map_err(|e| format!("{}: {e}", output.display()))?;
-            if seen.shown == 0 {
-                nothing(&format!(
-                    "{}: {}; wrote an SVG that says so",
-                    output.display(),
-                    perfetto::empty_note(window)
-                ));
-            }
+            say_if_empty(seen.shown, &output, window, "an SVG");
             emit(&format!("{}\n", output.display()))?;
             seen.bad
         }
@@ -184,22 +205,14 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             to,
             output,
         } => {
-            let window = window(from, to)?;
-            let input = or_latest(trace.clone());
-            let output = output.unwrap_or_else(|| input.with_extension("perfetto.json"));
+            let (window, _, output) = timeline_target(from, to, &trace, output, "perfetto.json")?;
             // The input first: a missing trace must not leave an empty output behind.
             let input = open(trace)?;
             let file =
                 std::fs::File::create(&output).map_err(|e| format!("{}: {e}", output.display()))?;
             let (_, seen) = perfetto::export(input, BufWriter::new(file), window)
                 .map_err(|e| format!("{}: {e}", output.display()))?;
-            if seen.shown == 0 {
-                nothing(&format!(
-                    "{}: {}; wrote a timeline that says so",
-                    output.display(),
-                    perfetto::empty_note(window)
-                ));
-            }
+            say_if_empty(seen.shown, &output, window, "a timeline");
             emit(&format!(
                 "{}: {} trace events; open it in https://ui.perfetto.dev\n",
                 output.display(),
