@@ -535,10 +535,14 @@ pub fn aging_reports_device_use_to_idle_tracking() -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     a.bytes_mut().fill(0x11);
     map(&f, &a, false)?;
-    // Idle tracking only sees pages on the LRU lists: compaction drains the per-CPU batches.
-    let _ = std::fs::write("/proc/sys/vm/compact_memory", "1");
     let pfns = pfns(&a)?;
-    let ok = mark_idle(&pfns)?;
+    // Idle tracking sees only pages on the LRU lists (not those still in a per-CPU batch) and
+    // not the bitmap's last word: a page is tracked if it reads idle right after marking.
+    let written = mark_idle(&pfns)?;
+    let ok: Vec<bool> = still_idle(&pfns, &written)?
+        .iter()
+        .map(|&idle| idle == Some(true))
+        .collect();
     let tracked = |half: std::ops::Range<usize>| half.filter(|&i| ok[i]).count();
     if tracked(0..PAGES / 2) < 8 || tracked(PAGES / 2..PAGES) < 8 {
         return Err(format!("too few trackable pages: {ok:?}"));
