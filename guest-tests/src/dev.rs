@@ -190,6 +190,15 @@ impl Mapping {
         }
     }
 
+    /// A view of part of another mapping, which stays its owner's to unmap.
+    pub fn view(addr: usize, len: usize) -> Self {
+        Self {
+            addr,
+            len,
+            live: false,
+        }
+    }
+
     /// Private anonymous read-write memory.
     pub fn anon(len: usize) -> io::Result<Self> {
         Self::new(

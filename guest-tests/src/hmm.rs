@@ -453,7 +453,7 @@ pub fn compaction_while_mirrored() -> Result<(), String> {
 
 /// The PFN of each page of `m` (`/proc/self/pagemap`; root sees PFNs), or an error for one that
 /// is not present.
-fn pfns(m: &Mapping) -> Result<Vec<u64>, String> {
+pub(crate) fn pfns(m: &Mapping) -> Result<Vec<u64>, String> {
     let mut f = std::fs::File::open("/proc/self/pagemap").map_err(|e| format!("pagemap: {e}"))?;
     let mut out = Vec::new();
     for page in 0..m.len / PG {

@@ -17,6 +17,7 @@ mod failsafe;
 mod hmm;
 mod ktap;
 mod mirror;
+mod numa;
 mod uffd;
 mod upstream;
 
@@ -25,6 +26,7 @@ use bounds::*;
 use failsafe::*;
 use hmm::*;
 use mirror::*;
+use numa::*;
 use uffd::*;
 use upstream::*;
 
@@ -81,6 +83,9 @@ const TESTS: &[Test] = ktap::tests![
     race_many_threads_map_unmap_submit,
     processes_are_isolated,
     compaction_while_mirrored,
+    numa_migration_follows_pages,
+    numa_migration_moves_thp,
+    numa_migration_during_dma,
     aging_reports_device_use_to_idle_tracking,
     pt_pages_bounded_and_reclaimed,
     uffd_device_faults_served_by_handler,

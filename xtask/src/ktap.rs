@@ -93,6 +93,43 @@ pub fn expected_violations(line: &str) -> Option<u64> {
     line[at + EXPECTED_VIOLATIONS.len()..].trim().parse().ok()
 }
 
+/// Printed by a guest test that knows where a page lives: `asid=N va=0x.. pa=0x.. [pa=0x..]..`
+/// says the device must have accessed the page at `va` of context `asid` through each `pa`, in
+/// this order (the NUMA tests name a page's home before and after its migration).
+pub const TRACE_EXPECT: &str = "ZAPGUARD-TRACE-EXPECT";
+
+/// A [`TRACE_EXPECT`] line: the context, the page's VA and the physical addresses in order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AccessExpectation {
+    pub asid: u64,
+    pub va: u64,
+    pub pas: Vec<u64>,
+}
+
+/// Parses a [`TRACE_EXPECT`] line; `None` if the marker is absent or a field is malformed.
+pub fn trace_expectation(line: &str) -> Option<AccessExpectation> {
+    let at = line.find(TRACE_EXPECT)?;
+    let (mut asid, mut va, mut pas) = (None, None, Vec::new());
+    for field in line[at + TRACE_EXPECT.len()..].split_whitespace() {
+        let (key, value) = field.split_once('=')?;
+        let value = match value.strip_prefix("0x") {
+            Some(hex) => u64::from_str_radix(hex, 16).ok()?,
+            None => value.parse().ok()?,
+        };
+        match key {
+            "asid" => asid = Some(value),
+            "va" => va = Some(value),
+            "pa" => pas.push(value),
+            _ => return None,
+        }
+    }
+    (!pas.is_empty()).then_some(AccessExpectation {
+        asid: asid?,
+        va: va?,
+        pas,
+    })
+}
+
 /// The `rc=N` value of a marker line.
 pub fn marker_rc(line: &str, marker: &str) -> Option<i32> {
     let at = line.find(marker)?;
@@ -116,6 +153,27 @@ mod tests {
         );
         assert_eq!(expected_violations("ZAPGUARD-EXPECTED-VIOLATIONS x"), None);
         assert_eq!(expected_violations("no marker 3"), None);
+    }
+
+    #[test]
+    fn trace_expectation_lines() {
+        assert_eq!(
+            trace_expectation("  | ZAPGUARD-TRACE-EXPECT asid=3 va=0x7f0000 pa=0x1000 pa=0x2000"),
+            Some(AccessExpectation {
+                asid: 3,
+                va: 0x7f_0000,
+                pas: vec![0x1000, 0x2000]
+            })
+        );
+        for bad in [
+            "ZAPGUARD-TRACE-EXPECT asid=3 va=0x10",
+            "ZAPGUARD-TRACE-EXPECT va=0x10 pa=0x1000",
+            "ZAPGUARD-TRACE-EXPECT asid=3 va=0x10 pa=0xzz",
+            "ZAPGUARD-TRACE-EXPECT asid=3 va=0x10 pa=0x1000 why=x",
+            "no marker asid=3 va=0x10 pa=0x1000",
+        ] {
+            assert_eq!(trace_expectation(bad), None, "{bad}");
+        }
     }
 
     #[test]

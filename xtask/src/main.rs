@@ -409,6 +409,32 @@ fn vm_checks(o: &vm::VmOutcome, analysis: &std::io::Result<trace::Analysis>) -> 
                 detail,
             }
         },
+        {
+            // Tests that move pages (NUMA) name each page's homes; the device must have used
+            // them, in order. A malformed expectation line fails rather than weakening the check.
+            let (ok, detail) = match analysis {
+                Ok(a) => {
+                    let unmet = a.accesses.unmet();
+                    let bad = &o.bad_trace_expectations;
+                    (
+                        unmet.is_empty() && bad.is_empty(),
+                        match (unmet.first(), bad.first()) {
+                            (_, Some(b)) => format!("malformed expectation: {b}"),
+                            (Some(u), None) => {
+                                format!("{} of {} unmet, first: {u}", unmet.len(), a.accesses.len())
+                            }
+                            (None, None) => String::new(),
+                        },
+                    )
+                }
+                Err(e) => (false, format!("{}: {e}", o.trace.display())),
+            };
+            Check {
+                name: "trace check: the device used each page where the guest saw it",
+                ok,
+                detail,
+            }
+        },
         Check {
             name: "device exited cleanly when QEMU went away",
             ok: !o.device_died_early && o.device_status.is_some_and(|s| s.success()),
@@ -516,7 +542,7 @@ fn vm_run(root: &Path, art: &Artifacts, opts: &Options, echo: vm::Echo) -> Resul
             }
         }
     }
-    let analysis = trace::analyse(&o.trace);
+    let analysis = trace::analyse(&o.trace, &o.trace_expectations);
     let (cp, cf) = print_checks("run checks: ", &vm_checks(&o, &analysis));
     println!("serial log:   {}", rel(&o.serial_log).display());
     println!("device log:   {}", rel(&o.device_log).display());
@@ -652,7 +678,7 @@ fn harness_selftests(root: &Path, art: &Artifacts) -> Result<(usize, usize)> {
     let hang = scenario("hang", "hang", 20, None)?;
     let dead = scenario("device-dies", "tests", 120, Some(ktap::TESTS_BEGIN))?;
     let failed_checks = |o: &vm::VmOutcome| {
-        vm_checks(o, &trace::analyse(&o.trace))
+        vm_checks(o, &trace::analyse(&o.trace, &o.trace_expectations))
             .iter()
             .filter(|c| !c.ok)
             .count()
@@ -707,7 +733,7 @@ fn device_death_run(root: &Path, art: &Artifacts) -> Result<(usize, usize)> {
     );
     cfg.device_may_die = true;
     let o = vm::run(&cfg).map_err(|e| format!("device-death boot: {e}"))?;
-    let analysis = trace::analyse(&o.trace);
+    let analysis = trace::analyse(&o.trace, &o.trace_expectations);
     let ran = o
         .results
         .iter()
@@ -901,7 +927,8 @@ fn main() -> ExitCode {
                     o.serial_log.display()
                 ));
             }
-            let analysis = trace::analyse(&o.trace).map_err(|e| format!("trace: {e}"))?;
+            let analysis = trace::analyse(&o.trace, &o.trace_expectations)
+                .map_err(|e| format!("trace: {e}"))?;
             let hit = |asid: u64| analysis.summary.asids.get(&asid).map(|s| s.hit_rate());
             // A partial run must not replace the full run's results.
             let out = root.join(if opts.filter.is_some() {

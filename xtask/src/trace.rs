@@ -1,6 +1,8 @@
 //! Device-trace helpers for the harness: one pass that summarises and checks a run's trace
 //! (through the `zapguard-trace` library), and the trace lines of a failed test's contexts.
 
+use crate::ktap::AccessExpectation;
+use serde_json::Value;
 use std::path::Path;
 use zapguard_trace::{check::Checker, reader, summary::Summary};
 
@@ -10,19 +12,86 @@ pub struct Analysis {
     pub summary: Summary,
     /// The offline invariant check.
     pub check: Checker,
+    /// The device accesses the guest expected, and how far the trace went through each.
+    pub accesses: ExpectedAccesses,
 }
 
-/// Reads the trace at `path` once.
-pub fn analyse(path: &Path) -> std::io::Result<Analysis> {
+/// Reads the trace at `path` once, looking for the guest's `expected` accesses on the way.
+pub fn analyse(path: &Path, expected: &[AccessExpectation]) -> std::io::Result<Analysis> {
     let f = std::io::BufReader::with_capacity(1 << 20, std::fs::File::open(path)?);
     let mut summary = Summary::default();
     let mut check = Checker::default();
+    let mut accesses = ExpectedAccesses::new(expected);
     summary.bad_lines = reader::for_each_event(f, |n, v| {
         summary.add(v);
         check.add(n, v);
+        accesses.add(v);
     })?;
     check.finish();
-    Ok(Analysis { summary, check })
+    Ok(Analysis {
+        summary,
+        check,
+        accesses,
+    })
+}
+
+/// Matches `dma_access` events against the guest's expectations: each expectation advances
+/// when the device touched its page through the next physical address in its list.
+pub struct ExpectedAccesses {
+    expected: Vec<AccessExpectation>,
+    /// Per expectation, how many of its addresses the trace has shown, in order.
+    seen: Vec<usize>,
+}
+
+impl ExpectedAccesses {
+    pub fn new(expected: &[AccessExpectation]) -> Self {
+        Self {
+            expected: expected.to_vec(),
+            seen: vec![0; expected.len()],
+        }
+    }
+
+    pub fn add(&mut self, v: &Value) {
+        if v.get("kind").and_then(Value::as_str) != Some("dma_access") {
+            return;
+        }
+        let field = |k| v.get(k).and_then(Value::as_u64);
+        let (Some(asid), Some(va), Some(pa), Some(len)) =
+            (field("asid"), field("va"), field("pa"), field("len"))
+        else {
+            return;
+        };
+        for (e, seen) in self.expected.iter().zip(&mut self.seen) {
+            let inside = e.asid == asid && (va..va.saturating_add(len)).contains(&e.va);
+            if inside && e.pas.get(*seen) == Some(&(pa + (e.va - va))) {
+                *seen += 1;
+            }
+        }
+    }
+
+    /// How many expectations there are.
+    pub fn len(&self) -> usize {
+        self.expected.len()
+    }
+
+    /// The expectations the trace did not meet, each with the first address it never reached.
+    pub fn unmet(&self) -> Vec<String> {
+        self.expected
+            .iter()
+            .zip(&self.seen)
+            .filter(|(e, seen)| **seen < e.pas.len())
+            .map(|(e, seen)| {
+                format!(
+                    "asid {} va {:#x}: no access through pa {:#x} (address {} of {})",
+                    e.asid,
+                    e.va,
+                    e.pas[*seen],
+                    seen + 1,
+                    e.pas.len()
+                )
+            })
+            .collect()
+    }
 }
 
 /// The ASIDs a failed test's diagnostics name (`asid N`), from the serial log's `# test: ...`
@@ -77,6 +146,36 @@ mod asid_tests {
             "# t1: DMA op 4: EIO (asid 3)\n# t2: x (asid 9)\n# t1: again asid 12 and asid 3\n";
         assert_eq!(failed_test_asids(serial, "t1"), vec![3, 12]);
         assert!(failed_test_asids(serial, "t3").is_empty());
+    }
+
+    #[test]
+    fn expected_accesses_must_appear_in_order() {
+        let e = AccessExpectation {
+            asid: 2,
+            va: 0x40_1000,
+            pas: vec![0x9000, 0x5000],
+        };
+        let access = |asid: u64, va: u64, pa: u64, len: u64| serde_json::json!({"kind": "dma_access", "asid": asid, "va": va, "pa": pa, "len": len});
+        let run = |events: &[Value]| {
+            let mut x = ExpectedAccesses::new(std::slice::from_ref(&e));
+            events.iter().for_each(|v| x.add(v));
+            x.unmet()
+        };
+        // A multi-page access covering the page, then a page-sized one at the new home.
+        let good = [
+            access(2, 0x40_0000, 0x8000, 0x3000),
+            access(2, 0x40_1000, 0x5000, 0x1000),
+        ];
+        assert!(run(&good).is_empty());
+        // Wrong order, another context, another page, or a fill instead of an access: unmet.
+        let reversed = [good[1].clone(), good[0].clone()];
+        assert_eq!(run(&reversed).len(), 1, "{:?}", run(&reversed));
+        let other_asid = [access(3, 0x40_1000, 0x9000, 0x1000), good[1].clone()];
+        assert!(run(&other_asid)[0].contains("pa 0x9000"));
+        let other_page = [access(2, 0x40_2000, 0x9000, 0x1000), good[1].clone()];
+        assert_eq!(run(&other_page).len(), 1);
+        let fill = serde_json::json!({"kind": "iotlb_fill", "asid": 2, "va": 0x40_1000, "pa": 0x9000, "len": 4096});
+        assert!(run(&[fill, good[1].clone()])[0].contains("address 1 of 2"));
     }
 
     #[test]

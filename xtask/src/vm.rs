@@ -98,6 +98,10 @@ pub struct VmOutcome {
     pub bench: Vec<String>,
     /// Violations the guest's injected-bug tests caused, if the suite reported them.
     pub expected_violations: Option<u64>,
+    /// Device accesses the guest expects in the trace (`ZAPGUARD-TRACE-EXPECT` lines), and the
+    /// malformed such lines (a failed check, not a silently weaker one).
+    pub trace_expectations: Vec<ktap::AccessExpectation>,
+    pub bad_trace_expectations: Vec<String>,
     pub timed_out: bool,
     pub qemu_status: Option<ExitStatus>,
     pub device_died_early: bool,
@@ -108,7 +112,10 @@ pub struct VmOutcome {
     pub qemu_log: PathBuf,
 }
 
-const GUEST_RAM: &str = "512M";
+/// Guest RAM: node 0 (both CPUs) and node 1 (memory only), the sum.
+const NODE0_RAM: &str = "512M";
+const NODE1_RAM: &str = "256M";
+const GUEST_RAM: &str = "768M";
 /// Prefix of a benchmark record on the console (see guest-tests/src/bench.rs).
 const BENCH_MARK: &str = "ZAPGUARD-BENCH ";
 const LOG_CAP: u64 = 4 << 20;
@@ -214,12 +221,20 @@ pub fn machine_args(
     let device =
         format!(r#"{{"driver":"vfio-user-pci","socket":{{"path":"{socket}","type":"unix"}}}}"#);
     [
-        // The device maps guest RAM from the memfd QEMU passes in DMA_MAP: it must be shared,
-        // or the device's view silently diverges from the guest's.
+        // The device maps guest RAM from the memfds QEMU passes in DMA_MAP: they must be
+        // shared, or the device's view silently diverges from the guest's. Two NUMA nodes, each
+        // its own memfd: node 1 has memory and no CPU, so nothing lands there unless a test
+        // moves it (the NUMA migration tests).
         "-object",
-        &format!("memory-backend-memfd,id=mem,size={GUEST_RAM},share=on"),
+        &format!("memory-backend-memfd,id=mem0,size={NODE0_RAM},share=on"),
+        "-object",
+        &format!("memory-backend-memfd,id=mem1,size={NODE1_RAM},share=on"),
+        "-numa",
+        "node,nodeid=0,cpus=0-1,memdev=mem0",
+        "-numa",
+        "node,nodeid=1,memdev=mem1",
         "-machine",
-        "q35,memory-backend=mem",
+        "q35",
         "-m",
         GUEST_RAM,
         "-smp",
@@ -381,6 +396,11 @@ fn handle_line(line: &str, echo: Echo, in_tests: &mut bool, out: &mut VmOutcome)
         out.done_rc = Some(rc);
     } else if let Some(n) = ktap::expected_violations(line) {
         out.expected_violations = Some(n);
+    } else if line.contains(ktap::TRACE_EXPECT) {
+        match ktap::trace_expectation(line) {
+            Some(e) => out.trace_expectations.push(e),
+            None => out.bad_trace_expectations.push(line.to_string()),
+        }
     } else if let Some(at) = line.find(BENCH_MARK) {
         out.bench
             .push(line[at + BENCH_MARK.len()..].trim().to_string());
