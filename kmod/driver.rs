@@ -362,17 +362,18 @@ impl ZgFile {
         let i: uapi::ZgInject = read_arg(arg)?;
         if i.modes & !uapi::ZG_INJ_MODES != 0
             || i.dev_fail & !abi_regs::FAIL_MODE_MASK != 0
-            || i.reserved != 0
+            || i.populate_lag > uapi::ZG_POPULATE_LAG_MAX_US
         {
             return Err(EINVAL);
         }
         let ctx = self.ctx()?;
         pr_info!(
-            "asid {}: injecting driver bugs {:#x}, device command lag {}, walk lag {} us, device failure {} ({})\n",
+            "asid {}: injecting driver bugs {:#x}, device command lag {}, walk lag {} us, populate lag {} us, device failure {} ({})\n",
             ctx.asid,
             i.modes,
             i.cmd_lag,
             i.walk_lag,
+            i.populate_lag,
             i.dev_fail,
             i.dev_fail_arg
         );

@@ -18,7 +18,9 @@
 //!   context; the context's own work item (one at a time per context, on the unbound
 //!   workqueue) serves it with the unlocked `hmm_range_fault()` variant, which lets a
 //!   userfaultfd handler resolve the fault, and answers RESUME or ABORT. A fault that blocks
-//!   holds up only its own context.
+//!   holds up only its own context. A fault that keeps coming back for the same job, page and
+//!   access with nothing invalidated in between is aborted (`EFAULT`) after
+//!   [`FRUITLESS_FAULT_REPEATS`] services instead of livelocking the device.
 //! - **Release** (the `Release` event, and file close): disable the context on the device
 //!   (`CFGI_CTX` + `CMD_INV_ASID` + SYNC) before anything is freed. An ASID whose teardown the
 //!   device did not confirm (it was fenced instead) is quarantined, never reused.
@@ -65,6 +67,11 @@ const VIOLATIONS_LOGGED: u64 = 8;
 /// Stalled faults a context can have queued (the device runs one job at a time, so one is
 /// the usual number; beyond this they are aborted).
 const FAULT_QUEUE: usize = 8;
+/// A fault that comes back for the same job, page and access with no invalidation since it
+/// was served was not satisfied by its service (a driver bug, or a page the device cannot
+/// use): after this many such repeats in a row its job is aborted with `EFAULT` rather than
+/// livelocking the device.
+const FRUITLESS_FAULT_REPEATS: u32 = 8;
 
 const PAGE: u64 = pte::PAGE_SIZE;
 const HUGE: u64 = pte::HUGE_PAGE_SIZE;
@@ -117,6 +124,23 @@ struct Fault {
     job: u64,
 }
 
+impl Fault {
+    /// The same job faulting on the same page for the same access.
+    fn same_access(&self, other: &Fault) -> bool {
+        self.job == other.job && self.write == other.write && (self.va ^ other.va) < PAGE
+    }
+}
+
+/// The last fault a context served, to notice one that keeps coming back unchanged.
+#[derive(Clone, Copy)]
+struct LastServed {
+    fault: Fault,
+    /// The context's invalidation count when its service finished.
+    invalidations: u64,
+    /// How many times in a row it came back with no invalidation in between.
+    repeats: u32,
+}
+
 /// Faults queued for a context's work item, under `Mirror::faults`.
 struct FaultQueue {
     pending: [Fault; FAULT_QUEUE],
@@ -127,6 +151,7 @@ struct FaultQueue {
     /// The fault the work item is serving, since when, and whether it was already aborted for
     /// taking too long.
     current: Option<(Fault, Instant<Monotonic>, bool)>,
+    last: Option<LastServed>,
 }
 
 impl FaultQueue {
@@ -206,6 +231,8 @@ pub(crate) struct Mirror {
     inject: AtomicU32,
     /// This context set device test knobs (reset on close).
     set_knobs: AtomicBool,
+    /// `ZgInject::populate_lag`: microseconds each populate sleeps between walk and commit.
+    populate_lag: AtomicU32,
     /// The last fault the driver could not serve: (job id, negative errno).
     abort_job: AtomicU64,
     abort_errno: AtomicI64,
@@ -349,6 +376,7 @@ fn new_mirror(shared: &Arc<Shared>, asid: u32) -> Result<impl PinInit<Mirror, Er
         len: 0,
         serving: false,
         current: None,
+        last: None,
     };
     let shared = shared.clone();
     Ok(try_pin_init!(Mirror {
@@ -360,6 +388,7 @@ fn new_mirror(shared: &Arc<Shared>, asid: u32) -> Result<impl PinInit<Mirror, Er
         stats: Stats::default(),
         inject: AtomicU32::new(0),
         set_knobs: AtomicBool::new(false),
+        populate_lag: AtomicU32::new(0),
         abort_job: AtomicU64::new(u64::MAX),
         abort_errno: AtomicI64::new(0),
         asid_done: AtomicBool::new(false),
@@ -391,6 +420,22 @@ impl Context {
 impl Mirror {
     fn pool(&self) -> &crate::hw::PtPool {
         &self.shared.hw.pool
+    }
+
+    /// The test knob that widens a populate's window between walk and commit (at least 4 ms
+    /// under `ZG_INJ_IGNORE_RETRY`, so that its test reliably lands an invalidation there);
+    /// compiled out unless the module is built with `ZAPGUARD_INJECT=1`.
+    fn populate_lag(&self, ignore_retry: bool) {
+        if !cfg!(zapguard_inject) {
+            return;
+        }
+        let mut us = self.populate_lag.load(Ordering::Relaxed);
+        if ignore_retry {
+            us = us.max(4000);
+        }
+        if us > 0 {
+            fsleep(Delta::from_micros(us.into()));
+        }
     }
 
     /// Whether injected bug `mode` is on; always `false` (and the branches it guards compiled
@@ -1244,10 +1289,7 @@ pub(crate) fn populate(
                 continue;
             };
             let ignore_retry = ctx.injected(uapi::ZG_INJ_IGNORE_RETRY);
-            if ignore_retry {
-                // Widen the window so that tests reliably land an invalidation in it.
-                fsleep(Delta::from_millis(4));
-            }
+            ctx.populate_lag(ignore_retry);
             let mut st = ctx.state.lock();
             if st.released {
                 return Err(EINVAL);
@@ -1360,6 +1402,7 @@ pub(crate) fn snapshot(ctx: &Context, start: u64, out: &mut [u8]) -> Result {
 /// `ZG_DBG_NO_VALIDATE` rewrites the context entry and reloads it on the device.
 pub(crate) fn set_inject(ctx: &Context, i: &uapi::ZgInject) -> Result {
     let old = ctx.inject.swap(i.modes, Ordering::Relaxed);
+    ctx.populate_lag.store(i.populate_lag, Ordering::Relaxed);
     ctx.shared.set_knobs(i);
     ctx.set_knobs.store(true, Ordering::Relaxed);
     if (old ^ i.modes) & uapi::ZG_DBG_NO_VALIDATE == 0 {
@@ -1484,6 +1527,26 @@ impl Context {
         f
     }
 
+    /// How many times in a row `f` came back after its service with no invalidation in
+    /// between (0 for a new fault).
+    fn fruitless_repeats(&self, f: &Fault) -> u32 {
+        let invalidations = self.stats.invalidations.load(Ordering::Relaxed);
+        match self.faults.lock().last {
+            Some(l) if l.fault.same_access(f) && l.invalidations == invalidations => l.repeats + 1,
+            _ => 0,
+        }
+    }
+
+    /// Remembers that `f` was served (for [`Self::fruitless_repeats`]).
+    fn note_served(&self, f: &Fault, repeats: u32) {
+        let invalidations = self.stats.invalidations.load(Ordering::Relaxed);
+        self.faults.lock().last = Some(LastServed {
+            fault: *f,
+            invalidations,
+            repeats,
+        });
+    }
+
     /// Whether the fault in service was aborted for taking too long (its answer is then moot).
     fn current_aborted(&self) -> bool {
         matches!(self.faults.lock().current, Some((_, _, true)))
@@ -1503,7 +1566,21 @@ impl Context {
 /// A context's fault work: serves its queued faults in order, then stops.
 fn serve_queued_faults(ctx: &Arc<Context>) {
     while let Some(f) = ctx.take_fault() {
+        let repeats = ctx.fruitless_repeats(&f);
+        if repeats >= FRUITLESS_FAULT_REPEATS {
+            pr_warn!(
+                "asid {}: job {} faulted {} times at {:#x} (write {}) with nothing invalidated in between: aborting it\n",
+                ctx.asid,
+                f.job,
+                repeats + 1,
+                f.va,
+                f.write
+            );
+            ctx.finish_fault(&f, Err(EFAULT));
+            continue;
+        }
         let served = serve_fault(ctx, f.va, f.write);
+        ctx.note_served(&f, repeats);
         if let Ok(pages) = served {
             bump(&ctx.stats.fault_pages, pages);
         }

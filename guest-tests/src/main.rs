@@ -100,6 +100,7 @@ const TESTS: &[Test] = ktap::tests![
     inject_keep_write_is_caught,
     inject_keep_write_after_fork_is_caught,
     inject_skip_sync_wait_is_caught,
+    populate_lag_with_invalidation_is_clean,
     inject_ignore_retry_is_caught,
     inject_keep_after_release_is_caught,
     walk_lag_with_late_table_free_is_clean,

@@ -820,34 +820,77 @@ pub fn inject_skip_sync_wait_is_caught() -> Result<(), String> {
     })
 }
 
+/// MAPs a small buffer while another thread's `MADV_DONTNEED` (and a CPU write of new data)
+/// lands in the populate's window between `hmm_range_fault()` and the commit, then has the
+/// device read it; `rounds` times, with varying delays, until `stop` says so.
+fn madvise_during_populate(
+    f: &File,
+    rounds: usize,
+    stop: impl Fn(&ZgStats) -> bool,
+) -> Result<ZgStats, String> {
+    let mut a = Mapping::anon(16 * PG).map_err(|e| e.to_string())?;
+    a.bytes_mut().fill(1);
+    for i in 0..rounds {
+        let (addr, len) = (a.addr, a.len);
+        let delay = Duration::from_micros([300, 700, 1200][i % 3]);
+        let t = std::thread::spawn(move || {
+            std::thread::sleep(delay);
+            // SAFETY: advice on the test's own mapping, then touching it.
+            unsafe {
+                libc::madvise(addr as *mut _, len, libc::MADV_DONTNEED);
+                std::ptr::write_bytes(addr as *mut u8, 2, len);
+            }
+        });
+        let _ = dev::map(f, a.addr, a.len, 0);
+        let _ = t.join();
+        let _ = dev::dma(f, long_read_job(a.addr, a.len));
+        let s = stats(f)?;
+        if stop(&s) {
+            println!("# stopped after {} round(s)", i + 1);
+            return Ok(s);
+        }
+    }
+    stats(f)
+}
+
+/// With the populate window widened by the test knob (`populate_lag`, no bug), invalidations
+/// land in it and the driver retries the walk: no violation. The same scenario catches a
+/// populate that ignores the retry (below, and the `no-read-retry` mutant).
+pub fn populate_lag_with_invalidation_is_clean() -> Result<(), String> {
+    let f = open()?;
+    dev::inject_all(
+        &f,
+        ZgInject {
+            populate_lag: 4000,
+            ..Default::default()
+        },
+    )
+    .map_err(|e| format!("INJECT: {e}"))?;
+    let s = madvise_during_populate(&f, 24, |_| false)?;
+    println!(
+        "# {} populates, {} retried after an invalidation overtook the walk",
+        s.populates, s.populate_retries
+    );
+    if s.populate_retries == 0 {
+        return Err("no invalidation landed in the widened populate window".into());
+    }
+    let too_long = ZgInject {
+        populate_lag: ZG_POPULATE_LAG_MAX_US + 1,
+        ..Default::default()
+    };
+    check_eq(
+        dev::inject_all(&f, too_long).map_err(|e| dev::errno(&e)),
+        Err(libc::EINVAL),
+        "INJECT with a populate lag over the limit",
+    )?;
+    clean(&f)
+}
+
 pub fn inject_ignore_retry_is_caught() -> Result<(), String> {
     expect_violations(VIOL_STALE, || {
         let f = open()?;
         dev::inject(&f, ZG_INJ_IGNORE_RETRY, 0).map_err(|e| format!("INJECT: {e}"))?;
-        let mut a = Mapping::anon(16 * PG).map_err(|e| e.to_string())?;
-        a.bytes_mut().fill(1);
-        for i in 0..40 {
-            let (addr, len) = (a.addr, a.len);
-            // Lands in the populate's window between hmm_range_fault and the commit.
-            let delay = Duration::from_micros([300, 700, 1200][i % 3]);
-            let t = std::thread::spawn(move || {
-                std::thread::sleep(delay);
-                // SAFETY: advice on the test's own mapping, then touching it.
-                unsafe {
-                    libc::madvise(addr as *mut _, len, libc::MADV_DONTNEED);
-                    std::ptr::write_bytes(addr as *mut u8, 2, len);
-                }
-            });
-            let _ = dev::map(&f, a.addr, a.len, 0);
-            let _ = t.join();
-            let _ = dev::dma(&f, long_read_job(a.addr, a.len));
-            let s = stats(&f)?;
-            if ctx_violations(&s) > 0 {
-                println!("# caught after {} round(s)", i + 1);
-                return Ok(s);
-            }
-        }
-        stats(&f)
+        madvise_during_populate(&f, 40, |s| ctx_violations(s) > 0)
     })
 }
 

@@ -30,9 +30,9 @@ extern "C" {
 
 /*
  * Version of this uAPI, reported in struct zg_info.uapi_version (2: irq_count, probe_sync_ns;
- * 3: contexts, MAP, DMA, SNAPSHOT, STATS, INJECT).
+ * 3: contexts, MAP, DMA, SNAPSHOT, STATS, INJECT; 5: struct zg_inject.populate_lag).
  */
-#define ZG_UAPI_VERSION 4u
+#define ZG_UAPI_VERSION 5u
 
 /*
  * Answer of ZG_IOC_GET_INFO. Fields are filled from the device's registers at probe time
@@ -386,6 +386,9 @@ _Static_assert(offsetof(struct zg_stats, reserved) == 240, "struct zg_stats.rese
 /* Every struct zg_inject.modes bit the driver accepts. */
 #define ZG_INJ_MODES 0x3003fu
 
+/* Largest struct zg_inject.populate_lag (100 ms; EINVAL beyond). */
+#define ZG_POPULATE_LAG_MAX_US 0x186a0u
+
 /* Argument of ZG_IOC_INJECT (needs CAP_SYS_ADMIN, else EPERM). */
 struct zg_inject {
 	/* ZG_INJ_* bugs to enable on this context (0 turns them off). */
@@ -411,8 +414,13 @@ struct zg_inject {
 	 * reset to 0 when the context that set it closes).
 	 */
 	__u32 walk_lag;
-	/* Zero. */
-	__u32 reserved;
+	/*
+	 * Microseconds the driver sleeps in each populate of this context between its
+	 * hmm_range_fault() and taking the lock to commit the PTEs (0 = none), so that tests can
+	 * land an invalidation in that window: a correct driver then retries the walk. At most
+	 * ZG_POPULATE_LAG_MAX_US.
+	 */
+	__u32 populate_lag;
 };
 _Static_assert(sizeof(struct zg_inject) == 24, "struct zg_inject: size as in shared-regs");
 _Static_assert(offsetof(struct zg_inject, modes) == 0, "struct zg_inject.modes: offset");
@@ -420,7 +428,7 @@ _Static_assert(offsetof(struct zg_inject, cmd_lag) == 4, "struct zg_inject.cmd_l
 _Static_assert(offsetof(struct zg_inject, dev_fail) == 8, "struct zg_inject.dev_fail: offset");
 _Static_assert(offsetof(struct zg_inject, dev_fail_arg) == 12, "struct zg_inject.dev_fail_arg: offset");
 _Static_assert(offsetof(struct zg_inject, walk_lag) == 16, "struct zg_inject.walk_lag: offset");
-_Static_assert(offsetof(struct zg_inject, reserved) == 20, "struct zg_inject.reserved: offset");
+_Static_assert(offsetof(struct zg_inject, populate_lag) == 20, "struct zg_inject.populate_lag: offset");
 
 /* _IOWR('z', 0x01, struct zg_map). */
 #define ZG_IOC_MAP 0xc0287a01u

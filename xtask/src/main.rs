@@ -872,8 +872,9 @@ fn main() -> ExitCode {
                         let (sp, sf) = harness_selftests(&root, &art)?;
                         let (dp, df) = device_death_run(&root, &art)?;
                         let (ip, iff) = image_checks(&root, &art)?;
-                        p += bp + sp + dp + ip;
-                        f += bf + sf + df + iff;
+                        let (mp, mf) = mutants::smoke(&root, &art)?;
+                        p += bp + sp + dp + ip + mp;
+                        f += bf + sf + df + iff + mf;
                         // The same suite on the lock-debugging kernel: any lockdep, might_sleep
                         // or DEBUG_VM report fails its run checks.
                         println!(

@@ -49,8 +49,8 @@ pub const fn ioc_size(cmd: u32) -> usize {
 }
 
 /// Version of this uAPI, reported in [`ZgInfo::uapi_version`] (2: `irq_count`, `probe_sync_ns`;
-/// 3: contexts, MAP, DMA, SNAPSHOT, STATS, INJECT).
-pub const UAPI_VERSION: u32 = 4;
+/// 3: contexts, MAP, DMA, SNAPSHOT, STATS, INJECT; 5: `ZgInject::populate_lag`).
+pub const UAPI_VERSION: u32 = 5;
 
 /// Answer of [`ZG_IOC_GET_INFO`]. Fields are filled from the device's registers at probe time
 /// and from the PCI core; `reserved` is zero and keeps the size stable as fields are added.
@@ -322,6 +322,9 @@ pub const ZG_DBG_ZAP_WRITE_PROTECT: u32 = 1 << 17;
 /// Every [`ZgInject::modes`] bit the driver accepts.
 pub const ZG_INJ_MODES: u32 = ZG_INJ_ALL | ZG_DBG_NO_VALIDATE | ZG_DBG_ZAP_WRITE_PROTECT;
 
+/// Largest [`ZgInject::populate_lag`] (100 ms; `EINVAL` beyond).
+pub const ZG_POPULATE_LAG_MAX_US: u32 = 100_000;
+
 /// Argument of [`ZG_IOC_INJECT`] (needs `CAP_SYS_ADMIN`, else `EPERM`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -345,8 +348,11 @@ pub struct ZgInject {
     /// Value for the device's [`super::regs::WALK_LAG`] register, in microseconds (device-wide,
     /// reset to 0 when the context that set it closes).
     pub walk_lag: u32,
-    /// Zero.
-    pub reserved: u32,
+    /// Microseconds the driver sleeps in each populate of this context between its
+    /// `hmm_range_fault()` and taking the lock to commit the PTEs (0 = none), so that tests can
+    /// land an invalidation in that window: a correct driver then retries the walk. At most
+    /// [`ZG_POPULATE_LAG_MAX_US`].
+    pub populate_lag: u32,
 }
 
 /// `_IOWR('z', 0x01, struct zg_map)`.
