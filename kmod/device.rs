@@ -365,13 +365,25 @@ impl Shared {
         if let Some(bar) = self.bar.try_access() {
             bar.write_reg(regs::CMD_LAG::zeroed().with_value(i.cmd_lag));
             bar.write_reg(regs::WALK_LAG::zeroed().with_value(i.walk_lag));
+            if bar.read(regs::VERSION).minor().get() >= 4 {
+                let (fault_lag, keep) = baseline_knobs();
+                let fault_lag = if i.fault_lag != 0 {
+                    i.fault_lag
+                } else {
+                    fault_lag
+                };
+                bar.write_reg(regs::FAULT_LAG::zeroed().with_value(fault_lag));
+                let keep = i.iotlb_keep != 0 || keep;
+                bar.write_reg(regs::IOTLB_KEEP::zeroed().with_keep(keep));
+            }
             bar.write_reg(regs::FAIL_ARG::zeroed().with_value(i.dev_fail_arg));
             // `dev_fail` was checked against the mode field's width by the ioctl.
             bar.write_reg(regs::FAIL_INJECT::from_raw(i.dev_fail));
         }
     }
 
-    /// Turns the test knobs off again (when the context that set them closes).
+    /// Puts the test knobs back to their baseline (when the context that set them closes): off,
+    /// or what the `fault_lag_us` and `iotlb_keep` module parameters ask for.
     pub(crate) fn reset_knobs(&self) {
         self.set_knobs(&uapi::ZgInject::default());
     }
@@ -568,4 +580,17 @@ impl PinnedDrop for Shared {
             );
         }
     }
+}
+
+/// The device knobs every context starts from: `fault_lag_us` and `iotlb_keep` (module
+/// parameters, so that a whole guest suite runs with a knob on); always off unless the module
+/// is built with `ZAPGUARD_INJECT=1`.
+fn baseline_knobs() -> (u32, bool) {
+    if !cfg!(zapguard_inject) {
+        return (0, false);
+    }
+    (
+        crate::module_parameters::fault_lag_us.value(),
+        crate::module_parameters::iotlb_keep.value() != 0,
+    )
 }

@@ -883,6 +883,15 @@ pub fn populate_lag_with_invalidation_is_clean() -> Result<(), String> {
         Err(libc::EINVAL),
         "INJECT with a populate lag over the limit",
     )?;
+    let bad_keep = ZgInject {
+        iotlb_keep: 2,
+        ..Default::default()
+    };
+    check_eq(
+        dev::inject_all(&f, bad_keep).map_err(|e| dev::errno(&e)),
+        Err(libc::EINVAL),
+        "INJECT with iotlb_keep other than 0 or 1",
+    )?;
     clean(&f)
 }
 
