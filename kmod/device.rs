@@ -410,10 +410,25 @@ impl Shared {
         Ok(asid as u32)
     }
 
-    /// Returns an ASID whose teardown the device confirmed (or that it never saw).
+    /// Returns an ASID whose teardown the device confirmed (or that it never saw). Freeing one
+    /// that is not in use is a driver bug: it is reported and ignored, since the ASID may
+    /// already be another context's, or quarantined.
     pub(crate) fn free_asid(&self, asid: u32) {
-        if let Some(s) = self.asids.lock().state.get_mut(asid as usize) {
-            *s = AsidState::Free;
+        let was = {
+            let mut t = self.asids.lock();
+            let Some(s) = t.state.get_mut(asid as usize) else {
+                return;
+            };
+            let was = *s;
+            if was == AsidState::Used {
+                *s = AsidState::Free;
+            }
+            was
+        };
+        match was {
+            AsidState::Used => {}
+            AsidState::Free => pr_err!("zapguard: bug: ASID {} freed twice\n", asid),
+            AsidState::Quarantined => pr_err!("zapguard: bug: quarantined ASID {} freed\n", asid),
         }
     }
 
