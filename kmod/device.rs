@@ -365,13 +365,25 @@ impl Shared {
         if let Some(bar) = self.bar.try_access() {
             bar.write_reg(regs::CMD_LAG::zeroed().with_value(i.cmd_lag));
             bar.write_reg(regs::WALK_LAG::zeroed().with_value(i.walk_lag));
+            if bar.read(regs::VERSION).minor().get() >= 4 {
+                let (fault_lag, keep) = baseline_knobs();
+                let fault_lag = if i.fault_lag != 0 {
+                    i.fault_lag
+                } else {
+                    fault_lag
+                };
+                bar.write_reg(regs::FAULT_LAG::zeroed().with_value(fault_lag));
+                let keep = i.iotlb_keep != 0 || keep;
+                bar.write_reg(regs::IOTLB_KEEP::zeroed().with_keep(keep));
+            }
             bar.write_reg(regs::FAIL_ARG::zeroed().with_value(i.dev_fail_arg));
             // `dev_fail` was checked against the mode field's width by the ioctl.
             bar.write_reg(regs::FAIL_INJECT::from_raw(i.dev_fail));
         }
     }
 
-    /// Turns the test knobs off again (when the context that set them closes).
+    /// Puts the test knobs back to their baseline (when the context that set them closes): off,
+    /// or what the `fault_lag_us` and `iotlb_keep` module parameters ask for.
     pub(crate) fn reset_knobs(&self) {
         self.set_knobs(&uapi::ZgInject::default());
     }
@@ -398,10 +410,25 @@ impl Shared {
         Ok(asid as u32)
     }
 
-    /// Returns an ASID whose teardown the device confirmed (or that it never saw).
+    /// Returns an ASID whose teardown the device confirmed (or that it never saw). Freeing one
+    /// that is not in use is a driver bug: it is reported and ignored, since the ASID may
+    /// already be another context's, or quarantined.
     pub(crate) fn free_asid(&self, asid: u32) {
-        if let Some(s) = self.asids.lock().state.get_mut(asid as usize) {
-            *s = AsidState::Free;
+        let was = {
+            let mut t = self.asids.lock();
+            let Some(s) = t.state.get_mut(asid as usize) else {
+                return;
+            };
+            let was = *s;
+            if was == AsidState::Used {
+                *s = AsidState::Free;
+            }
+            was
+        };
+        match was {
+            AsidState::Used => {}
+            AsidState::Free => pr_err!("zapguard: bug: ASID {} freed twice\n", asid),
+            AsidState::Quarantined => pr_err!("zapguard: bug: quarantined ASID {} freed\n", asid),
         }
     }
 
@@ -568,4 +595,17 @@ impl PinnedDrop for Shared {
             );
         }
     }
+}
+
+/// The device knobs every context starts from: `fault_lag_us` and `iotlb_keep` (module
+/// parameters, so that a whole guest suite runs with a knob on); always off unless the module
+/// is built with `ZAPGUARD_INJECT=1`.
+fn baseline_knobs() -> (u32, bool) {
+    if !cfg!(zapguard_inject) {
+        return (0, false);
+    }
+    (
+        crate::module_parameters::fault_lag_us.value(),
+        crate::module_parameters::iotlb_keep.value() != 0,
+    )
 }

@@ -363,16 +363,19 @@ impl ZgFile {
         if i.modes & !uapi::ZG_INJ_MODES != 0
             || i.dev_fail & !abi_regs::FAIL_MODE_MASK != 0
             || i.populate_lag > uapi::ZG_POPULATE_LAG_MAX_US
+            || i.iotlb_keep > 1
         {
             return Err(EINVAL);
         }
         let ctx = self.ctx()?;
         pr_info!(
-            "asid {}: injecting driver bugs {:#x}, device command lag {}, walk lag {} us, populate lag {} us, device failure {} ({})\n",
+            "asid {}: injecting driver bugs {:#x}, device command lag {}, walk lag {} us, fault lag {} us, IOTLB keep {}, populate lag {} us, device failure {} ({})\n",
             ctx.asid,
             i.modes,
             i.cmd_lag,
             i.walk_lag,
+            i.fault_lag,
+            i.iotlb_keep,
             i.populate_lag,
             i.dev_fail,
             i.dev_fail_arg
@@ -617,6 +620,8 @@ impl ZapguardDriver {
                 dev_err!(pdev, "device did not acknowledge CR0\n");
             })?;
         }
+        // The test knobs the module parameters ask for (test builds only).
+        shared.reset_knobs();
         let start = kernel::time::Instant::<kernel::time::Monotonic>::now();
         // INV_ALL: nothing a previous driver instance left in the IOTLB survives.
         let inv_all = crate::abi::cmd::Command::new(crate::abi::cmd::CMD_INV_ALL, 0, 0, 0, 0);

@@ -499,6 +499,20 @@ impl Mirror {
         self.child(st, l3, pte::pt_index(va, 3), alloc)
     }
 
+    /// The 2 MiB leaf for a whole block the CPU maps with one huge frame at `base`, if it can
+    /// go in a level-2 slot holding `slot`: an empty slot, or a 2 MiB leaf of the same frame
+    /// (a write MAP after a read MAP: the entry stays whole, never loses W without an
+    /// invalidation, and keeps the device's A/D bits). A slot holding a table is split work.
+    fn huge_leaf(slot: u64, base: Option<u64>, write: bool) -> Option<u64> {
+        let base = base?;
+        let leaf = base | pte::PTE_P | pte::PTE_PS | write_bit(write);
+        if slot & pte::PTE_P == 0 {
+            return Some(leaf);
+        }
+        let same_frame = slot & pte::PTE_PS != 0 && slot & pte::PTE_ADDR_MASK == base;
+        same_frame.then_some(leaf | slot & (pte::PTE_W | pte::PTE_A | pte::PTE_D))
+    }
+
     /// Writes device PTEs for `[start, end)` (inside one 2 MiB block) from `pfns`.
     fn commit(
         &self,
@@ -513,11 +527,12 @@ impl Mirror {
         let l2_idx = pte::pt_index(start, 2);
         let l2_entry = self.pool().read(l2, l2_idx)?;
         let write = access.write();
-        if end - start == HUGE && l2_entry & pte::PTE_P == 0 {
-            if let Some(base) = huge_frame(pfns, write) {
-                let leaf = base | pte::PTE_P | pte::PTE_PS | write_bit(write);
-                self.pool().write(l2, l2_idx, leaf)?;
-                out.huge += 1;
+        if end - start == HUGE {
+            if let Some(leaf) = Self::huge_leaf(l2_entry, huge_frame(pfns, write), write) {
+                if leaf != l2_entry {
+                    self.pool().write(l2, l2_idx, leaf)?;
+                    out.huge += 1;
+                }
                 return Ok(());
             }
         }

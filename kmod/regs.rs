@@ -244,6 +244,18 @@ register! {
         /// The whole register.
         31:0 value;
     }
+
+    /// Test knob: microseconds before a DMA job's fault is reported.
+    pub(crate) FAULT_LAG(u32) @ 0x0b0 {
+        /// The whole register.
+        31:0 value;
+    }
+
+    /// Test knob: a full IOTLB evicts nothing.
+    pub(crate) IOTLB_KEEP(u32) @ 0x0b4 {
+        /// New translations are used uncached instead of evicting.
+        0:0 keep => bool;
+    }
 }
 
 // One definition: every offset above is the ABI's.
@@ -280,3 +292,5 @@ const _: () = assert!(<FAIL_INJECT as Register>::OFFSET == crate::abi::regs::FAI
 const _: () = assert!(<FAIL_ARG as Register>::OFFSET == crate::abi::regs::FAIL_ARG as usize);
 const _: () = assert!(<WALK_LAG as Register>::OFFSET == crate::abi::regs::WALK_LAG as usize);
 const _: () = assert!(<RESET as Register>::OFFSET == crate::abi::regs::RESET as usize);
+const _: () = assert!(<FAULT_LAG as Register>::OFFSET == crate::abi::regs::FAULT_LAG as usize);
+const _: () = assert!(<IOTLB_KEEP as Register>::OFFSET == crate::abi::regs::IOTLB_KEEP as usize);

@@ -51,5 +51,13 @@ kernel::module_pci_driver! {
             default: 4,
             description: "Open contexts (files) one process may hold",
         },
+        fault_lag_us: u32 {
+            default: 0,
+            description: "Test builds: the device's FAULT_LAG knob whenever no context sets it",
+        },
+        iotlb_keep: u32 {
+            default: 0,
+            description: "Test builds: 1 sets the device's IOTLB_KEEP knob whenever no context sets it",
+        },
     },
 }

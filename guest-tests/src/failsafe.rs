@@ -39,14 +39,28 @@ enum Outcome {
     Live,
 }
 
-/// Reloads the driver with `params` (the probe resets the device).
+/// Reloads the driver with `params` and the run's device knobs (the probe resets the device).
 pub(crate) fn reload(params: &[&str]) -> Result<(), String> {
     if std::path::Path::new(DRIVER_DIR).exists() {
         crate::run_cmd("rmmod", &["zapguard"])?;
     }
+    let knobs = knob_params();
     let mut args = vec![MODULE];
     args.extend_from_slice(params);
+    args.extend(knobs.iter().map(String::as_str));
     crate::run_cmd("insmod", &args)
+}
+
+/// The driver's device-knob parameters the run was started with (`zg.knobs=P=V,...` on the
+/// kernel command line, which init passed to the first insmod).
+pub(crate) fn knob_params() -> Vec<String> {
+    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    cmdline
+        .split_whitespace()
+        .filter_map(|w| w.strip_prefix("zg.knobs="))
+        .flat_map(|k| k.split(','))
+        .map(str::to_string)
+        .collect()
 }
 
 /// The PCI address of the device the driver is bound to.

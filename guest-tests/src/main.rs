@@ -375,7 +375,7 @@ fn module_reload_rebinds() -> Result<(), String> {
     if Path::new("/sys/bus/pci/drivers/zapguard").exists() {
         return Err("driver still registered after rmmod".into());
     }
-    run_cmd("insmod", &[&format!("{MODULE_DIR}/zapguard.ko")])?;
+    failsafe::reload(&[])?;
     let f = dev::open().map_err(|e| format!("open after reload: {e}"))?;
     let info = dev::get_info(&f).map_err(|e| format!("GET_INFO after reload: {e}"))?;
     check_eq(info.ident, regs::IDENT_MAGIC, "IDENT after reload")

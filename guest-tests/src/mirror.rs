@@ -489,8 +489,15 @@ pub fn thp_mirrored_with_huge_entries() -> Result<(), String> {
             dev::snap_names(&cpu)
         ));
     }
+    let r = map(&f, &a, false)?;
+    check_eq(r.huge, 2, "2 MiB device entries of a read MAP")?;
+    // Upgrading to write keeps each 2 MiB entry whole (no split into 512 small ones).
     let m = map(&f, &a, true)?;
-    check_eq(m.huge, 2, "2 MiB device entries")?;
+    check_eq(
+        m.huge,
+        2,
+        "2 MiB device entries after a write MAP of the same THPs",
+    )?;
     run(&f, fill_job(a.addr, a.len, 9))?;
     if a.bytes().iter().any(|&b| b != 9) {
         return Err("device FILL through 2 MiB entries not visible".into());
@@ -882,6 +889,15 @@ pub fn populate_lag_with_invalidation_is_clean() -> Result<(), String> {
         dev::inject_all(&f, too_long).map_err(|e| dev::errno(&e)),
         Err(libc::EINVAL),
         "INJECT with a populate lag over the limit",
+    )?;
+    let bad_keep = ZgInject {
+        iotlb_keep: 2,
+        ..Default::default()
+    };
+    check_eq(
+        dev::inject_all(&f, bad_keep).map_err(|e| dev::errno(&e)),
+        Err(libc::EINVAL),
+        "INJECT with iotlb_keep other than 0 or 1",
     )?;
     clean(&f)
 }

@@ -10,7 +10,7 @@
 //!
 //! It reports everything observable to the injected [`Events`] sink, and the MSI-X vectors to
 //! raise through [`ZapguardDevice::take_irqs`]. Time (the failure-injection deadlines and the
-//! page-walk lag of [`crate::inject`]) comes from an injected [`Clock`].
+//! page-walk and fault lags of [`crate::inject`]) comes from an injected [`Clock`].
 //!
 //! PCI bus mastering lives in config space, which the glue owns: it reports the command
 //! register's bit with [`ZapguardDevice::set_bus_master`]. While it is clear the device touches
@@ -178,7 +178,7 @@ pub(crate) struct State {
     /// The SYNC at the head of the command queue, fetched and waiting (for in-flight DMA or a
     /// [`FAIL_SYNC_DELAY`] deadline); it is not fetched again, as on hardware.
     pub(crate) pending_sync: Option<PendingSync>,
-    /// Failure injection and the walk lag.
+    /// Failure injection and the walk and fault lags ([`IOTLB_KEEP`] is the IOTLB's mode).
     pub(crate) inject: Inject,
 }
 
@@ -269,6 +269,7 @@ impl<E: Events> ZapguardDevice<E> {
             STAT_IOTLB_MISSES => iotlb.misses,
             STAT_IOTLB_EVICTIONS => iotlb.evictions,
             STAT_IOTLB_INVALIDATED => iotlb.invalidated,
+            STAT_IOTLB_NOT_CACHED => iotlb.not_cached,
             _ => self.s.stats.get(i as usize).copied().unwrap_or(0),
         }
     }
@@ -476,6 +477,8 @@ impl<E: Events> ZapguardDevice<E> {
             FAIL_INJECT => self.s.inject.mode,
             FAIL_ARG => self.s.inject.arg,
             WALK_LAG => self.s.inject.walk_lag,
+            FAULT_LAG => self.s.inject.fault_lag,
+            IOTLB_KEEP => self.iotlb_keep(),
             o if (STATS_BASE..STATS_BASE + 8 * STAT_COUNT).contains(&o) => {
                 let v = self.stat((o - STATS_BASE) / 8);
                 if o % 8 == 0 {
@@ -529,6 +532,8 @@ impl<E: Events> ZapguardDevice<E> {
             FAIL_INJECT => self.write_fail_inject(v),
             FAIL_ARG => self.s.inject.arg = v,
             WALK_LAG => self.s.inject.walk_lag = v.min(WALK_LAG_MAX),
+            FAULT_LAG => self.s.inject.fault_lag = v.min(FAULT_LAG_MAX),
+            IOTLB_KEEP => self.write_iotlb_keep(v),
             RESET if v == RESET_KEY => self.reset(),
             RESET => {
                 self.set_error(ERR_CONFIG, RESET);

@@ -19,7 +19,10 @@
 //! SYNC cannot complete until the job lets go, and the ledger flags any use after that SYNC.
 //!
 //! Nothing runs while bus mastering is off (a job stops between two steps), and the injected
-//! [`FAIL_DMA_HANG`] and [`FAIL_DIE`] fire at a step ([`crate::inject`]).
+//! [`FAIL_DMA_HANG`] and [`FAIL_DIE`] fire at a step ([`crate::inject`]). The test knobs
+//! [`WALK_LAG`] and [`FAULT_LAG`] sleep on the device's clock inside a step (before each table
+//! read of a walk; before a fault is reported), holding whatever the caller of
+//! [`ZapguardDevice::process`] holds.
 
 use shared_regs::dma::*;
 use shared_regs::event::{self as ev, Event as EvtRecord};
@@ -198,8 +201,8 @@ impl<E: Events> ZapguardDevice<E> {
     /// round: every command that can run, then one DMA step or job fetch). Commands go first
     /// each round, so invalidations interleave with long jobs at step granularity. Returns
     /// whether anything changed. Does nothing while bus mastering is off or after [`FAIL_DIE`]
-    /// fired; returns early after a page walk slowed by [`WALK_LAG`] (the caller holds a lock
-    /// that register accesses wait for).
+    /// fired; returns early after a page walk slowed by [`WALK_LAG`] or a fault delayed by
+    /// [`FAULT_LAG`] (the caller holds a lock that register accesses wait for).
     pub fn process(&mut self, mem: &impl GuestMem, max_steps: usize) -> bool {
         let mut progress = false;
         for _ in 0..max_steps.max(1) {
@@ -207,13 +210,18 @@ impl<E: Events> ZapguardDevice<E> {
                 break;
             }
             let walks = self.s.stats[STAT_WALKS as usize];
+            let faults = self.s.stats[STAT_FAULTS as usize];
             let c = self.run_commands(mem);
             let d = self.dma_step(mem);
             progress |= c | d;
             if !c && !d {
                 break;
             }
-            if self.walk_lag().is_some() && self.s.stats[STAT_WALKS as usize] != walks {
+            let lagged_walk =
+                self.walk_lag().is_some() && self.s.stats[STAT_WALKS as usize] != walks;
+            let lagged_fault =
+                self.fault_lag().is_some() && self.s.stats[STAT_FAULTS as usize] != faults;
+            if lagged_walk || lagged_fault {
                 break;
             }
         }
@@ -634,7 +642,9 @@ impl<E: Events> ZapguardDevice<E> {
             id,
             cpu_dirty_at_fill,
         };
-        // Replacing the same page in place is not an eviction.
+        // Replacing the same page in place is not an eviction. With IOTLB_KEEP a full IOTLB
+        // leaves the entry out: the job still holds and uses it (and the fill is traced, which
+        // names the translation id for the trace's checks).
         if let Some(old) = self
             .s
             .iotlb
@@ -753,6 +763,15 @@ impl<E: Events> ZapguardDevice<E> {
     }
 
     fn fault(&mut self, mem: &impl GuestMem, reason: u16, va: u64, write: bool, stallable: bool) {
+        if self.s.job.is_none() {
+            return;
+        }
+        // FAULT_LAG: the device waits before it reports the fault, holding the device lock like
+        // WALK_LAG's sleeps (only guest memory can change meanwhile); `process` then ends its
+        // slice so that the register accesses that waited get in.
+        if let Some(d) = self.fault_lag() {
+            self.clock.sleep(d);
+        }
         let Some(job) = self.s.job.as_mut() else {
             return;
         };

@@ -24,13 +24,14 @@
 //!   bits, PS, a loop to the root, not present), and rarely a device reset;
 //! - PCI bus mastering switched off and on (the glue's config-space report).
 //!
-//! The test knobs ([`FAIL_INJECT`], [`FAIL_ARG`], [`WALK_LAG`]) are registers like any other
-//! here, but they cannot make an input slow or end the process: the device runs on a
-//! [`VirtualClock`] whose sleeps (`WALK_LAG`) cost nothing and whose time only moves when the
-//! harness says (one millisecond per operation), so `FAIL_SYNC_DELAY` deadlines are virtual
-//! too and `has_work()` stays a function of the device's state. `FAIL_DIE` only sets a flag in
-//! the library (exiting is the vfio-user glue's business, which the fuzzer never runs); the
-//! device then stays dead for the rest of the input.
+//! The test knobs ([`FAIL_INJECT`], [`FAIL_ARG`], [`WALK_LAG`], [`FAULT_LAG`], [`IOTLB_KEEP`])
+//! are registers like any other here, but they cannot make an input slow or end the process: the
+//! device runs on a [`VirtualClock`] whose sleeps (`WALK_LAG`, `FAULT_LAG`) cost nothing and
+//! whose time only moves when the harness says (one millisecond per operation), so
+//! `FAIL_SYNC_DELAY` deadlines are virtual too and `has_work()` stays a function of the
+//! device's state. `FAIL_DIE` only sets a flag in the library (exiting is the vfio-user glue's
+//! business, which the fuzzer never runs); the device then stays dead for the rest of the
+//! input.
 //!
 //! After every operation it checks invariants and panics if one is broken (that is how a fuzzer
 //! reports a finding): register values stay in their fields (ring positions within their
@@ -39,9 +40,10 @@
 //! constant, interrupts stay within the three vectors and their enabled causes, statistics
 //! never decrease (between resets), `has_work()` predicts exactly whether `process()` makes
 //! progress (the server's worker sleeps on it), a running job implies an enabled DMA queue, the
-//! IOTLB stays within capacity with well-formed entries, and the SYNC ledger never fires (a
-//! [`shared_regs::event::VIOL_LEDGER`] violation is a device bug whatever the guest does). At
-//! the end it reads every register, the MSI-X area and some holes.
+//! IOTLB stays within capacity with well-formed entries and evicts nothing while
+//! [`IOTLB_KEEP`] is on, the knobs read back within their bounds, and the SYNC ledger never
+//! fires (a [`shared_regs::event::VIOL_LEDGER`] violation is a device bug whatever the guest
+//! does). At the end it reads every register, the MSI-X area and some holes.
 //!
 //! Work per input is bounded: at most [`MAX_OPS`] operations, at most 16 steps per
 //! `process` (1024 for "until idle"), and the input stops once the device has executed
@@ -102,7 +104,7 @@ const _: () = assert!(DEV_PT + PT_SLOTS * PT_SLOT <= FRAMES_LO);
 const _: () = assert!(FRAMES_HI + 0x10_0000 <= MEM_SIZE as u64);
 
 /// Every defined register (statistics apart).
-const REGISTERS: [u32; 31] = [
+const REGISTERS: [u32; 33] = [
     IDENT,
     VERSION,
     CAPS,
@@ -134,6 +136,8 @@ const REGISTERS: [u32; 31] = [
     FAIL_INJECT,
     FAIL_ARG,
     WALK_LAG,
+    FAULT_LAG,
+    IOTLB_KEEP,
 ];
 
 /// Interrupt vectors the device has.
@@ -434,6 +438,8 @@ struct Snapshot {
     stats: [u64; STAT_COUNT as usize],
     /// Device resets so far (a reset zeroes the statistics).
     resets: u32,
+    /// `IOTLB_KEEP` was on.
+    iotlb_keep: bool,
 }
 
 impl Snapshot {
@@ -441,6 +447,7 @@ impl Snapshot {
         Self {
             stats: [0; STAT_COUNT as usize],
             resets: 0,
+            iotlb_keep: false,
         }
     }
 }
@@ -1124,6 +1131,19 @@ impl<'m> Harness<'m> {
         let mode = r[&FAIL_INJECT];
         assert!(mode <= FAIL_DIE, "FAIL_INJECT {mode:#x}");
         assert!(r[&WALK_LAG] <= WALK_LAG_MAX, "WALK_LAG {:#x}", r[&WALK_LAG]);
+        assert!(
+            r[&FAULT_LAG] <= FAULT_LAG_MAX,
+            "FAULT_LAG {:#x}",
+            r[&FAULT_LAG]
+        );
+        let keep = r[&IOTLB_KEEP];
+        assert_eq!(keep & !IOTLB_KEEP_MASK, 0, "IOTLB_KEEP {keep:#x}");
+        let iotlb_keep = keep & IOTLB_KEEP_EN != 0;
+        assert_eq!(
+            iotlb_keep,
+            self.dev.s.iotlb.keep(),
+            "IOTLB_KEEP vs the IOTLB"
+        );
 
         // Ring positions: index + wrap bit of the size the unit was enabled with (frozen while
         // enabled), plus each register's flag bits.
@@ -1203,6 +1223,12 @@ impl<'m> Harness<'m> {
             let reg = u64::from(self.reg(stat_hi(idx))) << 32 | u64::from(self.reg(stat_lo(idx)));
             assert_eq!(reg, *s, "statistic {i} register");
         }
+        // A step changes IOTLB_KEEP at most once (one register write, or a reset, which the
+        // reset count shows): on before and after, it was on throughout.
+        if before.iotlb_keep && iotlb_keep && before.resets == self.resets {
+            let i = STAT_IOTLB_EVICTIONS as usize;
+            assert_eq!(stats[i], before.stats[i], "IOTLB evicted under IOTLB_KEEP");
+        }
 
         // Internal state a guest must not be able to corrupt.
         let iotlb = &self.dev.s.iotlb;
@@ -1230,6 +1256,7 @@ impl<'m> Harness<'m> {
         Snapshot {
             stats,
             resets: self.resets,
+            iotlb_keep,
         }
     }
 }

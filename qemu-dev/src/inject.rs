@@ -1,6 +1,16 @@
-//! Test knobs that make the device fail or slow down (ABI 1.3): failure injection
-//! ([`FAIL_INJECT`], [`FAIL_ARG`]), the page-walk lag ([`WALK_LAG`]), and the [`Clock`] both run
+//! Test knobs that make the device fail or slow down: failure injection ([`FAIL_INJECT`],
+//! [`FAIL_ARG`], ABI 1.3), the page-walk lag ([`WALK_LAG`], 1.3), the fault lag ([`FAULT_LAG`],
+//! 1.4), the IOTLB keep mode ([`IOTLB_KEEP`], 1.4), and the [`Clock`] the lags and deadlines run
 //! on.
+//!
+//! The lags sleep on the [`Clock`] inside [`ZapguardDevice::process`], so they hold whatever the
+//! caller holds: in the vfio-user server, the device lock (register accesses wait) and the
+//! guest-memory read lock. After a lagged walk or a lagged fault, `process` ends its slice so
+//! that the accesses that waited get in. [`WALK_LAG`] sleeps in [`crate::dma_engine`] before
+//! each table read of a walk; [`FAULT_LAG`] sleeps there once per fault of a DMA job, before
+//! anything about the fault is reported (statistic, trace, event, stall or job status).
+//! [`IOTLB_KEEP`] is the IOTLB's own mode ([`crate::iotlb::Iotlb::set_keep`]), so it lives
+//! with the IOTLB and a reset, which rebuilds the IOTLB, clears it.
 //!
 //! The register semantics are in [`shared_regs::regs`]. Here is where each mode bites:
 //!
@@ -24,7 +34,7 @@ use crate::device::ZapguardDevice;
 use crate::events::{Activity, Events};
 
 /// The time the device runs on: deadlines of [`FAIL_SYNC_DELAY`] and the sleeps of
-/// [`WALK_LAG`].
+/// [`WALK_LAG`] and [`FAULT_LAG`].
 pub trait Clock: Send {
     /// The current time.
     fn now(&self) -> Instant;
@@ -56,6 +66,8 @@ pub(crate) struct Inject {
     pub(crate) arg: u32,
     /// [`WALK_LAG`], clamped to [`WALK_LAG_MAX`].
     pub(crate) walk_lag: u32,
+    /// [`FAULT_LAG`], clamped to [`FAULT_LAG_MAX`].
+    pub(crate) fault_lag: u32,
     /// [`FAIL_DMA_HANG`] fired: the DMA engine does nothing more until a reset.
     pub(crate) hung: bool,
     /// [`FAIL_DIE`] fired: the device does nothing more; the glue ends the process.
@@ -140,6 +152,26 @@ impl<E: Events> ZapguardDevice<E> {
         (us > 0).then(|| Duration::from_micros(u64::from(us)))
     }
 
+    /// The wait before a DMA job's fault is reported, if any.
+    pub(crate) fn fault_lag(&self) -> Option<Duration> {
+        let us = self.s.inject.fault_lag.min(FAULT_LAG_MAX);
+        (us > 0).then(|| Duration::from_micros(u64::from(us)))
+    }
+
+    /// An [`IOTLB_KEEP`] write: bit 0 sets the IOTLB's keep mode, reserved bits are ignored.
+    pub(crate) fn write_iotlb_keep(&mut self, v: u32) {
+        self.s.iotlb.set_keep(v & IOTLB_KEEP_EN != 0);
+    }
+
+    /// [`IOTLB_KEEP`] as it reads.
+    pub(crate) fn iotlb_keep(&self) -> u32 {
+        if self.s.iotlb.keep() {
+            IOTLB_KEEP_EN
+        } else {
+            0
+        }
+    }
+
     /// Whether `mode` is armed.
     pub(crate) fn armed(&self, mode: u32) -> bool {
         self.s.inject.mode == mode
@@ -169,10 +201,13 @@ mod tests {
     use crate::events::{Event, EventLog};
     use crate::guest::{GuestMem, VecMem};
     use crate::memory::MemError;
-    use crate::testkit::{job, Rig, RING_LOG2, SYNC_WORD};
+    use crate::testkit::{job, Rig, EVTQ, RING_LOG2, STATUS, SYNC_WORD};
     use crate::DeviceConfig;
     use shared_regs::cmd::{self, Command, CERR_INJECTED};
-    use shared_regs::dma::{DMA_FILL, DMA_F_IRQ, DMA_ST_OK, DMA_ST_PENDING};
+    use shared_regs::dma::{
+        DMA_CHECKSUM, DMA_FILL, DMA_F_IRQ, DMA_F_STALL, DMA_ST_FAULT, DMA_ST_OK, DMA_ST_PENDING,
+        FNV_OFFSET as FNV,
+    };
     use shared_regs::pci::Vector;
     use shared_regs::pte::{self, PAGE_SIZE as PG};
     use shared_regs::queue;
@@ -667,6 +702,9 @@ mod tests {
         let mut r = rig();
         r.set(FAIL_ARG, 1234);
         r.set(WALK_LAG, 5);
+        r.set(FAULT_LAG, 6);
+        r.set(IOTLB_KEEP, IOTLB_KEEP_EN);
+        assert_eq!((r.reg(FAULT_LAG), r.reg(IOTLB_KEEP)), (6, IOTLB_KEEP_EN));
         r.set(FAIL_INJECT, FAIL_DMA_HANG);
         r.submit(fill(2 * PG));
         r.run();
@@ -675,9 +713,11 @@ mod tests {
         r.run();
         assert!(r.dev.s.inject.hung && r.dev.s.pending_sync.is_some());
         r.dev.reset();
-        for reg in [FAIL_INJECT, FAIL_ARG, WALK_LAG] {
-            assert_eq!(r.reg(reg), 0);
+        for reg in [FAIL_INJECT, FAIL_ARG, WALK_LAG, FAULT_LAG, IOTLB_KEEP] {
+            assert_eq!(r.reg(reg), 0, "{:?}", name(reg));
         }
+        assert!(!r.dev.s.iotlb.keep(), "the IOTLB evicts again");
+        assert_eq!(r.dev.s.inject.fault_lag, 0);
         assert!(!r.dev.s.inject.hung && r.dev.s.pending_sync.is_none());
         assert_eq!(r.dev.until_deadline(), None);
         // A fresh bring-up works.
@@ -812,5 +852,333 @@ mod tests {
             1,
             "the validator catches the device writing a page the CPU does not map there"
         );
+    }
+    /// Guest memory that stamps, with `now`, every read of the device page tables (the walker)
+    /// and every write of a fault report (an event, a DMA status record).
+    struct Stamped<'a> {
+        mem: &'a VecMem,
+        now: Box<dyn Fn() -> Instant + 'a>,
+        table_reads: RefCell<Vec<Instant>>,
+        /// (what was written, when): [`EVTQ`] or [`STATUS`].
+        reports: RefCell<Vec<(u64, Instant)>>,
+    }
+
+    impl<'a> Stamped<'a> {
+        fn new(mem: &'a VecMem, now: impl Fn() -> Instant + 'a) -> Self {
+            Self {
+                mem,
+                now: Box::new(now),
+                table_reads: RefCell::new(vec![]),
+                reports: RefCell::new(vec![]),
+            }
+        }
+
+        /// The time of the last table read, and every report after it, as offsets from it.
+        fn after_last_walk(&self) -> Vec<(u64, Duration)> {
+            let walked = *self.table_reads.borrow().last().expect("a walk");
+            self.reports
+                .borrow()
+                .iter()
+                .map(|&(what, t)| (what, t - walked))
+                .collect()
+        }
+    }
+
+    impl GuestMem for Stamped<'_> {
+        fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemError> {
+            if (crate::testkit::DEV_PT..crate::testkit::CPU_PT).contains(&gpa) {
+                self.table_reads.borrow_mut().push((self.now)());
+            }
+            self.mem.read(gpa, buf)
+        }
+
+        fn write(&self, gpa: u64, buf: &[u8]) -> Result<(), MemError> {
+            let ring = EVTQ..EVTQ + (shared_regs::event::EVT_SIZE << RING_LOG2) as u64;
+            let what = if ring.contains(&gpa) {
+                Some(EVTQ)
+            } else if (STATUS..STATUS + 0x1_0000).contains(&gpa) {
+                Some(STATUS)
+            } else {
+                None
+            };
+            if let Some(what) = what {
+                self.reports.borrow_mut().push((what, (self.now)()));
+            }
+            self.mem.write(gpa, buf)
+        }
+
+        fn fetch_or_u64(&self, gpa: u64, bits: u64) -> Result<u64, MemError> {
+            self.mem.fetch_or_u64(gpa, bits)
+        }
+    }
+
+    /// A job whose first page is not mapped (a not-present fault at its first step).
+    fn faulting(stall: bool) -> shared_regs::dma::DmaJob {
+        let mut j = job(DMA_FILL, 1, 0, VA + 8 * PG, 8, 0);
+        if stall {
+            j.flags = DMA_F_STALL;
+        }
+        j
+    }
+
+    #[test]
+    fn fault_lag_reports_the_fault_only_after_the_lag() {
+        const LAG: Duration = Duration::from_micros(700);
+        for stall in [true, false] {
+            let mut r = rig();
+            let clock = ManualClock::new();
+            r.dev.set_clock(clock.clone());
+            r.set(FAULT_LAG, LAG.as_micros() as u32);
+            assert_eq!(r.reg(FAULT_LAG), 700);
+            let st = r.submit(faulting(stall));
+            let c = clock.clone();
+            let mem = Stamped::new(&r.mem, move || c.now());
+            while r.dev.process(&mem, 64) {}
+            // The manual clock moves only when the device sleeps: one sleep, of the lag, and
+            // everything the fault reports is written after it.
+            assert_eq!(clock.sleeps(), [LAG], "stall {stall}");
+            let reports = mem.after_last_walk();
+            drop(mem);
+            let want: &[(u64, Duration)] = if stall {
+                &[(EVTQ, LAG)]
+            } else {
+                &[(EVTQ, LAG), (STATUS, LAG)]
+            };
+            assert_eq!(reports, want, "stall {stall}");
+            let evs = r.take_events();
+            assert_eq!(evs.len(), 1);
+            assert_eq!(
+                (
+                    evs[0].reason,
+                    evs[0].flags & shared_regs::event::EVT_F_STALLED != 0
+                ),
+                (shared_regs::event::FAULT_NOT_PRESENT, stall)
+            );
+            assert_eq!(r.stat(STAT_FAULTS), 1);
+            let job = r.dev.s.job.as_ref();
+            if stall {
+                assert!(job.is_some_and(|j| j.is_stalled()), "stalled after the lag");
+                assert_eq!(r.status(st).status, DMA_ST_PENDING);
+            } else {
+                assert!(job.is_none());
+                assert_eq!(r.status(st).status, DMA_ST_FAULT);
+            }
+        }
+    }
+
+    #[test]
+    fn fault_lag_is_clamped_and_zero_does_not_wait() {
+        let mut r = rig();
+        let clock = ManualClock::new();
+        r.dev.set_clock(clock.clone());
+        // Zero (the reset value): the fault is reported without a sleep.
+        assert_eq!(r.reg(FAULT_LAG), 0);
+        assert_eq!(r.dma(faulting(false)).status, DMA_ST_FAULT);
+        assert!(clock.sleeps().is_empty(), "no lag by default");
+        assert_eq!(r.take_events().len(), 1);
+        // Larger than the maximum: stored, read back and slept as the maximum.
+        r.set(FAULT_LAG, u32::MAX);
+        assert_eq!(r.reg(FAULT_LAG), FAULT_LAG_MAX, "clamped");
+        r.set(FAULT_LAG, FAULT_LAG_MAX + 1);
+        assert_eq!(r.reg(FAULT_LAG), FAULT_LAG_MAX, "clamped");
+        assert_eq!(r.reg(ERROR), 0, "silently");
+        assert_eq!(r.dma(faulting(false)).status, DMA_ST_FAULT);
+        let max = Duration::from_micros(u64::from(FAULT_LAG_MAX));
+        assert_eq!(clock.sleeps(), [max]);
+        // A job that does not fault does not wait.
+        assert_eq!(r.dma(fill(8)).status, DMA_ST_OK);
+        assert_eq!(clock.sleeps(), [max]);
+        // Back to zero.
+        r.set(FAULT_LAG, 0);
+        assert_eq!(r.dma(faulting(false)).status, DMA_ST_FAULT);
+        assert_eq!(clock.sleeps(), [max]);
+        assert_eq!(r.stat(STAT_FAULTS), 3);
+    }
+
+    #[test]
+    fn a_lagged_fault_ends_the_processing_slice() {
+        for lag in [0, 1] {
+            let mut r = rig();
+            r.dev.set_clock(ManualClock::new());
+            r.set(FAULT_LAG, lag);
+            r.submit(faulting(false));
+            let second = r.submit(fill(8));
+            assert!(r.dev.process(&r.mem, 64));
+            // With a lag the worker lets register accesses in right after the fault, before
+            // it fetches the next job; without one it goes on.
+            let want = if lag == 0 { DMA_ST_OK } else { DMA_ST_PENDING };
+            assert_eq!(r.status(second).status, want, "lag {lag}");
+            assert_eq!(r.stat(STAT_FAULTS), 1);
+            r.run();
+            assert_eq!(r.status(second).status, DMA_ST_OK);
+        }
+    }
+
+    #[test]
+    fn fault_lag_waits_on_the_real_clock() {
+        const LAG: Duration = Duration::from_millis(3);
+        let mut r = rig();
+        r.set(FAULT_LAG, LAG.as_micros() as u32);
+        r.submit(faulting(true));
+        let mem = Stamped::new(&r.mem, Instant::now);
+        while r.dev.process(&mem, 64) {}
+        let reports = mem.after_last_walk();
+        assert_eq!(reports.len(), 1);
+        assert!(reports[0].1 >= LAG, "event after {:?}", reports[0].1);
+    }
+
+    /// Four IOTLB entries, 4 KiB steps; ASID 1 maps 8 pages at [`VA`] (their frames returned).
+    fn small_iotlb() -> (Rig<EventLog>, Vec<u64>) {
+        let cfg = DeviceConfig {
+            iotlb_entries: 4,
+            ..DeviceConfig::default()
+        };
+        let mut r = Rig::new(cfg, EventLog::default());
+        r.bind(1, 0);
+        let frames = (0..8).map(|i| r.map_page(1, VA + i * PG)).collect();
+        (r, frames)
+    }
+
+    fn evicted(r: &mut Rig<EventLog>) -> usize {
+        r.activity()
+            .iter()
+            .filter(|a| matches!(a, Activity::IotlbEvict { .. }))
+            .count()
+    }
+
+    #[test]
+    fn iotlb_keep_reads_back_bit_0_only() {
+        let mut r = rig();
+        assert_eq!(r.reg(IOTLB_KEEP), 0);
+        r.set(IOTLB_KEEP, u32::MAX);
+        assert_eq!(r.reg(IOTLB_KEEP), IOTLB_KEEP_EN, "reserved bits read as 0");
+        assert!(r.dev.s.iotlb.keep());
+        r.set(IOTLB_KEEP, !IOTLB_KEEP_EN);
+        assert_eq!(r.reg(IOTLB_KEEP), 0, "reserved bits alone set nothing");
+        assert!(!r.dev.s.iotlb.keep());
+        r.set(IOTLB_KEEP, IOTLB_KEEP_EN);
+        assert_eq!(r.reg(IOTLB_KEEP), IOTLB_KEEP_EN);
+        assert_eq!(r.reg(ERROR), 0, "writing reserved bits is no error");
+    }
+
+    #[test]
+    fn iotlb_keep_evicts_nothing_and_uses_new_translations_uncached() {
+        let (mut r, frames) = small_iotlb();
+        r.set(IOTLB_KEEP, IOTLB_KEEP_EN);
+        // Fill the IOTLB: pages 0-3.
+        let st = r.dma(job(DMA_FILL, 1, 0, VA, 4 * PG, 0x1111_1111_1111_1111));
+        assert_eq!(st.status, DMA_ST_OK);
+        assert_eq!(r.dev.s.iotlb.len(), 4);
+        // Pages 4-7 through a full IOTLB: written with the right data, never cached.
+        let st = r.dma(job(
+            DMA_FILL,
+            1,
+            0,
+            VA + 4 * PG,
+            4 * PG,
+            0x2222_2222_2222_2222,
+        ));
+        assert_eq!((st.status, st.bytes_done), (DMA_ST_OK, 4 * PG));
+        for &f in &frames[4..] {
+            assert!(r.peek(f, PG as usize).iter().all(|&b| b == 0x22));
+        }
+        assert_eq!(r.stat(STAT_IOTLB_EVICTIONS), 0);
+        assert_eq!(evicted(&mut r), 0);
+        assert_eq!(r.stat(STAT_IOTLB_NOT_CACHED), 4);
+        assert!((4..8).all(|i| r.dev.s.iotlb.peek(1, VA + i * PG).is_none()));
+        // The old entries still hit: reading pages 0-3 walks nothing.
+        let (hits, walks) = (r.stat(STAT_IOTLB_HITS), r.stat(STAT_WALKS));
+        let st = r.dma(job(DMA_CHECKSUM, 1, VA, 0, 4 * PG, 0));
+        assert_eq!(st.status, DMA_ST_OK);
+        assert_eq!(
+            st.result,
+            shared_regs::dma::fnv1a64(FNV, &[0x11; 4 * PG as usize])
+        );
+        assert_eq!(r.stat(STAT_IOTLB_HITS), hits + 4);
+        assert_eq!(r.stat(STAT_WALKS), walks);
+        // The uncached ones walk again each time.
+        let st = r.dma(job(DMA_CHECKSUM, 1, VA + 4 * PG, 0, PG, 0));
+        assert_eq!(
+            st.result,
+            shared_regs::dma::fnv1a64(FNV, &[0x22; PG as usize])
+        );
+        assert_eq!(r.stat(STAT_WALKS), walks + 1);
+        assert_eq!(r.stat(STAT_IOTLB_NOT_CACHED), 5);
+        // A range invalidation still drops a cached entry, and the room it leaves is filled.
+        r.shootdown(1, VA + PG, PG);
+        assert_eq!(r.stat(STAT_IOTLB_INVALIDATED), 1);
+        assert!(r.dev.s.iotlb.peek(1, VA + PG).is_none());
+        assert_eq!(
+            r.dma(job(DMA_FILL, 1, 0, VA + 5 * PG, 8, 3)).status,
+            DMA_ST_OK
+        );
+        assert!(
+            r.dev.s.iotlb.peek(1, VA + 5 * PG).is_some(),
+            "cached in the hole"
+        );
+        assert_eq!(r.stat(STAT_IOTLB_NOT_CACHED), 5);
+        // Bit clear: a full IOTLB evicts as before.
+        r.set(IOTLB_KEEP, 0);
+        assert_eq!(
+            r.dma(job(DMA_FILL, 1, 0, VA + 6 * PG, 8, 4)).status,
+            DMA_ST_OK
+        );
+        assert_eq!(r.stat(STAT_IOTLB_EVICTIONS), 1);
+        assert_eq!(evicted(&mut r), 1);
+        assert!(r.dev.s.iotlb.peek(1, VA + 6 * PG).is_some());
+        assert_eq!(r.stat(STAT_IOTLB_NOT_CACHED), 5);
+        assert_eq!(r.stat(STAT_VIOLATIONS), 0);
+    }
+
+    /// The driver bug IOTLB_KEEP is for: a page unmapped (device and CPU PTE cleared) without
+    /// an invalidation. Returns the status of a later DMA to it and the violation events.
+    fn missed_invalidation(keep: bool) -> (shared_regs::dma::DmaStatus, Vec<(u16, u64, u64)>) {
+        let (mut r, frames) = small_iotlb();
+        if keep {
+            r.set(IOTLB_KEEP, IOTLB_KEEP_EN);
+        }
+        assert_eq!(r.dma(job(DMA_FILL, 1, 0, VA, 8, 1)).status, DMA_ST_OK);
+        // More pages than the IOTLB holds: without the knob they push VA's entry out.
+        assert_eq!(
+            r.dma(job(DMA_FILL, 1, 0, VA + PG, 7 * PG, 2)).status,
+            DMA_ST_OK
+        );
+        // Bug: munmap cleared both PTEs, the driver sent no INV_RANGE.
+        assert!(r.dev_unmap(1, VA));
+        r.cpu_unmap(1, VA);
+        let st = r.dma(job(DMA_FILL, 1, 0, VA, 8, 3));
+        assert_eq!(
+            r.peek(frames[0], 1),
+            [if st.status == DMA_ST_OK { 3 } else { 1 }]
+        );
+        let v = r
+            .take_events()
+            .into_iter()
+            .filter(|e| e.ty == shared_regs::event::EVT_VIOLATION)
+            .map(|e| (e.reason, e.info, e.info2))
+            .collect();
+        assert_eq!(r.stat(STAT_VIOLATIONS), if keep { 1 } else { 0 });
+        (st, v)
+    }
+
+    #[test]
+    fn iotlb_keep_turns_a_missed_invalidation_into_a_stale_violation() {
+        use shared_regs::event::{FAULT_NOT_PRESENT, NO_PA, VIOL_STALE};
+        // Without the knob, eviction hides the bug: the device walks again and faults.
+        let (st, v) = missed_invalidation(false);
+        assert_eq!(
+            (st.status, st.fault_reason),
+            (DMA_ST_FAULT, FAULT_NOT_PRESENT)
+        );
+        assert!(v.is_empty());
+        // With it, the stale entry is still cached and used: the validator flags the write to
+        // a page the CPU no longer maps.
+        let (st, v) = missed_invalidation(true);
+        assert_eq!(
+            st.status, DMA_ST_OK,
+            "hardware writes through the stale entry"
+        );
+        let frame = crate::testkit::FRAMES;
+        assert_eq!(v, [(VIOL_STALE, frame, NO_PA)]);
     }
 }

@@ -10,6 +10,10 @@
 //! - range invalidation: O(min(pages in the range, entries));
 //! - ASID and global invalidation: O(entries).
 //!
+//! With [`Iotlb::set_keep`] (the device's `IOTLB_KEEP` test knob) a full IOTLB evicts nothing:
+//! [`Iotlb::insert`] then leaves a new entry out (counted in [`IotlbStats::not_cached`]), so
+//! cached entries stay until an invalidation drops them.
+//!
 //! Keys are guest-chosen VAs, so the map's hash is keyed with a per-cache random seed: a guest
 //! cannot aim its VAs at one bucket. The seed changes nothing observable (iteration and
 //! replacement follow the slab and the list, not the map).
@@ -79,6 +83,9 @@ pub struct IotlbStats {
     pub evictions: u64,
     /// Entries dropped by invalidation.
     pub invalidated: u64,
+    /// Entries not cached because the IOTLB was full and [`Iotlb::set_keep`] forbade an
+    /// eviction.
+    pub not_cached: u64,
 }
 
 const PAGE_SHIFT: u32 = pte::PAGE_SIZE.trailing_zeros();
@@ -195,6 +202,8 @@ pub struct Iotlb {
     tail: u32,
     capacity: usize,
     policy: Policy,
+    /// A full IOTLB evicts nothing: new entries are left out.
+    keep: bool,
     rng: u64,
     stats: IotlbStats,
 }
@@ -216,6 +225,7 @@ impl Iotlb {
             tail: NIL,
             capacity,
             policy,
+            keep: false,
             rng: match policy {
                 Policy::Random { seed } => seed,
                 _ => 0,
@@ -260,6 +270,9 @@ impl Iotlb {
     ///   eviction; the new entry counts as the most recent for every policy); or
     /// - when full, the victim chosen by the policy (counted in `evictions`).
     ///
+    /// When full and [`Self::keep`] is set, nothing is evicted: `e` is not cached (counted in
+    /// `not_cached`) and `None` is returned. A replacement in place still happens.
+    ///
     /// An entry whose size is not 4 KiB or 2 MiB, or whose `va_base` is not aligned to its
     /// size, is not cached (nothing the device's walker produces).
     pub fn insert(&mut self, e: IotlbEntry) -> Option<IotlbEntry> {
@@ -275,11 +288,12 @@ impl Iotlb {
             }
             return old;
         }
-        let victim = if self.slots.len() >= self.capacity {
-            self.evict()
-        } else {
-            None
-        };
+        let full = self.slots.len() >= self.capacity;
+        if full && self.keep {
+            self.stats.not_cached += 1;
+            return None;
+        }
+        let victim = if full { self.evict() } else { None };
         let i = self.slots.len() as u32;
         self.slots.push(Slot {
             entry: e,
@@ -375,6 +389,17 @@ impl Iotlb {
     /// The replacement policy.
     pub fn policy(&self) -> Policy {
         self.policy
+    }
+
+    /// Sets whether a full IOTLB keeps its entries (evicts nothing) and leaves new ones out
+    /// instead. Entries already cached are not touched either way.
+    pub fn set_keep(&mut self, keep: bool) {
+        self.keep = keep;
+    }
+
+    /// Whether a full IOTLB keeps its entries (see [`Self::set_keep`]).
+    pub fn keep(&self) -> bool {
+        self.keep
     }
 
     /// Every cached entry, in no particular order.
@@ -521,7 +546,8 @@ mod tests {
                 hits: 2,
                 misses: 3,
                 evictions: 0,
-                invalidated: 0
+                invalidated: 0,
+                not_cached: 0,
             }
         );
         // peek counts nothing.
@@ -668,6 +694,44 @@ mod tests {
     }
 
     #[test]
+    fn keep_leaves_new_entries_out_of_a_full_iotlb() {
+        for policy in [Policy::Lru, Policy::Fifo, Policy::Random { seed: 3 }] {
+            let mut t = Iotlb::new(3, policy);
+            t.set_keep(true);
+            assert!(t.keep());
+            for i in 0..3 {
+                assert_eq!(t.insert(e4k(1, i * PAGE_SIZE, i)), None, "room: cached");
+            }
+            assert_eq!(t.stats().not_cached, 0);
+            // Full: new pages are left out, nothing is evicted.
+            for i in 3..10 {
+                assert_eq!(t.insert(e4k(1, i * PAGE_SIZE, i)), None);
+                assert_eq!(t.lookup(1, i * PAGE_SIZE), None, "{i} not cached");
+            }
+            let s = t.stats();
+            assert_eq!((s.evictions, s.not_cached, t.len()), (0, 7, 3));
+            for i in 0..3 {
+                assert_eq!(t.lookup(1, i * PAGE_SIZE).map(|e| e.id), Some(i), "kept");
+            }
+            // The same page refilled (a write upgrade) still replaces in place.
+            let mut up = e4k(1, PAGE_SIZE, 20);
+            up.dirty = true;
+            assert_eq!(t.insert(up).map(|e| e.id), Some(1));
+            assert_eq!(t.lookup(1, PAGE_SIZE), Some(up));
+            assert_eq!(t.stats().not_cached, 7);
+            // An invalidation makes room, which the next fill takes.
+            assert_eq!(ids(t.invalidate_range(1, 0, PAGE_SIZE)), [0]);
+            assert_eq!(t.insert(e4k(1, 0x40_0000, 30)), None);
+            assert_eq!(t.lookup(1, 0x40_0000).map(|e| e.id), Some(30));
+            // Off again: a full IOTLB evicts as before.
+            t.set_keep(false);
+            assert!(t.insert(e4k(1, 0x50_0000, 31)).is_some());
+            assert_eq!(t.stats().evictions, 1);
+            check(&t);
+        }
+    }
+
+    #[test]
     fn asid_isolation() {
         let mut t = Iotlb::new(8, Policy::Lru);
         t.insert(e4k(1, 0x1000, 1));
@@ -784,6 +848,8 @@ mod tests {
             let mut rng = 1u64;
             for id in 0..3000u64 {
                 let r = splitmix64(&mut rng);
+                // Keep mode in stretches of about 512 operations.
+                t.set_keep(id >> 9 & 1 == 1);
                 let asid = (r & 3) as u32;
                 let va = (r >> 8) % 64 * PAGE_SIZE * 7;
                 match (r >> 40) % 10 {
@@ -793,11 +859,21 @@ mod tests {
                         } else {
                             e2m(asid, va & !(HUGE_PAGE_SIZE - 1), id)
                         };
+                        let (evictions, not_cached) = (t.stats().evictions, t.stats().not_cached);
+                        let replaces = model.iter().any(|m| entry_key(m) == entry_key(&e));
                         let out = t.insert(e);
                         if let Some(o) = out {
                             model.retain(|m| m.id != o.id);
                         }
-                        model.push(e);
+                        if t.stats().not_cached == not_cached {
+                            model.push(e);
+                        } else {
+                            assert!(t.keep() && !replaces && model.len() == t.capacity());
+                            assert!(out.is_none());
+                        }
+                        if t.keep() {
+                            assert_eq!(t.stats().evictions, evictions, "kept: no eviction");
+                        }
                     }
                     5..=7 => {
                         let got = t.lookup(asid, va);
@@ -826,6 +902,7 @@ mod tests {
             }
             let s = t.stats();
             assert!(s.hits > 0 && s.misses > 0 && s.evictions > 0 && s.invalidated > 0);
+            assert!(s.not_cached > 0);
         }
     }
 }

@@ -37,7 +37,7 @@
 //! | `control` | `cr0ack` (units enabled), `refused` (enables refused for bad configuration) |
 //! | `command` | `cmd`, `op` (`inv_range`, `inv_asid`, `inv_all`, `cfgi_ctx`, `sync`, `resume`, `abort`, `nop`), `asid`, `va` (address operand), `len` (second operand), `result` (`ok`, `ignored`, or the `CERR_*` name: the queue stopped) |
 //! | `sync_done` | `cmd`, `pa` (completion address), `value`, `waited` (DMA steps it waited for) |
-//! | `iotlb_fill` | `asid`, `va`, `pa`, `len` (4096 or 2 MiB), `writable`, `id` |
+//! | `iotlb_fill` | `asid`, `va`, `pa`, `len` (4096 or 2 MiB), `writable`, `id`: a walk's translation, cached (or, with the `IOTLB_KEEP` knob on a full IOTLB, only used) |
 //! | `iotlb_evict` | `asid`, `va`, `len`, `id` |
 //! | `iotlb_invalidate` | `cmd`, `asid` (absent for INV_ALL), `va`, `len`, `dropped`, `in_flight` (held by a running job; the next SYNC waits for them) |
 //! | `job_start` | `job`, `op`, `asid`, `src`, `dst`, `len` |

@@ -30,7 +30,8 @@ extern "C" {
 
 /*
  * Version of this uAPI, reported in struct zg_info.uapi_version (2: irq_count, probe_sync_ns;
- * 3: contexts, MAP, DMA, SNAPSHOT, STATS, INJECT; 5: struct zg_inject.populate_lag).
+ * 3: contexts, MAP, DMA, SNAPSHOT, STATS, INJECT; 5: struct zg_inject.populate_lag, fault_lag,
+ * iotlb_keep).
  */
 #define ZG_UAPI_VERSION 5u
 
@@ -421,14 +422,28 @@ struct zg_inject {
 	 * ZG_POPULATE_LAG_MAX_US.
 	 */
 	__u32 populate_lag;
+	/*
+	 * Value for the device's FAULT_LAG register, in microseconds
+	 * (device-wide, reset when the context that set it closes); 0 leaves the driver's
+	 * fault_lag_us module parameter in force.
+	 */
+	__u32 fault_lag;
+	/*
+	 * 1 sets the device's IOTLB_KEEP (a full IOTLB evicts nothing;
+	 * device-wide, reset when the context that set it closes); 0 leaves the driver's
+	 * iotlb_keep module parameter in force. Other values: EINVAL.
+	 */
+	__u32 iotlb_keep;
 };
-_Static_assert(sizeof(struct zg_inject) == 24, "struct zg_inject: size as in shared-regs");
+_Static_assert(sizeof(struct zg_inject) == 32, "struct zg_inject: size as in shared-regs");
 _Static_assert(offsetof(struct zg_inject, modes) == 0, "struct zg_inject.modes: offset");
 _Static_assert(offsetof(struct zg_inject, cmd_lag) == 4, "struct zg_inject.cmd_lag: offset");
 _Static_assert(offsetof(struct zg_inject, dev_fail) == 8, "struct zg_inject.dev_fail: offset");
 _Static_assert(offsetof(struct zg_inject, dev_fail_arg) == 12, "struct zg_inject.dev_fail_arg: offset");
 _Static_assert(offsetof(struct zg_inject, walk_lag) == 16, "struct zg_inject.walk_lag: offset");
 _Static_assert(offsetof(struct zg_inject, populate_lag) == 20, "struct zg_inject.populate_lag: offset");
+_Static_assert(offsetof(struct zg_inject, fault_lag) == 24, "struct zg_inject.fault_lag: offset");
+_Static_assert(offsetof(struct zg_inject, iotlb_keep) == 28, "struct zg_inject.iotlb_keep: offset");
 
 /* _IOWR('z', 0x01, struct zg_map). */
 #define ZG_IOC_MAP 0xc0287a01u
@@ -443,7 +458,7 @@ _Static_assert(offsetof(struct zg_inject, populate_lag) == 20, "struct zg_inject
 #define ZG_IOC_STATS 0x81007a04u
 
 /* _IOW('z', 0x05, struct zg_inject). */
-#define ZG_IOC_INJECT 0x40187a05u
+#define ZG_IOC_INJECT 0x40207a05u
 
 /* The ioctl numbers, as <linux/ioctl.h> encodes them. */
 _Static_assert(ZG_IOC_GET_INFO == _IOR('z', 0x00, struct zg_info), "ZG_IOC_GET_INFO");

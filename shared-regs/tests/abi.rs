@@ -183,7 +183,13 @@ fn register_names_and_stats() {
     assert_eq!(regs::name(regs::FAIL_ARG), Some("FAIL_ARG"));
     assert_eq!(regs::name(regs::WALK_LAG), Some("WALK_LAG"));
     assert_eq!(regs::name(regs::RESET), Some("RESET"));
-    assert_eq!(regs::name(regs::RESET + 4), None);
+    assert_eq!(regs::name(regs::FAULT_LAG), Some("FAULT_LAG"));
+    assert_eq!(regs::name(regs::IOTLB_KEEP), Some("IOTLB_KEEP"));
+    assert_eq!(regs::name(regs::IOTLB_KEEP + 4), None);
+    assert_eq!(
+        regs::name(regs::stat_lo(regs::STAT_IOTLB_NOT_CACHED)),
+        Some("STAT_LO")
+    );
     assert_eq!(regs::name(0x038), None);
     assert_eq!(
         regs::version_minor(regs::VERSION_VALUE),
@@ -203,6 +209,8 @@ fn registers_do_not_overlap() {
         (regs::FAIL_ARG, 0x0a4),
         (regs::WALK_LAG, 0x0a8),
         (regs::RESET, 0x0ac),
+        (regs::FAULT_LAG, 0x0b0),
+        (regs::IOTLB_KEEP, 0x0b4),
     ] {
         assert_eq!(o, want);
         assert!(named.contains(&o));
@@ -212,7 +220,10 @@ fn registers_do_not_overlap() {
             assert_eq!(regs::name(o), None, "{o:#x}");
         }
     }
-    assert_eq!(regs::VERSION_MINOR, 3);
+    assert_eq!(regs::VERSION_MINOR, 4);
+    // The statistics still end before the registers do.
+    const { assert!(regs::stat_hi(regs::STAT_COUNT - 1) < shared_regs::pci::REGS_SIZE as u32) };
+    assert_eq!(regs::IOTLB_KEEP_MASK, 1, "IOTLB_KEEP: bit 0 only");
 }
 
 #[test]

@@ -257,6 +257,22 @@ const REGS: &[Reg] = &[
         WHOLE,
     ),
     r("RESET", RESET, "Device reset: takes `RESET_KEY`.", WHOLE),
+    r(
+        "FAULT_LAG",
+        FAULT_LAG,
+        "Test knob: microseconds before a DMA job's fault is reported.",
+        WHOLE,
+    ),
+    r(
+        "IOTLB_KEEP",
+        IOTLB_KEEP,
+        "Test knob: a full IOTLB evicts nothing.",
+        &[f(
+            "keep",
+            IOTLB_KEEP_EN,
+            "New translations are used uncached instead of evicting.",
+        )],
+    ),
 ];
 
 /// `hi:lo` of a contiguous mask.

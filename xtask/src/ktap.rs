@@ -67,8 +67,9 @@ const SPLATS: &[&str] = &[
     "rcu: INFO:",
     "Unable to handle kernel",
     "segfault at",
-    // The driver's own leak report at teardown.
+    // The driver's own leak report at teardown, and its reports of its own inconsistencies.
     "zapguard: leak:",
+    "zapguard: bug:",
 ];
 
 /// The splat pattern `line` matches, if any.

@@ -35,8 +35,11 @@ type Result<T> = std::result::Result<T, String>;
 
 const MUSL: &str = "x86_64-unknown-linux-musl";
 
+#[derive(Clone)]
 struct Options {
     filter: Option<String>,
+    /// `--knobs P=V,...`: the driver's knob module parameters for the whole run (`zg.knobs=`).
+    knobs: Option<String>,
     /// `--exec PATH [ARGS...]`: a user's program to run in the guest instead of the tests.
     exec: Option<user::Exec>,
     /// `--add FILE`: more files for `/user` (repeatable, before `--exec`).
@@ -47,6 +50,25 @@ struct Options {
     positional: Vec<String>,
 }
 
+/// The device knobs a whole run can turn on, as the driver's module parameters: the clean
+/// suite must stay clean with each (`just test` runs it once per entry).
+const KNOB_RUNS: [&str; 2] = ["iotlb_keep=1", "fault_lag_us=200"];
+
+/// `--knobs`: comma-separated `param=number` of the driver's knob parameters.
+fn check_knobs(spec: &str) -> Result<()> {
+    for kv in spec.split(',') {
+        match kv.split_once('=') {
+            Some(("iotlb_keep" | "fault_lag_us", v)) if v.parse::<u32>().is_ok() => {}
+            _ => {
+                return Err(format!(
+                    "--knobs: `{kv}` is not iotlb_keep=N or fault_lag_us=N"
+                ))
+            }
+        }
+    }
+    Ok(())
+}
+
 fn parse_options(args: &[String]) -> Result<Options> {
     let default_timeout = std::env::var("ZAPGUARD_TIMEOUT")
         .ok()
@@ -54,6 +76,7 @@ fn parse_options(args: &[String]) -> Result<Options> {
         .unwrap_or(300);
     let mut o = Options {
         filter: None,
+        knobs: None,
         exec: None,
         add: vec![],
         timeout: Duration::from_secs(default_timeout),
@@ -65,6 +88,11 @@ fn parse_options(args: &[String]) -> Result<Options> {
     while let Some(a) = it.next() {
         match a.as_str() {
             "--filter" => o.filter = Some(it.next().ok_or("--filter needs a value")?.clone()),
+            "--knobs" => {
+                let v = it.next().ok_or("--knobs needs P=V[,P=V]")?;
+                check_knobs(v)?;
+                o.knobs = Some(v.clone());
+            }
             "--timeout" => {
                 let v = it.next().ok_or("--timeout needs seconds")?;
                 o.timeout = Duration::from_secs(
@@ -490,6 +518,9 @@ fn vm_run(root: &Path, art: &Artifacts, opts: &Options, echo: vm::Echo) -> Resul
     if let Some(f) = &opts.filter {
         init_args.push(format!("zg.filter={f}"));
     }
+    if let Some(k) = &opts.knobs {
+        init_args.push(format!("zg.knobs={k}"));
+    }
     let mut cfg = vm_config(art, run_dir.clone(), vec![], opts.timeout, echo);
     if opts.exec.is_some() {
         // The user's program instead of the guest tests, with the same run checks.
@@ -875,6 +906,21 @@ fn main() -> ExitCode {
                         let (mp, mf) = mutants::smoke(&root, &art)?;
                         p += bp + sp + dp + ip + mp;
                         f += bf + sf + df + iff + mf;
+                        // The clean suite again with each device knob on for the whole run.
+                        for knobs in KNOB_RUNS {
+                            println!("\n== device knob {knobs} for the whole suite ==");
+                            let o = Options {
+                                knobs: Some(knobs.to_string()),
+                                ..opts.clone()
+                            };
+                            let (kp, kf) = vm_run(&root, &art, &o, vm::Echo::Results)
+                                .unwrap_or_else(|e| {
+                                    eprintln!("xtask: knob run {knobs}: {e}");
+                                    (0, 1)
+                                });
+                            p += kp;
+                            f += kf;
+                        }
                         // The same suite on the lock-debugging kernel: any lockdep, might_sleep
                         // or DEBUG_VM report fails its run checks.
                         println!(

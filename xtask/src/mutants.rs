@@ -28,6 +28,9 @@ pub struct Mutant {
     /// Why the mutant cannot change behaviour, if it cannot: it is listed, not run, and not
     /// counted in the kill rate.
     pub equivalent: Option<String>,
+    /// Device knobs for its run (`zg.knobs=`, e.g. `iotlb_keep=1`): the one that makes the
+    /// broken rule observable.
+    pub knobs: Option<String>,
 }
 
 /// What became of a mutant.
@@ -72,6 +75,7 @@ pub fn load(root: &Path) -> Result<Vec<Mutant>> {
                     .get("equivalent")
                     .and_then(Value::as_str)
                     .map(str::to_string),
+                knobs: m.get("knobs").and_then(Value::as_str).map(str::to_string),
             })
         })
         .collect()
@@ -161,13 +165,9 @@ fn run_one(root: &Path, art: &Artifacts, m: &Mutant, timeout: Duration) -> Resul
         .join("target/zapguard/runs")
         .join(format!("mutant-{}", m.id));
     let _ = std::fs::remove_dir_all(&dir);
-    let mut cfg = vm_config(
-        art,
-        dir,
-        vec!["zg.run=tests".into(), format!("zg.filter={}", m.filter)],
-        timeout,
-        vm::Echo::Silent,
-    );
+    let mut args = vec!["zg.run=tests".into(), format!("zg.filter={}", m.filter)];
+    args.extend(m.knobs.iter().map(|k| format!("zg.knobs={k}")));
+    let mut cfg = vm_config(art, dir, args, timeout, vm::Echo::Silent);
     cfg.initramfs = initramfs;
     let o = vm::run(&cfg).map_err(|e| format!("mutant {}: VM run: {e}", m.id))?;
     let mut by: Vec<String> = o
@@ -206,12 +206,15 @@ pub fn run(root: &Path, art: &Artifacts, only: Option<&str>) -> Result<(usize, u
     let mut outcomes = Vec::new();
     for (i, m) in chosen.iter().enumerate() {
         eprintln!(
-            "==> mutant {}/{}: {} ({}; tests `{}`)",
+            "==> mutant {}/{}: {} ({}; tests `{}`{})",
             i + 1,
             chosen.len(),
             m.id,
             m.rule,
-            m.filter
+            m.filter,
+            m.knobs
+                .as_ref()
+                .map_or(String::new(), |k| format!(", knobs {k}"))
         );
         if let Some(why) = &m.equivalent {
             eprintln!("    equivalent, not run: {why}");
@@ -304,5 +307,8 @@ mod tests {
             SMOKE.iter().all(|id| ids.contains(id)),
             "smoke mutants exist"
         );
+        for k in all.iter().filter_map(|m| m.knobs.as_deref()) {
+            crate::check_knobs(k).unwrap();
+        }
     }
 }

@@ -42,6 +42,8 @@
 //! | 0x0a4 | [`FAIL_ARG`] | RW | 0 | test knob (1.3): argument of the armed mode ([`FAIL_SYNC_DELAY`]: milliseconds) |
 //! | 0x0a8 | [`WALK_LAG`] | RW | 0 | test knob (1.3): microseconds the page walker waits before each table read (at most [`WALK_LAG_MAX`]) |
 //! | 0x0ac | [`RESET`] | WO | 0 | (1.3) writing [`RESET_KEY`] resets the device as a function-level reset does; reads 0 |
+//! | 0x0b0 | [`FAULT_LAG`] | RW | 0 | test knob (1.4): microseconds the device waits between finding a DMA job's translation fault and reporting it (at most [`FAULT_LAG_MAX`]) |
+//! | 0x0b4 | [`IOTLB_KEEP`] | RW | 0 | test knob (1.4): [`IOTLB_KEEP_EN`] in bit 0: a full IOTLB evicts nothing, new translations are used without being cached; bits 31:1 reserved |
 //! | 0x100 + 8·i | [`stat_lo`]`(i)` | RO | 0 | statistic `STAT_*` i, bits 31:0 |
 //! | 0x104 + 8·i | [`stat_hi`]`(i)` | RO | 0 | statistic i, bits 63:32 (read HI, LO, HI again for a consistent value) |
 //!
@@ -67,7 +69,12 @@
 //! driver's fallbacks. One mode is armed at a time; writing the register replaces it (writing
 //! [`FAIL_NONE`] disarms). A value with an unknown mode or reserved bits set is refused: nothing
 //! is stored, [`ERR_CONFIG`] is raised with [`ERROR_INFO`] = [`FAIL_INJECT`]. A device reset
-//! disarms every mode, ends a hang and zeroes [`FAIL_ARG`] and [`WALK_LAG`].
+//! disarms every mode, ends a hang and zeroes [`FAIL_ARG`], [`WALK_LAG`] and the 1.4 knobs
+//! [`FAULT_LAG`] and [`IOTLB_KEEP`].
+//!
+//! **Reserved bits.** Reserved bits of a register that has them read as 0 and are ignored when
+//! written (as in [`CR0`], [`IRQ_CTRL`], [`IOTLB_KEEP`]); [`FAIL_INJECT`] alone refuses a value
+//! with reserved bits (it could arm an unknown mode).
 
 /// Identity register.
 pub const IDENT: u32 = 0x000;
@@ -126,6 +133,38 @@ pub const WALK_LAG: u32 = 0x0a8;
 pub const RESET: u32 = 0x0ac;
 /// The value that [`RESET`] takes: "RSET" as a little-endian u32.
 pub const RESET_KEY: u32 = u32::from_le_bytes(*b"RSET");
+/// Fault lag (ABI 1.4), a test knob modelling a slow fault path: when a step of a DMA job faults
+/// (the walker found no valid or permitted translation, or any other `FAULT_*` a job can take:
+/// every fault the job reports), the device waits this many microseconds before it reports the
+/// fault: [`STAT_FAULTS`], the fault event, the stall of the job or its fault status, and the
+/// event interrupt all come after the wait. Larger values than [`FAULT_LAG_MAX`] are stored (and
+/// read back) as the maximum; 0 reports at once.
+///
+/// Like the [`WALK_LAG`] wait, this one holds the device: register accesses (doorbells, `CR0`)
+/// wait until the fault is reported, and published commands do not execute during the wait.
+/// What can change meanwhile is guest memory: the CPU and device page tables, the rings. The
+/// device ends its processing slice right after a lagged fault, so the register accesses that
+/// waited get in before it does more, and the commands they published run before the DMA
+/// engine's next step. So the window between a fault and the driver's service of it widens: an
+/// unmap or migration that edits the page tables and publishes its invalidations during the
+/// wait has them executed before the driver reads the fault event, which by then describes a
+/// VA the driver's fault handler must look up again rather than trust.
+pub const FAULT_LAG: u32 = 0x0b0;
+/// IOTLB keep (ABI 1.4), a test knob: while [`IOTLB_KEEP_EN`] is set, a full IOTLB never evicts.
+/// A translation the walker finds when the IOTLB is full is used for the access (and held by the
+/// job as usual) but not cached, and counted in [`STAT_IOTLB_NOT_CACHED`]; the cached entries
+/// stay until an invalidation command (or a device reset) removes them. Refilling an entry that
+/// is already cached (the same page, say to add write permission) still replaces it in place.
+/// Bits 31:1 are reserved: they read as 0 and writing them is ignored.
+///
+/// Cached translations then live as long as possible, so a driver that misses an invalidation,
+/// or issues one too narrow, is caught by the validator when the device uses the stale entry,
+/// instead of natural eviction hiding the bug.
+pub const IOTLB_KEEP: u32 = 0x0b4;
+/// [`IOTLB_KEEP`]: a full IOTLB evicts nothing.
+pub const IOTLB_KEEP_EN: u32 = 1 << 0;
+/// The defined bits of [`IOTLB_KEEP`].
+pub const IOTLB_KEEP_MASK: u32 = IOTLB_KEEP_EN;
 /// Context table base, low half.
 pub const CTX_BASE_LO: u32 = 0x030;
 /// Context table base, high half.
@@ -187,8 +226,11 @@ pub const STAT_FAULTS: u32 = 9;
 pub const STAT_VIOLATIONS: u32 = 10;
 /// Statistic: events dropped because the event queue was full or disabled.
 pub const STAT_EVENTS_DROPPED: u32 = 11;
+/// Statistic (ABI 1.4): translations used without being cached, because the IOTLB was full and
+/// [`IOTLB_KEEP`] forbade an eviction.
+pub const STAT_IOTLB_NOT_CACHED: u32 = 12;
 /// Number of statistics.
-pub const STAT_COUNT: u32 = 12;
+pub const STAT_COUNT: u32 = 13;
 
 /// Offset of the low half of statistic `i`.
 pub const fn stat_lo(i: u32) -> u32 {
@@ -205,7 +247,7 @@ pub const IDENT_MAGIC: u32 = u32::from_le_bytes(*b"ZAPG");
 /// Major ABI version: a driver must refuse a device with another major.
 pub const VERSION_MAJOR: u16 = 1;
 /// Minor ABI version: additions only.
-pub const VERSION_MINOR: u16 = 3;
+pub const VERSION_MINOR: u16 = 4;
 /// Value of [`VERSION`].
 pub const VERSION_VALUE: u32 = ((VERSION_MAJOR as u32) << 16) | VERSION_MINOR as u32;
 
@@ -319,6 +361,9 @@ pub const FAIL_DMA_HANG: u32 = 5;
 pub const FAIL_DIE: u32 = 6;
 /// Largest effective [`WALK_LAG`], in microseconds.
 pub const WALK_LAG_MAX: u32 = 100_000;
+/// Largest effective [`FAULT_LAG`], in microseconds (as for [`WALK_LAG`]: a tenth of a second
+/// per fault is long enough to widen any race and short enough not to look like a hang).
+pub const FAULT_LAG_MAX: u32 = 100_000;
 
 /// Required alignment of queue bases.
 pub const QUEUE_BASE_ALIGN: u64 = 64;
@@ -361,6 +406,8 @@ pub const fn name(offset: u32) -> Option<&'static str> {
         FAIL_ARG => "FAIL_ARG",
         WALK_LAG => "WALK_LAG",
         RESET => "RESET",
+        FAULT_LAG => "FAULT_LAG",
+        IOTLB_KEEP => "IOTLB_KEEP",
         o if o >= STATS_BASE && o < STATS_BASE + 8 * STAT_COUNT => {
             if o % 8 == 0 {
                 "STAT_LO"

@@ -49,7 +49,8 @@ pub const fn ioc_size(cmd: u32) -> usize {
 }
 
 /// Version of this uAPI, reported in [`ZgInfo::uapi_version`] (2: `irq_count`, `probe_sync_ns`;
-/// 3: contexts, MAP, DMA, SNAPSHOT, STATS, INJECT; 5: `ZgInject::populate_lag`).
+/// 3: contexts, MAP, DMA, SNAPSHOT, STATS, INJECT; 5: `ZgInject::populate_lag`, `fault_lag`,
+/// `iotlb_keep`).
 pub const UAPI_VERSION: u32 = 5;
 
 /// Answer of [`ZG_IOC_GET_INFO`]. Fields are filled from the device's registers at probe time
@@ -353,6 +354,14 @@ pub struct ZgInject {
     /// land an invalidation in that window: a correct driver then retries the walk. At most
     /// [`ZG_POPULATE_LAG_MAX_US`].
     pub populate_lag: u32,
+    /// Value for the device's [`super::regs::FAULT_LAG`] register, in microseconds
+    /// (device-wide, reset when the context that set it closes); 0 leaves the driver's
+    /// `fault_lag_us` module parameter in force.
+    pub fault_lag: u32,
+    /// 1 sets the device's [`super::regs::IOTLB_KEEP`] (a full IOTLB evicts nothing;
+    /// device-wide, reset when the context that set it closes); 0 leaves the driver's
+    /// `iotlb_keep` module parameter in force. Other values: `EINVAL`.
+    pub iotlb_keep: u32,
 }
 
 /// `_IOWR('z', 0x01, struct zg_map)`.
@@ -395,4 +404,4 @@ const _: () = assert!(core::mem::size_of::<ZgMap>() == 40);
 const _: () = assert!(core::mem::size_of::<ZgDma>() == 80);
 const _: () = assert!(core::mem::size_of::<ZgSnapshot>() == 24);
 const _: () = assert!(core::mem::size_of::<ZgStats>() == 256);
-const _: () = assert!(core::mem::size_of::<ZgInject>() == 24);
+const _: () = assert!(core::mem::size_of::<ZgInject>() == 32);
