@@ -899,14 +899,8 @@ fn main() -> ExitCode {
                     let (mut p, mut f) = vm_run(&root, &art, &opts, vm::Echo::Results)?;
                     // A filtered run is for iterating on some guest tests: skip the whole-setup checks.
                     if opts.filter.is_none() {
-                        let (bp, bf) = bindings_checks(&root, &art);
-                        let (sp, sf) = harness_selftests(&root, &art)?;
-                        let (dp, df) = device_death_run(&root, &art)?;
-                        let (ip, iff) = image_checks(&root, &art)?;
-                        let (mp, mf) = mutants::smoke(&root, &art)?;
-                        p += bp + sp + dp + ip + mp;
-                        f += bf + sf + df + iff + mf;
-                        // The clean suite again with each device knob on for the whole run.
+                        // The clean suite again with each device knob on for the whole run
+                        // (first: the mutation smoke's initramfs builds may prune this one's).
                         for knobs in KNOB_RUNS {
                             println!("\n== device knob {knobs} for the whole suite ==");
                             let o = Options {
@@ -921,6 +915,13 @@ fn main() -> ExitCode {
                             p += kp;
                             f += kf;
                         }
+                        let (bp, bf) = bindings_checks(&root, &art);
+                        let (sp, sf) = harness_selftests(&root, &art)?;
+                        let (dp, df) = device_death_run(&root, &art)?;
+                        let (ip, iff) = image_checks(&root, &art)?;
+                        let (mp, mf) = mutants::smoke(&root, &art)?;
+                        p += bp + sp + dp + ip + mp;
+                        f += bf + sf + df + iff + mf;
                         // The same suite on the lock-debugging kernel: any lockdep, might_sleep
                         // or DEBUG_VM report fails its run checks.
                         println!(
