@@ -185,7 +185,12 @@ fn munmap_during_dma(mode: u32, arg: u32, outcome: Outcome) -> Result<(), String
     let t = Instant::now();
     drop(buf);
     check_bound("munmap during DMA", t.elapsed(), FAILED_EVENT_BOUND)?;
-    let errno = traffic.finish()?;
+    // A failed device fails the job it ended, or (when the failure fell between two jobs) the
+    // next one: wait for that rather than stop the traffic and race the job's end.
+    let errno = match outcome {
+        Outcome::Failed => traffic.until_failure(FAILED_EVENT_BOUND)?,
+        Outcome::Live => traffic.finish()?,
+    };
     match outcome {
         Outcome::Failed => {
             check_eq(errno, libc::EIO, "errno of the job the failure ended")?;
@@ -249,7 +254,7 @@ fn unbind_during_dma(mode: u32, arg: u32, _outcome: Outcome) -> Result<(), Strin
     std::fs::write(format!("{DRIVER_DIR}/unbind"), &bdf)
         .map_err(|e| format!("unbind {bdf}: {e}"))?;
     check_bound("unbind during DMA", t.elapsed(), FAILED_EVENT_BOUND)?;
-    let errno = traffic.finish()?;
+    let errno = traffic.until_failure(FAILED_EVENT_BOUND)?;
     if errno != libc::ENODEV && errno != libc::EIO {
         return Err(format!(
             "job errno after unbind: {errno}, expected ENODEV or EIO"
