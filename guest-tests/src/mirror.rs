@@ -885,20 +885,20 @@ pub fn populate_lag_with_invalidation_is_clean() -> Result<(), String> {
         populate_lag: ZG_POPULATE_LAG_MAX_US + 1,
         ..Default::default()
     };
-    check_eq(
-        dev::inject_all(&f, too_long).map_err(|e| dev::errno(&e)),
-        Err(libc::EINVAL),
-        "INJECT with a populate lag over the limit",
-    )?;
     let bad_keep = ZgInject {
         iotlb_keep: 2,
         ..Default::default()
     };
-    check_eq(
-        dev::inject_all(&f, bad_keep).map_err(|e| dev::errno(&e)),
-        Err(libc::EINVAL),
-        "INJECT with iotlb_keep other than 0 or 1",
-    )?;
+    for (bad, what) in [
+        (too_long, "a populate lag over the limit"),
+        (bad_keep, "iotlb_keep other than 0 or 1"),
+    ] {
+        check_eq(
+            dev::inject_all(&f, bad).map_err(|e| dev::errno(&e)),
+            Err(libc::EINVAL),
+            &format!("INJECT with {what}"),
+        )?;
+    }
     clean(&f)
 }
 

@@ -179,6 +179,20 @@ fn device_reads_back(f: &File, m: &Mapping, when: &str) -> Result<(), String> {
     )
 }
 
+/// After a move of `m` to `node`: the kernel has every page there, the device reads them back
+/// right, and `homes` records where its pages live now.
+fn check_moved(
+    f: &File,
+    m: &Mapping,
+    homes: &mut Homes,
+    node: i32,
+    when: &str,
+) -> Result<(), String> {
+    expect_node(m, node, when)?;
+    device_reads_back(f, m, when)?;
+    homes.checkpoint()
+}
+
 /// Each page a different byte pattern, so that a page read from the wrong frame shows.
 fn fill_pattern(m: &mut Mapping, seed: u8) {
     for (i, page) in m.bytes_mut().chunks_mut(PG).enumerate() {
@@ -276,9 +290,7 @@ pub fn numa_migration_follows_pages() -> Result<(), String> {
     // And everything back to node 0 (quarter 1 first loses its node-1 binding).
     mbind(&quarter(1), None)?;
     migrate_process(1, 0)?;
-    expect_node(&a, 0, "after migrate_pages 1 -> 0")?;
-    device_reads_back(&f, &a, "after migrate_pages 1 -> 0")?;
-    homes.checkpoint()?;
+    check_moved(&f, &a, &mut homes, 0, "after migrate_pages 1 -> 0")?;
     // Quarters 0 and 1 moved in the first and last steps, 2 and 3 in the last two.
     homes.report(2)?;
     clean(&f)
@@ -308,9 +320,7 @@ pub fn numa_migration_moves_thp() -> Result<(), String> {
 
     // One address per THP moves the whole folio.
     move_to(&[a.addr, a.addr + HUGE], 1)?;
-    expect_node(&a, 1, "THP after move_pages")?;
-    device_reads_back(&f, &a, "THP after move_pages")?;
-    homes.checkpoint()?;
+    check_moved(&f, &a, &mut homes, 1, "THP after move_pages")?;
     // Where the copy is still a THP the device maps it with 2 MiB entries again, and only there.
     let snap = dev::snapshot(&f, a.addr, LEN / PG).map_err(|e| format!("SNAPSHOT: {e}"))?;
     let huge = |bit: u8| snap.iter().filter(|s| *s & bit != 0).count();
