@@ -535,6 +535,9 @@ pub fn aging_reports_device_use_to_idle_tracking() -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     a.bytes_mut().fill(0x11);
     map(&f, &a, false)?;
+    // Warm the IOTLB: marking pages idle must drop the device's cached translations too, or
+    // its next reads hit them and set no accessed bit.
+    run(&f, dev::job(DMA_CHECKSUM, a.addr, 0, a.len, 0))?;
     let pfns = pfns(&a)?;
     // Idle tracking sees only pages on the LRU lists (not those still in a per-CPU batch) and
     // not the bitmap's last word: a page is tracked if it reads idle right after marking.
