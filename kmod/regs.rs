@@ -256,6 +256,24 @@ register! {
         /// New translations are used uncached instead of evicting.
         0:0 keep => bool;
     }
+
+    /// Test knob: freed-table bitmap address, bits 31:0 (8-byte aligned).
+    pub(crate) PT_FREED_BASE_LO(u32) @ 0x0b8 {
+        /// The whole register.
+        31:0 value;
+    }
+
+    /// Test knob: freed-table bitmap address, bits 63:32.
+    pub(crate) PT_FREED_BASE_HI(u32) @ 0x0bc {
+        /// The whole register.
+        31:0 value;
+    }
+
+    /// Test knob: guest pages the freed-table bitmap covers (0: check off).
+    pub(crate) PT_FREED_PAGES(u32) @ 0x0c0 {
+        /// The whole register.
+        31:0 value;
+    }
 }
 
 // One definition: every offset above is the ABI's.
@@ -294,3 +312,6 @@ const _: () = assert!(<WALK_LAG as Register>::OFFSET == crate::abi::regs::WALK_L
 const _: () = assert!(<RESET as Register>::OFFSET == crate::abi::regs::RESET as usize);
 const _: () = assert!(<FAULT_LAG as Register>::OFFSET == crate::abi::regs::FAULT_LAG as usize);
 const _: () = assert!(<IOTLB_KEEP as Register>::OFFSET == crate::abi::regs::IOTLB_KEEP as usize);
+const _: () = assert!(<PT_FREED_BASE_LO as Register>::OFFSET == crate::abi::regs::PT_FREED_BASE_LO as usize);
+const _: () = assert!(<PT_FREED_BASE_HI as Register>::OFFSET == crate::abi::regs::PT_FREED_BASE_HI as usize);
+const _: () = assert!(<PT_FREED_PAGES as Register>::OFFSET == crate::abi::regs::PT_FREED_PAGES as usize);

@@ -479,6 +479,9 @@ impl<E: Events> ZapguardDevice<E> {
             WALK_LAG => self.s.inject.walk_lag,
             FAULT_LAG => self.s.inject.fault_lag,
             IOTLB_KEEP => self.iotlb_keep(),
+            PT_FREED_BASE_LO => self.s.inject.pt_freed_base_lo,
+            PT_FREED_BASE_HI => self.s.inject.pt_freed_base_hi,
+            PT_FREED_PAGES => self.s.inject.pt_freed_pages,
             o if (STATS_BASE..STATS_BASE + 8 * STAT_COUNT).contains(&o) => {
                 let v = self.stat((o - STATS_BASE) / 8);
                 if o % 8 == 0 {
@@ -534,6 +537,9 @@ impl<E: Events> ZapguardDevice<E> {
             WALK_LAG => self.s.inject.walk_lag = v.min(WALK_LAG_MAX),
             FAULT_LAG => self.s.inject.fault_lag = v.min(FAULT_LAG_MAX),
             IOTLB_KEEP => self.write_iotlb_keep(v),
+            PT_FREED_BASE_LO => self.write_pt_freed_base_lo(v),
+            PT_FREED_BASE_HI => self.s.inject.pt_freed_base_hi = v,
+            PT_FREED_PAGES => self.s.inject.pt_freed_pages = v,
             RESET if v == RESET_KEY => self.reset(),
             RESET => {
                 self.set_error(ERR_CONFIG, RESET);

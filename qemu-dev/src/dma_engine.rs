@@ -22,7 +22,11 @@
 //! [`FAIL_DMA_HANG`] and [`FAIL_DIE`] fire at a step ([`crate::inject`]). The test knobs
 //! [`WALK_LAG`] and [`FAULT_LAG`] sleep on the device's clock inside a step (before each table
 //! read of a walk; before a fault is reported), holding whatever the caller of
-//! [`ZapguardDevice::process`] holds.
+//! [`ZapguardDevice::process`] holds. With the table-lifetime check on ([`PT_FREED_PAGES`]),
+//! each table read of a walk is preceded by a read of the table's bit in the guest's bitmap; a
+//! set bit is a [`shared_regs::event::VIOL_TABLE_FREED`] violation (the table's GPA in the
+//! violation's `pa`), reported after the walk and before its access or fault, and the walk's
+//! outcome is unchanged.
 
 use shared_regs::dma::*;
 use shared_regs::event::{self as ev, Event as EvtRecord};
@@ -594,20 +598,48 @@ impl<E: Events> ZapguardDevice<E> {
         write: bool,
     ) -> Result<(IotlbEntry, Option<Walked>), Stop> {
         self.s.stats[STAT_WALKS as usize] += 1;
-        // WALK_LAG: the walker sleeps before each table read, holding the device lock.
-        let (lag, clock) = (self.walk_lag(), &self.clock);
-        let pace = |_level| {
+        // WALK_LAG: the walker sleeps before each table read, holding the device lock. Then the
+        // table-lifetime check (PT_FREED_PAGES) reads the table's bit in the guest's bitmap, at
+        // that moment: the driver sets bits with plain memory writes, so one set during the
+        // sleep counts. At most one table per level is read.
+        let (lag, clock, freed) = (self.walk_lag(), &self.clock, self.freed_tables());
+        let mut freed_reads = [0u64; pte::PT_LEVELS as usize];
+        let mut n_freed = 0;
+        let pace = |_level, table| {
             if let Some(d) = lag {
                 clock.sleep(d);
             }
+            if freed.is_some_and(|f| f.is_freed(mem, table)) {
+                if let Some(slot) = freed_reads.get_mut(n_freed) {
+                    *slot = table;
+                    n_freed += 1;
+                }
+            }
         };
-        let t =
-            pagetable::walk_paced(mem, ctx.pt_root, va, write, pace).map_err(|f| Stop::Fault {
-                reason: f.reason,
-                va,
-                write,
-                stallable: matches!(f.reason, ev::FAULT_NOT_PRESENT | ev::FAULT_PERMISSION),
-            })?;
+        let walk = pagetable::walk_paced(mem, ctx.pt_root, va, write, pace);
+        // Reported whatever the walk's outcome, before the access or the fault: the walk is not
+        // changed by the check (the freed page's entries are used as read).
+        if let Some(d) = self.s.job.as_ref().map(|j| j.desc) {
+            for &table in &freed_reads[..n_freed] {
+                self.s.inject.tables_freed += 1;
+                self.violation(
+                    mem,
+                    &d,
+                    ev::VIOL_TABLE_FREED,
+                    va,
+                    table,
+                    None,
+                    write,
+                    "page walk read a device page-table page the driver marked freed",
+                );
+            }
+        }
+        let t = walk.map_err(|f| Stop::Fault {
+            reason: f.reason,
+            va,
+            write,
+            stallable: matches!(f.reason, ev::FAULT_NOT_PRESENT | ev::FAULT_PERMISSION),
+        })?;
         // The snapshot describes one CPU leaf: it may stand for the whole entry only if that
         // leaf covers it (a 2 MiB device entry over 4 KiB CPU pages must not inherit one page's
         // dirty bit, or a clean sibling would look like a missed mkclean).

@@ -24,8 +24,10 @@
 //!   bits, PS, a loop to the root, not present), and rarely a device reset;
 //! - PCI bus mastering switched off and on (the glue's config-space report).
 //!
-//! The test knobs ([`FAIL_INJECT`], [`FAIL_ARG`], [`WALK_LAG`], [`FAULT_LAG`], [`IOTLB_KEEP`])
-//! are registers like any other here, but they cannot make an input slow or end the process: the
+//! The test knobs ([`FAIL_INJECT`], [`FAIL_ARG`], [`WALK_LAG`], [`FAULT_LAG`], [`IOTLB_KEEP`],
+//! and the table-lifetime check's [`PT_FREED_BASE_LO`], [`PT_FREED_BASE_HI`],
+//! [`PT_FREED_PAGES`]) are registers like any other here (a structured step also points the
+//! freed-table bitmap into RAM and marks device page-table pages in it), but they cannot make an input slow or end the process: the
 //! device runs on a [`VirtualClock`] whose sleeps (`WALK_LAG`, `FAULT_LAG`) cost nothing and
 //! whose time only moves when the harness says (one millisecond per operation), so
 //! `FAIL_SYNC_DELAY` deadlines are virtual too and `has_work()` stays a function of the
@@ -41,9 +43,10 @@
 //! never decrease (between resets), `has_work()` predicts exactly whether `process()` makes
 //! progress (the server's worker sleeps on it), a running job implies an enabled DMA queue, the
 //! IOTLB stays within capacity with well-formed entries and evicts nothing while
-//! [`IOTLB_KEEP`] is on, the knobs read back within their bounds, and the SYNC ledger never
-//! fires (a [`shared_regs::event::VIOL_LEDGER`] violation is a device bug whatever the guest
-//! does). At the end it reads every register, the MSI-X area and some holes.
+//! [`IOTLB_KEEP`] is on, the knobs read back within their bounds (the freed-table base
+//! 8-byte aligned), and the SYNC ledger never fires (a [`shared_regs::event::VIOL_LEDGER`]
+//! violation is a device bug whatever the guest does; every violation counted is the
+//! validator's or a table-lifetime one). At the end it reads every register, the MSI-X area and some holes.
 //!
 //! Work per input is bounded: at most [`MAX_OPS`] operations, at most 16 steps per
 //! `process` (1024 for "until idle"), and the input stops once the device has executed
@@ -104,7 +107,7 @@ const _: () = assert!(DEV_PT + PT_SLOTS * PT_SLOT <= FRAMES_LO);
 const _: () = assert!(FRAMES_HI + 0x10_0000 <= MEM_SIZE as u64);
 
 /// Every defined register (statistics apart).
-const REGISTERS: [u32; 33] = [
+const REGISTERS: [u32; 36] = [
     IDENT,
     VERSION,
     CAPS,
@@ -138,6 +141,9 @@ const REGISTERS: [u32; 33] = [
     WALK_LAG,
     FAULT_LAG,
     IOTLB_KEEP,
+    PT_FREED_BASE_LO,
+    PT_FREED_BASE_HI,
+    PT_FREED_PAGES,
 ];
 
 /// Interrupt vectors the device has.
@@ -542,6 +548,7 @@ impl<'m> Harness<'m> {
                 let on = !input.byte().is_multiple_of(4);
                 self.dev.set_bus_master(on);
             }
+            34 => self.freed_bitmap(input),
             36 => {
                 // Arm a failure mode (raw register values rarely hit one): mostly those that
                 // leave the device working in some way, rarely death or an unknown mode.
@@ -599,6 +606,25 @@ impl<'m> Harness<'m> {
                 break;
             }
         }
+    }
+
+    /// The table-lifetime check: a bitmap somewhere in (or just outside) RAM, covering some or
+    /// all of it, and some device page-table pages marked freed (or cleared) in it; rarely the
+    /// check turned off.
+    fn freed_bitmap(&mut self, input: &mut Input) {
+        let base = mem_addr(input) & !7;
+        self.set(PT_FREED_BASE_HI, (base >> 32) as u32);
+        self.set(PT_FREED_BASE_LO, base as u32);
+        let pages = match input.byte() % 4 {
+            0 => 0,
+            1 => u32::from(input.u16()),
+            _ => (MEM_SIZE as u64 / PAGE) as u32,
+        };
+        self.set(PT_FREED_PAGES, pages);
+        // Mark (or unmark) a byte's worth of device page-table pages: eight neighbours.
+        let table = DEV_PT + u64::from(input.u16()) % (PT_SLOTS * PT_SLOT / PAGE) * PAGE;
+        let at = base + table / PAGE / 8;
+        let _ = self.mem.write(at, &[input.byte()]);
     }
 
     /// Arbitrary bytes somewhere in (or just outside) guest memory.
@@ -1136,6 +1162,8 @@ impl<'m> Harness<'m> {
             "FAULT_LAG {:#x}",
             r[&FAULT_LAG]
         );
+        let freed_base = r[&PT_FREED_BASE_LO];
+        assert_eq!(freed_base & 7, 0, "PT_FREED_BASE_LO {freed_base:#x}");
         let keep = r[&IOTLB_KEEP];
         assert_eq!(keep & !IOTLB_KEEP_MASK, 0, "IOTLB_KEEP {keep:#x}");
         let iotlb_keep = keep & IOTLB_KEEP_EN != 0;
@@ -1247,7 +1275,7 @@ impl<'m> Harness<'m> {
             self.dev.s.job.is_none() || ack & CR0_DMAQ_EN != 0,
             "a job runs on a disabled DMA queue"
         );
-        let validator = self.dev.s.validator.counts().violations();
+        let validator = self.dev.s.validator.counts().violations() + self.dev.s.inject.tables_freed;
         assert_eq!(
             stats[STAT_VIOLATIONS as usize], validator,
             "SYNC ledger violation: a translation was used after the SYNC covering its \
@@ -1363,6 +1391,31 @@ mod tests {
         assert_eq!(h.dev.stat(STAT_DMA_BYTES), 3 * PAGE + 5);
         assert_eq!(h.dev.stat(STAT_FAULTS), 0);
         assert_eq!(h.dev.stat(STAT_VIOLATIONS), 0);
+    }
+
+    #[test]
+    fn freed_bitmap_step_reaches_the_table_lifetime_check() {
+        // Prologue 2, then the bitmap at AUX over all RAM with the first 8 pages of the device
+        // tables (ASID 0's slot) marked freed, then the COPY of `prologue_maps_the_window`.
+        let program = [
+            0, 0, 2, // default config, prologue with ASID 0 bound and mapped
+            34, 6, 0, 0, 0, 0, // bitmap at AUX + 0
+            2, // covering all RAM
+            0, 0, 0xff, // DEV_PT's first 8 pages freed
+            23, 0, 10, // COPY, length 3 pages + 5
+            0, 0, 0, 0, 0, 0, 0, 0, // aux
+            0, 0, 0, 0, // ASID 0, src = VA_BASE
+            0, 0, 4, // dst = VA_BASE + 0x400 * 16
+        ];
+        let ram = Ram::new();
+        let h = execute(&program, &ram);
+        assert_eq!(h.dev.s.inject.pt_freed_base_lo, AUX as u32);
+        assert_eq!(h.dev.stat(STAT_DMA_JOBS), 1);
+        assert_eq!(h.dev.stat(STAT_DMA_BYTES), 3 * PAGE + 5, "the walks go on");
+        assert_eq!(h.dev.stat(STAT_FAULTS), 0);
+        // 8 walks (4 source pages, 4 destination pages) of 4 freed tables each.
+        assert_eq!(h.dev.s.inject.tables_freed, 32);
+        assert_eq!(h.dev.stat(STAT_VIOLATIONS), 32);
     }
 
     #[test]

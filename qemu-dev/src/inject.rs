@@ -1,7 +1,8 @@
 //! Test knobs that make the device fail or slow down: failure injection ([`FAIL_INJECT`],
 //! [`FAIL_ARG`], ABI 1.3), the page-walk lag ([`WALK_LAG`], 1.3), the fault lag ([`FAULT_LAG`],
-//! 1.4), the IOTLB keep mode ([`IOTLB_KEEP`], 1.4), and the [`Clock`] the lags and deadlines run
-//! on.
+//! 1.4), the IOTLB keep mode ([`IOTLB_KEEP`], 1.4), the table-lifetime check
+//! ([`PT_FREED_BASE_LO`], [`PT_FREED_BASE_HI`], [`PT_FREED_PAGES`], 1.4), and the [`Clock`] the
+//! lags and deadlines run on.
 //!
 //! The lags sleep on the [`Clock`] inside [`ZapguardDevice::process`], so they hold whatever the
 //! caller holds: in the vfio-user server, the device lock (register accesses wait) and the
@@ -10,7 +11,10 @@
 //! each table read of a walk; [`FAULT_LAG`] sleeps there once per fault of a DMA job, before
 //! anything about the fault is reported (statistic, trace, event, stall or job status).
 //! [`IOTLB_KEEP`] is the IOTLB's own mode ([`crate::iotlb::Iotlb::set_keep`]), so it lives
-//! with the IOTLB and a reset, which rebuilds the IOTLB, clears it.
+//! with the IOTLB and a reset, which rebuilds the IOTLB, clears it. The table-lifetime check is
+//! made by [`crate::dma_engine`]'s walks: before each table read (after the [`WALK_LAG`] sleep)
+//! it reads the table's bit in the guest's bitmap ([`FreedTables::is_freed`]), never caching it,
+//! so a bit the driver sets while the walker sleeps is seen at the next table read.
 //!
 //! The register semantics are in [`shared_regs::regs`]. Here is where each mode bites:
 //!
@@ -32,6 +36,7 @@ use shared_regs::regs::*;
 
 use crate::device::ZapguardDevice;
 use crate::events::{Activity, Events};
+use crate::guest::GuestMem;
 
 /// The time the device runs on: deadlines of [`FAIL_SYNC_DELAY`] and the sleeps of
 /// [`WALK_LAG`] and [`FAULT_LAG`].
@@ -68,6 +73,15 @@ pub(crate) struct Inject {
     pub(crate) walk_lag: u32,
     /// [`FAULT_LAG`], clamped to [`FAULT_LAG_MAX`].
     pub(crate) fault_lag: u32,
+    /// [`PT_FREED_BASE_LO`] (bits 2:0 always clear: a misaligned write is refused).
+    pub(crate) pt_freed_base_lo: u32,
+    /// [`PT_FREED_BASE_HI`].
+    pub(crate) pt_freed_base_hi: u32,
+    /// [`PT_FREED_PAGES`]: 0 = the table-lifetime check is off.
+    pub(crate) pt_freed_pages: u32,
+    /// [`shared_regs::event::VIOL_TABLE_FREED`] violations reported (also in
+    /// [`STAT_VIOLATIONS`]; the fuzzer tells them from the validator's with it).
+    pub(crate) tables_freed: u64,
     /// [`FAIL_DMA_HANG`] fired: the DMA engine does nothing more until a reset.
     pub(crate) hung: bool,
     /// [`FAIL_DIE`] fired: the device does nothing more; the glue ends the process.
@@ -75,6 +89,34 @@ pub(crate) struct Inject {
     /// The freeze of the armed [`FAIL_CMDQ_STOP`] was traced (once per arming, not per
     /// doorbell).
     pub(crate) stop_traced: bool,
+}
+
+/// The table-lifetime check's bitmap, as the registers name it when a walk starts (the bits
+/// themselves are read from guest memory at each table read).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct FreedTables {
+    /// Guest-physical address of the bitmap.
+    pub(crate) base: u64,
+    /// Pages covered, at least 1.
+    pub(crate) pages: u64,
+}
+
+impl FreedTables {
+    /// Whether the bitmap marks the table page at `table` (a GPA, any offset in the page) as
+    /// freed: one byte read of guest memory, now. A table outside the covered pages is not
+    /// freed; a bitmap byte that cannot be read (outside RAM, or its address overflows) counts
+    /// as a clear bit.
+    pub(crate) fn is_freed(&self, mem: &(impl GuestMem + ?Sized), table: u64) -> bool {
+        let page = table / shared_regs::pte::PAGE_SIZE;
+        if page >= self.pages {
+            return false;
+        }
+        let Some(at) = self.base.checked_add(page / 8) else {
+            return false;
+        };
+        let mut b = [0u8; 1];
+        mem.read(at, &mut b).is_ok() && b[0] & (1 << (page % 8)) != 0
+    }
 }
 
 /// Name of a `FAIL_*` mode, for traces.
@@ -170,6 +212,29 @@ impl<E: Events> ZapguardDevice<E> {
         } else {
             0
         }
+    }
+
+    /// A [`PT_FREED_BASE_LO`] write: stored if 8-byte aligned, else refused with [`ERR_CONFIG`]
+    /// (the register keeps its value).
+    pub(crate) fn write_pt_freed_base_lo(&mut self, v: u32) {
+        if u64::from(v).is_multiple_of(PT_FREED_BASE_ALIGN) {
+            self.s.inject.pt_freed_base_lo = v;
+        } else {
+            self.set_error(ERR_CONFIG, PT_FREED_BASE_LO);
+            self.report_error(format!(
+                "PT_FREED_BASE_LO written with {v:#x}, not {PT_FREED_BASE_ALIGN}-byte aligned: \
+                 ignored"
+            ));
+        }
+    }
+
+    /// The table-lifetime check's bitmap, if the check is on ([`PT_FREED_PAGES`] not 0).
+    pub(crate) fn freed_tables(&self) -> Option<FreedTables> {
+        let i = &self.s.inject;
+        (i.pt_freed_pages != 0).then(|| FreedTables {
+            base: u64::from(i.pt_freed_base_hi) << 32 | u64::from(i.pt_freed_base_lo),
+            pages: u64::from(i.pt_freed_pages),
+        })
     }
 
     /// Whether `mode` is armed.
@@ -705,6 +770,9 @@ mod tests {
         r.set(FAULT_LAG, 6);
         r.set(IOTLB_KEEP, IOTLB_KEEP_EN);
         assert_eq!((r.reg(FAULT_LAG), r.reg(IOTLB_KEEP)), (6, IOTLB_KEEP_EN));
+        r.set(PT_FREED_BASE_LO, 0x18_0000);
+        r.set(PT_FREED_BASE_HI, 1);
+        r.set(PT_FREED_PAGES, 9);
         r.set(FAIL_INJECT, FAIL_DMA_HANG);
         r.submit(fill(2 * PG));
         r.run();
@@ -713,7 +781,16 @@ mod tests {
         r.run();
         assert!(r.dev.s.inject.hung && r.dev.s.pending_sync.is_some());
         r.dev.reset();
-        for reg in [FAIL_INJECT, FAIL_ARG, WALK_LAG, FAULT_LAG, IOTLB_KEEP] {
+        for reg in [
+            FAIL_INJECT,
+            FAIL_ARG,
+            WALK_LAG,
+            FAULT_LAG,
+            IOTLB_KEEP,
+            PT_FREED_BASE_LO,
+            PT_FREED_BASE_HI,
+            PT_FREED_PAGES,
+        ] {
             assert_eq!(r.reg(reg), 0, "{:?}", name(reg));
         }
         assert!(!r.dev.s.iotlb.keep(), "the IOTLB evicts again");
@@ -1180,5 +1257,304 @@ mod tests {
         );
         let frame = crate::testkit::FRAMES;
         assert_eq!(v, [(VIOL_STALE, frame, NO_PA)]);
+    }
+
+    /// Where the table-lifetime tests put the freed-table bitmap (between `AUX` and `DEV_PT`).
+    const BITMAP: u64 = crate::testkit::AUX + crate::testkit::AUX_SIZE;
+    const _: () = assert!(
+        BITMAP + crate::testkit::RAM_SIZE / PG / 8 <= crate::testkit::DEV_PT,
+        "the bitmap covers all RAM without touching the tables"
+    );
+
+    /// Sets or clears the table page `table`'s bit in the bitmap at `base`, as the driver does.
+    fn mark(mem: &impl GuestMem, base: u64, table: u64, freed: bool) {
+        let page = table / PG;
+        let mut b = [0u8; 1];
+        mem.read(base + page / 8, &mut b).unwrap();
+        let bit = 1u8 << (page % 8);
+        b[0] = if freed { b[0] | bit } else { b[0] & !bit };
+        mem.write(base + page / 8, &b).unwrap();
+    }
+
+    /// The rig with the table-lifetime check on over all RAM, and the four table pages of
+    /// `VA`'s walk, root first.
+    fn checked_rig() -> (Rig<EventLog>, Vec<u64>) {
+        let mut r = rig();
+        r.set(PT_FREED_BASE_LO, BITMAP as u32);
+        r.set(PT_FREED_BASE_HI, 0);
+        r.set(PT_FREED_PAGES, (crate::testkit::RAM_SIZE / PG) as u32);
+        let tables = path(&r, 1, VA).iter().map(|&g| g & !(PG - 1)).collect();
+        (r, tables)
+    }
+
+    /// `(reason, asid, va, info, info2)` of the violation events written so far.
+    fn violations(r: &mut Rig<EventLog>) -> Vec<(u16, u32, u64, u64, u64)> {
+        r.take_events()
+            .into_iter()
+            .filter(|e| e.ty == shared_regs::event::EVT_VIOLATION)
+            .map(|e| (e.reason, e.asid, e.va, e.info, e.info2))
+            .collect()
+    }
+
+    #[test]
+    fn pt_freed_registers_read_back_and_refuse_a_misaligned_base() {
+        let mut r = rig();
+        for reg in [PT_FREED_BASE_LO, PT_FREED_BASE_HI, PT_FREED_PAGES] {
+            assert_eq!(r.reg(reg), 0, "{:?}", name(reg));
+        }
+        r.set(PT_FREED_BASE_LO, 0x18_0008);
+        r.set(PT_FREED_BASE_HI, 0xdead_beef);
+        r.set(PT_FREED_PAGES, u32::MAX);
+        assert_eq!(
+            (
+                r.reg(PT_FREED_BASE_LO),
+                r.reg(PT_FREED_BASE_HI),
+                r.reg(PT_FREED_PAGES)
+            ),
+            (0x18_0008, 0xdead_beef, u32::MAX)
+        );
+        assert_eq!(r.reg(ERROR), 0);
+        // Misaligned: refused with ERR_CONFIG, the register keeps its value.
+        for bad in [0x18_0001, 0x18_0004, 0xffff_ffff] {
+            r.set(PT_FREED_BASE_LO, bad);
+            assert_eq!(r.reg(PT_FREED_BASE_LO), 0x18_0008, "{bad:#x}");
+            assert_eq!(r.reg(ERROR) & ERR_CONFIG, ERR_CONFIG);
+            assert_eq!(r.reg(ERROR_INFO), PT_FREED_BASE_LO);
+            r.set(ERROR, ERR_CONFIG);
+        }
+        // The high half and the page count take any value.
+        r.set(PT_FREED_BASE_HI, 7);
+        r.set(PT_FREED_PAGES, 1);
+        assert_eq!(r.reg(ERROR), 0);
+        assert_eq!((r.reg(PT_FREED_BASE_HI), r.reg(PT_FREED_PAGES)), (7, 1));
+        // The RESET register (as an FLR) zeroes them.
+        r.set(RESET, RESET_KEY);
+        for reg in [PT_FREED_BASE_LO, PT_FREED_BASE_HI, PT_FREED_PAGES] {
+            assert_eq!(r.reg(reg), 0, "{:?}", name(reg));
+        }
+    }
+
+    #[test]
+    fn a_walk_through_a_freed_table_reports_one_violation_per_table_read() {
+        use shared_regs::event::{EVT_F_WRITE, NO_PA, VIOL_TABLE_FREED};
+        for level in (1..=pte::PT_LEVELS).rev() {
+            let (mut r, tables) = checked_rig();
+            let table = tables[(pte::PT_LEVELS - level) as usize];
+            mark(&r.mem, BITMAP, table, true);
+            let frame = r.dev_leaf(1, VA).unwrap() & pte::PTE_ADDR_MASK;
+            // Reported, and the walk goes on: the job completes as it would without the check.
+            assert_eq!(r.dma(fill(8)).status, DMA_ST_OK, "level {level}");
+            assert_eq!(r.peek(frame, 1), [0x5a]);
+            assert_eq!(
+                violations(&mut r),
+                [(VIOL_TABLE_FREED, 1, VA, table, NO_PA)],
+                "level {level}"
+            );
+            assert_eq!(r.stat(STAT_VIOLATIONS), 1);
+            let traced: Vec<_> = r
+                .activity()
+                .into_iter()
+                .filter_map(|a| match a {
+                    Activity::Violation {
+                        asid,
+                        va,
+                        pa,
+                        cpu_pa,
+                        write,
+                        result,
+                        ..
+                    } => Some((asid, va, pa, cpu_pa, write, result)),
+                    _ => None,
+                })
+                .collect();
+            assert_eq!(traced, [(1, VA, table, None, true, "table_freed")]);
+            // The cached translation is not walked again: no further report.
+            assert_eq!(r.dma(fill(8)).status, DMA_ST_OK);
+            assert!(violations(&mut r).is_empty());
+        }
+        // Every table of the path freed: one report per table read, root first; the event
+        // carries the access's write flag.
+        let (mut r, tables) = checked_rig();
+        for &t in &tables {
+            mark(&r.mem, BITMAP, t, true);
+        }
+        assert_eq!(r.dma(fill(8)).status, DMA_ST_OK);
+        let evs: Vec<_> = r
+            .take_events()
+            .into_iter()
+            .map(|e| (e.reason, e.flags, e.info))
+            .collect();
+        let want: Vec<_> = tables
+            .iter()
+            .map(|&t| (VIOL_TABLE_FREED, EVT_F_WRITE, t))
+            .collect();
+        assert_eq!(evs, want);
+        assert_eq!(r.stat(STAT_VIOLATIONS), 4);
+        assert_eq!(r.dev.s.inject.tables_freed, 4);
+    }
+
+    #[test]
+    fn a_faulting_walk_through_a_freed_table_reports_it_before_the_fault() {
+        use shared_regs::event::{EVT_FAULT, FAULT_NOT_PRESENT, VIOL_TABLE_FREED};
+        let (mut r, tables) = checked_rig();
+        mark(&r.mem, BITMAP, tables[3], true);
+        // The leaf is gone: the walk reads the (freed) level-1 table and faults there.
+        assert!(r.dev_unmap(1, VA));
+        let st = r.submit(job(DMA_FILL, 1, 0, VA, 8, 1));
+        r.run();
+        let evs: Vec<_> = r
+            .take_events()
+            .into_iter()
+            .map(|e| (e.ty, e.reason, e.va))
+            .collect();
+        assert_eq!(
+            evs,
+            [
+                (shared_regs::event::EVT_VIOLATION, VIOL_TABLE_FREED, VA),
+                (EVT_FAULT, FAULT_NOT_PRESENT, VA)
+            ],
+            "the fault the walk would take anyway, after the report"
+        );
+        let st = r.status(st);
+        assert_eq!(
+            (st.status, st.fault_reason),
+            (DMA_ST_FAULT, FAULT_NOT_PRESENT),
+            "the job fails as it would without the check"
+        );
+        assert_eq!(r.stat(STAT_FAULTS), 1);
+    }
+
+    #[test]
+    fn no_report_for_a_clear_bit_an_uncovered_page_or_the_check_off() {
+        use shared_regs::event::VIOL_TABLE_FREED;
+        let leaf_page = |tables: &[u64]| (tables[3] / PG) as u32;
+        // Bits of the other pages set, the walked tables' clear.
+        let (mut r, tables) = checked_rig();
+        r.poke(
+            BITMAP,
+            &vec![0xff; (crate::testkit::RAM_SIZE / PG / 8) as usize],
+        );
+        for &t in &tables {
+            mark(&r.mem, BITMAP, t, false);
+        }
+        assert_eq!(r.dma(fill(8)).status, DMA_ST_OK);
+        assert!(violations(&mut r).is_empty());
+        // The check off (PT_FREED_PAGES = 0) with every bit set.
+        let (mut r, tables) = checked_rig();
+        r.poke(
+            BITMAP,
+            &vec![0xff; (crate::testkit::RAM_SIZE / PG / 8) as usize],
+        );
+        r.set(PT_FREED_PAGES, 0);
+        assert_eq!(r.dma(fill(8)).status, DMA_ST_OK);
+        assert!(violations(&mut r).is_empty());
+        // Only the level-1 table marked, and the bitmap ends right before its page; then right
+        // after it.
+        for (pages, want) in [(leaf_page(&tables), 0), (leaf_page(&tables) + 1, 1)] {
+            let (mut r, tables) = checked_rig();
+            mark(&r.mem, BITMAP, tables[3], true);
+            r.set(PT_FREED_PAGES, pages);
+            assert_eq!(r.dma(fill(8)).status, DMA_ST_OK);
+            let v = violations(&mut r);
+            assert_eq!(v.len(), want, "PT_FREED_PAGES {pages}");
+            assert!(v
+                .iter()
+                .all(|e| e.0 == VIOL_TABLE_FREED && e.3 == tables[3]));
+        }
+        // A bitmap outside guest RAM reads as "nothing freed": no report, no fault.
+        let (mut r, _) = checked_rig();
+        r.set(PT_FREED_BASE_LO, (crate::testkit::RAM_SIZE - 8) as u32);
+        r.set(PT_FREED_PAGES, u32::MAX);
+        assert_eq!(r.dma(fill(8)).status, DMA_ST_OK);
+        r.set(PT_FREED_BASE_HI, u32::MAX);
+        r.set(PT_FREED_BASE_LO, 0xffff_fff8);
+        assert_eq!(r.dma(fill(8)).status, DMA_ST_OK);
+        assert!(violations(&mut r).is_empty());
+        assert_eq!(r.stat(STAT_VIOLATIONS), 0);
+    }
+
+    /// Guest memory where the driver flips a bit of the freed-table bitmap while the walker
+    /// sleeps its `n`th `WALK_LAG` (it lands before any access that follows that sleep): the
+    /// driver's plain memory write racing the walker, no MMIO, no device lock.
+    struct FlipDuringSleep<'a> {
+        mem: &'a VecMem,
+        clock: ManualClock,
+        /// (sleep number, table page, freed).
+        flip: (usize, u64, bool),
+        done: std::cell::Cell<bool>,
+    }
+
+    impl FlipDuringSleep<'_> {
+        fn land(&self) {
+            let (n, table, freed) = self.flip;
+            if !self.done.get() && self.clock.sleeps().len() >= n {
+                self.done.set(true);
+                mark(self.mem, BITMAP, table, freed);
+            }
+        }
+    }
+
+    impl GuestMem for FlipDuringSleep<'_> {
+        fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemError> {
+            self.land();
+            self.mem.read(gpa, buf)
+        }
+
+        fn write(&self, gpa: u64, buf: &[u8]) -> Result<(), MemError> {
+            self.land();
+            self.mem.write(gpa, buf)
+        }
+
+        fn fetch_or_u64(&self, gpa: u64, bits: u64) -> Result<u64, MemError> {
+            self.land();
+            self.mem.fetch_or_u64(gpa, bits)
+        }
+    }
+
+    #[test]
+    fn a_table_freed_mid_walk_is_caught_at_its_read() {
+        use shared_regs::event::{NO_PA, VIOL_TABLE_FREED};
+        // Sleep 4 is the one before the level-1 table read: the level-2 entry pointing at the
+        // table was already read when the driver frees it.
+        let run = |n: usize, initially: bool, freed: bool| {
+            let (mut r, tables) = checked_rig();
+            let clock = ManualClock::new();
+            r.dev.set_clock(clock.clone());
+            r.set(WALK_LAG, 50);
+            mark(&r.mem, BITMAP, tables[3], initially);
+            let st = r.submit(fill(8));
+            let mem = FlipDuringSleep {
+                mem: &r.mem,
+                clock: clock.clone(),
+                flip: (n, tables[3], freed),
+                done: std::cell::Cell::new(false),
+            };
+            while r.dev.process(&mem, 64) {}
+            assert_eq!(
+                mem.done.get(),
+                n <= pte::PT_LEVELS as usize,
+                "the flip landed"
+            );
+            assert_eq!(
+                clock.sleeps(),
+                vec![Duration::from_micros(50); pte::PT_LEVELS as usize]
+            );
+            assert_eq!(r.status(st).status, DMA_ST_OK);
+            (violations(&mut r), tables[3])
+        };
+        // Freed while the walker sleeps before the level-1 read: seen at that read.
+        let (v, table) = run(4, false, true);
+        assert_eq!(v, [(VIOL_TABLE_FREED, 1, VA, table, NO_PA)]);
+        // Freed earlier in the walk (before the level-2 read): still only the level-1 read.
+        let (v, _) = run(3, false, true);
+        assert_eq!(v.len(), 1);
+        // Reallocated (bit cleared) while the walker sleeps before the level-1 read: not
+        // reported, so the bit is not read once at the start of the walk and kept.
+        let (v, _) = run(4, true, false);
+        assert!(v.is_empty(), "{v:?}");
+        // Not cleared during the walk (the flip waits for a fifth sleep, which never comes):
+        // reported.
+        let (v, _) = run(5, true, false);
+        assert_eq!(v.len(), 1);
     }
 }

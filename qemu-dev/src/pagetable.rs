@@ -103,19 +103,21 @@ pub fn walk<M: GuestMem + ?Sized>(
     va: u64,
     write: bool,
 ) -> Result<Translation, WalkFault> {
-    walk_paced(mem, root, va, write, |_| {})
+    walk_paced(mem, root, va, write, |_, _| {})
 }
 
-/// [`walk`], calling `pace(level)` before reading the entry at each level (4 = root table
-/// first). The device's `WALK_LAG` sleeps there: every table is read from guest memory at that
-/// moment, never earlier, so whatever the guest writes to a table before the walker reaches it
-/// is what the walker sees.
+/// [`walk`], calling `pace(level, table)` before reading the entry at each level (4 = root table
+/// first; `table`: the GPA of the table page the entry is about to be read from). The device's
+/// `WALK_LAG` sleeps there, and its table-lifetime check (`PT_FREED_PAGES`) reads the table's
+/// bit there: every table is read from guest memory at that moment, never earlier, so whatever
+/// the guest writes to a table (or to the bitmap) before the walker reaches it is what the
+/// walker sees.
 pub fn walk_paced<M: GuestMem + ?Sized>(
     mem: &M,
     root: u64,
     va: u64,
     write: bool,
-    mut pace: impl FnMut(u32),
+    mut pace: impl FnMut(u32, u64),
 ) -> Result<Translation, WalkFault> {
     if va >= pte::VA_LIMIT {
         return Err(fault(event::FAULT_ADDRESS, pte::PT_LEVELS));
@@ -128,7 +130,7 @@ pub fn walk_paced<M: GuestMem + ?Sized>(
     let mut level = pte::PT_LEVELS;
     loop {
         let gpa = entry_gpa(table, va, level);
-        pace(level);
+        pace(level, table);
         let e = mem
             .read_u64(gpa)
             .map_err(|_| fault(event::FAULT_WALK_ABORT, level))?;
@@ -784,8 +786,10 @@ mod tests {
         b.map_4k(&mem, va, 0x30_0000, true).unwrap();
         let c = Counting::new(&mem);
         let mut seen = vec![];
-        walk_paced(&c, b.root(), va, false, |level| {
+        let mut tables = vec![];
+        walk_paced(&c, b.root(), va, false, |level, table| {
             seen.push((level, c.reads.get()));
+            tables.push(table);
         })
         .unwrap();
         assert_eq!(
@@ -793,11 +797,15 @@ mod tests {
             [(4, 0), (3, 1), (2, 2), (1, 3)],
             "(level, reads so far)"
         );
-        // A walk that stops early paces only the levels it reads.
+        // Each pace names the table page the entry is then read from.
         let p = path(&mem, b.root(), va);
+        assert_eq!(tables[0], b.root());
+        let pages: Vec<u64> = p.iter().map(|&g| g & !(PAGE_SIZE - 1)).collect();
+        assert_eq!(tables, pages);
+        // A walk that stops early paces only the levels it reads.
         mem.write_u64(p[2], 0).unwrap();
         let mut levels = vec![];
-        let r = walk_paced(&mem, b.root(), va, false, |l| levels.push(l));
+        let r = walk_paced(&mem, b.root(), va, false, |l, _| levels.push(l));
         assert_eq!(r, err(FAULT_NOT_PRESENT, 2));
         assert_eq!(levels, [4, 3, 2]);
     }

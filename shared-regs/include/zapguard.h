@@ -31,9 +31,10 @@ extern "C" {
 /*
  * Version of this uAPI, reported in struct zg_info.uapi_version (2: irq_count, probe_sync_ns;
  * 3: contexts, MAP, DMA, SNAPSHOT, STATS, INJECT; 5: struct zg_inject.populate_lag, fault_lag,
- * iotlb_keep).
+ * iotlb_keep; 6: struct zg_stats.violations has a slot for ZG_VIOL_TABLE_FREED, which moves the
+ * fields after it and grows struct zg_stats to 264 bytes, hence a new ZG_IOC_STATS number).
  */
-#define ZG_UAPI_VERSION 5u
+#define ZG_UAPI_VERSION 6u
 
 /*
  * Answer of ZG_IOC_GET_INFO. Fields are filled from the device's registers at probe time
@@ -231,7 +232,7 @@ _Static_assert(offsetof(struct zg_snapshot, out) == 16, "struct zg_snapshot.out:
 #define ZG_STATS_RELEASED 1u
 
 /* Number of validator violation classes (indexes of struct zg_stats.violations are VIOL_*). */
-#define ZG_VIOL_CLASSES 6ull
+#define ZG_VIOL_CLASSES 7ull
 
 /* Answer of ZG_IOC_STATS: counters of this context since it was opened. */
 struct zg_stats {
@@ -274,7 +275,7 @@ struct zg_stats {
 	/* DMA jobs completed. */
 	__u64 dma_jobs;
 	/* Validator violation events for this ASID, indexed by VIOL_* (index 0 unused). */
-	__u64 violations[6];
+	__u64 violations[7];
 	/* The device's global STAT_VIOLATIONS counter (all ASIDs, since reset). */
 	__u64 device_violations;
 	/* Device page-table pages this context holds. */
@@ -301,7 +302,7 @@ struct zg_stats {
 	/* Zero. */
 	__u64 reserved[2];
 };
-_Static_assert(sizeof(struct zg_stats) == 256, "struct zg_stats: size as in shared-regs");
+_Static_assert(sizeof(struct zg_stats) == 264, "struct zg_stats: size as in shared-regs");
 _Static_assert(offsetof(struct zg_stats, asid) == 0, "struct zg_stats.asid: offset");
 _Static_assert(offsetof(struct zg_stats, flags) == 4, "struct zg_stats.flags: offset");
 _Static_assert(offsetof(struct zg_stats, invalidations) == 8, "struct zg_stats.invalidations: offset");
@@ -322,13 +323,13 @@ _Static_assert(offsetof(struct zg_stats, faults_resolved) == 120, "struct zg_sta
 _Static_assert(offsetof(struct zg_stats, faults_aborted) == 128, "struct zg_stats.faults_aborted: offset");
 _Static_assert(offsetof(struct zg_stats, dma_jobs) == 136, "struct zg_stats.dma_jobs: offset");
 _Static_assert(offsetof(struct zg_stats, violations) == 144, "struct zg_stats.violations: offset");
-_Static_assert(offsetof(struct zg_stats, device_violations) == 192, "struct zg_stats.device_violations: offset");
-_Static_assert(offsetof(struct zg_stats, pt_pages) == 200, "struct zg_stats.pt_pages: offset");
-_Static_assert(offsetof(struct zg_stats, fault_pages) == 208, "struct zg_stats.fault_pages: offset");
-_Static_assert(offsetof(struct zg_stats, pages_write_protected) == 216, "struct zg_stats.pages_write_protected: offset");
-_Static_assert(offsetof(struct zg_stats, aging_young) == 224, "struct zg_stats.aging_young: offset");
-_Static_assert(offsetof(struct zg_stats, aging_cleared) == 232, "struct zg_stats.aging_cleared: offset");
-_Static_assert(offsetof(struct zg_stats, reserved) == 240, "struct zg_stats.reserved: offset");
+_Static_assert(offsetof(struct zg_stats, device_violations) == 200, "struct zg_stats.device_violations: offset");
+_Static_assert(offsetof(struct zg_stats, pt_pages) == 208, "struct zg_stats.pt_pages: offset");
+_Static_assert(offsetof(struct zg_stats, fault_pages) == 216, "struct zg_stats.fault_pages: offset");
+_Static_assert(offsetof(struct zg_stats, pages_write_protected) == 224, "struct zg_stats.pages_write_protected: offset");
+_Static_assert(offsetof(struct zg_stats, aging_young) == 232, "struct zg_stats.aging_young: offset");
+_Static_assert(offsetof(struct zg_stats, aging_cleared) == 240, "struct zg_stats.aging_cleared: offset");
+_Static_assert(offsetof(struct zg_stats, reserved) == 248, "struct zg_stats.reserved: offset");
 
 /*
  * struct zg_inject.modes: the invalidation callback only bumps the sequence (no PTE clear, no
@@ -455,7 +456,7 @@ _Static_assert(offsetof(struct zg_inject, iotlb_keep) == 28, "struct zg_inject.i
 #define ZG_IOC_SNAPSHOT 0x40187a03u
 
 /* _IOR('z', 0x04, struct zg_stats). */
-#define ZG_IOC_STATS 0x81007a04u
+#define ZG_IOC_STATS 0x81087a04u
 
 /* _IOW('z', 0x05, struct zg_inject). */
 #define ZG_IOC_INJECT 0x40207a05u
@@ -526,6 +527,15 @@ _Static_assert(ZG_IOC_INJECT == _IOW('z', 0x05, struct zg_inject), "ZG_IOC_INJEC
 #define ZG_VIOL_RELEASED 4u
 /* Violation: use of a translation after the SYNC covering its invalidation completed. */
 #define ZG_VIOL_LEDGER 5u
+/*
+ * Violation (ABI 1.4, with the table-lifetime check on, see
+ * PT_FREED_PAGES): the page walker read an entry from a device page-table
+ * page the driver marked freed in the bitmap. The driver freed a table before the SYNC covering
+ * its detachment completed (or never detached it). va is the access's VA, info the freed
+ * table's GPA (page aligned), info2 NO_PA. Reported once per table read, before the
+ * access; the walk goes on as if the check were off.
+ */
+#define ZG_VIOL_TABLE_FREED 6u
 
 /* Device constants from regs.rs. */
 /* Failure mode: none, the device works. */

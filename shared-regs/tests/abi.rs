@@ -185,7 +185,10 @@ fn register_names_and_stats() {
     assert_eq!(regs::name(regs::RESET), Some("RESET"));
     assert_eq!(regs::name(regs::FAULT_LAG), Some("FAULT_LAG"));
     assert_eq!(regs::name(regs::IOTLB_KEEP), Some("IOTLB_KEEP"));
-    assert_eq!(regs::name(regs::IOTLB_KEEP + 4), None);
+    assert_eq!(regs::name(regs::PT_FREED_BASE_LO), Some("PT_FREED_BASE_LO"));
+    assert_eq!(regs::name(regs::PT_FREED_BASE_HI), Some("PT_FREED_BASE_HI"));
+    assert_eq!(regs::name(regs::PT_FREED_PAGES), Some("PT_FREED_PAGES"));
+    assert_eq!(regs::name(regs::PT_FREED_PAGES + 4), None);
     assert_eq!(
         regs::name(regs::stat_lo(regs::STAT_IOTLB_NOT_CACHED)),
         Some("STAT_LO")
@@ -211,6 +214,9 @@ fn registers_do_not_overlap() {
         (regs::RESET, 0x0ac),
         (regs::FAULT_LAG, 0x0b0),
         (regs::IOTLB_KEEP, 0x0b4),
+        (regs::PT_FREED_BASE_LO, 0x0b8),
+        (regs::PT_FREED_BASE_HI, 0x0bc),
+        (regs::PT_FREED_PAGES, 0x0c0),
     ] {
         assert_eq!(o, want);
         assert!(named.contains(&o));
@@ -255,5 +261,31 @@ fn fnv_known_values() {
     assert_eq!(
         dma::fnv1a64(dma::fnv1a64(dma::FNV_OFFSET, b"hello "), b"world"),
         whole
+    );
+}
+
+#[test]
+fn every_violation_class_has_a_name_and_a_stats_slot() {
+    use shared_regs::uapi::ZG_VIOL_CLASSES;
+    assert_eq!(event::violation_name(0), "unknown", "index 0 is unused");
+    let names: Vec<&str> = (1..ZG_VIOL_CLASSES as u16)
+        .map(event::violation_name)
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "stale",
+            "write_perm",
+            "write_clean",
+            "released",
+            "ledger",
+            "table_freed"
+        ]
+    );
+    assert_eq!(event::VIOL_TABLE_FREED, 6);
+    assert_eq!(
+        event::violation_name(ZG_VIOL_CLASSES as u16),
+        "unknown",
+        "ZG_VIOL_CLASSES covers every class"
     );
 }

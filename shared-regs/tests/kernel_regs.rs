@@ -273,6 +273,24 @@ const REGS: &[Reg] = &[
             "New translations are used uncached instead of evicting.",
         )],
     ),
+    r(
+        "PT_FREED_BASE_LO",
+        PT_FREED_BASE_LO,
+        "Test knob: freed-table bitmap address, bits 31:0 (8-byte aligned).",
+        WHOLE,
+    ),
+    r(
+        "PT_FREED_BASE_HI",
+        PT_FREED_BASE_HI,
+        "Test knob: freed-table bitmap address, bits 63:32.",
+        WHOLE,
+    ),
+    r(
+        "PT_FREED_PAGES",
+        PT_FREED_PAGES,
+        "Test knob: guest pages the freed-table bitmap covers (0: check off).",
+        WHOLE,
+    ),
 ];
 
 /// `hi:lo` of a contiguous mask.

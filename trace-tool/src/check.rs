@@ -264,4 +264,23 @@ mod tests {
         assert!(clean.findings.is_empty(), "{:?}", clean.findings);
         assert!(check(&[]).findings.is_empty());
     }
+
+    #[test]
+    fn every_device_violation_class_is_a_finding() {
+        // The classes the device reports (shared-regs' `violation_name`), table_freed (ABI 1.4,
+        // a walk through a page-table page the driver marked freed) included.
+        for class in [
+            "stale",
+            "write_perm",
+            "write_clean",
+            "released",
+            "ledger",
+            "table_freed",
+        ] {
+            let c = check(&[json!({"kind": "violation", "asid": 1, "va": 4096,
+                "pa": 0x20_3000, "write": true, "result": class})]);
+            assert_eq!(c.device_violations, 1, "{class}");
+            assert_eq!(c.findings.len(), 1, "{class}");
+        }
+    }
 }

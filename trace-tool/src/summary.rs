@@ -388,6 +388,22 @@ mod tests {
     }
 
     #[test]
+    fn table_freed_violations_are_counted_by_class() {
+        let s = summarize(&[
+            json!({"t_ns": 1, "kind": "violation", "asid": 2, "va": 4096, "pa": 0x20_3000,
+                "write": true, "result": "table_freed", "why": "x"}),
+            json!({"t_ns": 2, "kind": "violation", "asid": 2, "va": 4096, "pa": 0x20_4000,
+                "write": true, "result": "table_freed", "why": "x"}),
+            json!({"t_ns": 3, "kind": "violation", "asid": 2, "result": "stale"}),
+        ]);
+        let a = &s.asids[&2];
+        assert_eq!(a.violations["table_freed"], 2);
+        assert_eq!(a.violations["stale"], 1);
+        assert_eq!(s.violations(), 3);
+        assert!(s.to_string().contains("table_freed 2"), "{s}");
+    }
+
+    #[test]
     fn empty_trace_summarises_to_zero() {
         let s = summarize(&[]);
         assert_eq!((s.events, s.syncs, s.violations()), (0, 0, 0));

@@ -9,7 +9,7 @@
 //! | 0 | 31:16 | reason (`FAULT_*` or `VIOL_*`) |
 //! | 0 | 63:32 | ASID |
 //! | 1 | | VA |
-//! | 2 | | `info`: fault: stall tag (0 if not stalled); violation: device PA used |
+//! | 2 | | `info`: fault: stall tag (0 if not stalled); violation: device PA used ([`VIOL_TABLE_FREED`]: GPA of the freed table) |
 //! | 3 | | `info2`: fault: job id; violation: CPU PA ([`NO_PA`] if the CPU maps nothing) |
 //!
 //! When the queue is full the device drops the event, counts it in `STAT_EVENTS_DROPPED`, sets
@@ -53,6 +53,13 @@ pub const VIOL_WRITE_CLEAN: u16 = 3;
 pub const VIOL_RELEASED: u16 = 4;
 /// Violation: use of a translation after the SYNC covering its invalidation completed.
 pub const VIOL_LEDGER: u16 = 5;
+/// Violation (ABI 1.4, with the table-lifetime check on, see
+/// [`super::regs::PT_FREED_PAGES`]): the page walker read an entry from a device page-table
+/// page the driver marked freed in the bitmap. The driver freed a table before the SYNC covering
+/// its detachment completed (or never detached it). `va` is the access's VA, `info` the freed
+/// table's GPA (page aligned), `info2` [`NO_PA`]. Reported once per table read, before the
+/// access; the walk goes on as if the check were off.
+pub const VIOL_TABLE_FREED: u16 = 6;
 
 /// `info2` of a violation when the CPU maps nothing at the VA.
 pub const NO_PA: u64 = u64::MAX;
@@ -127,6 +134,7 @@ pub const fn violation_name(reason: u16) -> &'static str {
         VIOL_WRITE_CLEAN => "write_clean",
         VIOL_RELEASED => "released",
         VIOL_LEDGER => "ledger",
+        VIOL_TABLE_FREED => "table_freed",
         _ => "unknown",
     }
 }

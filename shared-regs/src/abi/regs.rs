@@ -44,6 +44,9 @@
 //! | 0x0ac | [`RESET`] | WO | 0 | (1.3) writing [`RESET_KEY`] resets the device as a function-level reset does; reads 0 |
 //! | 0x0b0 | [`FAULT_LAG`] | RW | 0 | test knob (1.4): microseconds the device waits between finding a DMA job's translation fault and reporting it (at most [`FAULT_LAG_MAX`]) |
 //! | 0x0b4 | [`IOTLB_KEEP`] | RW | 0 | test knob (1.4): [`IOTLB_KEEP_EN`] in bit 0: a full IOTLB evicts nothing, new translations are used without being cached; bits 31:1 reserved |
+//! | 0x0b8 | [`PT_FREED_BASE_LO`] | RW | 0 | test knob (1.4): freed-table bitmap GPA bits 31:0 (8-byte aligned; a misaligned write is refused with [`ERR_CONFIG`]) |
+//! | 0x0bc | [`PT_FREED_BASE_HI`] | RW | 0 | test knob (1.4): freed-table bitmap GPA bits 63:32 |
+//! | 0x0c0 | [`PT_FREED_PAGES`] | RW | 0 | test knob (1.4): guest pages the bitmap covers; 0 = table-lifetime check off |
 //! | 0x100 + 8·i | [`stat_lo`]`(i)` | RO | 0 | statistic `STAT_*` i, bits 31:0 |
 //! | 0x104 + 8·i | [`stat_hi`]`(i)` | RO | 0 | statistic i, bits 63:32 (read HI, LO, HI again for a consistent value) |
 //!
@@ -70,7 +73,22 @@
 //! [`FAIL_NONE`] disarms). A value with an unknown mode or reserved bits set is refused: nothing
 //! is stored, [`ERR_CONFIG`] is raised with [`ERROR_INFO`] = [`FAIL_INJECT`]. A device reset
 //! disarms every mode, ends a hang and zeroes [`FAIL_ARG`], [`WALK_LAG`] and the 1.4 knobs
-//! [`FAULT_LAG`] and [`IOTLB_KEEP`].
+//! [`FAULT_LAG`], [`IOTLB_KEEP`], [`PT_FREED_BASE_LO`], [`PT_FREED_BASE_HI`] and
+//! [`PT_FREED_PAGES`].
+//!
+//! **Table lifetime (1.4).** [`PT_FREED_BASE_LO`]/[`PT_FREED_BASE_HI`] and [`PT_FREED_PAGES`]
+//! name a bitmap in guest memory, one bit per 4 KiB guest page: bit `i` (byte `i / 8`, bit
+//! `i % 8`, least significant first) stands for the page at GPA `i * 4096`. The driver sets a
+//! page's bit when it frees a device page-table page and clears it when it allocates one, with
+//! plain memory writes. While [`PT_FREED_PAGES`] is not 0 the page walker, before it reads an
+//! entry from a table (every level, the root named by the context entry included), reads that
+//! table's bit (one byte read, after the [`WALK_LAG`] wait, so a bit set mid-walk is seen at the
+//! next table read); a set bit is reported as a
+//! [`super::event::VIOL_TABLE_FREED`] violation, a table at or beyond page `PT_FREED_PAGES` is
+//! not checked, and a bitmap byte outside guest RAM reads as "not freed". A driver that frees a
+//! table before the SYNC covering its detachment completes is then caught at the walk that reads
+//! it, whether or not the page was reused yet. The registers are not latched: the walker uses
+//! their current values, so program the base before [`PT_FREED_PAGES`].
 //!
 //! **Reserved bits.** Reserved bits of a register that has them read as 0 and are ignored when
 //! written (as in [`CR0`], [`IRQ_CTRL`], [`IOTLB_KEEP`]); [`FAIL_INJECT`] alone refuses a value
@@ -165,6 +183,28 @@ pub const IOTLB_KEEP: u32 = 0x0b4;
 pub const IOTLB_KEEP_EN: u32 = 1 << 0;
 /// The defined bits of [`IOTLB_KEEP`].
 pub const IOTLB_KEEP_MASK: u32 = IOTLB_KEEP_EN;
+/// Freed-table bitmap base (ABI 1.4), a test knob: bits 31:0 of the guest-physical address of
+/// the bitmap of the table-lifetime check (see the module documentation, "Table lifetime").
+/// The base must be [`PT_FREED_BASE_ALIGN`]-aligned: a write with bits 2:0 set is refused like
+/// a misaligned base at a unit's enable: nothing is stored (the register keeps its value) and
+/// [`ERR_CONFIG`] is raised with [`ERROR_INFO`] = [`PT_FREED_BASE_LO`]. Unlike the queue bases,
+/// it may be written at any time (there is no unit to enable; the walker reads it live).
+pub const PT_FREED_BASE_LO: u32 = 0x0b8;
+/// Freed-table bitmap base (ABI 1.4), bits 63:32.
+pub const PT_FREED_BASE_HI: u32 = 0x0bc;
+/// Freed-table pages (ABI 1.4), a test knob: how many 4 KiB guest pages, from GPA 0, the bitmap
+/// at [`PT_FREED_BASE_LO`] covers (its size is `PT_FREED_PAGES / 8` bytes, rounded up). 0 turns
+/// the table-lifetime check off. Tables at or above `PT_FREED_PAGES * 4096` are not checked.
+///
+/// With the check on, a walk that reads an entry from a table page whose bit is set reports one
+/// [`super::event::VIOL_TABLE_FREED`] violation per such read, for the access's ASID and VA,
+/// with the freed table's GPA in the place of the device PA (event `info`, trace `pa`). The walk
+/// then goes on with what the page holds, as if the check were off (a page freed too early
+/// still holds its entries until it is reused): the access's outcome (translation, fault) is
+/// the same with the check on or off, only the violation is added.
+pub const PT_FREED_PAGES: u32 = 0x0c0;
+/// Required alignment of [`PT_FREED_BASE_LO`]/[`PT_FREED_BASE_HI`].
+pub const PT_FREED_BASE_ALIGN: u64 = 8;
 /// Context table base, low half.
 pub const CTX_BASE_LO: u32 = 0x030;
 /// Context table base, high half.
@@ -312,7 +352,8 @@ pub const ERR_CMDQ: u32 = 1 << 1;
 /// events are dropped silently and only counted in [`STAT_EVENTS_DROPPED`].)
 pub const ERR_EVTQ_OVERFLOW: u32 = 1 << 2;
 /// Error: a unit was enabled with a bad configuration, or reconfigured while enabled, or
-/// [`FAIL_INJECT`] was written with a value it does not know.
+/// [`FAIL_INJECT`] was written with a value it does not know, or [`PT_FREED_BASE_LO`] with a
+/// misaligned address.
 pub const ERR_CONFIG: u32 = 1 << 3;
 /// Error: an event could not be written (event ring outside guest RAM).
 pub const ERR_EVTQ_ABORT: u32 = 1 << 4;
@@ -408,6 +449,9 @@ pub const fn name(offset: u32) -> Option<&'static str> {
         RESET => "RESET",
         FAULT_LAG => "FAULT_LAG",
         IOTLB_KEEP => "IOTLB_KEEP",
+        PT_FREED_BASE_LO => "PT_FREED_BASE_LO",
+        PT_FREED_BASE_HI => "PT_FREED_BASE_HI",
+        PT_FREED_PAGES => "PT_FREED_PAGES",
         o if o >= STATS_BASE && o < STATS_BASE + 8 * STAT_COUNT => {
             if o % 8 == 0 {
                 "STAT_LO"

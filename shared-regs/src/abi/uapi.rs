@@ -50,8 +50,9 @@ pub const fn ioc_size(cmd: u32) -> usize {
 
 /// Version of this uAPI, reported in [`ZgInfo::uapi_version`] (2: `irq_count`, `probe_sync_ns`;
 /// 3: contexts, MAP, DMA, SNAPSHOT, STATS, INJECT; 5: `ZgInject::populate_lag`, `fault_lag`,
-/// `iotlb_keep`).
-pub const UAPI_VERSION: u32 = 5;
+/// `iotlb_keep`; 6: [`ZgStats::violations`] has a slot for `VIOL_TABLE_FREED`, which moves the
+/// fields after it and grows [`ZgStats`] to 264 bytes, hence a new [`ZG_IOC_STATS`] number).
+pub const UAPI_VERSION: u32 = 6;
 
 /// Answer of [`ZG_IOC_GET_INFO`]. Fields are filled from the device's registers at probe time
 /// and from the PCI core; `reserved` is zero and keeps the size stable as fields are added.
@@ -214,7 +215,7 @@ pub struct ZgSnapshot {
 /// [`ZgStats::flags`]: the context's address space has been torn down.
 pub const ZG_STATS_RELEASED: u32 = 1 << 0;
 /// Number of validator violation classes (indexes of [`ZgStats::violations`] are `VIOL_*`).
-pub const ZG_VIOL_CLASSES: usize = 6;
+pub const ZG_VIOL_CLASSES: usize = 7;
 
 /// Answer of [`ZG_IOC_STATS`]: counters of this context since it was opened.
 #[repr(C)]
@@ -403,5 +404,7 @@ pub const ZG_IOC_INJECT: u32 = ioc(
 const _: () = assert!(core::mem::size_of::<ZgMap>() == 40);
 const _: () = assert!(core::mem::size_of::<ZgDma>() == 80);
 const _: () = assert!(core::mem::size_of::<ZgSnapshot>() == 24);
-const _: () = assert!(core::mem::size_of::<ZgStats>() == 256);
+const _: () = assert!(core::mem::size_of::<ZgStats>() == 264);
+// Every `VIOL_*` class has its slot in [`ZgStats::violations`].
+const _: () = assert!(ZG_VIOL_CLASSES == super::event::VIOL_TABLE_FREED as usize + 1);
 const _: () = assert!(core::mem::size_of::<ZgInject>() == 32);
