@@ -382,6 +382,23 @@ impl Shared {
         }
     }
 
+    /// Points the device's table-lifetime check at the pool's freed-table bitmap (test builds,
+    /// ABI 1.4): a walk through a page the driver has freed is then a `table_freed` violation.
+    pub(crate) fn enable_table_lifetime_check(&self) {
+        let Some((base, pages)) = self.hw.pool.freed_bitmap_location() else {
+            return;
+        };
+        let Some(bar) = self.bar.try_access() else {
+            return;
+        };
+        if bar.read(regs::VERSION).minor().get() < 4 {
+            return;
+        }
+        bar.write_reg(regs::PT_FREED_BASE_LO::zeroed().with_value(base as u32));
+        bar.write_reg(regs::PT_FREED_BASE_HI::zeroed().with_value((base >> 32) as u32));
+        bar.write_reg(regs::PT_FREED_PAGES::zeroed().with_value(pages));
+    }
+
     /// Puts the test knobs back to their baseline (when the context that set them closes): off,
     /// or what the `fault_lag_us` and `iotlb_keep` module parameters ask for.
     pub(crate) fn reset_knobs(&self) {

@@ -622,6 +622,7 @@ impl ZapguardDriver {
         }
         // The test knobs the module parameters ask for (test builds only).
         shared.reset_knobs();
+        shared.enable_table_lifetime_check();
         let start = kernel::time::Instant::<kernel::time::Monotonic>::now();
         // INV_ALL: nothing a previous driver instance left in the IOTLB survives.
         let inv_all = crate::abi::cmd::Command::new(crate::abi::cmd::CMD_INV_ALL, 0, 0, 0, 0);

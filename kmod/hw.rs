@@ -219,9 +219,14 @@ pub(crate) struct PtRef(u32);
 /// - Every page index `< total()` is either in `free` or owned by exactly one [`PtPage`] value
 ///   or one present table entry.
 /// - Pages in `free` are not referenced by any device PTE the device can reach.
+/// - With a `freed` bitmap, a pool page's bit is set exactly while it is in `free` (both change
+///   under the `free` lock), so the device's table-lifetime check flags any walk through it.
 #[pin_data]
 pub(crate) struct PtPool {
     chunks: KVec<Coherent<[u64]>>,
+    /// Test builds: one bit per guest page up to the pool's highest page, set for the pool's
+    /// free pages; the device reads it at every table read (`PT_FREED_*`, ABI 1.4).
+    freed: Option<Coherent<[u64]>>,
     /// Present entries per page, kept by [`Self::write`], so that an emptied table is found
     /// without reading its 512 entries (uncached memory, slow). A page's count changes only
     /// under its owner's lock, like its entries.
@@ -245,11 +250,62 @@ impl PtPool {
                 present.push(AtomicU16::new(0), GFP_KERNEL)?;
             }
         }
+        let freed = Self::freed_bitmap(dev, &chunks)?;
         Ok(try_pin_init!(Self {
             chunks,
             present,
+            freed,
             free <- new_spinlock!(free, "zapguard_pt_pool"),
         }))
+    }
+
+    /// The freed-table bitmap for the device's table-lifetime check, every pool page marked
+    /// free: only in test builds, and only if it stays small (the pool below 32 GiB).
+    fn freed_bitmap(
+        dev: &Device<Bound>,
+        chunks: &[Coherent<[u64]>],
+    ) -> Result<Option<Coherent<[u64]>>> {
+        const MAX_WORDS: u64 = 1 << 17;
+        let end = chunks
+            .iter()
+            .map(|c| c.dma_address() + c.size() as u64)
+            .max()
+            .unwrap_or(0);
+        let words = (end / pte::PAGE_SIZE).div_ceil(64);
+        if !cfg!(zapguard_inject) || words == 0 || words > MAX_WORDS {
+            return Ok(None);
+        }
+        let map = Coherent::zeroed_slice(dev, words as usize, GFP_KERNEL)?;
+        for c in chunks {
+            let first = c.dma_address() / pte::PAGE_SIZE;
+            for p in first..first + (c.size() as u64 / pte::PAGE_SIZE) {
+                Self::mark(&map, p, true)?;
+            }
+        }
+        Ok(Some(map))
+    }
+
+    /// Sets or clears guest page `pfn`'s bit in `map` (callers serialize: probe, or the `free`
+    /// lock).
+    fn mark(map: &Coherent<[u64]>, pfn: u64, freed: bool) -> Result {
+        let (w, bit) = ((pfn / 64) as usize, 1u64 << (pfn % 64));
+        let old = rd(map, w)?;
+        wr(map, w, if freed { old | bit } else { old & !bit })
+    }
+
+    /// Marks `page` free or in use in the freed-table bitmap, if there is one.
+    fn mark_page(&self, page: PtRef, freed: bool) -> Result {
+        match &self.freed {
+            Some(map) => Self::mark(map, self.addr(page)? / pte::PAGE_SIZE, freed),
+            None => Ok(()),
+        }
+    }
+
+    /// Where the freed-table bitmap is and how many guest pages it covers (`None` without one).
+    pub(crate) fn freed_bitmap_location(&self) -> Option<(u64, u32)> {
+        let map = self.freed.as_ref()?;
+        let pages = u32::try_from(map.size() as u64 * 8).ok()?;
+        Some((map.dma_address(), pages))
     }
 
     fn locate(&self, page: PtRef, idx: usize) -> Result<(&Coherent<[u64]>, usize)> {
@@ -342,10 +398,18 @@ impl PtPool {
 
     /// Takes a zeroed page, or `None` when the pool is exhausted. Never sleeps.
     pub(crate) fn alloc(&self) -> Result<Option<PtPage>> {
-        let Some(page) = self.free.lock().pop() else {
-            return Ok(None);
+        let page = {
+            let mut free = self.free.lock();
+            let Some(page) = free.pop() else {
+                return Ok(None);
+            };
+            let page = PtPage(page);
+            if let Err(e) = self.mark_page(page.id(), false) {
+                let _ = free.push_within_capacity(page.0);
+                return Err(e);
+            }
+            page
         };
-        let page = PtPage(page);
         for i in 0..PAGE_WORDS {
             let (c, w) = self.locate(page.id(), i)?;
             wr(c, w, 0)?;
@@ -370,8 +434,11 @@ impl PtPool {
     /// was cleared and a SYNC covering that completed, or the context is disabled, or the device
     /// is fenced).
     pub(crate) fn free(&self, page: PtPage) {
+        let mut free = self.free.lock();
+        // Marked before it can be taken again; a page the pool cannot name is not ours.
+        let _ = self.mark_page(page.id(), true);
         // Cannot fail: the vector was allocated with room for every page.
-        let _ = self.free.lock().push_within_capacity(page.0);
+        let _ = free.push_within_capacity(page.0);
     }
 }
 
