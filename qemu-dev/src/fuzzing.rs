@@ -106,8 +106,8 @@ const _: () = assert!(CPU_PT + PT_SLOTS * PT_SLOT <= FRAMES_HI);
 const _: () = assert!(DEV_PT + PT_SLOTS * PT_SLOT <= FRAMES_LO);
 const _: () = assert!(FRAMES_HI + 0x10_0000 <= MEM_SIZE as u64);
 
-/// Every defined register (statistics apart).
-const REGISTERS: [u32; 36] = [
+/// The units' registers.
+const UNIT_REGISTERS: [u32; 28] = [
     IDENT,
     VERSION,
     CAPS,
@@ -136,15 +136,22 @@ const REGISTERS: [u32; 36] = [
     DMAQ_LOG2SIZE,
     DMAQ_PROD,
     DMAQ_CONS,
-    FAIL_INJECT,
-    FAIL_ARG,
-    WALK_LAG,
-    FAULT_LAG,
-    IOTLB_KEEP,
-    PT_FREED_BASE_LO,
-    PT_FREED_BASE_HI,
-    PT_FREED_PAGES,
 ];
+
+/// Every defined register (statistics apart): the units' and the test knobs.
+const REGISTERS: [u32; 36] = {
+    let mut all = [0; 36];
+    let mut i = 0;
+    while i < all.len() {
+        all[i] = if i < UNIT_REGISTERS.len() {
+            UNIT_REGISTERS[i]
+        } else {
+            RESET_KNOBS[i - UNIT_REGISTERS.len()]
+        };
+        i += 1;
+    }
+    all
+};
 
 /// Interrupt vectors the device has.
 const IRQ_VECTORS_MASK: u32 = (1 << MSIX_VECTORS) - 1;

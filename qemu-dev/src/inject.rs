@@ -781,16 +781,7 @@ mod tests {
         r.run();
         assert!(r.dev.s.inject.hung && r.dev.s.pending_sync.is_some());
         r.dev.reset();
-        for reg in [
-            FAIL_INJECT,
-            FAIL_ARG,
-            WALK_LAG,
-            FAULT_LAG,
-            IOTLB_KEEP,
-            PT_FREED_BASE_LO,
-            PT_FREED_BASE_HI,
-            PT_FREED_PAGES,
-        ] {
+        for reg in RESET_KNOBS {
             assert_eq!(r.reg(reg), 0, "{:?}", name(reg));
         }
         assert!(!r.dev.s.iotlb.keep(), "the IOTLB evicts again");

@@ -406,6 +406,18 @@ pub const WALK_LAG_MAX: u32 = 100_000;
 /// per fault is long enough to widen any race and short enough not to look like a hang).
 pub const FAULT_LAG_MAX: u32 = 100_000;
 
+/// The test-knob registers a device reset ([`RESET`], or a function-level reset) zeroes.
+pub const RESET_KNOBS: [u32; 8] = [
+    FAIL_INJECT,
+    FAIL_ARG,
+    WALK_LAG,
+    FAULT_LAG,
+    IOTLB_KEEP,
+    PT_FREED_BASE_LO,
+    PT_FREED_BASE_HI,
+    PT_FREED_PAGES,
+];
+
 /// Required alignment of queue bases.
 pub const QUEUE_BASE_ALIGN: u64 = 64;
 /// Required alignment of the context table base.
