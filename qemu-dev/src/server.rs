@@ -20,7 +20,7 @@ use std::fs::File;
 use std::io::{self, Write};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixListener;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -114,12 +114,31 @@ pub struct Shared<E: Events> {
     wake: Condvar,
     stop: AtomicBool,
     on_die: Mutex<Option<DieHook>>,
+    /// Register accesses waiting for the device lock: the worker lets them in between two
+    /// slices (a lock is not fair, and a slice slowed by `WALK_LAG` must not starve the guest's
+    /// MMIO past QEMU's reply timeout).
+    waiting: AtomicUsize,
 }
 
 impl<E: Events> Shared<E> {
     /// Locks the device. A panic elsewhere must not wedge the device: its state is plain data.
     pub fn device(&self) -> MutexGuard<'_, ZapguardDevice<E>> {
+        self.waiting.fetch_add(1, Ordering::AcqRel);
+        let guard = self.worker_device();
+        self.waiting.fetch_sub(1, Ordering::AcqRel);
+        guard
+    }
+
+    /// Locks the device for the worker, which yields to waiting register accesses instead.
+    fn worker_device(&self) -> MutexGuard<'_, ZapguardDevice<E>> {
         self.device.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Lets register accesses that wait for the device lock take it first.
+    fn yield_to_waiting(&self) {
+        while self.waiting.load(Ordering::Acquire) > 0 && !self.stop.load(Ordering::Acquire) {
+            std::thread::yield_now();
+        }
     }
 
     /// Reads guest memory's region table.
@@ -162,8 +181,9 @@ pub fn spawn_worker<E: Events + Send + 'static>(
     std::thread::Builder::new()
         .name("zapguard-worker".into())
         .spawn(move || loop {
+            shared.yield_to_waiting();
             let (irqs, died) = {
-                let mut dev = shared.device();
+                let mut dev = shared.worker_device();
                 while !dev.has_work() && !shared.stop.load(Ordering::Acquire) {
                     // Work comes with a notification from the register write that created it,
                     // or at the device's next deadline; the idle timeout only bounds how late a
@@ -226,6 +246,7 @@ impl<E: Events + Send + 'static> ZapguardBackend<E> {
             memory: RwLock::new(GuestMemory::new()),
             wake: Condvar::new(),
             stop: AtomicBool::new(false),
+            waiting: AtomicUsize::new(0),
             on_die: Mutex::new(None),
         });
         let msix = EventFdTable::new(usize::from(MSIX_VECTORS));
