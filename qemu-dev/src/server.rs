@@ -20,10 +20,10 @@ use std::fs::File;
 use std::io::{self, Write};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixListener;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use shared_regs::pci::{BAR0, BAR0_SIZE, MSIX_VECTORS};
 use thiserror::Error;
@@ -114,18 +114,30 @@ pub struct Shared<E: Events> {
     wake: Condvar,
     stop: AtomicBool,
     on_die: Mutex<Option<DieHook>>,
-    /// Register accesses waiting for the device lock: the worker lets them in between two
-    /// slices (a lock is not fair, and a slice slowed by `WALK_LAG` must not starve the guest's
-    /// MMIO past QEMU's reply timeout).
+    /// Register accesses waiting for the device lock, and since when (nanoseconds after
+    /// `epoch`, 0 = none): the worker lets them in between two slices once they waited
+    /// [`STARVED`] (a lock is not fair, and back-to-back slices slowed by `WALK_LAG` must not
+    /// starve the guest's MMIO past QEMU's reply timeout; shorter waits keep the worker's
+    /// pacing, which the race tests rely on).
     waiting: AtomicUsize,
+    waiting_since: AtomicU64,
+    epoch: Instant,
 }
+
+/// How long a register access may wait for the device lock before the worker steps aside.
+const STARVED: Duration = Duration::from_millis(50);
 
 impl<E: Events> Shared<E> {
     /// Locks the device. A panic elsewhere must not wedge the device: its state is plain data.
     pub fn device(&self) -> MutexGuard<'_, ZapguardDevice<E>> {
-        self.waiting.fetch_add(1, Ordering::AcqRel);
+        if self.waiting.fetch_add(1, Ordering::AcqRel) == 0 {
+            let now = self.epoch.elapsed().as_nanos().max(1) as u64;
+            self.waiting_since.store(now, Ordering::Release);
+        }
         let guard = self.worker_device();
-        self.waiting.fetch_sub(1, Ordering::AcqRel);
+        if self.waiting.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.waiting_since.store(0, Ordering::Release);
+        }
         guard
     }
 
@@ -134,9 +146,16 @@ impl<E: Events> Shared<E> {
         self.device.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Lets register accesses that wait for the device lock take it first.
-    fn yield_to_waiting(&self) {
-        while self.waiting.load(Ordering::Acquire) > 0 && !self.stop.load(Ordering::Acquire) {
+    /// Lets register accesses that waited [`STARVED`] for the device lock take it first.
+    fn yield_to_starved(&self) {
+        let starved = || {
+            let since = self.waiting_since.load(Ordering::Acquire);
+            let now = self.epoch.elapsed().as_nanos() as u64;
+            self.waiting.load(Ordering::Acquire) > 0
+                && since != 0
+                && now.saturating_sub(since) > STARVED.as_nanos() as u64
+        };
+        while starved() && !self.stop.load(Ordering::Acquire) {
             std::thread::yield_now();
         }
     }
@@ -181,7 +200,7 @@ pub fn spawn_worker<E: Events + Send + 'static>(
     std::thread::Builder::new()
         .name("zapguard-worker".into())
         .spawn(move || loop {
-            shared.yield_to_waiting();
+            shared.yield_to_starved();
             let (irqs, died) = {
                 let mut dev = shared.worker_device();
                 while !dev.has_work() && !shared.stop.load(Ordering::Acquire) {
@@ -247,6 +266,8 @@ impl<E: Events + Send + 'static> ZapguardBackend<E> {
             wake: Condvar::new(),
             stop: AtomicBool::new(false),
             waiting: AtomicUsize::new(0),
+            waiting_since: AtomicU64::new(0),
+            epoch: Instant::now(),
             on_die: Mutex::new(None),
         });
         let msix = EventFdTable::new(usize::from(MSIX_VECTORS));
