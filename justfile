@@ -8,11 +8,13 @@ default:
     @just --list
 
 # Build everything, boot the guest, run the guest tests (--filter F: substring of test names;
-# --exec PROG [ARGS...]: your static program instead, --add FILE: more files for /user).
+# --exec PROG [ARGS...]: your static program instead, --add FILE: more files for /user;
+# --flavor debug|kasan|kcsan: another guest kernel; --knobs P=V,...: device knobs for the run).
 run *ARGS:
     cargo xtask run {{ARGS}}
 
-# Host tests (cargo test) + the VM run; exits non-zero on any failure.
+# Host tests (cargo test) + the VM runs; exits non-zero on any failure. `--flavor kcsan`: host
+# tests and the guest suite on that kernel only (the KCSAN kernel is not part of the default run).
 test *ARGS:
     cargo xtask test {{ARGS}}
 

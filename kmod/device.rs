@@ -118,6 +118,10 @@ pub(crate) struct Shared {
     pci_location: u32,
     /// Duration of the probe-time SYNC round trip.
     pub(crate) probe_sync_ns: AtomicU32,
+    /// Non-blockable invalidation callbacks of every context ([`uapi::ZgInfo`]).
+    pub(crate) nonblock_invalidations: AtomicU64,
+    /// Of those, the ones that gave up.
+    pub(crate) nonblock_failed: AtomicU64,
     /// DMA memory and queues.
     #[pin]
     pub(crate) hw: Hw,
@@ -180,6 +184,8 @@ impl Shared {
             irq_vectors: AtomicU32::new(0),
             pci_location,
             probe_sync_ns: AtomicU32::new(0),
+            nonblock_invalidations: AtomicU64::new(0),
+            nonblock_failed: AtomicU64::new(0),
             hw <- hw,
             health: Health::new(),
             fence_lock <- kernel::new_mutex!((), "zapguard_fence"),
@@ -328,12 +334,11 @@ impl Shared {
             asid_count: bar.read(regs::ASID_COUNT).into_raw(),
             irq_vectors: self.irq_vectors.load(Ordering::Relaxed),
             pci_location: self.pci_location,
-            irq_count: core::array::from_fn(|i| {
-                let n = self.irqs.get(i).map_or(0, |c| c.load(Ordering::Relaxed));
-                u32::try_from(n).unwrap_or(u32::MAX)
-            }),
+            irq_count: core::array::from_fn(|i| self.irqs.get(i).map_or(0, saturating_u32)),
             probe_sync_ns: self.probe_sync_ns.load(Ordering::Relaxed),
-            reserved: [0; 4],
+            nonblock_invalidations: saturating_u32(&self.nonblock_invalidations),
+            nonblock_failed: saturating_u32(&self.nonblock_failed),
+            reserved: [0; 2],
         })
     }
 
@@ -625,4 +630,9 @@ fn baseline_knobs() -> (u32, bool) {
         crate::module_parameters::fault_lag_us.value(),
         crate::module_parameters::iotlb_keep.value() != 0,
     )
+}
+
+/// A counter as the `u32` [`uapi::ZgInfo`] reports, saturating.
+fn saturating_u32(c: &AtomicU64) -> u32 {
+    u32::try_from(c.load(Ordering::Relaxed)).unwrap_or(u32::MAX)
 }

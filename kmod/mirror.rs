@@ -180,6 +180,7 @@ impl FaultQueue {
 struct Stats {
     invalidations: AtomicU64,
     invalidations_empty: AtomicU64,
+    nonblock: AtomicU64,
     nonblock_failed: AtomicU64,
     pages_zapped: AtomicU64,
     pages_write_protected: AtomicU64,
@@ -995,6 +996,7 @@ impl Mirror {
             invalidations: l(&s.invalidations),
             invalidations_empty: l(&s.invalidations_empty),
             invalidations_nonblock_failed: l(&s.nonblock_failed),
+            invalidations_nonblock: l(&s.nonblock),
             pages_zapped: l(&s.pages_zapped),
             pages_write_protected: l(&s.pages_write_protected),
             aging_young: l(&s.aging_young),
@@ -1016,7 +1018,7 @@ impl Mirror {
             device_violations: self.shared.device_stat(crate::abi::regs::STAT_VIOLATIONS),
             pt_pages: pages,
             fault_pages: l(&s.fault_pages),
-            reserved: [0; 2],
+            reserved: [0; 1],
         }
     }
 
@@ -1092,6 +1094,14 @@ impl PinnedDrop for Mirror {
     }
 }
 
+impl Mirror {
+    /// Counts a non-blockable callback that returns false rather than sleep.
+    fn nonblock_gave_up(&self) {
+        bump(&self.stats.nonblock_failed, 1);
+        bump(&self.shared.nonblock_failed, 1);
+    }
+}
+
 impl IntervalInvalidate for Mirror {
     fn invalidate(
         &self,
@@ -1103,6 +1113,8 @@ impl IntervalInvalidate for Mirror {
         let how = if range.blockable() {
             Wait::Sleep
         } else {
+            bump(&self.stats.nonblock, 1);
+            bump(&self.shared.nonblock_invalidations, 1);
             Wait::Spin
         };
         let mut st = if how == Wait::Sleep {
@@ -1111,7 +1123,7 @@ impl IntervalInvalidate for Mirror {
             match self.state.try_lock() {
                 Some(g) => g,
                 None => {
-                    bump(&self.stats.nonblock_failed, 1);
+                    self.nonblock_gave_up();
                     return false;
                 }
             }
@@ -1135,7 +1147,7 @@ impl IntervalInvalidate for Mirror {
             Ok(_) => true,
             Err(e) if e == EAGAIN => {
                 // Nothing slept; cleared PTEs are covered by `need_flush`.
-                bump(&self.stats.nonblock_failed, 1);
+                self.nonblock_gave_up();
                 false
             }
             Err(e) => {

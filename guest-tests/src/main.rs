@@ -11,6 +11,7 @@
 
 mod bench;
 mod bounds;
+mod churn;
 mod dev;
 mod dmirror;
 mod failsafe;
@@ -23,6 +24,7 @@ mod upstream;
 
 use bench::bench_smoke;
 use bounds::*;
+use churn::*;
 use failsafe::*;
 use hmm::*;
 use mirror::*;
@@ -123,6 +125,7 @@ const TESTS: &[Test] = ktap::tests![
     fail_dma_hang_exit_during_dma,
     fail_dma_hang_unbind_during_dma,
     device_dies_mid_dma,
+    unbind_and_rmmod_under_load,
     unbind_with_open_file_enodev,
     module_reload_rebinds,
 ];
@@ -161,7 +164,7 @@ fn get_info_identity() -> Result<(), String> {
     if info.irq_vectors == 0 {
         return Err("driver reports no interrupt vectors".into());
     }
-    check_eq(info.reserved, [0; 4], "reserved fields")?;
+    check_eq(info.reserved, [0; 2], "reserved fields")?;
     // Probe proved the device's queues end to end: a SYNC completed into driver memory by DMA
     // and its MSI-X interrupt reached the driver.
     if info.probe_sync_ns == 0 {

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Builds the guest kernel (bzImage + modules) into the cache and prints the tree's path.
 #
-# Usage: build.sh [default|debug]. The debug flavor adds debug.config (lockdep, might_sleep
-# checks, DEBUG_VM) on top of zapguard.config; it is cached separately.
+# Usage: build.sh [default|debug|kasan|kcsan]. A flavor adds its fragment on top of
+# zapguard.config and is cached separately: debug.config (lockdep, might_sleep checks, DEBUG_VM),
+# kasan.config (generic KASAN), kcsan.config (KCSAN).
 #
 # Key: the pinned source, our patches, the config fragment, this script and the toolchain versions.
 # A hit costs nothing. A miss whose sources and patches match an earlier build starts from a copy of
@@ -22,8 +23,8 @@ flavor=${1:-default}
 fragments=("$here/zapguard.config")
 case "$flavor" in
     default) suffix="" ;;
-    debug) suffix="-debug"; fragments+=("$here/debug.config") ;;
-    *) die "unknown kernel flavor '$flavor' (default|debug)" ;;
+    debug|kasan|kcsan) suffix="-$flavor"; fragments+=("$here/$flavor.config") ;;
+    *) die "unknown kernel flavor '$flavor' (default|debug|kasan|kcsan)" ;;
 esac
 src_key=$(hash_inputs "$here/pin.env" "${patches[@]}")
 key=$(hash_inputs "$here/pin.env" "${patches[@]}" "${fragments[@]}" "$here/build.sh" "$toolchain")
@@ -45,7 +46,7 @@ if [ ! -f "$tree/Makefile" ]; then
         seed=$(ls -1dt "$root/$src_key"-*"$suffix"/done 2>/dev/null | head -n1 || true)
     fi
     if [ -z "$seed" ]; then
-        seed=$(ls -1dt "$root/$src_key"-*/done 2>/dev/null | grep -v -- "-debug/done" | head -n1 || true)
+        seed=$(ls -1dt "$root/$src_key"-*/done 2>/dev/null | grep -Ev -- "-(debug|kasan|kcsan)/done" | head -n1 || true)
     fi
     if [ -n "$seed" ]; then
         log "kernel: config changed, rebuilding incrementally from $(dirname "$seed")"
@@ -96,7 +97,7 @@ log "kernel: built in $(((SECONDS - start) / 60)) min $(((SECONDS - start) % 60)
 touch "$stamp"
 # Keep the two newest trees of each flavor: enough to seed an incremental rebuild, bounded on disk.
 # (`|| true`: with pipefail, an empty glob must not fail the build that just succeeded.)
-{ ls -1dt "$root"/*-debug/ 2>/dev/null | tail -n +3 || true
-  ls -1dt "$root"/*/ 2>/dev/null | grep -v -- "-debug/$" | tail -n +3 || true; } |
+{ for f in debug kasan kcsan; do ls -1dt "$root"/*-"$f"/ 2>/dev/null | tail -n +3 || true; done
+  ls -1dt "$root"/*/ 2>/dev/null | grep -Ev -- "-(debug|kasan|kcsan)/$" | tail -n +3 || true; } |
     while read -r old; do [ "$old" = "$(dirname "$tree")/" ] || rm -rf "$old"; done
 echo "$tree"

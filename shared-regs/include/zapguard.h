@@ -64,8 +64,19 @@ struct zg_info {
 	 * driver sees it), 0 if it was not measured.
 	 */
 	__u32 probe_sync_ns;
+	/*
+	 * Invalidation callbacks of every context, since the driver bound the device, that were
+	 * non-blockable (the OOM reaper and process_mrelease(): they must never sleep), saturating.
+	 */
+	__u32 nonblock_invalidations;
+	/*
+	 * Of those, the ones that gave up (returned false: the context lock was taken, or the
+	 * device did not confirm the SYNC within the non-blockable spin), saturating. The kernel
+	 * retries them, or the process's exit does the blockable teardown.
+	 */
+	__u32 nonblock_failed;
 	/* Zero; room for additions without changing the ioctl number. */
-	__u32 reserved[4];
+	__u32 reserved[2];
 };
 _Static_assert(sizeof(struct zg_info) == 64, "struct zg_info: size as in shared-regs");
 _Static_assert(offsetof(struct zg_info, uapi_version) == 0, "struct zg_info.uapi_version: offset");
@@ -78,7 +89,9 @@ _Static_assert(offsetof(struct zg_info, irq_vectors) == 24, "struct zg_info.irq_
 _Static_assert(offsetof(struct zg_info, pci_location) == 28, "struct zg_info.pci_location: offset");
 _Static_assert(offsetof(struct zg_info, irq_count) == 32, "struct zg_info.irq_count: offset");
 _Static_assert(offsetof(struct zg_info, probe_sync_ns) == 44, "struct zg_info.probe_sync_ns: offset");
-_Static_assert(offsetof(struct zg_info, reserved) == 48, "struct zg_info.reserved: offset");
+_Static_assert(offsetof(struct zg_info, nonblock_invalidations) == 48, "struct zg_info.nonblock_invalidations: offset");
+_Static_assert(offsetof(struct zg_info, nonblock_failed) == 52, "struct zg_info.nonblock_failed: offset");
+_Static_assert(offsetof(struct zg_info, reserved) == 56, "struct zg_info.reserved: offset");
 
 /* _IOR('z', 0x00, struct zg_info): identity and parameters of the device behind this file. */
 #define ZG_IOC_GET_INFO 0x80407a00u
@@ -299,8 +312,13 @@ struct zg_stats {
 	__u64 aging_young;
 	/* Device accessed bits cleared by aging queries (a 2 MiB entry counts 512). */
 	__u64 aging_cleared;
+	/*
+	 * Non-blockable invalidation callbacks (the OOM reaper, process_mrelease()), including
+	 * those counted in invalidations_nonblock_failed.
+	 */
+	__u64 invalidations_nonblock;
 	/* Zero. */
-	__u64 reserved[2];
+	__u64 reserved[1];
 };
 _Static_assert(sizeof(struct zg_stats) == 264, "struct zg_stats: size as in shared-regs");
 _Static_assert(offsetof(struct zg_stats, asid) == 0, "struct zg_stats.asid: offset");
@@ -329,7 +347,8 @@ _Static_assert(offsetof(struct zg_stats, fault_pages) == 216, "struct zg_stats.f
 _Static_assert(offsetof(struct zg_stats, pages_write_protected) == 224, "struct zg_stats.pages_write_protected: offset");
 _Static_assert(offsetof(struct zg_stats, aging_young) == 232, "struct zg_stats.aging_young: offset");
 _Static_assert(offsetof(struct zg_stats, aging_cleared) == 240, "struct zg_stats.aging_cleared: offset");
-_Static_assert(offsetof(struct zg_stats, reserved) == 248, "struct zg_stats.reserved: offset");
+_Static_assert(offsetof(struct zg_stats, invalidations_nonblock) == 248, "struct zg_stats.invalidations_nonblock: offset");
+_Static_assert(offsetof(struct zg_stats, reserved) == 256, "struct zg_stats.reserved: offset");
 
 /*
  * struct zg_inject.modes: the invalidation callback only bumps the sequence (no PTE clear, no

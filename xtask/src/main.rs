@@ -47,8 +47,13 @@ struct Options {
     timeout: Duration,
     quiet: bool,
     host: bool,
+    /// `--flavor F`: the guest kernel flavor to boot (images/kernel/build.sh; default: default).
+    flavor: Option<String>,
     positional: Vec<String>,
 }
+
+/// The guest kernel flavors images/kernel/build.sh builds.
+const FLAVORS: [&str; 4] = ["default", "debug", "kasan", "kcsan"];
 
 /// The device knobs a whole run can turn on, as the driver's module parameters: the clean
 /// suite must stay clean with each (`just test` runs it once per entry).
@@ -82,6 +87,7 @@ fn parse_options(args: &[String]) -> Result<Options> {
         timeout: Duration::from_secs(default_timeout),
         quiet: false,
         host: true,
+        flavor: None,
         positional: vec![],
     };
     let mut it = args.iter();
@@ -108,6 +114,14 @@ fn parse_options(args: &[String]) -> Result<Options> {
                 let path = PathBuf::from(it.next().ok_or("--exec needs a program")?);
                 let args = it.by_ref().cloned().collect();
                 o.exec = Some(user::Exec { path, args });
+            }
+            "--flavor" => {
+                let v = it.next().ok_or("--flavor needs a name")?;
+                if !FLAVORS.contains(&v.as_str()) {
+                    return Err(format!("--flavor: `{v}` is not one of {FLAVORS:?}"));
+                }
+                // The default flavor is what no option boots.
+                o.flavor = Some(v.clone()).filter(|f| f != "default");
             }
             "--quiet" => o.quiet = true,
             "--no-host" => o.host = false,
@@ -167,6 +181,7 @@ fn script(root: &Path, rel: &str) -> Command {
     c
 }
 
+#[derive(Clone)]
 struct Artifacts {
     ktree: PathBuf,
     qemu: PathBuf,
@@ -311,6 +326,14 @@ fn kernel_artifacts(
     );
 
     Ok((ktree, module, initramfs))
+}
+
+/// `art`, or with `--flavor`, the same with that flavor's kernel, module and initramfs.
+fn with_flavor(root: &Path, art: Artifacts, opts: &Options) -> Result<Artifacts> {
+    match &opts.flavor {
+        Some(f) => flavor_artifacts(root, &art, f),
+        None => Ok(art),
+    }
 }
 
 /// `art` with the kernel, module and initramfs of another kernel flavor.
@@ -841,6 +864,7 @@ fn main() -> ExitCode {
     let root = repo_root();
     let res = match cmd.as_str() {
         "run" => build(&root)
+            .and_then(|art| with_flavor(&root, art, &opts))
             .and_then(|art| {
                 vm_run(
                     &root,
@@ -854,25 +878,31 @@ fn main() -> ExitCode {
                 )
             })
             .map(|(p, f)| finish(p, f)),
-        "shell" => build(&root).and_then(|art| {
-            let run_dir = new_run_dir(&root)?;
-            let mut cfg = vm_config(
-                &art,
-                run_dir.clone(),
-                vec!["zg.run=shell".into()],
-                Duration::MAX,
-                vm::Echo::Console,
-            );
-            if opts.exec.is_some() || !opts.add.is_empty() {
-                // The files are in /user; /user/run runs the --exec program.
-                cfg.initramfs =
-                    user::user_initramfs(&art.initramfs, &run_dir, opts.exec.as_ref(), &opts.add)?;
-            }
-            cfg.interactive = true;
-            vm::run(&cfg)
-                .map(|_| ExitCode::SUCCESS)
-                .map_err(|e| format!("VM run: {e}"))
-        }),
+        "shell" => build(&root)
+            .and_then(|art| with_flavor(&root, art, &opts))
+            .and_then(|art| {
+                let run_dir = new_run_dir(&root)?;
+                let mut cfg = vm_config(
+                    &art,
+                    run_dir.clone(),
+                    vec!["zg.run=shell".into()],
+                    Duration::MAX,
+                    vm::Echo::Console,
+                );
+                if opts.exec.is_some() || !opts.add.is_empty() {
+                    // The files are in /user; /user/run runs the --exec program.
+                    cfg.initramfs = user::user_initramfs(
+                        &art.initramfs,
+                        &run_dir,
+                        opts.exec.as_ref(),
+                        &opts.add,
+                    )?;
+                }
+                cfg.interactive = true;
+                vm::run(&cfg)
+                    .map(|_| ExitCode::SUCCESS)
+                    .map_err(|e| format!("VM run: {e}"))
+            }),
         "build" => build(&root).map(|a| {
             for (k, v) in [
                 ("qemu", &a.qemu),
@@ -896,9 +926,11 @@ fn main() -> ExitCode {
             // A VM part that cannot run at all is one failure, not zero tests.
             let (vp, vf) = build(&root)
                 .and_then(|art| {
-                    let (mut p, mut f) = vm_run(&root, &art, &opts, vm::Echo::Results)?;
-                    // A filtered run is for iterating on some guest tests: skip the whole-setup checks.
-                    if opts.filter.is_none() {
+                    let (mut p, mut f) = with_flavor(&root, art.clone(), &opts)
+                        .and_then(|a| vm_run(&root, &a, &opts, vm::Echo::Results))?;
+                    // A filtered run is for iterating on some guest tests, `--flavor` for one
+                    // kernel: both skip the whole-setup checks and the other flavors.
+                    if opts.filter.is_none() && opts.flavor.is_none() {
                         // The clean suite again with each device knob on for the whole run
                         // (first: the mutation smoke's initramfs builds may prune this one's).
                         for knobs in KNOB_RUNS {
@@ -935,6 +967,17 @@ fn main() -> ExitCode {
                             });
                         p += dp;
                         f += df;
+                        // And on the KASAN kernel: any out-of-bounds or use-after-free access, in
+                        // C or in the module's Rust, is a "BUG: KASAN:" splat.
+                        println!("\n== KASAN guest kernel (images/kernel/kasan.config) ==");
+                        let (kp, kf) = flavor_artifacts(&root, &art, "kasan")
+                            .and_then(|k| vm_run(&root, &k, &opts, vm::Echo::Results))
+                            .unwrap_or_else(|e| {
+                                eprintln!("xtask: kasan flavor: {e}");
+                                (0, 1)
+                            });
+                        p += kp;
+                        f += kf;
                     }
                     Ok((p, f))
                 })

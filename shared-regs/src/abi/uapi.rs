@@ -84,8 +84,15 @@ pub struct ZgInfo {
     /// Nanoseconds the probe-time SYNC round trip took (post, device completes into memory,
     /// driver sees it), 0 if it was not measured.
     pub probe_sync_ns: u32,
+    /// Invalidation callbacks of every context, since the driver bound the device, that were
+    /// non-blockable (the OOM reaper and `process_mrelease()`: they must never sleep), saturating.
+    pub nonblock_invalidations: u32,
+    /// Of those, the ones that gave up (returned false: the context lock was taken, or the
+    /// device did not confirm the SYNC within the non-blockable spin), saturating. The kernel
+    /// retries them, or the process's exit does the blockable teardown.
+    pub nonblock_failed: u32,
     /// Zero; room for additions without changing the ioctl number.
-    pub reserved: [u32; 4],
+    pub reserved: [u32; 2],
 }
 
 /// `_IOR('z', 0x00, struct zg_info)`: identity and parameters of the device behind this file.
@@ -282,8 +289,11 @@ pub struct ZgStats {
     pub aging_young: u64,
     /// Device accessed bits cleared by aging queries (a 2 MiB entry counts 512).
     pub aging_cleared: u64,
+    /// Non-blockable invalidation callbacks (the OOM reaper, `process_mrelease()`), including
+    /// those counted in `invalidations_nonblock_failed`.
+    pub invalidations_nonblock: u64,
     /// Zero.
-    pub reserved: [u64; 2],
+    pub reserved: [u64; 1],
 }
 
 /// [`ZgInject::modes`]: the invalidation callback only bumps the sequence (no PTE clear, no
