@@ -103,6 +103,7 @@ const TESTS: &[Test] = ktap::tests![
     populate_lag_with_invalidation_is_clean,
     inject_ignore_retry_is_caught,
     inject_keep_after_release_is_caught,
+    inject_skip_ctx_invalidate_is_caught,
     walk_lag_with_late_table_free_is_clean,
     inject_early_table_free_is_caught,
     bench_smoke,
