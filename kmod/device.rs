@@ -370,16 +370,25 @@ impl Shared {
         if let Some(bar) = self.bar.try_access() {
             bar.write_reg(regs::CMD_LAG::zeroed().with_value(i.cmd_lag));
             bar.write_reg(regs::WALK_LAG::zeroed().with_value(i.walk_lag));
-            if bar.read(regs::VERSION).minor().get() >= 4 {
-                let (fault_lag, keep) = baseline_knobs();
+            let minor = bar.read(regs::VERSION).minor().get();
+            let base = baseline_knobs();
+            if minor >= 4 {
                 let fault_lag = if i.fault_lag != 0 {
                     i.fault_lag
                 } else {
-                    fault_lag
+                    base.fault_lag
                 };
                 bar.write_reg(regs::FAULT_LAG::zeroed().with_value(fault_lag));
-                let keep = i.iotlb_keep != 0 || keep;
+                let keep = i.iotlb_keep != 0 || base.iotlb_keep;
                 bar.write_reg(regs::IOTLB_KEEP::zeroed().with_keep(keep));
+            }
+            if minor >= 5 {
+                let sync_lag = if i.sync_lag != 0 {
+                    i.sync_lag
+                } else {
+                    base.sync_lag
+                };
+                bar.write_reg(regs::SYNC_LAG::zeroed().with_value(sync_lag));
             }
             bar.write_reg(regs::FAIL_ARG::zeroed().with_value(i.dev_fail_arg));
             // `dev_fail` was checked against the mode field's width by the ioctl.
@@ -405,7 +414,7 @@ impl Shared {
     }
 
     /// Puts the test knobs back to their baseline (when the context that set them closes): off,
-    /// or what the `fault_lag_us` and `iotlb_keep` module parameters ask for.
+    /// or what the `fault_lag_us`, `iotlb_keep` and `sync_lag_us` module parameters ask for.
     pub(crate) fn reset_knobs(&self) {
         self.set_knobs(&uapi::ZgInject::default());
     }
@@ -619,17 +628,29 @@ impl PinnedDrop for Shared {
     }
 }
 
-/// The device knobs every context starts from: `fault_lag_us` and `iotlb_keep` (module
-/// parameters, so that a whole guest suite runs with a knob on); always off unless the module
-/// is built with `ZAPGUARD_INJECT=1`.
-fn baseline_knobs() -> (u32, bool) {
+/// The device knobs every context starts from (module parameters, so that a whole guest suite
+/// runs with a knob on).
+#[derive(Clone, Copy, Default)]
+struct Baseline {
+    /// `fault_lag_us`: the `FAULT_LAG` register.
+    fault_lag: u32,
+    /// `iotlb_keep`: the `IOTLB_KEEP` register.
+    iotlb_keep: bool,
+    /// `sync_lag_us`: the `SYNC_LAG` register (ABI 1.5).
+    sync_lag: u32,
+}
+
+/// The [`Baseline`] the module parameters ask for; always off unless the module is built with
+/// `ZAPGUARD_INJECT=1`.
+fn baseline_knobs() -> Baseline {
     if !cfg!(zapguard_inject) {
-        return (0, false);
+        return Baseline::default();
     }
-    (
-        crate::module_parameters::fault_lag_us.value(),
-        crate::module_parameters::iotlb_keep.value() != 0,
-    )
+    Baseline {
+        fault_lag: crate::module_parameters::fault_lag_us.value(),
+        iotlb_keep: crate::module_parameters::iotlb_keep.value() != 0,
+        sync_lag: crate::module_parameters::sync_lag_us.value(),
+    }
 }
 
 /// A counter as the `u32` [`uapi::ZgInfo`] reports, saturating.

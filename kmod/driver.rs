@@ -364,18 +364,20 @@ impl ZgFile {
             || i.dev_fail & !abi_regs::FAIL_MODE_MASK != 0
             || i.populate_lag > uapi::ZG_POPULATE_LAG_MAX_US
             || i.iotlb_keep > 1
+            || i.sync_lag > abi_regs::SYNC_LAG_MAX
         {
             return Err(EINVAL);
         }
         let ctx = self.ctx()?;
         pr_info!(
-            "asid {}: injecting driver bugs {:#x}, device command lag {}, walk lag {} us, fault lag {} us, IOTLB keep {}, populate lag {} us, device failure {} ({})\n",
+            "asid {}: injecting driver bugs {:#x}, device command lag {}, walk lag {} us, fault lag {} us, IOTLB keep {}, SYNC lag {} us, populate lag {} us, device failure {} ({})\n",
             ctx.asid,
             i.modes,
             i.cmd_lag,
             i.walk_lag,
             i.fault_lag,
             i.iotlb_keep,
+            i.sync_lag,
             i.populate_lag,
             i.dev_fail,
             i.dev_fail_arg

@@ -23,7 +23,9 @@
 //!   [`FRUITLESS_FAULT_REPEATS`] services instead of livelocking the device.
 //! - **Release** (the `Release` event, and file close): disable the context on the device
 //!   (`CFGI_CTX` + `CMD_INV_ASID` + SYNC) before anything is freed. An ASID whose teardown the
-//!   device did not confirm (it was fenced instead) is quarantined, never reused.
+//!   device did not confirm (it was fenced instead) is quarantined, never reused. Only then does
+//!   the release mark the entry `CTX_MM_RELEASED`: the device walks check that no cached copy
+//!   of the entry outlived the `CFGI_CTX` (`ctx_released`).
 //!
 //! # Locks
 //!
@@ -822,9 +824,9 @@ impl Mirror {
     fn disable(&self, st: &mut PtState, flags: u64) -> Result<Synced> {
         let hw = &self.shared.hw;
         hw.write_ctx(self.asid, &pte::ContextEntry::default())?;
-        let cmds = self.load_cmds();
-        let (_, synced) =
-            self.shootdown(st, 0, pte::VA_LIMIT, Wait::Sleep, &cmds, Change::Clear)?;
+        let load = self.load_cmds();
+        let cmds = self.disable_cmds(&load);
+        let (_, synced) = self.shootdown(st, 0, pte::VA_LIMIT, Wait::Sleep, cmds, Change::Clear)?;
         let synced = synced.unwrap_or(Synced::Fenced);
         if matches!(synced, Synced::Done(_)) && flags != 0 {
             let entry = pte::ContextEntry {
@@ -880,20 +882,41 @@ impl Mirror {
             ev::EVT_FAULT => bump(&self.stats.faults, 1),
             ev::EVT_VIOLATION => {
                 if let Some(c) = self.stats.violations.get(e.reason as usize) {
-                    let n = c.fetch_add(1, Ordering::Relaxed);
-                    if n < VIOLATIONS_LOGGED {
-                        pr_warn!(
-                            "asid {}: validator: {} violation at va {:#x}: device used pa {:#x}, cpu maps {:#x}\n",
-                            self.asid,
-                            ev::violation_name(e.reason),
-                            e.va,
-                            e.info,
-                            e.info2
-                        );
+                    if c.fetch_add(1, Ordering::Relaxed) < VIOLATIONS_LOGGED {
+                        self.log_violation(e);
                     }
                 }
             }
             _ => {}
+        }
+    }
+
+    /// Logs a violation event; `info` is a table's GPA for the walk checks' classes.
+    fn log_violation(&self, e: &ev::Event) {
+        let name = ev::violation_name(e.reason);
+        match e.reason {
+            ev::VIOL_TABLE_FREED => pr_warn!(
+                "asid {}: validator: {} violation at va {:#x}: walk read freed table {:#x}\n",
+                self.asid,
+                name,
+                e.va,
+                e.info
+            ),
+            ev::VIOL_CTX_RELEASED => pr_warn!(
+                "asid {}: validator: {} violation at va {:#x}: walk from root {:#x} through a context cached after its release\n",
+                self.asid,
+                name,
+                e.va,
+                e.info
+            ),
+            _ => pr_warn!(
+                "asid {}: validator: {} violation at va {:#x}: device used pa {:#x}, cpu maps {:#x}\n",
+                self.asid,
+                name,
+                e.va,
+                e.info,
+                e.info2
+            ),
         }
     }
 
@@ -1035,6 +1058,17 @@ impl Mirror {
         }
         if let Err(e) = self.disable(st, pte::CTX_MM_RELEASED) {
             pr_err!("asid {}: release failed: {:?}\n", self.asid, e);
+        }
+    }
+
+    /// The commands that take the context off the device: all of `load` (`CFGI_CTX` +
+    /// `INV_ASID`), or, under `ZG_INJ_SKIP_CTX_INVALIDATE` (a bug on purpose), `INV_ASID` alone,
+    /// so that the device keeps its cached copy of the entry.
+    fn disable_cmds<'a>(&self, load: &'a [cmd::Command; 2]) -> &'a [cmd::Command] {
+        if self.injected(uapi::ZG_INJ_SKIP_CTX_INVALIDATE) {
+            &load[1..]
+        } else {
+            &load[..]
         }
     }
 

@@ -274,6 +274,12 @@ register! {
         /// The whole register.
         31:0 value;
     }
+
+    /// Test knob: microseconds before a SYNC's completion is written.
+    pub(crate) SYNC_LAG(u32) @ 0x0c4 {
+        /// The whole register.
+        31:0 value;
+    }
 }
 
 // One definition: every offset above is the ABI's.
@@ -315,3 +321,4 @@ const _: () = assert!(<IOTLB_KEEP as Register>::OFFSET == crate::abi::regs::IOTL
 const _: () = assert!(<PT_FREED_BASE_LO as Register>::OFFSET == crate::abi::regs::PT_FREED_BASE_LO as usize);
 const _: () = assert!(<PT_FREED_BASE_HI as Register>::OFFSET == crate::abi::regs::PT_FREED_BASE_HI as usize);
 const _: () = assert!(<PT_FREED_PAGES as Register>::OFFSET == crate::abi::regs::PT_FREED_PAGES as usize);
+const _: () = assert!(<SYNC_LAG as Register>::OFFSET == crate::abi::regs::SYNC_LAG as usize);

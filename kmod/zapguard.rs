@@ -59,5 +59,9 @@ kernel::module_pci_driver! {
             default: 0,
             description: "Test builds: 1 sets the device's IOTLB_KEEP knob whenever no context sets it",
         },
+        sync_lag_us: u32 {
+            default: 0,
+            description: "Test builds: the device's SYNC_LAG knob (ABI 1.5), for every context",
+        },
     },
 }

@@ -19,6 +19,7 @@ mod hmm;
 mod ktap;
 mod mirror;
 mod numa;
+mod reaper;
 mod uffd;
 mod upstream;
 
@@ -29,6 +30,7 @@ use failsafe::*;
 use hmm::*;
 use mirror::*;
 use numa::*;
+use reaper::*;
 use uffd::*;
 use upstream::*;
 
@@ -77,6 +79,7 @@ const TESTS: &[Test] = ktap::tests![
     ksm_merge_while_mirrored,
     thp_split_by_mprotect_then_collapse,
     sigkill_mid_job_is_safe,
+    process_mrelease_mid_job_is_safe,
     race_munmap_during_dma,
     race_madvise_dontneed_during_dma,
     race_madvise_free_during_dma,
@@ -105,10 +108,12 @@ const TESTS: &[Test] = ktap::tests![
     populate_lag_with_invalidation_is_clean,
     inject_ignore_retry_is_caught,
     inject_keep_after_release_is_caught,
+    inject_skip_ctx_invalidate_is_caught,
     walk_lag_with_late_table_free_is_clean,
     inject_early_table_free_is_caught,
     bench_smoke,
     validator_totals_match_injections,
+    oom_killer_picks_mirroring_process,
     fail_cmdq_stop_munmap_during_dma,
     fail_cmdq_stop_exit_during_dma,
     fail_cmdq_stop_unbind_during_dma,

@@ -13,6 +13,8 @@ use shared_regs::dma::{self, *};
 use shared_regs::event::*;
 use shared_regs::uapi::*;
 use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -548,10 +550,17 @@ fn long_served_job(addr: usize, len: usize) -> ZgDma {
     dev::job(DMA_CHECKSUM, addr, 0, len, 0)
 }
 
-/// A child that mirrors a THP buffer, starts a long device read and exits while it runs.
-fn exit_mid_job_child(inject: u32) -> i32 {
+/// Threads of [`exit_mid_job_child`] submitting jobs: one job runs and the others wait in the
+/// ring, so that jobs of the context are still queued when its mm goes.
+const EXIT_JOB_THREADS: usize = 3;
+
+/// A child that mirrors a THP buffer, keeps long device reads running and queued, and exits
+/// while they run. `knobs` go to `INJECT` first (unless all zero); with `send_to`, the child
+/// hands its context's file to the parent through that socket before the jobs start, so that
+/// the parent can read the context's counters after the release.
+fn exit_mid_job_child(knobs: ZgInject, send_to: Option<&UnixStream>) -> i32 {
     let Ok(f) = dev::open() else { return 10 };
-    if inject != 0 && dev::inject(&f, inject, 0).is_err() {
+    if knobs != ZgInject::default() && dev::inject_all(&f, knobs).is_err() {
         return 11;
     }
     let Ok(mut a) = Mapping::anon_huge(32 << 20) else {
@@ -561,17 +570,20 @@ fn exit_mid_job_child(inject: u32) -> i32 {
     if dev::map(&f, a.addr, a.len, 0).is_err() {
         return 13;
     }
+    if send_to.is_some_and(|s| dev::send_fd(s, f.as_raw_fd()).is_err()) {
+        return 14;
+    }
     let (addr, len) = (a.addr, a.len);
-    let f2 = match f.try_clone() {
-        Ok(f) => f,
-        Err(_) => return 14,
-    };
-    std::thread::spawn(move || loop {
-        let _ = dev::dma(&f2, long_served_job(addr, len));
-    });
+    let f = std::sync::Arc::new(f);
+    for _ in 0..EXIT_JOB_THREADS {
+        let f = f.clone();
+        std::thread::spawn(move || loop {
+            let _ = dev::dma(&f, long_served_job(addr, len));
+        });
+    }
     std::thread::sleep(Duration::from_millis(20));
-    // exit_group with the buffer still mapped and the file open: the job's thread is killed in
-    // the ioctl, then the mm goes (Release), then the files.
+    // exit_group with the buffer still mapped and the file open: the jobs' threads are killed
+    // in the ioctl, then the mm goes (Release), then the files.
     // SAFETY: ends the process without unwinding or dropping anything.
     unsafe { libc::_exit(0) }
 }
@@ -579,7 +591,11 @@ fn exit_mid_job_child(inject: u32) -> i32 {
 pub fn exit_mid_job_is_safe() -> Result<(), String> {
     let before = device_violations()?;
     for _ in 0..3 {
-        check_eq(fork_wait(|| exit_mid_job_child(0))?, 0, "child exit status")?;
+        check_eq(
+            fork_wait(|| exit_mid_job_child(ZgInject::default(), None))?,
+            0,
+            "child exit status",
+        )?;
     }
     check_eq(
         device_violations()?,
@@ -924,7 +940,13 @@ pub fn inject_keep_after_release_is_caught() -> Result<(), String> {
     for round in 1..=4 {
         let before = device_violations()?;
         check_eq(
-            fork_wait(|| exit_mid_job_child(ZG_INJ_KEEP_AFTER_RELEASE))?,
+            fork_wait(|| {
+                let knobs = ZgInject {
+                    modes: ZG_INJ_KEEP_AFTER_RELEASE,
+                    ..Default::default()
+                };
+                exit_mid_job_child(knobs, None)
+            })?,
             0,
             "child exit status",
         )?;
@@ -938,6 +960,59 @@ pub fn inject_keep_after_release_is_caught() -> Result<(), String> {
         }
     }
     Err("device use after release not caught".into())
+}
+
+/// Walk lag for [`inject_skip_ctx_invalidate_is_caught`]: a 32 MiB job then takes at least
+/// 48 ms (16 walks of three table reads to its 2 MiB entries), so the child's exit 20 ms in
+/// lands in it.
+const SKIP_CTX_WALK_LAG_US: u32 = 1000;
+
+/// `ZG_INJ_SKIP_CTX_INVALIDATE`: the child exits mid-job with jobs queued behind the running
+/// one; its release disables the context without `CFGI_CTX`, then marks the entry released. A
+/// job that runs after that walks through the context the device still caches, and the
+/// device's walk-time check reports `ctx_released`. The parent holds the child's file (passed
+/// over a socket), so the context and its counters outlive the child.
+pub fn inject_skip_ctx_invalidate_is_caught() -> Result<(), String> {
+    expect_violations(VIOL_CTX_RELEASED, || {
+        let mut last = ZgStats::default();
+        // The exit must land while jobs are running and queued; retry a few times if not.
+        for round in 1..=4 {
+            last = skip_ctx_invalidate_round()?;
+            if last.violations[VIOL_CTX_RELEASED as usize] > 0 {
+                println!("# caught in round {round}");
+                break;
+            }
+        }
+        Ok(last)
+    })
+}
+
+/// One child exit of [`inject_skip_ctx_invalidate_is_caught`]: the context's counters once
+/// its queued jobs had time to run (the file is closed on return, which waits for the rest).
+fn skip_ctx_invalidate_round() -> Result<ZgStats, String> {
+    let (parent, child) = UnixStream::pair().map_err(|e| e.to_string())?;
+    let knobs = ZgInject {
+        modes: ZG_INJ_SKIP_CTX_INVALIDATE,
+        walk_lag: SKIP_CTX_WALK_LAG_US,
+        ..Default::default()
+    };
+    let status = fork_wait(|| exit_mid_job_child(knobs, Some(&child)))?;
+    check_eq(status, 0, "child exit status")?;
+    let f = dev::recv_fd(&parent).map_err(|e| format!("the child's file: {e}"))?;
+    let mut s = stats(&f)?;
+    if s.flags & ZG_STATS_RELEASED == 0 {
+        return Err(format!("the child's context is not released: {s:?}"));
+    }
+    // Each queued job faults at its first walk and is aborted (the mm is gone): give them a
+    // moment, and stop as soon as one was caught.
+    for _ in 0..100 {
+        if s.violations[VIOL_CTX_RELEASED as usize] > 0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+        s = stats(&f)?;
+    }
+    Ok(s)
 }
 
 /// A 2 MiB block of 4 KiB pages (one level-1 device table), filled with `byte`.

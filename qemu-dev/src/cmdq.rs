@@ -10,6 +10,8 @@
 //! Injected failures ([`crate::inject`]) act here too: [`FAIL_CMDQ_STOP`] stops fetching,
 //! [`FAIL_CMDQ_ERROR`] answers the next command with [`CERR_INJECTED`], and
 //! [`FAIL_SYNC_DELAY`] gives each SYNC reached a deadline before which it does not complete.
+//! The [`SYNC_LAG`](shared_regs::regs::SYNC_LAG) knob gives it one too (not a failure: not
+//! traced as one); with both, the later deadline applies ([`SyncHold`]).
 
 use shared_regs::cmd::*;
 use shared_regs::pci::Vector;
@@ -39,8 +41,20 @@ pub(crate) struct PendingSync {
     /// Its queue position (the consumer index while it waits).
     pub(crate) pos: u32,
     pub(crate) cmd: Command,
-    /// [`FAIL_SYNC_DELAY`]: not before this time.
+    pub(crate) hold: SyncHold,
+}
+
+/// The time a SYNC must wait for, fixed when the device reaches it: the later of its
+/// [`FAIL_SYNC_DELAY`] and [`SYNC_LAG`](shared_regs::regs::SYNC_LAG) deadlines.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct SyncHold {
+    /// Not before this time (`None`: as soon as its other conditions are met).
     pub(crate) due: Option<Instant>,
+    /// [`FAIL_SYNC_DELAY`] delayed it (its completion or drop is traced as that failure).
+    pub(crate) delayed: bool,
+    /// The [`SYNC_LAG`](shared_regs::regs::SYNC_LAG) in force when it was reached, in
+    /// microseconds (0: none).
+    pub(crate) lag_us: u32,
 }
 
 /// Name of an opcode, for traces.
@@ -90,7 +104,7 @@ impl<E: Events> ZapguardDevice<E> {
         while self.s.cr0ack & CR0_CMDQ_EN != 0 && self.s.cmdq_err == 0 && !self.s.cmdq.is_empty() {
             let pos = self.s.cmdq.cons;
             let (cmd, exec) = match self.s.pending_sync.take() {
-                Some(p) if p.pos == pos => (p.cmd, self.sync(mem, pos, &p.cmd, Some(p.due))),
+                Some(p) if p.pos == pos => (p.cmd, self.sync(mem, pos, &p.cmd, Some(p.hold))),
                 _ => {
                     let mut raw = [0u8; CMD_SIZE];
                     let fetched = self
@@ -217,33 +231,27 @@ impl<E: Events> ZapguardDevice<E> {
         }
     }
 
-    /// Executes a SYNC: `held` is `Some(due)` for one already fetched and waiting.
-    fn sync(
-        &mut self,
-        mem: &impl GuestMem,
-        pos: u32,
-        c: &Command,
-        held: Option<Option<Instant>>,
-    ) -> Exec {
-        let due = match held {
-            Some(due) => due,
+    /// Executes a SYNC: `held` is `Some(hold)` for one already fetched and waiting.
+    fn sync(&mut self, mem: &impl GuestMem, pos: u32, c: &Command, held: Option<SyncHold>) -> Exec {
+        let hold = match held {
+            Some(hold) => hold,
             None => {
                 if !c.addr.is_multiple_of(4) || c.arg > u64::from(u32::MAX) {
                     return Exec::Error(CERR_ILLEGAL);
                 }
-                self.sync_deadline(pos)
+                self.sync_hold(pos)
             }
         };
         // In-flight DMA still using a translation an earlier command invalidated: wait for it.
         let dma = self.s.job.as_ref().is_some_and(|j| j.holds_doomed());
-        if dma || due.is_some_and(|d| self.clock.now() < d) {
-            self.s.pending_sync = Some(PendingSync { pos, cmd: *c, due });
+        if dma || hold.due.is_some_and(|d| self.clock.now() < d) {
+            self.s.pending_sync = Some(PendingSync { pos, cmd: *c, hold });
             return Exec::Blocked(held.is_none());
         }
         if c.addr != 0 && mem.write_u32(c.addr, c.arg as u32).is_err() {
             return Exec::Error(CERR_ABORT);
         }
-        if due.is_some() {
+        if hold.delayed {
             self.fail_event(FAIL_SYNC_DELAY, "delayed sync completed", Some(pos), None);
         }
         self.s.ledger.sync_completed();
@@ -254,6 +262,7 @@ impl<E: Events> ZapguardDevice<E> {
             pa: c.addr,
             value: c.arg as u32,
             waited,
+            lag_us: hold.lag_us,
         });
         if c.flags & CMD_F_SYNC_IRQ != 0 {
             self.raise(Vector::Command);
@@ -261,16 +270,27 @@ impl<E: Events> ZapguardDevice<E> {
         Exec::Done("ok")
     }
 
-    /// [`FAIL_SYNC_DELAY`]: the time before which a SYNC reached now must not complete.
-    fn sync_deadline(&mut self, pos: u32) -> Option<Instant> {
-        if !self.armed(FAIL_SYNC_DELAY) {
-            return None;
-        }
-        self.fail_event(FAIL_SYNC_DELAY, "sync delayed", Some(pos), None);
+    /// The time before which a SYNC reached now must not complete: [`FAIL_SYNC_DELAY`]'s
+    /// deadline, [`SYNC_LAG`](shared_regs::regs::SYNC_LAG)'s, the later of both, or none.
+    fn sync_hold(&mut self, pos: u32) -> SyncHold {
         let now = self.clock.now();
-        let delay = Duration::from_millis(u64::from(self.s.inject.arg));
         // At most 2^32 ms (49 days) ahead: a monotonic clock does not overflow on that.
-        Some(now.checked_add(delay).unwrap_or(now))
+        let after = |d: Duration| Some(now.checked_add(d).unwrap_or(now));
+        let delayed = self.armed(FAIL_SYNC_DELAY);
+        let delay_due = if delayed {
+            self.fail_event(FAIL_SYNC_DELAY, "sync delayed", Some(pos), None);
+            after(Duration::from_millis(u64::from(self.s.inject.arg)))
+        } else {
+            None
+        };
+        let lag = self.sync_lag();
+        // `None` orders before any `Some`: the later deadline wins.
+        let due = delay_due.max(lag.and_then(after));
+        SyncHold {
+            due,
+            delayed,
+            lag_us: lag.map_or(0, |d| d.as_micros() as u32),
+        }
     }
 
     /// Marks the active job's held translations matching `pred` as doomed (usable until the

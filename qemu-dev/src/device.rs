@@ -9,8 +9,9 @@
 //!   [`crate::dma_engine`]).
 //!
 //! It reports everything observable to the injected [`Events`] sink, and the MSI-X vectors to
-//! raise through [`ZapguardDevice::take_irqs`]. Time (the failure-injection deadlines and the
-//! page-walk and fault lags of [`crate::inject`]) comes from an injected [`Clock`].
+//! raise through [`ZapguardDevice::take_irqs`]. Time (the failure-injection and SYNC-lag
+//! deadlines and the page-walk and fault lags of [`crate::inject`]) comes from an injected
+//! [`Clock`].
 //!
 //! PCI bus mastering lives in config space, which the glue owns: it reports the command
 //! register's bit with [`ZapguardDevice::set_bus_master`]. While it is clear the device touches
@@ -176,10 +177,14 @@ pub(crate) struct State {
     /// Steps left before the commands published by the last doorbell may execute.
     pub(crate) lag_left: u32,
     /// The SYNC at the head of the command queue, fetched and waiting (for in-flight DMA or a
-    /// [`FAIL_SYNC_DELAY`] deadline); it is not fetched again, as on hardware.
+    /// [`FAIL_SYNC_DELAY`] or [`SYNC_LAG`] deadline); it is not fetched again, as on hardware.
     pub(crate) pending_sync: Option<PendingSync>,
-    /// Failure injection and the walk and fault lags ([`IOTLB_KEEP`] is the IOTLB's mode).
+    /// Failure injection and the walk, fault and SYNC lags ([`IOTLB_KEEP`] is the IOTLB's
+    /// mode).
     pub(crate) inject: Inject,
+    /// [`shared_regs::event::VIOL_CTX_RELEASED`] violations reported (also in
+    /// [`STAT_VIOLATIONS`]; the fuzzer tells them from the validator's with it).
+    pub(crate) ctx_released: u64,
 }
 
 impl State {
@@ -214,6 +219,7 @@ impl State {
             lag_left: 0,
             pending_sync: None,
             inject: Inject::default(),
+            ctx_released: 0,
         }
     }
 }
@@ -416,7 +422,7 @@ impl<E: Events> ZapguardDevice<E> {
     /// Whether the SYNC at the head of the queue must still wait (for DMA or its deadline).
     fn sync_waits(&self) -> bool {
         self.s.pending_sync.is_some_and(|p| {
-            p.due.is_some_and(|due| self.clock.now() < due)
+            p.hold.due.is_some_and(|due| self.clock.now() < due)
                 || self.s.job.as_ref().is_some_and(|j| j.holds_doomed())
         })
     }
@@ -478,6 +484,7 @@ impl<E: Events> ZapguardDevice<E> {
             FAIL_ARG => self.s.inject.arg,
             WALK_LAG => self.s.inject.walk_lag,
             FAULT_LAG => self.s.inject.fault_lag,
+            SYNC_LAG => self.s.inject.sync_lag,
             IOTLB_KEEP => self.iotlb_keep(),
             PT_FREED_BASE_LO => self.s.inject.pt_freed_base_lo,
             PT_FREED_BASE_HI => self.s.inject.pt_freed_base_hi,
@@ -536,6 +543,7 @@ impl<E: Events> ZapguardDevice<E> {
             FAIL_ARG => self.s.inject.arg = v,
             WALK_LAG => self.s.inject.walk_lag = v.min(WALK_LAG_MAX),
             FAULT_LAG => self.s.inject.fault_lag = v.min(FAULT_LAG_MAX),
+            SYNC_LAG => self.s.inject.sync_lag = v.min(SYNC_LAG_MAX),
             IOTLB_KEEP => self.write_iotlb_keep(v),
             PT_FREED_BASE_LO => self.write_pt_freed_base_lo(v),
             PT_FREED_BASE_HI => self.s.inject.pt_freed_base_hi = v,
@@ -662,7 +670,7 @@ impl<E: Events> ZapguardDevice<E> {
     /// never completes.
     fn drop_pending_sync(&mut self) {
         if let Some(p) = self.s.pending_sync.take() {
-            if p.due.is_some() {
+            if p.hold.delayed {
                 self.fail_event(FAIL_SYNC_DELAY, "delayed sync dropped", Some(p.pos), None);
             }
         }

@@ -26,7 +26,10 @@
 //! each table read of a walk is preceded by a read of the table's bit in the guest's bitmap; a
 //! set bit is a [`shared_regs::event::VIOL_TABLE_FREED`] violation (the table's GPA in the
 //! violation's `pa`), reported after the walk and before its access or fault, and the walk's
-//! outcome is unchanged.
+//! outcome is unchanged. Every walk also ends with an uncached read of its ASID's context
+//! entry: an entry marked [`pte::CTX_MM_RELEASED`] while the walk ran through a cached copy
+//! without that flag is a [`shared_regs::event::VIOL_CTX_RELEASED`] violation (the walk's root
+//! in `pa`), reported after the walk's `table_freed` ones, with the same outcome rule.
 
 use shared_regs::dma::*;
 use shared_regs::event::{self as ev, Event as EvtRecord};
@@ -617,8 +620,9 @@ impl<E: Events> ZapguardDevice<E> {
             }
         };
         let walk = pagetable::walk_paced(mem, ctx.pt_root, va, write, pace);
+        let released = self.walked_released_ctx(mem, asid);
         // Reported whatever the walk's outcome, before the access or the fault: the walk is not
-        // changed by the check (the freed page's entries are used as read).
+        // changed by the checks (the freed page's entries are used as read).
         if let Some(d) = self.s.job.as_ref().map(|j| j.desc) {
             for &table in &freed_reads[..n_freed] {
                 self.s.inject.tables_freed += 1;
@@ -631,6 +635,20 @@ impl<E: Events> ZapguardDevice<E> {
                     None,
                     write,
                     "page walk read a device page-table page the driver marked freed",
+                );
+            }
+            if released {
+                self.s.ctx_released += 1;
+                self.violation(
+                    mem,
+                    &d,
+                    ev::VIOL_CTX_RELEASED,
+                    va,
+                    ctx.pt_root,
+                    None,
+                    write,
+                    "page walk through a cached context the driver marked released \
+                     (its context-cache invalidation is missing)",
                 );
             }
         }
@@ -699,6 +717,18 @@ impl<E: Events> ZapguardDevice<E> {
             id,
         });
         Ok((entry, walked))
+    }
+
+    /// Whether a walk for `asid` just ran through a cached context that the entry in memory,
+    /// read now (after the walk's lags) and uncached, marks released while the cached copy does
+    /// not. The driver writes that flag only after CFGI_CTX + SYNC confirmed the context is off,
+    /// so a copy still cached from before means it skipped the invalidation. A merely invalid
+    /// entry is the legal window before its CFGI_CTX runs and does not count; an entry cached
+    /// with the flag (loaded released) is the validator's `released` at the access.
+    fn walked_released_ctx(&self, mem: &impl GuestMem, asid: u32) -> bool {
+        let released = |c: &ContextEntry| c.flags & pte::CTX_MM_RELEASED != 0;
+        self.s.ctx_cache.get(&asid).is_some_and(|c| !released(c))
+            && read_context(mem, self.s.ctx_base, asid).is_some_and(|c| released(&c))
     }
 
     /// Traces one side's access of `n` bytes and runs the ledger and validator checks on it.
@@ -1394,5 +1424,192 @@ mod tests {
             _ => None,
         });
         assert_eq!(waited, Some(64 - 8), "every step after the invalidation");
+    }
+
+    /// `(type, reason, va, info, info2)` of the events written so far.
+    fn event_log(r: &mut Rig<EventLog>) -> Vec<(u8, u16, u64, u64, u64)> {
+        r.take_events()
+            .into_iter()
+            .map(|e| (e.ty, e.reason, e.va, e.info, e.info2))
+            .collect()
+    }
+
+    /// ASID 1 with `pages` pages mapped from `VA` and its context cached by a first job; then
+    /// the "driver" rewrites the entry in memory to `flags` (pointers kept) and flushes the
+    /// ASID's translations with INV_ASID + SYNC but no CFGI_CTX: the next access walks through
+    /// the context the device still caches. Returns the walk's root.
+    fn cached_then_rewritten(r: &mut Rig<EventLog>, pages: u64, flags: u64) -> u64 {
+        for p in 0..pages {
+            r.map_page(1, VA + p * PG);
+        }
+        assert_eq!(r.dma(job(DMA_CHECKSUM, 1, VA, 0, 8, 0)).status, DMA_ST_OK);
+        let old = r.ctx(1);
+        r.write_ctx(1, ContextEntry { flags, ..old });
+        r.post(Command::new(shared_regs::cmd::CMD_INV_ASID, 0, 1, 0, 0));
+        let s = r.post_sync();
+        r.run();
+        assert!(r.sync_done(s));
+        assert!(event_log(r).is_empty());
+        old.pt_root
+    }
+
+    #[test]
+    fn a_walk_through_a_cached_context_the_driver_released_is_caught() {
+        let mut r = rig();
+        let root = cached_then_rewritten(&mut r, 2, pte::CTX_MM_RELEASED);
+        let walks = r.dev.stat(STAT_WALKS);
+        // One violation per walk (two pages: two walks), with the walk's root in `info`; the
+        // walks translate as before (the validator then flags each access as `released`).
+        let st = r.dma(job(DMA_CHECKSUM, 1, VA, 0, 2 * PG, 0));
+        assert_eq!((st.status, st.bytes_done), (DMA_ST_OK, 2 * PG));
+        assert_eq!(r.dev.stat(STAT_WALKS), walks + 2);
+        let ctx_released = (ev::EVT_VIOLATION, ev::VIOL_CTX_RELEASED);
+        let released = (ev::EVT_VIOLATION, ev::VIOL_RELEASED);
+        let log = event_log(&mut r);
+        let kinds: Vec<_> = log.iter().map(|e| (e.0, e.1)).collect();
+        assert_eq!(kinds, [ctx_released, released, ctx_released, released]);
+        assert_eq!((log[0].2, log[0].3, log[0].4), (VA, root, ev::NO_PA));
+        assert_eq!((log[2].2, log[2].3, log[2].4), (VA + PG, root, ev::NO_PA));
+        assert_eq!(r.dev.s.ctx_released, 2);
+        assert_eq!(r.dev.stat(STAT_VIOLATIONS), 4);
+        let traced = r.activity().into_iter().find_map(|a| match a {
+            Activity::Violation {
+                result: "ctx_released",
+                pa,
+                ..
+            } => Some(pa),
+            _ => None,
+        });
+        assert_eq!(traced, Some(root), "traced with the root in `pa`");
+    }
+
+    #[test]
+    fn a_released_context_walk_that_faults_still_reports_and_faults_the_same() {
+        // The walk's outcome does not depend on the check: the same fault either way.
+        let outcome = |flags| {
+            let mut r = rig();
+            cached_then_rewritten(&mut r, 1, flags);
+            r.dev_unmap(1, VA);
+            let st = r.dma(job(DMA_CHECKSUM, 1, VA, 0, 8, 0));
+            let kinds: Vec<_> = event_log(&mut r).iter().map(|e| (e.0, e.1)).collect();
+            ((st.status, st.fault_reason), kinds)
+        };
+        let fault = (ev::EVT_FAULT, ev::FAULT_NOT_PRESENT);
+        let (released, kinds) = outcome(pte::CTX_MM_RELEASED);
+        assert_eq!(released, (DMA_ST_FAULT, ev::FAULT_NOT_PRESENT));
+        assert_eq!(
+            kinds,
+            [(ev::EVT_VIOLATION, ev::VIOL_CTX_RELEASED), fault],
+            "reported before the fault"
+        );
+        let (invalid, kinds) = outcome(0);
+        assert_eq!(invalid, released);
+        assert_eq!(kinds, [fault]);
+    }
+
+    #[test]
+    fn a_merely_invalid_context_is_the_legal_window_not_a_violation() {
+        // Cleared, its CFGI_CTX not posted yet: the cached context still serves the walk.
+        let mut r = rig();
+        cached_then_rewritten(&mut r, 1, 0);
+        assert_eq!(r.dma(job(DMA_CHECKSUM, 1, VA, 0, 8, 0)).status, DMA_ST_OK);
+        assert!(event_log(&mut r).is_empty());
+        assert_eq!(r.dev.stat(STAT_VIOLATIONS), 0);
+        // Nor a valid entry rewritten without the flag (here: validation turned off).
+        let mut r = rig();
+        cached_then_rewritten(&mut r, 1, pte::CTX_VALID);
+        assert_eq!(r.dma(job(DMA_CHECKSUM, 1, VA, 0, 8, 0)).status, DMA_ST_OK);
+        assert!(event_log(&mut r).is_empty());
+        assert_eq!(r.dev.s.ctx_released, 0);
+    }
+
+    #[test]
+    fn after_cfgi_ctx_a_released_context_has_no_walk_to_report() {
+        let mut r = rig();
+        cached_then_rewritten(&mut r, 1, pte::CTX_MM_RELEASED);
+        // The correct release: CFGI_CTX drops the cached entry; the entry now in memory is not
+        // valid, so the access faults before any walk.
+        r.cfgi(1);
+        let walks = r.dev.stat(STAT_WALKS);
+        let st = r.dma(job(DMA_CHECKSUM, 1, VA, 0, 8, 0));
+        assert_eq!(
+            (st.status, st.fault_reason),
+            (DMA_ST_FAULT, ev::FAULT_CTX_INVALID)
+        );
+        assert_eq!(r.dev.stat(STAT_WALKS), walks);
+        let kinds: Vec<_> = event_log(&mut r).iter().map(|e| (e.0, e.1)).collect();
+        assert_eq!(kinds, [(ev::EVT_FAULT, ev::FAULT_CTX_INVALID)]);
+        assert_eq!(r.dev.stat(STAT_VIOLATIONS), 0);
+    }
+
+    #[test]
+    fn a_context_loaded_released_is_the_validators_not_this_checks() {
+        // VALID | MM_RELEASED loaded with CFGI_CTX: the device was told; every access is a
+        // `released` violation, the walk reports nothing more.
+        let mut r = rig();
+        r.map_page(1, VA);
+        let c = r.ctx(1);
+        r.write_ctx(
+            1,
+            ContextEntry {
+                flags: c.flags | pte::CTX_MM_RELEASED,
+                ..c
+            },
+        );
+        r.cfgi(1);
+        r.dma(job(DMA_CHECKSUM, 1, VA, 0, 8, 0));
+        let kinds: Vec<_> = event_log(&mut r).iter().map(|e| (e.0, e.1)).collect();
+        assert_eq!(kinds, [(ev::EVT_VIOLATION, ev::VIOL_RELEASED)]);
+    }
+
+    /// Writes context entry 1 as released (pointers kept) at the walker's first read of a
+    /// device page-table page, as a driver would between the walker's table reads.
+    struct ReleaseMidWalk<'a> {
+        mem: &'a VecMem,
+        done: Cell<bool>,
+    }
+
+    impl GuestMem for ReleaseMidWalk<'_> {
+        fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemError> {
+            let r = self.mem.read(gpa, buf);
+            if (crate::testkit::DEV_PT..CPU_PT).contains(&gpa) && !self.done.replace(true) {
+                let at = crate::testkit::CTX_TABLE + CTX_ENTRY_SIZE as u64;
+                let mut raw = [0u8; CTX_ENTRY_SIZE];
+                self.mem.read(at, &mut raw)?;
+                let mut c = ContextEntry::from_bytes(&raw);
+                c.flags = pte::CTX_MM_RELEASED;
+                self.mem.write(at, &c.to_bytes())?;
+            }
+            r
+        }
+
+        fn write(&self, gpa: u64, buf: &[u8]) -> Result<(), MemError> {
+            self.mem.write(gpa, buf)
+        }
+
+        fn fetch_or_u64(&self, gpa: u64, bits: u64) -> Result<u64, MemError> {
+            self.mem.fetch_or_u64(gpa, bits)
+        }
+    }
+
+    #[test]
+    fn a_release_written_during_the_walk_is_seen_after_it() {
+        // The entry is read once the walk is over, not when it starts.
+        let mut r = rig();
+        r.map_page(1, VA);
+        r.dma(job(DMA_CHECKSUM, 1, VA, 0, 8, 0));
+        r.post(Command::new(shared_regs::cmd::CMD_INV_ASID, 0, 1, 0, 0));
+        r.post_sync();
+        r.run();
+        r.take_events();
+        r.submit(job(DMA_CHECKSUM, 1, VA, 0, 8, 0));
+        let mem = ReleaseMidWalk {
+            mem: &r.mem,
+            done: Cell::new(false),
+        };
+        while r.dev.process(&mem, 64) {}
+        assert!(mem.done.get());
+        let kinds: Vec<_> = event_log(&mut r).iter().map(|e| (e.0, e.1)).collect();
+        assert_eq!(kinds[0], (ev::EVT_VIOLATION, ev::VIOL_CTX_RELEASED));
     }
 }

@@ -192,6 +192,9 @@ pub enum Activity {
         value: u32,
         /// DMA steps the SYNC waited for (in-flight uses of translations it covers).
         waited: u64,
+        /// The `SYNC_LAG` (µs) it waited for at least since it was reached (absent: none).
+        #[serde(skip_serializing_if = "is_zero")]
+        lag_us: u32,
     },
     /// A translation was cached after a page walk.
     IotlbFill {
@@ -363,6 +366,10 @@ pub enum Activity {
         #[serde(skip_serializing_if = "Option::is_none")]
         job: Option<u64>,
     },
+}
+
+fn is_zero(v: &u32) -> bool {
+    *v == 0
 }
 
 /// The little-endian integer value of an access of up to 8 bytes; 0 for longer accesses.

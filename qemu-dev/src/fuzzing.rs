@@ -24,14 +24,16 @@
 //!   bits, PS, a loop to the root, not present), and rarely a device reset;
 //! - PCI bus mastering switched off and on (the glue's config-space report).
 //!
-//! The test knobs ([`FAIL_INJECT`], [`FAIL_ARG`], [`WALK_LAG`], [`FAULT_LAG`], [`IOTLB_KEEP`],
-//! and the table-lifetime check's [`PT_FREED_BASE_LO`], [`PT_FREED_BASE_HI`],
-//! [`PT_FREED_PAGES`]) are registers like any other here (a structured step also points the
-//! freed-table bitmap into RAM and marks device page-table pages in it), but they cannot make an input slow or end the process: the
-//! device runs on a [`VirtualClock`] whose sleeps (`WALK_LAG`, `FAULT_LAG`) cost nothing and
-//! whose time only moves when the harness says (one millisecond per operation), so
-//! `FAIL_SYNC_DELAY` deadlines are virtual too and `has_work()` stays a function of the
-//! device's state. `FAIL_DIE` only sets a flag in the library (exiting is the vfio-user glue's
+//! The test knobs (the [`RESET_KNOBS`]: [`CMD_LAG`], [`FAIL_INJECT`], [`FAIL_ARG`],
+//! [`WALK_LAG`], [`FAULT_LAG`], [`IOTLB_KEEP`], the table-lifetime check's
+//! [`PT_FREED_BASE_LO`], [`PT_FREED_BASE_HI`], [`PT_FREED_PAGES`], and [`SYNC_LAG`]) are
+//! registers like any other here (a structured step also points the freed-table bitmap into
+//! RAM and marks device page-table pages in it, and one arms a failure mode with a SYNC lag of
+//! a few milliseconds), but they cannot make an input slow or end the process: the device runs
+//! on a [`VirtualClock`] whose sleeps (`WALK_LAG`, `FAULT_LAG`) cost nothing and whose time
+//! only moves when the harness says (one millisecond per operation), so the `FAIL_SYNC_DELAY`
+//! and `SYNC_LAG` deadlines are virtual too and `has_work()` stays a function of the device's
+//! state. `FAIL_DIE` only sets a flag in the library (exiting is the vfio-user glue's
 //! business, which the fuzzer never runs); the device then stays dead for the rest of the
 //! input.
 //!
@@ -46,7 +48,8 @@
 //! [`IOTLB_KEEP`] is on, the knobs read back within their bounds (the freed-table base
 //! 8-byte aligned), and the SYNC ledger never fires (a [`shared_regs::event::VIOL_LEDGER`]
 //! violation is a device bug whatever the guest does; every violation counted is the
-//! validator's or a table-lifetime one). At the end it reads every register, the MSI-X area and some holes.
+//! validator's, a table-lifetime one or a released-context one). At the end it reads every
+//! register, the MSI-X area and some holes.
 //!
 //! Work per input is bounded: at most [`MAX_OPS`] operations, at most 16 steps per
 //! `process` (1024 for "until idle"), and the input stops once the device has executed
@@ -139,8 +142,8 @@ const UNIT_REGISTERS: [u32; 28] = [
 ];
 
 /// Every defined register (statistics apart): the units' and the test knobs.
-const REGISTERS: [u32; 36] = {
-    let mut all = [0; 36];
+const REGISTERS: [u32; UNIT_REGISTERS.len() + RESET_KNOBS.len()] = {
+    let mut all = [0; UNIT_REGISTERS.len() + RESET_KNOBS.len()];
     let mut i = 0;
     while i < all.len() {
         all[i] = if i < UNIT_REGISTERS.len() {
@@ -577,6 +580,8 @@ impl<'m> Harness<'m> {
                 };
                 self.set(FAIL_ARG, u32::from(input.byte() % 16));
                 self.set(FAIL_INJECT, mode);
+                // A SYNC lag of a few operations' time (raw values mostly clamp to 100 ms).
+                self.set(SYNC_LAG, u32::from(input.byte() % 4) * 1500);
             }
             _ => {
                 // CR0 toggles and error clears, the driver's recovery paths.
@@ -1117,8 +1122,8 @@ impl<'m> Harness<'m> {
             .chain(u64::from(MSIX_PBA_OFFSET)..u64::from(MSIX_PBA_OFFSET) + 8)
             .step_by(4);
         let holes = [
-            0x02c,
             0x038,
+            u64::from(SYNC_LAG + 4),
             0x0fc,
             u64::from(STATS_BASE + 8 * STAT_COUNT),
             REGS_SIZE - 4,
@@ -1169,6 +1174,7 @@ impl<'m> Harness<'m> {
             "FAULT_LAG {:#x}",
             r[&FAULT_LAG]
         );
+        assert!(r[&SYNC_LAG] <= SYNC_LAG_MAX, "SYNC_LAG {:#x}", r[&SYNC_LAG]);
         let freed_base = r[&PT_FREED_BASE_LO];
         assert_eq!(freed_base & 7, 0, "PT_FREED_BASE_LO {freed_base:#x}");
         let keep = r[&IOTLB_KEEP];
@@ -1282,7 +1288,9 @@ impl<'m> Harness<'m> {
             self.dev.s.job.is_none() || ack & CR0_DMAQ_EN != 0,
             "a job runs on a disabled DMA queue"
         );
-        let validator = self.dev.s.validator.counts().violations() + self.dev.s.inject.tables_freed;
+        let validator = self.dev.s.validator.counts().violations()
+            + self.dev.s.inject.tables_freed
+            + self.dev.s.ctx_released;
         assert_eq!(
             stats[STAT_VIOLATIONS as usize], validator,
             "SYNC ledger violation: a translation was used after the SYNC covering its \

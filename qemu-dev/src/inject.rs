@@ -1,8 +1,8 @@
 //! Test knobs that make the device fail or slow down: failure injection ([`FAIL_INJECT`],
 //! [`FAIL_ARG`], ABI 1.3), the page-walk lag ([`WALK_LAG`], 1.3), the fault lag ([`FAULT_LAG`],
 //! 1.4), the IOTLB keep mode ([`IOTLB_KEEP`], 1.4), the table-lifetime check
-//! ([`PT_FREED_BASE_LO`], [`PT_FREED_BASE_HI`], [`PT_FREED_PAGES`], 1.4), and the [`Clock`] the
-//! lags and deadlines run on.
+//! ([`PT_FREED_BASE_LO`], [`PT_FREED_BASE_HI`], [`PT_FREED_PAGES`], 1.4), the SYNC lag
+//! ([`SYNC_LAG`], 1.5), and the [`Clock`] the lags and deadlines run on.
 //!
 //! The lags sleep on the [`Clock`] inside [`ZapguardDevice::process`], so they hold whatever the
 //! caller holds: in the vfio-user server, the device lock (register accesses wait) and the
@@ -15,20 +15,25 @@
 //! made by [`crate::dma_engine`]'s walks: before each table read (after the [`WALK_LAG`] sleep)
 //! it reads the table's bit in the guest's bitmap ([`FreedTables::is_freed`]), never caching it,
 //! so a bit the driver sets while the walker sleeps is seen at the next table read.
+//! [`SYNC_LAG`] does not sleep: like [`FAIL_SYNC_DELAY`] it gives each SYNC reached a deadline
+//! on the [`Clock`] ([`crate::cmdq`]), so the device keeps running DMA while the SYNC waits and
+//! the idle worker sleeps until the deadline ([`ZapguardDevice::until_deadline`]).
 //!
 //! The register semantics are in [`shared_regs::regs`]. Here is where each mode bites:
 //!
 //! | mode | where | effect |
 //! |---|---|---|
 //! | [`FAIL_CMDQ_STOP`] | [`crate::cmdq`] | no command is fetched; `CR0` still answers |
-//! | [`FAIL_SYNC_DELAY`] | [`crate::cmdq`] | a SYNC reached is held until its deadline on the [`Clock`] |
+//! | [`FAIL_SYNC_DELAY`] | [`crate::cmdq`] | a SYNC reached is held until its deadline on the [`Clock`] (the later of this one and [`SYNC_LAG`]'s) |
 //! | [`FAIL_CMDQ_ERROR`] | [`crate::cmdq`] | the next command fetched stops the queue with `CERR_INJECTED` |
 //! | [`FAIL_DROP_CMD_MSI`] | [`crate::device`] | the command vector is not raised |
 //! | [`FAIL_DMA_HANG`] | [`crate::dma_engine`], [`crate::device`] | one more DMA step, then the engine stops; `CR0` clears of DMAQ/CTX are not acknowledged |
 //! | [`FAIL_DIE`] | [`crate::dma_engine`] | the next DMA step sets [`ZapguardDevice::die_requested`]; the glue exits the process |
 //!
-//! Every arming and every firing is traced as [`Activity::FailInject`]. Time is injected (a
-//! [`Clock`]) so that tests can watch or replace the walker's sleeps and the SYNC deadlines.
+//! Every arming and every firing is traced as [`Activity::FailInject`]; the lags are not
+//! failures and are not traced as such (a SYNC's `sync_done` names the [`SYNC_LAG`] it
+//! applied). Time is injected (a [`Clock`]) so that tests can watch or replace the walker's
+//! sleeps and the SYNC deadlines.
 
 use std::time::{Duration, Instant};
 
@@ -38,8 +43,8 @@ use crate::device::ZapguardDevice;
 use crate::events::{Activity, Events};
 use crate::guest::GuestMem;
 
-/// The time the device runs on: deadlines of [`FAIL_SYNC_DELAY`] and the sleeps of
-/// [`WALK_LAG`] and [`FAULT_LAG`].
+/// The time the device runs on: deadlines of [`FAIL_SYNC_DELAY`] and [`SYNC_LAG`], and the
+/// sleeps of [`WALK_LAG`] and [`FAULT_LAG`].
 pub trait Clock: Send {
     /// The current time.
     fn now(&self) -> Instant;
@@ -73,6 +78,8 @@ pub(crate) struct Inject {
     pub(crate) walk_lag: u32,
     /// [`FAULT_LAG`], clamped to [`FAULT_LAG_MAX`].
     pub(crate) fault_lag: u32,
+    /// [`SYNC_LAG`], clamped to [`SYNC_LAG_MAX`].
+    pub(crate) sync_lag: u32,
     /// [`PT_FREED_BASE_LO`] (bits 2:0 always clear: a misaligned write is refused).
     pub(crate) pt_freed_base_lo: u32,
     /// [`PT_FREED_BASE_HI`].
@@ -145,13 +152,14 @@ impl<E: Events> ZapguardDevice<E> {
         self.s.inject.died
     }
 
-    /// How long until the device has work that only time brings (a delayed SYNC falls due),
-    /// if such a deadline lies in the future: the idle worker sleeps that long at most.
+    /// How long until the device has work that only time brings (a SYNC delayed by
+    /// [`FAIL_SYNC_DELAY`] or [`SYNC_LAG`] falls due), if such a deadline lies in the future:
+    /// the idle worker sleeps that long at most.
     pub fn until_deadline(&self) -> Option<Duration> {
         let now = self.clock.now();
         self.s
             .pending_sync
-            .and_then(|p| p.due)
+            .and_then(|p| p.hold.due)
             .filter(|&due| due > now)
             .map(|due| due - now)
     }
@@ -197,6 +205,12 @@ impl<E: Events> ZapguardDevice<E> {
     /// The wait before a DMA job's fault is reported, if any.
     pub(crate) fn fault_lag(&self) -> Option<Duration> {
         let us = self.s.inject.fault_lag.min(FAULT_LAG_MAX);
+        (us > 0).then(|| Duration::from_micros(u64::from(us)))
+    }
+
+    /// The least time a SYNC reached now waits before it completes, if any.
+    pub(crate) fn sync_lag(&self) -> Option<Duration> {
+        let us = self.s.inject.sync_lag.min(SYNC_LAG_MAX);
         (us > 0).then(|| Duration::from_micros(u64::from(us)))
     }
 
@@ -573,6 +587,175 @@ mod tests {
         assert_eq!(r.dev.take_irqs(), CMD_IRQ);
     }
 
+    /// `(lag_us, waited)` of every `sync_done`.
+    fn syncs_done(r: &mut Rig<EventLog>) -> Vec<(u32, u64)> {
+        r.activity()
+            .into_iter()
+            .filter_map(|a| match a {
+                Activity::SyncDone { lag_us, waited, .. } => Some((lag_us, waited)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn sync_lag_completes_only_after_the_lag_and_holds_the_queue() {
+        const LAG: Duration = Duration::from_micros(300);
+        let mut r = rig();
+        let clock = ManualClock::new();
+        r.dev.set_clock(clock.clone());
+        r.set(SYNC_LAG, LAG.as_micros() as u32);
+        assert_eq!(r.reg(SYNC_LAG), 300);
+        let s = r.post_sync();
+        r.post(Command::new(cmd::CMD_NOP, 0, 0, 0, 0));
+        let cons = r.reg(CMDQ_CONS);
+        assert!(r.dev.process(&r.mem, 1), "reaching the SYNC is progress");
+        assert!(!r.dev.has_work(), "nothing to do before the deadline");
+        assert_eq!(r.dev.until_deadline(), Some(LAG));
+        // The lag in force when the SYNC was reached applies: rewriting it moves nothing.
+        r.set(SYNC_LAG, 0);
+        clock.advance(LAG - Duration::from_micros(1));
+        r.run();
+        assert!(!r.sync_done(s));
+        assert_eq!(r.reg(CMDQ_CONS), cons, "the command after it waits");
+        assert_eq!(r.dev.take_irqs(), 0, "no interrupt before the completion");
+        clock.advance(Duration::from_micros(1));
+        assert!(r.dev.has_work());
+        r.run();
+        assert!(r.sync_done(s));
+        assert_eq!(
+            r.reg(CMDQ_CONS),
+            queue::next(queue::next(cons, RING_LOG2), RING_LOG2)
+        );
+        assert_eq!(r.dev.take_irqs(), CMD_IRQ);
+        // Benign: no failure traced; the completion says what held it.
+        assert_eq!(fail_events(&mut r), []);
+        assert_eq!(syncs_done(&mut r), [(300, 0)]);
+        // Off again: the next SYNC completes at once, with no lag in its trace.
+        let s = r.post_sync();
+        r.run();
+        assert!(r.sync_done(s));
+        assert_eq!(syncs_done(&mut r)[1], (0, 0));
+    }
+
+    #[test]
+    fn sync_lag_is_clamped_and_reset_by_a_device_reset() {
+        let mut r = rig();
+        let clock = ManualClock::new();
+        r.dev.set_clock(clock.clone());
+        r.set(SYNC_LAG, u32::MAX);
+        assert_eq!(r.reg(SYNC_LAG), SYNC_LAG_MAX, "clamped");
+        r.set(SYNC_LAG, SYNC_LAG_MAX + 1);
+        assert_eq!(r.reg(SYNC_LAG), SYNC_LAG_MAX, "clamped");
+        let max = Duration::from_micros(u64::from(SYNC_LAG_MAX));
+        let s = r.post_sync();
+        r.run();
+        assert_eq!(r.dev.until_deadline(), Some(max), "held for the maximum");
+        clock.advance(max);
+        r.run();
+        assert!(r.sync_done(s));
+        assert_eq!(r.reg(ERROR), 0);
+        // A reset forgets the lag and the SYNC waiting on it.
+        let s = r.post_sync();
+        r.run();
+        assert!(r.dev.s.pending_sync.is_some());
+        r.dev.reset();
+        assert_eq!(r.reg(SYNC_LAG), 0);
+        assert_eq!(r.dev.until_deadline(), None);
+        crate::testkit::program(|reg, v| r.set(reg, v), RING_LOG2);
+        let s2 = r.post_sync();
+        r.run();
+        assert!(r.sync_done(s2.max(s)), "no lag after the reset");
+    }
+
+    #[test]
+    fn sync_lag_and_sync_delay_the_later_deadline_wins() {
+        for (delay_ms, lag_us, due) in [
+            (2, 5000, Duration::from_millis(5)),
+            (50, 300, Duration::from_millis(50)),
+        ] {
+            let mut r = rig();
+            let clock = ManualClock::new();
+            r.dev.set_clock(clock.clone());
+            r.set(FAIL_ARG, delay_ms);
+            r.set(FAIL_INJECT, FAIL_SYNC_DELAY);
+            r.set(SYNC_LAG, lag_us);
+            let s = r.post_sync();
+            r.run();
+            assert_eq!(
+                r.dev.until_deadline(),
+                Some(due),
+                "{delay_ms} ms, {lag_us} us"
+            );
+            clock.advance(due - Duration::from_micros(1));
+            r.run();
+            assert!(!r.sync_done(s) && !r.dev.has_work());
+            clock.advance(Duration::from_micros(1));
+            assert!(r.dev.has_work());
+            r.run();
+            assert!(r.sync_done(s));
+            // The failure mode is traced as ever; the lag is in the completion.
+            assert_eq!(
+                fail_events(&mut r)[1..],
+                [
+                    ("sync_delay", "sync delayed"),
+                    ("sync_delay", "delayed sync completed")
+                ]
+            );
+            assert_eq!(syncs_done(&mut r), [(lag_us, 0)]);
+        }
+    }
+
+    #[test]
+    fn sync_lag_runs_from_the_sync_reached_alongside_in_flight_dma() {
+        // 16 steps per page: the job holds page 0's translation for 16 steps.
+        const LAG: Duration = Duration::from_millis(1);
+        let run_steps = |r: &mut Rig<EventLog>, n| {
+            for _ in 0..n {
+                r.dev.process(&r.mem, 1);
+            }
+        };
+        // DMA lets go first: the SYNC still waits out its lag.
+        let mut r = rig();
+        let clock = ManualClock::new();
+        r.dev.set_clock(clock.clone());
+        r.set(SYNC_LAG, LAG.as_micros() as u32);
+        let st = r.submit(fill(2 * PG));
+        run_steps(&mut r, 3);
+        r.post(Command::new(cmd::CMD_INV_ALL, 0, 0, 0, 0));
+        let s = r.post_sync();
+        run_steps(&mut r, 64);
+        assert_eq!(r.status(st).status, DMA_ST_OK, "the job finished");
+        assert!(!r.sync_done(s), "the lag is not over");
+        clock.advance(LAG);
+        r.run();
+        assert!(r.sync_done(s));
+        let (lag, waited) = syncs_done(&mut r)[0];
+        assert_eq!(lag, 1000);
+        assert!(waited > 0, "it waited for the job too");
+        // The lag runs out first: the SYNC completes as soon as the job lets page 0 go.
+        let mut r = rig();
+        let clock = ManualClock::new();
+        r.dev.set_clock(clock.clone());
+        r.set(SYNC_LAG, LAG.as_micros() as u32);
+        r.submit(fill(2 * PG));
+        run_steps(&mut r, 3);
+        r.post(Command::new(cmd::CMD_INV_ALL, 0, 0, 0, 0));
+        let s = r.post_sync();
+        run_steps(&mut r, 1);
+        clock.advance(LAG);
+        let mut steps = 0;
+        while !r.sync_done(s) {
+            assert!(r.dev.process(&r.mem, 1));
+            steps += 1;
+        }
+        assert!(
+            steps > 1 && steps <= 16,
+            "done once page 0 is let go: {steps}"
+        );
+        assert_eq!(r.dev.s.job.as_ref().map(|j| j.pos() / PG), Some(1));
+    }
+
     #[test]
     fn cmdq_error_is_one_shot_and_clearing_resumes() {
         let mut r = rig();
@@ -765,6 +948,8 @@ mod tests {
     #[test]
     fn reset_clears_every_knob() {
         let mut r = rig();
+        r.set(CMD_LAG, 3);
+        r.set(SYNC_LAG, 7);
         r.set(FAIL_ARG, 1234);
         r.set(WALK_LAG, 5);
         r.set(FAULT_LAG, 6);

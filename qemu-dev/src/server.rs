@@ -981,6 +981,28 @@ mod tests {
         );
     }
 
+    /// Likewise for a SYNC held by the SYNC_LAG knob (a deadline, not a sleep).
+    #[test]
+    fn worker_wakes_for_a_lagged_sync() {
+        use shared_regs::regs::SYNC_LAG;
+        let mut b = backend();
+        let ram = machine(&mut b);
+        bus_master(&mut b, true);
+        b.region_write(BAR0_REGION, SYNC_LAG.into(), &30_000u32.to_le_bytes())
+            .expect("write");
+        let t0 = std::time::Instant::now();
+        post_sync(&mut b, &ram, 0, 9);
+        assert!(eventually(Duration::from_secs(5), || read_u32(
+            &ram,
+            crate::testkit::SYNC_WORD
+        ) == 9));
+        let took = t0.elapsed();
+        assert!(
+            took >= Duration::from_millis(30) && took < Duration::from_millis(180),
+            "completed at the lag's deadline, not at the 200 ms idle tick: {took:?}"
+        );
+    }
+
     #[test]
     fn fail_die_runs_the_hook_on_the_worker() {
         use shared_regs::dma::{DmaJob, DMA_FILL, DMA_JOB_SIZE};

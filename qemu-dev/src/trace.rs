@@ -36,7 +36,7 @@
 //! |---|---|
 //! | `control` | `cr0ack` (units enabled), `refused` (enables refused for bad configuration) |
 //! | `command` | `cmd`, `op` (`inv_range`, `inv_asid`, `inv_all`, `cfgi_ctx`, `sync`, `resume`, `abort`, `nop`), `asid`, `va` (address operand), `len` (second operand), `result` (`ok`, `ignored`, or the `CERR_*` name: the queue stopped) |
-//! | `sync_done` | `cmd`, `pa` (completion address), `value`, `waited` (DMA steps it waited for) |
+//! | `sync_done` | `cmd`, `pa` (completion address), `value`, `waited` (DMA steps it waited for), `lag_us` (the `SYNC_LAG` it waited for at least since it was reached; absent when none) |
 //! | `iotlb_fill` | `asid`, `va`, `pa`, `len` (4096 or 2 MiB), `writable`, `id`: a walk's translation, cached (or, with the `IOTLB_KEEP` knob on a full IOTLB, only used) |
 //! | `iotlb_evict` | `asid`, `va`, `len`, `id` |
 //! | `iotlb_invalidate` | `cmd`, `asid` (absent for INV_ALL), `va`, `len`, `dropped`, `in_flight` (held by a running job; the next SYNC waits for them) |
@@ -44,7 +44,7 @@
 //! | `job_done` | `job`, `asid`, `result` (`ok`, `fault`, `bad_job`, `buf_error`), `len` (bytes done), `faults` |
 //! | `dma_access` | `job`, `asid`, `va`, `pa`, `len`, `write`, `id`: one side of one DMA step (at most a page, never crossing one) through translation `id` |
 //! | `fault` | `job`, `asid`, `va`, `write`, `result` (`FAULT_*` name), `stalled`, `tag` |
-//! | `violation` | `job`, `asid`, `va`, `pa` (device's), `cpu_pa` (absent: CPU maps nothing), `write`, `result` (`stale`, `write_perm`, `write_clean`, `released`, `ledger`, `table_freed`: then `pa` is the freed table's GPA), `why` |
+//! | `violation` | `job`, `asid`, `va`, `pa` (device's), `cpu_pa` (absent: CPU maps nothing), `write`, `result` (`stale`, `write_perm`, `write_clean`, `released`, `ledger`, `table_freed`: then `pa` is the freed table's GPA, `ctx_released`: then `pa` is the walk's root table's GPA), `why` |
 //! | `queue_error` | `queue` (`cmdq`, `evtq`, `dmaq`), `cmd` (position), `result` |
 //! | `interrupt` | `vector` (0 command, 1 event, 2 error) |
 //! | `irq_dropped` | `vector`: due while PCI bus mastering was off, never sent |
@@ -1193,6 +1193,14 @@ mod binary_tests {
                 pa: 0x1000,
                 value: 9,
                 waited: 4,
+                lag_us: 0,
+            },
+            Activity::SyncDone {
+                cmd: 3,
+                pa: 0,
+                value: 0,
+                waited: 0,
+                lag_us: 300,
             },
             Activity::IotlbInvalidate {
                 cmd: 5,

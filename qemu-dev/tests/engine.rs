@@ -655,6 +655,39 @@ fn access_after_release_is_caught() {
 }
 
 #[test]
+fn release_without_context_invalidation_is_caught_at_the_next_walk() {
+    let mut r = rig();
+    r.map_page(1, VA);
+    // The device caches the context with a first job.
+    assert_eq!(r.dma(job(DMA_CHECKSUM, 1, VA, 0, 8, 0)).status, DMA_ST_OK);
+    // Bug: the release clears the entry and flushes the ASID but posts no CFGI_CTX, then marks
+    // the entry released once its SYNC completed.
+    let c = r.ctx(1);
+    r.write_ctx(1, pte::ContextEntry { flags: 0, ..c });
+    r.post(Command::new(cmd::CMD_INV_ASID, 0, 1, 0, 0));
+    let s = r.post_sync();
+    r.run();
+    assert!(r.sync_done(s));
+    r.write_ctx(
+        1,
+        pte::ContextEntry {
+            flags: pte::CTX_MM_RELEASED,
+            ..Default::default()
+        },
+    );
+    // A job still queued walks through the cached context: `ctx_released` at the walk.
+    r.dma(job(DMA_CHECKSUM, 1, VA, 0, 8, 0));
+    let v: Vec<_> = r
+        .take_events()
+        .into_iter()
+        .filter(|e| e.ty == EVT_VIOLATION)
+        .map(|e| (e.reason, e.va, e.info))
+        .collect();
+    assert_eq!(v[0], (VIOL_CTX_RELEASED, VA, c.pt_root));
+    assert_eq!(violation_name(v[0].0), "ctx_released");
+}
+
+#[test]
 fn correct_cow_sequence_has_no_violation() {
     let mut r = rig();
     let pa = r.map_page(1, VA);

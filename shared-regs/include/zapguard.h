@@ -32,9 +32,13 @@ extern "C" {
  * Version of this uAPI, reported in struct zg_info.uapi_version (2: irq_count, probe_sync_ns;
  * 3: contexts, MAP, DMA, SNAPSHOT, STATS, INJECT; 5: struct zg_inject.populate_lag, fault_lag,
  * iotlb_keep; 6: struct zg_stats.violations has a slot for ZG_VIOL_TABLE_FREED, which moves the
- * fields after it and grows struct zg_stats to 264 bytes, hence a new ZG_IOC_STATS number).
+ * fields after it and grows struct zg_stats to 264 bytes, hence a new ZG_IOC_STATS number;
+ * 7: a slot for ZG_VIOL_CTX_RELEASED (struct zg_stats 272 bytes, a new ZG_IOC_STATS number
+ * again), ZG_INJ_SKIP_CTX_INVALIDATE, struct zg_inject.sync_lag (struct zg_inject 36 bytes, a new
+ * ZG_IOC_INJECT number), and the non-blockable invalidation counters
+ * (struct zg_info.nonblock_invalidations, struct zg_stats.invalidations_nonblock).
  */
-#define ZG_UAPI_VERSION 6u
+#define ZG_UAPI_VERSION 7u
 
 /*
  * Answer of ZG_IOC_GET_INFO. Fields are filled from the device's registers at probe time
@@ -245,7 +249,7 @@ _Static_assert(offsetof(struct zg_snapshot, out) == 16, "struct zg_snapshot.out:
 #define ZG_STATS_RELEASED 1u
 
 /* Number of validator violation classes (indexes of struct zg_stats.violations are VIOL_*). */
-#define ZG_VIOL_CLASSES 7ull
+#define ZG_VIOL_CLASSES 8ull
 
 /* Answer of ZG_IOC_STATS: counters of this context since it was opened. */
 struct zg_stats {
@@ -288,7 +292,7 @@ struct zg_stats {
 	/* DMA jobs completed. */
 	__u64 dma_jobs;
 	/* Validator violation events for this ASID, indexed by VIOL_* (index 0 unused). */
-	__u64 violations[7];
+	__u64 violations[8];
 	/* The device's global STAT_VIOLATIONS counter (all ASIDs, since reset). */
 	__u64 device_violations;
 	/* Device page-table pages this context holds. */
@@ -320,7 +324,7 @@ struct zg_stats {
 	/* Zero. */
 	__u64 reserved[1];
 };
-_Static_assert(sizeof(struct zg_stats) == 264, "struct zg_stats: size as in shared-regs");
+_Static_assert(sizeof(struct zg_stats) == 272, "struct zg_stats: size as in shared-regs");
 _Static_assert(offsetof(struct zg_stats, asid) == 0, "struct zg_stats.asid: offset");
 _Static_assert(offsetof(struct zg_stats, flags) == 4, "struct zg_stats.flags: offset");
 _Static_assert(offsetof(struct zg_stats, invalidations) == 8, "struct zg_stats.invalidations: offset");
@@ -341,14 +345,14 @@ _Static_assert(offsetof(struct zg_stats, faults_resolved) == 120, "struct zg_sta
 _Static_assert(offsetof(struct zg_stats, faults_aborted) == 128, "struct zg_stats.faults_aborted: offset");
 _Static_assert(offsetof(struct zg_stats, dma_jobs) == 136, "struct zg_stats.dma_jobs: offset");
 _Static_assert(offsetof(struct zg_stats, violations) == 144, "struct zg_stats.violations: offset");
-_Static_assert(offsetof(struct zg_stats, device_violations) == 200, "struct zg_stats.device_violations: offset");
-_Static_assert(offsetof(struct zg_stats, pt_pages) == 208, "struct zg_stats.pt_pages: offset");
-_Static_assert(offsetof(struct zg_stats, fault_pages) == 216, "struct zg_stats.fault_pages: offset");
-_Static_assert(offsetof(struct zg_stats, pages_write_protected) == 224, "struct zg_stats.pages_write_protected: offset");
-_Static_assert(offsetof(struct zg_stats, aging_young) == 232, "struct zg_stats.aging_young: offset");
-_Static_assert(offsetof(struct zg_stats, aging_cleared) == 240, "struct zg_stats.aging_cleared: offset");
-_Static_assert(offsetof(struct zg_stats, invalidations_nonblock) == 248, "struct zg_stats.invalidations_nonblock: offset");
-_Static_assert(offsetof(struct zg_stats, reserved) == 256, "struct zg_stats.reserved: offset");
+_Static_assert(offsetof(struct zg_stats, device_violations) == 208, "struct zg_stats.device_violations: offset");
+_Static_assert(offsetof(struct zg_stats, pt_pages) == 216, "struct zg_stats.pt_pages: offset");
+_Static_assert(offsetof(struct zg_stats, fault_pages) == 224, "struct zg_stats.fault_pages: offset");
+_Static_assert(offsetof(struct zg_stats, pages_write_protected) == 232, "struct zg_stats.pages_write_protected: offset");
+_Static_assert(offsetof(struct zg_stats, aging_young) == 240, "struct zg_stats.aging_young: offset");
+_Static_assert(offsetof(struct zg_stats, aging_cleared) == 248, "struct zg_stats.aging_cleared: offset");
+_Static_assert(offsetof(struct zg_stats, invalidations_nonblock) == 256, "struct zg_stats.invalidations_nonblock: offset");
+_Static_assert(offsetof(struct zg_stats, reserved) == 264, "struct zg_stats.reserved: offset");
 
 /*
  * struct zg_inject.modes: the invalidation callback only bumps the sequence (no PTE clear, no
@@ -376,7 +380,8 @@ _Static_assert(offsetof(struct zg_stats, reserved) == 256, "struct zg_stats.rese
 
 /*
  * Release (exit_mmap()) leaves the device context enabled with its mappings (it is only
- * marked released for the validator): a job still running keeps going (ZG_VIOL_RELEASED).
+ * marked released for the validator): a job still running keeps going (ZG_VIOL_RELEASED, and
+ * ZG_VIOL_CTX_RELEASED at each of its walks: the device was never told of the new entry).
  */
 #define ZG_INJ_KEEP_AFTER_RELEASE 0x10u
 
@@ -388,8 +393,16 @@ _Static_assert(offsetof(struct zg_stats, reserved) == 256, "struct zg_stats.rese
  */
 #define ZG_INJ_EARLY_TABLE_FREE 0x20u
 
+/*
+ * Disabling the context (release, close) leaves CMD_CFGI_CTX out of its commands: the entry
+ * is cleared in memory and the ASID's translations are flushed, but the device keeps the
+ * context entry it cached. Once the release marks the entry released, a job still queued or
+ * running for the ASID walks through the stale cached context: ZG_VIOL_CTX_RELEASED.
+ */
+#define ZG_INJ_SKIP_CTX_INVALIDATE 0x40u
+
 /* Every injection mode. */
-#define ZG_INJ_ALL 0x3fu
+#define ZG_INJ_ALL 0x7fu
 
 /*
  * struct zg_inject.modes, not a bug: turn the device's validator off for this context (clears
@@ -405,7 +418,7 @@ _Static_assert(offsetof(struct zg_stats, reserved) == 256, "struct zg_stats.rese
 #define ZG_DBG_ZAP_WRITE_PROTECT 0x20000u
 
 /* Every struct zg_inject.modes bit the driver accepts. */
-#define ZG_INJ_MODES 0x3003fu
+#define ZG_INJ_MODES 0x3007fu
 
 /* Largest struct zg_inject.populate_lag (100 ms; EINVAL beyond). */
 #define ZG_POPULATE_LAG_MAX_US 0x186a0u
@@ -454,8 +467,16 @@ struct zg_inject {
 	 * iotlb_keep module parameter in force. Other values: EINVAL.
 	 */
 	__u32 iotlb_keep;
+	/*
+	 * Value for the device's SYNC_LAG register, in microseconds
+	 * (device-wide, reset when the context that set it closes); 0 leaves the driver's
+	 * sync_lag_us module parameter in force. Above SYNC_LAG_MAX: EINVAL.
+	 * A lag beyond the driver's non-blockable spin (20 ms) makes every non-blockable
+	 * invalidation give up, which the OOM-reaper tests use.
+	 */
+	__u32 sync_lag;
 };
-_Static_assert(sizeof(struct zg_inject) == 32, "struct zg_inject: size as in shared-regs");
+_Static_assert(sizeof(struct zg_inject) == 36, "struct zg_inject: size as in shared-regs");
 _Static_assert(offsetof(struct zg_inject, modes) == 0, "struct zg_inject.modes: offset");
 _Static_assert(offsetof(struct zg_inject, cmd_lag) == 4, "struct zg_inject.cmd_lag: offset");
 _Static_assert(offsetof(struct zg_inject, dev_fail) == 8, "struct zg_inject.dev_fail: offset");
@@ -464,6 +485,7 @@ _Static_assert(offsetof(struct zg_inject, walk_lag) == 16, "struct zg_inject.wal
 _Static_assert(offsetof(struct zg_inject, populate_lag) == 20, "struct zg_inject.populate_lag: offset");
 _Static_assert(offsetof(struct zg_inject, fault_lag) == 24, "struct zg_inject.fault_lag: offset");
 _Static_assert(offsetof(struct zg_inject, iotlb_keep) == 28, "struct zg_inject.iotlb_keep: offset");
+_Static_assert(offsetof(struct zg_inject, sync_lag) == 32, "struct zg_inject.sync_lag: offset");
 
 /* _IOWR('z', 0x01, struct zg_map). */
 #define ZG_IOC_MAP 0xc0287a01u
@@ -475,10 +497,10 @@ _Static_assert(offsetof(struct zg_inject, iotlb_keep) == 28, "struct zg_inject.i
 #define ZG_IOC_SNAPSHOT 0x40187a03u
 
 /* _IOR('z', 0x04, struct zg_stats). */
-#define ZG_IOC_STATS 0x81087a04u
+#define ZG_IOC_STATS 0x81107a04u
 
 /* _IOW('z', 0x05, struct zg_inject). */
-#define ZG_IOC_INJECT 0x40207a05u
+#define ZG_IOC_INJECT 0x40247a05u
 
 /* The ioctl numbers, as <linux/ioctl.h> encodes them. */
 _Static_assert(ZG_IOC_GET_INFO == _IOR('z', 0x00, struct zg_info), "ZG_IOC_GET_INFO");
@@ -555,6 +577,18 @@ _Static_assert(ZG_IOC_INJECT == _IOW('z', 0x05, struct zg_inject), "ZG_IOC_INJEC
  * access; the walk goes on as if the check were off.
  */
 #define ZG_VIOL_TABLE_FREED 6u
+/*
+ * Violation (ABI 1.5): a page walk ran through a context the device had cached without
+ * CTX_MM_RELEASED while the entry in memory already carried it (read uncached
+ * after the walk's lags, as the register map's "Released contexts" describes). The driver
+ * writes that flag only once CMD_CFGI_CTX and a SYNC confirmed the context is off, so the
+ * device should no longer have the context cached: the driver released it without
+ * invalidating the device's context cache. va is the access's VA, info the GPA of the
+ * walk's root table (the cached context's pt_root), info2 NO_PA. Reported once per
+ * walk, after it and before its access or fault; the walk's outcome is unchanged. An entry
+ * that is merely invalid (cleared, its CMD_CFGI_CTX not executed yet) is not reported.
+ */
+#define ZG_VIOL_CTX_RELEASED 7u
 
 /* Device constants from regs.rs. */
 /* Failure mode: none, the device works. */

@@ -188,7 +188,8 @@ fn register_names_and_stats() {
     assert_eq!(regs::name(regs::PT_FREED_BASE_LO), Some("PT_FREED_BASE_LO"));
     assert_eq!(regs::name(regs::PT_FREED_BASE_HI), Some("PT_FREED_BASE_HI"));
     assert_eq!(regs::name(regs::PT_FREED_PAGES), Some("PT_FREED_PAGES"));
-    assert_eq!(regs::name(regs::PT_FREED_PAGES + 4), None);
+    assert_eq!(regs::name(regs::SYNC_LAG), Some("SYNC_LAG"));
+    assert_eq!(regs::name(regs::SYNC_LAG + 4), None);
     assert_eq!(
         regs::name(regs::stat_lo(regs::STAT_IOTLB_NOT_CACHED)),
         Some("STAT_LO")
@@ -217,6 +218,7 @@ fn registers_do_not_overlap() {
         (regs::PT_FREED_BASE_LO, 0x0b8),
         (regs::PT_FREED_BASE_HI, 0x0bc),
         (regs::PT_FREED_PAGES, 0x0c0),
+        (regs::SYNC_LAG, 0x0c4),
     ] {
         assert_eq!(o, want);
         assert!(named.contains(&o));
@@ -226,7 +228,7 @@ fn registers_do_not_overlap() {
             assert_eq!(regs::name(o), None, "{o:#x}");
         }
     }
-    assert_eq!(regs::VERSION_MINOR, 4);
+    assert_eq!(regs::VERSION_MINOR, 5);
     // The statistics still end before the registers do.
     const { assert!(regs::stat_hi(regs::STAT_COUNT - 1) < shared_regs::pci::REGS_SIZE as u32) };
     assert_eq!(regs::IOTLB_KEEP_MASK, 1, "IOTLB_KEEP: bit 0 only");
@@ -279,10 +281,12 @@ fn every_violation_class_has_a_name_and_a_stats_slot() {
             "write_clean",
             "released",
             "ledger",
-            "table_freed"
+            "table_freed",
+            "ctx_released"
         ]
     );
     assert_eq!(event::VIOL_TABLE_FREED, 6);
+    assert_eq!(event::VIOL_CTX_RELEASED, 7);
     assert_eq!(
         event::violation_name(ZG_VIOL_CLASSES as u16),
         "unknown",

@@ -291,6 +291,12 @@ const REGS: &[Reg] = &[
         "Test knob: guest pages the freed-table bitmap covers (0: check off).",
         WHOLE,
     ),
+    r(
+        "SYNC_LAG",
+        SYNC_LAG,
+        "Test knob: microseconds before a SYNC's completion is written.",
+        WHOLE,
+    ),
 ];
 
 /// `hi:lo` of a contiguous mask.

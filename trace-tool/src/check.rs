@@ -267,16 +267,13 @@ mod tests {
 
     #[test]
     fn every_device_violation_class_is_a_finding() {
-        // The classes the device reports (shared-regs' `violation_name`), table_freed (ABI 1.4,
-        // a walk through a page-table page the driver marked freed) included.
-        for class in [
-            "stale",
-            "write_perm",
-            "write_clean",
-            "released",
-            "ledger",
-            "table_freed",
-        ] {
+        // Every class the device reports (shared-regs' `violation_name`), the walk checks'
+        // table_freed (ABI 1.4) and ctx_released (1.5) included.
+        let classes: Vec<&str> = (1..shared_regs::uapi::ZG_VIOL_CLASSES as u16)
+            .map(shared_regs::event::violation_name)
+            .collect();
+        assert!(classes.contains(&"table_freed") && classes.contains(&"ctx_released"));
+        for class in classes {
             let c = check(&[json!({"kind": "violation", "asid": 1, "va": 4096,
                 "pa": 0x20_3000, "write": true, "result": class})]);
             assert_eq!(c.device_violations, 1, "{class}");

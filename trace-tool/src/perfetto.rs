@@ -172,7 +172,7 @@ impl<W: Write> Exporter<W> {
                         "SYNC",
                         t0,
                         t,
-                        json!({"waited_bursts": u("waited"), "cmd": u("cmd")}),
+                        json!({"waited_bursts": u("waited"), "lag_us": u("lag_us"), "cmd": u("cmd")}),
                     )?;
                 }
             }
@@ -311,7 +311,7 @@ mod tests {
             json!({"t_ns": 1000, "kind": "job_start", "job": 5, "op": "copy", "asid": 3}),
             json!({"t_ns": 2000, "kind": "bar_write", "reg": "CMDQ_PROD", "value": 2}),
             json!({"t_ns": 2500, "kind": "command", "cmd": 0, "op": "inv_range", "asid": 3, "va": 4096, "len": 4096}),
-            json!({"t_ns": 4000, "kind": "sync_done", "cmd": 1, "waited": 3}),
+            json!({"t_ns": 4000, "kind": "sync_done", "cmd": 1, "waited": 3, "lag_us": 300}),
             json!({"t_ns": 5000, "kind": "fault", "job": 5, "asid": 3, "va": 4096, "write": true, "result": "not_present", "stalled": true, "tag": 9}),
             json!({"t_ns": 6000, "kind": "bar_write", "reg": "CMDQ_PROD", "value": 3}),
             json!({"t_ns": 7000, "kind": "command", "cmd": 2, "op": "resume", "asid": 3, "va": 0, "len": 9}),
@@ -341,6 +341,10 @@ mod tests {
         assert_eq!(
             (sync["ts"].as_f64(), sync["dur"].as_f64()),
             (Some(2.0), Some(2.0))
+        );
+        assert_eq!(
+            (&sync["args"]["waited_bursts"], &sync["args"]["lag_us"]),
+            (&json!(3), &json!(300))
         );
         let fault = find("fault → resume");
         assert_eq!(

@@ -388,19 +388,23 @@ mod tests {
     }
 
     #[test]
-    fn table_freed_violations_are_counted_by_class() {
+    fn walk_check_violations_are_counted_by_class() {
         let s = summarize(&[
             json!({"t_ns": 1, "kind": "violation", "asid": 2, "va": 4096, "pa": 0x20_3000,
                 "write": true, "result": "table_freed", "why": "x"}),
             json!({"t_ns": 2, "kind": "violation", "asid": 2, "va": 4096, "pa": 0x20_4000,
                 "write": true, "result": "table_freed", "why": "x"}),
             json!({"t_ns": 3, "kind": "violation", "asid": 2, "result": "stale"}),
+            json!({"t_ns": 4, "kind": "violation", "asid": 2, "va": 8192, "pa": 0x20_0000,
+                "write": false, "result": "ctx_released", "why": "x"}),
         ]);
         let a = &s.asids[&2];
         assert_eq!(a.violations["table_freed"], 2);
         assert_eq!(a.violations["stale"], 1);
-        assert_eq!(s.violations(), 3);
+        assert_eq!(a.violations["ctx_released"], 1);
+        assert_eq!(s.violations(), 4);
         assert!(s.to_string().contains("table_freed 2"), "{s}");
+        assert!(s.to_string().contains("ctx_released 1"), "{s}");
     }
 
     #[test]

@@ -56,17 +56,22 @@ struct Options {
 const FLAVORS: [&str; 4] = ["default", "debug", "kasan", "kcsan"];
 
 /// The device knobs a whole run can turn on, as the driver's module parameters: the clean
-/// suite must stay clean with each (`just test` runs it once per entry).
-const KNOB_RUNS: [&str; 2] = ["iotlb_keep=1", "fault_lag_us=200"];
+/// suite must stay clean with each (`just test` runs it once per entry; an entry may turn on
+/// several knobs, so that a new knob costs no extra run).
+const KNOB_RUNS: [&str; 2] = ["iotlb_keep=1,sync_lag_us=300", "fault_lag_us=200"];
+
+/// The driver's knob module parameters (`--knobs`, `zg.knobs=`).
+const KNOB_PARAMS: [&str; 3] = ["iotlb_keep", "fault_lag_us", "sync_lag_us"];
 
 /// `--knobs`: comma-separated `param=number` of the driver's knob parameters.
 fn check_knobs(spec: &str) -> Result<()> {
     for kv in spec.split(',') {
         match kv.split_once('=') {
-            Some(("iotlb_keep" | "fault_lag_us", v)) if v.parse::<u32>().is_ok() => {}
+            Some((p, v)) if KNOB_PARAMS.contains(&p) && v.parse::<u32>().is_ok() => {}
             _ => {
                 return Err(format!(
-                    "--knobs: `{kv}` is not iotlb_keep=N or fault_lag_us=N"
+                    "--knobs: `{kv}` is not P=N with P one of {}",
+                    KNOB_PARAMS.join(", ")
                 ))
             }
         }
@@ -1036,4 +1041,26 @@ fn main() -> ExitCode {
         eprintln!("xtask: error: {e}");
         ExitCode::FAILURE
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn knob_runs_name_the_drivers_knob_parameters() {
+        for k in KNOB_RUNS {
+            check_knobs(k).unwrap();
+        }
+        assert!(KNOB_RUNS.iter().any(|k| k.contains("sync_lag_us=")));
+        for bad in ["walk_lag=5", "iotlb_keep=x", "iotlb_keep=1,", "sync_lag_us"] {
+            assert!(check_knobs(bad).is_err(), "{bad}");
+        }
+        // Each is a module parameter of the driver (init passes them to insmod as they are).
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+        let module = std::fs::read_to_string(root.join("kmod/zapguard.rs")).unwrap();
+        for p in KNOB_PARAMS {
+            assert!(module.contains(&format!("{p}: u32 {{")), "{p}");
+        }
+    }
 }

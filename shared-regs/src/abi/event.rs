@@ -9,7 +9,7 @@
 //! | 0 | 31:16 | reason (`FAULT_*` or `VIOL_*`) |
 //! | 0 | 63:32 | ASID |
 //! | 1 | | VA |
-//! | 2 | | `info`: fault: stall tag (0 if not stalled); violation: device PA used ([`VIOL_TABLE_FREED`]: GPA of the freed table) |
+//! | 2 | | `info`: fault: stall tag (0 if not stalled); violation: device PA used ([`VIOL_TABLE_FREED`]: GPA of the freed table; [`VIOL_CTX_RELEASED`]: GPA of the walk's root table) |
 //! | 3 | | `info2`: fault: job id; violation: CPU PA ([`NO_PA`] if the CPU maps nothing) |
 //!
 //! When the queue is full the device drops the event, counts it in `STAT_EVENTS_DROPPED`, sets
@@ -60,6 +60,16 @@ pub const VIOL_LEDGER: u16 = 5;
 /// table's GPA (page aligned), `info2` [`NO_PA`]. Reported once per table read, before the
 /// access; the walk goes on as if the check were off.
 pub const VIOL_TABLE_FREED: u16 = 6;
+/// Violation (ABI 1.5): a page walk ran through a context the device had cached without
+/// [`super::pte::CTX_MM_RELEASED`] while the entry in memory already carried it (read uncached
+/// after the walk's lags, as the register map's "Released contexts" describes). The driver
+/// writes that flag only once `CMD_CFGI_CTX` and a SYNC confirmed the context is off, so the
+/// device should no longer have the context cached: the driver released it without
+/// invalidating the device's context cache. `va` is the access's VA, `info` the GPA of the
+/// walk's root table (the cached context's `pt_root`), `info2` [`NO_PA`]. Reported once per
+/// walk, after it and before its access or fault; the walk's outcome is unchanged. An entry
+/// that is merely invalid (cleared, its `CMD_CFGI_CTX` not executed yet) is not reported.
+pub const VIOL_CTX_RELEASED: u16 = 7;
 
 /// `info2` of a violation when the CPU maps nothing at the VA.
 pub const NO_PA: u64 = u64::MAX;
@@ -135,6 +145,7 @@ pub const fn violation_name(reason: u16) -> &'static str {
         VIOL_RELEASED => "released",
         VIOL_LEDGER => "ledger",
         VIOL_TABLE_FREED => "table_freed",
+        VIOL_CTX_RELEASED => "ctx_released",
         _ => "unknown",
     }
 }

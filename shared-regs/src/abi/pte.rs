@@ -74,7 +74,9 @@ pub const CTX_VALID: u64 = 1 << 0;
 pub const CTX_STALL: u64 = 1 << 1;
 /// Context flag: the address space this context mirrors has been torn down (mmu_notifier
 /// release). Read by the validator on every access, uncached: a DMA for a context marked
-/// released is a violation ([`super::event::VIOL_RELEASED`]).
+/// released is a violation ([`super::event::VIOL_RELEASED`]). Read uncached after every page
+/// walk too (ABI 1.5): a walk through a cached context whose entry now says released is a
+/// [`super::event::VIOL_CTX_RELEASED`] violation.
 pub const CTX_MM_RELEASED: u64 = 1 << 2;
 /// Context flag: the CPU page table at `cpu_root` has 5 levels (LA57).
 pub const CTX_CPU_LA57: u64 = 1 << 3;

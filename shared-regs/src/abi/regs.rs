@@ -47,6 +47,7 @@
 //! | 0x0b8 | [`PT_FREED_BASE_LO`] | RW | 0 | test knob (1.4): freed-table bitmap GPA bits 31:0 (8-byte aligned; a misaligned write is refused with [`ERR_CONFIG`]) |
 //! | 0x0bc | [`PT_FREED_BASE_HI`] | RW | 0 | test knob (1.4): freed-table bitmap GPA bits 63:32 |
 //! | 0x0c0 | [`PT_FREED_PAGES`] | RW | 0 | test knob (1.4): guest pages the bitmap covers; 0 = table-lifetime check off |
+//! | 0x0c4 | [`SYNC_LAG`] | RW | 0 | test knob (1.5): microseconds a SYNC waits, from when it is reached, before its completion is written (at most [`SYNC_LAG_MAX`]) |
 //! | 0x100 + 8·i | [`stat_lo`]`(i)` | RO | 0 | statistic `STAT_*` i, bits 31:0 |
 //! | 0x104 + 8·i | [`stat_hi`]`(i)` | RO | 0 | statistic i, bits 63:32 (read HI, LO, HI again for a consistent value) |
 //!
@@ -72,9 +73,9 @@
 //! driver's fallbacks. One mode is armed at a time; writing the register replaces it (writing
 //! [`FAIL_NONE`] disarms). A value with an unknown mode or reserved bits set is refused: nothing
 //! is stored, [`ERR_CONFIG`] is raised with [`ERROR_INFO`] = [`FAIL_INJECT`]. A device reset
-//! disarms every mode, ends a hang and zeroes [`FAIL_ARG`], [`WALK_LAG`] and the 1.4 knobs
-//! [`FAULT_LAG`], [`IOTLB_KEEP`], [`PT_FREED_BASE_LO`], [`PT_FREED_BASE_HI`] and
-//! [`PT_FREED_PAGES`].
+//! disarms every mode, ends a hang and zeroes [`CMD_LAG`], [`FAIL_ARG`], [`WALK_LAG`], the 1.4
+//! knobs [`FAULT_LAG`], [`IOTLB_KEEP`], [`PT_FREED_BASE_LO`], [`PT_FREED_BASE_HI`] and
+//! [`PT_FREED_PAGES`], and the 1.5 knob [`SYNC_LAG`] (the list is [`RESET_KNOBS`]).
 //!
 //! **Table lifetime (1.4).** [`PT_FREED_BASE_LO`]/[`PT_FREED_BASE_HI`] and [`PT_FREED_PAGES`]
 //! name a bitmap in guest memory, one bit per 4 KiB guest page: bit `i` (byte `i / 8`, bit
@@ -89,6 +90,19 @@
 //! table before the SYNC covering its detachment completes is then caught at the walk that reads
 //! it, whether or not the page was reused yet. The registers are not latched: the walker uses
 //! their current values, so program the base before [`PT_FREED_PAGES`].
+//!
+//! **Released contexts (1.5).** Independently of the knobs, every page walk of a DMA job ends
+//! with an uncached read of its ASID's context entry (after the walk's [`WALK_LAG`] waits). The
+//! walk itself runs through the context the device cached; if the entry in memory now carries
+//! [`super::pte::CTX_MM_RELEASED`] and the cached copy does not, the driver declared the
+//! context off (it writes that flag only after `CMD_CFGI_CTX` and a SYNC confirmed it) while the
+//! device still had the earlier entry cached: it released the context without invalidating the
+//! device's context cache. That walk is reported as one [`super::event::VIOL_CTX_RELEASED`]
+//! violation (see there); its outcome is unchanged. An entry that is merely invalid (no
+//! [`super::pte::CTX_VALID`], no `CTX_MM_RELEASED`) is the legal window between the driver
+//! clearing it and its `CMD_CFGI_CTX` executing, and is not reported. (An entry loaded with the
+//! flag already set is not this check's business: every access through it is a
+//! [`super::event::VIOL_RELEASED`] violation.)
 //!
 //! **Reserved bits.** Reserved bits of a register that has them read as 0 and are ignored when
 //! written (as in [`CR0`], [`IRQ_CTRL`], [`IOTLB_KEEP`]); [`FAIL_INJECT`] alone refuses a value
@@ -205,6 +219,23 @@ pub const PT_FREED_BASE_HI: u32 = 0x0bc;
 pub const PT_FREED_PAGES: u32 = 0x0c0;
 /// Required alignment of [`PT_FREED_BASE_LO`]/[`PT_FREED_BASE_HI`].
 pub const PT_FREED_BASE_ALIGN: u64 = 8;
+/// SYNC lag (ABI 1.5), a test knob modelling a slow completion path: a SYNC writes its
+/// completion word and raises its interrupt no earlier than this many microseconds after the
+/// device reached it (fetched it at the head of the queue), even once every earlier command has
+/// run and no in-flight DMA holds a translation it must wait for. Meanwhile it holds the queue
+/// like any waiting SYNC: the commands after it wait too. The lag in force when the SYNC is
+/// reached applies to it (rewriting the register does not move a waiting SYNC's time). Larger
+/// values than [`SYNC_LAG_MAX`] are stored (and read back) as the maximum; 0 completes as soon
+/// as the SYNC's conditions are met. Combined with [`FAIL_SYNC_DELAY`], the later of the two
+/// times applies. It is not a failure mode: nothing is traced as `fail_inject`; the trace's
+/// `sync_done` carries the lag it applied (`lag_us`).
+///
+/// What it makes observable: a SYNC then always takes longer than a driver's spin, so the
+/// driver must sleep for it and be woken by the completion interrupt (the interrupt-driven
+/// path, rarely taken when the device answers within the spin), and a driver that reads a
+/// completion word it did not wait for (or waits for the wrong SYNC) sees it not yet written,
+/// where a fast device would have hidden the bug.
+pub const SYNC_LAG: u32 = 0x0c4;
 /// Context table base, low half.
 pub const CTX_BASE_LO: u32 = 0x030;
 /// Context table base, high half.
@@ -287,7 +318,7 @@ pub const IDENT_MAGIC: u32 = u32::from_le_bytes(*b"ZAPG");
 /// Major ABI version: a driver must refuse a device with another major.
 pub const VERSION_MAJOR: u16 = 1;
 /// Minor ABI version: additions only.
-pub const VERSION_MINOR: u16 = 4;
+pub const VERSION_MINOR: u16 = 5;
 /// Value of [`VERSION`].
 pub const VERSION_VALUE: u32 = ((VERSION_MAJOR as u32) << 16) | VERSION_MINOR as u32;
 
@@ -405,9 +436,12 @@ pub const WALK_LAG_MAX: u32 = 100_000;
 /// Largest effective [`FAULT_LAG`], in microseconds (as for [`WALK_LAG`]: a tenth of a second
 /// per fault is long enough to widen any race and short enough not to look like a hang).
 pub const FAULT_LAG_MAX: u32 = 100_000;
+/// Largest effective [`SYNC_LAG`], in microseconds (as for [`WALK_LAG`]).
+pub const SYNC_LAG_MAX: u32 = 100_000;
 
 /// The test-knob registers a device reset ([`RESET`], or a function-level reset) zeroes.
-pub const RESET_KNOBS: [u32; 8] = [
+pub const RESET_KNOBS: [u32; 10] = [
+    CMD_LAG,
     FAIL_INJECT,
     FAIL_ARG,
     WALK_LAG,
@@ -416,6 +450,7 @@ pub const RESET_KNOBS: [u32; 8] = [
     PT_FREED_BASE_LO,
     PT_FREED_BASE_HI,
     PT_FREED_PAGES,
+    SYNC_LAG,
 ];
 
 /// Required alignment of queue bases.
@@ -464,6 +499,7 @@ pub const fn name(offset: u32) -> Option<&'static str> {
         PT_FREED_BASE_LO => "PT_FREED_BASE_LO",
         PT_FREED_BASE_HI => "PT_FREED_BASE_HI",
         PT_FREED_PAGES => "PT_FREED_PAGES",
+        SYNC_LAG => "SYNC_LAG",
         o if o >= STATS_BASE && o < STATS_BASE + 8 * STAT_COUNT => {
             if o % 8 == 0 {
                 "STAT_LO"

@@ -51,8 +51,12 @@ pub const fn ioc_size(cmd: u32) -> usize {
 /// Version of this uAPI, reported in [`ZgInfo::uapi_version`] (2: `irq_count`, `probe_sync_ns`;
 /// 3: contexts, MAP, DMA, SNAPSHOT, STATS, INJECT; 5: `ZgInject::populate_lag`, `fault_lag`,
 /// `iotlb_keep`; 6: [`ZgStats::violations`] has a slot for `VIOL_TABLE_FREED`, which moves the
-/// fields after it and grows [`ZgStats`] to 264 bytes, hence a new [`ZG_IOC_STATS`] number).
-pub const UAPI_VERSION: u32 = 6;
+/// fields after it and grows [`ZgStats`] to 264 bytes, hence a new [`ZG_IOC_STATS`] number;
+/// 7: a slot for `VIOL_CTX_RELEASED` ([`ZgStats`] 272 bytes, a new [`ZG_IOC_STATS`] number
+/// again), [`ZG_INJ_SKIP_CTX_INVALIDATE`], [`ZgInject::sync_lag`] ([`ZgInject`] 36 bytes, a new
+/// [`ZG_IOC_INJECT`] number), and the non-blockable invalidation counters
+/// ([`ZgInfo::nonblock_invalidations`], [`ZgStats::invalidations_nonblock`]).
+pub const UAPI_VERSION: u32 = 7;
 
 /// Answer of [`ZG_IOC_GET_INFO`]. Fields are filled from the device's registers at probe time
 /// and from the PCI core; `reserved` is zero and keeps the size stable as fields are added.
@@ -222,7 +226,7 @@ pub struct ZgSnapshot {
 /// [`ZgStats::flags`]: the context's address space has been torn down.
 pub const ZG_STATS_RELEASED: u32 = 1 << 0;
 /// Number of validator violation classes (indexes of [`ZgStats::violations`] are `VIOL_*`).
-pub const ZG_VIOL_CLASSES: usize = 7;
+pub const ZG_VIOL_CLASSES: usize = 8;
 
 /// Answer of [`ZG_IOC_STATS`]: counters of this context since it was opened.
 #[repr(C)]
@@ -309,20 +313,27 @@ pub const ZG_INJ_IGNORE_RETRY: u32 = 1 << 2;
 /// device keeps write access (`VIOL_WRITE_PERM`).
 pub const ZG_INJ_KEEP_WRITE: u32 = 1 << 3;
 /// Release (`exit_mmap()`) leaves the device context enabled with its mappings (it is only
-/// marked released for the validator): a job still running keeps going (`VIOL_RELEASED`).
+/// marked released for the validator): a job still running keeps going (`VIOL_RELEASED`, and
+/// `VIOL_CTX_RELEASED` at each of its walks: the device was never told of the new entry).
 pub const ZG_INJ_KEEP_AFTER_RELEASE: u32 = 1 << 4;
 /// Device page-table pages detached by an invalidation go back to the pool before its SYNC
 /// completes, while a page walk may still be reading them; another context can then reuse the
 /// page and the walk translates through its entries. Observable with a
 /// [`ZgInject::walk_lag`]: `VIOL_STALE`.
 pub const ZG_INJ_EARLY_TABLE_FREE: u32 = 1 << 5;
+/// Disabling the context (release, close) leaves `CMD_CFGI_CTX` out of its commands: the entry
+/// is cleared in memory and the ASID's translations are flushed, but the device keeps the
+/// context entry it cached. Once the release marks the entry released, a job still queued or
+/// running for the ASID walks through the stale cached context: `VIOL_CTX_RELEASED`.
+pub const ZG_INJ_SKIP_CTX_INVALIDATE: u32 = 1 << 6;
 /// Every injection mode.
 pub const ZG_INJ_ALL: u32 = ZG_INJ_SKIP_SHOOTDOWN
     | ZG_INJ_SKIP_SYNC_WAIT
     | ZG_INJ_IGNORE_RETRY
     | ZG_INJ_KEEP_WRITE
     | ZG_INJ_KEEP_AFTER_RELEASE
-    | ZG_INJ_EARLY_TABLE_FREE;
+    | ZG_INJ_EARLY_TABLE_FREE
+    | ZG_INJ_SKIP_CTX_INVALIDATE;
 
 /// [`ZgInject::modes`], not a bug: turn the device's validator off for this context (clears
 /// [`super::pte::CTX_VALIDATE`]), so that benchmarks can measure what validation costs.
@@ -373,6 +384,12 @@ pub struct ZgInject {
     /// device-wide, reset when the context that set it closes); 0 leaves the driver's
     /// `iotlb_keep` module parameter in force. Other values: `EINVAL`.
     pub iotlb_keep: u32,
+    /// Value for the device's [`super::regs::SYNC_LAG`] register, in microseconds
+    /// (device-wide, reset when the context that set it closes); 0 leaves the driver's
+    /// `sync_lag_us` module parameter in force. Above [`super::regs::SYNC_LAG_MAX`]: `EINVAL`.
+    /// A lag beyond the driver's non-blockable spin (20 ms) makes every non-blockable
+    /// invalidation give up, which the OOM-reaper tests use.
+    pub sync_lag: u32,
 }
 
 /// `_IOWR('z', 0x01, struct zg_map)`.
@@ -414,7 +431,7 @@ pub const ZG_IOC_INJECT: u32 = ioc(
 const _: () = assert!(core::mem::size_of::<ZgMap>() == 40);
 const _: () = assert!(core::mem::size_of::<ZgDma>() == 80);
 const _: () = assert!(core::mem::size_of::<ZgSnapshot>() == 24);
-const _: () = assert!(core::mem::size_of::<ZgStats>() == 264);
+const _: () = assert!(core::mem::size_of::<ZgStats>() == 272);
 // Every `VIOL_*` class has its slot in [`ZgStats::violations`].
-const _: () = assert!(ZG_VIOL_CLASSES == super::event::VIOL_TABLE_FREED as usize + 1);
-const _: () = assert!(core::mem::size_of::<ZgInject>() == 32);
+const _: () = assert!(ZG_VIOL_CLASSES == super::event::VIOL_CTX_RELEASED as usize + 1);
+const _: () = assert!(core::mem::size_of::<ZgInject>() == 36);

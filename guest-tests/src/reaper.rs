@@ -1,0 +1,231 @@
+//! The OOM reaper's path: a process killed in the middle of device jobs has its memory unmapped
+//! by `process_mrelease()` (or by the OOM killer's reaper) before it has exited. The kernel then
+//! calls the driver's invalidation as non-blockable (`mmu_notifier_invalidate_range_start_nonblock`):
+//! the driver must not sleep there (the lock-debugging kernel reports a sleep inside
+//! `non_block_start()`), so it try-locks and spins for its SYNC, and gives up (the kernel skips
+//! that VMA and retries, or the exit's blockable teardown does the work) rather than let a page
+//! go while the device may still use it. The device's validator counts any access to a page
+//! after it was freed; these tests demand zero, and print how often the non-blockable path ran
+//! (`ZgInfo::nonblock_invalidations`) and gave up (`nonblock_failed`).
+
+use crate::dev::{self, Mapping};
+use crate::ktap::check_eq;
+use crate::mirror::{device_violations, fork_wait};
+use shared_regs::dma::DMA_CHECKSUM;
+use shared_regs::uapi::{ZgInfo, ZgInject};
+use std::io::{Read, Write};
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::time::{Duration, Instant};
+
+/// Rounds of kill-and-reap, each with its own delay between the jobs starting and the kill.
+const ROUNDS: u32 = 24;
+/// Every third round runs with the device's SYNCs held back longer than the driver's
+/// non-blockable spin, so that the non-blockable callback must give up (`nonblock_failed`).
+const SLOW_SYNC_US: u32 = 30_000;
+
+fn info() -> Result<ZgInfo, String> {
+    let f = dev::open().map_err(|e| format!("open: {e}"))?;
+    dev::get_info(&f).map_err(|e| format!("GET_INFO: {e}"))
+}
+
+/// `syscall(nr, a, b, c)`: the pidfd calls libc may not wrap.
+fn sys(nr: libc::c_long, a: libc::c_long, b: libc::c_long, c: libc::c_long) -> Result<i64, i32> {
+    // SAFETY: the pidfd syscalls used here take integers and a null siginfo pointer.
+    let r = unsafe { libc::syscall(nr, a, b, c, 0 as libc::c_long) };
+    if r < 0 {
+        Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(-1))
+    } else {
+        Ok(r)
+    }
+}
+
+/// A child: mirrors a THP buffer and a small-page buffer (two VMAs, so the reaper walks more
+/// than one), keeps device reads running over both from two threads, tells the parent through
+/// `ready`, and waits to be killed.
+fn busy_child(ready: OwnedFd, slow_sync_us: u32) -> i32 {
+    let Ok(f) = dev::open() else { return 10 };
+    if slow_sync_us != 0 {
+        let i = ZgInject {
+            sync_lag: slow_sync_us,
+            ..Default::default()
+        };
+        if dev::inject_all(&f, i).is_err() {
+            return 11;
+        }
+    }
+    let (Ok(mut huge), Ok(mut small)) = (Mapping::anon_huge(8 << 20), Mapping::anon(1 << 20))
+    else {
+        return 12;
+    };
+    huge.bytes_mut().fill(1);
+    small.bytes_mut().fill(2);
+    for m in [&huge, &small] {
+        if dev::map(&f, m.addr, m.len, 0).is_err() {
+            return 13;
+        }
+    }
+    for (addr, len) in [(huge.addr, huge.len), (small.addr, small.len)] {
+        let Ok(f2) = f.try_clone() else { return 14 };
+        std::thread::spawn(move || loop {
+            let _ = dev::dma(&f2, dev::job(DMA_CHECKSUM, addr, 0, len, 0));
+        });
+    }
+    let mut ready = std::fs::File::from(ready);
+    if ready.write_all(b"r").is_err() {
+        return 15;
+    }
+    loop {
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+/// One round: fork a busy child, kill it `delay` after it is ready and reap its memory at once.
+/// Returns (whether `process_mrelease` reaped, how many times it said EAGAIN).
+fn kill_and_reap(delay: Duration, slow_sync_us: u32) -> Result<(bool, u32), String> {
+    let mut fds = [0; 2];
+    // SAFETY: `fds` has room for the two descriptors pipe2 returns.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(format!("pipe: {}", std::io::Error::last_os_error()));
+    }
+    // SAFETY: pipe2 just returned these two descriptors; each is owned once.
+    let (rd, wr) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    // SAFETY: the child only runs `busy_child` and `_exit`s.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(format!("fork: {}", std::io::Error::last_os_error()));
+    }
+    if pid == 0 {
+        drop(rd);
+        let code = busy_child(wr, slow_sync_us);
+        // SAFETY: ends the child without returning into the test runner.
+        unsafe { libc::_exit(code) };
+    }
+    drop(wr);
+    let mut byte = [0u8; 1];
+    let ready = std::fs::File::from(rd).read_exact(&mut byte).is_ok();
+    let pidfd = sys(libc::SYS_pidfd_open, pid.into(), 0, 0)
+        .map_err(|e| format!("pidfd_open: errno {e}"))?;
+    if ready {
+        std::thread::sleep(delay);
+    }
+    let sent = sys(libc::SYS_pidfd_send_signal, pidfd, libc::SIGKILL.into(), 0);
+    let mut reaped = false;
+    let mut again = 0;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while sent.is_ok() && Instant::now() < deadline {
+        match sys(libc::SYS_process_mrelease, pidfd, 0, 0) {
+            Ok(_) => {
+                reaped = true;
+                break;
+            }
+            // The non-blockable path gave up on some VMA; the kernel's own reaper retries too.
+            Err(libc::EAGAIN) | Err(libc::EINTR) => again += 1,
+            // The exit got there first: the mm is gone (ESRCH) or already torn down (EINVAL).
+            Err(libc::ESRCH) | Err(libc::EINVAL) => break,
+            Err(e) => return Err(format!("process_mrelease: errno {e}")),
+        }
+    }
+    // SAFETY: closing the pidfd this function opened.
+    unsafe { libc::close(pidfd as i32) };
+    let mut status = 0;
+    // SAFETY: waiting for our own child.
+    unsafe { libc::waitpid(pid, &mut status, 0) };
+    if !ready {
+        return Err(format!(
+            "child failed before its jobs ran: status {status:#x}"
+        ));
+    }
+    sent.map_err(|e| format!("pidfd_send_signal: errno {e}"))?;
+    check_eq(
+        libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGKILL,
+        true,
+        "child killed by SIGKILL",
+    )?;
+    Ok((reaped, again))
+}
+
+/// Kills processes in the middle of device jobs and reaps their memory at once with
+/// `process_mrelease()`, with varied timing and, every third round, a device whose SYNCs take
+/// longer than the non-blockable spin: no device access to a reaped page, ever.
+pub fn process_mrelease_mid_job_is_safe() -> Result<(), String> {
+    let (before, info0) = (device_violations()?, info()?);
+    let (mut reaped, mut again) = (0, 0);
+    for r in 0..ROUNDS {
+        let delay = Duration::from_millis(u64::from(r * 7 % 23));
+        let slow = if r % 3 == 2 { SLOW_SYNC_US } else { 0 };
+        let (ok, n) = kill_and_reap(delay, slow).map_err(|e| format!("round {r}: {e}"))?;
+        reaped += u32::from(ok);
+        again += n;
+    }
+    let info1 = info()?;
+    let nonblock = info1.nonblock_invalidations - info0.nonblock_invalidations;
+    let gave_up = info1.nonblock_failed - info0.nonblock_failed;
+    println!(
+        "# {ROUNDS} rounds: process_mrelease reaped {reaped} (EAGAIN {again} times); \
+         {nonblock} non-blockable invalidations, {gave_up} gave up"
+    );
+    check_eq(
+        device_violations()?,
+        before,
+        "device violations across reaps",
+    )?;
+    if nonblock == 0 {
+        return Err("no invalidation took the non-blockable path: the test reaped nothing".into());
+    }
+    Ok(())
+}
+
+/// Lets the guest's OOM killer choose a process that mirrors memory and runs device jobs (its
+/// `oom_score_adj` is 1000; it allocates until killed): the kill, the reaper (if it gets there
+/// before the exit) and the exit must leave no device access to a freed page.
+pub fn oom_killer_picks_mirroring_process() -> Result<(), String> {
+    let (before, info0) = (device_violations()?, info()?);
+    let status = fork_wait(oom_child)?;
+    check_eq(
+        status,
+        128 + libc::SIGKILL,
+        "child killed by the OOM killer",
+    )?;
+    let info1 = info()?;
+    println!(
+        "# OOM kill: {} non-blockable invalidations, {} gave up",
+        info1.nonblock_invalidations - info0.nonblock_invalidations,
+        info1.nonblock_failed - info0.nonblock_failed
+    );
+    check_eq(
+        device_violations()?,
+        before,
+        "device violations across the OOM kill",
+    )
+}
+
+/// Mirrors a buffer with device reads running, then allocates and touches memory until the OOM
+/// killer ends it (exits 20 if it never does).
+fn oom_child() -> i32 {
+    if std::fs::write("/proc/self/oom_score_adj", "1000").is_err() {
+        return 10;
+    }
+    let Ok(f) = dev::open() else { return 11 };
+    let Ok(mut buf) = Mapping::anon_huge(8 << 20) else {
+        return 12;
+    };
+    buf.bytes_mut().fill(3);
+    if dev::map(&f, buf.addr, buf.len, 0).is_err() {
+        return 13;
+    }
+    let (addr, len) = (buf.addr, buf.len);
+    let Ok(f2) = f.try_clone() else { return 14 };
+    std::thread::spawn(move || loop {
+        let _ = dev::dma(&f2, dev::job(DMA_CHECKSUM, addr, 0, len, 0));
+    });
+    // Far more than the guest has: the OOM killer must end this first.
+    let mut hog = Vec::new();
+    for _ in 0..256 {
+        let Ok(mut m) = Mapping::anon(16 << 20) else {
+            break;
+        };
+        m.bytes_mut().fill(4);
+        hog.push(m);
+    }
+    20
+}
