@@ -161,7 +161,7 @@ fn worker(sh: &Shared, w: usize) -> i32 {
             continue;
         };
         r.sessions.fetch_add(1, Ordering::Relaxed);
-        if let End::Stop = session(&f, sh, r, w % 2 == 0, 0x10 * w as u8 + 1) {
+        if let End::Stop = session(&f, sh, r, w.is_multiple_of(2), 0x10 * w as u8 + 1) {
             return 0;
         }
     }
@@ -180,7 +180,7 @@ fn round(n: u32, dev_bdf: &str) -> Result<(), String> {
     std::fs::write(format!("{DRIVER_DIR}/unbind"), dev_bdf)
         .map_err(|e| format!("unbind {dev_bdf}: {e}"))?;
     std::thread::sleep(Duration::from_millis(20 + u64::from(n) * 13 % 60));
-    if n % 2 == 0 {
+    if n.is_multiple_of(2) {
         return std::fs::write(format!("{DRIVER_DIR}/bind"), dev_bdf)
             .map_err(|e| format!("bind {dev_bdf}: {e}"));
     }

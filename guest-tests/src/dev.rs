@@ -5,7 +5,6 @@ use shared_regs::uapi::{ZgInfo, ZG_IOC_GET_INFO};
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
-use std::os::unix::net::UnixStream;
 
 /// Path of the driver's misc device.
 pub const DEV_PATH: &str = "/dev/zapguard";
@@ -133,75 +132,81 @@ pub fn inject_all(f: &File, mut i: ZgInject) -> io::Result<()> {
     ioctl_rw(f, ZG_IOC_INJECT, &mut i).map(|_| ())
 }
 
-/// Room for one `SCM_RIGHTS` descriptor, in words so that the `cmsghdr` in it is aligned.
-type FdCmsg = [u64; 4];
-
-/// A `msghdr` for one byte in `iov` and one descriptor's control message in `ctl`.
-fn fd_msghdr(iov: &mut libc::iovec, ctl: &mut FdCmsg) -> libc::msghdr {
-    // SAFETY: a zeroed `msghdr` is valid (null pointers, zero lengths; musl's padding too).
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = ctl.as_mut_ptr().cast();
-    // SAFETY: pure arithmetic on the length.
-    let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<RawFd>() as u32) } as usize;
-    assert!(space <= std::mem::size_of::<FdCmsg>());
-    msg.msg_controllen = space as _;
-    msg
+/// Hands one open file from a child to its parent without sockets (the guest kernel has no
+/// `CONFIG_UNIX`): the child writes the descriptor's number into a pipe and waits; the parent
+/// copies the descriptor out of the child with `pidfd_getfd()` (Linux 5.6; root may) and lets
+/// it go on. The parent's copy keeps the file open after the child exits.
+pub struct Handoff {
+    number: [File; 2],
+    done: [File; 2],
 }
 
-/// Sends `fd` over `sock` (`SCM_RIGHTS`): the receiver gets a descriptor of the same open file,
-/// which the message in flight keeps open even if the sender exits before it is received.
-pub fn send_fd(sock: &UnixStream, fd: RawFd) -> io::Result<()> {
-    let mut byte = [0u8];
-    let mut iov = libc::iovec {
-        iov_base: byte.as_mut_ptr().cast(),
-        iov_len: 1,
-    };
-    let mut ctl: FdCmsg = [0; 4];
-    let msg = fd_msghdr(&mut iov, &mut ctl);
-    // SAFETY: `msg` has room for one control message (checked in `fd_msghdr`), so the first
-    // header is non-null and inside `ctl`, and its data has room for one descriptor.
-    unsafe {
-        let c = libc::CMSG_FIRSTHDR(&msg);
-        (*c).cmsg_level = libc::SOL_SOCKET;
-        (*c).cmsg_type = libc::SCM_RIGHTS;
-        (*c).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<RawFd>() as u32) as _;
-        std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<RawFd>(), fd);
-    }
-    // SAFETY: `msg` points at `iov`, `byte` and `ctl`, all alive for the call.
-    if unsafe { libc::sendmsg(sock.as_raw_fd(), &msg, 0) } != 1 {
+/// A pipe as (read end, write end).
+fn pipe() -> io::Result<[File; 2]> {
+    let mut fds = [0; 2];
+    // SAFETY: `fds` has room for the two descriptors pipe2 returns.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(())
+    // SAFETY: pipe2 just returned these descriptors; each is owned once.
+    Ok(fds.map(|fd| unsafe { File::from_raw_fd(fd) }))
 }
 
-/// Receives a descriptor sent with [`send_fd`], without waiting (`EAGAIN` if none is there).
-pub fn recv_fd(sock: &UnixStream) -> io::Result<File> {
-    let mut byte = [0u8];
-    let mut iov = libc::iovec {
-        iov_base: byte.as_mut_ptr().cast(),
-        iov_len: 1,
-    };
-    let mut ctl: FdCmsg = [0; 4];
-    let mut msg = fd_msghdr(&mut iov, &mut ctl);
-    let flags = libc::MSG_DONTWAIT | libc::MSG_CMSG_CLOEXEC;
-    // SAFETY: `msg` points at buffers alive for the call, with their true lengths.
-    if unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, flags) } != 1 {
-        return Err(io::Error::last_os_error());
+/// `syscall(nr, a, b, c)`, for the pidfd calls libc may not wrap; the result or the errno.
+pub fn syscall3(
+    nr: libc::c_long,
+    a: libc::c_long,
+    b: libc::c_long,
+    c: libc::c_long,
+) -> io::Result<i64> {
+    // SAFETY: used for syscalls that take integers (and a null pointer as 0) only.
+    let r = unsafe { libc::syscall(nr, a, b, c, 0 as libc::c_long) };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r)
     }
-    // SAFETY: the kernel filled at most `msg_controllen` bytes of `ctl` and set the length;
-    // the header is checked before its data is read.
-    let fd = unsafe {
-        let c = libc::CMSG_FIRSTHDR(&msg);
-        if c.is_null() || (*c).cmsg_level != libc::SOL_SOCKET || (*c).cmsg_type != libc::SCM_RIGHTS
-        {
-            return Err(io::Error::new(io::ErrorKind::InvalidData, "no descriptor"));
-        }
-        std::ptr::read_unaligned(libc::CMSG_DATA(c).cast::<RawFd>())
-    };
-    // SAFETY: the kernel just installed `fd` in our table for us; nothing else owns it.
-    Ok(unsafe { File::from_raw_fd(fd) })
+}
+
+impl Handoff {
+    pub fn new() -> io::Result<Self> {
+        Ok(Self {
+            number: pipe()?,
+            done: pipe()?,
+        })
+    }
+
+    /// The child's side: offers `fd` and returns once the parent has its copy.
+    pub fn give(&self, fd: RawFd) -> io::Result<()> {
+        use std::io::{Read, Write};
+        (&self.number[1]).write_all(&fd.to_ne_bytes())?;
+        (&self.done[0]).read_exact(&mut [0u8])
+    }
+
+    /// The parent's side: the file child `pid` offers (an error, not a hang, if the child
+    /// exits without offering one: the parent closes its copies of the child's pipe ends).
+    pub fn take(self, pid: libc::pid_t) -> io::Result<File> {
+        use std::io::{Read, Write};
+        let Self {
+            number: [mut number, number_w],
+            done: [done_r, mut done],
+        } = self;
+        drop((number_w, done_r));
+        let mut n = [0u8; 4];
+        number.read_exact(&mut n)?;
+        let pidfd = syscall3(libc::SYS_pidfd_open, pid.into(), 0, 0)?;
+        // SAFETY: pidfd_open just returned this descriptor; it is owned once.
+        let pidfd = unsafe { File::from_raw_fd(pidfd as RawFd) };
+        let fd = syscall3(
+            libc::SYS_pidfd_getfd,
+            pidfd.as_raw_fd().into(),
+            RawFd::from_ne_bytes(n).into(),
+            0,
+        )?;
+        done.write_all(&[1])?;
+        // SAFETY: pidfd_getfd installed this descriptor in our table for us alone.
+        Ok(unsafe { File::from_raw_fd(fd as RawFd) })
+    }
 }
 
 /// `MADV_COLLAPSE` (Linux 6.1; not in every libc's headers).
@@ -344,31 +349,5 @@ impl Mapping {
 impl Drop for Mapping {
     fn drop(&mut self) {
         self.unmap();
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::io::{Read, Write};
-
-    #[test]
-    fn a_descriptor_passes_over_a_socket_and_outlives_its_sender() {
-        let (tx, rx) = UnixStream::pair().unwrap();
-        assert_eq!(
-            recv_fd(&rx).unwrap_err().kind(),
-            io::ErrorKind::WouldBlock,
-            "nothing sent: no wait"
-        );
-        let (x, mut y) = UnixStream::pair().unwrap();
-        send_fd(&tx, x.as_raw_fd()).unwrap();
-        // The sender's descriptor goes before the message is received: the file stays open.
-        drop(x);
-        drop(tx);
-        let mut got = recv_fd(&rx).unwrap();
-        got.write_all(b"zg").unwrap();
-        let mut buf = [0u8; 2];
-        y.read_exact(&mut buf).unwrap();
-        assert_eq!(&buf, b"zg");
     }
 }

@@ -14,7 +14,6 @@ use shared_regs::event::*;
 use shared_regs::uapi::*;
 use std::fs::File;
 use std::os::fd::AsRawFd;
-use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -555,10 +554,10 @@ fn long_served_job(addr: usize, len: usize) -> ZgDma {
 const EXIT_JOB_THREADS: usize = 3;
 
 /// A child that mirrors a THP buffer, keeps long device reads running and queued, and exits
-/// while they run. `knobs` go to `INJECT` first (unless all zero); with `send_to`, the child
-/// hands its context's file to the parent through that socket before the jobs start, so that
-/// the parent can read the context's counters after the release.
-fn exit_mid_job_child(knobs: ZgInject, send_to: Option<&UnixStream>) -> i32 {
+/// while they run. `knobs` go to `INJECT` first (unless all zero); with `handoff`, the child
+/// hands its context's file to the parent before the jobs start, so that the parent can read
+/// the context's counters after the release.
+fn exit_mid_job_child(knobs: ZgInject, handoff: Option<&dev::Handoff>) -> i32 {
     let Ok(f) = dev::open() else { return 10 };
     if knobs != ZgInject::default() && dev::inject_all(&f, knobs).is_err() {
         return 11;
@@ -570,7 +569,7 @@ fn exit_mid_job_child(knobs: ZgInject, send_to: Option<&UnixStream>) -> i32 {
     if dev::map(&f, a.addr, a.len, 0).is_err() {
         return 13;
     }
-    if send_to.is_some_and(|s| dev::send_fd(s, f.as_raw_fd()).is_err()) {
+    if handoff.is_some_and(|h| h.give(f.as_raw_fd()).is_err()) {
         return 14;
     }
     let (addr, len) = (a.addr, a.len);
@@ -990,15 +989,32 @@ pub fn inject_skip_ctx_invalidate_is_caught() -> Result<(), String> {
 /// One child exit of [`inject_skip_ctx_invalidate_is_caught`]: the context's counters once
 /// its queued jobs had time to run (the file is closed on return, which waits for the rest).
 fn skip_ctx_invalidate_round() -> Result<ZgStats, String> {
-    let (parent, child) = UnixStream::pair().map_err(|e| e.to_string())?;
+    let h = dev::Handoff::new().map_err(|e| format!("pipes: {e}"))?;
     let knobs = ZgInject {
         modes: ZG_INJ_SKIP_CTX_INVALIDATE,
         walk_lag: SKIP_CTX_WALK_LAG_US,
         ..Default::default()
     };
-    let status = fork_wait(|| exit_mid_job_child(knobs, Some(&child)))?;
-    check_eq(status, 0, "child exit status")?;
-    let f = dev::recv_fd(&parent).map_err(|e| format!("the child's file: {e}"))?;
+    // SAFETY: the child only runs `exit_mid_job_child`, which `_exit`s.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(format!("fork: {}", std::io::Error::last_os_error()));
+    }
+    if pid == 0 {
+        let code = exit_mid_job_child(knobs, Some(&h));
+        // SAFETY: ends the child without returning into the test runner.
+        unsafe { libc::_exit(code) };
+    }
+    let f = h.take(pid);
+    let mut status = 0;
+    // SAFETY: waiting for our own child.
+    unsafe { libc::waitpid(pid, &mut status, 0) };
+    check_eq(
+        libc::WIFEXITED(status).then(|| libc::WEXITSTATUS(status)),
+        Some(0),
+        "child exit status",
+    )?;
+    let f = f.map_err(|e| format!("the child's file: {e}"))?;
     let mut s = stats(&f)?;
     if s.flags & ZG_STATS_RELEASED == 0 {
         return Err(format!("the child's context is not released: {s:?}"));

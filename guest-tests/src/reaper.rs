@@ -10,7 +10,7 @@
 
 use crate::dev::{self, Mapping};
 use crate::ktap::check_eq;
-use crate::mirror::{device_violations, fork_wait};
+use crate::mirror::device_violations;
 use shared_regs::dma::DMA_CHECKSUM;
 use shared_regs::uapi::{ZgInfo, ZgInject};
 use std::io::{Read, Write};
@@ -28,15 +28,9 @@ fn info() -> Result<ZgInfo, String> {
     dev::get_info(&f).map_err(|e| format!("GET_INFO: {e}"))
 }
 
-/// `syscall(nr, a, b, c)`: the pidfd calls libc may not wrap.
+/// `syscall(nr, a, b, c)`; the result or the errno.
 fn sys(nr: libc::c_long, a: libc::c_long, b: libc::c_long, c: libc::c_long) -> Result<i64, i32> {
-    // SAFETY: the pidfd syscalls used here take integers and a null siginfo pointer.
-    let r = unsafe { libc::syscall(nr, a, b, c, 0 as libc::c_long) };
-    if r < 0 {
-        Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(-1))
-    } else {
-        Ok(r)
-    }
+    dev::syscall3(nr, a, b, c).map_err(|e| dev::errno(&e))
 }
 
 /// A child: mirrors a THP buffer and a small-page buffer (two VMAs, so the reaper walks more
@@ -176,19 +170,28 @@ pub fn process_mrelease_mid_job_is_safe() -> Result<(), String> {
 }
 
 /// Lets the guest's OOM killer choose a process that mirrors memory and runs device jobs (its
-/// `oom_score_adj` is 1000; it allocates until killed): the kill, the reaper (if it gets there
-/// before the exit) and the exit must leave no device access to a freed page.
+/// `oom_score_adj` is 1000; it allocates until killed), and reaps it with `process_mrelease()`
+/// as soon as it is dying, as a low-memory killer would: the kill, the reap and the exit must
+/// leave no device access to a freed page.
 pub fn oom_killer_picks_mirroring_process() -> Result<(), String> {
     let (before, info0) = (device_violations()?, info()?);
-    let status = fork_wait(oom_child)?;
+    println!("{OOM_EXPECTED} begin");
+    let res = oom_round();
+    println!("{OOM_EXPECTED} end");
+    let (status, reaped) = res?;
     check_eq(
-        status,
-        128 + libc::SIGKILL,
-        "child killed by the OOM killer",
+        libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGKILL,
+        true,
+        &format!("child killed by the OOM killer (status {status:#x})"),
     )?;
     let info1 = info()?;
     println!(
-        "# OOM kill: {} non-blockable invalidations, {} gave up",
+        "# OOM kill: process_mrelease {}; {} non-blockable invalidations, {} gave up",
+        if reaped {
+            "reaped"
+        } else {
+            "found the exit done"
+        },
         info1.nonblock_invalidations - info0.nonblock_invalidations,
         info1.nonblock_failed - info0.nonblock_failed
     );
@@ -197,6 +200,54 @@ pub fn oom_killer_picks_mirroring_process() -> Result<(), String> {
         before,
         "device violations across the OOM kill",
     )
+}
+
+/// Marker lines around the OOM kill (see the harness's `OomWindow`).
+const OOM_EXPECTED: &str = "ZAPGUARD-OOM-EXPECTED";
+
+/// Forks the memory hog and reaps it once dying; returns its wait status and whether
+/// `process_mrelease` did the reaping.
+fn oom_round() -> Result<(i32, bool), String> {
+    // SAFETY: the child only runs `oom_child` and `_exit`s.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(format!("fork: {}", std::io::Error::last_os_error()));
+    }
+    if pid == 0 {
+        let code = oom_child();
+        // SAFETY: ends the child without returning into the test runner.
+        unsafe { libc::_exit(code) };
+    }
+    let pidfd = sys(libc::SYS_pidfd_open, pid.into(), 0, 0);
+    let mut reaped = false;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut status = 0;
+    loop {
+        // SAFETY: polling our own child.
+        if unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) } == pid {
+            break;
+        }
+        if Instant::now() > deadline {
+            // SAFETY: ending and collecting our own child.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+                libc::waitpid(pid, &mut status, 0);
+            }
+            return Err("the OOM killer did not end the memory hog within 120 s".into());
+        }
+        // EINVAL until the OOM killer has chosen it (it is not dying yet); then reap at once.
+        match pidfd.map(|fd| sys(libc::SYS_process_mrelease, fd, 0, 0)) {
+            Ok(Ok(_)) => reaped = true,
+            Ok(Err(libc::EAGAIN)) | Ok(Err(libc::EINVAL)) | Ok(Err(libc::ESRCH)) | Err(_) => {}
+            Ok(Err(e)) => return Err(format!("process_mrelease: errno {e}")),
+        }
+        std::thread::sleep(Duration::from_millis(if reaped { 5 } else { 1 }));
+    }
+    if let Ok(fd) = pidfd {
+        // SAFETY: closing the pidfd this function opened.
+        unsafe { libc::close(fd as i32) };
+    }
+    Ok((status, reaped))
 }
 
 /// Mirrors a buffer with device reads running, then allocates and touches memory until the OOM

@@ -72,6 +72,38 @@ const SPLATS: &[&str] = &[
     "zapguard: bug:",
 ];
 
+/// Printed by a guest test before it lets the OOM killer end one of its processes, and again
+/// (with `end`) once that is over: OOM-killer reports in between are expected, not splats.
+pub const OOM_EXPECTED: &str = "ZAPGUARD-OOM-EXPECTED";
+
+/// Which console lines belong to an OOM-killer report the guest announced ([`OOM_EXPECTED`]):
+/// from "invoked oom-killer:" to "Out of memory: Killed process", the report's stack dump and
+/// memory summary included. Anything else in the window (a KASAN report, a WARN) still counts.
+#[derive(Debug, Default)]
+pub struct OomWindow {
+    announced: bool,
+    in_report: bool,
+}
+
+impl OomWindow {
+    /// Whether `line` is part of an announced OOM-killer report.
+    pub fn expected(&mut self, line: &str) -> bool {
+        if let Some(at) = line.find(OOM_EXPECTED) {
+            self.announced = !line[at + OOM_EXPECTED.len()..].trim().starts_with("end");
+            self.in_report = false;
+            return false;
+        }
+        if self.announced && line.contains("invoked oom-killer:") {
+            self.in_report = true;
+        }
+        let part = self.in_report;
+        if line.contains("Out of memory: Killed process") {
+            self.in_report = false;
+        }
+        part
+    }
+}
+
 /// The splat pattern `line` matches, if any.
 pub fn splat(line: &str) -> Option<&'static str> {
     SPLATS.iter().copied().find(|p| line.contains(p))
@@ -210,6 +242,26 @@ mod tests {
             let got = parse_result(line).map(|t| (t.name, t.outcome));
             assert_eq!(got, want.map(|(n, o)| (n.to_string(), o)), "line {line:?}");
         }
+    }
+
+    #[test]
+    fn oom_reports_are_expected_only_inside_an_announced_window() {
+        let report = [
+            "[ 20.85] zapguard-guest- invoked oom-killer: gfp_mask=0x140dca, order=0",
+            "[ 20.86] Call Trace:",
+            "[ 20.87] Mem-Info:",
+            "[ 20.88] Out of memory: Killed process 501 (zapguard-guest-) total-vm:1kB",
+        ];
+        let mut w = OomWindow::default();
+        // Not announced: every line is what it is.
+        assert!(report.iter().all(|l| !w.expected(l)));
+        assert!(!w.expected("ZAPGUARD-OOM-EXPECTED begin"));
+        assert!(report.iter().all(|l| w.expected(l)));
+        // After the report, inside the window: a stack dump is a splat again.
+        assert!(!w.expected("[ 20.90] Call Trace:"));
+        assert!(!w.expected("[ 20.91] oom_reaper: reaped process 501"));
+        assert!(!w.expected("ZAPGUARD-OOM-EXPECTED end"));
+        assert!(report.iter().all(|l| !w.expected(l)), "window closed");
     }
 
     #[test]

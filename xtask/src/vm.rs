@@ -110,6 +110,8 @@ pub struct VmOutcome {
     pub trace: PathBuf,
     pub device_log: PathBuf,
     pub qemu_log: PathBuf,
+    /// Lines of announced OOM-killer reports are not splats.
+    pub oom: ktap::OomWindow,
 }
 
 /// Guest RAM: node 0 (both CPUs) and node 1 (memory only), the sum.
@@ -381,7 +383,8 @@ fn collect(
 }
 
 fn handle_line(line: &str, echo: Echo, in_tests: &mut bool, out: &mut VmOutcome) {
-    if let Some(p) = ktap::splat(line) {
+    let announced_oom = out.oom.expected(line);
+    if let Some(p) = ktap::splat(line).filter(|_| !announced_oom) {
         out.splats.push(line.to_string());
         if echo == Echo::Results {
             eprintln!("xtask: kernel splat ({p}): {line}");
