@@ -2966,7 +2966,11 @@ impl<'b> Proc<'b> {
                 .fail(who, format_args!("fork: {}", errno_name(last_errno())));
         }
         if pid == 0 {
-            let code = self.fork_child(ts, &child_who, how, seed, delay_us, &fds);
+            // A panic must not unwind out of this copy of the parent's thread.
+            let code = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                self.fork_child(ts, &child_who, how, seed, delay_us, &fds)
+            }))
+            .unwrap_or(101);
             // SAFETY: ends the child without running the parent's destructors.
             unsafe { libc::_exit(code) };
         }
@@ -3118,9 +3122,12 @@ impl<'b> Proc<'b> {
             ForkHow::ExitMidDma => {
                 let g = Arc::new(g);
                 let g2 = g.clone();
-                std::thread::spawn(move || loop {
+                let jobs = std::thread::Builder::new().spawn(move || loop {
                     let _ = dev::dma(&g2, job);
                 });
+                if let Err(e) = jobs {
+                    b.fail(who, format_args!("a fork child cannot start a thread: {e}"));
+                }
                 std::thread::sleep(Duration::from_micros(delay_us.into()));
                 i32::from(b.failed())
             }
