@@ -54,6 +54,10 @@ check:
 bench *ARGS:
     cargo xtask bench {{ARGS}}
 
+# Fuzz the driver's uAPI from inside the guest: N random calls (default 100000) from 4 processes x 2 threads, then the run checks (`--seed S` replays a run).
+fuzz-guest N="100000" *ARGS:
+    cargo xtask fuzz-guest {{N}} {{ARGS}}
+
 # Device-model microbenchmarks on the host (IOTLB, page walk, DMA copy vs memcpy).
 bench-device:
     cargo bench -p qemu-dev --bench device

@@ -7,7 +7,9 @@
 //! contains NAME; see `bench.rs`).
 //!
 //! To add a test: write a `fn name() -> Result<(), String>` below and add `name` to [`TESTS`].
-//! Tests run in list order; the module-reload test runs last because it rebinds the device.
+//! Tests run in list order; the module-reload test runs last because it rebinds the device. The
+//! uAPI fuzzer (`uapi_fuzz`, `fuzz.rs`) runs before the injected-bug tests and the device-failure
+//! cases: it needs a device nobody has broken, and no violation may appear while it runs.
 
 mod bench;
 mod bounds;
@@ -15,6 +17,7 @@ mod churn;
 mod dev;
 mod dmirror;
 mod failsafe;
+mod fuzz;
 mod hmm;
 mod ktap;
 mod mirror;
@@ -27,6 +30,7 @@ use bench::bench_smoke;
 use bounds::*;
 use churn::*;
 use failsafe::*;
+use fuzz::uapi_fuzz;
 use hmm::*;
 use mirror::*;
 use numa::*;
@@ -100,6 +104,7 @@ const TESTS: &[Test] = ktap::tests![
     c_example_through_zapguard_h,
     upstream_hmm_tests_test_hmm,
     upstream_hmm_tests_zapguard,
+    uapi_fuzz,
     cmd_lag_with_sync_wait_is_clean,
     inject_skip_shootdown_is_caught,
     inject_keep_write_is_caught,

@@ -10,6 +10,8 @@
 //! cargo xtask image                                           the guest image as one reproducible archive (target/zapguard/zapguard-image-*.tar.gz)
 //! cargo xtask bench [--filter F]                              the guest benchmarks (table + target/zapguard/bench.json;
 //!                                                             with F only those whose name contains it, -> bench-partial.json)
+//! cargo xtask fuzz-guest [N] [--seed S] [--timeout SECS]      the guest's uAPI fuzzer alone (N calls, default 100000; S replays
+//!                                                             a run's call sequences), the run checks and the fuzzer's summary
 //! ```
 //!
 //! Heavy artifacts (QEMU, kernel, initramfs) are built by the scripts under `images/`, which cache
@@ -50,6 +52,10 @@ struct Options {
     /// `--flavor F`: the guest kernel flavor to boot (images/kernel/build.sh; default: default).
     flavor: Option<String>,
     positional: Vec<String>,
+    /// `--seed S` (decimal or 0x hex): the uAPI fuzzer's master seed (`fuzz-guest`).
+    seed: Option<u64>,
+    /// More kernel command-line words for init (not a command-line option).
+    init_extra: Vec<String>,
 }
 
 /// The guest kernel flavors images/kernel/build.sh builds.
@@ -94,6 +100,8 @@ fn parse_options(args: &[String]) -> Result<Options> {
         host: true,
         flavor: None,
         positional: vec![],
+        seed: None,
+        init_extra: vec![],
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -127,6 +135,14 @@ fn parse_options(args: &[String]) -> Result<Options> {
                 }
                 // The default flavor is what no option boots.
                 o.flavor = Some(v.clone()).filter(|f| f != "default");
+            }
+            "--seed" => {
+                let v = it.next().ok_or("--seed needs a number")?;
+                let n = match v.strip_prefix("0x") {
+                    Some(hex) => u64::from_str_radix(hex, 16),
+                    None => v.parse(),
+                };
+                o.seed = Some(n.map_err(|_| format!("--seed: not a number: {v}"))?);
             }
             "--quiet" => o.quiet = true,
             "--no-host" => o.host = false,
@@ -549,6 +565,7 @@ fn vm_run(root: &Path, art: &Artifacts, opts: &Options, echo: vm::Echo) -> Resul
     if let Some(k) = &opts.knobs {
         init_args.push(format!("zg.knobs={k}"));
     }
+    init_args.extend(opts.init_extra.iter().cloned());
     let mut cfg = vm_config(art, run_dir.clone(), vec![], opts.timeout, echo);
     if opts.exec.is_some() {
         // The user's program instead of the guest tests, with the same run checks.
@@ -617,6 +634,37 @@ fn vm_run(root: &Path, art: &Artifacts, opts: &Options, echo: vm::Echo) -> Resul
         Err(e) => println!("  (unreadable: {e})"),
     }
     Ok((gp + cp, gf + cf))
+}
+
+/// `fuzz-guest [N] [--seed S]`: a boot that runs only the guest's uAPI fuzzer (`uapi_fuzz`,
+/// guest-tests/src/fuzz.rs) with N calls, under the normal run checks (kernel splats, the
+/// device trace's violations), then prints the fuzzer's `ZAPGUARD-FUZZ` summary lines.
+fn fuzz_guest(root: &Path, art: &Artifacts, opts: &Options) -> Result<(usize, usize)> {
+    let calls: u64 = match opts.positional.as_slice() {
+        [] => 100_000,
+        [n] => n
+            .parse()
+            .map_err(|_| format!("fuzz-guest: not a number of calls: {n}"))?,
+        more => return Err(format!("fuzz-guest: one number of calls, got {more:?}")),
+    };
+    let mut init_extra = vec![format!("zg.fuzz_calls={calls}")];
+    init_extra.extend(opts.seed.map(|s| format!("zg.fuzz_seed={s}")));
+    let o = Options {
+        filter: Some("uapi_fuzz".into()),
+        init_extra,
+        // The boot and the checks, and a generous millisecond per call under TCG.
+        timeout: opts.timeout.max(Duration::from_secs(300 + calls / 1000)),
+        ..opts.clone()
+    };
+    let counts = vm_run(root, art, &o, vm::Echo::Results)?;
+    let serial = root.join("target/zapguard/runs/latest/serial.log");
+    let text =
+        std::fs::read_to_string(&serial).map_err(|e| format!("{}: {e}", serial.display()))?;
+    println!("uAPI fuzzer (guest-tests/src/fuzz.rs):");
+    for line in text.lines().filter(|l| l.contains("ZAPGUARD-FUZZ")) {
+        println!("  {}", line.trim());
+    }
+    Ok(counts)
 }
 
 /// The kernel's Rust bindings are generated with `--no-layout-tests`: regenerate them with layout
@@ -855,7 +903,7 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let Some(cmd) = args.first() else {
         eprintln!(
-            "usage: cargo xtask run|shell|test|build|image|mutants|bench [options] (see xtask/src/main.rs)"
+            "usage: cargo xtask run|shell|test|build|image|mutants|bench|fuzz-guest [options] (see xtask/src/main.rs)"
         );
         return ExitCode::from(2);
     };
@@ -1035,6 +1083,9 @@ fn main() -> ExitCode {
             bench::report(&o.bench, &format!("{accel:?}"), hit, &out)?;
             Ok(ExitCode::SUCCESS)
         }),
+        "fuzz-guest" => build(&root)
+            .and_then(|art| fuzz_guest(&root, &art, &opts))
+            .map(|(p, f)| finish(p, f)),
         other => Err(format!("unknown command {other}")),
     };
     res.unwrap_or_else(|e| {
@@ -1062,5 +1113,21 @@ mod tests {
         for p in KNOB_PARAMS {
             assert!(module.contains(&format!("{p}: u32 {{")), "{p}");
         }
+    }
+
+    fn args(a: &[&str]) -> Vec<String> {
+        a.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn fuzz_guest_options() {
+        let o = parse_options(&args(&["1000000", "--seed", "42"])).unwrap();
+        assert_eq!(o.positional, ["1000000"]);
+        assert_eq!(o.seed, Some(42));
+        let o = parse_options(&args(&["--seed", "0xff"])).unwrap();
+        assert_eq!(o.seed, Some(255));
+        assert!(parse_options(&args(&["--seed", "x"])).is_err());
+        assert!(parse_options(&args(&["--seed"])).is_err());
+        assert!(o.init_extra.is_empty());
     }
 }
