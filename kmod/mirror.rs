@@ -1437,15 +1437,31 @@ pub(crate) fn cpu_snapshot_with(
         let n = ((e - s) / PAGE) as usize;
         let first = ((s - start) / PAGE) as usize;
         let pf = &mut pfns[..n];
-        let seq = ctx.read_begin();
-        // A snapshot is advisory: a concurrent invalidation just makes it a bit stale.
-        let _ = ctx.hmm_range_fault(&mm, s as usize, e as usize, HmmRequest::Snapshot, seq, pf)?;
+        snapshot_block(ctx, &mm, s, e, pf)?;
         for (o, p) in out.iter_mut().skip(first).zip(pf.iter()) {
             *o = encode(*p);
         }
         s = e;
     }
     Ok(())
+}
+
+/// The CPU's entries for `[s, e)` (one block), written in full: a walk an invalidation
+/// overtook (`Busy`) may have left entries unwritten, so it is walked again, for at most
+/// [`POPULATE_TIMEOUT_MS`] (then `EBUSY`). The result is advisory (it may be stale as soon as
+/// it is returned), but every byte describes what the CPU mapped at some point of the call.
+fn snapshot_block(ctx: &Context, mm: &MmWithUser, s: u64, e: u64, pfns: &mut [HmmPfn]) -> Result {
+    let started = Instant::<Monotonic>::now();
+    loop {
+        let seq = ctx.read_begin();
+        let r = ctx.hmm_range_fault(mm, s as usize, e as usize, HmmRequest::Snapshot, seq, pfns)?;
+        if r == FaultOutcome::Done {
+            return Ok(());
+        }
+        if started.elapsed() > Delta::from_millis(POPULATE_TIMEOUT_MS.into()) {
+            return Err(EBUSY);
+        }
+    }
 }
 
 /// One `ZG_SNAP_*` byte per page of `[start, start + out.len() * 4096)`.

@@ -386,7 +386,15 @@ const R_EBUSY_OPEN: (i32, &str) = (
 );
 const R_EBUSY_MAP: (i32, &str) = (
     EBUSY,
-    "`MAP` (or a fault) that kept colliding with invalidations for 2 s |",
+    "`MAP` (or a fault) that kept colliding with invalidations for 2 s;",
+);
+const R_EBUSY_SNAPSHOT: (i32, &str) = (
+    EBUSY,
+    "`SNAPSHOT` whose walk kept colliding with invalidations for 2 s |",
+);
+const R_ENOMEM_OPEN: (i32, &str) = (
+    ENOMEM,
+    "`open()` when the pool has no page left for the context's root table |",
 );
 const R_ETIMEDOUT: (i32, &str) = (
     ETIMEDOUT,
@@ -437,7 +445,7 @@ pub(crate) const TABLE: &[Row] = &[
     Row {
         apis: &[Api::Open],
         node: Node::Zg,
-        allowed: &[R_EBUSY_OPEN, R_EIO, R_ENODEV],
+        allowed: &[R_EBUSY_OPEN, R_ENOMEM_OPEN, R_EIO, R_ENODEV],
     },
     // GET_INFO: a bad argument pointer (EFAULT row); EIO/ENODEV ("any call").
     Row {
@@ -478,7 +486,7 @@ pub(crate) const TABLE: &[Row] = &[
         ],
     },
     // SNAPSHOT: ranges (EINVAL), untranslatable addresses and bad pointers (EFAULT), another
-    // process (EPERM), EIO/ENODEV.
+    // process (EPERM), a walk invalidations kept overtaking (EBUSY), EIO/ENODEV.
     Row {
         apis: &[Api::Snapshot],
         node: Node::Zg,
@@ -487,6 +495,7 @@ pub(crate) const TABLE: &[Row] = &[
             R_EINVAL_EXITED,
             R_EFAULT,
             R_EPERM,
+            R_EBUSY_SNAPSHOT,
             R_EIO,
             R_ENODEV,
         ],
@@ -539,7 +548,7 @@ pub(crate) const TABLE: &[Row] = &[
     Row {
         apis: &[Api::OpenHmm],
         node: Node::Hmm,
-        allowed: &[R_EBUSY_OPEN, R_EIO, R_ENODEV],
+        allowed: &[R_EBUSY_OPEN, R_ENOMEM_OPEN, R_EIO, R_ENODEV],
     },
     // Its data and snapshot commands: the README's "Errors:" for the node.
     Row {
@@ -882,7 +891,7 @@ pub(crate) enum Call {
     Inject {
         fd: u8,
         arg: Ptr,
-        fields: [u32; 8],
+        fields: [u32; 9],
     },
     Unknown {
         fd: u8,
@@ -914,6 +923,24 @@ pub(crate) enum Call {
         seed: u64,
         delay_us: u32,
     },
+}
+
+impl Call {
+    /// The file slot the call uses, if it uses an open file (`Open` fills its slot instead).
+    fn file_slot(&self) -> Option<u8> {
+        match *self {
+            Call::Close { fd }
+            | Call::GetInfo { fd, .. }
+            | Call::Stats { fd, .. }
+            | Call::Map { fd, .. }
+            | Call::Dma { fd, .. }
+            | Call::Snapshot { fd, .. }
+            | Call::Inject { fd, .. }
+            | Call::Unknown { fd, .. }
+            | Call::Hmm { fd, .. } => Some(fd),
+            _ => None,
+        }
+    }
 }
 
 #[derive(Clone, Copy)]
@@ -1244,7 +1271,7 @@ pub(crate) fn gen_call(r: &mut Rng) -> Call {
             arg: gen_ptr(r, 900),
         },
         Kind::Inject => {
-            let mut fields = [0u32; 8];
+            let mut fields = [0u32; 9];
             for f in fields.iter_mut() {
                 *f = if r.chance(500) {
                     0
@@ -1664,7 +1691,10 @@ const CHECKS: [(Check, &str); 9] = [
         Check::Snapshots,
         "snapshot pages of never-mapped, guard or read-only memory",
     ),
-    (Check::NoFile, "calls skipped (their file slot was closed)"),
+    (
+        Check::NoFile,
+        "generated calls skipped, not counted (their file slot was closed)",
+    ),
 ];
 
 /// Lives in a `MAP_SHARED` mapping made before the first fork: every process of the run counts
@@ -3137,17 +3167,29 @@ impl<'b> Proc<'b> {
         }
     }
 
+    /// Issues this thread's share of the calls. A generated call whose file slot is closed
+    /// would issue nothing: it is counted as skipped and does not use up the budget, so the
+    /// budget is calls made (`i` still numbers the generated sequence, which the seed fixes).
     fn run_thread(&self, cfg: &Config, t: usize) {
         let seed = thread_seed(cfg.seed, self.idx, t);
         let mut r = Rng::new(seed);
         let mut ts = ThreadState::new(t);
-        for i in 0..cfg.calls_for(self.idx, t) {
-            if self.board.failed() {
-                break;
-            }
+        let budget = cfg.calls_for(self.idx, t);
+        let (mut i, mut issued) = (0, 0);
+        while issued < budget && !self.board.failed() {
             let call = gen_call(&mut r);
-            let who = Who::Thread { p: self.idx, t, i };
+            i += 1;
+            if call.file_slot().is_some_and(|s| self.fd(s).is_none()) {
+                self.board.check(Check::NoFile, 1);
+                continue;
+            }
+            let who = Who::Thread {
+                p: self.idx,
+                t,
+                i: i - 1,
+            };
             self.exec(&mut ts, &who, &call);
+            issued += 1;
         }
     }
 
@@ -3221,7 +3263,7 @@ struct HmmCall {
 
 /// The privileged side's INJECT argument: whatever the generator drew, with a mode bit the
 /// driver does not know, so that it is refused before anything is enabled.
-pub(crate) fn privileged_inject(fields: [u32; 8]) -> ZgInject {
+pub(crate) fn privileged_inject(fields: [u32; 9]) -> ZgInject {
     ZgInject {
         modes: fields[0] | (1 << 31),
         cmd_lag: fields[1],
@@ -3231,6 +3273,7 @@ pub(crate) fn privileged_inject(fields: [u32; 8]) -> ZgInject {
         populate_lag: fields[5],
         fault_lag: fields[6],
         iotlb_keep: fields[7],
+        sync_lag: fields[8],
     }
 }
 
@@ -3398,6 +3441,7 @@ fn unpriv_main(board: &Board, cfg: &Config) -> i32 {
                     populate_lag: r.below(2) as u32 * 1000,
                     fault_lag: r.below(2) as u32 * 200,
                     iotlb_keep: r.below(2) as u32,
+                    sync_lag: r.below(2) as u32 * 300,
                 };
                 let ptr = [0, KERNEL_ADDRS[0], CANARY_VA][r.below(3) as usize];
                 let res = if r.chance(800) {
@@ -3834,11 +3878,11 @@ mod tests {
     fn privileged_inject_never_enables_anything() {
         let mut r = Rng::new(11);
         for _ in 0..10_000 {
-            let fields = [(); 8].map(|_| r.next_u64() as u32);
+            let fields = [(); 9].map(|_| r.next_u64() as u32);
             let i = privileged_inject(fields);
             assert_ne!(i.modes & !uapi::ZG_INJ_MODES, 0);
         }
-        assert_ne!(privileged_inject([0; 8]).modes & !uapi::ZG_INJ_MODES, 0);
+        assert_ne!(privileged_inject([0; 9]).modes & !uapi::ZG_INJ_MODES, 0);
         // The read-only canary's pattern, read as an INJECT argument, is refused as well.
         assert_ne!(ro_word(0x3000_0040_0000) as u32 & !uapi::ZG_INJ_MODES, 0);
     }

@@ -25,6 +25,10 @@ mkdir -p "$ZAPGUARD_CACHE/initramfs"
 stage=$(mktemp -d)
 trap 'rm -rf "$stage"' EXIT
 mkdir -p "$stage"/{bin,dev,proc,sys,tmp,lib/modules}
+# mktemp -d makes the stage 0700, which would be the guest's / : unprivileged processes (the uAPI
+# fuzzer's uid 65534 child, users' programs that drop privileges) could not resolve any path.
+chmod 0755 "$stage"
+chmod 1777 "$stage/tmp"
 install -m 0755 "$busybox" "$stage/bin/busybox"
 install -m 0755 "$init" "$stage/init"
 install -m 0644 "$ko" "$hmm" "$stage/lib/modules/"
