@@ -369,9 +369,14 @@ impl Shared {
         }
         if let Some(bar) = self.bar.try_access() {
             bar.write_reg(regs::CMD_LAG::zeroed().with_value(i.cmd_lag));
-            bar.write_reg(regs::WALK_LAG::zeroed().with_value(i.walk_lag));
             let minor = bar.read(regs::VERSION).minor().get();
             let base = baseline_knobs();
+            let walk_lag = if i.walk_lag != 0 {
+                i.walk_lag
+            } else {
+                base.walk_lag
+            };
+            bar.write_reg(regs::WALK_LAG::zeroed().with_value(walk_lag));
             if minor >= 4 {
                 let fault_lag = if i.fault_lag != 0 {
                     i.fault_lag
@@ -414,7 +419,8 @@ impl Shared {
     }
 
     /// Puts the test knobs back to their baseline (when the context that set them closes): off,
-    /// or what the `fault_lag_us`, `iotlb_keep` and `sync_lag_us` module parameters ask for.
+    /// or what the `fault_lag_us`, `iotlb_keep`, `sync_lag_us` and `walk_lag_us` module parameters
+    /// ask for.
     pub(crate) fn reset_knobs(&self) {
         self.set_knobs(&uapi::ZgInject::default());
     }
@@ -638,6 +644,8 @@ struct Baseline {
     iotlb_keep: bool,
     /// `sync_lag_us`: the `SYNC_LAG` register (ABI 1.5).
     sync_lag: u32,
+    /// `walk_lag_us`: the `WALK_LAG` register.
+    walk_lag: u32,
 }
 
 /// The [`Baseline`] the module parameters ask for; always off unless the module is built with
@@ -650,6 +658,7 @@ fn baseline_knobs() -> Baseline {
         fault_lag: crate::module_parameters::fault_lag_us.value(),
         iotlb_keep: crate::module_parameters::iotlb_keep.value() != 0,
         sync_lag: crate::module_parameters::sync_lag_us.value(),
+        walk_lag: crate::module_parameters::walk_lag_us.value(),
     }
 }
 

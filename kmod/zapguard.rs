@@ -55,13 +55,17 @@ kernel::module_pci_driver! {
             default: 0,
             description: "Test builds: the device's FAULT_LAG knob whenever no context sets it",
         },
+        walk_lag_us: u32 {
+            default: 0,
+            description: "Test builds: the device's WALK_LAG knob whenever no context sets it",
+        },
         iotlb_keep: u32 {
             default: 0,
             description: "Test builds: 1 sets the device's IOTLB_KEEP knob whenever no context sets it",
         },
         sync_lag_us: u32 {
             default: 0,
-            description: "Test builds: the device's SYNC_LAG knob (ABI 1.5), for every context",
+            description: "Test builds: the device's SYNC_LAG knob (ABI 1.5) whenever no context sets it",
         },
     },
 }
