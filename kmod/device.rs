@@ -368,9 +368,14 @@ impl Shared {
             return;
         }
         if let Some(bar) = self.bar.try_access() {
-            bar.write_reg(regs::CMD_LAG::zeroed().with_value(i.cmd_lag));
             let minor = bar.read(regs::VERSION).minor().get();
             let base = baseline_knobs();
+            let cmd_lag = if i.cmd_lag != 0 {
+                i.cmd_lag
+            } else {
+                base.cmd_lag
+            };
+            bar.write_reg(regs::CMD_LAG::zeroed().with_value(cmd_lag));
             let walk_lag = if i.walk_lag != 0 {
                 i.walk_lag
             } else {
@@ -419,8 +424,8 @@ impl Shared {
     }
 
     /// Puts the test knobs back to their baseline (when the context that set them closes): off,
-    /// or what the `fault_lag_us`, `iotlb_keep`, `sync_lag_us` and `walk_lag_us` module parameters
-    /// ask for.
+    /// or what the `fault_lag_us`, `iotlb_keep`, `sync_lag_us`, `walk_lag_us` and `cmd_lag`
+    /// module parameters ask for.
     pub(crate) fn reset_knobs(&self) {
         self.set_knobs(&uapi::ZgInject::default());
     }
@@ -646,6 +651,8 @@ struct Baseline {
     sync_lag: u32,
     /// `walk_lag_us`: the `WALK_LAG` register.
     walk_lag: u32,
+    /// `cmd_lag`: the `CMD_LAG` register.
+    cmd_lag: u32,
 }
 
 /// The [`Baseline`] the module parameters ask for; always off unless the module is built with
@@ -659,6 +666,7 @@ fn baseline_knobs() -> Baseline {
         iotlb_keep: crate::module_parameters::iotlb_keep.value() != 0,
         sync_lag: crate::module_parameters::sync_lag_us.value(),
         walk_lag: crate::module_parameters::walk_lag_us.value(),
+        cmd_lag: crate::module_parameters::cmd_lag.value(),
     }
 }
 

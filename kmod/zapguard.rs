@@ -59,6 +59,10 @@ kernel::module_pci_driver! {
             default: 0,
             description: "Test builds: the device's WALK_LAG knob whenever no context sets it",
         },
+        cmd_lag: u32 {
+            default: 0,
+            description: "Test builds: the device's CMD_LAG knob (DMA steps) whenever no context sets it",
+        },
         iotlb_keep: u32 {
             default: 0,
             description: "Test builds: 1 sets the device's IOTLB_KEEP knob whenever no context sets it",

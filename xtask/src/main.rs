@@ -65,7 +65,7 @@ const FLAVORS: [&str; 4] = ["default", "debug", "kasan", "kcsan"];
 /// suite must stay clean with each (`just test` runs it once per entry; an entry may turn on
 /// several knobs, so that a new knob costs no extra run).
 const KNOB_RUNS: [&str; 2] = [
-    "iotlb_keep=1,sync_lag_us=300",
+    "iotlb_keep=1,sync_lag_us=300,cmd_lag=2",
     "fault_lag_us=200,walk_lag_us=20",
 ];
 
@@ -73,7 +73,13 @@ const KNOB_RUNS: [&str; 2] = [
 const KNOB_RUN_FUZZ_CALLS: u32 = 20_000;
 
 /// The driver's knob module parameters (`--knobs`, `zg.knobs=`).
-const KNOB_PARAMS: [&str; 4] = ["iotlb_keep", "fault_lag_us", "sync_lag_us", "walk_lag_us"];
+const KNOB_PARAMS: [&str; 5] = [
+    "iotlb_keep",
+    "fault_lag_us",
+    "sync_lag_us",
+    "walk_lag_us",
+    "cmd_lag",
+];
 
 /// `--knobs`: comma-separated `param=number` of the driver's knob parameters.
 fn check_knobs(spec: &str) -> Result<()> {
