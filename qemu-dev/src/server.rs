@@ -957,14 +957,13 @@ mod tests {
         assert_eq!(changes, [true, false, true, false]);
     }
 
-    /// The worker sleeps until a delayed SYNC is due, with no register write to wake it.
-    #[test]
-    fn worker_wakes_for_a_delayed_sync() {
-        use shared_regs::regs::{FAIL_ARG, FAIL_INJECT, FAIL_SYNC_DELAY};
+    /// Posts a SYNC after `writes` to the registers and returns how long its completion took:
+    /// the worker must wake at a held SYNC's deadline, with no register write to wake it.
+    fn held_sync_completion(writes: &[(u32, u32)]) -> Duration {
         let mut b = backend();
         let ram = machine(&mut b);
         bus_master(&mut b, true);
-        for (r, v) in [(FAIL_ARG, 40), (FAIL_INJECT, FAIL_SYNC_DELAY)] {
+        for &(r, v) in writes {
             b.region_write(BAR0_REGION, r.into(), &v.to_le_bytes())
                 .expect("write");
         }
@@ -974,29 +973,25 @@ mod tests {
             &ram,
             crate::testkit::SYNC_WORD
         ) == 9));
-        let took = t0.elapsed();
+        t0.elapsed()
+    }
+
+    /// A SYNC delayed by `FAIL_SYNC_DELAY` (40 ms) completes at its deadline, not at the 200 ms
+    /// idle tick.
+    #[test]
+    fn worker_wakes_for_a_delayed_sync() {
+        use shared_regs::regs::{FAIL_ARG, FAIL_INJECT, FAIL_SYNC_DELAY};
+        let took = held_sync_completion(&[(FAIL_ARG, 40), (FAIL_INJECT, FAIL_SYNC_DELAY)]);
         assert!(
             took >= Duration::from_millis(40) && took < Duration::from_millis(180),
             "completed at the deadline, not at the 200 ms idle tick: {took:?}"
         );
     }
 
-    /// Likewise for a SYNC held by the SYNC_LAG knob (a deadline, not a sleep).
+    /// Likewise for a SYNC held by the SYNC_LAG knob (30 ms; a deadline, not a sleep).
     #[test]
     fn worker_wakes_for_a_lagged_sync() {
-        use shared_regs::regs::SYNC_LAG;
-        let mut b = backend();
-        let ram = machine(&mut b);
-        bus_master(&mut b, true);
-        b.region_write(BAR0_REGION, SYNC_LAG.into(), &30_000u32.to_le_bytes())
-            .expect("write");
-        let t0 = std::time::Instant::now();
-        post_sync(&mut b, &ram, 0, 9);
-        assert!(eventually(Duration::from_secs(5), || read_u32(
-            &ram,
-            crate::testkit::SYNC_WORD
-        ) == 9));
-        let took = t0.elapsed();
+        let took = held_sync_completion(&[(shared_regs::regs::SYNC_LAG, 30_000)]);
         assert!(
             took >= Duration::from_millis(30) && took < Duration::from_millis(180),
             "completed at the lag's deadline, not at the 200 ms idle tick: {took:?}"
