@@ -241,7 +241,13 @@ fn oom_round() -> Result<(i32, bool), String> {
             Ok(Err(libc::EAGAIN)) | Ok(Err(libc::EINVAL)) | Ok(Err(libc::ESRCH)) | Err(_) => {}
             Ok(Err(e)) => return Err(format!("process_mrelease: errno {e}")),
         }
-        std::thread::sleep(Duration::from_millis(if reaped { 5 } else { 1 }));
+        // The window between the kill and the exit's own teardown is a few milliseconds: poll
+        // without sleeping until the reap, then let the exit finish.
+        if reaped {
+            std::thread::sleep(Duration::from_millis(5));
+        } else {
+            std::thread::yield_now();
+        }
     }
     if let Ok(fd) = pidfd {
         // SAFETY: closing the pidfd this function opened.
