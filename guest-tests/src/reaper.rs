@@ -171,7 +171,8 @@ pub fn process_mrelease_mid_job_is_safe() -> Result<(), String> {
 
 /// Lets the guest's OOM killer choose a process that mirrors memory and runs device jobs (its
 /// `oom_score_adj` is 1000; it allocates until killed), and reaps it with `process_mrelease()`
-/// as soon as it is dying, as a low-memory killer would: the kill, the reap and the exit must
+/// as soon as it is dying, as a low-memory killer would (or the kernel's OOM reaper does, 2 s
+/// later): the reap must take the non-blockable path, and the kill, the reap and the exit must
 /// leave no device access to a freed page.
 pub fn oom_killer_picks_mirroring_process() -> Result<(), String> {
     let (before, info0) = (device_violations()?, info()?);
@@ -185,39 +186,56 @@ pub fn oom_killer_picks_mirroring_process() -> Result<(), String> {
         &format!("child killed by the OOM killer (status {status:#x})"),
     )?;
     let info1 = info()?;
+    let nonblock = info1.nonblock_invalidations - info0.nonblock_invalidations;
     println!(
-        "# OOM kill: process_mrelease {}; {} non-blockable invalidations, {} gave up",
+        "# OOM kill: process_mrelease {}; {nonblock} non-blockable invalidations, {} gave up",
         if reaped {
             "reaped"
         } else {
-            "found the exit done"
+            "found the reap done"
         },
-        info1.nonblock_invalidations - info0.nonblock_invalidations,
         info1.nonblock_failed - info0.nonblock_failed
     );
     check_eq(
         device_violations()?,
         before,
         "device violations across the OOM kill",
-    )
+    )?;
+    if nonblock == 0 {
+        return Err("nothing reaped the victim through the non-blockable path".into());
+    }
+    Ok(())
 }
 
 /// Marker lines around the OOM kill (see the harness's `OomWindow`).
 const OOM_EXPECTED: &str = "ZAPGUARD-OOM-EXPECTED";
 
+/// How long after the victim's exit the test keeps its device fault unanswered: the kernel's
+/// OOM reaper starts 2 s after the kill (`OOM_REAPER_DELAY`).
+const REAPER_WAIT: Duration = Duration::from_secs(4);
+
 /// Forks the memory hog and reaps it once dying; returns its wait status and whether
 /// `process_mrelease` did the reaping.
+///
+/// The victim's exit would otherwise tear its memory down within milliseconds, before any
+/// reaper gets there. So it leaves a device fault on a userfaultfd page unanswered and hands the
+/// userfaultfd to this process: the driver's fault service then holds a user reference on the
+/// victim's mm, as a device fault in flight does, and `exit_mmap` waits for it. The kernel's OOM
+/// reaper (or `process_mrelease`) reaps the mm meanwhile, through the non-blockable
+/// invalidation. Closing the userfaultfd ends the fault and lets the exit finish.
 fn oom_round() -> Result<(i32, bool), String> {
+    let h = dev::Handoff::new().map_err(|e| format!("pipes: {e}"))?;
     // SAFETY: the child only runs `oom_child` and `_exit`s.
     let pid = unsafe { libc::fork() };
     if pid < 0 {
         return Err(format!("fork: {}", std::io::Error::last_os_error()));
     }
     if pid == 0 {
-        let code = oom_child();
+        let code = oom_child(&h);
         // SAFETY: ends the child without returning into the test runner.
         unsafe { libc::_exit(code) };
     }
+    let uffd = h.take(pid);
     let pidfd = sys(libc::SYS_pidfd_open, pid.into(), 0, 0);
     let mut reaped = false;
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -253,12 +271,17 @@ fn oom_round() -> Result<(i32, bool), String> {
         // SAFETY: closing the pidfd this function opened.
         unsafe { libc::close(fd as i32) };
     }
+    if uffd.is_ok() {
+        std::thread::sleep(REAPER_WAIT);
+    }
+    drop(uffd);
     Ok((status, reaped))
 }
 
-/// Mirrors a buffer with device reads running, then allocates and touches memory until the OOM
-/// killer ends it (exits 20 if it never does).
-fn oom_child() -> i32 {
+/// Mirrors a buffer with device reads running, leaves a device fault on a userfaultfd page
+/// unanswered (its userfaultfd handed to the parent through `h`), then allocates and touches
+/// memory until the OOM killer ends it (exits 20 if it never does).
+fn oom_child(h: &dev::Handoff) -> i32 {
     if std::fs::write("/proc/self/oom_score_adj", "1000").is_err() {
         return 10;
     }
@@ -275,6 +298,23 @@ fn oom_child() -> i32 {
     std::thread::spawn(move || loop {
         let _ = dev::dma(&f2, dev::job(DMA_CHECKSUM, addr, 0, len, 0));
     });
+    let Ok(held) = Mapping::anon(4096) else {
+        return 15;
+    };
+    let Ok(uffd) = crate::uffd::register(&held) else {
+        return 16;
+    };
+    use std::os::fd::AsRawFd;
+    if h.give(uffd.as_raw_fd()).is_err() {
+        return 17;
+    }
+    let (Ok(f3), held_addr) = (f.try_clone(), held.addr) else {
+        return 18;
+    };
+    std::thread::spawn(move || {
+        let _ = dev::dma(&f3, dev::job(DMA_CHECKSUM, held_addr, 0, 4096, 0));
+    });
+    std::thread::sleep(Duration::from_millis(50));
     // Far more than the guest has: the OOM killer must end this first.
     let mut hog = Vec::new();
     for _ in 0..256 {

@@ -71,7 +71,7 @@ fn uffd_ioctl<T>(fd: &OwnedFd, cmd: u64, arg: &mut T) -> Result<(), String> {
 }
 
 /// A userfaultfd with `[m.addr, m.addr + m.len)` registered for missing-page faults.
-fn register(m: &Mapping) -> Result<OwnedFd, String> {
+pub(crate) fn register(m: &Mapping) -> Result<OwnedFd, String> {
     // SAFETY: a plain syscall; the result is a new file descriptor or -1.
     let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC) };
     if fd < 0 {
