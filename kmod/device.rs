@@ -370,34 +370,18 @@ impl Shared {
         if let Some(bar) = self.bar.try_access() {
             let minor = bar.read(regs::VERSION).minor().get();
             let base = baseline_knobs();
-            let cmd_lag = if i.cmd_lag != 0 {
-                i.cmd_lag
-            } else {
-                base.cmd_lag
-            };
+            let cmd_lag = or_baseline(i.cmd_lag, base.cmd_lag);
             bar.write_reg(regs::CMD_LAG::zeroed().with_value(cmd_lag));
-            let walk_lag = if i.walk_lag != 0 {
-                i.walk_lag
-            } else {
-                base.walk_lag
-            };
+            let walk_lag = or_baseline(i.walk_lag, base.walk_lag);
             bar.write_reg(regs::WALK_LAG::zeroed().with_value(walk_lag));
             if minor >= 4 {
-                let fault_lag = if i.fault_lag != 0 {
-                    i.fault_lag
-                } else {
-                    base.fault_lag
-                };
+                let fault_lag = or_baseline(i.fault_lag, base.fault_lag);
                 bar.write_reg(regs::FAULT_LAG::zeroed().with_value(fault_lag));
                 let keep = i.iotlb_keep != 0 || base.iotlb_keep;
                 bar.write_reg(regs::IOTLB_KEEP::zeroed().with_keep(keep));
             }
             if minor >= 5 {
-                let sync_lag = if i.sync_lag != 0 {
-                    i.sync_lag
-                } else {
-                    base.sync_lag
-                };
+                let sync_lag = or_baseline(i.sync_lag, base.sync_lag);
                 bar.write_reg(regs::SYNC_LAG::zeroed().with_value(sync_lag));
             }
             bar.write_reg(regs::FAIL_ARG::zeroed().with_value(i.dev_fail_arg));
@@ -667,6 +651,15 @@ fn baseline_knobs() -> Baseline {
         sync_lag: crate::module_parameters::sync_lag_us.value(),
         walk_lag: crate::module_parameters::walk_lag_us.value(),
         cmd_lag: crate::module_parameters::cmd_lag.value(),
+    }
+}
+
+/// A knob an `INJECT` asks for, or the module parameter's baseline where it asks for 0.
+fn or_baseline(requested: u32, baseline: u32) -> u32 {
+    if requested != 0 {
+        requested
+    } else {
+        baseline
     }
 }
 

@@ -297,17 +297,7 @@ fn check_reports(sh: &Shared) -> Result<(), String> {
 fn spawn(sh: &Shared) -> Result<Vec<libc::pid_t>, String> {
     let mut pids = vec![];
     for w in 0..WORKERS {
-        // SAFETY: the child only runs `worker` and `_exit`s.
-        let pid = unsafe { libc::fork() };
-        if pid < 0 {
-            return Err(format!("fork: {}", std::io::Error::last_os_error()));
-        }
-        if pid == 0 {
-            let code = worker(sh, w);
-            // SAFETY: ends the child without returning into the test runner.
-            unsafe { libc::_exit(code) };
-        }
-        pids.push(pid);
+        pids.push(crate::mirror::fork_child(|| worker(sh, w))?);
     }
     Ok(pids)
 }

@@ -299,8 +299,9 @@ pub fn mprotect_readonly_refuses_device_writes() -> Result<(), String> {
     clean(&f)
 }
 
-/// Forks and runs `child` in the child; returns its exit status.
-pub(crate) fn fork_wait(child: impl FnOnce() -> i32) -> Result<i32, String> {
+/// Forks and runs `child` in the child, which `_exit`s with its result; returns the child's pid
+/// (the caller waits for it).
+pub(crate) fn fork_child(child: impl FnOnce() -> i32) -> Result<libc::pid_t, String> {
     // SAFETY: the child only runs `child` and `_exit`s (no return into the test runner).
     let pid = unsafe { libc::fork() };
     if pid < 0 {
@@ -311,6 +312,12 @@ pub(crate) fn fork_wait(child: impl FnOnce() -> i32) -> Result<i32, String> {
         // SAFETY: terminating the child without running the parent's destructors twice.
         unsafe { libc::_exit(code) };
     }
+    Ok(pid)
+}
+
+/// Forks and runs `child` in the child; returns its exit status.
+pub(crate) fn fork_wait(child: impl FnOnce() -> i32) -> Result<i32, String> {
+    let pid = fork_child(child)?;
     let mut status = 0;
     // SAFETY: waiting for our own child.
     unsafe { libc::waitpid(pid, &mut status, 0) };
@@ -995,16 +1002,7 @@ fn skip_ctx_invalidate_round() -> Result<ZgStats, String> {
         walk_lag: SKIP_CTX_WALK_LAG_US,
         ..Default::default()
     };
-    // SAFETY: the child only runs `exit_mid_job_child`, which `_exit`s.
-    let pid = unsafe { libc::fork() };
-    if pid < 0 {
-        return Err(format!("fork: {}", std::io::Error::last_os_error()));
-    }
-    if pid == 0 {
-        let code = exit_mid_job_child(knobs, Some(&h));
-        // SAFETY: ends the child without returning into the test runner.
-        unsafe { libc::_exit(code) };
-    }
+    let pid = fork_child(|| exit_mid_job_child(knobs, Some(&h)))?;
     let f = h.take(pid);
     let mut status = 0;
     // SAFETY: waiting for our own child.

@@ -10,7 +10,7 @@
 
 use crate::dev::{self, Mapping};
 use crate::ktap::check_eq;
-use crate::mirror::device_violations;
+use crate::mirror::{device_violations, fork_child};
 use shared_regs::dma::DMA_CHECKSUM;
 use shared_regs::uapi::{ZgInfo, ZgInject};
 use std::io::{Read, Write};
@@ -83,18 +83,9 @@ fn kill_and_reap(delay: Duration, slow_sync_us: u32) -> Result<(bool, u32), Stri
     }
     // SAFETY: pipe2 just returned these two descriptors; each is owned once.
     let (rd, wr) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-    // SAFETY: the child only runs `busy_child` and `_exit`s.
-    let pid = unsafe { libc::fork() };
-    if pid < 0 {
-        return Err(format!("fork: {}", std::io::Error::last_os_error()));
-    }
-    if pid == 0 {
-        drop(rd);
-        let code = busy_child(wr, slow_sync_us);
-        // SAFETY: ends the child without returning into the test runner.
-        unsafe { libc::_exit(code) };
-    }
-    drop(wr);
+    // The parent's copy of the write end goes with the closure, so a child that dies before it
+    // is ready gives EOF, not a hang.
+    let pid = fork_child(move || busy_child(wr, slow_sync_us))?;
     let mut byte = [0u8; 1];
     let ready = std::fs::File::from(rd).read_exact(&mut byte).is_ok();
     let pidfd = sys(libc::SYS_pidfd_open, pid.into(), 0, 0)
@@ -225,16 +216,7 @@ const REAPER_WAIT: Duration = Duration::from_secs(4);
 /// invalidation. Closing the userfaultfd ends the fault and lets the exit finish.
 fn oom_round() -> Result<(i32, bool), String> {
     let h = dev::Handoff::new().map_err(|e| format!("pipes: {e}"))?;
-    // SAFETY: the child only runs `oom_child` and `_exit`s.
-    let pid = unsafe { libc::fork() };
-    if pid < 0 {
-        return Err(format!("fork: {}", std::io::Error::last_os_error()));
-    }
-    if pid == 0 {
-        let code = oom_child(&h);
-        // SAFETY: ends the child without returning into the test runner.
-        unsafe { libc::_exit(code) };
-    }
+    let pid = fork_child(|| oom_child(&h))?;
     let uffd = h.take(pid);
     let pidfd = sys(libc::SYS_pidfd_open, pid.into(), 0, 0);
     let mut reaped = false;
