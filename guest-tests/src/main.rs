@@ -23,6 +23,7 @@ mod ktap;
 mod mirror;
 mod numa;
 mod reaper;
+mod safety;
 mod uffd;
 mod upstream;
 
@@ -35,6 +36,7 @@ use hmm::*;
 use mirror::*;
 use numa::*;
 use reaper::*;
+use safety::*;
 use uffd::*;
 use upstream::*;
 
@@ -100,6 +102,11 @@ const TESTS: &[Test] = ktap::tests![
     uffd_device_faults_served_by_handler,
     uffd_held_fault_blocks_only_its_context,
     uffd_unanswered_fault_aborts_only_its_job,
+    device_writes_survive_madv_free_and_pageout,
+    write_fault_breaks_cow_only_on_the_written_page,
+    map_private_file_pages_follow_the_file_after_a_device_write,
+    stalled_fault_costs_only_its_own_context,
+    rmmod_waits_for_a_held_fault,
     hmm_compat_node_reads_snapshots_and_refuses,
     c_example_through_zapguard_h,
     upstream_hmm_tests_test_hmm,

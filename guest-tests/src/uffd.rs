@@ -97,7 +97,12 @@ pub(crate) fn register(m: &Mapping) -> Result<OwnedFd, String> {
 
 /// Answers page faults on `fd` with pages filled with `byte`, after holding each for `hold`,
 /// until `pages` faults were answered. Returns the addresses it saw.
-fn handler(fd: OwnedFd, byte: u8, hold: Duration, pages: usize) -> Result<Vec<u64>, String> {
+pub(crate) fn answer(
+    fd: &OwnedFd,
+    byte: u8,
+    hold: Duration,
+    pages: usize,
+) -> Result<Vec<u64>, String> {
     let src = vec![byte; PG];
     let mut seen = vec![];
     while seen.len() < pages {
@@ -133,7 +138,7 @@ fn handler(fd: OwnedFd, byte: u8, hold: Duration, pages: usize) -> Result<Vec<u6
             mode: 0,
             copy: 0,
         };
-        uffd_ioctl(&fd, UFFDIO_COPY, &mut copy)?;
+        uffd_ioctl(fd, UFFDIO_COPY, &mut copy)?;
         seen.push(page);
     }
     Ok(seen)
@@ -149,7 +154,7 @@ pub fn uffd_device_faults_served_by_handler() -> Result<(), String> {
     m.madvise(0, m.len, libc::MADV_NOHUGEPAGE)
         .map_err(|e| e.to_string())?;
     let fd = register(&m)?;
-    let h = std::thread::spawn(move || handler(fd, 0x3c, Duration::ZERO, PAGES));
+    let h = std::thread::spawn(move || answer(&fd, 0x3c, Duration::ZERO, PAGES));
     let mut out = vec![0u8; m.len];
     let job = dev::job(
         shared_regs::dma::DMA_READ,
@@ -211,7 +216,7 @@ pub fn uffd_held_fault_blocks_only_its_context() -> Result<(), String> {
     let f: File = open()?;
     let m = Mapping::anon(PG).map_err(|e| e.to_string())?;
     let fd = register(&m)?;
-    let h = std::thread::spawn(move || handler(fd, 0x77, hold, 1));
+    let h = std::thread::spawn(move || answer(&fd, 0x77, hold, 1));
     let f2 = f.try_clone().map_err(|e| e.to_string())?;
     let addr = m.addr;
     let t = Instant::now();
@@ -258,7 +263,7 @@ fn unanswered_fault() -> Result<(), String> {
     let h = std::thread::spawn(move || {
         // Hold the first fault until the test says so (or for 20 s at most).
         let _ = released.recv_timeout(Duration::from_secs(20));
-        handler(fd, 0x11, Duration::ZERO, 1)
+        answer(&fd, 0x11, Duration::ZERO, 1)
     });
     let t = Instant::now();
     let r = dev::dma(&f, dev::job(DMA_CHECKSUM, m.addr, 0, PG, 0));

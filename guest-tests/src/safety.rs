@@ -1,0 +1,412 @@
+//! The second half of safety: nothing the device wrote is lost, the driver's work never
+//! outlives the module, one user's stalled fault costs no other user anything, and a device
+//! write fault writes (breaks COW on, dirties) only the page the device writes.
+//!
+//! Each test reads back what it claims: the device's bytes after reclaim, the file's bytes in a
+//! private mapping, the CPU's write permission per page, the errno and data of each process.
+
+use crate::dev::{self, Mapping};
+use crate::ktap::check_eq;
+use crate::mirror::{clean, fill_job, fork_child, fork_wait, map, open, run};
+use crate::uffd;
+use shared_regs::dma::{fnv1a64, DMA_CHECKSUM, FNV_OFFSET};
+use shared_regs::uapi::*;
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::time::{Duration, Instant};
+
+const PG: usize = 4096;
+/// `MADV_PAGEOUT` (Linux 5.4; not in every libc's headers).
+const MADV_PAGEOUT: i32 = 21;
+
+fn err(e: impl std::fmt::Display) -> String {
+    e.to_string()
+}
+
+/// The pages of `m` (by index) whose bytes are not all `byte`.
+fn pages_not(m: &Mapping, byte: u8) -> Vec<usize> {
+    m.bytes()
+        .chunks(PG)
+        .enumerate()
+        .filter(|(_, p)| p.iter().any(|&b| b != byte))
+        .map(|(i, _)| i)
+        .collect()
+}
+
+/// Anonymous memory made lazily freeable (`MADV_FREE`) has writable, clean CPU PTEs, so neither
+/// a write MAP nor a device write fault makes the kernel fault (and dirty) it. The device then
+/// writes every page, half through a write MAP and half through device faults, and reclaim
+/// (`MADV_PAGEOUT`) runs: a clean lazyfree page is discarded, so the device's data survives only
+/// if the driver told the kernel the device dirtied it. A control mapping, freed the same way
+/// and not written by the device, must be discarded (reading zeros): reclaim really ran.
+pub fn device_writes_survive_madv_free_and_pageout() -> Result<(), String> {
+    const PAGES: usize = 64;
+    let f = open()?;
+    let mut m = Mapping::anon(PAGES * PG).map_err(err)?;
+    let mut control = Mapping::anon(8 * PG).map_err(err)?;
+    for x in [&m, &control] {
+        x.madvise(0, x.len, libc::MADV_NOHUGEPAGE).map_err(err)?;
+    }
+    m.bytes_mut().fill(0x11);
+    control.bytes_mut().fill(0x11);
+    for x in [&m, &control] {
+        x.madvise(0, x.len, libc::MADV_FREE).map_err(err)?;
+    }
+    let half = Mapping::view(m.addr, m.len / 2);
+    map(&f, &half, true)?;
+    run(&f, fill_job(m.addr, m.len, 0xd7))?;
+    for x in [&m, &control] {
+        x.madvise(0, x.len, MADV_PAGEOUT).map_err(err)?;
+    }
+    let discarded = pages_not(&control, 0).len();
+    check_eq(
+        discarded,
+        0,
+        "control pages (lazyfree, never written) left after MADV_PAGEOUT",
+    )
+    .map_err(|e| format!("{e}: reclaim did not run, the test proves nothing"))?;
+    let lost = pages_not(&m, 0xd7);
+    if !lost.is_empty() {
+        return Err(format!(
+            "{} of {PAGES} pages the device wrote lost its data to reclaim (first: page {})",
+            lost.len(),
+            lost[0]
+        ));
+    }
+    clean(&f)
+}
+
+/// After `fork` the parent's pages are shared copy-on-write with the child. One device write
+/// fault on page 0 must break COW on page 0 only: the rest of the fault-around window is
+/// faulted for read, so the CPU keeps those pages write-protected and shared (checked with
+/// SNAPSHOT's CPU half), and the child still reads its own bytes.
+pub fn write_fault_breaks_cow_only_on_the_written_page() -> Result<(), String> {
+    const PAGES: usize = 64;
+    let f = open()?;
+    let mut m = Mapping::anon(PAGES * PG).map_err(err)?;
+    m.madvise(0, m.len, libc::MADV_NOHUGEPAGE).map_err(err)?;
+    m.bytes_mut().fill(b'P');
+    let mut go = [0; 2];
+    // SAFETY: a pipe into a local array.
+    if unsafe { libc::pipe(go.as_mut_ptr()) } != 0 {
+        return Err("pipe".into());
+    }
+    let (addr, len) = (m.addr, m.len);
+    let child = fork_child(|| {
+        let mut b = [0u8; 1];
+        // SAFETY: reading one byte from our pipe (it returns 0 once the parent closes it).
+        unsafe { libc::read(go[0], b.as_mut_ptr().cast(), 1) };
+        let view = Mapping::view(addr, len);
+        i32::from(view.bytes().iter().any(|&x| x != b'P'))
+    })?;
+    // SAFETY: closing our copy of the read end.
+    unsafe { libc::close(go[0]) };
+    let r = write_one_page_after_fork(&f, &m);
+    // SAFETY: the write end: the child goes on.
+    unsafe { libc::close(go[1]) };
+    let mut status = 0;
+    // SAFETY: waiting for our own child.
+    unsafe { libc::waitpid(child, &mut status, 0) };
+    r?;
+    check_eq(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        true,
+        "the child still reads its own bytes",
+    )?;
+    clean(&f)
+}
+
+fn write_one_page_after_fork(f: &File, m: &Mapping) -> Result<(), String> {
+    let d = run(f, fill_job(m.addr, PG, b'D'))?;
+    if d.faults == 0 {
+        return Err(format!("the write took no device fault: {d:?}"));
+    }
+    let snap = dev::snapshot(f, m.addr, m.len / PG).map_err(|e| format!("SNAPSHOT: {e}"))?;
+    check_eq(
+        snap[0] & ZG_SNAP_CPU_WRITE != 0,
+        true,
+        "the written page is CPU-writable (COW broken)",
+    )?;
+    let broken: Vec<usize> = (1..snap.len())
+        .filter(|&i| snap[i] & ZG_SNAP_CPU_WRITE != 0)
+        .collect();
+    if !broken.is_empty() {
+        return Err(format!(
+            "{} pages the device never wrote were made CPU-writable (COW broken), first page {}: {}",
+            broken.len(),
+            broken[0],
+            dev::snap_names(&snap[broken[0]..broken[0] + 1])
+        ));
+    }
+    check_eq(pages_not(m, b'P'), vec![0], "pages that changed")?;
+    Ok(())
+}
+
+/// A tmpfs file mapped `MAP_PRIVATE`: a device write fault on page 0 makes page 0 a private
+/// copy, and nothing else. A later `pwrite` to page 40 of the file must show through the
+/// mapping (a page the device never wrote still follows the file), and the file's page 0 keeps
+/// the file's bytes.
+pub fn map_private_file_pages_follow_the_file_after_a_device_write() -> Result<(), String> {
+    const PAGES: usize = 64;
+    let f = open()?;
+    // SAFETY: a plain syscall with a NUL-terminated name.
+    let fd = unsafe { libc::memfd_create(c"zg-private".as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(format!("memfd_create: {}", std::io::Error::last_os_error()));
+    }
+    // SAFETY: memfd_create just returned this descriptor.
+    let mut file = unsafe { File::from_raw_fd(fd) };
+    file.write_all(&vec![b'F'; PAGES * PG]).map_err(err)?;
+    let m = Mapping::new(
+        PAGES * PG,
+        libc::PROT_READ | libc::PROT_WRITE,
+        libc::MAP_PRIVATE,
+        file.as_raw_fd(),
+        0,
+    )
+    .map_err(err)?;
+    check_eq(pages_not(&m, b'F'), vec![], "pages that read the file")?;
+    run(&f, fill_job(m.addr, PG, b'D'))?;
+    use std::os::unix::fs::FileExt;
+    file.write_all_at(&[b'N'; PG], 40 * PG as u64)
+        .map_err(err)?;
+    let page40 = &m.bytes()[40 * PG..41 * PG];
+    if page40.iter().any(|&b| b != b'N') {
+        return Err(format!(
+            "page 40, never written by the device, no longer follows the file (reads {:?})",
+            page40[0] as char
+        ));
+    }
+    check_eq(m.bytes()[0], b'D', "the device's private page 0")?;
+    let mut first = [0u8; 1];
+    file.read_exact_at(&mut first, 0).map_err(err)?;
+    check_eq(
+        first[0],
+        b'F',
+        "the file's page 0 (the device wrote a private copy)",
+    )?;
+    clean(&f)
+}
+
+/// The driver's job timeout for the isolation test (`job_timeout_ms`).
+const JOB_TIMEOUT_MS: u64 = 2000;
+
+/// Process A's job stalls on a userfaultfd page nobody answers, after a first fault the handler
+/// holds for `HOLD`. Process B's job, submitted meanwhile, waits behind A's in the device's
+/// in-order engine. A's job alone is aborted (`ETIMEDOUT`) once its fault is overdue; B's job
+/// then completes with the right checksum, and a third process afterwards works normally: the
+/// device was never failed.
+pub fn stalled_fault_costs_only_its_own_context() -> Result<(), String> {
+    crate::failsafe::reload(&[&format!("job_timeout_ms={JOB_TIMEOUT_MS}")])?;
+    let r = stalled_fault_isolation();
+    let restored = crate::failsafe::reload(&[]);
+    r?;
+    restored
+}
+
+/// How long the handler holds A's first fault (answered), so that A's unanswered fault starts
+/// well after B's job was queued.
+const HOLD: Duration = Duration::from_millis(700);
+
+fn stalled_fault_isolation() -> Result<(), String> {
+    let a = open()?;
+    let m = Mapping::anon(2 * PG).map_err(err)?;
+    let fd = uffd::register(&m)?;
+    let (release, released) = std::sync::mpsc::channel::<()>();
+    let handler = std::thread::spawn(move || {
+        uffd::answer(&fd, 0x5a, HOLD, 1)?;
+        // The second fault is held until the test is done (20 s at most).
+        let _ = released.recv_timeout(Duration::from_secs(20));
+        uffd::answer(&fd, 0x5a, Duration::ZERO, 1)
+    });
+    let (mut from_b, b_pid) = start_b()?;
+    let addr = m.addr;
+    let a2 = a.try_clone().map_err(err)?;
+    let job_a = std::thread::spawn(move || {
+        let t = Instant::now();
+        let r = dev::dma(&a2, dev::job(DMA_CHECKSUM, addr, 0, 2 * PG, 0));
+        (r, t.elapsed())
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    // SAFETY: B waits for SIGUSR1 to submit its job.
+    unsafe { libc::kill(b_pid, libc::SIGUSR1) };
+    let (ra, took_a) = job_a.join().map_err(|_| "job thread panicked")?;
+    let mut report = String::new();
+    let _ = from_b.read_to_string(&mut report);
+    let mut status = 0;
+    // SAFETY: waiting for our own child.
+    unsafe { libc::waitpid(b_pid, &mut status, 0) };
+    let _ = release.send(());
+    handler.join().map_err(|_| "handler panicked")??;
+    println!(
+        "# A's job ended after {} ms: {:?}",
+        took_a.as_millis(),
+        ra.as_ref().map(|_| ()).map_err(|(e, _)| e.to_string())
+    );
+    println!("# B: {}", report.trim());
+    let errno_a = match ra {
+        Ok(d) => return Err(format!("A's job on an unanswered fault succeeded: {d:?}")),
+        Err((e, _)) => dev::errno(&e),
+    };
+    check_eq(
+        report.trim().starts_with("ok"),
+        true,
+        "B's job, queued behind A's stalled one, completed with the right checksum",
+    )?;
+    check_eq(
+        errno_a,
+        libc::ETIMEDOUT,
+        "errno of A's job (its own fault stalled)",
+    )?;
+    let third = fork_wait(|| {
+        let Ok(f) = dev::open() else { return 10 };
+        let Ok(mut b) = Mapping::anon(16 * PG) else {
+            return 11;
+        };
+        b.bytes_mut().fill(3);
+        match dev::dma(&f, dev::job(DMA_CHECKSUM, b.addr, 0, b.len, 0)) {
+            Ok(d) if d.result == fnv1a64(FNV_OFFSET, b.bytes()) => 0,
+            Ok(_) => 12,
+            Err(_) => 13,
+        }
+    })?;
+    check_eq(third, 0, "a third process's job afterwards (exit status)")?;
+    let s = crate::mirror::stats(&a)?;
+    check_eq(s.faults_aborted >= 1, true, "A's faults aborted")
+}
+
+/// Process B: its own context, 64 mirrored pages; on SIGUSR1 it runs a checksum job and
+/// reports `ok <ms>` or the error through a pipe. Returns the pipe's read end and B's pid.
+fn start_b() -> Result<(File, libc::pid_t), String> {
+    let mut fds = [0; 2];
+    // SAFETY: a pipe into a local array.
+    if unsafe { libc::pipe(fds.as_mut_ptr()) } != 0 {
+        return Err("pipe".into());
+    }
+    // SAFETY: blocking SIGUSR1 in this thread (inherited by the child) so that the child can
+    // wait for it with sigwait; the parent restores its mask right after the fork.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    let mut old: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: initialising and applying a signal set we own.
+    unsafe {
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGUSR1);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, &mut old);
+    }
+    let (rd, wr) = (fds[0], fds[1]);
+    let pid = fork_child(move || {
+        // SAFETY: our copy of the read end.
+        unsafe { libc::close(rd) };
+        // SAFETY: `wr` is our pipe's write end, owned by this process from now on.
+        let mut out = unsafe { File::from_raw_fd(wr) };
+        let msg = b_job(&set);
+        let _ = out.write_all(msg.as_bytes());
+        i32::from(!msg.starts_with("ok"))
+    });
+    // SAFETY: restoring the parent's mask; closing the parent's copy of the write end.
+    unsafe {
+        libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
+        libc::close(wr);
+    }
+    let pid = pid?;
+    // SAFETY: `rd` is the read end, owned by the parent from now on.
+    Ok((unsafe { File::from_raw_fd(rd) }, pid))
+}
+
+fn b_job(set: &libc::sigset_t) -> String {
+    let Ok(f) = dev::open() else {
+        return "open failed".into();
+    };
+    let Ok(mut b) = Mapping::anon(64 * PG) else {
+        return "mmap failed".into();
+    };
+    b.bytes_mut().fill(0x42);
+    if let Err(e) = dev::map(&f, b.addr, b.len, 0) {
+        return format!("MAP: {e}");
+    }
+    let mut sig = 0;
+    // SAFETY: waiting for a signal of a set blocked in this thread.
+    unsafe { libc::sigwait(set, &mut sig) };
+    let t = Instant::now();
+    match dev::dma(&f, dev::job(DMA_CHECKSUM, b.addr, 0, b.len, 0)) {
+        Ok(d) if d.result == fnv1a64(FNV_OFFSET, b.bytes()) => {
+            format!("ok after {} ms", t.elapsed().as_millis())
+        }
+        Ok(d) => format!("wrong checksum {:#x}", d.result),
+        Err((e, _)) => format!("error {e} after {} ms", t.elapsed().as_millis()),
+    }
+}
+
+/// A device fault is held in a userfaultfd handler whose file the test keeps; the faulting
+/// process is killed. Its exit must not wait out the job timeout (its close aborts its own
+/// stalled job), and `rmmod` meanwhile must wait for the fault work (or fail cleanly), never
+/// unload the module under it: the handler's file is closed while rmmod waits, the work ends,
+/// rmmod completes, and the module loads again.
+pub fn rmmod_waits_for_a_held_fault() -> Result<(), String> {
+    let handoff = dev::Handoff::new().map_err(err)?;
+    let pid = fork_child(|| {
+        let Ok(f) = dev::open() else { return 10 };
+        let Ok(m) = Mapping::anon(PG) else { return 11 };
+        let Ok(fd) = uffd::register(&m) else {
+            return 12;
+        };
+        if handoff.give(fd.as_raw_fd()).is_err() {
+            return 13;
+        }
+        drop(fd);
+        let _ = dev::dma(&f, dev::job(DMA_CHECKSUM, m.addr, 0, PG, 0));
+        14
+    })?;
+    let uffd_file = handoff
+        .take(pid)
+        .map_err(|e| format!("take the userfaultfd: {e}"))?;
+    // Let the child's job fault and its fault work block in the handler.
+    std::thread::sleep(Duration::from_millis(500));
+    let t = Instant::now();
+    // SAFETY: killing our own child.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    let mut status = 0;
+    // SAFETY: waiting for our own child.
+    unsafe { libc::waitpid(pid, &mut status, 0) };
+    let exit_took = t.elapsed();
+    println!(
+        "# the killed process's exit took {} ms",
+        exit_took.as_millis()
+    );
+    let rmmod = std::thread::spawn(|| {
+        let t = Instant::now();
+        let r = crate::run_cmd("rmmod", &["zapguard"]);
+        (r, t.elapsed())
+    });
+    std::thread::sleep(Duration::from_millis(1000));
+    let waited = rmmod.is_finished();
+    // The handler goes: the fault work's userfaultfd wait ends.
+    drop(uffd_file);
+    let (r, rmmod_took) = rmmod.join().map_err(|_| "rmmod thread panicked")?;
+    println!(
+        "# rmmod {} after {} ms (before the handler's file closed: {waited})",
+        if r.is_ok() { "succeeded" } else { "failed" },
+        rmmod_took.as_millis()
+    );
+    let loaded = std::path::Path::new(crate::DRIVER_DIR).exists();
+    crate::failsafe::reload(&[])?;
+    let f = open()?;
+    dev::get_info(&f).map_err(|e| format!("GET_INFO after reload: {e}"))?;
+    if exit_took > Duration::from_secs(5) {
+        return Err(format!(
+            "the killed process's exit took {} ms: its close waited for the held fault",
+            exit_took.as_millis()
+        ));
+    }
+    if r.is_ok() && waited {
+        return Err(format!(
+            "rmmod returned in {} ms while the fault work was still blocked",
+            rmmod_took.as_millis()
+        ));
+    }
+    if r.is_err() && !loaded {
+        return Err("rmmod failed but the driver is gone".into());
+    }
+    Ok(())
+}
