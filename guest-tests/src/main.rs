@@ -103,6 +103,8 @@ const TESTS: &[Test] = ktap::tests![
     uffd_held_fault_blocks_only_its_context,
     uffd_unanswered_fault_aborts_only_its_job,
     device_writes_survive_madv_free_and_pageout,
+    device_writes_survive_swap_cache_reclaim,
+    device_writes_reach_an_ext2_file_through_writeback,
     write_fault_breaks_cow_only_on_the_written_page,
     map_private_file_pages_follow_the_file_after_a_device_write,
     stalled_fault_costs_only_its_own_context,

@@ -410,3 +410,140 @@ pub fn rmmod_waits_for_a_held_fault() -> Result<(), String> {
     }
     Ok(())
 }
+
+/// The swap device of the dirty-tracking test: the first RAM disk, made swap (and on).
+fn ensure_swap() -> Result<(), String> {
+    const DEV: &str = "/dev/ram0";
+    let swaps = std::fs::read_to_string("/proc/swaps").map_err(|e| format!("/proc/swaps: {e}"))?;
+    if swaps.contains(DEV) {
+        return Ok(());
+    }
+    crate::run_cmd("mkswap", &[DEV])?;
+    crate::run_cmd("swapon", &[DEV])
+}
+
+/// Pages of `m` the CPU still maps (SNAPSHOT's CPU half: reclaim unmapped the others).
+fn cpu_mapped(f: &File, m: &Mapping) -> Result<usize, String> {
+    let snap = dev::snapshot(f, m.addr, m.len / PG).map_err(|e| format!("SNAPSHOT: {e}"))?;
+    Ok(snap.iter().filter(|&&b| b & ZG_SNAP_CPU_VALID != 0).count())
+}
+
+/// A swapped-out anonymous page read back through the swap cache (`MADV_WILLNEED`, then a CPU
+/// read) is mapped writable but clean: the swap slot still holds its data. The device writes
+/// every page (half through a write MAP, half through device faults), and reclaim runs again:
+/// a clean swap-cache page is dropped without being written, so the device's data survives only
+/// if the driver marked the pages dirty. Reclaim is checked to have unmapped the pages.
+pub fn device_writes_survive_swap_cache_reclaim() -> Result<(), String> {
+    ensure_swap()?;
+    let r = swap_cache_reclaim();
+    // The rest of the suite (the OOM killer's test above all) runs without swap.
+    let off = crate::run_cmd("swapoff", &["/dev/ram0"]);
+    r?;
+    off
+}
+
+fn swap_cache_reclaim() -> Result<(), String> {
+    const PAGES: usize = 64;
+    let f = open()?;
+    let mut m = Mapping::anon(PAGES * PG).map_err(err)?;
+    m.madvise(0, m.len, libc::MADV_NOHUGEPAGE).map_err(err)?;
+    m.bytes_mut().fill(0x22);
+    m.madvise(0, m.len, MADV_PAGEOUT).map_err(err)?;
+    check_eq(
+        cpu_mapped(&f, &m)?,
+        0,
+        "pages still mapped after the first MADV_PAGEOUT",
+    )?;
+    m.madvise(0, m.len, libc::MADV_WILLNEED).map_err(err)?;
+    check_eq(pages_not(&m, 0x22), vec![], "pages read back from swap")?;
+    let snap = dev::snapshot(&f, m.addr, PAGES).map_err(|e| format!("SNAPSHOT: {e}"))?;
+    let writable = snap.iter().filter(|&&b| b & ZG_SNAP_CPU_WRITE != 0).count();
+    println!("# {writable} of {PAGES} swapped-in pages are CPU-writable (and clean)");
+    if writable == 0 {
+        return Err("no swapped-in page is mapped writable: the scenario did not happen".into());
+    }
+    map(&f, &Mapping::view(m.addr, m.len / 2), true)?;
+    run(&f, fill_job(m.addr, m.len, 0xd8))?;
+    m.madvise(0, m.len, MADV_PAGEOUT).map_err(err)?;
+    check_eq(
+        cpu_mapped(&f, &m)?,
+        0,
+        "pages still mapped after the second MADV_PAGEOUT",
+    )?;
+    let lost = pages_not(&m, 0xd8);
+    if !lost.is_empty() {
+        return Err(format!(
+            "{} of {PAGES} pages the device wrote came back from swap without its data (first: page {})",
+            lost.len(),
+            lost[0]
+        ));
+    }
+    clean(&f)
+}
+
+/// Where the ext2 file system of the second RAM disk is mounted (once per boot).
+const EXT2_DIR: &str = "/mnt/zg-ext2";
+
+fn ensure_ext2() -> Result<(), String> {
+    let mounts =
+        std::fs::read_to_string("/proc/mounts").map_err(|e| format!("/proc/mounts: {e}"))?;
+    if mounts.contains(EXT2_DIR) {
+        return Ok(());
+    }
+    crate::run_cmd("mke2fs", &["-q", "/dev/ram1"])?;
+    std::fs::create_dir_all(EXT2_DIR).map_err(|e| format!("mkdir {EXT2_DIR}: {e}"))?;
+    crate::run_cmd("mount", &["-t", "ext2", "/dev/ram1", EXT2_DIR])
+}
+
+/// A `MAP_SHARED` file on ext2 (a real disk file system, with `page_mkwrite` and writeback),
+/// cleaned by `fsync`, is written by the device (half through a write MAP, half through device
+/// faults); then `munmap`, `sync` and `drop_caches` throw the page cache away, and `read()`
+/// through the file must return what the device wrote.
+pub fn device_writes_reach_an_ext2_file_through_writeback() -> Result<(), String> {
+    const PAGES: usize = 64;
+    ensure_ext2()?;
+    let f = open()?;
+    let path = format!("{EXT2_DIR}/shared-{}", std::process::id());
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&path)
+        .map_err(|e| format!("{path}: {e}"))?;
+    file.write_all(&vec![b'O'; PAGES * PG]).map_err(err)?;
+    file.sync_all().map_err(err)?;
+    let mut m = Mapping::new(
+        PAGES * PG,
+        libc::PROT_READ | libc::PROT_WRITE,
+        libc::MAP_SHARED,
+        file.as_raw_fd(),
+        0,
+    )
+    .map_err(err)?;
+    check_eq(pages_not(&m, b'O'), vec![], "pages that read the file")?;
+    map(&f, &Mapping::view(m.addr, m.len / 2), true)?;
+    run(&f, fill_job(m.addr, m.len, b'V'))?;
+    m.unmap();
+    // SAFETY: sync() takes no arguments.
+    unsafe { libc::sync() };
+    std::fs::write("/proc/sys/vm/drop_caches", "3").map_err(|e| format!("drop_caches: {e}"))?;
+    let mut back = vec![0u8; PAGES * PG];
+    use std::os::unix::fs::FileExt;
+    file.read_exact_at(&mut back, 0).map_err(err)?;
+    let _ = std::fs::remove_file(&path);
+    let lost: Vec<usize> = back
+        .chunks(PG)
+        .enumerate()
+        .filter(|(_, p)| p.iter().any(|&b| b != b'V'))
+        .map(|(i, _)| i)
+        .collect();
+    if !lost.is_empty() {
+        return Err(format!(
+            "{} of {PAGES} file pages the device wrote read back without its data (first: page {})",
+            lost.len(),
+            lost[0]
+        ));
+    }
+    clean(&f)
+}
