@@ -386,7 +386,7 @@ const R_EBUSY_OPEN: (i32, &str) = (
 );
 const R_EBUSY_MAP: (i32, &str) = (
     EBUSY,
-    "`MAP` (or a fault) that kept colliding with invalidations for 2 s;",
+    "`MAP` that kept colliding with invalidations for 2 s, or a device fault whose service was overtaken by invalidations 256 times",
 );
 const R_EBUSY_SNAPSHOT: (i32, &str) = (
     EBUSY,

@@ -97,14 +97,15 @@ pub struct Summary {
     pub skipped: usize,
 }
 
-/// Runs the tests whose name contains `filter` (all if `None`), in order, writing KTAP to `out`.
+/// Runs the tests whose name contains `filter` (all if `None`; `a|b` matches names containing
+/// `a` or `b`), in order, writing KTAP to `out`.
 pub fn run(tests: &[Test], filter: Option<&str>, out: &mut dyn Write) -> std::io::Result<Summary> {
     let mut sum = Summary::default();
     writeln!(out, "KTAP version 1")?;
     writeln!(out, "1..{}", tests.len())?;
     for (i, t) in tests.iter().enumerate() {
         let n = i + 1;
-        if filter.is_some_and(|f| !t.name.contains(f)) {
+        if filter.is_some_and(|f| !f.split('|').any(|alt| t.name.contains(alt))) {
             sum.skipped += 1;
             writeln!(out, "ok {n} {} # SKIP filtered out", t.name)?;
             continue;
@@ -277,6 +278,14 @@ mod unit_tests {
         assert!(String::from_utf8(out)
             .unwrap()
             .contains("ok 2 beta_fail # SKIP filtered out"));
+    }
+
+    #[test]
+    fn filter_alternatives() {
+        let mut out = Vec::new();
+        let sum = run(TESTS, Some("alpha|beta"), &mut out).unwrap();
+        assert_eq!(sum.passed + sum.failed, 2);
+        assert_eq!(sum.skipped, 1);
     }
 
     #[test]

@@ -95,8 +95,12 @@ pub fn write_fault_breaks_cow_only_on_the_written_page() -> Result<(), String> {
     let (addr, len) = (m.addr, m.len);
     let child = fork_child(|| {
         let mut b = [0u8; 1];
-        // SAFETY: reading one byte from our pipe (it returns 0 once the parent closes it).
-        unsafe { libc::read(go[0], b.as_mut_ptr().cast(), 1) };
+        // SAFETY: closing our copy of the write end, then reading one byte from the pipe: it
+        // returns 0 once the parent closes its write end.
+        unsafe {
+            libc::close(go[1]);
+            libc::read(go[0], b.as_mut_ptr().cast(), 1)
+        };
         let view = Mapping::view(addr, len);
         i32::from(view.bytes().iter().any(|&x| x != b'P'))
     })?;
@@ -411,15 +415,20 @@ pub fn rmmod_waits_for_a_held_fault() -> Result<(), String> {
     Ok(())
 }
 
-/// The swap device of the dirty-tracking test: the first RAM disk, made swap (and on).
+/// The swap device of the dirty-tracking test: a loop device over the first RAM disk. Not the
+/// RAM disk itself: swap-in from a synchronous device (brd, zram) always drops the page from the
+/// swap cache and dirties it, so only a device like a disk keeps a clean swap-cache page mapped.
+const SWAP_DEV: &str = "/dev/loop0";
+
 fn ensure_swap() -> Result<(), String> {
-    const DEV: &str = "/dev/ram0";
     let swaps = std::fs::read_to_string("/proc/swaps").map_err(|e| format!("/proc/swaps: {e}"))?;
-    if swaps.contains(DEV) {
+    if swaps.contains(SWAP_DEV) {
         return Ok(());
     }
-    crate::run_cmd("mkswap", &[DEV])?;
-    crate::run_cmd("swapon", &[DEV])
+    // Set up once per boot (losetup fails if it already is).
+    let _ = crate::run_cmd("losetup", &[SWAP_DEV, "/dev/ram0"]);
+    crate::run_cmd("mkswap", &[SWAP_DEV])?;
+    crate::run_cmd("swapon", &[SWAP_DEV])
 }
 
 /// Pages of `m` the CPU still maps (SNAPSHOT's CPU half: reclaim unmapped the others).
@@ -429,7 +438,8 @@ fn cpu_mapped(f: &File, m: &Mapping) -> Result<usize, String> {
 }
 
 /// A swapped-out anonymous page read back through the swap cache (`MADV_WILLNEED`, then a CPU
-/// read) is mapped writable but clean: the swap slot still holds its data. The device writes
+/// read) is mapped writable but clean: the swap slot still holds its data (on a disk-like swap
+/// device, see [`SWAP_DEV`]). The device writes
 /// every page (half through a write MAP, half through device faults), and reclaim runs again:
 /// a clean swap-cache page is dropped without being written, so the device's data survives only
 /// if the driver marked the pages dirty. Reclaim is checked to have unmapped the pages.
@@ -437,7 +447,7 @@ pub fn device_writes_survive_swap_cache_reclaim() -> Result<(), String> {
     ensure_swap()?;
     let r = swap_cache_reclaim();
     // The rest of the suite (the OOM killer's test above all) runs without swap.
-    let off = crate::run_cmd("swapoff", &["/dev/ram0"]);
+    let off = crate::run_cmd("swapoff", &[SWAP_DEV]);
     r?;
     off
 }
