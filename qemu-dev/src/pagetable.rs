@@ -747,6 +747,65 @@ mod tests {
         );
     }
 
+    /// Memory where the driver rewrites the entry at `gpa` to `new` just before the walker's
+    /// first atomic RMW on it lands (between the walker's read and its A/D update).
+    struct RacingDriver<'a> {
+        inner: &'a VecMem,
+        gpa: u64,
+        new: u64,
+        done: Cell<bool>,
+    }
+
+    impl GuestMem for RacingDriver<'_> {
+        fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemError> {
+            self.inner.read(gpa, buf)
+        }
+        fn write(&self, gpa: u64, buf: &[u8]) -> Result<(), MemError> {
+            self.inner.write(gpa, buf)
+        }
+        fn fetch_or_u64(&self, gpa: u64, bits: u64) -> Result<u64, MemError> {
+            if gpa == self.gpa && !self.done.replace(true) {
+                self.inner.write_u64(gpa, self.new)?;
+            }
+            self.inner.fetch_or_u64(gpa, bits)
+        }
+    }
+
+    /// A leaf the driver clears or write-protects between the walker's read and its D update
+    /// must not yield a writable translation: the driver saw no D in what it swapped out, so a
+    /// write would be lost to its dirty tracking. The walk starts again and faults, like an x86
+    /// walker whose locked A/D update finds the entry changed. An update that only cleared A
+    /// (aging) changes nothing the walk relies on.
+    #[test]
+    fn entry_changed_under_the_ad_update_restarts_the_walk() {
+        for (new, expect) in [
+            (0, Some(FAULT_NOT_PRESENT)),
+            (0x30_0000 | PTE_P, Some(FAULT_PERMISSION)),
+            (0x30_0000 | PTE_P | PTE_W, None),
+        ] {
+            let (mem, mut b) = setup();
+            b.map_4k(&mem, 0x1000, 0x30_0000, true).unwrap();
+            // A set along the path by a read, so that the write's only RMW is the leaf's.
+            walk(&mem, b.root(), 0x1000, false).unwrap();
+            let leaf = path(&mem, b.root(), 0x1000)[3];
+            let racing = RacingDriver {
+                inner: &mem,
+                gpa: leaf,
+                new,
+                done: Cell::new(false),
+            };
+            let r = walk(&racing, b.root(), 0x1000, true);
+            match expect {
+                Some(reason) => assert_eq!(r, err(reason, 1), "driver wrote {new:#x}"),
+                None => {
+                    let t = r.unwrap();
+                    assert!(t.writable && t.dirty);
+                    assert_ne!(mem.read_u64(leaf).unwrap() & PTE_D, 0);
+                }
+            }
+        }
+    }
+
     #[test]
     fn self_referencing_tables_terminate() {
         let mem = VecMem::new(MEM_BASE, MEM_SIZE);
