@@ -15,9 +15,12 @@
 //! - A and D are set only by a walk that succeeds: a faulting walk leaves guest memory untouched,
 //!   so a stalled DMA that is resumed after the driver fixed the table sees a clean state.
 //! - `PS` in a level-1 entry is ignored (it is the PAT bit on x86, free for software here).
-//! - A/D are set with `fetch_or` on the entries as read. If the driver rewrites an entry between
-//!   the read and the `fetch_or`, the translation returned is the one read; the driver's
-//!   mandatory invalidation after changing an entry removes it, as on x86.
+//! - A/D are set with `fetch_or` on the entries as read. If the driver rewrote an entry between
+//!   the read and the `fetch_or` (the value the RMW returns differs from the one read in
+//!   anything but A and D), the walk starts again, at most [`WALK_RESTARTS`] times, like an x86
+//!   walker whose locked A/D update finds the entry changed. So D in the value the driver swaps
+//!   out of a leaf is exactly "the device may have written through it": a write never follows a
+//!   D the driver could not see, which its dirty tracking relies on.
 
 use crate::guest::GuestMem;
 use crate::memory::MemError;
@@ -119,8 +122,44 @@ pub fn walk_paced<M: GuestMem + ?Sized>(
     write: bool,
     mut pace: impl FnMut(u32, u64),
 ) -> Result<Translation, WalkFault> {
+    for _ in 0..WALK_RESTARTS {
+        match walk_once(mem, root, va, write, &mut pace) {
+            Err(Walked::Changed) => continue,
+            Err(Walked::Fault(f)) => return Err(f),
+            Ok(t) => return Ok(t),
+        }
+    }
+    // An entry that changes under every walk: the driver is rewriting the table as fast as the
+    // device walks it.
+    Err(fault(event::FAULT_WALK_ABORT, pte::PT_LEVELS))
+}
+
+/// Walks a driver may force to start again (an entry rewritten between the walker's read and its
+/// A/D update) before the access aborts.
+pub const WALK_RESTARTS: usize = 8;
+
+/// Why one walk attempt did not return a translation.
+enum Walked {
+    Fault(WalkFault),
+    /// An entry changed between its read and the A/D update: walk again.
+    Changed,
+}
+
+impl From<WalkFault> for Walked {
+    fn from(f: WalkFault) -> Self {
+        Self::Fault(f)
+    }
+}
+
+fn walk_once<M: GuestMem + ?Sized>(
+    mem: &M,
+    root: u64,
+    va: u64,
+    write: bool,
+    pace: &mut impl FnMut(u32, u64),
+) -> Result<Translation, Walked> {
     if va >= pte::VA_LIMIT {
-        return Err(fault(event::FAULT_ADDRESS, pte::PT_LEVELS));
+        return Err(fault(event::FAULT_ADDRESS, pte::PT_LEVELS).into());
     }
     // (entry address, entry value, level) of each entry walked, for the A/D pass.
     let mut walked = [(0u64, 0u64, 0u32); pte::PT_LEVELS as usize];
@@ -135,10 +174,10 @@ pub fn walk_paced<M: GuestMem + ?Sized>(
             .read_u64(gpa)
             .map_err(|_| fault(event::FAULT_WALK_ABORT, level))?;
         if e & pte::PTE_P == 0 {
-            return Err(fault(event::FAULT_NOT_PRESENT, level));
+            return Err(fault(event::FAULT_NOT_PRESENT, level).into());
         }
         if e & pte::PTE_RESERVED != 0 || (e & pte::PTE_PS != 0 && level > 2) {
-            return Err(fault(event::FAULT_BAD_PTE, level));
+            return Err(fault(event::FAULT_BAD_PTE, level).into());
         }
         if let Some(slot) = walked.get_mut(n) {
             *slot = (gpa, e, level);
@@ -161,10 +200,10 @@ pub fn walk_paced<M: GuestMem + ?Sized>(
         };
         let pa_base = e & pte::PTE_ADDR_MASK;
         if pa_base & (size - 1) != 0 {
-            return Err(fault(event::FAULT_BAD_PTE, level));
+            return Err(fault(event::FAULT_BAD_PTE, level).into());
         }
         if let Some(l) = denied {
-            return Err(fault(event::FAULT_PERMISSION, l));
+            return Err(fault(event::FAULT_PERMISSION, l).into());
         }
         let walked = &walked[..n];
         for (i, &(gpa, e, l)) in walked.iter().enumerate() {
@@ -174,8 +213,12 @@ pub fn walk_paced<M: GuestMem + ?Sized>(
             }
             // Skip the atomic RMW when the bits are already there: the common, hot case.
             if e & bits != bits {
-                mem.fetch_or_u64(gpa, bits)
+                let was = mem
+                    .fetch_or_u64(gpa, bits)
                     .map_err(|_| fault(event::FAULT_WALK_ABORT, l))?;
+                if (was ^ e) & !(pte::PTE_A | pte::PTE_D) != 0 {
+                    return Err(Walked::Changed);
+                }
             }
         }
         return Ok(Translation {
