@@ -22,7 +22,7 @@
 //! |---|---|---|---|
 //! | `Shared::fence_lock` | mutex | the fence procedure (one at a time) | a context's lock |
 //! | `Shared::events` | mutex | the event ring consumer | nothing |
-//! | `Shared::asids` | spinlock | ASID states, contexts by ASID | `events` |
+//! | `Shared::asids` | spinlock | ASID states, contexts by ASID | `events`, a job waiter's `Jobs::state` |
 //!
 //! See [`crate::hw`] for the queue locks and [`crate::mirror`] for a context's lock.
 
@@ -46,6 +46,9 @@ pub(crate) const NUM_VECTORS: usize = zpci::MSIX_VECTORS as usize;
 /// Polls of `CR0ACK` (10 us apart, ~65 us per read under TCG) before a fence falls back to
 /// clearing bus mastering: about 20 ms.
 const FENCE_POLLS: usize = 250;
+/// Reads of a 64-bit statistic before one whose HI half held still is given up on (a device
+/// that keeps changing it must not hold the reader forever).
+const STAT_READ_TRIES: usize = 4;
 /// Error bits that mean the device can no longer be trusted to finish its work.
 const FATAL_ERRORS: u32 = abi_regs::ERR_CMDQ | abi_regs::ERR_DMAQ_ABORT | abi_regs::ERR_EVTQ_ABORT;
 
@@ -122,6 +125,9 @@ pub(crate) struct Shared {
     pub(crate) nonblock_invalidations: AtomicU64,
     /// Of those, the ones that gave up.
     pub(crate) nonblock_failed: AtomicU64,
+    /// Stalled faults reported by the device and not answered yet, of every context: while
+    /// there is one, the in-order DMA engine may be waiting for the driver, not stuck.
+    faults_outstanding: AtomicU32,
     /// DMA memory and queues.
     #[pin]
     pub(crate) hw: Hw,
@@ -186,6 +192,7 @@ impl Shared {
             probe_sync_ns: AtomicU32::new(0),
             nonblock_invalidations: AtomicU64::new(0),
             nonblock_failed: AtomicU64::new(0),
+            faults_outstanding: AtomicU32::new(0),
             hw <- hw,
             health: Health::new(),
             fence_lock <- kernel::new_mutex!((), "zapguard_fence"),
@@ -342,7 +349,8 @@ impl Shared {
         })
     }
 
-    /// A 64-bit device statistic (HI, LO, HI until stable), 0 if the device failed or is gone.
+    /// A 64-bit device statistic (HI, LO, HI until HI holds still, at most [`STAT_READ_TRIES`]
+    /// times), 0 if the device failed or is gone.
     pub(crate) fn device_stat(&self, i: u32) -> u64 {
         if self.failed() {
             return 0;
@@ -350,15 +358,19 @@ impl Shared {
         let Some(bar) = self.bar.try_access() else {
             return 0;
         };
-        loop {
+        let mut value = 0;
+        // A counter moving so fast that HI changes under every read is reported as read last.
+        for _ in 0..STAT_READ_TRIES {
             // The statistics are an indexed block (`register!` arrays would repeat the ABI's
             // layout); the index is checked by `try_read32`.
             let hi = bar.try_read32(abi_regs::stat_hi(i) as usize).unwrap_or(0);
             let lo = bar.try_read32(abi_regs::stat_lo(i) as usize).unwrap_or(0);
+            value = u64::from(hi) << 32 | u64::from(lo);
             if bar.try_read32(abi_regs::stat_hi(i) as usize).unwrap_or(0) == hi {
-                return u64::from(hi) << 32 | u64::from(lo);
+                break;
             }
         }
+        value
     }
 
     /// Sets the device's test knobs and failure injection from an `INJECT` request (device-wide),
@@ -488,6 +500,55 @@ impl Shared {
 
     fn lookup(&self, asid: u32) -> Option<Arc<Context>> {
         self.asids.lock().ctxs.get(asid as usize)?.clone()
+    }
+
+    /// A stalled fault was handed to its context (see [`Self::device_waits_for_driver`]).
+    pub(crate) fn fault_reported(&self) {
+        self.faults_outstanding.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A reported fault was answered (RESUME or ABORT), once.
+    pub(crate) fn fault_answered(&self) {
+        self.faults_outstanding.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Whether the device may be waiting for the driver rather than stuck: a stalled fault of
+    /// any context is being served. A job queued behind another context's stalled job waits
+    /// for that fault, so its waiter must not blame the device. Aborts every fault overdue
+    /// first (`job_timeout_ms` in service: that job alone fails with `ETIMEDOUT`), so that one
+    /// user's stall costs only its own job, whether or not its own waiter is still there.
+    pub(crate) fn device_waits_for_driver(&self) -> bool {
+        if self.faults_outstanding.load(Ordering::Relaxed) == 0 {
+            return false;
+        }
+        self.abort_overdue_faults();
+        self.faults_outstanding.load(Ordering::Relaxed) != 0
+    }
+
+    /// Aborts the overdue fault of every context that has one.
+    fn abort_overdue_faults(&self) {
+        const BATCH: usize = 8;
+        loop {
+            let mut overdue: [Option<Arc<Context>>; BATCH] = Default::default();
+            let mut n = 0;
+            {
+                let t = self.asids.lock();
+                for ctx in t.ctxs.iter().flatten() {
+                    if n < BATCH && ctx.has_overdue_fault() {
+                        overdue[n] = Some(ctx.clone());
+                        n += 1;
+                    }
+                }
+            }
+            // Outside the spinlock: answering posts a command, and the last reference to a
+            // context may be dropped here.
+            for ctx in overdue.iter().flatten() {
+                ctx.abort_overdue_fault();
+            }
+            if n < BATCH {
+                return;
+            }
+        }
     }
 
     /// Command vector: SYNCs and DMA jobs completed.

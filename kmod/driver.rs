@@ -178,11 +178,14 @@ pub(crate) fn run_job(
     bounce: bool,
 ) -> Result<crate::hw::JobDone> {
     let jobs = &shared.hw.jobs;
+    // A stalled fault of any context (this one's included) is the driver's to serve, not
+    // the device's: no timeout blames the device meanwhile.
+    let busy = || shared.device_waits_for_driver();
     let seq = jobs
-        .submit(&shared.bar, job, bounce, &shared.health)
+        .submit(&shared.bar, job, bounce, &shared.health, &busy)
         .map_err(|e| job_error(shared, e))?;
     let done = jobs
-        .wait(&shared.bar, seq, &shared.health, &|| ctx.serving_fault())
+        .wait(&shared.bar, seq, &shared.health, &busy)
         .map_err(|e| job_error(shared, e))?;
     // The job's events (violations) are in the ring by now: account them before answering.
     shared.on_events();
@@ -486,6 +489,19 @@ pub struct ZgDevice<'bound> {
     hmm1: MiscReg<HmmFile>,
     irqs: Vectors<'bound>,
     shared: Arc<Shared>,
+    /// Initialised before the fallible misc registrations, whose failure drops it: the device
+    /// is then quiesced before the rest of the probe's state goes.
+    _quiesce: Quiesce,
+}
+
+/// Quiesces (fences) the device when dropped: on a failed probe, and again (a no-op) after
+/// unbind.
+struct Quiesce(Arc<Shared>);
+
+impl Drop for Quiesce {
+    fn drop(&mut self) {
+        self.0.unbind();
+    }
 }
 
 /// The PCI driver.
@@ -575,7 +591,10 @@ impl pci::Driver for ZapguardDriver {
             shared
                 .irq_vectors
                 .store(irqs.vectors.len() as u32, Ordering::Relaxed);
-            Self::start_device(pdev, &shared)?;
+            // From here the device is enabled and masters the bus: a probe that fails must
+            // quiesce it before its rings, context table and pool are freed.
+            Self::start_device(pdev, &shared).inspect_err(|_| shared.unbind())?;
+            let quiesce = Quiesce(shared.clone());
             dev_info!(
                 pdev,
                 "zapguard ABI {}.{}, {} MSI-X vectors, /dev/zapguard, /dev/zapguard_hmm[01]\n",
@@ -590,6 +609,7 @@ impl pci::Driver for ZapguardDriver {
                 hmm1 <- MiscReg::new(shared.clone(), c"zapguard_hmm1"),
                 irqs,
                 shared,
+                _quiesce: quiesce,
             }))
         })
     }

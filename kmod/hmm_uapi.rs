@@ -118,10 +118,11 @@ fn dmirror_prot(p: HmmPfn) -> u8 {
     }
 }
 
-/// A zeroed kernel buffer of `len` bytes (vmalloc'ed when large).
+/// A zeroed kernel buffer of `len` bytes (vmalloc'ed when large), charged to the caller's
+/// memory cgroup: a user asks for it, so the user's limit bounds it.
 fn staging(len: usize) -> Result<KVVec<u8>> {
-    let mut v = KVVec::with_capacity(len, GFP_KERNEL)?;
-    v.resize(len, 0u8, GFP_KERNEL)?;
+    let mut v = KVVec::with_capacity(len, GFP_KERNEL_ACCOUNT)?;
+    v.resize(len, 0u8, GFP_KERNEL_ACCOUNT)?;
     Ok(v)
 }
 
@@ -279,11 +280,19 @@ impl MiscDevice for HmmFile {
         Ok(0)
     }
 
-    /// Zeroed pages of our own, as test_hmm's `dmirror_fops_mmap()` inserts.
+    /// Zeroed pages of our own, as test_hmm's `dmirror_fops_mmap()` inserts: at most
+    /// [`MAX_BYTES`] per mapping (`ENOMEM` beyond), charged to the caller's memory cgroup, and
+    /// given up (`EINTR`) when the caller is killed meanwhile.
     fn mmap(_me: &HmmFile, _file: &File, vma: &VmaNew) -> Result {
+        if (vma.end() - vma.start()) as u64 > MAX_BYTES {
+            return Err(ENOMEM);
+        }
         let mixed = vma.set_mixedmap();
         for addr in (vma.start()..vma.end()).step_by(PAGE as usize) {
-            let page = Page::alloc_page(GFP_KERNEL | __GFP_ZERO)?;
+            if crate::hw::fatal_signal_pending() {
+                return Err(EINTR);
+            }
+            let page = Page::alloc_page(GFP_KERNEL_ACCOUNT | __GFP_ZERO)?;
             // The VMA takes its own reference; ours goes when `page` drops.
             mixed.vm_insert_page(addr, &page)?;
         }

@@ -29,7 +29,7 @@
 
 use crate::abi::{cmd, dma, pte, queue};
 use crate::regs;
-use core::sync::atomic::{AtomicBool, AtomicU16, AtomicU32, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU16, AtomicU32, AtomicU64, Ordering};
 use kernel::{
     bindings,
     device::{Bound, Device},
@@ -74,7 +74,7 @@ const NONBLOCK_SYNC_US: i64 = 20_000;
 const SYNC_SPIN: Delta = Delta::from_micros(50);
 /// How long a DMA job may make no progress before the device is failed (`job_timeout_ms`,
 /// 30 s by default: 64 MiB with stalls served under TCG).
-fn job_timeout() -> Delta {
+pub(crate) fn job_timeout() -> Delta {
     Delta::from_millis(i64::from(
         crate::module_parameters::job_timeout_ms.value().max(10),
     ))
@@ -146,7 +146,7 @@ enum OnSignal {
 
 /// Whether the current task has a fatal signal pending (`fatal_signal_pending()`, a static
 /// inline with no Rust helper: `SIGKILL` is queued in `pending` once the task is dying).
-fn fatal_signal_pending() -> bool {
+pub(crate) fn fatal_signal_pending() -> bool {
     let task = kernel::current!();
     if !task.signal_pending() {
         return false;
@@ -172,9 +172,11 @@ fn wait_on<'a, T>(
         if on_signal == OnSignal::Killable && fatal_signal_pending() {
             return Err(EINTR);
         }
-        // The wait returns at once while a signal is pending: nap without the lock instead.
+        // The wait returns at once while a signal is pending: nap without the lock instead
+        // (1 ms: a dying task's SYNC wait must not spin; a completion is seen at most that
+        // late).
         drop(guard);
-        fsleep(Delta::from_micros(50));
+        fsleep(Delta::from_millis(1));
         guard = lock.lock();
     }
     Ok(guard)
@@ -319,17 +321,28 @@ impl PtPool {
 
     /// Entry `idx` of table `page`.
     pub(crate) fn read(&self, page: PtRef, idx: usize) -> Result<u64> {
-        let (c, w) = self.locate(page, idx)?;
-        rd(c, w)
+        Ok(self.word(page, idx)?.load(Ordering::Acquire))
     }
 
-    /// Sets entry `idx` of table `page` (a leaf, or clearing a leaf: table pointers go through
-    /// [`Self::attach`] and [`Self::detach`]).
-    pub(crate) fn write(&self, page: PtRef, idx: usize, v: u64) -> Result {
+    /// Entry `idx` of table `page` as an atomic word. The device sets A and D with atomic ORs on
+    /// the entries it walks, so every read-modify-write of a leaf the device can reach must be
+    /// atomic too, or a D the device set between the read and the write is lost.
+    fn word(&self, page: PtRef, idx: usize) -> Result<&AtomicU64> {
         let (c, w) = self.locate(page, idx)?;
-        let was = rd(c, w)? & pte::PTE_P != 0;
-        let is = v & pte::PTE_P != 0;
-        wr(c, w, v)?;
+        if (w + 1) * 8 > c.size() {
+            return Err(EINVAL);
+        }
+        // SAFETY: `w` indexes a word inside the chunk (checked above), which is coherent DMA
+        // memory, 8-byte aligned and valid for as long as `self` (the chunks live with the
+        // pool). The CPU accesses these words only through this pool, and the device only with
+        // 8-byte loads, stores and atomic ORs, so treating the word as an `AtomicU64` for the
+        // borrow of `self` races with nothing non-atomic.
+        Ok(unsafe { AtomicU64::from_ptr(c.as_mut_ptr().cast::<u64>().add(w)) })
+    }
+
+    /// Keeps `page`'s present count when one of its entries goes from `old` to `new`.
+    fn count_present(&self, page: PtRef, old: u64, new: u64) -> Result {
+        let (was, is) = (old & pte::PTE_P != 0, new & pte::PTE_P != 0);
         if was != is {
             let count = self.present.get(page.0 as usize).ok_or(EINVAL)?;
             if is {
@@ -339,6 +352,36 @@ impl PtPool {
             }
         }
         Ok(())
+    }
+
+    /// Sets entry `idx` of table `page` (a leaf, or clearing a leaf: table pointers go through
+    /// [`Self::attach`] and [`Self::detach`]) and returns what it replaced, the A and D bits
+    /// the device set up to that instant included.
+    pub(crate) fn swap(&self, page: PtRef, idx: usize, v: u64) -> Result<u64> {
+        let old = self.word(page, idx)?.swap(v, Ordering::AcqRel);
+        self.count_present(page, old, v)?;
+        Ok(old)
+    }
+
+    /// [`Self::swap`], for callers that do not need the old entry.
+    pub(crate) fn write(&self, page: PtRef, idx: usize, v: u64) -> Result {
+        self.swap(page, idx, v).map(|_| ())
+    }
+
+    /// Clears the bits of entry `idx` of `page` that `mask` does not keep (never `PTE_P`),
+    /// atomically with the device's A/D updates; returns the entry before.
+    pub(crate) fn fetch_and(&self, page: PtRef, idx: usize, mask: u64) -> Result<u64> {
+        Ok(self
+            .word(page, idx)?
+            .fetch_and(mask | pte::PTE_P, Ordering::AcqRel))
+    }
+
+    /// Sets `bits` (permission bits, never `PTE_P`) in entry `idx` of `page`, atomically with
+    /// the device's A/D updates; returns the entry before.
+    pub(crate) fn fetch_or(&self, page: PtRef, idx: usize, bits: u64) -> Result<u64> {
+        Ok(self
+            .word(page, idx)?
+            .fetch_or(bits & !pte::PTE_P, Ordering::AcqRel))
     }
 
     /// Present entries of `page`.
@@ -379,9 +422,22 @@ impl PtPool {
         child: PtPage,
         flags: u64,
     ) -> Result<PtRef> {
+        self.replace_with_table(table, idx, child, flags)
+            .map(|(id, _)| id)
+    }
+
+    /// [`Self::attach`] over whatever entry `idx` held (a 2 MiB leaf being split), returning
+    /// that entry as the atomic swap saw it (with the A/D bits the device set up to then).
+    pub(crate) fn replace_with_table(
+        &self,
+        table: PtRef,
+        idx: usize,
+        child: PtPage,
+        flags: u64,
+    ) -> Result<(PtRef, u64)> {
         let id = child.id();
-        self.write(table, idx, self.addr(id)? | flags)?;
-        Ok(id)
+        let old = self.swap(table, idx, self.addr(id)? | flags)?;
+        Ok((id, old))
     }
 
     /// Clears entry `idx` of `table` if it points at a table, and hands that table over. The
@@ -898,15 +954,17 @@ impl Jobs {
 
     /// Queues `job` (its `status` and `id` are filled in) and rings the doorbell; returns the
     /// job's sequence number for [`Self::wait`]. `bounce` says the job uses the bounce buffer.
-    /// Killable while the ring is full; errors as for [`Self::wait`].
+    /// Killable while the ring is full; errors as for [`Self::wait`] (the ring staying full for
+    /// `job_timeout_ms` while `driver_busy()` is false is `ETIMEDOUT`).
     pub(crate) fn submit(
         &self,
         bar: &DevresBar,
         mut job: dma::DmaJob,
         bounce: bool,
         health: &Health,
+        driver_busy: &dyn Fn() -> bool,
     ) -> Result<u64> {
-        let start = Instant::<Monotonic>::now();
+        let mut idle_since = Instant::<Monotonic>::now();
         let mut st = self.state.lock();
         loop {
             if health.failed() {
@@ -918,7 +976,9 @@ impl Jobs {
             {
                 break;
             }
-            if start.elapsed() > job_timeout() {
+            if driver_busy() {
+                idle_since = Instant::<Monotonic>::now();
+            } else if idle_since.elapsed() > job_timeout() {
                 return Err(ETIMEDOUT);
             }
             st = wait_on(&self.cv, &self.state, st, OnSignal::Killable)?;

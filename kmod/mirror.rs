@@ -15,17 +15,40 @@
 //!   ([`crate::device::Shared::sync`]). Tables emptied at any level are detached and freed only
 //!   after that.
 //! - **Device faults** ([`on_event`]): the event interrupt queues a stalled fault on its
-//!   context; the context's own work item (one at a time per context, on the unbound
-//!   workqueue) serves it with the unlocked `hmm_range_fault()` variant, which lets a
-//!   userfaultfd handler resolve the fault, and answers RESUME or ABORT. A fault that blocks
-//!   holds up only its own context. A fault that keeps coming back for the same job, page and
-//!   access with nothing invalidated in between is aborted (`EFAULT`) after
-//!   [`FRUITLESS_FAULT_REPEATS`] services instead of livelocking the device.
+//!   context; the context's own work item (one at a time per context, on the driver's own
+//!   workqueue, [`crate::wq`], drained before the module goes) serves it with the unlocked
+//!   `hmm_range_fault()` variant, which lets a userfaultfd handler resolve the fault, and
+//!   answers RESUME or ABORT. A fault that blocks holds up only its own context and its own
+//!   job: once it is `job_timeout_ms` old, whichever job waiter sees it first aborts it
+//!   (`ETIMEDOUT`), and the waiters of other jobs queued behind it do not blame the device
+//!   meanwhile ([`crate::device::Shared::device_waits_for_driver`]). Closing the file aborts
+//!   its faults at once. A fault that keeps coming back for the same job, page and access with
+//!   nothing invalidated in between is aborted (`EFAULT`) after [`FRUITLESS_FAULT_REPEATS`]
+//!   services instead of livelocking the device; one whose service keeps colliding with
+//!   invalidations gives up after [`FAULT_MAX_RETRIES`] walks, and one already answered
+//!   (aborted) stops at its next walk.
 //! - **Release** (the `Release` event, and file close): disable the context on the device
 //!   (`CFGI_CTX` + `CMD_INV_ASID` + SYNC) before anything is freed. An ASID whose teardown the
 //!   device did not confirm (it was fenced instead) is quarantined, never reused. Only then does
 //!   the release mark the entry `CTX_MM_RELEASED`: the device walks check that no cached copy
 //!   of the entry outlived the `CFGI_CTX` (`ctx_released`).
+//!
+//! # Dirty pages
+//!
+//! A device that writes a page must leave it dirty in the kernel's eyes, or reclaim discards
+//! (lazyfree, clean swap cache) or never writes back (a cleaned file page) what it wrote:
+//! `hmm_range_fault()` does not fault a writable, clean CPU PTE, so nothing else dirties it.
+//! The driver marks the page dirty when a device leaf whose D bit is set goes: cleared by a zap,
+//! write-protected, replaced ([`leaf_dropped`]), or freed with a table detached whole, after
+//! the SYNC ([`Mirror::free_deferred`]), and a 2 MiB leaf's D is carried into the 4 KiB entries
+//! it is split into. That marks exactly the pages the device wrote (not, as RDMA ODP does at
+//! unmap, every page it could write: a lazyfree page in a write fault's window stays
+//! discardable), and it is race-free because every update of a live leaf is an atomic swap,
+//! AND or OR on the word the device sets A/D in, and the device's walk starts again when its
+//! A/D update finds the entry changed: a D the driver's swap did not return is never followed
+//! by a write. It happens in the invalidation callback, before the kernel changes the CPU PTE,
+//! so the folio is still mapped, and before the kernel looks at the dirty flag (reclaim after
+//! unmapping, writeback after `folio_mkclean()`).
 //!
 //! # Locks
 //!
@@ -34,7 +57,7 @@
 //! or enters the mm (table pages come from the preallocated [`crate::hw::PtPool`]; the list of
 //! tables to free after a SYNC has its room reserved at open). Under it: the pool spinlock, the
 //! command queue locks, and the fence mutex when a SYNC fails. `Mirror::faults` is a spinlock
-//! taken alone.
+//! taken alone, or under `Shared::asids` (the overdue-fault sweep).
 //!
 //! # Bounds
 //!
@@ -44,11 +67,11 @@
 
 use crate::abi::{cmd, event as ev, pte, uapi};
 use crate::device::Shared;
-use crate::hw::{PtPage, PtRef, Synced, Wait};
+use crate::hw::{job_timeout, PtPage, PtRef, Synced, Wait};
 use crate::mm::{self, Aging, AgingNotifier, FaultOutcome, HmmPfn, HmmRequest};
 use crate::mm::{IntervalInvalidate, IntervalNotifier};
 use crate::mm::{NotifierEvent, NotifierRange};
-use core::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use kernel::{
     mm::{MmWithUser, MmWithUserAsync},
     new_mutex, new_spinlock,
@@ -56,7 +79,6 @@ use kernel::{
     sync::aref::ARef,
     sync::{Arc, Mutex, SpinLock},
     time::{delay::fsleep, msecs_to_jiffies, Delta, Instant, Monotonic},
-    workqueue,
 };
 
 /// Pages above which one invalidation flushes the whole ASID instead of a range (SMMUv3's
@@ -64,6 +86,11 @@ use kernel::{
 pub(crate) const INV_ASID_THRESHOLD: u64 = 512;
 /// A populate that keeps colliding with invalidations gives up with `EBUSY` after this long.
 const POPULATE_TIMEOUT_MS: u32 = 2000;
+/// A fault service (whose walks may wait in fault handlers, which the time bound does not
+/// count) gives up with `EBUSY` after this many walks of one block that an invalidation
+/// overtook: the interval is the whole address space, so any `munmap` in the process makes a
+/// walk retry.
+const FAULT_MAX_RETRIES: u32 = 256;
 /// Violations printed per context (the rest are only counted).
 const VIOLATIONS_LOGGED: u64 = 8;
 /// Stalled faults a context can have queued (the device runs one job at a time, so one is
@@ -150,8 +177,8 @@ struct FaultQueue {
     len: usize,
     /// A work item is serving this queue (it stops when the queue is empty).
     serving: bool,
-    /// The fault the work item is serving, since when, and whether it was already aborted for
-    /// taking too long.
+    /// The fault the work item is serving, since when, and whether it was already answered
+    /// (aborted for taking too long, or at close): the work item's late answer is then moot.
     current: Option<(Fault, Instant<Monotonic>, bool)>,
     last: Option<LastServed>,
 }
@@ -236,9 +263,9 @@ pub(crate) struct Mirror {
     set_knobs: AtomicBool,
     /// `ZgInject::populate_lag`: microseconds each populate sleeps between walk and commit.
     populate_lag: AtomicU32,
-    /// The last fault the driver could not serve: (job id, negative errno).
-    abort_job: AtomicU64,
-    abort_errno: AtomicI64,
+    /// The last fault the driver could not serve: its job id and errno in one word
+    /// ([`abort_word`]), so that a waiter never pairs one job with another's errno.
+    abort: AtomicU64,
     /// The ASID was freed or quarantined (see `shutdown`).
     asid_done: AtomicBool,
     /// Answers reclaim's and idle tracking's aging queries from the device PTEs' accessed
@@ -262,15 +289,27 @@ pub(crate) enum Access {
     Read,
     /// Write: entries are writable (the CPU's are made writable and dirty first).
     Write,
+    /// The window around a device write fault: faulted for read (so that only the page the
+    /// device writes, faulted on its own with [`Access::Write`], is COW-broken or
+    /// `page_mkwrite`d), entries writable where the CPU's already are.
+    Around,
 }
 
 impl Access {
+    /// Whether entries may be writable (where the CPU's are).
     fn write(self) -> bool {
-        self == Self::Write
+        self != Self::Read
+    }
+
+    /// What `hmm_range_fault()` asks for.
+    fn request(self) -> HmmRequest {
+        match self {
+            Self::Read | Self::Around => HmmRequest::Read,
+            Self::Write => HmmRequest::Write,
+        }
     }
 }
 
-/// One zap: the range to clear, and what was cleared.
 /// What an invalidation does to the device PTEs of its range.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Change {
@@ -392,14 +431,21 @@ fn new_mirror(shared: &Arc<Shared>, asid: u32) -> Result<impl PinInit<Mirror, Er
         inject: AtomicU32::new(0),
         set_knobs: AtomicBool::new(false),
         populate_lag: AtomicU32::new(0),
-        abort_job: AtomicU64::new(u64::MAX),
-        abort_errno: AtomicI64::new(0),
+        abort: AtomicU64::new(u64::MAX),
         asid_done: AtomicBool::new(false),
         aging <- AgingNotifier::new(),
     }? Error))
 }
 
 impl Context {
+    /// File close: takes the context off the device ([`Mirror::close_device`]), then removes
+    /// the interval notifier, so that nothing calls into the driver for this address space
+    /// any more even if a fault work item still holds the context for a while.
+    pub(crate) fn shutdown(&self) {
+        self.close_device();
+        self.remove();
+    }
+
     /// Writes the context entry and loads it on the device: `CFGI_CTX` + `INV_ASID` (the ASID's
     /// previous owner may have left IOTLB entries behind) + SYNC; then events reach it.
     fn enable(self: &Arc<Self>) -> Result {
@@ -529,11 +575,20 @@ impl Mirror {
         let l2 = self.l2_table(st, start, true)?.ok_or(ENOMEM)?;
         let l2_idx = pte::pt_index(start, 2);
         let l2_entry = self.pool().read(l2, l2_idx)?;
-        let write = access.write();
+        // A write fault's window gets a writable 2 MiB leaf only if the CPU maps it all
+        // writable (else 4 KiB entries, writable where the CPU's are).
+        let write = match access {
+            Access::Around => pfns.iter().all(|p| p.write()),
+            _ => access.write(),
+        };
         if end - start == HUGE {
             if let Some(leaf) = Self::huge_leaf(l2_entry, huge_frame(pfns, write), write) {
-                if leaf != l2_entry {
+                if l2_entry & pte::PTE_P == 0 {
                     self.pool().write(l2, l2_idx, leaf)?;
+                    out.huge += 1;
+                } else if leaf & !l2_entry & pte::PTE_W != 0 {
+                    // The same frame, now writable: an atomic OR keeps the device's A/D bits.
+                    self.pool().fetch_or(l2, l2_idx, pte::PTE_W)?;
                     out.huge += 1;
                 }
                 return Ok(());
@@ -552,15 +607,17 @@ impl Mirror {
             }
             let idx = pte::pt_index(start + i as u64 * PAGE, 1);
             let old = self.pool().read(l1, idx)?;
-            let mut leaf = pfn.phys() | pte::PTE_P | write_bit(write && pfn.write());
+            let leaf = pfn.phys() | pte::PTE_P | write_bit(access.write() && pfn.write());
             if old & pte::PTE_P != 0 && old & pte::PTE_ADDR_MASK == pfn.phys() {
-                // Never downgrade without an invalidation; keep the device's A/D bits.
-                leaf |= old & (pte::PTE_W | pte::PTE_A | pte::PTE_D);
-                if leaf == old {
+                // Never downgrade without an invalidation; keep the device's A/D bits (an
+                // atomic OR: the device may be setting them right now).
+                if leaf & !old & pte::PTE_W == 0 {
                     continue;
                 }
+                self.pool().fetch_or(l1, idx, pte::PTE_W)?;
+            } else {
+                leaf_dropped(self.pool().swap(l1, idx, leaf)?);
             }
-            self.pool().write(l1, idx, leaf)?;
             out.pages += 1;
         }
         Ok(())
@@ -568,15 +625,28 @@ impl Mirror {
 
     /// Replaces the 2 MiB leaf at `l2[idx]` by a table of the same translations as 4 KiB
     /// entries, so that part of the block can change. The device may keep using the cached
-    /// 2 MiB translation meanwhile: it maps the same pages.
+    /// 2 MiB translation meanwhile: it maps the same pages, and writes through it must stay
+    /// visible to dirty tracking, so the leaf's A/D bits (as the swap that replaced it returned
+    /// them) go to every 4 KiB entry.
     fn split_huge(&self, st: &mut PtState, l2: PtRef, idx: usize, leaf: u64) -> Result<PtRef> {
         let page = self.new_table(st)?;
         let frame = leaf & pte::PTE_ADDR_MASK;
+        let kept = pte::PTE_W | pte::PTE_A | pte::PTE_D;
         for i in 0..ENTRIES {
-            let small = (frame + i as u64 * PAGE) | pte::PTE_P | (leaf & pte::PTE_W);
+            let small = (frame + i as u64 * PAGE) | pte::PTE_P | (leaf & kept);
             self.pool().write(page.id(), i, small)?;
         }
-        self.pool().attach(l2, idx, page, pte::PTE_P | pte::PTE_W)
+        let (l1, old) = self
+            .pool()
+            .replace_with_table(l2, idx, page, pte::PTE_P | pte::PTE_W)?;
+        // A/D the device set after `leaf` was read.
+        let late = old & (pte::PTE_A | pte::PTE_D) & !leaf;
+        if late != 0 {
+            for i in 0..ENTRIES {
+                self.pool().fetch_or(l1, i, late)?;
+            }
+        }
+        Ok(l1)
     }
 
     /// Clears every device PTE in `[z.start, z.end)` below `table` (a table at `level` mapping
@@ -603,7 +673,8 @@ impl Mirror {
             }
             if level == 1 || entry & pte::PTE_PS != 0 {
                 // A 2 MiB leaf only partly in range goes whole: the device faults the rest in.
-                self.pool().write(table, idx, 0)?;
+                let old = self.pool().swap(table, idx, 0)?;
+                leaf_dropped(old);
                 z.add(lo, hi, size / PAGE);
                 continue;
             }
@@ -678,9 +749,12 @@ impl Mirror {
             &mut |table, idx, entry, lo, size| {
                 if entry & pte::PTE_W != 0 {
                     // D goes with W: the CPU PTE is clean or read-only now, and the device's next
-                    // write must fault (breaking COW, or marking the page dirty again).
-                    self.pool()
-                        .write(table, idx, entry & !(pte::PTE_W | pte::PTE_D))?;
+                    // write must fault (breaking COW, or marking the page dirty again). What it
+                    // wrote so far is dirty: writeback cleans the page only after this returns.
+                    let old = self
+                        .pool()
+                        .fetch_and(table, idx, !(pte::PTE_W | pte::PTE_D))?;
+                    leaf_dropped(old);
                     z.add(lo, lo + size, size / PAGE);
                 }
                 Ok(false)
@@ -704,7 +778,7 @@ impl Mirror {
                 }
                 young = true;
                 if clear {
-                    self.pool().write(table, idx, entry & !pte::PTE_A)?;
+                    self.pool().fetch_and(table, idx, !pte::PTE_A)?;
                     z.add(lo, lo + size, size / PAGE);
                 }
                 Ok(!clear)
@@ -792,9 +866,17 @@ impl Mirror {
         }
     }
 
-    /// Frees the tables detached before the SYNC that just completed (or the fence).
+    /// Frees the tables detached before the SYNC that just completed (or the fence). A level-1
+    /// table detached whole still holds its leaves: their D bits are final only now (a walk
+    /// that read the table before it was detached could set one until the SYNC), so the pages
+    /// of those set are marked dirty here, still inside the invalidation callback.
     fn free_deferred(&self, st: &mut PtState) {
         while let Some(page) = st.deferred.pop() {
+            if self.pool().present(page.id()).unwrap_or(0) > 0 {
+                for idx in 0..ENTRIES {
+                    leaf_dropped(self.pool().read(page.id(), idx).unwrap_or(0));
+                }
+            }
             self.pool().free(page);
             st.pages -= 1;
         }
@@ -842,13 +924,16 @@ impl Mirror {
         Ok(synced)
     }
 
-    /// File close: disable the context, wait for its queued jobs, then free the ASID, or
-    /// quarantine it if the device did not confirm.
-    pub(crate) fn shutdown(&self) {
+    /// File close, device side: disable the context, wait for its queued jobs, then free the
+    /// ASID, or quarantine it if the device did not confirm.
+    fn close_device(&self) {
         // No aging query may look at the tables once teardown starts.
         self.aging.unregister();
         let shared = &self.shared;
         shared.unpublish(self.asid);
+        // Its jobs must not wait for a fault service that may never finish (a userfaultfd
+        // nobody answers): they end with ABORT now, and the work item's answer is moot.
+        self.abort_all_faults();
         let synced = {
             let mut st = self.state.lock();
             let r = self.disable(&mut st, 0);
@@ -922,32 +1007,37 @@ impl Mirror {
 
     /// Records that job `id` was aborted because its fault could not be served.
     fn record_abort(&self, id: u64, err: Error) {
-        self.abort_errno
-            .store(err.to_errno().into(), Ordering::Relaxed);
-        self.abort_job.store(id, Ordering::Release);
+        self.abort.store(abort_word(id, err), Ordering::Relaxed);
     }
 
     /// The error recorded for job `id`, if any.
     pub(crate) fn abort_error(&self, id: u64) -> Option<Error> {
-        if self.abort_job.load(Ordering::Acquire) == id {
-            let e = self.abort_errno.load(Ordering::Relaxed) as i32;
-            return Some(Error::from_errno(e));
+        let w = self.abort.load(Ordering::Relaxed);
+        if w >> ABORT_ERRNO_BITS == id & ABORT_JOB_MASK {
+            let errno = (w & ((1 << ABORT_ERRNO_BITS) - 1)) as i32;
+            return Some(Error::from_errno(-errno));
         }
         None
     }
 
-    /// Whether the driver is serving a fault of this context (a job waiting for that is not
-    /// waiting for the device). A fault served for longer than `job_timeout_ms` (a page whose
-    /// fault never completes, a userfaultfd nobody answers) is aborted: that job alone fails
-    /// with `ETIMEDOUT`, and the device is free for other jobs; the work item's late answer is
-    /// ignored by the device.
-    pub(crate) fn serving_fault(&self) -> bool {
-        let bound = Delta::from_millis(crate::module_parameters::job_timeout_ms.value().into());
+    /// Whether this context's fault in service is older than `job_timeout_ms` and not yet
+    /// answered (a page whose fault never completes, a userfaultfd nobody answers).
+    pub(crate) fn has_overdue_fault(&self) -> bool {
+        let bound = job_timeout();
+        matches!(self.faults.lock().current, Some((_, since, false)) if since.elapsed() > bound)
+    }
+
+    /// Aborts this context's fault in service if it is overdue ([`Self::has_overdue_fault`]):
+    /// that job alone fails with `ETIMEDOUT` once the device retires it, and the device is free
+    /// for other jobs; the work item's late answer is ignored.
+    pub(crate) fn abort_overdue_fault(&self) {
+        let bound = job_timeout();
         let overdue = {
             let mut q = self.faults.lock();
             match q.current.as_mut() {
-                Some((f, since, aborted)) if !*aborted && since.elapsed() > bound => {
-                    *aborted = true;
+                Some((f, since, answered)) if !*answered && since.elapsed() > bound => {
+                    *answered = true;
+                    self.shared.fault_answered();
                     Some(*f)
                 }
                 _ => None,
@@ -964,7 +1054,39 @@ impl Mirror {
             bump(&self.stats.faults_aborted, 1);
             self.shared.answer_fault(self.asid, f.tag, false);
         }
-        self.faults.lock().serving
+    }
+
+    /// Answers every fault of this context that is queued or in service with ABORT (`ECANCELED`
+    /// for their jobs), so that its jobs end now rather than wait for a fault service that
+    /// may never finish (file close: nobody waits for them any more).
+    fn abort_all_faults(&self) {
+        let current = {
+            let mut q = self.faults.lock();
+            match q.current.as_mut() {
+                Some((f, _, answered)) if !*answered => {
+                    *answered = true;
+                    Some(*f)
+                }
+                _ => None,
+            }
+        };
+        if let Some(f) = current {
+            self.finish_fault(&f, Err(ECANCELED));
+        }
+        while let Some(f) = self.faults.lock().pop() {
+            self.finish_fault(&f, Err(ECANCELED));
+        }
+    }
+
+    /// Answers a served (or unservable) fault: RESUME, or ABORT with the reason recorded for
+    /// the job's waiter.
+    fn finish_fault(&self, f: &Fault, served: Result) {
+        if let Err(e) = served {
+            self.record_abort(f.job, e);
+        }
+        self.count_fault_result(served.is_ok());
+        self.shared.fault_answered();
+        self.shared.answer_fault(self.asid, f.tag, served.is_ok());
     }
 
     pub(crate) fn count_job(&self) {
@@ -1045,6 +1167,25 @@ impl Mirror {
         }
     }
 
+    /// Takes a context whose tables cannot be trusted off the device: its entry is cleared and
+    /// reloaded and its ASID flushed (SYNCed, or the device fenced), so no walk uses its tables
+    /// any more; its tables are kept (they cannot be walked to be freed), and its calls get
+    /// `EINVAL` from now on.
+    fn abandon(&self, st: &mut PtState) {
+        st.released = true;
+        if self
+            .shared
+            .hw
+            .write_ctx(self.asid, &pte::ContextEntry::default())
+            .is_err()
+        {
+            // The entry could not be cleared: only a fence stops the device reading it.
+            self.shared.fail(crate::device::Failure::QueueError);
+            return;
+        }
+        let _ = self.shared.sync(&self.load_cmds());
+    }
+
     /// Handles the `Release` event: disable the context before the page tables go.
     fn release(&self, st: &mut PtState, mm: &kernel::mm::Mm) {
         st.released = true;
@@ -1102,6 +1243,26 @@ fn huge_frame(pfns: &[HmmPfn], write: bool) -> Option<u64> {
                 && (!write || p.write())
         });
     contiguous.then_some(base)
+}
+
+/// A device leaf was cleared, replaced or write-protected (`old` is what the atomic update
+/// returned): if its D bit was set, the device wrote its page, which the kernel must then see as
+/// dirty (see [`crate::mm::mark_dirty`] and the module documentation, "Dirty pages").
+fn leaf_dropped(old: u64) {
+    if old & pte::PTE_P != 0 && old & pte::PTE_D != 0 {
+        mm::mark_dirty(old & pte::PTE_ADDR_MASK);
+    }
+}
+
+/// Bits of [`abort_word`] for the errno (errnos are below 4096).
+const ABORT_ERRNO_BITS: u32 = 12;
+/// The job-id bits [`abort_word`] keeps (ids are sequence numbers: they do not wrap in 2^52).
+const ABORT_JOB_MASK: u64 = u64::MAX >> ABORT_ERRNO_BITS;
+
+/// Job `id` and the positive errno of `err`, packed in one word.
+fn abort_word(id: u64, err: Error) -> u64 {
+    let errno = u64::from(err.to_errno().unsigned_abs()) & ((1 << ABORT_ERRNO_BITS) - 1);
+    (id & ABORT_JOB_MASK) << ABORT_ERRNO_BITS | errno
 }
 
 fn write_bit(write: bool) -> u64 {
@@ -1185,8 +1346,15 @@ impl IntervalInvalidate for Mirror {
                 false
             }
             Err(e) => {
-                // The SYNC (or the fence) ran; only the page table walk failed (corrupt table).
-                pr_err!("asid {}: shootdown failed: {:?}\n", self.asid, e);
+                // The SYNC (or the fence) ran, but the table walk failed (a corrupt table), so
+                // part of the range may still be mapped while the kernel frees its pages: take
+                // the whole context off the device before returning.
+                pr_err!(
+                    "asid {}: shootdown failed: {:?}; context taken off the device\n",
+                    self.asid,
+                    e
+                );
+                self.abandon(&mut st);
                 true
             }
         }
@@ -1194,7 +1362,7 @@ impl IntervalInvalidate for Mirror {
 }
 
 impl Aging for Mirror {
-    fn clear_young(&self, start: usize, end: usize, flush: bool) -> bool {
+    fn clear_young(&self, start: usize, end: usize, _flush: bool) -> bool {
         // Atomic context: a busy context answers "not young" rather than wait.
         let Some(st) = self.state.try_lock() else {
             return false;
@@ -1210,20 +1378,19 @@ impl Aging for Mirror {
         if z.pages > 0 {
             bump(&self.stats.aging_cleared, z.pages);
             // The device sets A again only when it walks: its cached translations of the
-            // range must go. Aging is advisory, so a full ring or a failed device is ignored.
+            // range must go. Aging is advisory, so the invalidation is posted and never waited
+            // for, even for `clear_flush_young` (which runs under the page-table lock, per
+            // PTE): a use the device makes before it executes goes unseen once, as a CPU's
+            // use does before its TLB flush. A full ring or a failed device is ignored.
             let inv = cmd::Command::new(cmd::CMD_INV_RANGE, 0, self.asid, z.lo, z.hi - z.lo);
-            if flush {
-                let _ = self.shared.sync_nonblocking(&[inv]);
-            } else {
-                let hw = &self.shared.hw;
-                let _ = hw.cmdq.post(
-                    &self.shared.bar,
-                    &[inv],
-                    false,
-                    Wait::Spin,
-                    &self.shared.health,
-                );
-            }
+            let hw = &self.shared.hw;
+            let _ = hw.cmdq.post(
+                &self.shared.bar,
+                &[inv],
+                false,
+                Wait::Spin,
+                &self.shared.health,
+            );
         }
         drop(st);
         if young {
@@ -1328,19 +1495,22 @@ pub(crate) fn populate(
         // handler resolving the page) does not count, the unlocked walk bounds its own retries.
         let started = Instant::<Monotonic>::now();
         let mut in_handlers = Delta::from_nanos(0);
+        let mut retries = 0;
         loop {
-            if started.elapsed() - in_handlers > Delta::from_millis(POPULATE_TIMEOUT_MS.into()) {
+            if started.elapsed() - in_handlers > Delta::from_millis(POPULATE_TIMEOUT_MS.into())
+                || (walk == Walk::Unlocked && retries >= FAULT_MAX_RETRIES)
+            {
                 return Err(EBUSY);
             }
+            if walk == Walk::Unlocked && ctx.current_answered() {
+                // The fault was aborted meanwhile (overdue, or its file closed).
+                return Err(ECANCELED);
+            }
+            retries += 1;
             ctx.shared.check_live()?;
             bump(&ctx.stats.populates, 1);
             let walk_started = Instant::<Monotonic>::now();
-            let request = if access.write() {
-                HmmRequest::Write
-            } else {
-                HmmRequest::Read
-            };
-            let faulted = fault_block(ctx, &mm, s, e, request, walk, pfns)?;
+            let faulted = fault_block(ctx, &mm, s, e, access.request(), walk, pfns)?;
             if walk == Walk::Unlocked {
                 in_handlers += walk_started.elapsed();
             }
@@ -1501,11 +1671,9 @@ pub(crate) fn set_inject(ctx: &Context, i: &uapi::ZgInject) -> Result {
 const FAULT_AROUND: u64 = HUGE;
 
 /// The fault-around window for a fault at `page`: its aligned [`FAULT_AROUND`] block clamped to
-/// the VMA for a read; for a write, from the page to the end of that block (a device writes
-/// forward; write intent allocates and dirties pages, so not behind it). Just the page for a
-/// userfaultfd-registered VMA (its handler must only see the pages the device touches) or when
-/// the VMA cannot be looked up.
-fn fault_window(ctx: &Context, page: u64, write: bool) -> (u64, u64) {
+/// the VMA. Just the page for a userfaultfd-registered VMA (its handler must only see the pages
+/// the device touches) or when the VMA cannot be looked up.
+fn fault_window(ctx: &Context, page: u64) -> (u64, u64) {
     let single = (page, page + PAGE);
     let Some(mm) = ctx.mm().mmget_not_zero() else {
         return single;
@@ -1522,36 +1690,65 @@ fn fault_window(ctx: &Context, page: u64, write: bool) -> (u64, u64) {
         return single;
     }
     let block = page & !(FAULT_AROUND - 1);
-    let start = if write {
-        page
-    } else {
-        block.max(vma.start() as u64)
-    };
+    let start = block.max(vma.start() as u64);
     let end = (block + FAULT_AROUND)
         .min(vma.end() as u64)
         .min(pte::VA_LIMIT);
     (start, end)
 }
 
-/// Serves one device fault of `ctx`: maps the window around it ([`fault_window`]) with one
-/// `hmm_range_fault()` and the fault's access type; if the window cannot be faulted in whole
-/// (a neighbour that cannot be), just the page. Returns the pages mapped.
+/// Serves one device fault of `ctx` and returns the pages mapped.
+///
+/// A read maps the window around it ([`fault_window`]) with one `hmm_range_fault()`, or, if the
+/// window cannot be faulted in whole (a neighbour that cannot be), just the page. A write must
+/// not write any page but its own: write intent breaks COW, turns `MAP_PRIVATE` file pages into
+/// anonymous copies and runs `page_mkwrite`, and `hmm_range_fault()` write-faults every page
+/// from the first one it must fault to the end of its walk. So the window is mapped for read
+/// first ([`Access::Around`]: writable where the CPU's already are, a 2 MiB entry where the
+/// CPU maps 2 MiB writable), and then, unless that made the page device-writable, the page
+/// alone is faulted for write.
 fn serve_fault(ctx: &Context, va: u64, write: bool) -> Result<u64> {
     if va >= pte::VA_LIMIT {
         return Err(EFAULT);
     }
     let page = va & !(PAGE - 1);
-    let access = if write { Access::Write } else { Access::Read };
-    let (start, end) = fault_window(ctx, page, write);
+    let (start, end) = fault_window(ctx, page);
     let mut out = MapOut::default();
-    let r = populate(ctx, start, end, access, Walk::Unlocked, &mut out);
-    if r.is_err() && end - start > PAGE {
+    if write && end - start == PAGE {
+        populate(
+            ctx,
+            page,
+            page + PAGE,
+            Access::Write,
+            Walk::Unlocked,
+            &mut out,
+        )?;
+        return Ok(out.pages + out.huge * (HUGE / PAGE));
+    }
+    let around = if write { Access::Around } else { Access::Read };
+    let r = populate(ctx, start, end, around, Walk::Unlocked, &mut out);
+    if write && !device_writable(ctx, page)? {
+        populate(
+            ctx,
+            page,
+            page + PAGE,
+            Access::Write,
+            Walk::Unlocked,
+            &mut out,
+        )?;
+    } else if r.is_err() && end - start > PAGE {
         out = MapOut::default();
-        populate(ctx, page, page + PAGE, access, Walk::Unlocked, &mut out)?;
+        populate(ctx, page, page + PAGE, around, Walk::Unlocked, &mut out)?;
     } else {
         r?;
     }
     Ok(out.pages + out.huge * (HUGE / PAGE))
+}
+
+/// Whether the device PTE of `page` is present and writable.
+fn device_writable(ctx: &Context, page: u64) -> Result<bool> {
+    let mut st = ctx.state.lock();
+    Ok(device_snapshot(ctx, &mut st, page)? & uapi::ZG_SNAP_DEV_WRITE != 0)
 }
 
 /// An event for `ctx`'s ASID (from the event interrupt thread): account it, and queue a stalled
@@ -1567,6 +1764,7 @@ pub(crate) fn on_event(ctx: &Arc<Context>, e: &ev::Event) {
         tag: e.info,
         job: e.info2,
     };
+    ctx.shared.fault_reported();
     let (queued, spawn) = {
         let mut q = ctx.faults.lock();
         let queued = q.push(fault);
@@ -1580,13 +1778,18 @@ pub(crate) fn on_event(ctx: &Arc<Context>, e: &ev::Event) {
     }
     if spawn {
         let worker = ctx.clone();
-        let spawned = workqueue::system_unbound().try_spawn(GFP_KERNEL, move || {
-            serve_queued_faults(&worker);
-        });
-        if spawned.is_err() {
+        let spawned = match crate::fault_queue() {
+            Some(q) => q
+                .try_spawn(GFP_KERNEL, move || serve_queued_faults(&worker))
+                .map_err(|_| ENOMEM),
+            None => Err(ENODEV),
+        };
+        if let Err(e) = spawned {
             // No memory for the work item: serve nothing, abort what is queued.
             while let Some(f) = ctx.take_fault() {
-                ctx.finish_fault(&f, Err(ENOMEM));
+                if ctx.claim_current() {
+                    ctx.finish_fault(&f, Err(e));
+                }
             }
         }
     }
@@ -1624,19 +1827,21 @@ impl Context {
         });
     }
 
-    /// Whether the fault in service was aborted for taking too long (its answer is then moot).
-    fn current_aborted(&self) -> bool {
+    /// Whether the fault in service was answered already (aborted).
+    fn current_answered(&self) -> bool {
         matches!(self.faults.lock().current, Some((_, _, true)))
     }
 
-    /// Answers a served (or unservable) fault: RESUME, or ABORT with the reason recorded for
-    /// the job's waiter.
-    fn finish_fault(&self, f: &Fault, served: Result) {
-        if let Err(e) = served {
-            self.record_abort(f.job, e);
+    /// Claims the answer to the fault in service: `false` if it was already answered (aborted
+    /// as overdue, or at close), whose answer is then moot.
+    fn claim_current(&self) -> bool {
+        match self.faults.lock().current.as_mut() {
+            Some((_, _, answered)) if !*answered => {
+                *answered = true;
+                true
+            }
+            _ => false,
         }
-        self.count_fault_result(served.is_ok());
-        self.shared.answer_fault(self.asid, f.tag, served.is_ok());
     }
 }
 
@@ -1653,7 +1858,9 @@ fn serve_queued_faults(ctx: &Arc<Context>) {
                 f.va,
                 f.write
             );
-            ctx.finish_fault(&f, Err(EFAULT));
+            if ctx.claim_current() {
+                ctx.finish_fault(&f, Err(EFAULT));
+            }
             continue;
         }
         let served = serve_fault(ctx, f.va, f.write);
@@ -1661,7 +1868,7 @@ fn serve_queued_faults(ctx: &Arc<Context>) {
         if let Ok(pages) = served {
             bump(&ctx.stats.fault_pages, pages);
         }
-        if !ctx.current_aborted() {
+        if ctx.claim_current() {
             ctx.finish_fault(&f, served.map(|_| ()));
         }
     }

@@ -53,6 +53,7 @@
 //! ```
 
 use core::ops::Deref;
+use core::sync::atomic::{AtomicBool, Ordering};
 use kernel::{
     bindings,
     error::to_result,
@@ -60,7 +61,7 @@ use kernel::{
     mm::{Mm, MmWithUser},
     page::{PAGE_MASK, PAGE_SHIFT},
     prelude::*,
-    sync::aref::ARef,
+    sync::{aref::ARef, Mutex},
     time::Jiffies,
     types::Opaque,
 };
@@ -209,17 +210,21 @@ pub trait IntervalInvalidate: Sync + Sized + 'static {
 /// its callback.
 ///
 /// Created inserted by [`IntervalNotifier::insert`] (a pin-initializer, so it can be embedded in
-/// an `Arc`, a `KBox` or a larger pinned struct) and removed when dropped. Dropping may sleep:
-/// `mmu_interval_notifier_remove()` waits for in-progress invalidations, so do not drop it with
-/// the driver lock held, in atomic context, or from its own callback.
+/// an `Arc`, a `KBox` or a larger pinned struct) and removed by [`IntervalNotifier::remove`] or,
+/// at the latest, when dropped. Removing may sleep: `mmu_interval_notifier_remove()` waits for
+/// in-progress invalidations, so do not remove or drop it with the driver lock held, in atomic
+/// context, or from its own callback. A driver whose notifier may outlive the file that owns it
+/// (held by a work item) removes it when the file closes, so that no callback into its module
+/// can happen afterwards (`exit_mmap()` would otherwise call it later, from any thread).
 ///
 /// # Invariants
 ///
 /// - `raw` was successfully passed to `mmu_interval_notifier_insert()` with `ops` =
-///   [`Self::OPS`] and has not been removed: it is inserted from the end of initialisation until
-///   [`PinnedDrop::drop`], which is the only place that removes it.
-/// - Hence `raw.mm` is a valid `mm_struct` holding an `mmgrab` reference owned by the
-///   subscription (taken by insert, dropped by remove); `raw.mm` is never written after insert.
+///   [`Self::OPS`]; it is inserted from the end of initialisation until the one call of
+///   `mmu_interval_notifier_remove()`, made by [`Self::remove`] under `removal` (which drop
+///   calls too). `removed` is set before that call and never cleared.
+/// - `mm` is an `mmgrab` reference on the address space `raw` was inserted into, so `raw.mm`
+///   stays valid for as long as `self`, removed or not; `raw.mm` is never written after insert.
 /// - `start` and `last` are the first and last (inclusive) addresses of the interval.
 /// - `raw` is only ever the `raw` field of an `IntervalNotifier<T>` with this `T`, so the callback
 ///   can recover `Self` with `container_of!`.
@@ -229,6 +234,13 @@ pub struct IntervalNotifier<T: IntervalInvalidate> {
     data: T,
     start: usize,
     last: usize,
+    mm: ARef<Mm>,
+    /// Set once removal starts: from then on no new read side may succeed.
+    removed: AtomicBool,
+    /// Serialises removal, so that every caller of [`Self::remove`] returns only once the
+    /// notifier is gone.
+    #[pin]
+    removal: Mutex<()>,
     /// Initialised last: callbacks can start as soon as it is inserted.
     #[pin]
     raw: Opaque<bindings::mmu_interval_notifier>,
@@ -292,6 +304,9 @@ impl<T: IntervalInvalidate> IntervalNotifier<T> {
                 data <- data,
                 start,
                 last,
+                mm: ARef::from(&**mm),
+                removed: AtomicBool::new(false),
+                removal <- kernel::new_mutex!((), "mmu_interval_notifier_removal"),
                 raw <- Opaque::try_ffi_init(move |slot: *mut bindings::mmu_interval_notifier| {
                     // SAFETY: `slot` is valid for writes and pinned: `raw` is a pinned field being
                     // initialised in place, and `PinnedDrop` removes it before the memory goes
@@ -379,10 +394,31 @@ impl<T: IntervalInvalidate> IntervalNotifier<T> {
     /// [`Self::hmm_range_fault`] needs; it fails once the address space is gone.
     #[inline]
     pub fn mm(&self) -> &Mm {
-        // SAFETY: By the type invariants `raw` is inserted, `raw.mm` is never written again and
-        // points to an mm with an `mmgrab` reference held until removal, i.e. for as long as
-        // `self` lives.
-        unsafe { Mm::from_raw((*self.as_raw()).mm) }
+        &self.mm
+    }
+
+    /// Removes the notifier (`mmu_interval_notifier_remove()`): on return no callback runs or
+    /// will run, whoever removed it. Idempotent; drop does it if nobody did. Afterwards
+    /// [`Self::read_retry`] always reports a collision (nothing read from the CPU page tables
+    /// can be trusted without invalidations), and [`Self::hmm_range_fault`] fails with `EINVAL`.
+    /// May sleep (see the type documentation).
+    pub fn remove(&self) {
+        let _guard = self.removal.lock();
+        if self.removed.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        // SAFETY: By the type invariants `raw` is inserted and this is the only removal (under
+        // `removal`, after `removed` was found clear). The call waits for in-progress callbacks
+        // (which only hold shared references) and prevents new ones; it drops the
+        // subscription's `mmgrab` (ours, `self.mm`, keeps the mm). It may sleep, as
+        // documented.
+        unsafe { bindings::mmu_interval_notifier_remove(self.as_raw()) };
+    }
+
+    /// Whether [`Self::remove`] started.
+    #[inline]
+    pub fn is_removed(&self) -> bool {
+        self.removed.load(Ordering::Acquire)
     }
 
     /// Begins a read-side critical section (`mmu_interval_read_begin()`) and returns its
@@ -392,6 +428,10 @@ impl<T: IntervalInvalidate> IntervalNotifier<T> {
     /// with the driver lock (or the mmap lock) held.
     #[inline]
     pub fn read_begin(&self) -> u64 {
+        if self.is_removed() {
+            // Any sequence: `read_retry` fails for a removed notifier.
+            return 0;
+        }
         // SAFETY: By the type invariants `raw` is inserted (its `mm` and subscription list are
         // valid); the function can sleep, which this method documents.
         let seq = unsafe { bindings::mmu_interval_read_begin(self.as_raw()) };
@@ -408,6 +448,9 @@ impl<T: IntervalInvalidate> IntervalNotifier<T> {
     /// lock is released.
     #[inline]
     pub fn read_retry(&self, seq: u64) -> bool {
+        if self.is_removed() {
+            return true;
+        }
         // SAFETY: `raw` is valid (type invariants); the helper only reads `invalidate_seq`.
         // Truncation is impossible: `seq` came from `read_begin`, a `c_ulong`.
         unsafe { bindings::mmu_interval_read_retry(self.as_raw(), seq as c_ulong) }
@@ -445,7 +488,8 @@ impl<T: IntervalInvalidate> IntervalNotifier<T> {
         seq: u64,
         pfns: &mut [HmmPfn],
     ) -> Result<bindings::hmm_range> {
-        if !core::ptr::eq(mm.as_raw(), self.mm().as_raw())
+        if self.is_removed()
+            || !core::ptr::eq(mm.as_raw(), self.mm().as_raw())
             || start & !PAGE_MASK != 0
             || end & !PAGE_MASK != 0
             || !self.contains(start, end)
@@ -461,7 +505,10 @@ impl<T: IntervalInvalidate> IntervalNotifier<T> {
             // `HmmPfn` is a transparent `c_ulong`.
             hmm_pfns: pfns.as_mut_ptr().cast::<c_ulong>(),
             default_flags: request.default_flags(),
-            // Ignore the input contents of `pfns`: `default_flags` applies to every page.
+            // Ignore the input contents of `pfns`: `default_flags` applies to every page. (A
+            // per-page write request would not make a write fault precise anyway: a walk that
+            // must fault one page faults every page from it to the end of the walk with the
+            // same flags.)
             pfn_flags_mask: 0,
             // No device-private pages.
             dev_private_owner: core::ptr::null_mut(),
@@ -538,11 +585,8 @@ impl<T: IntervalInvalidate> IntervalNotifier<T> {
 #[pinned_drop]
 impl<T: IntervalInvalidate> PinnedDrop for IntervalNotifier<T> {
     fn drop(self: Pin<&mut Self>) {
-        // SAFETY: By the type invariants `raw` is inserted and this is the only removal. The call
-        // waits for in-progress callbacks (which only hold shared references) and prevents new
-        // ones, so `data` (dropped after this) is no longer reachable from C; it drops the
-        // subscription's `mmgrab`. It may sleep, as documented on the type.
-        unsafe { bindings::mmu_interval_notifier_remove(self.as_raw()) };
+        // After this no callback can reach `data`, which is dropped next.
+        self.remove();
     }
 }
 
@@ -591,10 +635,15 @@ pub struct AgingNotifier<T: Aging> {
     raw: Opaque<bindings::mmu_notifier>,
     owner: core::sync::atomic::AtomicPtr<T>,
     mm: core::sync::atomic::AtomicPtr<bindings::mm_struct>,
+    /// Serialises [`Self::register`] and [`Self::unregister`]: two callers may race (a file
+    /// closing while its owner is dropped elsewhere), and the registration check and the C call
+    /// must be one step, or both would unregister (a double `mmdrop`).
+    #[pin]
+    registration: Mutex<()>,
 }
 
-// SAFETY: The callbacks only share `&T` (`T: Sync`), and `register`/`unregister` are called by
-// the owner, which serialises them.
+// SAFETY: The callbacks only share `&T` (`T: Sync`), and `register`/`unregister` are serialised
+// by `registration`.
 unsafe impl<T: Aging> Sync for AgingNotifier<T> {}
 // SAFETY: Unregistering (on drop) may happen on any thread; `owner` is a pointer the owner set.
 unsafe impl<T: Aging + Send> Send for AgingNotifier<T> {}
@@ -614,6 +663,7 @@ impl<T: Aging> AgingNotifier<T> {
             raw <- Opaque::zeroed(),
             owner: core::sync::atomic::AtomicPtr::new(core::ptr::null_mut()),
             mm: core::sync::atomic::AtomicPtr::new(core::ptr::null_mut()),
+            registration <- kernel::new_mutex!((), "mmu_notifier_registration"),
         })
     }
 
@@ -626,7 +676,7 @@ impl<T: Aging> AgingNotifier<T> {
     /// `self` is a field of `owner`), and `self` must not move meanwhile (it is pinned in
     /// practice: a field of a pinned owner).
     pub unsafe fn register(&self, owner: &T, mm: &MmWithUser) -> Result {
-        use core::sync::atomic::Ordering;
+        let _guard = self.registration.lock();
         if !self.owner.load(Ordering::Acquire).is_null() {
             return Err(EBUSY);
         }
@@ -651,7 +701,7 @@ impl<T: Aging> AgingNotifier<T> {
     /// Unregisters (`mmu_notifier_unregister()`): on return no callback runs or will run. May
     /// sleep; a no-op when not registered. Works after the address space exited.
     pub fn unregister(&self) {
-        use core::sync::atomic::Ordering;
+        let _guard = self.registration.lock();
         if self.owner.load(Ordering::Acquire).is_null() {
             return;
         }
@@ -896,4 +946,28 @@ pub fn cpu_pt_levels() -> u32 {
     } else {
         4
     }
+}
+
+/// Tells the kernel that a device may have written the page at physical address `phys`
+/// (`set_page_dirty()` on its folio), so that reclaim and writeback keep what it wrote: a
+/// writable CPU PTE can be clean (after `MADV_FREE`, on a clean swap-cache page), and then
+/// nothing else marks the folio dirty. A large folio is marked whole through any of its pages.
+///
+/// Call it while the page is still mapped by the CPU at the address the device used (from an
+/// invalidation callback, before the kernel changes the CPU PTE, as RDMA ODP does when it
+/// unmaps): the mapping keeps the folio and its `mapping` alive. Pages that are not online
+/// memory (device memory, holes) are ignored.
+pub fn mark_dirty(phys: PhysAddr) {
+    let pfn = (phys >> PAGE_SHIFT) as c_ulong;
+    // SAFETY: `pfn_to_online_page()` accepts any PFN and returns null for one that is not
+    // online memory.
+    let page = unsafe { bindings::pfn_to_online_page(pfn) };
+    if page.is_null() {
+        return;
+    }
+    // SAFETY: `page` is an online page mapped by the CPU (the caller's promise), so its folio
+    // is alive and cannot be truncated from its mapping before the CPU mapping goes, which
+    // happens only after the invalidation callback returns (the same rule `zap_pte_range()`
+    // relies on).
+    unsafe { bindings::set_page_dirty(page) };
 }

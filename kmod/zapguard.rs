@@ -16,6 +16,11 @@
 //! - [`mirror`]: contexts: populate, shootdown, fault service, release.
 //! - [`mm`]: safe abstractions over mmu_interval_notifier and hmm_range_fault.
 //! - [`regs`]: typed BAR0 registers (`register!`), generated from the ABI.
+//! - [`wq`]: the driver's own workqueue (fault service), drained before the module goes.
+
+use core::ptr::null_mut;
+use core::sync::atomic::{AtomicPtr, Ordering};
+use kernel::prelude::*;
 
 #[path = "../shared-regs/src/abi/mod.rs"]
 pub mod abi;
@@ -27,9 +32,67 @@ pub mod mirror;
 pub mod mm;
 #[rustfmt::skip] // Generated (see the file): the generator owns its layout.
 pub mod regs;
+pub mod wq;
 
-kernel::module_pci_driver! {
-    type: driver::ZapguardDriver,
+/// The fault workqueue of the loaded module ([`fault_queue`]).
+static FAULT_WQ: AtomicPtr<kernel::bindings::workqueue_struct> = AtomicPtr::new(null_mut());
+
+/// The driver's own workqueue (see [`wq`]), where device faults are served.
+///
+/// It exists from before the PCI driver registers until after it unregistered, and only code
+/// that runs in that window calls this: interrupt threads (freed at unbind), ioctls (an open
+/// file pins the module) and the queue's own work items (drained before it goes).
+pub(crate) fn fault_queue() -> Option<&'static kernel::workqueue::Queue> {
+    let raw = FAULT_WQ.load(Ordering::Acquire);
+    // SAFETY: a non-null `FAULT_WQ` is the live queue of `ZapguardModule::faults`, which is
+    // destroyed only at module exit, after every caller described above is gone.
+    (!raw.is_null()).then(|| unsafe { kernel::workqueue::Queue::from_raw(raw) })
+}
+
+/// The fault workqueue, published in [`FAULT_WQ`] while it lives (held only to be destroyed,
+/// after the driver, when the module goes).
+struct FaultQueue {
+    _queue: wq::OwnedQueue,
+}
+
+impl FaultQueue {
+    fn new() -> Result<Self> {
+        let q = wq::OwnedQueue::new_unbound(c"zapguard_faults")?;
+        FAULT_WQ.store(q.as_raw(), Ordering::Release);
+        Ok(Self { _queue: q })
+    }
+}
+
+impl Drop for FaultQueue {
+    fn drop(&mut self) {
+        FAULT_WQ.store(null_mut(), Ordering::Release);
+        // `_queue` drops next: destroying the queue waits for its work items.
+    }
+}
+
+/// The module: the fault workqueue and the PCI driver. Fields drop in order, so the driver
+/// unregisters (every device unbound) before the queue is drained and destroyed.
+#[pin_data]
+struct ZapguardModule {
+    #[pin]
+    driver: kernel::driver::Registration<kernel::pci::Adapter<driver::ZapguardDriver>>,
+    faults: FaultQueue,
+}
+
+impl kernel::InPlaceModule for ZapguardModule {
+    fn init(module: &'static kernel::ThisModule) -> impl PinInit<Self, Error> {
+        try_pin_init!(Self {
+            faults: FaultQueue::new()?,
+            driver <- kernel::driver::Registration::new(
+                <Self as kernel::ModuleMetadata>::NAME,
+                module,
+            ),
+        })
+    }
+}
+
+kernel::prelude::module! {
+    type: ZapguardModule,
     name: "zapguard",
     authors: ["zapguard developers"],
     description: "zapguard: mirror process address spaces into an IOMMU-style device",
