@@ -31,7 +31,7 @@
 use crate::abi::{dma, event as ev, hmm, pte, uapi};
 use crate::device::Shared;
 use crate::driver::{
-    bounce, check_range, open_context, read_arg, run_job, usable_context, write_arg,
+    bounce, check_range, open_context, read_arg, run_job, staging, usable_context, write_arg,
 };
 use crate::mirror::{self, Access, Context, MapOut, Walk};
 use crate::mm::HmmPfn;
@@ -116,14 +116,6 @@ fn dmirror_prot(p: HmmPfn) -> u8 {
         18 => b | hmm::HMM_DMIRROR_PROT_PUD,
         _ => b,
     }
-}
-
-/// A zeroed kernel buffer of `len` bytes (vmalloc'ed when large), charged to the caller's
-/// memory cgroup: a user asks for it, so the user's limit bounds it.
-fn staging(len: usize) -> Result<KVVec<u8>> {
-    let mut v = KVVec::with_capacity(len, GFP_KERNEL_ACCOUNT)?;
-    v.resize(len, 0u8, GFP_KERNEL_ACCOUNT)?;
-    Ok(v)
 }
 
 impl HmmFile {

@@ -280,6 +280,9 @@ pub(crate) struct MapOut {
     pub(crate) retries: u32,
     pub(crate) pages: u64,
     pub(crate) huge: u64,
+    /// For [`Access::Around`]`(page)`: the end of the run of pages after `page` that the CPU
+    /// maps to the shared zero page (never written, so write intent there breaks no COW).
+    pub(crate) zero_after: u64,
 }
 
 /// What a populate maps for.
@@ -289,10 +292,10 @@ pub(crate) enum Access {
     Read,
     /// Write: entries are writable (the CPU's are made writable and dirty first).
     Write,
-    /// The window around a device write fault: faulted for read (so that only the page the
-    /// device writes, faulted on its own with [`Access::Write`], is COW-broken or
+    /// The window around a device write fault at this page: faulted for read (so that only
+    /// the page the device writes, faulted on its own with [`Access::Write`], is COW-broken or
     /// `page_mkwrite`d), entries writable where the CPU's already are.
-    Around,
+    Around(u64),
 }
 
 impl Access {
@@ -304,7 +307,7 @@ impl Access {
     /// What `hmm_range_fault()` asks for.
     fn request(self) -> HmmRequest {
         match self {
-            Self::Read | Self::Around => HmmRequest::Read,
+            Self::Read | Self::Around(_) => HmmRequest::Read,
             Self::Write => HmmRequest::Write,
         }
     }
@@ -578,7 +581,7 @@ impl Mirror {
         // A write fault's window gets a writable 2 MiB leaf only if the CPU maps it all
         // writable (else 4 KiB entries, writable where the CPU's are).
         let write = match access {
-            Access::Around => pfns.iter().all(|p| p.write()),
+            Access::Around(_) => pfns.iter().all(|p| p.write()),
             _ => access.write(),
         };
         if end - start == HUGE {
@@ -1511,6 +1514,9 @@ pub(crate) fn populate(
             bump(&ctx.stats.populates, 1);
             let walk_started = Instant::<Monotonic>::now();
             let faulted = fault_block(ctx, &mm, s, e, access.request(), walk, pfns)?;
+            if let (Access::Around(page), Some(_)) = (access, faulted) {
+                out.zero_after = zero_run_end(s, pfns, page);
+            }
             if walk == Walk::Unlocked {
                 in_handlers += walk_started.elapsed();
             }
@@ -1705,8 +1711,10 @@ fn fault_window(ctx: &Context, page: u64) -> (u64, u64) {
 /// anonymous copies and runs `page_mkwrite`, and `hmm_range_fault()` write-faults every page
 /// from the first one it must fault to the end of its walk. So the window is mapped for read
 /// first ([`Access::Around`]: writable where the CPU's already are, a 2 MiB entry where the
-/// CPU maps 2 MiB writable), and then, unless that made the page device-writable, the page
-/// alone is faulted for write.
+/// CPU maps 2 MiB writable), and then, unless that made the page device-writable, the page is
+/// faulted for write, together with the pages after it that map the zero page: those were
+/// never written, so write intent there breaks no COW and touches no file (a device that
+/// writes fresh memory forward takes one fault per window, not one per page).
 fn serve_fault(ctx: &Context, va: u64, write: bool) -> Result<u64> {
     if va >= pte::VA_LIMIT {
         return Err(EFAULT);
@@ -1725,17 +1733,15 @@ fn serve_fault(ctx: &Context, va: u64, write: bool) -> Result<u64> {
         )?;
         return Ok(out.pages + out.huge * (HUGE / PAGE));
     }
-    let around = if write { Access::Around } else { Access::Read };
+    let around = if write {
+        Access::Around(page)
+    } else {
+        Access::Read
+    };
     let r = populate(ctx, start, end, around, Walk::Unlocked, &mut out);
     if write && !device_writable(ctx, page)? {
-        populate(
-            ctx,
-            page,
-            page + PAGE,
-            Access::Write,
-            Walk::Unlocked,
-            &mut out,
-        )?;
+        let to = out.zero_after.clamp(page + PAGE, end);
+        populate(ctx, page, to, Access::Write, Walk::Unlocked, &mut out)?;
     } else if r.is_err() && end - start > PAGE {
         out = MapOut::default();
         populate(ctx, page, page + PAGE, around, Walk::Unlocked, &mut out)?;
@@ -1743,6 +1749,20 @@ fn serve_fault(ctx: &Context, va: u64, write: bool) -> Result<u64> {
         r?;
     }
     Ok(out.pages + out.huge * (HUGE / PAGE))
+}
+
+/// The end of the run of entries of `pfns` (which map from `s`) after `page` that are the zero
+/// page.
+fn zero_run_end(s: u64, pfns: &[HmmPfn], page: u64) -> u64 {
+    let Some(first) = page.checked_sub(s).map(|d| (d / PAGE) as usize + 1) else {
+        return page + PAGE;
+    };
+    let run = pfns
+        .iter()
+        .skip(first)
+        .take_while(|p| p.is_zero_page())
+        .count();
+    s + ((first + run) as u64) * PAGE
 }
 
 /// Whether the device PTE of `page` is present and writable.

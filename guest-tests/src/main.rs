@@ -105,6 +105,7 @@ const TESTS: &[Test] = ktap::tests![
     device_writes_survive_madv_free_and_pageout,
     device_writes_survive_swap_cache_reclaim,
     device_writes_reach_an_ext2_file_through_writeback,
+    device_writes_to_a_split_thp_survive_reclaim,
     write_fault_breaks_cow_only_on_the_written_page,
     map_private_file_pages_follow_the_file_after_a_device_write,
     stalled_fault_costs_only_its_own_context,

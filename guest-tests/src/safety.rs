@@ -557,3 +557,61 @@ pub fn device_writes_reach_an_ext2_file_through_writeback() -> Result<(), String
     }
     clean(&f)
 }
+
+/// A lazily freeable THP (`MADV_FREE` on the whole 2 MiB: clean, still PMD-mapped writable) is
+/// mapped writable by one 2 MiB device entry and filled by the device; then a MAP of one of its
+/// pages splits the device entry into 4 KiB entries, and reclaim runs. The device wrote through
+/// the 2 MiB entry, so the split entries must carry its dirty bit, or reclaim discards the THP.
+/// A control THP, freed the same way and not written by the device, must be discarded.
+pub fn device_writes_to_a_split_thp_survive_reclaim() -> Result<(), String> {
+    const HUGE: usize = 2 << 20;
+    let f = open()?;
+    let mut a = Mapping::anon_huge(HUGE).map_err(err)?;
+    let mut control = Mapping::anon_huge(HUGE).map_err(err)?;
+    for x in [&mut a, &mut control] {
+        x.bytes_mut().fill(0x33);
+        let mut cpu = dev::snapshot(&f, x.addr, 1).map_err(|e| format!("SNAPSHOT: {e}"))?;
+        if cpu[0] & ZG_SNAP_CPU_HUGE == 0 {
+            let _ = x.madvise(0, x.len, dev::MADV_COLLAPSE);
+            cpu = dev::snapshot(&f, x.addr, 1).map_err(|e| format!("SNAPSHOT: {e}"))?;
+        }
+        if cpu[0] & ZG_SNAP_CPU_HUGE == 0 {
+            return Err(format!(
+                "the CPU did not map a THP ({})",
+                dev::snap_names(&cpu)
+            ));
+        }
+        x.madvise(0, x.len, libc::MADV_FREE).map_err(err)?;
+    }
+    check_eq(
+        map(&f, &a, true)?.huge,
+        1,
+        "2 MiB device entries of the write MAP",
+    )?;
+    run(&f, fill_job(a.addr, a.len, 0xe1))?;
+    map(&f, &Mapping::view(a.addr, PG), true)?;
+    let snap = dev::snapshot(&f, a.addr, HUGE / PG).map_err(|e| format!("SNAPSHOT: {e}"))?;
+    if snap.iter().any(|&b| b & ZG_SNAP_DEV_HUGE != 0) {
+        return Err("the device entry was not split into 4 KiB entries".into());
+    }
+    for x in [&a, &control] {
+        x.madvise(0, x.len, MADV_PAGEOUT).map_err(err)?;
+    }
+    check_eq(
+        pages_not(&control, 0).len(),
+        0,
+        "control pages left after MADV_PAGEOUT",
+    )
+    .map_err(|e| {
+        format!("{e}: reclaim did not discard the lazyfree THP, the test proves nothing")
+    })?;
+    let lost = pages_not(&a, 0xe1);
+    if !lost.is_empty() {
+        return Err(format!(
+            "{} of {} pages the device wrote through its 2 MiB entry lost their data to reclaim",
+            lost.len(),
+            HUGE / PG
+        ));
+    }
+    clean(&f)
+}
