@@ -142,7 +142,7 @@ pub struct Handoff {
 }
 
 /// A pipe as (read end, write end).
-fn pipe() -> io::Result<[File; 2]> {
+pub fn pipe() -> io::Result<[File; 2]> {
     let mut fds = [0; 2];
     // SAFETY: `fds` has room for the two descriptors pipe2 returns.
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {

@@ -490,15 +490,13 @@ pub fn inject_keep_write_after_fork_is_caught() -> Result<(), String> {
     })
 }
 
-pub fn thp_mirrored_with_huge_entries() -> Result<(), String> {
-    let f = open()?;
-    let mut a = Mapping::anon_huge(2 * HUGE).map_err(|e| e.to_string())?;
-    a.bytes_mut().fill(7);
-    let mut cpu = dev::snapshot(&f, a.addr, 1).map_err(|e| format!("SNAPSHOT: {e}"))?;
+/// Makes sure the CPU maps the (touched, 2 MiB aligned) start of `a` with a THP.
+pub(crate) fn ensure_thp(f: &File, a: &Mapping) -> Result<(), String> {
+    let mut cpu = dev::snapshot(f, a.addr, 1).map_err(|e| format!("SNAPSHOT: {e}"))?;
     if cpu[0] & ZG_SNAP_CPU_HUGE == 0 {
         // The fault path fell back to small pages (fragmentation): collapse synchronously.
         let _ = a.madvise(0, a.len, dev::MADV_COLLAPSE);
-        cpu = dev::snapshot(&f, a.addr, 1).map_err(|e| format!("SNAPSHOT: {e}"))?;
+        cpu = dev::snapshot(f, a.addr, 1).map_err(|e| format!("SNAPSHOT: {e}"))?;
     }
     if cpu[0] & ZG_SNAP_CPU_HUGE == 0 {
         return Err(format!(
@@ -506,6 +504,14 @@ pub fn thp_mirrored_with_huge_entries() -> Result<(), String> {
             dev::snap_names(&cpu)
         ));
     }
+    Ok(())
+}
+
+pub fn thp_mirrored_with_huge_entries() -> Result<(), String> {
+    let f = open()?;
+    let mut a = Mapping::anon_huge(2 * HUGE).map_err(|e| e.to_string())?;
+    a.bytes_mut().fill(7);
+    ensure_thp(&f, &a)?;
     let r = map(&f, &a, false)?;
     check_eq(r.huge, 2, "2 MiB device entries of a read MAP")?;
     // Upgrading to write keeps each 2 MiB entry whole (no split into 512 small ones).

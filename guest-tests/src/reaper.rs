@@ -211,13 +211,33 @@ const REAPER_WAIT: Duration = Duration::from_secs(4);
 /// The victim's exit would otherwise tear its memory down within milliseconds, before any
 /// reaper gets there. So it leaves a device fault on a userfaultfd page unanswered and hands the
 /// userfaultfd to this process: the driver's fault service then holds a user reference on the
-/// victim's mm, as a device fault in flight does, and `exit_mmap` waits for it. The kernel's OOM
-/// reaper (or `process_mrelease`) reaps the mm meanwhile, through the non-blockable
-/// invalidation. Closing the userfaultfd ends the fault and lets the exit finish.
+/// victim's mm, as a device fault in flight does, and `exit_mmap` waits for it. It also hands
+/// over its `/dev/zapguard` file, so that its context stays (a file closed by the exit takes
+/// its context off the mm at once, notifier and all). The kernel's OOM reaper (or
+/// `process_mrelease`) reaps the mm meanwhile, through the context's non-blockable
+/// invalidation. Closing the userfaultfd ends the fault and lets the exit finish; closing the
+/// file then ends the context.
 fn oom_round() -> Result<(i32, bool), String> {
     let h = dev::Handoff::new().map_err(|e| format!("pipes: {e}"))?;
-    let pid = fork_child(|| oom_child(&h))?;
+    let hf = dev::Handoff::new().map_err(|e| format!("pipes: {e}"))?;
+    let [go_r, go_w] = dev::pipe().map_err(|e| format!("pipe: {e}"))?;
+    let pid = fork_child(|| oom_child(&h, &hf, go_r))?;
     let uffd = h.take(pid);
+    let context = hf.take(pid);
+    // The hog starts only once the held fault waits in the userfaultfd: only then does the
+    // driver's fault service hold the victim's mm (a slow kernel, KASAN's, took longer than any
+    // fixed delay).
+    let held = uffd.as_ref().is_ok_and(|u| {
+        let mut p = libc::pollfd {
+            fd: std::os::fd::AsRawFd::as_raw_fd(u),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: polling one descriptor we own.
+        unsafe { libc::poll(&mut p, 1, 20_000) == 1 }
+    });
+    let _ = (&go_w).write_all(&[u8::from(held)]);
+    drop(go_w);
     let pidfd = sys(libc::SYS_pidfd_open, pid.into(), 0, 0);
     let mut reaped = false;
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -257,13 +277,18 @@ fn oom_round() -> Result<(i32, bool), String> {
         std::thread::sleep(REAPER_WAIT);
     }
     drop(uffd);
+    drop(context);
+    if !held {
+        return Err("the victim's device fault never reached its userfaultfd".into());
+    }
     Ok((status, reaped))
 }
 
 /// Mirrors a buffer with device reads running, leaves a device fault on a userfaultfd page
-/// unanswered (its userfaultfd handed to the parent through `h`), then allocates and touches
-/// memory until the OOM killer ends it (exits 20 if it never does).
-fn oom_child(h: &dev::Handoff) -> i32 {
+/// unanswered (its userfaultfd handed to the parent through `h`, its context's file through
+/// `hf`), then allocates and touches memory until the OOM killer ends it (exits 20 if it never
+/// does).
+fn oom_child(h: &dev::Handoff, hf: &dev::Handoff, mut go: std::fs::File) -> i32 {
     if std::fs::write("/proc/self/oom_score_adj", "1000").is_err() {
         return 10;
     }
@@ -287,7 +312,7 @@ fn oom_child(h: &dev::Handoff) -> i32 {
         return 16;
     };
     use std::os::fd::AsRawFd;
-    if h.give(uffd.as_raw_fd()).is_err() {
+    if h.give(uffd.as_raw_fd()).is_err() || hf.give(f.as_raw_fd()).is_err() {
         return 17;
     }
     let (Ok(f3), held_addr) = (f.try_clone(), held.addr) else {
@@ -296,7 +321,11 @@ fn oom_child(h: &dev::Handoff) -> i32 {
     std::thread::spawn(move || {
         let _ = dev::dma(&f3, dev::job(DMA_CHECKSUM, held_addr, 0, 4096, 0));
     });
-    std::thread::sleep(Duration::from_millis(50));
+    // The parent says when the fault is held (or gives up).
+    let mut b = [0u8; 1];
+    if go.read_exact(&mut b).is_err() || b[0] == 0 {
+        return 19;
+    }
     // Far more than the guest has: the OOM killer must end this first.
     let mut hog = Vec::new();
     for _ in 0..256 {

@@ -34,6 +34,19 @@ fn pages_not(m: &Mapping, byte: u8) -> Vec<usize> {
         .collect()
 }
 
+/// `Ok` if every page of `m` holds `byte` (what the device wrote), else which were lost to `to`.
+fn nothing_lost(m: &Mapping, byte: u8, to: &str) -> Result<(), String> {
+    let lost = pages_not(m, byte);
+    match lost.first() {
+        None => Ok(()),
+        Some(first) => Err(format!(
+            "{} of {} pages the device wrote lost their data to {to} (first: page {first})",
+            lost.len(),
+            m.len / PG
+        )),
+    }
+}
+
 /// Anonymous memory made lazily freeable (`MADV_FREE`) has writable, clean CPU PTEs, so neither
 /// a write MAP nor a device write fault makes the kernel fault (and dirty) it. The device then
 /// writes every page, half through a write MAP and half through device faults, and reclaim
@@ -66,14 +79,7 @@ pub fn device_writes_survive_madv_free_and_pageout() -> Result<(), String> {
         "control pages (lazyfree, never written) left after MADV_PAGEOUT",
     )
     .map_err(|e| format!("{e}: reclaim did not run, the test proves nothing"))?;
-    let lost = pages_not(&m, 0xd7);
-    if !lost.is_empty() {
-        return Err(format!(
-            "{} of {PAGES} pages the device wrote lost its data to reclaim (first: page {})",
-            lost.len(),
-            lost[0]
-        ));
-    }
+    nothing_lost(&m, 0xd7, "reclaim")?;
     clean(&f)
 }
 
@@ -480,14 +486,7 @@ fn swap_cache_reclaim() -> Result<(), String> {
         0,
         "pages still mapped after the second MADV_PAGEOUT",
     )?;
-    let lost = pages_not(&m, 0xd8);
-    if !lost.is_empty() {
-        return Err(format!(
-            "{} of {PAGES} pages the device wrote came back from swap without its data (first: page {})",
-            lost.len(),
-            lost[0]
-        ));
-    }
+    nothing_lost(&m, 0xd8, "swap (a clean swap-cache copy)")?;
     clean(&f)
 }
 
@@ -570,17 +569,7 @@ pub fn device_writes_to_a_split_thp_survive_reclaim() -> Result<(), String> {
     let mut control = Mapping::anon_huge(HUGE).map_err(err)?;
     for x in [&mut a, &mut control] {
         x.bytes_mut().fill(0x33);
-        let mut cpu = dev::snapshot(&f, x.addr, 1).map_err(|e| format!("SNAPSHOT: {e}"))?;
-        if cpu[0] & ZG_SNAP_CPU_HUGE == 0 {
-            let _ = x.madvise(0, x.len, dev::MADV_COLLAPSE);
-            cpu = dev::snapshot(&f, x.addr, 1).map_err(|e| format!("SNAPSHOT: {e}"))?;
-        }
-        if cpu[0] & ZG_SNAP_CPU_HUGE == 0 {
-            return Err(format!(
-                "the CPU did not map a THP ({})",
-                dev::snap_names(&cpu)
-            ));
-        }
+        crate::mirror::ensure_thp(&f, x)?;
         x.madvise(0, x.len, libc::MADV_FREE).map_err(err)?;
     }
     check_eq(
@@ -605,13 +594,6 @@ pub fn device_writes_to_a_split_thp_survive_reclaim() -> Result<(), String> {
     .map_err(|e| {
         format!("{e}: reclaim did not discard the lazyfree THP, the test proves nothing")
     })?;
-    let lost = pages_not(&a, 0xe1);
-    if !lost.is_empty() {
-        return Err(format!(
-            "{} of {} pages the device wrote through its 2 MiB entry lost their data to reclaim",
-            lost.len(),
-            HUGE / PG
-        ));
-    }
+    nothing_lost(&a, 0xe1, "reclaim after the split")?;
     clean(&f)
 }
