@@ -47,6 +47,33 @@ fn nothing_lost(m: &Mapping, byte: u8, to: &str) -> Result<(), String> {
     }
 }
 
+/// Runs `f` with the calling thread pinned to one CPU. `MADV_FREE` parks its pages in a per-CPU
+/// LRU batch that holds a reference, and `MADV_PAGEOUT` drains only its own CPU's: a thread that
+/// moved between the two leaves a page reclaim will not discard (a referenced lazyfree page).
+fn on_one_cpu<T>(f: impl FnOnce() -> Result<T, String>) -> Result<T, String> {
+    // SAFETY: plain data, filled in by the calls below.
+    let mut old: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: reading this thread's mask into `old`.
+    unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut old) };
+    // SAFETY: as above.
+    let mut one: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: setting CPU 0 in a set we own, and this thread's mask to it.
+    let pinned = unsafe {
+        libc::CPU_SET(0, &mut one);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &one)
+    };
+    if pinned != 0 {
+        return Err(format!(
+            "sched_setaffinity: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    let r = f();
+    // SAFETY: restoring this thread's mask.
+    unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &old) };
+    r
+}
+
 /// Anonymous memory made lazily freeable (`MADV_FREE`) has writable, clean CPU PTEs, so neither
 /// a write MAP nor a device write fault makes the kernel fault (and dirty) it. The device then
 /// writes every page, half through a write MAP and half through device faults, and reclaim
@@ -54,6 +81,10 @@ fn nothing_lost(m: &Mapping, byte: u8, to: &str) -> Result<(), String> {
 /// if the driver told the kernel the device dirtied it. A control mapping, freed the same way
 /// and not written by the device, must be discarded (reading zeros): reclaim really ran.
 pub fn device_writes_survive_madv_free_and_pageout() -> Result<(), String> {
+    on_one_cpu(madv_free_and_pageout)
+}
+
+fn madv_free_and_pageout() -> Result<(), String> {
     const PAGES: usize = 64;
     let f = open()?;
     let mut m = Mapping::anon(PAGES * PG).map_err(err)?;
@@ -459,6 +490,10 @@ pub fn device_writes_survive_swap_cache_reclaim() -> Result<(), String> {
 }
 
 fn swap_cache_reclaim() -> Result<(), String> {
+    on_one_cpu(swap_cache_reclaim_pinned)
+}
+
+fn swap_cache_reclaim_pinned() -> Result<(), String> {
     const PAGES: usize = 64;
     let f = open()?;
     let mut m = Mapping::anon(PAGES * PG).map_err(err)?;
@@ -563,6 +598,10 @@ pub fn device_writes_reach_an_ext2_file_through_writeback() -> Result<(), String
 /// the 2 MiB entry, so the split entries must carry its dirty bit, or reclaim discards the THP.
 /// A control THP, freed the same way and not written by the device, must be discarded.
 pub fn device_writes_to_a_split_thp_survive_reclaim() -> Result<(), String> {
+    on_one_cpu(split_thp_reclaim)
+}
+
+fn split_thp_reclaim() -> Result<(), String> {
     const HUGE: usize = 2 << 20;
     let f = open()?;
     let mut a = Mapping::anon_huge(HUGE).map_err(err)?;
