@@ -42,13 +42,7 @@ impl OwnedQueue {
         })
     }
 
-    /// The queue, to spawn work on.
-    pub fn queue(&self) -> &Queue {
-        // SAFETY: `raw` is a live workqueue (type invariant) for as long as `self` is borrowed.
-        unsafe { Queue::from_raw(self.raw.as_ptr()) }
-    }
-
-    /// The raw pointer, for [`Queue::from_raw`] users that outlive a borrow.
+    /// The raw pointer, for [`Queue::from_raw`] (the module publishes it for the fault work).
     pub fn as_raw(&self) -> *mut bindings::workqueue_struct {
         self.raw.as_ptr()
     }
