@@ -10,7 +10,7 @@
 //! blocked (in a userfaultfd handler, say) instead of unloading under it.
 
 use core::ptr::NonNull;
-use kernel::{bindings, prelude::*, workqueue::Queue};
+use kernel::{bindings, prelude::*};
 
 /// An unbound workqueue allocated by `alloc_workqueue()`, destroyed on drop.
 ///
@@ -42,7 +42,7 @@ impl OwnedQueue {
         })
     }
 
-    /// The raw pointer, for [`Queue::from_raw`] (the module publishes it for the fault work).
+    /// The raw pointer, for `Queue::from_raw` (the module publishes it for the fault work).
     pub fn as_raw(&self) -> *mut bindings::workqueue_struct {
         self.raw.as_ptr()
     }
