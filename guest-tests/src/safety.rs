@@ -74,6 +74,21 @@ fn on_one_cpu<T>(f: impl FnOnce() -> Result<T, String>) -> Result<T, String> {
     r
 }
 
+/// `pages` pages of `file` mapped read-write with `flags` (`MAP_PRIVATE` or `MAP_SHARED`),
+/// checked to read the file's bytes (`byte` everywhere).
+fn map_file(file: &File, pages: usize, flags: i32, byte: u8) -> Result<Mapping, String> {
+    let m = Mapping::new(
+        pages * PG,
+        libc::PROT_READ | libc::PROT_WRITE,
+        flags,
+        file.as_raw_fd(),
+        0,
+    )
+    .map_err(err)?;
+    check_eq(pages_not(&m, byte), vec![], "pages that read the file")?;
+    Ok(m)
+}
+
 /// Anonymous memory made lazily freeable (`MADV_FREE`) has writable, clean CPU PTEs, so neither
 /// a write MAP nor a device write fault makes the kernel fault (and dirty) it. The device then
 /// writes every page, half through a write MAP and half through device faults, and reclaim
@@ -199,15 +214,7 @@ pub fn map_private_file_pages_follow_the_file_after_a_device_write() -> Result<(
     // SAFETY: memfd_create just returned this descriptor.
     let mut file = unsafe { File::from_raw_fd(fd) };
     file.write_all(&vec![b'F'; PAGES * PG]).map_err(err)?;
-    let m = Mapping::new(
-        PAGES * PG,
-        libc::PROT_READ | libc::PROT_WRITE,
-        libc::MAP_PRIVATE,
-        file.as_raw_fd(),
-        0,
-    )
-    .map_err(err)?;
-    check_eq(pages_not(&m, b'F'), vec![], "pages that read the file")?;
+    let m = map_file(&file, PAGES, libc::MAP_PRIVATE, b'F')?;
     run(&f, fill_job(m.addr, PG, b'D'))?;
     use std::os::unix::fs::FileExt;
     file.write_all_at(&[b'N'; PG], 40 * PG as u64)
@@ -557,15 +564,7 @@ pub fn device_writes_reach_an_ext2_file_through_writeback() -> Result<(), String
         .map_err(|e| format!("{path}: {e}"))?;
     file.write_all(&vec![b'O'; PAGES * PG]).map_err(err)?;
     file.sync_all().map_err(err)?;
-    let mut m = Mapping::new(
-        PAGES * PG,
-        libc::PROT_READ | libc::PROT_WRITE,
-        libc::MAP_SHARED,
-        file.as_raw_fd(),
-        0,
-    )
-    .map_err(err)?;
-    check_eq(pages_not(&m, b'O'), vec![], "pages that read the file")?;
+    let mut m = map_file(&file, PAGES, libc::MAP_SHARED, b'O')?;
     map(&f, &Mapping::view(m.addr, m.len / 2), true)?;
     run(&f, fill_job(m.addr, m.len, b'V'))?;
     m.unmap();
