@@ -635,3 +635,94 @@ fn split_thp_reclaim() -> Result<(), String> {
     nothing_lost(&a, 0xe1, "reclaim after the split")?;
     clean(&f)
 }
+
+/// dma-debug's list of live DMA mappings (the lock-debugging kernel has `CONFIG_DMA_API_DEBUG`).
+const DMA_API_DUMP: &str = "/sys/kernel/debug/dma-api/dump";
+
+/// The physical addresses of the zapguard driver's live streaming DMA mappings (coherent
+/// allocations, the rings and table pool, left out), or a skip on a kernel without dma-debug.
+fn dma_mapped_pages() -> Result<Vec<u64>, String> {
+    if !std::path::Path::new(DMA_API_DUMP).exists() {
+        // debugfs may just not be mounted yet.
+        // SAFETY: NUL-terminated literals; mounting debugfs at its usual place.
+        unsafe {
+            libc::mount(
+                c"debugfs".as_ptr(),
+                c"/sys/kernel/debug".as_ptr(),
+                c"debugfs".as_ptr(),
+                0,
+                std::ptr::null(),
+            )
+        };
+    }
+    let dump = match std::fs::read_to_string(DMA_API_DUMP) {
+        Ok(d) => d,
+        Err(_) => {
+            return Err(crate::ktap::skip(
+                "no dma-debug on this kernel (the lock-debugging one has it)",
+            ))
+        }
+    };
+    // "zapguard 0000:00:03.0 phy idx 12 P=0x... D=... L=... cln=... DMA_BIDIRECTIONAL ..."
+    Ok(dump
+        .lines()
+        .filter(|l| l.starts_with("zapguard ") && !l.contains(" coherent "))
+        .filter_map(|l| {
+            let p = l.split_whitespace().find_map(|w| w.strip_prefix("P="))?;
+            u64::from_str_radix(p.trim_start_matches("0x"), 16).ok()
+        })
+        .collect())
+}
+
+/// How many of the pages of `pfns` are among the driver's DMA mappings.
+fn dma_mapped_of(pfns: &[u64]) -> Result<usize, String> {
+    let mapped = dma_mapped_pages()?;
+    Ok(pfns
+        .iter()
+        .filter(|&&pfn| mapped.contains(&(pfn * PG as u64)))
+        .count())
+}
+
+/// The device gets DMA addresses for user pages (`hmm_dma_map_pfn`), never raw physical
+/// ones, and gives each back once it no longer maps the page: dma-debug, which sees every
+/// mapping, lists every page the device maps, at the CPU's page, and none of them once they
+/// are unmapped or the file is closed. (Without an IOMMU the address is the physical one, so
+/// only dma-debug can tell the difference.)
+pub fn user_pages_are_dma_mapped_while_the_device_maps_them() -> Result<(), String> {
+    const PAGES: usize = 64;
+    let before = dma_mapped_pages()?.len();
+    let f = open()?;
+    let mut m = Mapping::anon(PAGES * PG).map_err(err)?;
+    m.madvise(0, m.len, libc::MADV_NOHUGEPAGE).map_err(err)?;
+    m.bytes_mut().fill(0x5a);
+    map(&f, &m, true)?;
+    let pfns = crate::hmm::pfns(&m)?;
+    check_eq(dma_mapped_of(&pfns)?, PAGES, "pages DMA-mapped after MAP")?;
+    // munmap the first half: those go (after the shootdown's SYNC), the rest stay.
+    let first_half = Mapping::view(m.addr, m.len / 2);
+    // SAFETY: the first half of our own mapping, not used again.
+    unsafe { libc::munmap(first_half.addr as *mut _, first_half.len) };
+    check_eq(
+        dma_mapped_of(&pfns[..PAGES / 2])?,
+        0,
+        "unmapped pages still DMA-mapped",
+    )?;
+    check_eq(
+        dma_mapped_of(&pfns[PAGES / 2..])?,
+        PAGES / 2,
+        "pages still mapped by the device that are DMA-mapped",
+    )?;
+    drop(f);
+    check_eq(
+        dma_mapped_of(&pfns)?,
+        0,
+        "pages DMA-mapped after the file closed",
+    )?;
+    check_eq(
+        dma_mapped_pages()?.len(),
+        before,
+        "driver DMA mappings after close (before the test: the baseline)",
+    )?;
+    m.unmap();
+    Ok(())
+}

@@ -10,7 +10,7 @@
 use crate::dev::{self, Mapping};
 use crate::ktap::check_eq;
 use crate::mirror::{fork_wait, open, run, stats};
-use shared_regs::dma::{fnv1a64, DMA_CHECKSUM, FNV_OFFSET};
+use shared_regs::dma::{fnv1a64, DMA_CHECKSUM, DMA_READ, DMA_WRITE, FNV_OFFSET};
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::time::{Duration, Instant};
@@ -289,4 +289,73 @@ fn unanswered_fault() -> Result<(), String> {
     h.join().map_err(|_| "handler panicked")??;
     let s = stats(&f)?;
     check_eq(s.faults_aborted >= 1, true, "faults aborted")
+}
+
+/// A READ/WRITE holds its context's bounce buffer from the copy-in to the copy-out, and a user
+/// copy can wait in a userfaultfd handler. Process A's WRITE copies from a page whose handler
+/// holds it for two seconds; meanwhile another process's WRITE and READ (its own context, so
+/// its own bounce buffer) finish at once, with their data. Then A's WRITE lands the handler's
+/// bytes.
+pub fn uffd_held_user_copy_blocks_only_its_context() -> Result<(), String> {
+    let hold = Duration::from_secs(2);
+    let f: File = open()?;
+    let src = Mapping::anon(PG).map_err(|e| e.to_string())?;
+    let dst = Mapping::anon(PG).map_err(|e| e.to_string())?;
+    let fd = register(&src)?;
+    let h = std::thread::spawn(move || answer(&fd, 0x3c, hold, 1));
+    let (src_addr, dst_addr) = (src.addr as u64, dst.addr);
+    let t = Instant::now();
+    let job =
+        std::thread::spawn(move || dev::dma(&f, dev::job(DMA_WRITE, 0, dst_addr, PG, src_addr)));
+    std::thread::sleep(Duration::from_millis(200));
+    let status = fork_wait(|| {
+        let t = Instant::now();
+        let Ok(f) = dev::open() else { return 10 };
+        let Ok(b) = Mapping::anon(4 * PG) else {
+            return 11;
+        };
+        let data = vec![0x5eu8; b.len];
+        if dev::dma(
+            &f,
+            dev::job(DMA_WRITE, 0, b.addr, b.len, data.as_ptr() as u64),
+        )
+        .is_err()
+        {
+            return 12;
+        }
+        let mut back = vec![0u8; b.len];
+        let read = dev::job(DMA_READ, b.addr, 0, b.len, back.as_mut_ptr() as u64);
+        if dev::dma(&f, read).is_err() || back != data || b.bytes() != &data[..] {
+            return 13;
+        }
+        if t.elapsed() >= Duration::from_millis(1500) {
+            println!(
+                "# other process's WRITE+READ took {} ms",
+                t.elapsed().as_millis()
+            );
+            return 14;
+        }
+        0
+    })?;
+    let other = t.elapsed();
+    let d = job.join().map_err(|_| "job thread panicked")?;
+    h.join().map_err(|_| "handler panicked")??;
+    d.map_err(|(e, d)| format!("held WRITE: {e} ({d:?})"))?;
+    println!(
+        "# other process done after {} ms; held WRITE done after {} ms",
+        other.as_millis(),
+        t.elapsed().as_millis()
+    );
+    check_eq(
+        status,
+        0,
+        "other process's WRITE+READ during a held user copy (exit status)",
+    )?;
+    if t.elapsed() < hold {
+        return Err("the held WRITE finished before its source page was answered".into());
+    }
+    if dst.bytes().iter().any(|&b| b != 0x3c) {
+        return Err("the held WRITE did not land the handler's bytes".into());
+    }
+    Ok(())
 }

@@ -31,6 +31,9 @@ pub struct Mutant {
     /// Device knobs for its run (`zg.knobs=`, e.g. `iotlb_keep=1`): the one that makes the
     /// broken rule observable.
     pub knobs: Option<String>,
+    /// The guest kernel flavor for its run (`debug`: the one whose dma-debug or lockdep sees
+    /// the broken rule); the default kernel without it.
+    pub flavor: Option<String>,
 }
 
 /// What became of a mutant.
@@ -76,6 +79,7 @@ pub fn load(root: &Path) -> Result<Vec<Mutant>> {
                     .and_then(Value::as_str)
                     .map(str::to_string),
                 knobs: m.get("knobs").and_then(Value::as_str).map(str::to_string),
+                flavor: m.get("flavor").and_then(Value::as_str).map(str::to_string),
             })
         })
         .collect()
@@ -113,6 +117,14 @@ impl Drop for Restore {
 /// Runs one mutant; the source is restored before this returns.
 fn run_one(root: &Path, art: &Artifacts, m: &Mutant, timeout: Duration) -> Result<Outcome> {
     let start = Instant::now();
+    let flavored;
+    let art = match &m.flavor {
+        Some(f) => {
+            flavored = crate::flavor_artifacts(root, art, f)?;
+            &flavored
+        }
+        None => art,
+    };
     let path = root.join(&m.file);
     let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
     let mutated = apply(m, &text)?;
@@ -206,7 +218,7 @@ pub fn run(root: &Path, art: &Artifacts, only: Option<&str>) -> Result<(usize, u
     let mut outcomes = Vec::new();
     for (i, m) in chosen.iter().enumerate() {
         eprintln!(
-            "==> mutant {}/{}: {} ({}; tests `{}`{})",
+            "==> mutant {}/{}: {} ({}; tests `{}`{}{})",
             i + 1,
             chosen.len(),
             m.id,
@@ -214,7 +226,10 @@ pub fn run(root: &Path, art: &Artifacts, only: Option<&str>) -> Result<(usize, u
             m.filter,
             m.knobs
                 .as_ref()
-                .map_or(String::new(), |k| format!(", knobs {k}"))
+                .map_or(String::new(), |k| format!(", knobs {k}")),
+            m.flavor
+                .as_ref()
+                .map_or(String::new(), |f| format!(", {f} kernel"))
         );
         if let Some(why) = &m.equivalent {
             eprintln!("    equivalent, not run: {why}");
