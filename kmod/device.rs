@@ -27,6 +27,7 @@
 //! See [`crate::hw`] for the queue locks and [`crate::mirror`] for a context's lock.
 
 use crate::abi::{cmd, event as ev, pci as zpci, queue, regs as abi_regs, uapi};
+use crate::dmamap::Spare;
 use crate::hw::{DevresBar, Health, Hw, Synced, Wait, EVT_LOG2};
 use crate::mirror::Context;
 use crate::regs;
@@ -34,6 +35,8 @@ use core::pin::Pin;
 use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use kernel::{
     bindings,
+    device::{Bound, Device},
+    dma::Coherent,
     io::Io,
     pci,
     prelude::*,
@@ -142,6 +145,10 @@ pub(crate) struct Shared {
     events: Mutex<()>,
     #[pin]
     asids: SpinLock<AsidTable>,
+    /// Held while a DMA map is made for the device, so that unbind (which waits for it) never
+    /// overlaps one. Never taken under a context lock (the allocation may reclaim).
+    #[pin]
+    binding: Mutex<()>,
 }
 
 impl Failure {
@@ -198,6 +205,7 @@ impl Shared {
             fence_lock <- kernel::new_mutex!((), "zapguard_fence"),
             events <- kernel::new_mutex!((), "zapguard_events"),
             asids <- kernel::new_spinlock!(table, "zapguard_asids"),
+            binding <- kernel::new_mutex!((), "zapguard_binding"),
         }))
     }
 
@@ -280,9 +288,42 @@ impl Shared {
         Fence::BusMaster
     }
 
-    /// Unbind: quiesce the device (fence it if it does not confirm) before the BAR goes.
+    /// Unbind: quiesce the device (fence it if it does not confirm) before the BAR goes, then
+    /// unmap every user page any context mapped for its DMA (their dirty pages marked first):
+    /// open files outlive the binding, their DMA mappings must not.
     pub(crate) fn unbind(&self) {
         self.fail(Failure::Unbound);
+        // No DMA map is being made once this is taken (see `dma_spare`).
+        drop(self.binding.lock());
+        let n = self.asids.lock().ctxs.len();
+        for asid in 0..n as u32 {
+            if let Some(ctx) = self.lookup(asid) {
+                ctx.unmap_for_unbind();
+            }
+        }
+    }
+
+    /// A DMA map for one 2 MiB block of user pages ([`crate::dmamap`]), while the device is
+    /// live (else [`Self::failure_error`]). May sleep.
+    pub(crate) fn dma_spare(&self) -> Result<Spare> {
+        self.while_bound(Spare::new)
+    }
+
+    /// A zeroed coherent buffer of `bytes` for the device, while it is live. May sleep.
+    pub(crate) fn coherent(&self, bytes: usize) -> Result<Coherent<[u64]>> {
+        self.while_bound(|dev| Coherent::zeroed_slice(dev, bytes / 8, GFP_KERNEL))
+    }
+
+    /// Runs `f` with the device, which stays bound meanwhile; [`Self::failure_error`] once
+    /// it failed or is unbinding.
+    fn while_bound<T>(&self, f: impl FnOnce(&Device<Bound>) -> Result<T>) -> Result<T> {
+        let _binding = self.binding.lock();
+        self.check_live()?;
+        let dev: &Device = self.pdev.as_ref();
+        // SAFETY: The device is bound for as long as `_binding` is held: it was live above, and
+        // unbind marks it failed before it waits for this lock, and its driver's unbind does
+        // not return before that.
+        f(unsafe { dev.as_bound() })
     }
 
     /// Posts `cmds` and a SYNC, and waits for it, sleeping: the device confirmed, or it failed

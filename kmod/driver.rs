@@ -201,12 +201,22 @@ pub(crate) fn staging(len: usize) -> Result<KVVec<u8>> {
     Ok(v)
 }
 
-/// The device's bounce buffer, once no orphaned job can still write it.
-pub(crate) fn bounce(shared: &Shared) -> Result<crate::hw::Bounce<'_>> {
+/// `ctx`'s bounce buffer, at least `len` bytes, once no orphaned job can still write it.
+pub(crate) fn bounce<'a>(
+    shared: &Shared,
+    ctx: &'a Context,
+    len: usize,
+) -> Result<crate::hw::Bounce<'a>> {
     shared
         .hw
         .jobs
-        .bounce(&shared.bar, &shared.health)
+        .bounce(
+            &ctx.bounce,
+            ctx.asid,
+            len,
+            (&shared.bar, &shared.health),
+            |bytes| shared.coherent(bytes),
+        )
         .map_err(|e| job_error(shared, e))
 }
 
@@ -301,16 +311,14 @@ impl ZgFile {
         let ctx = self.ctx()?;
         let mut job = self.dma_job(&d, ctx)?;
         let len = d.len as usize;
-        // READ/WRITE own the bounce buffer from the copy-in to the copy-out. (Staging the
-        // user's bytes in a buffer of the file's own, so that no user copy happens under this
-        // device-wide lock, cost 40% of the first-touch READ throughput under TCG: not yet.)
+        // READ/WRITE own the context's bounce buffer from the copy-in to the copy-out.
         let mut bounce = if matches!(job.op, DMA_READ | DMA_WRITE) {
-            Some(bounce(&self.shared)?)
+            Some(bounce(&self.shared, ctx, len)?)
         } else {
             None
         };
         if let Some(b) = bounce.as_mut() {
-            job.aux = b.addr();
+            job.aux = b.addr()?;
             if job.op == DMA_WRITE {
                 UserSlice::new(UserPtr::from_addr(d.aux as usize), len)
                     .reader()

@@ -200,7 +200,7 @@ impl HmmFile {
     /// buffer and `va`; the bytes it moved are in `chunk` (READ) or at `va` (WRITE).
     fn job(&self, ctx: &Context, va: u64, chunk: &mut [u8], dir: Dir) -> Result<dma::DmaStatus> {
         let shared = &self.shared;
-        let mut b = bounce(shared)?;
+        let mut b = bounce(shared, ctx, chunk.len())?;
         let (op, src, dst) = match dir {
             Dir::Read => (dma::DMA_READ, va, 0),
             Dir::Write => {
@@ -215,7 +215,7 @@ impl HmmFile {
             src,
             dst,
             len: chunk.len() as u64,
-            aux: b.addr(),
+            aux: b.addr()?,
             ..Default::default()
         };
         let st = run_job(shared, ctx, job, true)?.status;

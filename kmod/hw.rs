@@ -21,8 +21,8 @@
 //! | `PtPool::free` | spinlock | free table pages | a context's lock |
 //! | `CmdQueue::state` | spinlock | command ring producer, SYNC sequence | a context's lock |
 //! | `CmdQueue::done_lock` | mutex | SYNC completion wake-ups (with `done`) | a context's lock, the fence lock |
-//! | `Jobs::state` | mutex | DMA ring, slot results, in-flight counts (with `cv`) | the bounce lock |
-//! | `Jobs::bounce_lock` | mutex | the READ/WRITE bounce buffer | nothing |
+//! | `Jobs::state` | mutex | DMA ring, slot results, in-flight counts (with `cv`) | a bounce lock |
+//! | `BounceSlot::buf` | mutex | one context's READ/WRITE bounce buffer | nothing |
 //!
 //! None of them is held while allocating with `GFP_KERNEL` or calling into the mm, so they are
 //! all safe to take from an mmu_notifier callback (see [`crate::mm`]'s locking rules).
@@ -746,7 +746,7 @@ pub(crate) struct JobDone {
 enum Slot {
     /// No job, or its result was collected: the slot may take a new job.
     Free,
-    /// A job is queued or running; `bounce` if it uses the bounce buffer.
+    /// A job is queued or running; `bounce` if it uses its context's bounce buffer.
     Queued { bounce: bool },
     /// The job retired; its status record was copied here when it did.
     Done(dma::DmaStatus),
@@ -770,66 +770,89 @@ struct JobState {
     slots: [Slot; RING_ENTRIES],
     /// Jobs queued or running, per ASID.
     inflight: KVec<u32>,
-    /// Orphaned jobs that use the bounce buffer and have not retired: the buffer is not handed
-    /// to anyone else meanwhile.
-    bounce_orphans: u32,
+    /// Orphaned jobs that use their context's bounce buffer and have not retired, per ASID:
+    /// the buffer is not reused (or freed, or grown) meanwhile.
+    bounce_orphans: KVec<u32>,
 }
 
-/// The DMA job ring, the status records (one per slot) and the READ/WRITE bounce buffer.
+/// The DMA job ring and the status records (one per slot).
 ///
 /// # Invariants
 ///
 /// A slot takes a new job only once the device consumed the previous one (`DMAQ_CONS`) and its
 /// waiter collected (or abandoned) the result, so a status record is never overwritten before
-/// it is read; the bounce buffer is handed out only while no orphaned job may still use it.
+/// it is read; a context's bounce buffer is handed out only while no orphaned job of its ASID
+/// may still use it.
 #[pin_data]
 pub(crate) struct Jobs {
     ring: Coherent<[u64]>,
     status: Coherent<[u64]>,
-    bounce: Coherent<[u64]>,
     #[pin]
     state: Mutex<JobState>,
     #[pin]
     cv: CondVar,
-    /// Owner of `bounce` for a whole READ/WRITE (copy in, job, copy out).
-    #[pin]
-    pub(crate) bounce_lock: Mutex<()>,
 }
 
-/// Bounce-buffer ownership for one READ/WRITE: the bounce lock, taken once no orphaned job
-/// may still use the buffer.
+/// The smallest bounce buffer a context gets (it grows to fit its largest READ/WRITE, up to
+/// `ZG_DMA_BOUNCE_MAX`).
+const BOUNCE_MIN: usize = 64 * 1024;
+
+/// One context's READ/WRITE bounce buffer: allocated at its first READ/WRITE, grown to fit,
+/// used by one READ/WRITE at a time (copy in, job, copy out) under its lock, so that a user
+/// who stalls there stalls only its own context. Freed with the context, once its jobs retired
+/// (a context's close waits for them) or the device is fenced.
+#[pin_data]
+pub(crate) struct BounceSlot {
+    #[pin]
+    buf: Mutex<Option<Coherent<[u64]>>>,
+}
+
+impl BounceSlot {
+    pub(crate) fn new() -> impl PinInit<Self> {
+        pin_init!(Self {
+            buf <- new_mutex!(None, "zapguard_bounce"),
+        })
+    }
+}
+
+/// Ownership of a context's bounce buffer for one READ/WRITE: its lock, taken once no
+/// orphaned job of the context may still use the buffer.
 pub(crate) struct Bounce<'a> {
-    jobs: &'a Jobs,
-    _guard: MutexGuard<'a, ()>,
+    guard: MutexGuard<'a, Option<Coherent<[u64]>>>,
 }
 
 impl Bounce<'_> {
+    fn buf(&self) -> Result<&Coherent<[u64]>> {
+        self.guard.as_ref().ok_or(EINVAL)
+    }
+
     /// The buffer's bus address.
-    pub(crate) fn addr(&self) -> u64 {
-        self.jobs.bounce.dma_address()
+    pub(crate) fn addr(&self) -> Result<u64> {
+        Ok(self.buf()?.dma_address())
     }
 
     /// The first `len` bytes of the buffer. Only while no job of ours uses it: the caller
     /// either has not submitted its job yet or collected its result.
     pub(crate) fn bytes(&mut self, len: usize) -> Result<&mut [u8]> {
-        if len > self.jobs.bounce.size() {
+        let buf = self.buf()?;
+        if len > buf.size() {
             return Err(EINVAL);
         }
-        // SAFETY: The buffer is `size()` bytes of coherent memory, valid while `jobs` lives.
-        // `self` holds the bounce lock, taken only once no orphaned job could still use the
+        // SAFETY: The buffer is `size()` bytes of coherent memory, valid while the guard holds
+        // it. `self` holds its lock, taken only once no orphaned job could still use the
         // buffer, and the caller's own job is not running (see above), so the device does not
         // touch it and nobody else reads or writes it meanwhile.
-        Ok(unsafe {
-            core::slice::from_raw_parts_mut(self.jobs.bounce.as_mut_ptr().cast::<u8>(), len)
-        })
+        Ok(unsafe { core::slice::from_raw_parts_mut(buf.as_mut_ptr().cast::<u8>(), len) })
     }
 }
 
 impl Jobs {
     fn new(dev: &Device<Bound>, asid_count: usize) -> Result<impl PinInit<Self, Error>> {
         let mut inflight = KVec::with_capacity(asid_count, GFP_KERNEL)?;
+        let mut bounce_orphans = KVec::with_capacity(asid_count, GFP_KERNEL)?;
         for _ in 0..asid_count {
             inflight.push(0u32, GFP_KERNEL)?;
+            bounce_orphans.push(0u32, GFP_KERNEL)?;
         }
         let ring = Coherent::zeroed_slice(dev, RING_ENTRIES * dma::DMA_JOB_SIZE / 8, GFP_KERNEL)?;
         let status = Coherent::zeroed_slice(
@@ -837,15 +860,9 @@ impl Jobs {
             (RING_ENTRIES * dma::DMA_STATUS_SIZE / 8).max(PAGE_WORDS),
             GFP_KERNEL,
         )?;
-        let bounce = Coherent::zeroed_slice(
-            dev,
-            crate::abi::uapi::ZG_DMA_BOUNCE_MAX as usize / 8,
-            GFP_KERNEL,
-        )?;
         Ok(try_pin_init!(Self {
             ring,
             status,
-            bounce,
             state <- new_mutex!(JobState {
                 prod: 0,
                 cons: 0,
@@ -854,23 +871,44 @@ impl Jobs {
                 slot_asid: [0; RING_ENTRIES],
                 slots: [Slot::Free; RING_ENTRIES],
                 inflight,
-                bounce_orphans: 0,
+                bounce_orphans,
             }, "zapguard_jobs"),
             cv <- new_condvar!("zapguard_jobs"),
-            bounce_lock <- new_mutex!((), "zapguard_bounce"),
         }))
     }
 
-    /// Takes the bounce buffer for a READ/WRITE, once no abandoned job may still use it.
-    pub(crate) fn bounce(&self, bar: &DevresBar, health: &Health) -> Result<Bounce<'_>> {
-        let guard = self.bounce_lock.lock();
+    /// Takes `slot`, the bounce buffer of the context of `asid`, for a READ/WRITE of `len`
+    /// bytes, once no abandoned job of that context may still use it; allocates or grows it
+    /// with `alloc(bytes)` (may sleep) when it is missing or too small.
+    pub(crate) fn bounce<'a>(
+        &self,
+        slot: &'a BounceSlot,
+        asid: u32,
+        len: usize,
+        (bar, health): (&DevresBar, &Health),
+        alloc: impl FnOnce(usize) -> Result<Coherent<[u64]>>,
+    ) -> Result<Bounce<'a>> {
+        let mut guard = slot.buf.lock();
+        self.wait_bounce_orphans(asid, bar, health)?;
+        if guard.as_ref().is_none_or(|b| b.size() < len) {
+            // Nothing uses the old one: its orphans retired and its owner is us.
+            *guard = None;
+            let max = crate::abi::uapi::ZG_DMA_BOUNCE_MAX as usize;
+            *guard = Some(alloc(len.next_power_of_two().clamp(BOUNCE_MIN, max))?);
+        }
+        Ok(Bounce { guard })
+    }
+
+    /// Waits until no orphaned job of `asid` may still use its context's bounce buffer.
+    fn wait_bounce_orphans(&self, asid: u32, bar: &DevresBar, health: &Health) -> Result {
         let start = Instant::<Monotonic>::now();
         let mut st = self.state.lock();
         loop {
             self.retire(&mut st, bar)?;
             // A fenced device writes nothing any more.
-            if st.bounce_orphans == 0 || health.fenced() {
-                break;
+            let orphans = st.bounce_orphans.get(asid as usize).copied().unwrap_or(0);
+            if orphans == 0 || health.fenced() {
+                return Ok(());
             }
             if health.failed() {
                 return Err(EIO);
@@ -880,11 +918,6 @@ impl Jobs {
             }
             st = wait_on(&self.cv, &self.state, st, OnSignal::Killable)?;
         }
-        drop(st);
-        Ok(Bounce {
-            jobs: self,
-            _guard: guard,
-        })
     }
 
     fn status_record(&self, slot: usize) -> Result<dma::DmaStatus> {
@@ -923,7 +956,9 @@ impl Jobs {
             }
             st.slots[slot] = match st.slots[slot] {
                 Slot::Orphaned { bounce } => {
-                    st.bounce_orphans -= u32::from(bounce);
+                    if let Some(n) = st.bounce_orphans.get_mut(asid) {
+                        *n -= u32::from(bounce);
+                    }
                     Slot::Free
                 }
                 _ => Slot::Done(self.status_record(slot)?),
@@ -1065,9 +1100,12 @@ impl Jobs {
     /// The waiter of `slot` leaves: drop its result now, or when the job retires.
     fn abandon(&self, slot: usize) {
         let mut st = self.state.lock();
+        let asid = st.slot_asid[slot] as usize;
         st.slots[slot] = match st.slots[slot] {
             Slot::Queued { bounce } => {
-                st.bounce_orphans += u32::from(bounce);
+                if let Some(n) = st.bounce_orphans.get_mut(asid) {
+                    *n += u32::from(bounce);
+                }
                 Slot::Orphaned { bounce }
             }
             _ => Slot::Free,

@@ -67,7 +67,8 @@
 
 use crate::abi::{cmd, event as ev, pte, uapi};
 use crate::device::Shared;
-use crate::hw::{job_timeout, PtPage, PtRef, Synced, Wait};
+use crate::dmamap::{DeviceBlock, DmaBlocks};
+use crate::hw::{job_timeout, BounceSlot, PtPage, PtRef, Synced, Wait};
 use crate::mm::{self, Aging, AgingNotifier, FaultOutcome, HmmPfn, HmmRequest};
 use crate::mm::{IntervalInvalidate, IntervalNotifier};
 use crate::mm::{NotifierEvent, NotifierRange};
@@ -131,9 +132,12 @@ struct PtState {
     /// Device PTEs were cleared without a completed invalidation (a non-blockable callback gave
     /// up, or a SYNC was skipped): the next invalidation flushes the ASID whatever it clears.
     need_flush: bool,
-    /// Tables detached from the tree, freed after the next SYNC. Its capacity, reserved at
-    /// open, is the context's page bound, so pushing never allocates.
-    deferred: KVec<PtPage>,
+    /// Tables detached from the tree, with the address their span starts at, freed after the
+    /// next SYNC. Its capacity, reserved at open, is the context's page bound, so pushing never
+    /// allocates.
+    deferred: KVec<(PtPage, u64)>,
+    /// The DMA addresses of the pages the device tables map.
+    dma: DmaBlocks,
 }
 
 impl PtState {
@@ -268,10 +272,16 @@ pub(crate) struct Mirror {
     abort: AtomicU64,
     /// The ASID was freed or quarantined (see `shutdown`).
     asid_done: AtomicBool,
+    /// The context's DMA maps have no spare: the next populate allocates one before it takes
+    /// the context lock (a hint; a populate that finds none allocates and walks again).
+    wants_dma_spare: AtomicBool,
     /// Answers reclaim's and idle tracking's aging queries from the device PTEs' accessed
     /// bits; registered by [`open`], unregistered by [`Mirror::shutdown`].
     #[pin]
     aging: AgingNotifier<Mirror>,
+    /// The context's READ/WRITE bounce buffer.
+    #[pin]
+    pub(crate) bounce: BounceSlot,
 }
 
 /// What one populate wrote.
@@ -414,6 +424,7 @@ fn new_mirror(shared: &Arc<Shared>, asid: u32) -> Result<impl PinInit<Mirror, Er
         released: false,
         need_flush: false,
         deferred,
+        dma: DmaBlocks::new(),
     };
     let queue = FaultQueue {
         pending: [Fault::default(); FAULT_QUEUE],
@@ -436,7 +447,9 @@ fn new_mirror(shared: &Arc<Shared>, asid: u32) -> Result<impl PinInit<Mirror, Er
         populate_lag: AtomicU32::new(0),
         abort: AtomicU64::new(u64::MAX),
         asid_done: AtomicBool::new(false),
+        wants_dma_spare: AtomicBool::new(true),
         aging <- AgingNotifier::new(),
+        bounce <- BounceSlot::new(),
     }? Error))
 }
 
@@ -447,6 +460,16 @@ impl Context {
     pub(crate) fn shutdown(&self) {
         self.close_device();
         self.remove();
+    }
+
+    /// Unbind, after the fence: clears every device PTE (marking the pages the device wrote
+    /// dirty) and unmaps every page for DMA. The tables stay until the file closes.
+    pub(crate) fn unmap_for_unbind(&self) {
+        let mut st = self.state.lock();
+        if st.root.is_some() {
+            let _ = self.shootdown(&mut st, 0, pte::VA_LIMIT, Wait::Sleep, &[], Change::Clear);
+        }
+        st.dma.clear();
     }
 
     /// Writes the context entry and loads it on the device: `CFGI_CTX` + `INV_ASID` (the ASID's
@@ -575,6 +598,10 @@ impl Mirror {
         access: Access,
         out: &mut MapOut,
     ) -> Result {
+        // Nothing is mapped for a device that failed (or unbound: its maps are gone).
+        self.shared.check_live()?;
+        // The block's DMA map first: without a spare for it, `EAGAIN` before anything changed.
+        st.dma.block(start)?;
         let l2 = self.l2_table(st, start, true)?.ok_or(ENOMEM)?;
         let l2_idx = pte::pt_index(start, 2);
         let l2_entry = self.pool().read(l2, l2_idx)?;
@@ -585,7 +612,11 @@ impl Mirror {
             _ => access.write(),
         };
         if end - start == HUGE {
-            if let Some(leaf) = Self::huge_leaf(l2_entry, huge_frame(pfns, write), write) {
+            let base = match huge_frame(pfns, write) {
+                Some(_) => self.map_huge(st, start, pfns)?,
+                None => None,
+            };
+            if let Some(leaf) = Self::huge_leaf(l2_entry, base, write) {
                 if l2_entry & pte::PTE_P == 0 {
                     self.pool().write(l2, l2_idx, leaf)?;
                     out.huge += 1;
@@ -608,10 +639,20 @@ impl Mirror {
             if !pfn.valid() || pfn.error() {
                 continue;
             }
-            let idx = pte::pt_index(start + i as u64 * PAGE, 1);
+            let va = start + i as u64 * PAGE;
+            let idx = pte::pt_index(va, 1);
             let old = self.pool().read(l1, idx)?;
-            let leaf = pfn.phys() | pte::PTE_P | write_bit(access.write() && pfn.write());
-            if old & pte::PTE_P != 0 && old & pte::PTE_ADDR_MASK == pfn.phys() {
+            // An entry still mapping another page whose leaf is gone is stale only if the device
+            // flushed since (else it is skipped, and the device faults here again).
+            let unmap_stale = old & pte::PTE_P == 0 && !st.need_flush;
+            let dma = match st.dma.map(va, *pfn, unmap_stale) {
+                Err(e) if e == EBUSY => continue,
+                r => r?,
+            };
+            let leaf = dma | pte::PTE_P | write_bit(access.write() && pfn.write());
+            if old & pte::PTE_P == 0 {
+                self.pool().write(l1, idx, leaf)?;
+            } else if old & pte::PTE_ADDR_MASK == dma {
                 // Never downgrade without an invalidation; keep the device's A/D bits (an
                 // atomic OR: the device may be setting them right now).
                 if leaf & !old & pte::PTE_W == 0 {
@@ -619,11 +660,31 @@ impl Mirror {
                 }
                 self.pool().fetch_or(l1, idx, pte::PTE_W)?;
             } else {
-                leaf_dropped(self.pool().swap(l1, idx, leaf)?);
+                // Another page under a live leaf: an invalidation would have cleared it first.
+                continue;
             }
             out.pages += 1;
         }
         Ok(())
+    }
+
+    /// Maps the 512 pages of the block at `start` for DMA and returns their base address if
+    /// they are contiguous and 2 MiB aligned in DMA space, as a 2 MiB device leaf needs (else
+    /// the block gets 4 KiB leaves, which use the same mappings).
+    fn map_huge(&self, st: &mut PtState, start: u64, pfns: &[HmmPfn]) -> Result<Option<u64>> {
+        let mut base = None;
+        for (i, pfn) in pfns.iter().enumerate() {
+            let va = start + i as u64 * PAGE;
+            let dma = match st.dma.map(va, *pfn, !st.need_flush) {
+                Err(e) if e == EBUSY => return Ok(None),
+                r => r?,
+            };
+            let first = *base.get_or_insert(dma);
+            if first % HUGE != 0 || dma != first + i as u64 * PAGE {
+                return Ok(None);
+            }
+        }
+        Ok(base)
     }
 
     /// Replaces the 2 MiB leaf at `l2[idx]` by a table of the same translations as 4 KiB
@@ -677,7 +738,7 @@ impl Mirror {
             if level == 1 || entry & pte::PTE_PS != 0 {
                 // A 2 MiB leaf only partly in range goes whole: the device faults the rest in.
                 let old = self.pool().swap(table, idx, 0)?;
-                leaf_dropped(old);
+                leaf_dropped(&mut st.dma, lo, old);
                 z.add(lo, hi, size / PAGE);
                 continue;
             }
@@ -692,7 +753,7 @@ impl Mirror {
                 // SYNC, zeroed when it is next allocated) instead of clearing 512 entries.
                 let leaves = self.pool().present(child)?;
                 if let Some(page) = self.pool().detach(table, idx)? {
-                    let _ = st.deferred.push_within_capacity(page);
+                    let _ = st.deferred.push_within_capacity((page, lo));
                 }
                 z.add(lo, hi, leaves);
                 continue;
@@ -701,7 +762,7 @@ impl Mirror {
             let empty = z.covers(lo, hi) || self.pool().is_empty(child)?;
             if empty && room {
                 if let Some(page) = self.pool().detach(table, idx)? {
-                    let _ = st.deferred.push_within_capacity(page);
+                    let _ = st.deferred.push_within_capacity((page, lo));
                 }
             }
         }
@@ -744,7 +805,9 @@ impl Mirror {
     /// Makes the device PTEs of `[z.start, z.end)` read-only and clean, keeping their frames and
     /// every table: a write-protect that keeps the pages mapped. A 2 MiB leaf only partly in
     /// range is protected whole (a device write faults it back).
-    fn protect_table(&self, root: PtRef, z: &mut Zap) -> Result {
+    fn protect_table(&self, st: &mut PtState, z: &mut Zap) -> Result {
+        let root = st.root()?;
+        let dma = &mut st.dma;
         let range = (z.start, z.end);
         self.for_each_leaf(
             (root, pte::PT_LEVELS, 0),
@@ -757,7 +820,7 @@ impl Mirror {
                     let old = self
                         .pool()
                         .fetch_and(table, idx, !(pte::PTE_W | pte::PTE_D))?;
-                    leaf_dropped(old);
+                    leaf_dropped(dma, lo, old);
                     z.add(lo, lo + size, size / PAGE);
                 }
                 Ok(false)
@@ -806,7 +869,7 @@ impl Mirror {
         let root = st.root()?;
         let zapped = match change {
             Change::Clear => self.zap_table(st, root, pte::PT_LEVELS, 0, &mut z),
-            Change::WriteProtect => self.protect_table(root, &mut z),
+            Change::WriteProtect => self.protect_table(st, &mut z),
         };
         if z.pages == 0 && st.deferred.is_empty() && !st.need_flush && ctx_cmds.is_empty() {
             bump(&self.stats.invalidations_empty, 1);
@@ -817,6 +880,7 @@ impl Mirror {
             Change::WriteProtect => &self.stats.pages_write_protected,
         };
         bump(counter, z.pages);
+        let stale_anywhere = st.need_flush;
         // Cleared entries must not be trusted to be out of the IOTLB until the SYNC completes.
         let flush_all =
             st.need_flush || !ctx_cmds.is_empty() || (z.hi - z.lo) / PAGE > INV_ASID_THRESHOLD;
@@ -855,7 +919,57 @@ impl Mirror {
         }
         st.need_flush = false;
         self.free_deferred(st);
+        // The device flushed (or is fenced): what it no longer maps can be unmapped for DMA,
+        // everywhere if leaves were cleared earlier without a completed SYNC.
+        if stale_anywhere {
+            self.release_dma(st, 0, pte::VA_LIMIT);
+        } else if change == Change::Clear {
+            self.release_dma(st, z.lo, z.hi);
+        }
         zapped.map(|()| (z.pages, Some(synced)))
+    }
+
+    /// Unmaps for DMA the pages of `[start, end)` the device tables no longer map. Only after
+    /// the device flushed what was cleared there.
+    fn release_dma(&self, st: &mut PtState, start: u64, end: u64) {
+        let Ok(root) = st.root() else {
+            st.dma.clear();
+            return;
+        };
+        st.dma
+            .release(start, end, &mut |va| self.device_block(root, va));
+    }
+
+    /// What the device tables under `root` map in the 2 MiB block at `va` (an unreadable table
+    /// counts as mapping everything: kept mapped until the context goes).
+    fn device_block(&self, root: PtRef, va: u64) -> DeviceBlock {
+        self.read_block(root, va).unwrap_or(DeviceBlock::Huge)
+    }
+
+    fn read_block(&self, root: PtRef, va: u64) -> Result<DeviceBlock> {
+        let mut table = root;
+        for level in [4, 3] {
+            let entry = self.pool().read(table, pte::pt_index(va, level))?;
+            if entry & pte::PTE_P == 0 {
+                return Ok(DeviceBlock::Unmapped);
+            }
+            table = self.pool().page_at(entry & pte::PTE_ADDR_MASK)?;
+        }
+        let entry = self.pool().read(table, pte::pt_index(va, 2))?;
+        if entry & pte::PTE_P == 0 {
+            return Ok(DeviceBlock::Unmapped);
+        }
+        if entry & pte::PTE_PS != 0 {
+            return Ok(DeviceBlock::Huge);
+        }
+        let l1 = self.pool().page_at(entry & pte::PTE_ADDR_MASK)?;
+        let mut present = [0u64; ENTRIES / 64];
+        for idx in 0..ENTRIES {
+            if self.pool().read(l1, idx)? & pte::PTE_P != 0 {
+                present[idx / 64] |= 1 << (idx % 64);
+            }
+        }
+        Ok(DeviceBlock::Pages(present))
     }
 
     /// The IOTLB command for zap `z`: the ASID, or the span of what was cleared.
@@ -874,10 +988,11 @@ impl Mirror {
     /// that read the table before it was detached could set one until the SYNC), so the pages
     /// of those set are marked dirty here, still inside the invalidation callback.
     fn free_deferred(&self, st: &mut PtState) {
-        while let Some(page) = st.deferred.pop() {
+        while let Some((page, base)) = st.deferred.pop() {
             if self.pool().present(page.id()).unwrap_or(0) > 0 {
                 for idx in 0..ENTRIES {
-                    leaf_dropped(self.pool().read(page.id(), idx).unwrap_or(0));
+                    let old = self.pool().read(page.id(), idx).unwrap_or(0);
+                    leaf_dropped(&mut st.dma, base + idx as u64 * PAGE, old);
                 }
             }
             self.pool().free(page);
@@ -924,6 +1039,7 @@ impl Mirror {
         // walk can reach the tables.
         let root = st.root()?;
         self.free_tree(st, root, pte::PT_LEVELS)?;
+        st.dma.clear();
         Ok(synced)
     }
 
@@ -1251,9 +1367,13 @@ fn huge_frame(pfns: &[HmmPfn], write: bool) -> Option<u64> {
 /// A device leaf was cleared, replaced or write-protected (`old` is what the atomic update
 /// returned): if its D bit was set, the device wrote its page, which the kernel must then see as
 /// dirty (see [`crate::mm::mark_dirty`] and the module documentation, "Dirty pages").
-fn leaf_dropped(old: u64) {
+/// The leaf was at `va`; its page is the one the block's DMA map has there (a 2 MiB leaf's
+/// head page marks the whole folio).
+fn leaf_dropped(dma: &mut DmaBlocks, va: u64, old: u64) {
     if old & pte::PTE_P != 0 && old & pte::PTE_D != 0 {
-        mm::mark_dirty(old & pte::PTE_ADDR_MASK);
+        if let Some(phys) = dma.phys(va) {
+            mm::mark_dirty(phys);
+        }
     }
 }
 
@@ -1527,18 +1647,35 @@ pub(crate) fn populate(
             };
             let ignore_retry = ctx.injected(uapi::ZG_INJ_IGNORE_RETRY);
             ctx.populate_lag(ignore_retry);
+            // A DMA map for a block that has none is allocated here, outside the lock.
+            let spare = if ctx.wants_dma_spare.load(Ordering::Relaxed) {
+                Some(ctx.shared.dma_spare()?)
+            } else {
+                None
+            };
             let mut st = ctx.state.lock();
+            let unused = st.dma.offer(spare);
             if st.released {
                 return Err(EINVAL);
             }
             if !ignore_retry && ctx.read_retry(seq) {
                 drop(st);
+                drop(unused);
                 out.retries += 1;
                 bump(&ctx.stats.populate_retries, 1);
                 continue;
             }
             let (p0, h0) = (out.pages, out.huge);
-            ctx.commit(&mut st, s, e, pfns, access, out)?;
+            let committed = ctx.commit(&mut st, s, e, pfns, access, out);
+            ctx.wants_dma_spare
+                .store(st.dma.wants_spare(), Ordering::Relaxed);
+            drop(st);
+            drop(unused);
+            if committed == Err(EAGAIN) {
+                // No spare map after all (another populate took it): allocate one, walk again.
+                continue;
+            }
+            committed?;
             bump(&ctx.stats.pages_mapped, out.pages - p0);
             bump(&ctx.stats.huge_mapped, out.huge - h0);
             break;

@@ -7,7 +7,8 @@
 //! do on `Release`) belongs to the driver.
 //!
 //! C headers: [`include/linux/mmu_notifier.h`](srctree/include/linux/mmu_notifier.h),
-//! [`include/linux/hmm.h`](srctree/include/linux/hmm.h).
+//! [`include/linux/hmm.h`](srctree/include/linux/hmm.h),
+//! [`include/linux/hmm-dma.h`](srctree/include/linux/hmm-dma.h).
 //!
 //! # Locking rules for users
 //!
@@ -56,6 +57,7 @@ use core::ops::Deref;
 use core::sync::atomic::{AtomicBool, Ordering};
 use kernel::{
     bindings,
+    device::{Bound, Device},
     error::to_result,
     io::PhysAddr,
     mm::{Mm, MmWithUser},
@@ -970,4 +972,139 @@ pub fn mark_dirty(phys: PhysAddr) {
     // happens only after the invalidation callback returns (the same rule `zap_pte_range()`
     // relies on).
     unsafe { bindings::set_page_dirty(page) };
+}
+
+/// The DMA addresses one device uses for a run of user pages (`struct hmm_dma_map`,
+/// `include/linux/hmm-dma.h`): entry `i` maps the page [`Self::map`] was last given for it,
+/// `PAGE_SIZE` bytes, bidirectional. Through an IOMMU the run shares one IOVA range (entry `i`
+/// at offset `i * PAGE_SIZE`); without one the address is the physical one.
+///
+/// The device may use an address from [`Self::map`] until [`Self::unmap`] (or the drop) of
+/// that entry, and the caller must not call either before the device stopped using it (a TLB
+/// shootdown completed): unmapping only tells the IOMMU to forget it.
+///
+/// # Invariants
+///
+/// `map` was set up by `hmm_dma_map_alloc()` for `dev` with `entries` entries of `PAGE_SIZE`,
+/// and is freed (every mapped entry unmapped first) only by the drop. An entry of `pfn_list`
+/// with `HMM_PFN_DMA_MAPPED` holds the page it maps.
+pub struct HmmDmaMap {
+    dev: ARef<Device>,
+    map: bindings::hmm_dma_map,
+    entries: usize,
+}
+
+/// The `struct device` behind `dev`.
+fn raw_device(dev: &Device) -> *mut bindings::device {
+    // CAST: `Device` is a transparent wrapper of `Opaque<bindings::device>`, itself a
+    // transparent wrapper of `struct device` (the same cast the PCI abstraction makes).
+    core::ptr::from_ref(dev)
+        .cast::<bindings::device>()
+        .cast_mut()
+}
+
+// SAFETY: The map's lists are owned by the value (allocated for it, freed by its drop) and the
+// functions that use them may run on any thread.
+unsafe impl Send for HmmDmaMap {}
+
+impl HmmDmaMap {
+    /// Flags `hmm_dma_map_pfn()` keeps in an entry between calls.
+    const STICKY: c_ulong = bindings::hmm_pfn_flags_HMM_PFN_DMA_MAPPED
+        | bindings::hmm_pfn_flags_HMM_PFN_P2PDMA
+        | bindings::hmm_pfn_flags_HMM_PFN_P2PDMA_BUS;
+
+    /// A map of `entries` pages for `dev` (may sleep; `ENOMEM`). `EOPNOTSUPP` when the device
+    /// cannot DMA to user pages in place: its addressing is limited or its DMA needs bounce
+    /// buffers or cache maintenance (SWIOTLB), which HMM's ownership rules cannot follow.
+    pub fn new(dev: &Device<Bound>, entries: usize) -> Result<Self> {
+        // SAFETY: All-zero is a valid `struct hmm_dma_map` (null lists, no IOVA).
+        let mut map: bindings::hmm_dma_map = unsafe { core::mem::zeroed() };
+        // SAFETY: `dev` is a bound device, `map` is writable; on success the function
+        // allocated the lists and possibly an IOVA range, which the drop frees.
+        to_result(unsafe {
+            bindings::hmm_dma_map_alloc(raw_device(dev), &mut map, entries, kernel::page::PAGE_SIZE)
+        })?;
+        let dev: &Device = dev;
+        Ok(Self {
+            dev: dev.into(),
+            map,
+            entries,
+        })
+    }
+
+    /// Entry `idx` of the PFN list (`idx < entries`).
+    fn slot(&mut self, idx: usize) -> Result<&mut c_ulong> {
+        if idx >= self.entries {
+            return Err(EINVAL);
+        }
+        // SAFETY: `pfn_list` has `entries` elements (type invariant) and `&mut self` makes this
+        // the only reference to one of them.
+        Ok(unsafe { &mut *self.map.pfn_list.add(idx) })
+    }
+
+    /// Whether entry `idx` is mapped.
+    pub fn is_mapped(&mut self, idx: usize) -> bool {
+        self.slot(idx)
+            .is_ok_and(|s| *s & bindings::hmm_pfn_flags_HMM_PFN_DMA_MAPPED != 0)
+    }
+
+    /// The physical address of the page entry `idx` maps, if it is mapped.
+    pub fn phys(&mut self, idx: usize) -> Option<PhysAddr> {
+        let s = *self.slot(idx).ok()?;
+        (s & bindings::hmm_pfn_flags_HMM_PFN_DMA_MAPPED != 0).then(|| HmmPfn(s).phys())
+    }
+
+    /// Maps the page of `pfn` (a valid entry from a range fault) as entry `idx` and returns its
+    /// DMA address. An entry already mapping that page keeps its address; one mapping another
+    /// page is `EBUSY` (unmap it first, once the device stopped using it). `ENOMEM` when the
+    /// mapping fails.
+    pub fn map(&mut self, idx: usize, pfn: HmmPfn) -> Result<u64> {
+        if !pfn.valid() || pfn.error() {
+            return Err(EINVAL);
+        }
+        let slot = self.slot(idx)?;
+        let mapped = *slot & bindings::hmm_pfn_flags_HMM_PFN_DMA_MAPPED != 0;
+        if mapped && HmmPfn(*slot).pfn() != pfn.pfn() {
+            return Err(EBUSY);
+        }
+        *slot = (*slot & Self::STICKY) | (pfn.raw() & !Self::STICKY);
+        // SAFETY: `map` was set up for `dev` (type invariant), `idx < entries`, and entry `idx`
+        // holds a valid PFN of an ordinary page (no P2P state is needed for those).
+        let addr = unsafe {
+            bindings::hmm_dma_map_pfn(
+                raw_device(&self.dev),
+                &mut self.map,
+                idx,
+                core::ptr::null_mut(),
+            )
+        };
+        if addr == !0 {
+            return Err(ENOMEM);
+        }
+        Ok(addr)
+    }
+
+    /// Unmaps entry `idx`; returns whether it was mapped.
+    pub fn unmap(&mut self, idx: usize) -> bool {
+        if !self.is_mapped(idx) {
+            return false;
+        }
+        // SAFETY: `map` was set up for `dev` (type invariant) and `idx < entries`.
+        unsafe { bindings::hmm_dma_unmap_pfn(raw_device(&self.dev), &mut self.map, idx) }
+    }
+
+    /// Entries mapped.
+    pub fn mapped(&mut self) -> usize {
+        (0..self.entries).filter(|&i| self.is_mapped(i)).count()
+    }
+}
+
+impl Drop for HmmDmaMap {
+    fn drop(&mut self) {
+        for idx in 0..self.entries {
+            self.unmap(idx);
+        }
+        // SAFETY: `map` was set up for `dev` (type invariant) and nothing is mapped any more.
+        unsafe { bindings::hmm_dma_map_free(raw_device(&self.dev), &mut self.map) };
+    }
 }

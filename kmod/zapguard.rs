@@ -25,6 +25,7 @@ use kernel::prelude::*;
 #[path = "../shared-regs/src/abi/mod.rs"]
 pub mod abi;
 pub mod device;
+pub mod dmamap;
 pub mod driver;
 pub mod hmm_uapi;
 pub mod hw;
