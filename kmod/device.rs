@@ -23,6 +23,7 @@
 //! | `Shared::fence_lock` | mutex | the fence procedure (one at a time) | a context's lock |
 //! | `Shared::events` | mutex | the event ring consumer | nothing |
 //! | `Shared::asids` | spinlock | ASID states, contexts by ASID | `events`, a job waiter's `Jobs::state` |
+//! | `Shared::binding` | mutex | the device stays bound while a DMA map or bounce buffer is made for it (unbind waits for it) | a context's bounce lock; never a context's lock (what it guards allocates) |
 //!
 //! See [`crate::hw`] for the queue locks and [`crate::mirror`] for a context's lock.
 

@@ -50,13 +50,21 @@
 //! so the folio is still mapped, and before the kernel looks at the dirty flag (reclaim after
 //! unmapping, writeback after `folio_mkclean()`).
 //!
+//! # Device addresses
+//!
+//! A device leaf holds the page's DMA address from the block's `hmm_dma_map` ([`crate::dmamap`]),
+//! which is unmapped only once the device flushed the leaf: after the shootdown's SYNC
+//! ([`Mirror::release_dma`]), at close, or at unbind ([`Context::unmap_for_unbind`]). Dirty
+//! marking finds the page through the same map.
+//!
 //! # Locks
 //!
 //! A context's lock (`Mirror::state`) is "the driver lock" of [`crate::mm`]: it is taken in the
 //! invalidation callback, under the mm's locks, so nothing under it allocates with `GFP_KERNEL`
 //! or enters the mm (table pages come from the preallocated [`crate::hw::PtPool`]; the list of
-//! tables to free after a SYNC has its room reserved at open). Under it: the pool spinlock, the
-//! command queue locks, and the fence mutex when a SYNC fails. `Mirror::faults` is a spinlock
+//! tables to free after a SYNC has its room reserved at open, a block's DMA map is allocated
+//! before it is taken). Under it: the pool spinlock, the command queue locks, and the fence
+//! mutex when a SYNC fails; it frees DMA maps (unmapping) but never allocates one. `Mirror::faults` is a spinlock
 //! taken alone, or under `Shared::asids` (the overdue-fault sweep).
 //!
 //! # Bounds

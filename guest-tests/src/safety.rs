@@ -638,6 +638,8 @@ fn split_thp_reclaim() -> Result<(), String> {
 
 /// dma-debug's list of live DMA mappings (the lock-debugging kernel has `CONFIG_DMA_API_DEBUG`).
 const DMA_API_DUMP: &str = "/sys/kernel/debug/dma-api/dump";
+/// "Y" when dma-debug is off (`dma_debug=off`, or it disabled itself).
+const DMA_API_DISABLED: &str = "/sys/kernel/debug/dma-api/disabled";
 
 /// The physical addresses of the zapguard driver's live streaming DMA mappings (coherent
 /// allocations, the rings and table pool, left out), or a skip on a kernel without dma-debug.
@@ -655,11 +657,14 @@ fn dma_mapped_pages() -> Result<Vec<u64>, String> {
             )
         };
     }
+    // Booted with `dma_debug=off`, the files exist but the dump walks hash buckets that were
+    // never initialised: 7.3.4 oopses in dump_show(). Only read it when dma-debug is on.
+    let enabled = std::fs::read_to_string(DMA_API_DISABLED).is_ok_and(|d| d.trim() == "N");
     let dump = match std::fs::read_to_string(DMA_API_DUMP) {
-        Ok(d) => d,
-        Err(_) => {
+        Ok(d) if enabled => d,
+        _ => {
             return Err(crate::ktap::skip(
-                "no dma-debug on this kernel (the lock-debugging one has it)",
+                "dma-debug is off (the lock-debugging kernel's dma-debug run has it on)",
             ))
         }
     };
