@@ -679,8 +679,8 @@ fn dma_mapped_pages() -> Result<Vec<u64>, String> {
     // Booted with `dma_debug=off`, the files exist but the dump walks hash buckets that were
     // never initialised: 7.3.4 oopses in dump_show(). Only read it when dma-debug is on.
     let enabled = std::fs::read_to_string(DMA_API_DISABLED).is_ok_and(|d| d.trim() == "N");
-    let dump = match std::fs::read_to_string(DMA_API_DUMP) {
-        Ok(d) if enabled => d,
+    let dump = match enabled.then(|| std::fs::read_to_string(DMA_API_DUMP)) {
+        Some(Ok(d)) => d,
         _ => {
             return Err(crate::ktap::skip(
                 "dma-debug is off (the lock-debugging kernel's dma-debug run has it on)",
