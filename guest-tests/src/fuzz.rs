@@ -394,7 +394,7 @@ const R_EBUSY_SNAPSHOT: (i32, &str) = (
 );
 const R_ENOMEM_OPEN: (i32, &str) = (
     ENOMEM,
-    "`open()` when the pool has no page left for the context's root table |",
+    "`open()` when the pool has no page left for the context's root table;",
 );
 const R_ETIMEDOUT: (i32, &str) = (
     ETIMEDOUT,
