@@ -98,6 +98,7 @@ const TESTS: &[Test] = ktap::tests![
     numa_migration_moves_thp,
     numa_migration_during_dma,
     aging_reports_device_use_to_idle_tracking,
+    aging_never_waits_for_the_device,
     pt_pages_bounded_and_reclaimed,
     uffd_device_faults_served_by_handler,
     uffd_held_fault_blocks_only_its_context,
