@@ -104,6 +104,8 @@ const TESTS: &[Test] = ktap::tests![
     uffd_held_fault_blocks_only_its_context,
     uffd_unanswered_fault_aborts_only_its_job,
     uffd_held_user_copy_blocks_only_its_context,
+    fault_service_retries_are_bounded,
+    aborted_fault_service_stops_walking,
     device_writes_survive_madv_free_and_pageout,
     device_writes_survive_swap_cache_reclaim,
     device_writes_reach_an_ext2_file_through_writeback,

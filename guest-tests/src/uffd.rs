@@ -95,17 +95,10 @@ pub(crate) fn register(m: &Mapping) -> Result<OwnedFd, String> {
     Ok(fd)
 }
 
-/// Answers page faults on `fd` with pages filled with `byte`, after holding each for `hold`,
-/// until `pages` faults were answered. Returns the addresses it saw.
-pub(crate) fn answer(
-    fd: &OwnedFd,
-    byte: u8,
-    hold: Duration,
-    pages: usize,
-) -> Result<Vec<u64>, String> {
-    let src = vec![byte; PG];
-    let mut seen = vec![];
-    while seen.len() < pages {
+/// The next page-fault address on `fd` (other events are skipped); `None` when `fd` is
+/// non-blocking and no fault is queued.
+fn next_fault(fd: &OwnedFd) -> Result<Option<u64>, String> {
+    loop {
         let mut msg = UffdMsg {
             event: 0,
             _reserved: [0; 15],
@@ -121,24 +114,46 @@ pub(crate) fn answer(
             )
         };
         if n != std::mem::size_of::<UffdMsg>() as isize {
-            return Err(format!(
-                "read uffd_msg: {}",
-                std::io::Error::last_os_error()
-            ));
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::EAGAIN) {
+                return Ok(None);
+            }
+            return Err(format!("read uffd_msg: {e}"));
         }
-        if msg.event != UFFD_EVENT_PAGEFAULT {
-            continue;
+        if msg.event == UFFD_EVENT_PAGEFAULT {
+            return Ok(Some(msg.address & !(PG as u64 - 1)));
         }
-        std::thread::sleep(hold);
-        let page = msg.address & !(PG as u64 - 1);
-        let mut copy = UffdioCopy {
-            dst: page,
-            src: src.as_ptr() as u64,
-            len: PG as u64,
-            mode: 0,
-            copy: 0,
+    }
+}
+
+/// Resolves the fault at `page` with a copy of `src` (one page).
+fn copy_page(fd: &OwnedFd, page: u64, src: &[u8]) -> Result<(), String> {
+    let mut copy = UffdioCopy {
+        dst: page,
+        src: src.as_ptr() as u64,
+        len: PG as u64,
+        mode: 0,
+        copy: 0,
+    };
+    uffd_ioctl(fd, UFFDIO_COPY, &mut copy)
+}
+
+/// Answers page faults on `fd` with pages filled with `byte`, after holding each for `hold`,
+/// until `pages` faults were answered. Returns the addresses it saw.
+pub(crate) fn answer(
+    fd: &OwnedFd,
+    byte: u8,
+    hold: Duration,
+    pages: usize,
+) -> Result<Vec<u64>, String> {
+    let src = vec![byte; PG];
+    let mut seen = vec![];
+    while seen.len() < pages {
+        let Some(page) = next_fault(fd)? else {
+            return Err("read uffd_msg: EAGAIN on a blocking userfaultfd".into());
         };
-        uffd_ioctl(fd, UFFDIO_COPY, &mut copy)?;
+        std::thread::sleep(hold);
+        copy_page(fd, page, &src)?;
         seen.push(page);
     }
     Ok(seen)
@@ -358,4 +373,183 @@ pub fn uffd_held_user_copy_blocks_only_its_context() -> Result<(), String> {
         return Err("the held WRITE did not land the handler's bytes".into());
     }
     Ok(())
+}
+
+/// How long the handler of [`Overtaken`] holds each fault.
+const OVERTAKEN_HOLD: Duration = Duration::from_millis(5);
+/// The populate lag of [`Overtaken`]'s context: the driver's window between a walk and its
+/// commit, in microseconds.
+const OVERTAKEN_LAG_US: u32 = 2000;
+/// When [`Overtaken`]'s handler zaps the page after filling it: late enough for the walk the
+/// fill lets finish (else that walk restarts, in the handler again).
+const OVERTAKEN_ZAP_AFTER: Duration = Duration::from_millis(1);
+/// The driver's bound on the walks of one fault service that invalidations overtook
+/// (`FAULT_MAX_RETRIES` in `kmod/mirror.rs`; the README's `EBUSY` row).
+const FAULT_MAX_RETRIES: u64 = 256;
+
+/// A page whose device fault is overtaken by an invalidation at every walk of the driver's
+/// fault service, nearly every walk spending its time in a userfaultfd handler. The handler
+/// holds each fault [`OVERTAKEN_HOLD`], fills the page, and [`OVERTAKEN_ZAP_AFTER`] later zaps
+/// it (`MADV_DONTNEED`), so that the next walk faults in the handler again. Another thread
+/// invalidates an unrelated page of the process every 100 µs (the driver's interval is the whole
+/// address space), and the context's populate lag keeps each walk's result uncommitted for
+/// [`OVERTAKEN_LAG_US`]: every walk is overtaken before its commit, whenever the zap lands.
+struct Overtaken {
+    m: Mapping,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    handler: std::thread::JoinHandle<Result<u64, String>>,
+    churn: std::thread::JoinHandle<()>,
+}
+
+impl Overtaken {
+    fn start(f: &File) -> Result<Self, String> {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let lag = shared_regs::uapi::ZgInject {
+            populate_lag: OVERTAKEN_LAG_US,
+            ..Default::default()
+        };
+        dev::inject_all(f, lag).map_err(|e| format!("INJECT populate_lag: {e}"))?;
+        let m = Mapping::anon(PG).map_err(|e| e.to_string())?;
+        let fd = register(&m)?;
+        // Non-blocking: a queued fault can vanish before it is read (its faulting walk gave
+        // up), and the handler must notice `stop`.
+        // SAFETY: fcntl on a descriptor this function owns.
+        if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) } != 0 {
+            return Err(format!("fcntl: {}", std::io::Error::last_os_error()));
+        }
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let handler = std::thread::spawn(move || {
+            let src = vec![0x5au8; PG];
+            let mut answered = 0;
+            while !s.load(Ordering::Relaxed) {
+                let Some(page) = next_fault(&fd)? else {
+                    std::thread::sleep(Duration::from_micros(500));
+                    continue;
+                };
+                std::thread::sleep(OVERTAKEN_HOLD);
+                copy_page(&fd, page, &src)?;
+                answered += 1;
+                std::thread::sleep(OVERTAKEN_ZAP_AFTER);
+                // SAFETY: the page is the test's mapping, which outlives this thread.
+                unsafe { libc::madvise(page as *mut libc::c_void, PG, libc::MADV_DONTNEED) };
+            }
+            Ok(answered)
+        });
+        let s = stop.clone();
+        let churn = std::thread::spawn(move || {
+            let Ok(mut q) = Mapping::anon(PG) else { return };
+            while !s.load(Ordering::Relaxed) {
+                q.bytes_mut()[0] = 1;
+                let _ = q.madvise(0, PG, libc::MADV_DONTNEED);
+                std::thread::yield_now();
+            }
+        });
+        Ok(Self {
+            m,
+            stop,
+            handler,
+            churn,
+        })
+    }
+
+    /// A device checksum of the page: it faults, and its service is overtaken.
+    fn job(&self) -> shared_regs::uapi::ZgDma {
+        dev::job(DMA_CHECKSUM, self.m.addr, 0, PG, 0)
+    }
+
+    /// Stops the threads (closing the userfaultfd releases a walk still waiting in it);
+    /// returns how many faults the handler answered.
+    fn finish(self) -> Result<u64, String> {
+        self.stop
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        let _ = self.churn.join();
+        let answered = self.handler.join().map_err(|_| "handler panicked")?;
+        drop(self.m);
+        answered
+    }
+}
+
+/// A device fault whose every walk an invalidation overtakes gives up after a bounded number of
+/// walks (256), though nearly all of its time passes in the userfaultfd handler, which the
+/// service's 2 s time bound does not count: the job fails with `EBUSY` (the README's row),
+/// after 256 retried walks. `job_timeout_ms` is raised so that only the retry bound can end it.
+pub fn fault_service_retries_are_bounded() -> Result<(), String> {
+    crate::failsafe::reload(&["job_timeout_ms=120000"])?;
+    let r = overtaken_fault_gives_up();
+    let restored = crate::failsafe::reload(&[]);
+    r?;
+    restored
+}
+
+fn overtaken_fault_gives_up() -> Result<(), String> {
+    let f = open()?;
+    let o = Overtaken::start(&f)?;
+    let s0 = stats(&f)?;
+    let t = Instant::now();
+    let r = dev::dma(&f, o.job());
+    let took = t.elapsed();
+    let s1 = stats(&f)?;
+    let answered = o.finish()?;
+    let retried = s1.populate_retries - s0.populate_retries;
+    println!(
+        "# the overtaken fault's job ended after {} ms: {} walks, {retried} overtaken, {answered} handler answers",
+        took.as_millis(),
+        s1.populates - s0.populates,
+    );
+    let (errno, d) = match r {
+        Ok(d) => return Err(format!("a job whose fault was always overtaken succeeded: {d:?}")),
+        Err((e, d)) => (dev::errno(&e), d),
+    };
+    check_eq(errno, libc::EBUSY, "errno of the always-overtaken fault's job")?;
+    // One service, ended by the driver: a service that had committed would have let the
+    // device fault again.
+    check_eq(d.faults, 1, "device faults of the job")?;
+    // Fewer would mean that the time bound ended the service (the handler's time did not
+    // dominate) or that some walks were not overtaken; more, that the retry bound did not hold.
+    check_eq(retried, FAULT_MAX_RETRIES, "overtaken walks before the service gave up")
+}
+
+/// A fault service stops at its next walk once its job was aborted: with `job_timeout_ms` at
+/// 1 s the always-overtaken fault's job fails with `ETIMEDOUT`, and from then on the driver
+/// walks the page no more (a service that went on would retry for its full 256 walks, about
+/// ten seconds here, taking faults in the process's userfaultfd handler for a job nobody waits
+/// for).
+pub fn aborted_fault_service_stops_walking() -> Result<(), String> {
+    crate::failsafe::reload(&["job_timeout_ms=1000"])?;
+    let r = aborted_service_stops();
+    let restored = crate::failsafe::reload(&[]);
+    r?;
+    restored
+}
+
+fn aborted_service_stops() -> Result<(), String> {
+    let f = open()?;
+    let o = Overtaken::start(&f)?;
+    let s0 = stats(&f)?;
+    let r = dev::dma(&f, o.job());
+    let at_abort = stats(&f)?;
+    // The walk in progress at the abort ends within one handler hold and one populate lag.
+    std::thread::sleep(Duration::from_millis(300));
+    let settled = stats(&f)?;
+    std::thread::sleep(Duration::from_millis(1500));
+    let later = stats(&f)?;
+    let answered = o.finish()?;
+    let before = at_abort.populates - s0.populates;
+    let after = later.populates - settled.populates;
+    println!(
+        "# {before} walks before the job was aborted, {} while it settled, {after} in the 1.5 s after; {answered} handler answers",
+        settled.populates - at_abort.populates
+    );
+    let errno = match r {
+        Ok(d) => return Err(format!("a job whose fault was always overtaken succeeded: {d:?}")),
+        Err((e, _)) => dev::errno(&e),
+    };
+    check_eq(errno, libc::ETIMEDOUT, "errno of the aborted job")?;
+    if before < 5 {
+        return Err(format!(
+            "only {before} walks before the abort: the fault service was not kept retrying"
+        ));
+    }
+    check_eq(after, 0, "walks of the aborted job's fault after it settled")
 }
