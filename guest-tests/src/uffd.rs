@@ -461,8 +461,7 @@ impl Overtaken {
     /// Stops the threads (closing the userfaultfd releases a walk still waiting in it);
     /// returns how many faults the handler answered.
     fn finish(self) -> Result<u64, String> {
-        self.stop
-            .store(true, std::sync::atomic::Ordering::Relaxed);
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
         let _ = self.churn.join();
         let answered = self.handler.join().map_err(|_| "handler panicked")?;
         drop(self.m);
@@ -498,16 +497,28 @@ fn overtaken_fault_gives_up() -> Result<(), String> {
         s1.populates - s0.populates,
     );
     let (errno, d) = match r {
-        Ok(d) => return Err(format!("a job whose fault was always overtaken succeeded: {d:?}")),
+        Ok(d) => {
+            return Err(format!(
+                "a job whose fault was always overtaken succeeded: {d:?}"
+            ))
+        }
         Err((e, d)) => (dev::errno(&e), d),
     };
-    check_eq(errno, libc::EBUSY, "errno of the always-overtaken fault's job")?;
+    check_eq(
+        errno,
+        libc::EBUSY,
+        "errno of the always-overtaken fault's job",
+    )?;
     // One service, ended by the driver: a service that had committed would have let the
     // device fault again.
     check_eq(d.faults, 1, "device faults of the job")?;
     // Fewer would mean that the time bound ended the service (the handler's time did not
     // dominate) or that some walks were not overtaken; more, that the retry bound did not hold.
-    check_eq(retried, FAULT_MAX_RETRIES, "overtaken walks before the service gave up")
+    check_eq(
+        retried,
+        FAULT_MAX_RETRIES,
+        "overtaken walks before the service gave up",
+    )
 }
 
 /// A fault service stops at its next walk once its job was aborted: with `job_timeout_ms` at
@@ -542,7 +553,11 @@ fn aborted_service_stops() -> Result<(), String> {
         settled.populates - at_abort.populates
     );
     let errno = match r {
-        Ok(d) => return Err(format!("a job whose fault was always overtaken succeeded: {d:?}")),
+        Ok(d) => {
+            return Err(format!(
+                "a job whose fault was always overtaken succeeded: {d:?}"
+            ))
+        }
         Err((e, _)) => dev::errno(&e),
     };
     check_eq(errno, libc::ETIMEDOUT, "errno of the aborted job")?;
@@ -551,5 +566,9 @@ fn aborted_service_stops() -> Result<(), String> {
             "only {before} walks before the abort: the fault service was not kept retrying"
         ));
     }
-    check_eq(after, 0, "walks of the aborted job's fault after it settled")
+    check_eq(
+        after,
+        0,
+        "walks of the aborted job's fault after it settled",
+    )
 }

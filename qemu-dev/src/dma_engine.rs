@@ -1612,4 +1612,85 @@ mod tests {
         let kinds: Vec<_> = event_log(&mut r).iter().map(|e| (e.0, e.1)).collect();
         assert_eq!(kinds[0], (ev::EVT_VIOLATION, ev::VIOL_CTX_RELEASED));
     }
+
+    /// Rewrites one CPU page-table entry (a zap, a COW break, a dirty bit) when the device first
+    /// reads data frame `frame`, before the read returns: a change that lands mid-access.
+    struct CpuPteChangeMidAccess<'a> {
+        mem: &'a VecMem,
+        frame: u64,
+        pte_gpa: u64,
+        new_pte: u64,
+        done: Cell<bool>,
+    }
+
+    impl GuestMem for CpuPteChangeMidAccess<'_> {
+        fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemError> {
+            if (self.frame..self.frame + PG).contains(&gpa) && !self.done.replace(true) {
+                self.mem.write(self.pte_gpa, &self.new_pte.to_le_bytes())?;
+            }
+            self.mem.read(gpa, buf)
+        }
+
+        fn write(&self, gpa: u64, buf: &[u8]) -> Result<(), MemError> {
+            self.mem.write(gpa, buf)
+        }
+
+        fn fetch_or_u64(&self, gpa: u64, bits: u64) -> Result<u64, MemError> {
+            self.mem.fetch_or_u64(gpa, bits)
+        }
+    }
+
+    /// A device checksum of one page whose CPU leaf becomes `new_pte(old)` while the device
+    /// reads it; returns the events and the violation count.
+    fn checksum_with_cpu_change(
+        new_pte: impl Fn(u64) -> u64,
+    ) -> (Vec<(u8, u16, u64, u64, u64)>, u64) {
+        let mut r = rig();
+        let frame = r.map_page(1, VA);
+        let pte_gpa = r.cpu_leaf_gpa(1, VA);
+        let old = r.mem.read_u64(pte_gpa).expect("cpu leaf");
+        r.submit(job(DMA_CHECKSUM, 1, VA, 0, PG, 0));
+        let mem = CpuPteChangeMidAccess {
+            mem: &r.mem,
+            frame,
+            pte_gpa,
+            new_pte: new_pte(old),
+            done: Cell::new(false),
+        };
+        while r.dev.process(&mem, 64) {}
+        assert!(mem.done.get(), "the device read the page");
+        (event_log(&mut r), r.dev.stat(STAT_VIOLATIONS))
+    }
+
+    #[test]
+    fn a_zap_landing_mid_access_is_caught_after_it() {
+        // The walk before the access saw the page mapped; the CPU unmapped it while the bytes
+        // moved (a driver that returned from its invalidation before the device was done).
+        let (events, violations) = checksum_with_cpu_change(|_| 0);
+        assert_eq!(violations, 1, "{events:x?}");
+        let v: Vec<_> = events
+            .iter()
+            .filter(|e| e.0 == ev::EVT_VIOLATION)
+            .map(|e| (e.1, e.2))
+            .collect();
+        assert_eq!(v, [(ev::VIOL_ZAPPED_DURING_ACCESS, VA)]);
+    }
+
+    #[test]
+    fn a_page_remapped_mid_access_is_caught_after_it() {
+        // COW or migration without the device's shootdown: same permissions, another frame.
+        let (events, violations) = checksum_with_cpu_change(|old| old ^ (16 * PG));
+        assert_eq!(violations, 1, "{events:x?}");
+        assert!(events
+            .iter()
+            .any(|e| (e.0, e.1) == (ev::EVT_VIOLATION, ev::VIOL_ZAPPED_DURING_ACCESS)));
+    }
+
+    #[test]
+    fn accessed_and_dirty_bits_set_mid_access_are_no_violation() {
+        // The CPU setting A/D on the same frame changes nothing the device relies on.
+        let ad = crate::x86pt::X86_A | crate::x86pt::X86_D;
+        let (events, violations) = checksum_with_cpu_change(|old| old | ad);
+        assert_eq!(violations, 0, "{events:x?}");
+    }
 }

@@ -228,6 +228,13 @@ impl<E: Events> Rig<E> {
             .expect("cpu set flags");
     }
 
+    /// The CPU side: the guest-physical address of the 4 KiB leaf entry that maps `va`.
+    pub fn cpu_leaf_gpa(&self, asid: u32, va: u64) -> u64 {
+        self.cpu_pt[&asid]
+            .entry_gpa(&self.mem, va, 1)
+            .expect("cpu leaf")
+    }
+
     /// The CPU side: unmap `va`.
     pub fn cpu_unmap(&mut self, asid: u32, va: u64) {
         self.cpu_pt[&asid].unmap(&self.mem, va).expect("cpu unmap");

@@ -70,6 +70,14 @@ pub const VIOL_TABLE_FREED: u16 = 6;
 /// walk, after it and before its access or fault; the walk's outcome is unchanged. An entry
 /// that is merely invalid (cleared, its `CMD_CFGI_CTX` not executed yet) is not reported.
 pub const VIOL_CTX_RELEASED: u16 = 7;
+/// Violation (ABI 1.6): the CPU page table changed under an access while its bytes moved. The
+/// walk made after the access no longer maps the VA to the frame the device used, with the
+/// permission it used, although the walk before it did (or the access's verdict before was
+/// clean): the driver let the kernel zap, remap or write-protect the page before the device was
+/// done with it (its invalidation returned early). `info` the device PA, `info2` what the CPU
+/// maps after the access ([`NO_PA`] for nothing). Per-context `STATS` have no slot for it yet
+/// (their array ends at [`VIOL_CTX_RELEASED`]); the device-wide count and the trace have it.
+pub const VIOL_ZAPPED_DURING_ACCESS: u16 = 8;
 
 /// `info2` of a violation when the CPU maps nothing at the VA.
 pub const NO_PA: u64 = u64::MAX;
@@ -146,6 +154,7 @@ pub const fn violation_name(reason: u16) -> &'static str {
         VIOL_LEDGER => "ledger",
         VIOL_TABLE_FREED => "table_freed",
         VIOL_CTX_RELEASED => "ctx_released",
+        VIOL_ZAPPED_DURING_ACCESS => "zapped_during_access",
         _ => "unknown",
     }
 }
