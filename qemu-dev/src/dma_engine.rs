@@ -6,17 +6,21 @@
 //! pages by default), and, for the opcodes staged through the device's buffer (FILL, CHECKSUM,
 //! COMPARE), at every page boundary: every byte of a step has one translation id and one
 //! verdict. Per step, each side
-//! is translated once (held translation, IOTLB hit or walk) and walked once in the CPU page
-//! table (the walk an IOTLB fill makes for its snapshot is the one the verdict uses), the bytes
-//! move with one guest-to-guest copy or through a staging buffer the device keeps (no
-//! allocation), and each side is traced as one `dma_access` and judged by the ledger and the
-//! validator. Commands run between steps.
+//! is translated once (held translation, IOTLB hit or walk) and walked in the CPU page table
+//! before its bytes move (the walk an IOTLB fill makes for its snapshot is the one that verdict
+//! uses), the bytes move with one guest-to-guest copy or through a staging buffer the device
+//! keeps (no allocation), and each side is traced as one `dma_access` and judged by the ledger
+//! and the validator: first against the walk before, then, if that was clean, against a second
+//! walk made after the bytes moved (the guest runs meanwhile): a CPU mapping that changed under
+//! the access is a [`shared_regs::event::VIOL_ZAPPED_DURING_ACCESS`] violation. Commands run
+//! between steps.
 //!
 //! A job holds at most two translations (its read side and its write side) from the step that
 //! translated them until a later step translates another page, as a device holds translations
 //! for transactions in flight. An invalidation that covers a held translation dooms it: the job
-//! may keep using it (the CPU page table cannot change before the driver's SYNC returns), but a
-//! SYNC cannot complete until the job lets go, and the ledger flags any use after that SYNC.
+//! may keep using it (with a correct driver the CPU page table cannot change before the
+//! driver's SYNC returns; the walk after each access checks that), but a SYNC cannot complete
+//! until the job lets go, and the ledger flags any use after that SYNC.
 //!
 //! Nothing runs while bus mastering is off (a job stops between two steps), and the injected
 //! [`FAIL_DMA_HANG`] and [`FAIL_DIE`] fire at a step ([`crate::inject`]). The test knobs
@@ -392,7 +396,8 @@ impl<E: Events> ZapguardDevice<E> {
         };
         // The validator reads the context entry uncached: it judges what the driver says now.
         let fresh = read_context(mem, self.s.ctx_base, d.asid);
-        // One CPU walk per side, before the access: the fill's if it still applies.
+        // One CPU walk per side before the access (the fill's if it still applies); the walk
+        // after it is `checked_access`'s.
         let cpu = |s: &Side| fresh.as_ref().and_then(|c| self.cpu_walk(mem, c, s));
         let (src_cpu, dst_cpu) = (
             src_side.as_ref().and_then(cpu),
@@ -780,7 +785,16 @@ impl<E: Events> ZapguardDevice<E> {
             write: s.write,
             cpu_dirty_at_fill: dirty_at_fill,
         };
-        if let Some(v) = self.s.validator.judge(mem, fresh, &access, walked) {
+        let verdict = match self.s.validator.judge(mem, fresh, &access, walked) {
+            Some(v) => Some(v),
+            // Clean before: the CPU walk after the bytes moved must agree.
+            None => {
+                let after = read_context(mem, self.s.ctx_base, d.asid)
+                    .and_then(|c| self.s.validator.lookup(mem, &c, s.va));
+                self.s.validator.judge_after(&access, after)
+            }
+        };
+        if let Some(v) = verdict {
             let cpu_pa = (v.cpu_pa != ev::NO_PA).then_some(v.cpu_pa);
             self.violation(mem, d, v.class, s.va, s.pa, cpu_pa, s.write, v.why);
         }
@@ -1114,12 +1128,13 @@ mod tests {
             assert_eq!((read.0, read.1, read.2), (src + src_off + at, n, false));
             assert_eq!((write.0, write.1, write.2), (dst + dst_off + at, n, true));
         }
-        // Each page of either side translated once, each side of each step judged once with
-        // one CPU walk.
+        // Each page of either side translated once, each side of each step judged before and
+        // after its bytes moved, with one CPU walk each time.
         assert_eq!(r.dev.stat(STAT_WALKS), 8);
         let steps = (cuts.len() - 1) as u64;
-        assert_eq!(r.dev.s.validator.counts().checks, 2 * steps);
-        assert_eq!(reads.get() / 4, 2 * steps);
+        let counts = r.dev.s.validator.counts();
+        assert_eq!((counts.checks, counts.after_checks), (2 * steps, 2 * steps));
+        assert_eq!(reads.get() / 4, 4 * steps);
         assert_eq!(r.dev.stat(STAT_VIOLATIONS), 0);
         let done = r.status(crate::testkit::STATUS);
         assert_eq!((done.status, done.bytes_done), (DMA_ST_OK, len));
@@ -1413,10 +1428,11 @@ mod tests {
             (1, 0)
         );
         assert_eq!(r.dev.s.validator.counts().checks, 64);
+        assert_eq!(r.dev.s.validator.counts().after_checks, 64);
         assert_eq!(
             reads.get() / 4,
-            64,
-            "one CPU walk per step: the fill's served its step's verdict"
+            2 * 64,
+            "two CPU walks per step, before and after its bytes moved: the fill's served its step's first"
         );
         assert_eq!(r.dev.stat(STAT_VIOLATIONS), 0);
         let waited = r.activity().iter().find_map(|a| match a {
@@ -1641,10 +1657,8 @@ mod tests {
     }
 
     /// A device checksum of one page whose CPU leaf becomes `new_pte(old)` while the device
-    /// reads it; returns the events and the violation count.
-    fn checksum_with_cpu_change(
-        new_pte: impl Fn(u64) -> u64,
-    ) -> (Vec<(u8, u16, u64, u64, u64)>, u64) {
+    /// reads it; returns the (class, va) of each violation event and the violation count.
+    fn checksum_with_cpu_change(new_pte: impl Fn(u64) -> u64) -> (Vec<(u16, u64)>, u64) {
         let mut r = rig();
         let frame = r.map_page(1, VA);
         let pte_gpa = r.cpu_leaf_gpa(1, VA);
@@ -1659,31 +1673,29 @@ mod tests {
         };
         while r.dev.process(&mem, 64) {}
         assert!(mem.done.get(), "the device read the page");
-        (event_log(&mut r), r.dev.stat(STAT_VIOLATIONS))
+        let violations = event_log(&mut r)
+            .iter()
+            .filter(|e| e.0 == ev::EVT_VIOLATION)
+            .map(|e| (e.1, e.2))
+            .collect();
+        (violations, r.dev.stat(STAT_VIOLATIONS))
     }
 
     #[test]
     fn a_zap_landing_mid_access_is_caught_after_it() {
         // The walk before the access saw the page mapped; the CPU unmapped it while the bytes
         // moved (a driver that returned from its invalidation before the device was done).
-        let (events, violations) = checksum_with_cpu_change(|_| 0);
-        assert_eq!(violations, 1, "{events:x?}");
-        let v: Vec<_> = events
-            .iter()
-            .filter(|e| e.0 == ev::EVT_VIOLATION)
-            .map(|e| (e.1, e.2))
-            .collect();
+        let (v, violations) = checksum_with_cpu_change(|_| 0);
+        assert_eq!(violations, 1, "{v:x?}");
         assert_eq!(v, [(ev::VIOL_ZAPPED_DURING_ACCESS, VA)]);
     }
 
     #[test]
     fn a_page_remapped_mid_access_is_caught_after_it() {
         // COW or migration without the device's shootdown: same permissions, another frame.
-        let (events, violations) = checksum_with_cpu_change(|old| old ^ (16 * PG));
-        assert_eq!(violations, 1, "{events:x?}");
-        assert!(events
-            .iter()
-            .any(|e| (e.0, e.1) == (ev::EVT_VIOLATION, ev::VIOL_ZAPPED_DURING_ACCESS)));
+        let (v, violations) = checksum_with_cpu_change(|old| old ^ (16 * PG));
+        assert_eq!(violations, 1, "{v:x?}");
+        assert_eq!(v, [(ev::VIOL_ZAPPED_DURING_ACCESS, VA)]);
     }
 
     #[test]

@@ -114,6 +114,10 @@ pub struct ValidatorCounts {
     pub write_clean: u64,
     /// [`event::VIOL_RELEASED`] violations.
     pub released: u64,
+    /// Accesses judged again after their bytes moved ([`Validator::judge_after`]).
+    pub after_checks: u64,
+    /// [`event::VIOL_ZAPPED_DURING_ACCESS`] violations.
+    pub zapped_during_access: u64,
 }
 
 impl ValidatorCounts {
@@ -124,13 +128,14 @@ impl ValidatorCounts {
             event::VIOL_WRITE_PERM => self.write_perm,
             event::VIOL_WRITE_CLEAN => self.write_clean,
             event::VIOL_RELEASED => self.released,
+            event::VIOL_ZAPPED_DURING_ACCESS => self.zapped_during_access,
             _ => 0,
         }
     }
 
     /// Violations of every class.
     pub fn violations(&self) -> u64 {
-        self.stale + self.write_perm + self.write_clean + self.released
+        self.stale + self.write_perm + self.write_clean + self.released + self.zapped_during_access
     }
 }
 
@@ -181,6 +186,42 @@ impl Validator {
             _ => c.released += 1,
         }
         Some(v)
+    }
+
+    /// Judges `a` again once its bytes moved, whose verdict before the access was clean:
+    /// `after` is the CPU walk of `a.va` made after the access, under `ctx` as guest memory
+    /// held it then (`None`: validation is off or the address space was released by then, and
+    /// nothing is judged). The CPU must still map the VA to the frame the device used, with
+    /// the permission it used; anything else means that the page was zapped, remapped or
+    /// write-protected while the device was using it ([`event::VIOL_ZAPPED_DURING_ACCESS`]).
+    /// Accessed and dirty bits may change: the CPU sets them without an invalidation.
+    pub fn judge_after(&mut self, a: &Access, after: Option<CpuLookup>) -> Option<Violation> {
+        let after = after?;
+        self.counts.after_checks += 1;
+        let cpu_pa = match after {
+            Ok(CpuPte::Present { pa, writable, .. }) => {
+                let same_frame = pa == a.dev_pa & !(pte::PAGE_SIZE - 1);
+                if same_frame && (writable || !a.write) {
+                    return None;
+                }
+                pa | (a.va & (X86_SIZE_4K - 1))
+            }
+            Ok(CpuPte::NotPresent) => event::NO_PA,
+            Err(_) => {
+                self.counts.walk_errors += 1;
+                event::NO_PA
+            }
+        };
+        self.counts.zapped_during_access += 1;
+        Some(Violation {
+            class: event::VIOL_ZAPPED_DURING_ACCESS,
+            asid: a.asid,
+            va: a.va,
+            dev_pa: a.dev_pa,
+            cpu_pa,
+            write: a.write,
+            why: "the CPU page table changed while the device accessed the page (zapped, remapped or write-protected before the device was done)",
+        })
     }
 
     /// The CPU walk of `va` under `ctx`, if a verdict can need one: `None` if validation is off

@@ -589,6 +589,16 @@ _Static_assert(ZG_IOC_INJECT == _IOW('z', 0x05, struct zg_inject), "ZG_IOC_INJEC
  * that is merely invalid (cleared, its CMD_CFGI_CTX not executed yet) is not reported.
  */
 #define ZG_VIOL_CTX_RELEASED 7u
+/*
+ * Violation (ABI 1.6): the CPU page table changed under an access while its bytes moved. The
+ * walk made after the access no longer maps the VA to the frame the device used, with the
+ * permission it used, although the walk before it did (or the access's verdict before was
+ * clean): the driver let the kernel zap, remap or write-protect the page before the device was
+ * done with it (its invalidation returned early). info the device PA, info2 what the CPU
+ * maps after the access (NO_PA for nothing). Per-context STATS have no slot for it yet
+ * (their array ends at ZG_VIOL_CTX_RELEASED); the device-wide count and the trace have it.
+ */
+#define ZG_VIOL_ZAPPED_DURING_ACCESS 8u
 
 /* Device constants from regs.rs. */
 /* Failure mode: none, the device works. */

@@ -54,7 +54,8 @@ fn device_values() -> Vec<(&'static str, &'static str, Value)> {
         "event.rs",
         &values!(event: FAULT_NOT_PRESENT, FAULT_PERMISSION, FAULT_CTX_INVALID, FAULT_BAD_PTE,
             FAULT_WALK_ABORT, FAULT_ADDRESS, FAULT_ABORTED, VIOL_STALE, VIOL_WRITE_PERM,
-            VIOL_WRITE_CLEAN, VIOL_RELEASED, VIOL_LEDGER, VIOL_TABLE_FREED, VIOL_CTX_RELEASED),
+            VIOL_WRITE_CLEAN, VIOL_RELEASED, VIOL_LEDGER, VIOL_TABLE_FREED, VIOL_CTX_RELEASED,
+            VIOL_ZAPPED_DURING_ACCESS),
     );
     add(
         "regs.rs",

@@ -318,7 +318,7 @@ pub const IDENT_MAGIC: u32 = u32::from_le_bytes(*b"ZAPG");
 /// Major ABI version: a driver must refuse a device with another major.
 pub const VERSION_MAJOR: u16 = 1;
 /// Minor ABI version: additions only.
-pub const VERSION_MINOR: u16 = 5;
+pub const VERSION_MINOR: u16 = 6;
 /// Value of [`VERSION`].
 pub const VERSION_VALUE: u32 = ((VERSION_MAJOR as u32) << 16) | VERSION_MINOR as u32;
 
