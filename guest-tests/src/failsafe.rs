@@ -51,6 +51,19 @@ pub(crate) fn reload(params: &[&str]) -> Result<(), String> {
     crate::run_cmd("insmod", &args)
 }
 
+/// Runs `test` with the driver reloaded with `params`, then reloads it with the defaults
+/// (whatever `test` returned); the test's error comes first.
+pub(crate) fn with_params(
+    params: &[&str],
+    test: impl FnOnce() -> Result<(), String>,
+) -> Result<(), String> {
+    reload(params)?;
+    let r = test();
+    let restored = reload(&[]);
+    r?;
+    restored
+}
+
 /// The driver's device-knob parameters the run was started with (`zg.knobs=P=V,...` on the
 /// kernel command line, which init passed to the first insmod).
 pub(crate) fn knob_params() -> Vec<String> {

@@ -519,20 +519,8 @@ fn still_idle(pfns: &[u64], trackable: &[bool]) -> Result<Vec<Option<bool>>, Str
 pub fn aging_never_waits_for_the_device() -> Result<(), String> {
     const PAGES: usize = 64;
     const BOUND: Duration = Duration::from_millis(250);
-    if !std::path::Path::new(PAGE_IDLE).exists() {
-        return Err(crate::ktap::skip(
-            "CONFIG_IDLE_PAGE_TRACKING is not set in the guest kernel",
-        ));
-    }
-    let f = open()?;
-    let mut a = Mapping::anon(PAGES * PG).map_err(|e| e.to_string())?;
-    a.madvise(0, a.len, libc::MADV_NOHUGEPAGE)
-        .map_err(|e| e.to_string())?;
-    a.bytes_mut().fill(0x22);
-    map(&f, &a, false)?;
     // The device's reads set the accessed bits the marking then clears.
-    run(&f, dev::job(DMA_CHECKSUM, a.addr, 0, a.len, 0))?;
-    let pfns = pfns(&a)?;
+    let (f, _a, pfns) = device_read_small_pages(PAGES, 0x22)?;
     let lag = ZgInject {
         sync_lag: shared_regs::regs::SYNC_LAG_MAX,
         ..Default::default()
@@ -576,27 +564,38 @@ fn moved_pages(m: &Mapping, pfns_before: &[u64]) -> Result<Vec<bool>, String> {
         .collect())
 }
 
-/// Idle-page tracking sees the device's use: pages marked idle and then read only by the
-/// device are reported not idle (the driver answers `clear_young` from the device PTEs'
-/// accessed bits), pages the device did not touch stay idle, and the device reports no
-/// violation.
-pub fn aging_reports_device_use_to_idle_tracking() -> Result<(), String> {
-    const PAGES: usize = 64;
+/// For the idle-tracking tests (skipped without `CONFIG_IDLE_PAGE_TRACKING`): `pages` 4 KiB
+/// pages filled with `byte`, mirrored and read once by the device; the file, the mapping and
+/// the pages' PFNs.
+fn device_read_small_pages(
+    pages: usize,
+    byte: u8,
+) -> Result<(std::fs::File, Mapping, Vec<u64>), String> {
     if !std::path::Path::new(PAGE_IDLE).exists() {
         return Err(crate::ktap::skip(
             "CONFIG_IDLE_PAGE_TRACKING is not set in the guest kernel",
         ));
     }
     let f = open()?;
-    let mut a = Mapping::anon(PAGES * PG).map_err(|e| e.to_string())?;
+    let mut a = Mapping::anon(pages * PG).map_err(|e| e.to_string())?;
     a.madvise(0, a.len, libc::MADV_NOHUGEPAGE)
         .map_err(|e| e.to_string())?;
-    a.bytes_mut().fill(0x11);
+    a.bytes_mut().fill(byte);
     map(&f, &a, false)?;
-    // Warm the IOTLB: marking pages idle must drop the device's cached translations too, or
-    // its next reads hit them and set no accessed bit.
     run(&f, dev::job(DMA_CHECKSUM, a.addr, 0, a.len, 0))?;
     let pfns = pfns(&a)?;
+    Ok((f, a, pfns))
+}
+
+/// Idle-page tracking sees the device's use: pages marked idle and then read only by the
+/// device are reported not idle (the driver answers `clear_young` from the device PTEs'
+/// accessed bits), pages the device did not touch stay idle, and the device reports no
+/// violation.
+pub fn aging_reports_device_use_to_idle_tracking() -> Result<(), String> {
+    const PAGES: usize = 64;
+    // Warm the IOTLB: marking pages idle must drop the device's cached translations too, or
+    // its next reads hit them and set no accessed bit.
+    let (f, a, pfns) = device_read_small_pages(PAGES, 0x11)?;
     // Idle tracking sees only pages on the LRU lists (not those still in a per-CPU batch) and
     // not the bitmap's last word: a page is tracked if it reads idle right after marking.
     let written = mark_idle(&pfns)?;

@@ -246,11 +246,10 @@ const JOB_TIMEOUT_MS: u64 = 2000;
 /// then completes with the right checksum, and a third process afterwards works normally: the
 /// device was never failed.
 pub fn stalled_fault_costs_only_its_own_context() -> Result<(), String> {
-    crate::failsafe::reload(&[&format!("job_timeout_ms={JOB_TIMEOUT_MS}")])?;
-    let r = stalled_fault_isolation();
-    let restored = crate::failsafe::reload(&[]);
-    r?;
-    restored
+    crate::failsafe::with_params(
+        &[&format!("job_timeout_ms={JOB_TIMEOUT_MS}")],
+        stalled_fault_isolation,
+    )
 }
 
 /// How long the handler holds A's first fault (answered), so that A's unanswered fault starts

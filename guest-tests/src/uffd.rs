@@ -263,11 +263,7 @@ pub fn uffd_held_fault_blocks_only_its_context() -> Result<(), String> {
 /// after `job_timeout_ms` (`ETIMEDOUT`) instead of holding the device's DMA engine, and the
 /// device stays live: the context's next job (on mirrored memory) runs.
 pub fn uffd_unanswered_fault_aborts_only_its_job() -> Result<(), String> {
-    crate::failsafe::reload(&["job_timeout_ms=1000"])?;
-    let r = unanswered_fault();
-    let restored = crate::failsafe::reload(&[]);
-    r?;
-    restored
+    crate::failsafe::with_params(&["job_timeout_ms=1000"], unanswered_fault)
 }
 
 fn unanswered_fault() -> Result<(), String> {
@@ -474,11 +470,7 @@ impl Overtaken {
 /// service's 2 s time bound does not count: the job fails with `EBUSY` (the README's row),
 /// after 256 retried walks. `job_timeout_ms` is raised so that only the retry bound can end it.
 pub fn fault_service_retries_are_bounded() -> Result<(), String> {
-    crate::failsafe::reload(&["job_timeout_ms=120000"])?;
-    let r = overtaken_fault_gives_up();
-    let restored = crate::failsafe::reload(&[]);
-    r?;
-    restored
+    crate::failsafe::with_params(&["job_timeout_ms=120000"], overtaken_fault_gives_up)
 }
 
 fn overtaken_fault_gives_up() -> Result<(), String> {
@@ -527,11 +519,7 @@ fn overtaken_fault_gives_up() -> Result<(), String> {
 /// ten seconds here, taking faults in the process's userfaultfd handler for a job nobody waits
 /// for).
 pub fn aborted_fault_service_stops_walking() -> Result<(), String> {
-    crate::failsafe::reload(&["job_timeout_ms=1000"])?;
-    let r = aborted_service_stops();
-    let restored = crate::failsafe::reload(&[]);
-    r?;
-    restored
+    crate::failsafe::with_params(&["job_timeout_ms=1000"], aborted_service_stops)
 }
 
 fn aborted_service_stops() -> Result<(), String> {
