@@ -61,15 +61,6 @@ struct Options {
 /// The guest kernel flavors images/kernel/build.sh builds.
 const FLAVORS: [&str; 4] = ["default", "debug", "kasan", "kcsan"];
 
-/// The guest tests the lock-debugging kernel runs again with dma-debug on: every test that
-/// maps, unmaps and writes user pages through the device, none that unbinds it while a file is
-/// open. (The driver keeps its coherent memory, the rings and the table pool, until the last
-/// file closes, which dma-debug reports at such an unbind; the full suite on that kernel runs
-/// with `dma_debug=off`.) The run ends with `rmmod`: a mapping left behind is a WARN there.
-const DMA_DEBUG_FILTER: &str = "user_pages_are_dma_mapped|mirror_read_write_copy|munmap_shoots|\
-madvise_dontneed|mprotect_|fork_|thp_|hmm_|side_by_side|hugetlbfs|ksm_|race_|compaction|numa_|\
-aging_|device_writes|write_fault|map_private|uffd_|upstream_hmm_tests_zapguard";
-
 /// The device knobs a whole run can turn on, as the driver's module parameters: the clean
 /// suite must stay clean with each (`just test` runs it once per entry; an entry may turn on
 /// several knobs, so that a new knob costs no extra run).
@@ -1042,22 +1033,11 @@ fn main() -> ExitCode {
                             timeout: opts.timeout * 2,
                             ..opts.clone()
                         };
-                        let no_dma_debug = Options {
-                            init_extra: vec!["dma_debug=off".into()],
-                            ..slow.clone()
-                        };
-                        let dma_debug = Options {
-                            filter: Some(DMA_DEBUG_FILTER.into()),
-                            ..slow.clone()
-                        };
+                        // dma-debug is on for the whole run (the kernel's default): a
+                        // DMA mapping or coherent allocation still held when the device unbinds,
+                        // or when the module goes, is a WARN.
                         let (dp, df) = flavor_artifacts(&root, &art, "debug")
-                            .and_then(|dbg| {
-                                let (p, f) =
-                                    vm_run(&root, &dbg, &no_dma_debug, vm::Echo::Results)?;
-                                println!("\n== the same kernel with dma-debug on: user-page DMA mappings ==");
-                                let (dp, df) = vm_run(&root, &dbg, &dma_debug, vm::Echo::Results)?;
-                                Ok((p + dp, f + df))
-                            })
+                            .and_then(|dbg| vm_run(&root, &dbg, &slow, vm::Echo::Results))
                             .unwrap_or_else(|e| {
                                 eprintln!("xtask: debug flavor: {e}");
                                 (0, 1)
