@@ -115,6 +115,7 @@ const TESTS: &[Test] = ktap::tests![
     stalled_fault_costs_only_its_own_context,
     rmmod_waits_for_a_held_fault,
     user_pages_are_dma_mapped_while_the_device_maps_them,
+    unbind_frees_dma_memory_while_files_stay_open,
     hmm_compat_node_reads_snapshots_and_refuses,
     c_example_through_zapguard_h,
     upstream_hmm_tests_test_hmm,

@@ -659,9 +659,9 @@ const DMA_API_DUMP: &str = "/sys/kernel/debug/dma-api/dump";
 /// "Y" when dma-debug is off (`dma_debug=off`, or it disabled itself).
 const DMA_API_DISABLED: &str = "/sys/kernel/debug/dma-api/disabled";
 
-/// The physical addresses of the zapguard driver's live streaming DMA mappings (coherent
-/// allocations, the rings and table pool, left out), or a skip on a kernel without dma-debug.
-fn dma_mapped_pages() -> Result<Vec<u64>, String> {
+/// The lines of dma-debug's list of live DMA mappings and coherent allocations that `keep`
+/// selects, or a skip on a kernel without dma-debug.
+fn dma_debug_entries(keep: impl Fn(&str) -> bool) -> Result<Vec<String>, String> {
     if !std::path::Path::new(DMA_API_DUMP).exists() {
         // debugfs may just not be mounted yet.
         // SAFETY: NUL-terminated literals; mounting debugfs at its usual place.
@@ -682,19 +682,38 @@ fn dma_mapped_pages() -> Result<Vec<u64>, String> {
         Some(Ok(d)) => d,
         _ => {
             return Err(crate::ktap::skip(
-                "dma-debug is off (the lock-debugging kernel's dma-debug run has it on)",
+                "dma-debug is off (the lock-debugging kernel's run has it on)",
             ))
         }
     };
-    // "zapguard 0000:00:03.0 phy idx 12 P=0x... D=... L=... cln=... DMA_BIDIRECTIONAL ..."
     Ok(dump
         .lines()
-        .filter(|l| l.starts_with("zapguard ") && !l.contains(" coherent "))
+        .filter(|l| keep(l))
+        .map(str::to_owned)
+        .collect())
+}
+
+/// The physical addresses of the zapguard driver's live streaming DMA mappings (coherent
+/// allocations, the rings and table pool, left out), or a skip on a kernel without dma-debug.
+fn dma_mapped_pages() -> Result<Vec<u64>, String> {
+    // "zapguard 0000:00:03.0 phy idx 12 P=0x... D=... L=... cln=... DMA_BIDIRECTIONAL ..."
+    Ok(dma_debug_entries(|l| l.starts_with("zapguard "))?
+        .iter()
+        .filter(|l| !l.contains(" coherent "))
         .filter_map(|l| {
             let p = l.split_whitespace().find_map(|w| w.strip_prefix("P="))?;
             u64::from_str_radix(p.trim_start_matches("0x"), 16).ok()
         })
         .collect())
+}
+
+/// The live coherent allocations (rings, context table, table pool, bounce buffers) and DMA
+/// mappings of device `bdf`, as dma-debug counts them. By device, not by driver: once the
+/// driver is unbound, dma-debug names what is left by the bus ("pci 0000:00:03.0 ...").
+fn dma_entries_of(bdf: &str) -> Result<(usize, usize), String> {
+    let lines = dma_debug_entries(|l| l.split_whitespace().nth(1) == Some(bdf))?;
+    let coherent = lines.iter().filter(|l| l.contains(" coherent ")).count();
+    Ok((coherent, lines.len() - coherent))
 }
 
 /// How many of the pages of `pfns` are among the driver's DMA mappings.
@@ -748,4 +767,85 @@ pub fn user_pages_are_dma_mapped_while_the_device_maps_them() -> Result<(), Stri
     )?;
     m.unmap();
     Ok(())
+}
+
+/// An unbind gives back everything the driver got from the DMA API for the device, although a
+/// process keeps its file open, its address space mirrored and a bounce buffer allocated: the
+/// driver's coherent memory (rings, context table, table pool, bounce buffer) and the user pages
+/// it mapped. The file then gets `ENODEV`, and the process's munmap (an invalidation of a context
+/// whose tables are gone) and close are quiet. Rebinding brings all of it back.
+pub fn unbind_frees_dma_memory_while_files_stay_open() -> Result<(), String> {
+    const PAGES: usize = 64;
+    let bdf = crate::bound_devices()?
+        .into_iter()
+        .next()
+        .ok_or("no bound device")?;
+    let (bound, _) = dma_entries_of(&bdf)?;
+    if bound == 0 {
+        return Err(
+            "dma-debug lists no coherent allocation of the bound device: the dump's \
+                    format changed, this test would prove nothing"
+                .into(),
+        );
+    }
+    let f = open()?;
+    let mut m = Mapping::anon(PAGES * PG).map_err(err)?;
+    m.madvise(0, m.len, libc::MADV_NOHUGEPAGE).map_err(err)?;
+    map(&f, &m, true)?;
+    run(&f, fill_job(m.addr, m.len, 0x3c))?;
+    // A READ: the context's bounce buffer is a coherent allocation too.
+    let mut sink = vec![0u8; PG];
+    run(
+        &f,
+        dev::job(
+            shared_regs::dma::DMA_READ,
+            m.addr,
+            0,
+            PG,
+            sink.as_mut_ptr() as u64,
+        ),
+    )?;
+    check_eq(sink[0], 0x3c, "byte the device read back")?;
+    let (with_file, mapped) = dma_entries_of(&bdf)?;
+    std::fs::write(format!("{}/unbind", crate::DRIVER_DIR), &bdf)
+        .map_err(|e| format!("unbind {bdf}: {e}"))?;
+    let after = (|| {
+        let left = dma_entries_of(&bdf)?;
+        let info = dev::get_info(&f).map(|_| ()).map_err(|e| dev::errno(&e));
+        // The invalidation of a context whose device memory is gone.
+        m.unmap();
+        Ok::<_, String>((left, info))
+    })();
+    drop(f);
+    std::fs::write(format!("{}/bind", crate::DRIVER_DIR), &bdf)
+        .map_err(|e| format!("rebind {bdf}: {e}"))?;
+    let ((coherent_left, mapped_left), info) = after?;
+    println!(
+        "# coherent allocations: {bound} bound, {with_file} with the file's bounce buffer, \
+         {coherent_left} after unbind; DMA mappings: {mapped}, {mapped_left} after unbind"
+    );
+    if with_file <= bound || mapped < PAGES {
+        return Err(format!(
+            "the file's bounce buffer ({with_file} vs {bound} allocations) or its {PAGES} mapped \
+             pages ({mapped}) are not in dma-debug's list: the test would prove nothing"
+        ));
+    }
+    check_eq(
+        coherent_left,
+        0,
+        "coherent allocations left after unbind, file open",
+    )?;
+    check_eq(mapped_left, 0, "DMA mappings left after unbind, file open")?;
+    check_eq(info, Err(libc::ENODEV), "GET_INFO after unbind")?;
+    check_eq(
+        dma_entries_of(&bdf)?.0,
+        bound,
+        "coherent allocations after rebind",
+    )?;
+    let f = open()?;
+    check_eq(
+        dev::get_info(&f).map_err(err)?.ident,
+        shared_regs::regs::IDENT_MAGIC,
+        "IDENT after rebind",
+    )
 }
