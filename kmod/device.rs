@@ -29,6 +29,7 @@
 
 use crate::abi::{cmd, event as ev, pci as zpci, queue, regs as abi_regs, uapi};
 use crate::dmamap::Spare;
+use crate::dmamem::DmaMem;
 use crate::hw::{DevresBar, Health, Hw, Synced, Wait, EVT_LOG2};
 use crate::mirror::Context;
 use crate::regs;
@@ -37,7 +38,6 @@ use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use kernel::{
     bindings,
     device::{Bound, Device},
-    dma::Coherent,
     io::Io,
     pci,
     prelude::*,
@@ -229,6 +229,13 @@ impl Shared {
         }
     }
 
+    /// Whether `e` only says that the device unbound under the caller: its DMA memory is gone
+    /// (accesses fail with `ENODEV`, see [`crate::dmamem`]) and it is fenced, so whatever the
+    /// caller was doing to the device's tables or queues no longer matters.
+    pub(crate) fn unbound_under(&self, e: Error) -> bool {
+        e == ENODEV && self.fenced()
+    }
+
     /// `Ok` while the device is live, else [`Self::failure_error`].
     pub(crate) fn check_live(&self) -> Result {
         if self.failed() {
@@ -311,8 +318,8 @@ impl Shared {
     }
 
     /// A zeroed coherent buffer of `bytes` for the device, while it is live. May sleep.
-    pub(crate) fn coherent(&self, bytes: usize) -> Result<Coherent<[u64]>> {
-        self.while_bound(|dev| Coherent::zeroed_slice(dev, bytes / 8, GFP_KERNEL))
+    pub(crate) fn coherent(&self, bytes: usize) -> Result<DmaMem> {
+        self.while_bound(|dev| DmaMem::zeroed(dev, bytes / 8))
     }
 
     /// Runs `f` with the device, which stays bound meanwhile; [`Self::failure_error`] once

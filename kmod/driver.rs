@@ -320,9 +320,7 @@ impl ZgFile {
         if let Some(b) = bounce.as_mut() {
             job.aux = b.addr()?;
             if job.op == DMA_WRITE {
-                UserSlice::new(UserPtr::from_addr(d.aux as usize), len)
-                    .reader()
-                    .read_slice(b.bytes(len)?)?;
+                b.fill_from_user(d.aux as usize, len)?;
             }
         }
         let done = self.run_job(ctx, job, bounce.is_some())?;
@@ -339,10 +337,8 @@ impl ZgFile {
             None
         };
         d.error = abort.map_or(0, |e| e.to_errno());
-        if let (Some(b), DMA_READ, DMA_ST_OK) = (bounce.as_mut(), job.op, st.status) {
-            UserSlice::new(UserPtr::from_addr(d.aux as usize), len)
-                .writer()
-                .write_slice(b.bytes(len)?)?;
+        if let (Some(b), DMA_READ, DMA_ST_OK) = (bounce.as_ref(), job.op, st.status) {
+            b.drain_to_user(d.aux as usize, len)?;
         }
         write_arg(arg, &d)?;
         match st.status {

@@ -204,7 +204,7 @@ impl HmmFile {
         let (op, src, dst) = match dir {
             Dir::Read => (dma::DMA_READ, va, 0),
             Dir::Write => {
-                b.bytes(chunk.len())?.copy_from_slice(chunk);
+                b.fill(chunk)?;
                 (dma::DMA_WRITE, 0, va)
             }
         };
@@ -221,7 +221,7 @@ impl HmmFile {
         let st = run_job(shared, ctx, job, true)?.status;
         if dir == Dir::Read {
             let got = (st.bytes_done as usize).min(chunk.len());
-            chunk[..got].copy_from_slice(b.bytes(got)?);
+            b.drain(&mut chunk[..got])?;
         }
         Ok(st)
     }

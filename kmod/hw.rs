@@ -8,7 +8,9 @@
 //! share: files can outlive an unbind, and the device must never see freed memory. Unbind
 //! fences the device (`CR0 = 0`, or bus mastering off if it does not confirm, see
 //! [`crate::device`]) before the BAR is revoked, after which nothing here is touched by the
-//! device; the memory itself is freed when the last file closes.
+//! device. The DMA memory itself is a [`DmaMem`] each: the driver core frees it right after the
+//! unbind, open files or not, and every access after that fails with `ENODEV` (the queue state
+//! and locks live on until the last file closes).
 //!
 //! Every wait here is bounded (the `sync_timeout_ms` and `job_timeout_ms` parameters) and
 //! returns as soon as [`Health`] says the device failed; the caller then fails and fences the
@@ -28,12 +30,12 @@
 //! all safe to take from an mmu_notifier callback (see [`crate::mm`]'s locking rules).
 
 use crate::abi::{cmd, dma, pte, queue};
+use crate::dmamem::DmaMem;
 use crate::regs;
 use core::sync::atomic::{AtomicBool, AtomicU16, AtomicU32, AtomicU64, Ordering};
 use kernel::{
     bindings,
     device::{Bound, Device},
-    dma::Coherent,
     io::Io,
     new_condvar, new_mutex, new_spinlock, pci,
     prelude::*,
@@ -182,17 +184,6 @@ fn wait_on<'a, T>(
     Ok(guard)
 }
 
-/// Reads `words[i]` of a coherent buffer.
-fn rd(buf: &Coherent<[u64]>, i: usize) -> Result<u64> {
-    Ok(kernel::io::io_read!(buf, [try: i]))
-}
-
-/// Writes `words[i]` of a coherent buffer.
-fn wr(buf: &Coherent<[u64]>, i: usize, v: u64) -> Result {
-    kernel::io::io_write!(buf, [try: i], v);
-    Ok(())
-}
-
 /// A device page-table page, by index in the [`PtPool`], owned by whoever holds the value.
 ///
 /// Not `Copy` or `Clone`: a page comes out of [`PtPool::alloc`] or [`PtPool::detach`], goes
@@ -225,10 +216,10 @@ pub(crate) struct PtRef(u32);
 ///   under the `free` lock), so the device's table-lifetime check flags any walk through it.
 #[pin_data]
 pub(crate) struct PtPool {
-    chunks: KVec<Coherent<[u64]>>,
+    chunks: KVec<DmaMem>,
     /// Test builds: one bit per guest page up to the pool's highest page, set for the pool's
     /// free pages; the device reads it at every table read (`PT_FREED_*`, ABI 1.4).
-    freed: Option<Coherent<[u64]>>,
+    freed: Option<DmaMem>,
     /// Present entries per page, kept by [`Self::write`], so that an emptied table is found
     /// without reading its 512 entries (uncached memory, slow). A page's count changes only
     /// under its owner's lock, like its entries.
@@ -243,10 +234,7 @@ impl PtPool {
         let mut free = KVec::with_capacity(POOL_CHUNKS * CHUNK_PAGES, GFP_KERNEL)?;
         let mut present = KVec::with_capacity(POOL_CHUNKS * CHUNK_PAGES, GFP_KERNEL)?;
         for c in 0..POOL_CHUNKS {
-            chunks.push(
-                Coherent::zeroed_slice(dev, CHUNK_PAGES * PAGE_WORDS, GFP_KERNEL)?,
-                GFP_KERNEL,
-            )?;
+            chunks.push(DmaMem::zeroed(dev, CHUNK_PAGES * PAGE_WORDS)?, GFP_KERNEL)?;
             for p in 0..CHUNK_PAGES {
                 free.push((c * CHUNK_PAGES + p) as u32, GFP_KERNEL)?;
                 present.push(AtomicU16::new(0), GFP_KERNEL)?;
@@ -263,10 +251,7 @@ impl PtPool {
 
     /// The freed-table bitmap for the device's table-lifetime check, every pool page marked
     /// free: only in test builds, and only if it stays small (the pool below 32 GiB).
-    fn freed_bitmap(
-        dev: &Device<Bound>,
-        chunks: &[Coherent<[u64]>],
-    ) -> Result<Option<Coherent<[u64]>>> {
+    fn freed_bitmap(dev: &Device<Bound>, chunks: &[DmaMem]) -> Result<Option<DmaMem>> {
         const MAX_WORDS: u64 = 1 << 17;
         let end = chunks
             .iter()
@@ -277,7 +262,7 @@ impl PtPool {
         if !cfg!(zapguard_inject) || words == 0 || words > MAX_WORDS {
             return Ok(None);
         }
-        let map = Coherent::zeroed_slice(dev, words as usize, GFP_KERNEL)?;
+        let map = DmaMem::zeroed(dev, words as usize)?;
         for c in chunks {
             let first = c.dma_address() / pte::PAGE_SIZE;
             for p in first..first + (c.size() as u64 / pte::PAGE_SIZE) {
@@ -289,10 +274,10 @@ impl PtPool {
 
     /// Sets or clears guest page `pfn`'s bit in `map` (callers serialize: probe, or the `free`
     /// lock).
-    fn mark(map: &Coherent<[u64]>, pfn: u64, freed: bool) -> Result {
+    fn mark(map: &DmaMem, pfn: u64, freed: bool) -> Result {
         let (w, bit) = ((pfn / 64) as usize, 1u64 << (pfn % 64));
-        let old = rd(map, w)?;
-        wr(map, w, if freed { old | bit } else { old & !bit })
+        let old = map.read(w)?;
+        map.write(w, if freed { old | bit } else { old & !bit })
     }
 
     /// Marks `page` free or in use in the freed-table bitmap, if there is one.
@@ -310,7 +295,7 @@ impl PtPool {
         Some((map.dma_address(), pages))
     }
 
-    fn locate(&self, page: PtRef, idx: usize) -> Result<(&Coherent<[u64]>, usize)> {
+    fn locate(&self, page: PtRef, idx: usize) -> Result<(&DmaMem, usize)> {
         let page = page.0 as usize;
         let chunk = self.chunks.get(page / CHUNK_PAGES).ok_or(EINVAL)?;
         if idx >= PAGE_WORDS {
@@ -321,23 +306,15 @@ impl PtPool {
 
     /// Entry `idx` of table `page`.
     pub(crate) fn read(&self, page: PtRef, idx: usize) -> Result<u64> {
-        Ok(self.word(page, idx)?.load(Ordering::Acquire))
+        self.atomic(page, idx, |w| w.load(Ordering::Acquire))
     }
 
-    /// Entry `idx` of table `page` as an atomic word. The device sets A and D with atomic ORs on
-    /// the entries it walks, so every read-modify-write of a leaf the device can reach must be
-    /// atomic too, or a D the device set between the read and the write is lost.
-    fn word(&self, page: PtRef, idx: usize) -> Result<&AtomicU64> {
+    /// Runs `f` on entry `idx` of table `page` as an atomic word. The device sets A and D with
+    /// atomic ORs on the entries it walks, so every read-modify-write of a leaf the device can
+    /// reach must be atomic too, or a D the device set between the read and the write is lost.
+    fn atomic<R>(&self, page: PtRef, idx: usize, f: impl FnOnce(&AtomicU64) -> R) -> Result<R> {
         let (c, w) = self.locate(page, idx)?;
-        if (w + 1) * 8 > c.size() {
-            return Err(EINVAL);
-        }
-        // SAFETY: `w` indexes a word inside the chunk (checked above), which is coherent DMA
-        // memory, 8-byte aligned and valid for as long as `self` (the chunks live with the
-        // pool). The CPU accesses these words only through this pool, and the device only with
-        // 8-byte loads, stores and atomic ORs, so treating the word as an `AtomicU64` for the
-        // borrow of `self` races with nothing non-atomic.
-        Ok(unsafe { AtomicU64::from_ptr(c.as_mut_ptr().cast::<u64>().add(w)) })
+        c.atomic(w, f)
     }
 
     /// Keeps `page`'s present count when one of its entries goes from `old` to `new`.
@@ -358,7 +335,7 @@ impl PtPool {
     /// [`Self::attach`] and [`Self::detach`]) and returns what it replaced, the A and D bits
     /// the device set up to that instant included.
     pub(crate) fn swap(&self, page: PtRef, idx: usize, v: u64) -> Result<u64> {
-        let old = self.word(page, idx)?.swap(v, Ordering::AcqRel);
+        let old = self.atomic(page, idx, |w| w.swap(v, Ordering::AcqRel))?;
         self.count_present(page, old, v)?;
         Ok(old)
     }
@@ -371,17 +348,17 @@ impl PtPool {
     /// Clears the bits of entry `idx` of `page` that `mask` does not keep (never `PTE_P`),
     /// atomically with the device's A/D updates; returns the entry before.
     pub(crate) fn fetch_and(&self, page: PtRef, idx: usize, mask: u64) -> Result<u64> {
-        Ok(self
-            .word(page, idx)?
-            .fetch_and(mask | pte::PTE_P, Ordering::AcqRel))
+        self.atomic(page, idx, |w| {
+            w.fetch_and(mask | pte::PTE_P, Ordering::AcqRel)
+        })
     }
 
     /// Sets `bits` (permission bits, never `PTE_P`) in entry `idx` of `page`, atomically with
     /// the device's A/D updates; returns the entry before.
     pub(crate) fn fetch_or(&self, page: PtRef, idx: usize, bits: u64) -> Result<u64> {
-        Ok(self
-            .word(page, idx)?
-            .fetch_or(bits & !pte::PTE_P, Ordering::AcqRel))
+        self.atomic(page, idx, |w| {
+            w.fetch_or(bits & !pte::PTE_P, Ordering::AcqRel)
+        })
     }
 
     /// Present entries of `page`.
@@ -466,10 +443,8 @@ impl PtPool {
             }
             page
         };
-        for i in 0..PAGE_WORDS {
-            let (c, w) = self.locate(page.id(), i)?;
-            wr(c, w, 0)?;
-        }
+        let (c, w) = self.locate(page.id(), 0)?;
+        c.zero(w, PAGE_WORDS)?;
         if let Some(count) = self.present.get(page.0 as usize) {
             count.store(0, Ordering::Relaxed);
         }
@@ -501,9 +476,9 @@ impl PtPool {
 /// The command ring and the SYNC completion word.
 #[pin_data]
 pub(crate) struct CmdQueue {
-    ring: Coherent<[u64]>,
+    ring: DmaMem,
     /// Word 0: the sequence number of the last completed SYNC (written by the device).
-    sync_word: Coherent<[u64]>,
+    sync_word: DmaMem,
     #[pin]
     state: SpinLock<CmdState>,
     #[pin]
@@ -554,12 +529,8 @@ pub(crate) enum Wait {
 
 impl CmdQueue {
     fn new(dev: &Device<Bound>) -> Result<impl PinInit<Self, Error>> {
-        let ring = Coherent::zeroed_slice(
-            dev,
-            (RING_ENTRIES * cmd::CMD_SIZE / 8).max(PAGE_WORDS),
-            GFP_KERNEL,
-        )?;
-        let sync_word = Coherent::zeroed_slice(dev, PAGE_WORDS, GFP_KERNEL)?;
+        let ring = DmaMem::zeroed(dev, (RING_ENTRIES * cmd::CMD_SIZE / 8).max(PAGE_WORDS))?;
+        let sync_word = DmaMem::zeroed(dev, PAGE_WORDS)?;
         Ok(try_pin_init!(Self {
             ring,
             sync_word,
@@ -649,7 +620,7 @@ impl CmdQueue {
             let slot = queue::index(prod, RING_LOG2) as usize * (cmd::CMD_SIZE / 8);
             let words: [u64; 4] = crate::abi::bytes_to_words(&c.to_bytes());
             for (i, w) in words.iter().enumerate() {
-                wr(&self.ring, slot + i, *w)?;
+                self.ring.write(slot + i, *w)?;
             }
             prod = queue::next(prod, RING_LOG2);
             Ok(())
@@ -683,7 +654,7 @@ impl CmdQueue {
 
     /// Whether the SYNC numbered `seq` has completed (SYNCs complete in order).
     fn sync_done(&self, seq: u32) -> bool {
-        let done = rd(&self.sync_word, 0).unwrap_or(0) as u32;
+        let done = self.sync_word.read(0).unwrap_or(0) as u32;
         done.wrapping_sub(seq) as i32 >= 0
     }
 
@@ -785,8 +756,8 @@ struct JobState {
 /// may still use it.
 #[pin_data]
 pub(crate) struct Jobs {
-    ring: Coherent<[u64]>,
-    status: Coherent<[u64]>,
+    ring: DmaMem,
+    status: DmaMem,
     #[pin]
     state: Mutex<JobState>,
     #[pin]
@@ -804,7 +775,7 @@ const BOUNCE_MIN: usize = 64 * 1024;
 #[pin_data]
 pub(crate) struct BounceSlot {
     #[pin]
-    buf: Mutex<Option<Coherent<[u64]>>>,
+    buf: Mutex<Option<DmaMem>>,
 }
 
 impl BounceSlot {
@@ -818,11 +789,11 @@ impl BounceSlot {
 /// Ownership of a context's bounce buffer for one READ/WRITE: its lock, taken once no
 /// orphaned job of the context may still use the buffer.
 pub(crate) struct Bounce<'a> {
-    guard: MutexGuard<'a, Option<Coherent<[u64]>>>,
+    guard: MutexGuard<'a, Option<DmaMem>>,
 }
 
 impl Bounce<'_> {
-    fn buf(&self) -> Result<&Coherent<[u64]>> {
+    fn buf(&self) -> Result<&DmaMem> {
         self.guard.as_ref().ok_or(EINVAL)
     }
 
@@ -831,18 +802,29 @@ impl Bounce<'_> {
         Ok(self.buf()?.dma_address())
     }
 
-    /// The first `len` bytes of the buffer. Only while no job of ours uses it: the caller
-    /// either has not submitted its job yet or collected its result.
-    pub(crate) fn bytes(&mut self, len: usize) -> Result<&mut [u8]> {
-        let buf = self.buf()?;
-        if len > buf.size() {
-            return Err(EINVAL);
-        }
-        // SAFETY: The buffer is `size()` bytes of coherent memory, valid while the guard holds
-        // it. `self` holds its lock, taken only once no orphaned job could still use the
-        // buffer, and the caller's own job is not running (see above), so the device does not
-        // touch it and nobody else reads or writes it meanwhile.
-        Ok(unsafe { core::slice::from_raw_parts_mut(buf.as_mut_ptr().cast::<u8>(), len) })
+    /// Copies `src` to the start of the buffer. Only while no job of ours uses it: the caller has not submitted
+    /// its job yet. `ENODEV` once the device unbound.
+    pub(crate) fn fill(&mut self, src: &[u8]) -> Result {
+        // Nobody else uses the buffer: `self` holds its lock, taken only once no orphaned job
+        // could still use it, and the caller's own job is not queued.
+        self.buf()?.copy_in(0, src)
+    }
+
+    /// Copies the start of the buffer into `dst`, once the caller collected its job's result.
+    /// `ENODEV` once the device unbound.
+    pub(crate) fn drain(&self, dst: &mut [u8]) -> Result {
+        self.buf()?.copy_out(0, dst)
+    }
+
+    /// [`Self::fill`] with `len` bytes from user address `src`: copied straight in, with page
+    /// faults served outside the device memory's RCU section (see [`crate::dmamem`]).
+    pub(crate) fn fill_from_user(&mut self, src: usize, len: usize) -> Result {
+        self.buf()?.copy_from_user(0, src, len)
+    }
+
+    /// [`Self::drain`] to `len` bytes at user address `dst`.
+    pub(crate) fn drain_to_user(&self, dst: usize, len: usize) -> Result {
+        self.buf()?.copy_to_user(0, dst, len)
     }
 }
 
@@ -854,11 +836,10 @@ impl Jobs {
             inflight.push(0u32, GFP_KERNEL)?;
             bounce_orphans.push(0u32, GFP_KERNEL)?;
         }
-        let ring = Coherent::zeroed_slice(dev, RING_ENTRIES * dma::DMA_JOB_SIZE / 8, GFP_KERNEL)?;
-        let status = Coherent::zeroed_slice(
+        let ring = DmaMem::zeroed(dev, RING_ENTRIES * dma::DMA_JOB_SIZE / 8)?;
+        let status = DmaMem::zeroed(
             dev,
             (RING_ENTRIES * dma::DMA_STATUS_SIZE / 8).max(PAGE_WORDS),
-            GFP_KERNEL,
         )?;
         Ok(try_pin_init!(Self {
             ring,
@@ -886,7 +867,7 @@ impl Jobs {
         asid: u32,
         len: usize,
         (bar, health): (&DevresBar, &Health),
-        alloc: impl FnOnce(usize) -> Result<Coherent<[u64]>>,
+        alloc: impl FnOnce(usize) -> Result<DmaMem>,
     ) -> Result<Bounce<'a>> {
         let mut guard = slot.buf.lock();
         self.wait_bounce_orphans(asid, bar, health)?;
@@ -923,7 +904,7 @@ impl Jobs {
     fn status_record(&self, slot: usize) -> Result<dma::DmaStatus> {
         let mut words = [0u64; 4];
         for (i, w) in words.iter_mut().enumerate() {
-            *w = rd(&self.status, slot * dma::DMA_STATUS_SIZE / 8 + i)?;
+            *w = self.status.read(slot * dma::DMA_STATUS_SIZE / 8 + i)?;
         }
         Ok(dma::DmaStatus::from_bytes(&crate::abi::words_to_bytes(
             words,
@@ -1024,11 +1005,11 @@ impl Jobs {
         job.status = self.status.dma_address() + (slot * dma::DMA_STATUS_SIZE) as u64;
         job.id = seq;
         for i in 0..dma::DMA_STATUS_SIZE / 8 {
-            wr(&self.status, slot * dma::DMA_STATUS_SIZE / 8 + i, 0)?;
+            self.status.write(slot * dma::DMA_STATUS_SIZE / 8 + i, 0)?;
         }
         let words: [u64; 8] = crate::abi::bytes_to_words(&job.to_bytes());
         for (i, w) in words.iter().enumerate() {
-            wr(&self.ring, slot * dma::DMA_JOB_SIZE / 8 + i, *w)?;
+            self.ring.write(slot * dma::DMA_JOB_SIZE / 8 + i, *w)?;
         }
         let prod = queue::next(st.prod, RING_LOG2);
         {
@@ -1136,8 +1117,8 @@ impl Jobs {
 #[pin_data]
 pub(crate) struct Hw {
     pub(crate) asid_count: u32,
-    pub(crate) ctx: Coherent<[u64]>,
-    pub(crate) evtq: Coherent<[u64]>,
+    pub(crate) ctx: DmaMem,
+    pub(crate) evtq: DmaMem,
     /// Event ring consumer position (only the event interrupt thread moves it).
     pub(crate) evt_cons: AtomicU32,
     #[pin]
@@ -1153,11 +1134,10 @@ impl Hw {
         let ctx_words = (asid_count as usize)
             .checked_mul(pte::CTX_ENTRY_SIZE / 8)
             .ok_or(EINVAL)?;
-        let ctx = Coherent::zeroed_slice(dev, ctx_words.max(PAGE_WORDS), GFP_KERNEL)?;
-        let evtq = Coherent::zeroed_slice(
+        let ctx = DmaMem::zeroed(dev, ctx_words.max(PAGE_WORDS))?;
+        let evtq = DmaMem::zeroed(
             dev,
             ((1 << EVT_LOG2) * crate::abi::event::EVT_SIZE / 8).max(PAGE_WORDS),
-            GFP_KERNEL,
         )?;
         let pool = PtPool::new(dev)?;
         let cmdq = CmdQueue::new(dev)?;
@@ -1216,11 +1196,11 @@ impl Hw {
     /// valid, not validated"), then the addresses are written, then the new flags.
     pub(crate) fn write_ctx(&self, asid: u32, e: &pte::ContextEntry) -> Result {
         let base = asid as usize * (pte::CTX_ENTRY_SIZE / 8);
-        wr(&self.ctx, base, 0)?;
-        wr(&self.ctx, base + 1, e.pt_root)?;
-        wr(&self.ctx, base + 2, e.cpu_root)?;
-        wr(&self.ctx, base + 3, e.reserved)?;
-        wr(&self.ctx, base, e.flags)
+        self.ctx.write(base, 0)?;
+        self.ctx.write(base + 1, e.pt_root)?;
+        self.ctx.write(base + 2, e.cpu_root)?;
+        self.ctx.write(base + 3, e.reserved)?;
+        self.ctx.write(base, e.flags)
     }
 
     /// The event at ring position `pos`.
@@ -1228,7 +1208,7 @@ impl Hw {
         let base = queue::index(pos, EVT_LOG2) as usize * (crate::abi::event::EVT_SIZE / 8);
         let mut words = [0u64; 4];
         for (i, w) in words.iter_mut().enumerate() {
-            *w = rd(&self.evtq, base + i)?;
+            *w = self.evtq.read(base + i)?;
         }
         Ok(crate::abi::event::Event::from_bytes(
             &crate::abi::words_to_bytes(words),

@@ -928,8 +928,12 @@ impl Mirror {
         st.need_flush = false;
         self.free_deferred(st);
         // The device flushed (or is fenced): what it no longer maps can be unmapped for DMA,
-        // everywhere if leaves were cleared earlier without a completed SYNC.
-        if stale_anywhere {
+        // everywhere if leaves were cleared earlier without a completed SYNC. A context taken
+        // off the device (`ctx_cmds`) drops every map itself, once its entry says so: the
+        // unmapping can take a while (dma-debug checks each page), and the validator should
+        // know the context is gone as soon as the device confirmed it.
+        if !ctx_cmds.is_empty() {
+        } else if stale_anywhere {
             self.release_dma(st, 0, pte::VA_LIMIT);
         } else if change == Change::Clear {
             self.release_dma(st, z.lo, z.hi);
@@ -1079,8 +1083,11 @@ impl Mirror {
         match (synced, idle) {
             (Ok(Synced::Done(_)), Ok(())) => shared.free_asid(self.asid),
             (synced, _) => {
-                if let Err(e) = synced {
-                    pr_err!("asid {}: disable failed: {:?}\n", self.asid, e);
+                match synced {
+                    Err(e) if !shared.unbound_under(e) => {
+                        pr_err!("asid {}: disable failed: {:?}\n", self.asid, e);
+                    }
+                    _ => {}
                 }
                 shared.quarantine_asid(self.asid);
             }
@@ -1476,6 +1483,8 @@ impl IntervalInvalidate for Mirror {
                 self.nonblock_gave_up();
                 false
             }
+            // The device unbound meanwhile: it is fenced and its tables are freed.
+            Err(e) if self.shared.unbound_under(e) => true,
             Err(e) => {
                 // The SYNC (or the fence) ran, but the table walk failed (a corrupt table), so
                 // part of the range may still be mapped while the kernel frees its pages: take

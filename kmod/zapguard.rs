@@ -8,6 +8,7 @@
 //!   device model and the guest tests use).
 //! - [`device`]: the state a device shares with its open files: health (live, failed, fenced),
 //!   ASIDs, event dispatch.
+//! - [`dmamem`]: the driver's coherent DMA memory, freed at unbind even while files are open.
 //! - [`driver`]: the PCI driver, its interrupts and the `/dev/zapguard` misc device (ioctls).
 //! - [`hmm_uapi`]: the kernel's test_hmm uAPI on `/dev/zapguard_hmm0` and `1`, so that the
 //!   kernel's own `hmm-tests` run against the device unmodified.
@@ -26,6 +27,7 @@ use kernel::prelude::*;
 pub mod abi;
 pub mod device;
 pub mod dmamap;
+pub mod dmamem;
 pub mod driver;
 pub mod hmm_uapi;
 pub mod hw;

@@ -807,8 +807,10 @@ pub fn unbind_frees_dma_memory_while_files_stay_open() -> Result<(), String> {
     )?;
     check_eq(sink[0], 0x3c, "byte the device read back")?;
     let (with_file, mapped) = dma_entries_of(&bdf)?;
+    let t = Instant::now();
     std::fs::write(format!("{}/unbind", crate::DRIVER_DIR), &bdf)
         .map_err(|e| format!("unbind {bdf}: {e}"))?;
+    let unbind = t.elapsed();
     let after = (|| {
         let left = dma_entries_of(&bdf)?;
         let info = dev::get_info(&f).map(|_| ()).map_err(|e| dev::errno(&e));
@@ -822,7 +824,8 @@ pub fn unbind_frees_dma_memory_while_files_stay_open() -> Result<(), String> {
     let ((coherent_left, mapped_left), info) = after?;
     println!(
         "# coherent allocations: {bound} bound, {with_file} with the file's bounce buffer, \
-         {coherent_left} after unbind; DMA mappings: {mapped}, {mapped_left} after unbind"
+         {coherent_left} after unbind ({unbind:.1?}); DMA mappings: {mapped}, {mapped_left} after \
+         unbind"
     );
     if with_file <= bound || mapped < PAGES {
         return Err(format!(
