@@ -505,6 +505,9 @@ const CHUNK_SLACK: usize = 128;
 const DEPTH: usize = 16;
 
 enum Msg {
+    /// The file header.
+    Header(Vec<u8>),
+    /// A chunk (its head, then records), to seal and write.
     Chunk(Vec<u8>),
     /// Write out everything sent before, flush, and answer with the first error since the last
     /// answer.
@@ -531,9 +534,11 @@ pub struct TraceWriter<W: Write + Send + 'static> {
     reuse: u32,
     /// The time of the last CLOCK record.
     last_t: Option<u64>,
-    /// The (job, ASID) of the last JOB record.
-    job: Option<(u64, u32)>,
+    /// The (job, ASID) of the last JOB record (or chunk head).
+    job: (u64, u32),
     seq: u64,
+    /// Chunks begun (the number of the one being filled, plus one).
+    chunks: u64,
     drain: Option<Drain<W>>,
     error: Option<io::Error>,
 }
@@ -567,9 +572,11 @@ impl<W: Write + Send + 'static> TraceWriter<W> {
         let thread = std::thread::Builder::new()
             .name("trace-writer".into())
             .spawn(move || drain(out, rx, spare_tx))?;
-        let mut chunk = Vec::with_capacity(CHUNK + CHUNK_SLACK);
         let flags = if exact_time { fmt::FLAG_EXACT_TIME } else { 0 };
-        chunk.extend_from_slice(fmt::FileHeader::new(flags).as_bytes());
+        let header = fmt::FileHeader::new(flags).as_bytes().to_vec();
+        tx.send(Msg::Header(header)).map_err(|_| gone())?;
+        let mut chunk = Vec::with_capacity(CHUNK + CHUNK_SLACK);
+        fmt::begin_chunk(&mut chunk, 0, 0, 0, (0, 0));
         Ok(Self {
             chunk,
             json: Vec::with_capacity(256),
@@ -577,8 +584,9 @@ impl<W: Write + Send + 'static> TraceWriter<W> {
             exact_time,
             reuse: 0,
             last_t: None,
-            job: None,
+            job: (0, 0),
             seq: 0,
+            chunks: 1,
             drain: Some(Drain { tx, spare, thread }),
             error: None,
         })
@@ -599,22 +607,12 @@ impl<W: Write + Send + 'static> TraceWriter<W> {
                 id,
             }) if len <= u32::MAX.into() => {
                 self.hot_clock();
-                if self.job != Some((job, asid)) {
-                    self.job = Some((job, asid));
-                    let r = fmt::Job {
-                        kind: fmt::JOB,
-                        job: job.into(),
-                        asid: asid.into(),
-                    };
+                if self.job != (job, asid) {
+                    self.job = (job, asid);
+                    let r = fmt::Job::new(job, asid);
                     self.chunk.extend_from_slice(r.as_bytes());
                 }
-                let r = fmt::Dma {
-                    kind: if write { fmt::DMA_WRITE } else { fmt::DMA_READ },
-                    va: va.into(),
-                    pa: pa.into(),
-                    len: (len as u32).into(),
-                    id: id.into(),
-                };
+                let r = fmt::Dma::new(write, va, pa, len as u32, id);
                 self.chunk.extend_from_slice(r.as_bytes());
             }
             Event::Engine(Activity::IotlbFill {
@@ -626,25 +624,12 @@ impl<W: Write + Send + 'static> TraceWriter<W> {
                 id,
             }) if len <= u32::MAX.into() => {
                 self.hot_clock();
-                let r = fmt::Fill {
-                    kind: if writable { fmt::FILL_RW } else { fmt::FILL_RO },
-                    asid: asid.into(),
-                    va: va.into(),
-                    pa: pa.into(),
-                    len: (len as u32).into(),
-                    id: id.into(),
-                };
+                let r = fmt::Fill::new(writable, asid, va, pa, len as u32, id);
                 self.chunk.extend_from_slice(r.as_bytes());
             }
             Event::Engine(Activity::IotlbEvict { asid, va, len, id }) if len <= u32::MAX.into() => {
                 self.hot_clock();
-                let r = fmt::Evict {
-                    kind: fmt::EVICT,
-                    asid: asid.into(),
-                    va: va.into(),
-                    len: (len as u32).into(),
-                    id: id.into(),
-                };
+                let r = fmt::Evict::new(asid, va, len as u32, id);
                 self.chunk.extend_from_slice(r.as_bytes());
             }
             _ => self.record_json(ev),
@@ -674,12 +659,19 @@ impl<W: Write + Send + 'static> TraceWriter<W> {
             self.json
                 .extend_from_slice(br#"{"kind":"error","what":"unserialisable event"}"#);
         }
-        let head = fmt::EventHead {
-            kind: fmt::EVENT,
-            len: (self.json.len() as u32).into(),
-        };
-        self.chunk.extend_from_slice(head.as_bytes());
-        self.chunk.extend_from_slice(&self.json);
+        let head = fmt::RecordHead::event(self.json.len()).or_else(|| {
+            // No event is this long (a record's length is a u16); keep the event counted.
+            self.error
+                .get_or_insert_with(|| io::Error::other("an event too long to record"));
+            self.json.clear();
+            self.json
+                .extend_from_slice(br#"{"kind":"error","what":"event too long"}"#);
+            fmt::RecordHead::event(self.json.len())
+        });
+        if let Some(head) = head {
+            self.chunk.extend_from_slice(head.as_bytes());
+            self.chunk.extend_from_slice(&self.json);
+        }
         if matches!(ev, Event::Disconnect) {
             if let Err(e) = self.flush() {
                 self.error.get_or_insert(e);
@@ -694,10 +686,7 @@ impl<W: Write + Send + 'static> TraceWriter<W> {
         self.reuse = if self.exact_time { 0 } else { CLOCK_EVERY - 1 };
         if self.last_t != Some(t) {
             self.last_t = Some(t);
-            let r = fmt::Clock {
-                kind: fmt::CLOCK,
-                t_ns: t.into(),
-            };
+            let r = fmt::Clock::new(t);
             self.chunk.extend_from_slice(r.as_bytes());
         }
     }
@@ -711,22 +700,38 @@ impl<W: Write + Send + 'static> TraceWriter<W> {
         }
     }
 
-    /// Hands the buffered records to the background thread and takes an empty buffer.
+    /// Hands the chunk to the background thread and begins the next one in an empty buffer.
     #[cold]
     #[inline(never)]
     fn ship(&mut self) {
-        let Some(d) = &self.drain else {
-            self.chunk.clear();
-            return;
+        let mut next = match &self.drain {
+            Some(d) => d
+                .spare
+                .try_recv()
+                .unwrap_or_else(|_| Vec::with_capacity(CHUNK + CHUNK_SLACK)),
+            None => Vec::with_capacity(CHUNK + CHUNK_SLACK),
         };
-        let next = d
-            .spare
-            .try_recv()
-            .unwrap_or_else(|_| Vec::with_capacity(CHUNK + CHUNK_SLACK));
+        // The next chunk starts with the state in effect here, so that a reader can decode it
+        // even if this one is lost.
+        fmt::begin_chunk(
+            &mut next,
+            self.chunks,
+            self.seq,
+            self.last_t.unwrap_or(0),
+            self.job,
+        );
+        self.chunks += 1;
         let full = std::mem::replace(&mut self.chunk, next);
-        if d.tx.send(Msg::Chunk(full)).is_err() {
-            self.error.get_or_insert_with(gone);
+        if let Some(d) = &self.drain {
+            if d.tx.send(Msg::Chunk(full)).is_err() {
+                self.error.get_or_insert_with(gone);
+            }
         }
+    }
+
+    /// Whether the chunk being filled holds records.
+    fn has_records(&self) -> bool {
+        self.chunk.len() > fmt::CHUNK_HEAD_LEN
     }
 
     /// Number of events recorded so far.
@@ -742,7 +747,7 @@ impl<W: Write + Send + 'static> TraceWriter<W> {
     /// Returns once everything recorded so far is written to `W` and `W` is flushed, with the
     /// first write error since the last flush.
     pub fn flush(&mut self) -> io::Result<()> {
-        if !self.chunk.is_empty() {
+        if self.has_records() {
             self.ship();
         }
         let d = self.drain.as_ref().ok_or_else(gone)?;
@@ -763,7 +768,7 @@ impl<W: Write + Send + 'static> TraceWriter<W> {
     }
 
     fn finish(&mut self) -> io::Result<W> {
-        if !self.chunk.is_empty() {
+        if self.has_records() {
             self.ship();
         }
         let d = self.drain.take().ok_or_else(gone)?;
@@ -791,22 +796,30 @@ impl<W: Write + Send + 'static> Events for TraceWriter<W> {
     }
 }
 
-/// The background thread: writes chunks in order and flushes when asked. After a write error
-/// it writes nothing more (a gap would unframe the records after it), and reports the error
-/// once, at the next flush or at the end.
+/// The background thread: seals (length, checksum) and writes chunks in order, and flushes
+/// when asked. A write error is reported once, at the next flush or at the end; later chunks
+/// are still written, each whole in itself, so a reader sees the lost ones as a gap.
 fn drain<W: Write>(
     mut out: W,
     rx: Receiver<Msg>,
     spare: SyncSender<Vec<u8>>,
 ) -> (W, Option<io::Error>) {
-    let (mut failed, mut error) = (false, None);
+    let mut error = None;
     for msg in rx {
         match msg {
+            Msg::Header(h) => {
+                if let Err(e) = out.write_all(&h) {
+                    error.get_or_insert(e);
+                }
+            }
             Msg::Chunk(mut c) => {
-                if !failed {
-                    if let Err(e) = out.write_all(&c) {
-                        (failed, error) = (true, Some(e));
-                    }
+                let written = if fmt::seal_chunk(&mut c) {
+                    out.write_all(&c)
+                } else {
+                    Err(io::Error::other("a trace chunk over the format's bound"))
+                };
+                if let Err(e) = written {
+                    error.get_or_insert(e);
                 }
                 c.clear();
                 let _ = spare.try_send(c);
@@ -814,17 +827,14 @@ fn drain<W: Write>(
             Msg::Flush(ack) => {
                 let r = match error.take() {
                     Some(e) => Err(e),
-                    None if failed => Ok(()),
                     None => out.flush(),
                 };
                 let _ = ack.send(r);
             }
         }
     }
-    if !failed {
-        if let Err(e) = out.flush() {
-            error.get_or_insert(e);
-        }
+    if let Err(e) = out.flush() {
+        error.get_or_insert(e);
     }
     (out, error)
 }
@@ -1400,7 +1410,7 @@ mod binary_tests {
         {
             let mut w = TraceWriter::create(&path, false).expect("create");
             w.event(&Event::Connect);
-            assert_eq!(std::fs::read(&path).expect("read").len(), 0, "buffered");
+            assert_eq!(count(&path), 0, "buffered");
             w.event(&Event::Disconnect);
             assert_eq!(count(&path), 2);
             w.event(&Event::Reset);
@@ -1452,6 +1462,47 @@ mod binary_tests {
         assert!(w.take_error().is_some(), "disconnect flushed");
         assert!(w.take_error().is_none());
         w.event(&Event::Reset);
-        assert!(w.flush().is_ok(), "reported once");
+        // The writer keeps trying (a reader sees what was lost as a gap), and every flush
+        // after a lost chunk says so.
+        assert!(w.flush().is_err(), "the later chunk was lost too");
+    }
+
+    /// A chunk lost to a write error is a gap the reader reports, with the events it held;
+    /// the chunks after it decode with the device's event numbers.
+    #[test]
+    fn a_lost_chunk_is_a_reported_gap() {
+        struct LoseSecond(Vec<u8>, u32);
+        impl Write for LoseSecond {
+            fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+                self.1 += 1;
+                // Write 1 is the file header, 2 the first chunk, 3 the second.
+                if self.1 == 3 {
+                    return Err(io::Error::other("disk full, for a moment"));
+                }
+                self.0.extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        let mut w =
+            TraceWriter::with_clock(LoseSecond(vec![], 0), false, Clock::Count(0)).expect("w");
+        for _ in 0..3 {
+            w.event(&Event::Reset);
+            w.event(&Event::Reset);
+            let _ = w.flush();
+        }
+        let file = w.into_inner().expect("out").0;
+        let mut seqs = vec![];
+        let bad = reader::for_each_line(&file[..], |n, _| seqs.push(n - 1)).expect("read");
+        assert_eq!(seqs, [0, 1, 4, 5]);
+        assert_eq!(bad.len(), 1, "{bad:?}");
+        assert_eq!(bad[0].line, 3);
+        assert!(
+            bad[0].why.contains("1 chunk(s) missing, 2 event(s) lost"),
+            "{}",
+            bad[0].why
+        );
     }
 }

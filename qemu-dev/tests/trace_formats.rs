@@ -105,8 +105,10 @@ fn binary_and_json_traces_agree() {
     f.0.flush().expect("binary");
     f.1.flush().expect("json");
     let (bin, json) = (bin.0.lock().expect("lock"), json.0.lock().expect("lock"));
+    // Under a third before records carried their length and chunks their head (2 bytes per
+    // record, 48 per chunk); 35% here.
     assert!(
-        bin.len() * 3 < json.len(),
+        bin.len() * 5 < json.len() * 2,
         "binary {} vs JSON {} bytes",
         bin.len(),
         json.len()

@@ -1,7 +1,9 @@
 //! `check`: re-verify the device's invariants from the trace alone.
 //!
 //! - **Ledger**: once a SYNC completes, no DMA burst uses a translation that an invalidation
-//!   before that SYNC covered (translations are named by `id` in `iotlb_fill` and `dma_access`).
+//!   before that SYNC covered (translations are named by `id` in `iotlb_fill` and `dma_access`);
+//!   nor one evicted from the IOTLB once no job that could hold it runs any more (a job uses only
+//!   what it holds or looks up, and ids are never reused).
 //! - **SYNC completion**: every command the driver published was executed by the end of the
 //!   trace (a SYNC stuck behind a stopped queue shows up here), and the command queue never
 //!   stopped on an error, except where the device's failure injection made it
@@ -13,8 +15,57 @@
 use crate::cmdq::CmdqClock;
 use crate::{field_str, field_u64, kind};
 use serde_json::Value;
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::fmt;
+
+/// How many of the newest dead translations keep the line of the SYNC that retired them (for
+/// the finding's detail); older ones are only known to be dead.
+const RECENT_DEAD: usize = 1 << 16;
+/// A ledger finding whose SYNC is known.
+const USED_AFTER_SYNC: &str = "translation used after the SYNC that covered its invalidation";
+/// A ledger finding about an older retired translation.
+const USED_AFTER_RETIRED: &str =
+    "translation used after it was retired (its invalidation SYNCed, or evicted with no job left holding it)";
+
+/// A set of translation ids as disjoint ranges. The device never reuses an id (until a reset),
+/// and the ids that die are nearly contiguous, so the set stays a handful of ranges however
+/// long the trace.
+#[derive(Debug, Default)]
+struct IdRanges(BTreeMap<u64, u64>);
+
+impl IdRanges {
+    fn contains(&self, id: u64) -> bool {
+        self.0
+            .range(..=id)
+            .next_back()
+            .is_some_and(|(_, &end)| id < end)
+    }
+
+    fn insert(&mut self, id: u64) {
+        if self.contains(id) {
+            return;
+        }
+        let (mut start, mut end) = (id, id.saturating_add(1));
+        if let Some((&s, &e)) = self.0.range(..id).next_back() {
+            if e == id {
+                start = s;
+            }
+        }
+        if let Some(e) = self.0.remove(&end) {
+            end = e;
+        }
+        self.0.insert(start, end);
+    }
+
+    /// Ranges held.
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    fn clear(&mut self) {
+        self.0.clear();
+    }
+}
 
 /// One broken invariant.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,17 +84,26 @@ impl fmt::Display for Finding {
     }
 }
 
-/// The checker's state (aggregates only; translations are forgotten once dead and unused).
+/// The checker's state. It stays bounded however long the trace: a translation is *retired*
+/// once its invalidation's SYNC completed, or once it was evicted and no job that could hold it
+/// still runs; retired ids are kept as ranges (ids are never reused, so they pack densely).
 #[derive(Debug, Default)]
 pub struct Checker {
-    /// Translation id -> (asid, va, len), from `iotlb_fill`.
+    /// Translation id -> (asid, va, len), from `iotlb_fill`, until invalidated.
     live: HashMap<u64, (u64, u64, u64)>,
     /// Ids per ASID, to apply invalidations.
     by_asid: HashMap<u64, HashSet<u64>>,
     /// Invalidated, waiting for the next SYNC.
     pending: HashSet<u64>,
-    /// Covered by a completed SYNC: using them is a ledger violation. Value: the SYNC's line.
-    dead: HashMap<u64, u64>,
+    /// Retired: using them is a ledger violation.
+    retired: IdRanges,
+    /// The SYNC line of the newest [`RECENT_DEAD`] ids retired by a SYNC, oldest first.
+    recent: VecDeque<(u64, u64)>,
+    recent_line: HashMap<u64, u64>,
+    /// Jobs started and not done.
+    running: HashSet<u64>,
+    /// Evicted from the IOTLB while jobs ran (one may still hold them): forgotten once none runs.
+    evicted: Vec<u64>,
     cmdq: CmdqClock,
     /// Everything broken so far.
     pub findings: Vec<Finding>,
@@ -68,7 +128,11 @@ impl Checker {
                 self.live.clear();
                 self.by_asid.clear();
                 self.pending.clear();
-                self.dead.clear();
+                self.retired.clear();
+                self.recent.clear();
+                self.recent_line.clear();
+                self.running.clear();
+                self.evicted.clear();
             }
             "command" => {
                 self.cmdq.executed(u("cmd").unwrap_or(0));
@@ -110,18 +174,36 @@ impl Checker {
             }
             "sync_done" => {
                 self.cmdq.executed(u("cmd").unwrap_or(0));
-                for id in self.pending.drain() {
-                    self.dead.insert(id, line);
+                let pending = std::mem::take(&mut self.pending);
+                for id in pending {
+                    self.retire(id, line);
                 }
             }
+            "iotlb_evict" => {
+                if let Some(id) = u("id") {
+                    self.evicted.push(id);
+                }
+                self.forget_evicted();
+            }
+            "job_start" => {
+                if let Some(job) = u("job") {
+                    self.running.insert(job);
+                }
+            }
+            "job_done" => {
+                if let Some(job) = u("job") {
+                    self.running.remove(&job);
+                }
+                self.forget_evicted();
+            }
             "dma_access" => {
-                if let Some(sync_line) = u("id").and_then(|id| self.dead.get(&id)) {
+                if let Some(id) = u("id").filter(|&id| self.retired.contains(id)) {
+                    let (what, detail) = match self.recent_line.get(&id) {
+                        Some(l) => (USED_AFTER_SYNC, format!("{v} (SYNC at line {l})")),
+                        None => (USED_AFTER_RETIRED, v.to_string()),
+                    };
                     self.ledger_violations += 1;
-                    self.findings.push(Finding {
-                        line,
-                        what: "translation used after the SYNC that covered its invalidation",
-                        detail: format!("{v} (SYNC at line {sync_line})"),
-                    });
+                    self.findings.push(Finding { line, what, detail });
                 }
             }
             "violation" => {
@@ -147,6 +229,46 @@ impl Checker {
             }
             _ => {}
         }
+    }
+
+    /// Translation `id` is retired by the SYNC at `line`.
+    fn retire(&mut self, id: u64, line: u64) {
+        self.retired.insert(id);
+        self.recent.push_back((id, line));
+        self.recent_line.insert(id, line);
+        if self.recent.len() > RECENT_DEAD {
+            if let Some((old, _)) = self.recent.pop_front() {
+                self.recent_line.remove(&old);
+            }
+        }
+    }
+
+    /// Forgets evicted translations once no job runs that could still hold one: the device
+    /// caches them no more, and a job only uses the translations it holds or looks up.
+    fn forget_evicted(&mut self) {
+        if !self.running.is_empty() {
+            return;
+        }
+        for id in self.evicted.drain(..) {
+            if let Some((asid, _, _)) = self.live.remove(&id) {
+                if let Some(ids) = self.by_asid.get_mut(&asid) {
+                    ids.remove(&id);
+                }
+                self.retired.insert(id);
+            }
+        }
+    }
+
+    /// What the checker holds: (live translations, retired id ranges, ids with their SYNC
+    /// line, jobs running). Bounded by the device's IOTLB and the jobs in flight, not by the
+    /// trace's length.
+    pub fn held(&self) -> (usize, usize, usize, usize) {
+        (
+            self.live.len() + self.evicted.len(),
+            self.retired.len(),
+            self.recent.len(),
+            self.running.len(),
+        )
     }
 
     /// End of trace: commands that were published but never executed.
@@ -279,5 +401,49 @@ mod tests {
             assert_eq!(c.device_violations, 1, "{class}");
             assert_eq!(c.findings.len(), 1, "{class}");
         }
+    }
+
+    /// A long trace of fills, evictions, invalidations and SYNCs: the checker's state stays
+    /// small, and a use of the very first dead translation is still caught at the end.
+    #[test]
+    fn state_stays_bounded_and_old_dead_ids_are_still_caught() {
+        let mut c = Checker::default();
+        let mut line = 0;
+        let mut add = |c: &mut Checker, v: Value| {
+            line += 1;
+            c.add(line, &v);
+        };
+        for i in 1..=200_000u64 {
+            let va = i * 0x1000;
+            add(&mut c, json!({"kind": "job_start", "job": i, "asid": 1}));
+            add(&mut c, fill(2 * i, va));
+            add(&mut c, fill(2 * i + 1, va + 0x100_0000));
+            add(&mut c, access(2 * i, va));
+            add(
+                &mut c,
+                json!({"kind": "iotlb_evict", "asid": 1, "va": va + 0x100_0000, "len": 4096, "id": 2 * i + 1}),
+            );
+            add(&mut c, json!({"kind": "job_done", "job": i, "asid": 1}));
+            add(
+                &mut c,
+                json!({"kind": "iotlb_invalidate", "cmd": 0, "asid": 1, "va": va, "len": 4096}),
+            );
+            add(&mut c, json!({"kind": "sync_done", "cmd": 1}));
+        }
+        let (live, dead_ranges, recent, running) = c.held();
+        assert!(live <= 2, "{live} live translations held");
+        assert!(dead_ranges <= 2, "{dead_ranges} retired ranges");
+        assert_eq!(recent, RECENT_DEAD);
+        assert_eq!(running, 0);
+        add(&mut c, access(2, 0x1000));
+        add(&mut c, access(3, 0x100_1000));
+        add(&mut c, access(400_000, 200_000 * 0x1000));
+        assert_eq!(c.ledger_violations, 3, "{:?}", c.findings);
+        assert!(
+            c.findings[..2].iter().all(|f| f.what == USED_AFTER_RETIRED),
+            "{:?}",
+            c.findings
+        );
+        assert_eq!(c.findings[2].what, USED_AFTER_SYNC);
     }
 }

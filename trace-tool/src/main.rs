@@ -13,8 +13,9 @@
 //! Every subcommand reads both formats (binary `trace.zgt`, or JSON Lines), told apart by the
 //! first byte. With no subcommand, `summary`. TRACE defaults to the latest run's
 //! (`target/zapguard/runs/latest/trace.zgt`, or `trace.jsonl` in a run from before the binary
-//! format); `-` reads stdin. Malformed lines are reported on stderr with their line numbers and skipped; with
-//! `--strict` they make the exit status 2. A trace or window without events is not an error:
+//! format); `-` reads stdin. Damage (malformed lines; in a binary trace, missing chunks, corrupt
+//! chunks skipped to the next good one, a chunk cut short) is reported on stderr with the event
+//! number where it is, decoding goes on, and the exit status is 2 unless `--allow-damage`. A trace or window without events is not an error:
 //! stderr says so, and `perfetto` and `svg` still write a valid file saying so; a window whose
 //! `--from` is not before its `--to` is (exit status 2).
 
@@ -47,9 +48,10 @@ struct Cli {
     /// What to do (default: summary of the latest run's trace).
     #[command(subcommand)]
     cmd: Option<Cmd>,
-    /// Exit with status 2 if the trace has malformed lines.
+    /// Exit with status 0 although the trace is damaged (malformed lines; in a binary trace,
+    /// gaps, corrupt chunks, a chunk cut short). Without it, damage is exit status 2.
     #[arg(long, global = true)]
-    strict: bool,
+    allow_damage: bool,
 }
 
 #[derive(Subcommand)]
@@ -332,12 +334,21 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
             bad
         }
     };
-    for b in &bad {
-        eprintln!("malformed line {}: {}", b.line, b.why);
+    for b in bad.iter().take(50) {
+        eprintln!("damage at event {}: {}", b.line, b.why);
+    }
+    if bad.len() > 50 {
+        eprintln!("... and {} more", bad.len() - 50);
+    }
+    if !bad.is_empty() && !cli.allow_damage {
+        eprintln!(
+            "zapguard-trace: the trace is damaged ({} place(s)); --allow-damage to accept it",
+            bad.len()
+        );
     }
     Ok(if failed {
         ExitCode::from(1)
-    } else if cli.strict && !bad.is_empty() {
+    } else if !cli.allow_damage && !bad.is_empty() {
         ExitCode::from(2)
     } else {
         ExitCode::SUCCESS

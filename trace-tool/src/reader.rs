@@ -23,8 +23,9 @@ pub fn is_binary(input: &mut impl BufRead) -> std::io::Result<bool> {
 /// Calls `each(n, line)` for every event of a trace as its JSON line (without the newline),
 /// numbered from 1: the lines of a JSON Lines trace (blank ones skipped), or the records of a
 /// binary trace decoded to the lines the JSON writer would have written (`n` is then `seq + 1`).
-/// A binary trace that cannot be read to its end (cut mid-record by a crash, or not a trace)
-/// yields one [`BadLine`] numbered after its last event. Reports progress on stderr every 64 MiB
+/// Damage in a binary trace (a gap, a corrupt chunk skipped, a chunk cut short by a crash; see
+/// [`format::Damage`]) yields a [`BadLine`] numbered after the last event before it, and
+/// decoding goes on; a file that is not a trace yields one numbered 1. Reports progress on stderr every 64 MiB
 /// when stderr is a terminal.
 pub fn for_each_line(
     mut input: impl BufRead,
@@ -41,33 +42,29 @@ pub fn for_each_line(
         }
     };
     if is_binary(&mut input)? {
-        let mut bad = Vec::new();
-        let stop = |seq: u64, e: format::DecodeError| match e {
-            format::DecodeError::Io(e) => Err(e),
-            format::DecodeError::Bad(why) | format::DecodeError::Truncated(why) => {
-                Ok(vec![BadLine { line: seq + 1, why }])
-            }
-        };
         let mut d = match format::Decoder::new(input) {
             Ok(d) => d,
-            Err(e) => return stop(0, e),
-        };
-        loop {
-            let n = d.seq() + 1;
-            match d.next_line() {
-                Ok(Some(line)) => {
-                    // About a fifth of a JSON line's size: count what the JSON would be.
-                    bytes += line.len() as u64 + 1;
-                    report(n, bytes);
-                    each(n, line.as_bytes());
-                }
-                Ok(None) => break,
-                Err(e) => {
-                    bad = stop(d.seq(), e)?;
-                    break;
-                }
+            Err(format::DecodeError::Io(e)) => return Err(e),
+            Err(format::DecodeError::Bad(why) | format::DecodeError::Truncated(why)) => {
+                return Ok(vec![BadLine { line: 1, why }])
             }
+        };
+        let mut bad = Vec::new();
+        let mut damaged = |d: &mut format::Decoder<_>| {
+            bad.extend(d.take_damage().into_iter().map(|(seq, damage)| BadLine {
+                line: seq + 1,
+                why: damage.to_string(),
+            }))
+        };
+        while let Some((seq, line)) = d.next_line()? {
+            let n = seq + 1;
+            // About a fifth of a JSON line's size: count what the JSON would be.
+            bytes += line.len() as u64 + 1;
+            report(n, bytes);
+            each(n, line.as_bytes());
+            damaged(&mut d);
         }
+        damaged(&mut d);
         if progress && bytes >= 64 << 20 {
             eprintln!();
         }

@@ -3,28 +3,31 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use zapguard_trace::format::{Clock, EventHead, FileHeader, CLOCK, EVENT};
+use zapguard_trace::format::{begin_chunk, seal_chunk, Clock, FileHeader, RecordHead};
 use zerocopy::IntoBytes;
 
 /// A binary trace: a header, then each `(t_ns, JSON without t_ns and seq)` as a clock record
-/// and an event record, as the device writes them.
-fn binary(events: &[(u64, &str)]) -> Vec<u8> {
+/// and an event record, as the device writes them, `per_chunk` events to a chunk.
+fn chunked(events: &[(u64, &str)], per_chunk: usize) -> Vec<u8> {
     let mut f = FileHeader::new(0).as_bytes().to_vec();
-    for (t, json) in events {
-        let clock = Clock {
-            kind: CLOCK,
-            t_ns: (*t).into(),
-        };
-        f.extend_from_slice(clock.as_bytes());
-        let len = u32::try_from(json.len()).expect("short JSON");
-        let head = EventHead {
-            kind: EVENT,
-            len: len.into(),
-        };
-        f.extend_from_slice(head.as_bytes());
-        f.extend_from_slice(json.as_bytes());
+    for (n, part) in events.chunks(per_chunk.max(1)).enumerate() {
+        let mut c = Vec::new();
+        let first = (n * per_chunk) as u64;
+        begin_chunk(&mut c, n as u64, first, 0, (0, 0));
+        for (t, json) in part {
+            c.extend_from_slice(Clock::new(*t).as_bytes());
+            c.extend_from_slice(RecordHead::event(json.len()).expect("short").as_bytes());
+            c.extend_from_slice(json.as_bytes());
+        }
+        assert!(seal_chunk(&mut c));
+        f.extend_from_slice(&c);
     }
     f
+}
+
+/// [`chunked`], one chunk.
+fn binary(events: &[(u64, &str)]) -> Vec<u8> {
+    chunked(events, events.len())
 }
 
 /// A handful of events: a doorbell, an invalidation and its SYNC, a job with a fault.
@@ -305,5 +308,57 @@ fn window_without_events() {
         let r = run(&[&[cmd, t][..], &LATE].concat());
         assert_eq!(r.code, Some(2), "{cmd}");
         assert!(r.stderr.contains("--from"), "{cmd}: {}", r.stderr);
+    }
+}
+
+/// A trace with a chunk missing and one corrupt: every subcommand reports where, decodes the
+/// rest, and exits 2 unless told to accept the damage.
+#[test]
+fn damaged_trace_is_an_error_unless_allowed() {
+    let d = dir("damaged");
+    let whole = chunked(&TINY, 2);
+    let chunk = |n: usize| {
+        // The chunks of `chunked(&TINY, 2)` have 2, 2, 2, 1 events of known size.
+        let sizes: Vec<usize> = TINY
+            .chunks(2)
+            .map(|p| 48 + p.iter().map(|(_, j)| 11 + 3 + j.len()).sum::<usize>())
+            .collect();
+        let start = 16 + sizes[..n].iter().sum::<usize>();
+        start..start + sizes[n]
+    };
+    let mut f = whole[..chunk(1).start].to_vec();
+    f.extend_from_slice(&whole[chunk(2)]);
+    let mut corrupt = whole[chunk(3)].to_vec();
+    let last = corrupt.len() - 2;
+    corrupt[last] ^= 1;
+    f.extend_from_slice(&corrupt);
+    let t = d.join("damaged.zgt");
+    std::fs::write(&t, f).expect("write trace");
+    let t = path(&t);
+
+    let r = run(&["json", t]);
+    assert_eq!(r.code, Some(2), "{}", r.stderr);
+    let seqs: Vec<u64> = r
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("json")["seq"].as_u64())
+        .map(|s| s.expect("seq"))
+        .collect();
+    assert_eq!(seqs, [0, 1, 4, 5], "the device's numbers, across the gap");
+    assert!(
+        r.stderr
+            .contains("gap: 1 chunk(s) missing, 2 event(s) lost"),
+        "{}",
+        r.stderr
+    );
+    assert!(r.stderr.contains("checksum mismatch"), "{}", r.stderr);
+    assert!(r.stderr.contains("--allow-damage"), "{}", r.stderr);
+
+    for cmd in ["summary", "check", "filter"] {
+        let r = run(&[cmd, t]);
+        assert_eq!(r.code, Some(2), "{cmd}: {}", r.stderr);
+        let r = run(&[cmd, t, "--allow-damage"]);
+        assert_eq!(r.code, Some(0), "{cmd}: {}", r.stderr);
+        assert!(r.stderr.contains("gap:"), "{cmd}: {}", r.stderr);
     }
 }
