@@ -95,6 +95,15 @@ impl<T: MiscDevice> MiscReg<T> {
             reg <- MiscDeviceRegistration::register(MiscDeviceOptions { name }),
         })
     }
+
+    /// [`Self::new`] for the probe's last registration, which a test build fails on purpose
+    /// when told to (`probe_fail_at=2`).
+    fn new_last(shared: Arc<Shared>, name: &'static CStr) -> impl PinInit<Self, Error> {
+        pin_init::pin_init_scope(move || {
+            injected_probe_failure(ProbeStep::Misc)?;
+            Ok(Self::new(shared, name))
+        })
+    }
 }
 
 /// Opens a context for the calling process on the device behind `misc`.
@@ -508,6 +517,25 @@ pub struct ZgDevice<'bound> {
     _quiesce: Quiesce,
 }
 
+/// Where a test build's probe fails on purpose (`probe_fail_at`).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum ProbeStep {
+    /// Once the device is enabled, before the misc devices.
+    Started = 1,
+    /// At the last misc device's registration (a second device fails there: the names are
+    /// fixed), once the device is enabled and the other nodes are registered.
+    Misc = 2,
+}
+
+/// `EIO` where a test build is told to fail the probe (`probe_fail_at` = `step`).
+fn injected_probe_failure(step: ProbeStep) -> Result {
+    if cfg!(zapguard_inject) && crate::module_parameters::probe_fail_at.value() == step as u32 {
+        pr_info!("probe fails on purpose (probe_fail_at={})\n", step as u32);
+        return Err(EIO);
+    }
+    Ok(())
+}
+
 /// Quiesces (fences) the device when dropped: on a failed probe, and again (a no-op) after
 /// unbind.
 struct Quiesce(Arc<Shared>);
@@ -607,7 +635,9 @@ impl pci::Driver for ZapguardDriver {
                 .store(irqs.vectors.len() as u32, Ordering::Relaxed);
             // From here the device is enabled and masters the bus: a probe that fails must
             // quiesce it before its rings, context table and pool are freed.
-            Self::start_device(pdev, &shared).inspect_err(|_| shared.unbind())?;
+            Self::start_device(pdev, &shared)
+                .and_then(|()| injected_probe_failure(ProbeStep::Started))
+                .inspect_err(|_| shared.unbind())?;
             let quiesce = Quiesce(shared.clone());
             dev_info!(
                 pdev,
@@ -620,7 +650,7 @@ impl pci::Driver for ZapguardDriver {
                 pdev: &**pdev,
                 misc <- MiscReg::new(shared.clone(), c"zapguard"),
                 hmm0 <- MiscReg::new(shared.clone(), c"zapguard_hmm0"),
-                hmm1 <- MiscReg::new(shared.clone(), c"zapguard_hmm1"),
+                hmm1 <- MiscReg::new_last(shared.clone(), c"zapguard_hmm1"),
                 irqs,
                 shared,
                 _quiesce: quiesce,

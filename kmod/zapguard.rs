@@ -137,5 +137,9 @@ kernel::prelude::module! {
             default: 0,
             description: "Test builds: the device's SYNC_LAG knob (ABI 1.5) whenever no context sets it",
         },
+        probe_fail_at: u32 {
+            default: 0,
+            description: "Test builds: fail the probe on purpose once the device is enabled (1: before the misc devices, 2: at their registration)",
+        },
     },
 }

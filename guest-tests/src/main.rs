@@ -153,6 +153,7 @@ const TESTS: &[Test] = ktap::tests![
     device_dies_mid_dma,
     unbind_and_rmmod_under_load,
     unbind_with_open_file_enodev,
+    failed_probe_leaves_the_device_quiesced,
     module_reload_rebinds,
 ];
 
@@ -393,6 +394,78 @@ fn unbind_with_open_file_enodev() -> Result<(), String> {
     let f = dev::open().map_err(|e| format!("open after rebind: {e}"))?;
     let info = dev::get_info(&f).map_err(|e| format!("GET_INFO after rebind: {e}"))?;
     check_eq(info.ident, regs::IDENT_MAGIC, "IDENT after rebind")
+}
+
+/// `CR0ACK` of the device at `bdf`, read through its BAR0 in sysfs (no driver needed).
+fn cr0ack_through_sysfs(bdf: &str) -> Result<u32, String> {
+    let path = format!("/sys/bus/pci/devices/{bdf}/resource0");
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .map_err(|e| format!("{path}: {e}"))?;
+    let len = regs::CR0ACK as usize + 4;
+    // SAFETY: a shared read-only mapping of the first bytes of BAR0, unmapped below.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            std::os::fd::AsRawFd::as_raw_fd(&f),
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(format!("mmap {path}: {}", std::io::Error::last_os_error()));
+    }
+    // SAFETY: `CR0ACK` is an aligned 32-bit register inside the mapping; MMIO is read volatile.
+    let v =
+        unsafe { std::ptr::read_volatile(p.cast::<u8>().add(regs::CR0ACK as usize).cast::<u32>()) };
+    // SAFETY: the mapping made above.
+    unsafe { libc::munmap(p, len) };
+    Ok(v)
+}
+
+/// A probe that fails once the device is enabled (a second device always does: the misc
+/// names are fixed) quiesces the device before its DMA memory is freed: `CR0ACK` reads 0
+/// afterwards (it reads the enabled units while the driver is bound). Both places the probe
+/// can fail with the device enabled, injected by a test build (`probe_fail_at`); then a normal
+/// load works again.
+fn failed_probe_leaves_the_device_quiesced() -> Result<(), String> {
+    let bdf = bound_devices()?
+        .into_iter()
+        .next()
+        .ok_or("no bound device")?;
+    let running = cr0ack_through_sysfs(&bdf)?;
+    if running == 0 || running == u32::MAX {
+        return Err(format!(
+            "CR0ACK of the bound device reads {running:#x}: the sysfs read proves nothing"
+        ));
+    }
+    let outcome = (|| {
+        for step in [1, 2] {
+            failsafe::reload(&[&format!("probe_fail_at={step}")])?;
+            let bound = bound_devices()?;
+            if !bound.is_empty() {
+                return Err(format!(
+                    "probe_fail_at={step}: the probe succeeded: {bound:?}"
+                ));
+            }
+            check_eq(
+                cr0ack_through_sysfs(&bdf)?,
+                0,
+                &format!("CR0ACK after a probe failed at step {step} (enabled: {running:#x})"),
+            )?;
+        }
+        Ok(())
+    })();
+    let restored = failsafe::reload(&[]);
+    outcome?;
+    restored?;
+    let f = dev::open().map_err(|e| format!("open after reload: {e}"))?;
+    let info = dev::get_info(&f).map_err(|e| format!("GET_INFO after reload: {e}"))?;
+    check_eq(info.ident, regs::IDENT_MAGIC, "IDENT after reload")
 }
 
 /// rmmod must unbind cleanly with no file open, and insmod must probe the device again.
