@@ -301,6 +301,16 @@ fn bench_trace(c: &mut Criterion) {
             len: PAGE_SIZE,
             write: true,
             id: 4711,
+            // A clean judged step: every fact present, as in a validated run.
+            judged: true,
+            released: false,
+            cpu_pa: Some(0x1234_5000),
+            cpu_w: true,
+            cpu_d: true,
+            fill_d: true,
+            after: true,
+            after_pa: Some(0x1234_5000),
+            after_w: true,
         }));
     }
     let mut va = SRC_VA;

@@ -276,6 +276,8 @@ impl<E: Events> ZapguardDevice<E> {
             STAT_IOTLB_EVICTIONS => iotlb.evictions,
             STAT_IOTLB_INVALIDATED => iotlb.invalidated,
             STAT_IOTLB_NOT_CACHED => iotlb.not_cached,
+            STAT_ACCESSES_JUDGED => self.s.validator.counts().checks,
+            STAT_ACCESSES_UNJUDGED => self.s.validator.counts().skipped,
             _ => self.s.stats.get(i as usize).copied().unwrap_or(0),
         }
     }

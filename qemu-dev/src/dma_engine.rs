@@ -48,7 +48,7 @@ use crate::events::{Activity, Events};
 use crate::guest::{CopyError, GuestMem};
 use crate::iotlb::IotlbEntry;
 use crate::pagetable;
-use crate::validator::{la57, Access, CpuLookup};
+use crate::validator::{la57, Access, CpuLookup, Facts, Violation};
 
 /// A translation held by the running job.
 #[derive(Clone, Copy, Debug)]
@@ -748,15 +748,14 @@ impl<E: Events> ZapguardDevice<E> {
         n: usize,
         walked: Option<CpuLookup>,
     ) {
-        self.activity(Activity::DmaAccess {
-            job: d.id,
-            asid: d.asid,
-            va: s.va,
-            pa: s.pa,
-            len: n as u64,
-            write: s.write,
-            id: s.id,
-        });
+        let (facts, verdict) = match fresh {
+            Some(fresh) => self.judge_step(mem, d, fresh, s, walked),
+            None => {
+                self.s.validator.unjudged();
+                (Facts::default(), None)
+            }
+        };
+        self.activity(dma_access(d, s, n, &facts));
         if self.s.ledger.is_dead(s.id) {
             self.violation(
                 mem,
@@ -769,9 +768,23 @@ impl<E: Events> ZapguardDevice<E> {
                 "translation used after the SYNC covering its invalidation completed",
             );
         }
-        let Some(fresh) = fresh else {
-            return;
-        };
+        if let Some(v) = verdict {
+            let cpu_pa = (v.cpu_pa != ev::NO_PA).then_some(v.cpu_pa);
+            self.violation(mem, d, v.class, s.va, s.pa, cpu_pa, s.write, v.why);
+        }
+    }
+
+    /// Judges one step against its context entry `fresh`, before (`walked`, the CPU walk made
+    /// before the bytes moved) and, if that was clean, after its bytes moved: the facts seen,
+    /// and the violation.
+    fn judge_step(
+        &mut self,
+        mem: &impl GuestMem,
+        d: &DmaJob,
+        fresh: &ContextEntry,
+        s: &Side,
+        walked: Option<CpuLookup>,
+    ) -> (Facts, Option<Violation>) {
         let dirty_at_fill = self
             .s
             .job
@@ -785,19 +798,13 @@ impl<E: Events> ZapguardDevice<E> {
             write: s.write,
             cpu_dirty_at_fill: dirty_at_fill,
         };
-        let verdict = match self.s.validator.judge(mem, fresh, &access, walked) {
-            Some(v) => Some(v),
-            // Clean before: the CPU walk after the bytes moved must agree.
-            None => {
-                let after = read_context(mem, self.s.ctx_base, d.asid)
-                    .and_then(|c| self.s.validator.lookup(mem, &c, s.va));
-                self.s.validator.judge_after(&access, after)
-            }
-        };
-        if let Some(v) = verdict {
-            let cpu_pa = (v.cpu_pa != ev::NO_PA).then_some(v.cpu_pa);
-            self.violation(mem, d, v.class, s.va, s.pa, cpu_pa, s.write, v.why);
+        let mut j = self.s.validator.judged(mem, fresh, &access, walked);
+        if j.facts.judged && j.violation.is_none() {
+            let after = read_context(mem, self.s.ctx_base, d.asid)
+                .and_then(|c| self.s.validator.lookup(mem, &c, s.va));
+            j.violation = self.s.validator.judge_after(&access, after, &mut j.facts);
         }
+        (j.facts, j.violation)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -1003,6 +1010,29 @@ impl<E: Events> ZapguardDevice<E> {
 }
 
 /// Reads context entry `asid` from the table at `base`.
+/// The trace record of one step of `d` on side `s` (`n` bytes), with what the validator saw.
+fn dma_access(d: &DmaJob, s: &Side, n: usize, f: &Facts) -> Activity {
+    let after = f.after.flatten();
+    Activity::DmaAccess {
+        job: d.id,
+        asid: d.asid,
+        va: s.va,
+        pa: s.pa,
+        len: n as u64,
+        write: s.write,
+        id: s.id,
+        judged: f.judged,
+        released: f.released,
+        cpu_pa: f.cpu.map(|c| c.0),
+        cpu_w: f.cpu.is_some_and(|c| c.1),
+        cpu_d: f.cpu.is_some_and(|c| c.2),
+        fill_d: f.fill_dirty,
+        after: f.after.is_some(),
+        after_pa: after.map(|c| c.0),
+        after_w: after.is_some_and(|c| c.1),
+    }
+}
+
 pub(crate) fn read_context(mem: &impl GuestMem, base: u64, asid: u32) -> Option<ContextEntry> {
     let addr = base.checked_add(u64::from(asid) * CTX_ENTRY_SIZE as u64)?;
     let mut raw = [0u8; CTX_ENTRY_SIZE];
@@ -1138,6 +1168,105 @@ mod tests {
         assert_eq!(r.dev.stat(STAT_VIOLATIONS), 0);
         let done = r.status(crate::testkit::STATUS);
         assert_eq!((done.status, done.bytes_done), (DMA_ST_OK, len));
+    }
+
+    /// Every step says in the trace whether it was judged, and the device counts both kinds:
+    /// a context with validation off shows up as unjudged accesses, not as a clean run.
+    #[test]
+    fn judged_and_unjudged_steps_are_traced_and_counted() {
+        let mut r = rig();
+        pages(&mut r, VA, 2, 3);
+        let judged_of = |r: &mut Rig<EventLog>| -> Vec<bool> {
+            r.activity()
+                .iter()
+                .filter_map(|a| match *a {
+                    Activity::DmaAccess { judged, .. } => Some(judged),
+                    _ => None,
+                })
+                .collect()
+        };
+        assert_eq!(
+            r.dma(job(DMA_CHECKSUM, 1, VA, 0, 2 * PG, 0)).status,
+            DMA_ST_OK
+        );
+        let on = judged_of(&mut r);
+        assert!(!on.is_empty() && on.iter().all(|&j| j), "{on:?}");
+        let n = on.len() as u64;
+        assert_eq!(
+            (
+                r.dev.stat(STAT_ACCESSES_JUDGED),
+                r.dev.stat(STAT_ACCESSES_UNJUDGED)
+            ),
+            (n, 0)
+        );
+        // Validation off: the same job, every step unjudged.
+        let mut c = r.ctx(1);
+        c.flags &= !pte::CTX_VALIDATE;
+        r.write_ctx(1, c);
+        r.cfgi(1);
+        assert_eq!(
+            r.dma(job(DMA_CHECKSUM, 1, VA, 0, 2 * PG, 0)).status,
+            DMA_ST_OK
+        );
+        let all = judged_of(&mut r);
+        let off = &all[on.len()..];
+        assert_eq!(off.len() as u64, n);
+        assert!(off.iter().all(|&j| !j), "{off:?}");
+        assert_eq!(
+            (
+                r.dev.stat(STAT_ACCESSES_JUDGED),
+                r.dev.stat(STAT_ACCESSES_UNJUDGED)
+            ),
+            (n, n)
+        );
+    }
+
+    /// The offline check recomputes every verdict from the facts the trace records: a device
+    /// whose validator is blind (it records what it saw, concludes nothing) is caught, and the
+    /// same run with a working validator agrees with it.
+    #[test]
+    fn a_blind_validator_is_caught_offline() {
+        let run = |blind: bool| {
+            let mut r = rig();
+            r.dev.s.validator.blind = blind;
+            pages(&mut r, VA, 2, 3);
+            assert_eq!(
+                r.dma(job(DMA_CHECKSUM, 1, VA, 0, 2 * PG, 0)).status,
+                DMA_ST_OK
+            );
+            // A driver bug: the CPU's page changes and the device is not told.
+            let new = r.frame();
+            r.cpu_map(1, VA, new, crate::x86pt::CpuFlags::WRITABLE_DIRTY);
+            assert_eq!(
+                r.dma(job(DMA_CHECKSUM, 1, VA, 0, 2 * PG, 0)).status,
+                DMA_ST_OK
+            );
+            let mut w = crate::JsonTraceWriter::new(Vec::new());
+            for e in &r.dev.events().events {
+                w.event(e);
+            }
+            let text = String::from_utf8(w.into_inner().expect("trace")).expect("utf-8");
+            let mut c = zapguard_trace::check::Checker::default();
+            for (i, l) in text.lines().enumerate() {
+                c.add(i as u64 + 1, &serde_json::from_str(l).expect("json"));
+            }
+            c.finish();
+            c
+        };
+        let seeing = run(false);
+        assert!(seeing.device_violations > 0, "{:?}", seeing.findings);
+        assert_eq!(seeing.disagreements, 0, "{:?}", seeing.findings);
+        assert!(seeing.recomputed >= 4, "{} recomputed", seeing.recomputed);
+        let blind = run(true);
+        assert_eq!(blind.device_violations, 0);
+        assert_eq!(
+            blind.disagreements, seeing.device_violations,
+            "{:?}",
+            blind.findings
+        );
+        assert!(blind.findings[0]
+            .detail
+            .contains("call for stale, the device said clean"));
     }
 
     #[test]

@@ -282,6 +282,28 @@ pub enum Activity {
         write: bool,
         /// Translation id used.
         id: u64,
+        /// Whether the validator judged the access (before and after it): false when its
+        /// context has validation off, or its entry could not be read. The fields after this
+        /// one are the facts the verdict was made from (`validator::Facts`; all false or null
+        /// when not judged), so that it can be recomputed offline.
+        judged: bool,
+        /// The context entry said the address space was released.
+        released: bool,
+        /// The 4 KiB frame the CPU mapped the page to before the bytes moved (null: nothing
+        /// mapped, the table could not be walked, or released).
+        cpu_pa: Option<u64>,
+        /// That CPU PTE was writable.
+        cpu_w: bool,
+        /// That CPU PTE was dirty.
+        cpu_d: bool,
+        /// The translation was cached while the CPU PTE was dirty.
+        fill_d: bool,
+        /// A CPU walk was made after the bytes moved (the verdict before was clean).
+        after: bool,
+        /// The frame that walk found (null: nothing mapped).
+        after_pa: Option<u64>,
+        /// That CPU PTE was writable.
+        after_w: bool,
     },
     /// A translation fault.
     Fault {

@@ -338,8 +338,9 @@ impl<W: Write> JsonTraceWriter<W> {
     }
 }
 
-/// Room for one hot line: the longest (every number at `u64::MAX`) is about 270 bytes.
-const LINE_MAX: usize = 320;
+/// Room for one hot line: the longest (a judged `dma_access`, every number at `u64::MAX`) is
+/// about 440 bytes.
+const LINE_MAX: usize = 512;
 
 /// Two decimal digits for each value below 100.
 const DIGIT_PAIRS: &[u8; 200] = b"\
@@ -417,6 +418,17 @@ impl Line {
         }
     }
 
+    /// Appends `key` and `v` in decimal, or `null`.
+    fn opt<const N: usize>(&mut self, key: &[u8; N], v: Option<u64>) {
+        match v {
+            Some(v) => self.num(key, v),
+            None => {
+                self.lit(key);
+                self.lit(b"null");
+            }
+        }
+    }
+
     fn as_bytes(&self) -> &[u8] {
         &self.buf[..self.len]
     }
@@ -443,6 +455,15 @@ fn hot_line(l: &mut Line, t_ns: u64, seq: u64, ev: &Event) -> bool {
             len,
             write,
             id,
+            judged,
+            released,
+            cpu_pa,
+            cpu_w,
+            cpu_d,
+            fill_d,
+            after,
+            after_pa,
+            after_w,
         } => {
             l.lit(b",\"kind\":\"dma_access\"");
             l.num(b",\"job\":", job);
@@ -452,6 +473,15 @@ fn hot_line(l: &mut Line, t_ns: u64, seq: u64, ev: &Event) -> bool {
             l.num(b",\"len\":", len);
             l.flag(b",\"write\":", write);
             l.num(b",\"id\":", id);
+            l.flag(b",\"judged\":", judged);
+            l.flag(b",\"released\":", released);
+            l.opt(b",\"cpu_pa\":", cpu_pa);
+            l.flag(b",\"cpu_w\":", cpu_w);
+            l.flag(b",\"cpu_d\":", cpu_d);
+            l.flag(b",\"fill_d\":", fill_d);
+            l.flag(b",\"after\":", after);
+            l.opt(b",\"after_pa\":", after_pa);
+            l.flag(b",\"after_w\":", after_w);
         }
         Activity::IotlbFill {
             asid,
@@ -605,6 +635,15 @@ impl<W: Write + Send + 'static> TraceWriter<W> {
                 len,
                 write,
                 id,
+                judged,
+                released,
+                cpu_pa,
+                cpu_w,
+                cpu_d,
+                fill_d,
+                after,
+                after_pa,
+                after_w,
             }) if len <= u32::MAX.into() => {
                 self.hot_clock();
                 if self.job != (job, asid) {
@@ -612,8 +651,23 @@ impl<W: Write + Send + 'static> TraceWriter<W> {
                     let r = fmt::Job::new(job, asid);
                     self.chunk.extend_from_slice(r.as_bytes());
                 }
-                let r = fmt::Dma::new(write, va, pa, len as u32, id);
-                self.chunk.extend_from_slice(r.as_bytes());
+                if judged {
+                    let facts = fmt::DmaFacts {
+                        released,
+                        cpu_pa,
+                        cpu_w,
+                        cpu_d,
+                        fill_d,
+                        after,
+                        after_pa,
+                        after_w,
+                    };
+                    let r = fmt::JudgedDma::new(write, va, pa, len as u32, id, &facts);
+                    self.chunk.extend_from_slice(r.as_bytes());
+                } else {
+                    let r = fmt::Dma::new(write, va, pa, len as u32, id);
+                    self.chunk.extend_from_slice(r.as_bytes());
+                }
             }
             Event::Engine(Activity::IotlbFill {
                 asid,
@@ -839,6 +893,48 @@ fn drain<W: Write>(
     (out, error)
 }
 
+/// A `dma_access` whose facts are those of case `i`: not judged, judged clean, a page mapped
+/// elsewhere (then no walk after), released, or zapped while the device used it.
+#[cfg(test)]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn dma_access_case(
+    job: u64,
+    asid: u32,
+    va: u64,
+    pa: u64,
+    len: u64,
+    write: bool,
+    id: u64,
+    i: usize,
+) -> Activity {
+    let frame = pa & !0xfff;
+    let (judged, released, cpu_pa, after, after_pa) = match i % 5 {
+        0 => (false, false, None, false, None),
+        1 => (true, false, Some(frame), true, Some(frame)),
+        2 => (true, false, Some(frame ^ 0x1000), false, None),
+        3 => (true, true, None, false, None),
+        _ => (true, false, Some(frame), true, None),
+    };
+    Activity::DmaAccess {
+        job,
+        asid,
+        va,
+        pa,
+        len,
+        write,
+        id,
+        judged,
+        released,
+        cpu_pa,
+        cpu_w: cpu_pa.is_some() && i.is_multiple_of(2),
+        cpu_d: cpu_pa.is_some() && i.is_multiple_of(3),
+        fill_d: judged && i.is_multiple_of(4),
+        after,
+        after_pa,
+        after_w: after_pa.is_some(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1043,15 +1139,7 @@ mod tests {
         for (i, &v) in ends.iter().enumerate() {
             let w = ends[(i + 3) % ends.len()];
             let asid = (v as u32).wrapping_add(i as u32);
-            cases.push(Activity::DmaAccess {
-                job: v,
-                asid,
-                va: w,
-                pa: v ^ w,
-                len: w,
-                write: i % 2 == 0,
-                id: v,
-            });
+            cases.push(dma_access_case(v, asid, w, v ^ w, w, i % 2 == 0, v, i));
             cases.push(Activity::IotlbFill {
                 asid,
                 va: v,
@@ -1289,15 +1377,17 @@ mod binary_tests {
             let len = [4096, 0x30_0000, u32::MAX.into(), u64::from(u32::MAX) + 1][i % 4];
             let asid = [0, 1, u32::MAX][i % 3];
             for job in [x, x, y] {
-                v.push(Event::Engine(Activity::DmaAccess {
+                let case = i + usize::from(job == y);
+                v.push(Event::Engine(dma_access_case(
                     job,
                     asid,
-                    va: x,
-                    pa: y,
+                    x,
+                    y,
                     len,
-                    write: i % 2 == 0,
-                    id: y,
-                }));
+                    i % 2 == 0,
+                    y,
+                    case,
+                )));
             }
             v.push(Event::Engine(Activity::IotlbFill {
                 asid,
@@ -1357,17 +1447,7 @@ mod binary_tests {
     /// Per-page events share a clock read among `CLOCK_EVERY`; rare ones always read it.
     #[test]
     fn per_page_events_share_clock_reads() {
-        let dma = |va| {
-            Event::Engine(Activity::DmaAccess {
-                job: 1,
-                asid: 1,
-                va,
-                pa: va,
-                len: 4096,
-                write: false,
-                id: 1,
-            })
-        };
+        let dma = |va| Event::Engine(dma_access_case(1, 1, va, va, 4096, false, 1, 1));
         let mut events: Vec<Event> = (0..20).map(dma).collect();
         events.push(Event::Reset);
         events.push(dma(99));

@@ -102,7 +102,8 @@ impl Violation {
 pub struct ValidatorCounts {
     /// Accesses judged (every [`Validator::check`] call except those skipped).
     pub checks: u64,
-    /// Accesses not judged because the context has [`pte::CTX_VALIDATE`] clear.
+    /// Accesses not judged: the context has neither [`pte::CTX_VALIDATE`] nor
+    /// [`pte::CTX_MM_RELEASED`], or its entry could not be read ([`Validator::unjudged`]).
     pub skipped: u64,
     /// CPU page-table walks that failed (also counted as [`event::VIOL_STALE`]).
     pub walk_errors: u64,
@@ -139,10 +140,45 @@ impl ValidatorCounts {
     }
 }
 
+/// What the validator saw of one access: every fact its verdict is a function of. The device
+/// records them with the access in its trace, so that `zapguard-trace check` recomputes each
+/// verdict offline, from these facts alone, and fails on any disagreement.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Facts {
+    /// The access was judged (its context has validation on or is released).
+    pub judged: bool,
+    /// The context entry said the address space was released.
+    pub released: bool,
+    /// The CPU walk made before the bytes moved: the 4 KiB frame it maps the VA's page to, and
+    /// whether that PTE is writable and dirty. `None`: nothing is mapped, or the table could
+    /// not be walked (`walk_error`), or the context was released (no walk).
+    pub cpu: Option<(u64, bool, bool)>,
+    /// The walk before failed (the table could not be walked).
+    pub walk_error: bool,
+    /// The translation was cached while the CPU PTE was dirty ([`Access::cpu_dirty_at_fill`]).
+    pub fill_dirty: bool,
+    /// The walk made after the bytes moved, if one was (the verdict before was clean): the
+    /// frame and whether writable, or `None` if nothing is mapped or it could not be walked.
+    pub after: Option<Option<(u64, bool)>>,
+}
+
+/// A verdict with the facts it was made from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Judged {
+    /// What the validator saw.
+    pub facts: Facts,
+    /// What it concluded.
+    pub violation: Option<Violation>,
+}
+
 /// The validator's state: only counters; every verdict is a pure function of guest memory.
 #[derive(Clone, Debug, Default)]
 pub struct Validator {
     counts: ValidatorCounts,
+    /// Tests: a validator that records the facts but never concludes anything, which the
+    /// offline check must catch.
+    #[cfg(test)]
+    pub(crate) blind: bool,
 }
 
 impl Validator {
@@ -172,20 +208,77 @@ impl Validator {
         a: &Access,
         walked: Option<CpuLookup>,
     ) -> Option<Violation> {
+        self.judged(mem, ctx, a, walked).violation
+    }
+
+    /// [`Self::judge`], with the facts the verdict was made from.
+    pub fn judged(
+        &mut self,
+        mem: &impl GuestMem,
+        ctx: &pte::ContextEntry,
+        a: &Access,
+        walked: Option<CpuLookup>,
+    ) -> Judged {
         if ctx.flags & (pte::CTX_MM_RELEASED | pte::CTX_VALIDATE) == 0 {
-            self.counts.skipped += 1;
-            return None;
+            self.unjudged();
+            return Judged {
+                facts: Facts::default(),
+                violation: None,
+            };
         }
         self.counts.checks += 1;
-        let v = self.verdict(mem, ctx, a, walked)?;
-        let c = &mut self.counts;
-        match v.class {
-            event::VIOL_STALE => c.stale += 1,
-            event::VIOL_WRITE_PERM => c.write_perm += 1,
-            event::VIOL_WRITE_CLEAN => c.write_clean += 1,
-            _ => c.released += 1,
+        let facts = self.facts(mem, ctx, a, walked);
+        let violation = verdict(a, &facts);
+        #[cfg(test)]
+        let violation = violation.filter(|_| !self.blind);
+        if let Some(v) = &violation {
+            let c = &mut self.counts;
+            match v.class {
+                event::VIOL_STALE => c.stale += 1,
+                event::VIOL_WRITE_PERM => c.write_perm += 1,
+                event::VIOL_WRITE_CLEAN => c.write_clean += 1,
+                _ => c.released += 1,
+            }
         }
-        Some(v)
+        Judged { facts, violation }
+    }
+
+    /// The facts a verdict on `a` is made from (see [`Facts`]).
+    fn facts(
+        &mut self,
+        mem: &impl GuestMem,
+        ctx: &pte::ContextEntry,
+        a: &Access,
+        walked: Option<CpuLookup>,
+    ) -> Facts {
+        let mut f = Facts {
+            judged: true,
+            released: ctx.flags & pte::CTX_MM_RELEASED != 0,
+            fill_dirty: a.cpu_dirty_at_fill,
+            ..Facts::default()
+        };
+        if f.released {
+            return f;
+        }
+        match walked.unwrap_or_else(|| cpu_walk(mem, ctx.cpu_root, la57(ctx), a.va)) {
+            Ok(CpuPte::Present {
+                pa,
+                writable,
+                dirty,
+                ..
+            }) => f.cpu = Some((pa, writable, dirty)),
+            Ok(CpuPte::NotPresent) => {}
+            Err(_) => {
+                self.counts.walk_errors += 1;
+                f.walk_error = true;
+            }
+        }
+        f
+    }
+
+    /// Counts an access that could not be judged (its context entry could not be read).
+    pub fn unjudged(&mut self) {
+        self.counts.skipped += 1;
     }
 
     /// Judges `a` again once its bytes moved, whose verdict before the access was clean:
@@ -194,34 +287,31 @@ impl Validator {
     /// nothing is judged). The CPU must still map the VA to the frame the device used, with
     /// the permission it used; anything else means that the page was zapped, remapped or
     /// write-protected while the device was using it ([`event::VIOL_ZAPPED_DURING_ACCESS`]).
-    /// Accessed and dirty bits may change: the CPU sets them without an invalidation.
-    pub fn judge_after(&mut self, a: &Access, after: Option<CpuLookup>) -> Option<Violation> {
+    /// Accessed and dirty bits may change: the CPU sets them without an invalidation. The walk
+    /// goes into `facts.after`.
+    pub fn judge_after(
+        &mut self,
+        a: &Access,
+        after: Option<CpuLookup>,
+        facts: &mut Facts,
+    ) -> Option<Violation> {
         let after = after?;
         self.counts.after_checks += 1;
-        let cpu_pa = match after {
-            Ok(CpuPte::Present { pa, writable, .. }) => {
-                let same_frame = pa == a.dev_pa & !(pte::PAGE_SIZE - 1);
-                if same_frame && (writable || !a.write) {
-                    return None;
-                }
-                pa | (a.va & (X86_SIZE_4K - 1))
-            }
-            Ok(CpuPte::NotPresent) => event::NO_PA,
+        facts.after = Some(match after {
+            Ok(CpuPte::Present { pa, writable, .. }) => Some((pa, writable)),
+            Ok(CpuPte::NotPresent) => None,
             Err(_) => {
                 self.counts.walk_errors += 1;
-                event::NO_PA
+                None
             }
-        };
+        });
+        let v = verdict_after(a, facts)?;
+        #[cfg(test)]
+        if self.blind {
+            return None;
+        }
         self.counts.zapped_during_access += 1;
-        Some(Violation {
-            class: event::VIOL_ZAPPED_DURING_ACCESS,
-            asid: a.asid,
-            va: a.va,
-            dev_pa: a.dev_pa,
-            cpu_pa,
-            write: a.write,
-            why: "the CPU page table changed while the device accessed the page (zapped, remapped or write-protected before the device was done)",
-        })
+        Some(v)
     }
 
     /// The CPU walk of `va` under `ctx`, if a verdict can need one: `None` if validation is off
@@ -255,79 +345,87 @@ impl Validator {
     pub fn counts(&self) -> ValidatorCounts {
         self.counts
     }
+}
 
-    fn verdict(
-        &mut self,
-        mem: &impl GuestMem,
-        ctx: &pte::ContextEntry,
-        a: &Access,
-        walked: Option<CpuLookup>,
-    ) -> Option<Violation> {
-        let viol = |class: u16, cpu_pa: u64, why: &'static str| {
-            Some(Violation {
-                class,
-                asid: a.asid,
-                va: a.va,
-                dev_pa: a.dev_pa,
-                cpu_pa,
-                write: a.write,
-                why,
-            })
-        };
-        if ctx.flags & pte::CTX_MM_RELEASED != 0 {
-            return viol(
-                event::VIOL_RELEASED,
-                event::NO_PA,
-                "device access for an address space whose mm was already released",
-            );
-        }
-        let walked = walked.unwrap_or_else(|| cpu_walk(mem, ctx.cpu_root, la57(ctx), a.va));
-        let (pa, writable, dirty) = match walked {
-            Ok(CpuPte::Present {
-                pa,
-                writable,
-                dirty,
-                ..
-            }) => (pa, writable, dirty),
-            Ok(CpuPte::NotPresent) => return viol(
-                event::VIOL_STALE,
-                event::NO_PA,
-                "the CPU maps nothing at this address (unmapped, swapped, migrating or PROT_NONE)",
-            ),
-            Err(_) => {
-                self.counts.walk_errors += 1;
-                return viol(
-                    event::VIOL_STALE,
-                    event::NO_PA,
-                    "the CPU page table cannot be walked (pointer outside memory or malformed entry), so the translation cannot be confirmed",
-                );
-            }
-        };
-        let offset = a.va & (X86_SIZE_4K - 1);
-        let cpu_pa = pa | offset;
-        if pa != a.dev_pa & !(pte::PAGE_SIZE - 1) {
-            return viol(
-                event::VIOL_STALE,
-                cpu_pa,
-                "the CPU maps this address to a different page than the device used",
-            );
-        }
-        if a.write && !writable {
-            return viol(
-                event::VIOL_WRITE_PERM,
-                cpu_pa,
-                "device write while the CPU mapping is read-only (COW, mprotect or write-protect)",
-            );
-        }
-        if a.write && !dirty && a.cpu_dirty_at_fill {
-            return viol(
-                event::VIOL_WRITE_CLEAN,
-                cpu_pa,
-                "device write through a translation cached while the CPU PTE was dirty, which is clean now (missed writeback/mkclean invalidation)",
-            );
-        }
-        None
+/// The verdict on `a` before its bytes moved, a pure function of `f` (see [`Facts`]).
+pub fn verdict(a: &Access, f: &Facts) -> Option<Violation> {
+    let viol = |class: u16, cpu_pa: u64, why: &'static str| {
+        Some(Violation {
+            class,
+            asid: a.asid,
+            va: a.va,
+            dev_pa: a.dev_pa,
+            cpu_pa,
+            write: a.write,
+            why,
+        })
+    };
+    if f.released {
+        return viol(
+            event::VIOL_RELEASED,
+            event::NO_PA,
+            "device access for an address space whose mm was already released",
+        );
     }
+    let Some((pa, writable, dirty)) = f.cpu else {
+        return viol(
+            event::VIOL_STALE,
+            event::NO_PA,
+            if f.walk_error {
+                "the CPU page table cannot be walked (pointer outside memory or malformed entry), so the translation cannot be confirmed"
+            } else {
+                "the CPU maps nothing at this address (unmapped, swapped, migrating or PROT_NONE)"
+            },
+        );
+    };
+    let cpu_pa = pa | (a.va & (X86_SIZE_4K - 1));
+    if pa != a.dev_pa & !(pte::PAGE_SIZE - 1) {
+        return viol(
+            event::VIOL_STALE,
+            cpu_pa,
+            "the CPU maps this address to a different page than the device used",
+        );
+    }
+    if a.write && !writable {
+        return viol(
+            event::VIOL_WRITE_PERM,
+            cpu_pa,
+            "device write while the CPU mapping is read-only (COW, mprotect or write-protect)",
+        );
+    }
+    if a.write && !dirty && f.fill_dirty {
+        return viol(
+            event::VIOL_WRITE_CLEAN,
+            cpu_pa,
+            "device write through a translation cached while the CPU PTE was dirty, which is clean now (missed writeback/mkclean invalidation)",
+        );
+    }
+    None
+}
+
+/// The verdict on `a` after its bytes moved (its verdict before was clean), a pure function of
+/// `f.after`: `None` if no walk was made after.
+pub fn verdict_after(a: &Access, f: &Facts) -> Option<Violation> {
+    let after = f.after?;
+    let cpu_pa = match after {
+        Some((pa, writable)) => {
+            let same_frame = pa == a.dev_pa & !(pte::PAGE_SIZE - 1);
+            if same_frame && (writable || !a.write) {
+                return None;
+            }
+            pa | (a.va & (X86_SIZE_4K - 1))
+        }
+        None => event::NO_PA,
+    };
+    Some(Violation {
+        class: event::VIOL_ZAPPED_DURING_ACCESS,
+        asid: a.asid,
+        va: a.va,
+        dev_pa: a.dev_pa,
+        cpu_pa,
+        write: a.write,
+        why: "the CPU page table changed while the device accessed the page (zapped, remapped or write-protected before the device was done)",
+    })
 }
 
 #[cfg(test)]

@@ -67,6 +67,48 @@ impl IdRanges {
     }
 }
 
+/// The violation classes the device's validator decides per access, from the facts a judged
+/// `dma_access` records (the walk-time classes `ledger`, `table_freed`, `ctx_released` are not).
+const ACCESS_CLASSES: [&str; 5] = [
+    "stale",
+    "write_perm",
+    "write_clean",
+    "released",
+    "zapped_during_access",
+];
+
+/// The verdict a judged `dma_access`'s recorded facts call for, worked out here from the record
+/// alone, independently of the device's validator: its violation class, or `None` (clean).
+fn recomputed_verdict(v: &Value) -> Option<&'static str> {
+    let flag = |k| v.get(k).and_then(Value::as_bool).unwrap_or(false);
+    let num = |k| v.get(k).and_then(Value::as_u64);
+    let frame = num("pa").unwrap_or(0) & !0xfff;
+    let write = flag("write");
+    if flag("released") {
+        return Some("released");
+    }
+    // Before the bytes moved: the CPU must map the page the device used, writable for a write,
+    // and not cleaned since the translation was cached while dirty.
+    match num("cpu_pa") {
+        Some(cpu) if cpu == frame => {}
+        _ => return Some("stale"),
+    }
+    if write && !flag("cpu_w") {
+        return Some("write_perm");
+    }
+    if write && flag("fill_d") && !flag("cpu_d") {
+        return Some("write_clean");
+    }
+    // After: still the same page, still writable for a write.
+    if !flag("after") {
+        return None;
+    }
+    match num("after_pa") {
+        Some(after) if after == frame && (flag("after_w") || !write) => None,
+        _ => Some("zapped_during_access"),
+    }
+}
+
 /// One broken invariant.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Finding {
@@ -114,6 +156,15 @@ pub struct Checker {
     /// Command-queue errors the device's failure injection (`FAIL_CMDQ_ERROR`) caused on
     /// purpose: expected, not findings.
     pub injected_queue_errors: u64,
+    /// Judged accesses whose verdict was recomputed from their recorded facts.
+    pub recomputed: u64,
+    /// Of those, the ones whose recomputed verdict the device's disagreed with.
+    pub disagreements: u64,
+    /// The verdict the last judged access's facts call for, until the device's own verdict
+    /// (a violation right after it, or none) is known: (line, class or None, the access).
+    expect: Option<(u64, Option<&'static str>, String)>,
+    /// The trace records the facts of its verdicts (traces from before them do not).
+    facts_seen: bool,
 }
 
 impl Checker {
@@ -121,6 +172,18 @@ impl Checker {
     pub fn add(&mut self, line: u64, v: &Value) {
         let u = |k| field_u64(v, k);
         self.cmdq.observe(v);
+        // A judged access's own violation follows it at once (after a ledger violation, if
+        // any): anything else means the device's verdict was "clean".
+        if kind(v) != "violation" {
+            self.device_verdict(line, None, v);
+        }
+        if kind(v) == "dma_access" && v.get("judged").is_some() {
+            self.facts_seen = true;
+        }
+        if kind(v) == "dma_access" && v.get("judged").and_then(Value::as_bool) == Some(true) {
+            self.recomputed += 1;
+            self.expect = Some((line, recomputed_verdict(v), v.to_string()));
+        }
         match kind(v) {
             // A new device (another run appended) or a device reset: translation ids and queue
             // positions start over.
@@ -213,6 +276,10 @@ impl Checker {
                     what: "device validator violation",
                     detail: v.to_string(),
                 });
+                let class = field_str(v, "result").unwrap_or("");
+                if self.facts_seen && ACCESS_CLASSES.contains(&class) {
+                    self.device_verdict(line, Some(class), v);
+                }
             }
             "queue_error"
                 if field_str(v, "queue") == Some("cmdq")
@@ -229,6 +296,40 @@ impl Checker {
             }
             _ => {}
         }
+    }
+
+    /// The device's verdict on the last judged access: `class`, or clean (`None`, seen at the
+    /// event `v` after it). Compared with the verdict its recorded facts call for.
+    fn device_verdict(&mut self, line: u64, class: Option<&str>, v: &Value) {
+        let Some((at, want, access)) = self.expect.take() else {
+            if let Some(class) = class {
+                self.disagree(
+                    line,
+                    format!("a {class} violation after no judged access: {v}"),
+                );
+            }
+            return;
+        };
+        if want != class {
+            let said = |c: Option<&str>| c.unwrap_or("clean").to_string();
+            self.disagree(
+                at,
+                format!(
+                    "the facts call for {}, the device said {}: {access}",
+                    said(want),
+                    said(class)
+                ),
+            );
+        }
+    }
+
+    fn disagree(&mut self, line: u64, detail: String) {
+        self.disagreements += 1;
+        self.findings.push(Finding {
+            line,
+            what: "the device's verdict disagrees with the facts it recorded",
+            detail,
+        });
     }
 
     /// Translation `id` is retired by the SYNC at `line`.
@@ -273,6 +374,7 @@ impl Checker {
 
     /// End of trace: commands that were published but never executed.
     pub fn finish(&mut self) {
+        self.device_verdict(0, None, &Value::Null);
         let stuck = self.cmdq.outstanding();
         if stuck > 0 {
             self.findings.push(Finding {
@@ -445,5 +547,73 @@ mod tests {
             c.findings
         );
         assert_eq!(c.findings[2].what, USED_AFTER_SYNC);
+    }
+
+    /// A judged access with the facts of `class` (None: clean) for a read or a write.
+    fn judged(va: u64, write: bool, class: Option<&str>) -> Value {
+        let frame = 0x40_0000;
+        let mut v = json!({"kind": "dma_access", "asid": 1, "va": va, "pa": frame, "write": write,
+            "id": 1, "judged": true, "released": false, "cpu_pa": frame, "cpu_w": true,
+            "cpu_d": true, "fill_d": false, "after": true, "after_pa": frame, "after_w": true});
+        match class {
+            None => {}
+            Some("stale") => v["cpu_pa"] = json!(null),
+            Some("write_perm") => v["cpu_w"] = json!(false),
+            Some("write_clean") => (v["cpu_d"], v["fill_d"]) = (json!(false), json!(true)),
+            Some("released") => v["released"] = json!(true),
+            Some("zapped_during_access") => v["after_pa"] = json!(frame + 0x1000),
+            Some(c) => panic!("{c}"),
+        }
+        v
+    }
+
+    fn said(va: u64, class: &str) -> Value {
+        json!({"kind": "violation", "asid": 1, "va": va, "result": class})
+    }
+
+    /// The facts a judged access records are enough to recompute every verdict: the device's
+    /// own agrees on every class, and any edit, or a validator that saw nothing, is a finding.
+    #[test]
+    fn verdicts_are_recomputed_from_the_recorded_facts() {
+        for class in ACCESS_CLASSES {
+            let write = class != "stale";
+            let c = check(&[judged(0x1000, write, Some(class)), said(0x1000, class)]);
+            assert_eq!(
+                (c.recomputed, c.disagreements),
+                (1, 0),
+                "{class}: {:?}",
+                c.findings
+            );
+            // A blind validator: the facts say violation, the device said nothing.
+            let c = check(&[
+                judged(0x1000, write, Some(class)),
+                judged(0x2000, write, None),
+            ]);
+            assert_eq!(c.disagreements, 1, "{class} missed: {:?}", c.findings);
+            assert!(c.findings[0]
+                .detail
+                .contains(&format!("call for {class}, the device said clean")));
+            // An edited verdict: another class, or a violation the facts do not call for.
+            let other = if class == "stale" {
+                "write_perm"
+            } else {
+                "stale"
+            };
+            let c = check(&[judged(0x1000, write, Some(class)), said(0x1000, other)]);
+            assert_eq!(c.disagreements, 1, "{class} edited: {:?}", c.findings);
+            let c = check(&[judged(0x1000, write, None), said(0x1000, class)]);
+            assert_eq!(c.disagreements, 1, "clean called {class}: {:?}", c.findings);
+        }
+        // Walk-time classes and a ledger violation in between are not per-access verdicts.
+        let c = check(&[
+            judged(0x1000, true, Some("stale")),
+            said(0x1000, "ledger"),
+            said(0x1000, "stale"),
+            json!({"kind": "violation", "asid": 1, "result": "table_freed"}),
+        ]);
+        assert_eq!((c.recomputed, c.disagreements), (1, 0), "{:?}", c.findings);
+        // The last access of the trace is judged too.
+        let c = check(&[judged(0x1000, false, Some("released"))]);
+        assert_eq!(c.disagreements, 1);
     }
 }

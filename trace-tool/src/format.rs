@@ -23,7 +23,8 @@
 //! | [`CLOCK`] 0x01 | [`Clock`]: `t_ns` u64 | 8 | the time of the events that follow |
 //! | [`EVENT`] 0x02 | [`RecordHead`], then the JSON | len | any event, as its JSON object without `t_ns` and `seq` (`{"kind":...}`) |
 //! | [`JOB`] 0x03 | [`Job`]: `job` u64, `asid` u32 | 12 | the job and ASID of the `dma_access` records that follow |
-//! | [`DMA_READ`] 0x10, [`DMA_WRITE`] 0x11 | [`Dma`]: `va` u64, `pa` u64, `len` u32, `id` u64 | 28 | `dma_access` with `write` false / true |
+//! | [`DMA_READ`] 0x10, [`DMA_WRITE`] 0x11 | [`JudgedDma`]: `va` u64, `pa` u64, `len` u32, `id` u64, `facts` u8 (`FACT_*`), `cpu_pa` u64, `after_pa` u64 | 45 | `dma_access` with `write` false / true, judged, and the facts its verdict was made from |
+//! | [`DMA_READ_UNJUDGED`] 0x15, [`DMA_WRITE_UNJUDGED`] 0x16 | [`Dma`]: `va` u64, `pa` u64, `len` u32, `id` u64 | 28 | the same, not judged (`judged` false, no facts) |
 //! | [`FILL_RO`] 0x12, [`FILL_RW`] 0x13 | [`Fill`]: `asid` u32, `va` u64, `pa` u64, `len` u32, `id` u64 | 32 | `iotlb_fill` with `writable` false / true |
 //! | [`EVICT`] 0x14 | [`Evict`]: `asid` u32, `va` u64, `len` u32, `id` u64 | 24 | `iotlb_evict` |
 //!
@@ -72,6 +73,10 @@ pub const FILL_RO: u8 = 0x12;
 pub const FILL_RW: u8 = 0x13;
 /// See the module table.
 pub const EVICT: u8 = 0x14;
+/// See the module table.
+pub const DMA_READ_UNJUDGED: u8 = 0x15;
+/// See the module table.
+pub const DMA_WRITE_UNJUDGED: u8 = 0x16;
 
 /// Whether records of `kind` are events (numbered), not state ([`CLOCK`], [`JOB`]).
 pub fn is_event(kind: u8) -> bool {
@@ -316,15 +321,119 @@ pub struct Dma {
 }
 
 impl Dma {
-    /// The record.
+    /// The record of an access the validator did not judge.
     pub fn new(write: bool, va: u64, pa: u64, len: u32, id: u64) -> Self {
-        let kind = if write { DMA_WRITE } else { DMA_READ };
+        let kind = if write {
+            DMA_WRITE_UNJUDGED
+        } else {
+            DMA_READ_UNJUDGED
+        };
         Self {
             head: RecordHead::of::<Self>(kind),
             va: va.into(),
             pa: pa.into(),
             len: len.into(),
             id: id.into(),
+        }
+    }
+}
+
+/// What the validator saw of a judged access (the `dma_access` fields after `judged`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DmaFacts {
+    /// The context entry said the address space was released.
+    pub released: bool,
+    /// The frame the CPU mapped before the bytes moved.
+    pub cpu_pa: Option<u64>,
+    /// That PTE was writable.
+    pub cpu_w: bool,
+    /// That PTE was dirty.
+    pub cpu_d: bool,
+    /// The translation was cached while the CPU PTE was dirty.
+    pub fill_d: bool,
+    /// A walk was made after the bytes moved.
+    pub after: bool,
+    /// The frame it found.
+    pub after_pa: Option<u64>,
+    /// That PTE was writable.
+    pub after_w: bool,
+}
+
+/// [`JudgedDma::facts`] bits.
+pub const FACT_RELEASED: u8 = 1 << 0;
+/// `cpu_pa` holds a frame.
+pub const FACT_CPU: u8 = 1 << 1;
+/// See [`DmaFacts::cpu_w`].
+pub const FACT_CPU_W: u8 = 1 << 2;
+/// See [`DmaFacts::cpu_d`].
+pub const FACT_CPU_D: u8 = 1 << 3;
+/// See [`DmaFacts::fill_d`].
+pub const FACT_FILL_D: u8 = 1 << 4;
+/// See [`DmaFacts::after`].
+pub const FACT_AFTER: u8 = 1 << 5;
+/// `after_pa` holds a frame.
+pub const FACT_AFTER_PA: u8 = 1 << 6;
+/// See [`DmaFacts::after_w`].
+pub const FACT_AFTER_W: u8 = 1 << 7;
+
+/// [`DMA_READ`], [`DMA_WRITE`]: a judged access and the facts of its verdict.
+#[derive(Debug, Clone, Copy, IntoBytes, FromBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+pub struct JudgedDma {
+    /// Kind ([`DMA_READ`] or [`DMA_WRITE`]) and length.
+    pub head: RecordHead,
+    /// First VA accessed.
+    pub va: U64,
+    /// Guest-physical address accessed.
+    pub pa: U64,
+    /// Bytes.
+    pub len: U32,
+    /// Translation id.
+    pub id: U64,
+    /// `FACT_*`.
+    pub facts: u8,
+    /// [`DmaFacts::cpu_pa`] (0 without [`FACT_CPU`]).
+    pub cpu_pa: U64,
+    /// [`DmaFacts::after_pa`] (0 without [`FACT_AFTER_PA`]).
+    pub after_pa: U64,
+}
+
+impl JudgedDma {
+    /// The record.
+    pub fn new(write: bool, va: u64, pa: u64, len: u32, id: u64, f: &DmaFacts) -> Self {
+        let bit = |on: bool, b: u8| if on { b } else { 0 };
+        let facts = bit(f.released, FACT_RELEASED)
+            | bit(f.cpu_pa.is_some(), FACT_CPU)
+            | bit(f.cpu_w, FACT_CPU_W)
+            | bit(f.cpu_d, FACT_CPU_D)
+            | bit(f.fill_d, FACT_FILL_D)
+            | bit(f.after, FACT_AFTER)
+            | bit(f.after_pa.is_some(), FACT_AFTER_PA)
+            | bit(f.after_w, FACT_AFTER_W);
+        Self {
+            head: RecordHead::of::<Self>(if write { DMA_WRITE } else { DMA_READ }),
+            va: va.into(),
+            pa: pa.into(),
+            len: len.into(),
+            id: id.into(),
+            facts,
+            cpu_pa: f.cpu_pa.unwrap_or(0).into(),
+            after_pa: f.after_pa.unwrap_or(0).into(),
+        }
+    }
+
+    /// The facts again.
+    pub fn facts(&self) -> DmaFacts {
+        let on = |b: u8| self.facts & b != 0;
+        DmaFacts {
+            released: on(FACT_RELEASED),
+            cpu_pa: on(FACT_CPU).then(|| self.cpu_pa.get()),
+            cpu_w: on(FACT_CPU_W),
+            cpu_d: on(FACT_CPU_D),
+            fill_d: on(FACT_FILL_D),
+            after: on(FACT_AFTER),
+            after_pa: on(FACT_AFTER_PA).then(|| self.after_pa.get()),
+            after_w: on(FACT_AFTER_W),
         }
     }
 }
@@ -397,7 +506,8 @@ pub fn record_len(kind: u8) -> Option<usize> {
     Some(match kind {
         CLOCK => size_of::<Clock>(),
         JOB => size_of::<Job>(),
-        DMA_READ | DMA_WRITE => size_of::<Dma>(),
+        DMA_READ | DMA_WRITE => size_of::<JudgedDma>(),
+        DMA_READ_UNJUDGED | DMA_WRITE_UNJUDGED => size_of::<Dma>(),
         FILL_RO | FILL_RW => size_of::<Fill>(),
         EVICT => size_of::<Evict>(),
         _ => return None,
@@ -795,21 +905,41 @@ impl<R: Read> Decoder<R> {
                 };
                 write!(l, "{{\"t_ns\":{t},\"seq\":{s},{rest}")
             }
-            DMA_READ | DMA_WRITE => {
-                let Ok(r) = Dma::read_from_bytes(rec) else {
-                    return Ok(false);
+            DMA_READ | DMA_WRITE | DMA_READ_UNJUDGED | DMA_WRITE_UNJUDGED => {
+                let (judged, r, f) = if matches!(kind, DMA_READ | DMA_WRITE) {
+                    let Ok(r) = JudgedDma::read_from_bytes(rec) else {
+                        return Ok(false);
+                    };
+                    let d = (r.va.get(), r.pa.get(), r.len.get(), r.id.get());
+                    (true, d, r.facts())
+                } else {
+                    let Ok(r) = Dma::read_from_bytes(rec) else {
+                        return Ok(false);
+                    };
+                    let d = (r.va.get(), r.pa.get(), r.len.get(), r.id.get());
+                    (false, d, DmaFacts::default())
                 };
                 write!(
                     l,
                     "{{\"t_ns\":{t},\"seq\":{s},\"kind\":\"dma_access\",\"job\":{},\"asid\":{},\
-                     \"va\":{},\"pa\":{},\"len\":{},\"write\":{},\"id\":{}}}",
+                     \"va\":{},\"pa\":{},\"len\":{},\"write\":{},\"id\":{},\"judged\":{judged},\
+                     \"released\":{},\"cpu_pa\":{},\"cpu_w\":{},\"cpu_d\":{},\"fill_d\":{},\
+                     \"after\":{},\"after_pa\":{},\"after_w\":{}}}",
                     self.job,
                     self.asid,
-                    r.va.get(),
-                    r.pa.get(),
-                    r.len.get(),
-                    kind == DMA_WRITE,
-                    r.id.get()
+                    r.0,
+                    r.1,
+                    r.2,
+                    matches!(kind, DMA_WRITE | DMA_WRITE_UNJUDGED),
+                    r.3,
+                    f.released,
+                    OrNull(f.cpu_pa),
+                    f.cpu_w,
+                    f.cpu_d,
+                    f.fill_d,
+                    f.after,
+                    OrNull(f.after_pa),
+                    f.after_w,
                 )
             }
             FILL_RO | FILL_RW => {
@@ -866,6 +996,18 @@ impl<R: Read> Decoder<R> {
         };
         self.report(d);
         false
+    }
+}
+
+/// A number, or `null`, as JSON writes an `Option<u64>`.
+struct OrNull(Option<u64>);
+
+impl std::fmt::Display for OrNull {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(v) => write!(f, "{v}"),
+            None => f.write_str("null"),
+        }
     }
 }
 
@@ -938,12 +1080,24 @@ mod tests {
         assert_eq!(CHUNK_HEAD_LEN, 48);
         assert_eq!(record_len(CLOCK), Some(11));
         assert_eq!(record_len(JOB), Some(15));
-        assert_eq!(record_len(DMA_WRITE), Some(31));
         assert_eq!(record_len(FILL_RW), Some(35));
         assert_eq!(record_len(EVICT), Some(27));
         assert_eq!(record_len(EVENT), None);
         assert_eq!(record_len(0), None);
         assert_eq!(Dma::new(true, 0, 0, 0, 0).head.len.get(), 28);
+        assert_eq!(record_len(DMA_WRITE_UNJUDGED), Some(31));
+        assert_eq!(record_len(DMA_WRITE), Some(48));
+        let f = DmaFacts {
+            released: false,
+            cpu_pa: Some(0x2000),
+            cpu_w: true,
+            cpu_d: false,
+            fill_d: true,
+            after: true,
+            after_pa: None,
+            after_w: false,
+        };
+        assert_eq!(JudgedDma::new(true, 1, 2, 3, 4, &f).facts(), f);
         assert!(RecordHead::event(MAX_RECORD_BODY).is_some());
         assert!(RecordHead::event(MAX_RECORD_BODY + 1).is_none());
     }
@@ -971,6 +1125,14 @@ mod tests {
 
     #[test]
     fn records_decode_to_lines() {
+        let clean = DmaFacts {
+            cpu_pa: Some(0x2000),
+            cpu_w: true,
+            after: true,
+            after_pa: Some(0x2000),
+            after_w: true,
+            ..DmaFacts::default()
+        };
         let f = file(&[chunk(
             0,
             0,
@@ -978,7 +1140,10 @@ mod tests {
                 event(r#"{"kind":"reset"}"#),
                 Clock::new(77).as_bytes().to_vec(),
                 Job::new(5, 2).as_bytes().to_vec(),
-                Dma::new(true, 0x1000, 0x2000, 4096, 9).as_bytes().to_vec(),
+                JudgedDma::new(true, 0x1000, 0x2000, 4096, 9, &clean)
+                    .as_bytes()
+                    .to_vec(),
+                Dma::new(false, 0x1000, 0x2000, 4096, 9).as_bytes().to_vec(),
             ],
         )]);
         let (l, damage, _) = decode(&f);
@@ -987,7 +1152,8 @@ mod tests {
             l,
             [
                 r#"{"t_ns":0,"seq":0,"kind":"reset"}"#,
-                r#"{"t_ns":77,"seq":1,"kind":"dma_access","job":5,"asid":2,"va":4096,"pa":8192,"len":4096,"write":true,"id":9}"#,
+                r#"{"t_ns":77,"seq":1,"kind":"dma_access","job":5,"asid":2,"va":4096,"pa":8192,"len":4096,"write":true,"id":9,"judged":true,"released":false,"cpu_pa":8192,"cpu_w":true,"cpu_d":false,"fill_d":false,"after":true,"after_pa":8192,"after_w":true}"#,
+                r#"{"t_ns":77,"seq":2,"kind":"dma_access","job":5,"asid":2,"va":4096,"pa":8192,"len":4096,"write":false,"id":9,"judged":false,"released":false,"cpu_pa":null,"cpu_w":false,"cpu_d":false,"fill_d":false,"after":false,"after_pa":null,"after_w":false}"#,
             ]
         );
     }
@@ -1003,7 +1169,7 @@ mod tests {
         assert_eq!(
             l,
             [
-                r#"{"t_ns":500,"seq":7,"kind":"dma_access","job":3,"asid":4,"va":1,"pa":2,"len":3,"write":false,"id":4}"#
+                r#"{"t_ns":500,"seq":7,"kind":"dma_access","job":3,"asid":4,"va":1,"pa":2,"len":3,"write":false,"id":4,"judged":false,"released":false,"cpu_pa":null,"cpu_w":false,"cpu_d":false,"fill_d":false,"after":false,"after_pa":null,"after_w":false}"#
             ]
         );
         assert_eq!(

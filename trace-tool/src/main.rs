@@ -324,10 +324,13 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                 text += &format!("... and {} more\n", c.findings.len() - 50);
             }
             text += &format!(
-                "check: {} finding(s): {} device violation(s), {} offline ledger violation(s)\n",
+                "check: {} finding(s): {} device violation(s), {} offline ledger violation(s); \
+                 {} verdict(s) recomputed from the facts the trace records, {} disagreement(s)\n",
                 c.findings.len(),
                 c.device_violations,
-                c.ledger_violations
+                c.ledger_violations,
+                c.recomputed,
+                c.disagreements
             );
             emit(&text)?;
             failed = !c.findings.is_empty();

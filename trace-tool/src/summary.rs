@@ -19,6 +19,11 @@ pub struct AsidStats {
     pub bytes: u64,
     /// DMA bursts.
     pub accesses: u64,
+    /// Of those, the ones the validator judged (`"judged":true`).
+    pub judged: u64,
+    /// And the ones it did not (`"judged":false`: validation off for the context). Traces from
+    /// before the field count in neither.
+    pub unjudged: u64,
     /// IOTLB fills (misses).
     pub fills: u64,
     /// Distinct 4 KiB pages the device accessed.
@@ -127,6 +132,11 @@ impl Summary {
                 if let Some(a) = asid {
                     let s = self.asids.entry(a).or_default();
                     s.accesses += 1;
+                    match v.get("judged").and_then(Value::as_bool) {
+                        Some(true) => s.judged += 1,
+                        Some(false) => s.unjudged += 1,
+                        None => {}
+                    }
                     // A step over a 2 MiB translation covers several pages.
                     let va = field_u64(v, "va").unwrap_or(0);
                     let len = field_u64(v, "len").unwrap_or(1).clamp(1, 1 << 20);
@@ -172,6 +182,13 @@ impl Summary {
     pub fn violations(&self) -> u64 {
         self.by_kind.get("violation").copied().unwrap_or(0)
     }
+
+    /// (judged, unjudged, all) device accesses.
+    pub fn validated(&self) -> (u64, u64, u64) {
+        self.asids.values().fold((0, 0, 0), |(j, u, a), s| {
+            (j + s.judged, u + s.unjudged, a + s.accesses)
+        })
+    }
 }
 
 /// The `p`-th percentile (0..=100) of sorted `v`.
@@ -208,6 +225,12 @@ impl fmt::Display for Summary {
             self.bad_lines.len()
         )?;
         writeln!(f, "events: {}", join(&self.by_kind))?;
+        let (judged, unjudged, all) = self.validated();
+        writeln!(
+            f,
+            "validated {judged} of {all} device accesses ({:.1}%); {unjudged} not judged (validation off)",
+            if all == 0 { 0.0 } else { 100.0 * judged as f64 / all as f64 }
+        )?;
         writeln!(f, "register reads:  {}", join(&self.reg_reads))?;
         writeln!(f, "register writes: {}", join(&self.reg_writes))?;
         let mut lat = self.sync_latency_ns.clone();
@@ -226,8 +249,8 @@ impl fmt::Display for Summary {
         }
         writeln!(
             f,
-            "{:>5} {:>6} {:>12} {:>8} {:>9} {:>6}  invalidations / faults / violations",
-            "asid", "jobs", "bytes", "pages", "accesses", "hit%"
+            "{:>5} {:>6} {:>12} {:>8} {:>9} {:>6} {:>7}  invalidations / faults / violations",
+            "asid", "jobs", "bytes", "pages", "accesses", "hit%", "judged%"
         )?;
         let mut quiet = 0;
         for (asid, s) in &self.asids {
@@ -238,13 +261,14 @@ impl fmt::Display for Summary {
             }
             writeln!(
                 f,
-                "{:>5} {:>6} {:>12} {:>8} {:>9} {:>5.1}%  inv: {} / faults: {} / violations: {}",
+                "{:>5} {:>6} {:>12} {:>8} {:>9} {:>5.1}% {:>6.1}%  inv: {} / faults: {} / violations: {}",
                 asid,
                 s.jobs,
                 s.bytes,
                 s.pages.len(),
                 s.accesses,
                 100.0 * s.hit_rate(),
+                if s.accesses == 0 { 0.0 } else { 100.0 * s.judged as f64 / s.accesses as f64 },
                 join(&s.invalidations),
                 join(&s.faults),
                 join(&s.violations)
@@ -316,6 +340,26 @@ mod tests {
             s.add(e);
         }
         s
+    }
+
+    #[test]
+    fn judged_and_unjudged_accesses_are_counted() {
+        let s = summarize(&[
+            json!({"t_ns": 1, "kind": "dma_access", "asid": 3, "va": 4096, "judged": true}),
+            json!({"t_ns": 2, "kind": "dma_access", "asid": 3, "va": 8192, "judged": true}),
+            json!({"t_ns": 3, "kind": "dma_access", "asid": 4, "va": 4096, "judged": false}),
+            json!({"t_ns": 4, "kind": "dma_access", "asid": 4, "va": 8192}),
+        ]);
+        assert_eq!(s.validated(), (2, 1, 4));
+        let text = s.to_string();
+        assert!(
+            text.contains("validated 2 of 4 device accesses (50.0%); 1 not judged"),
+            "{text}"
+        );
+        assert!(
+            text.contains("100.0%  inv"),
+            "ASID 3 judged in full: {text}"
+        );
     }
 
     #[test]

@@ -519,6 +519,27 @@ fn vm_checks(o: &vm::VmOutcome, analysis: &std::io::Result<trace::Analysis>) -> 
                 detail,
             }
         },
+        {
+            // A run whose device did DMA that the validator never judged is not a clean run:
+            // every step says in the trace whether it was judged.
+            let (ok, detail) = match analysis {
+                Ok(a) => {
+                    let (judged, unjudged, all) = a.summary.validated();
+                    (
+                        all == 0 || judged > 0,
+                        format!(
+                            "validated {judged} of {all} device accesses; {unjudged} not judged"
+                        ),
+                    )
+                }
+                Err(e) => (false, format!("{}: {e}", o.trace.display())),
+            };
+            Check {
+                name: "trace check: the validator judged the device's accesses",
+                ok,
+                detail,
+            }
+        },
         Check {
             name: "device exited cleanly when QEMU went away",
             ok: !o.device_died_early && o.device_status.is_some_and(|s| s.success()),

@@ -300,8 +300,14 @@ pub const STAT_EVENTS_DROPPED: u32 = 11;
 /// Statistic (ABI 1.4): translations used without being cached, because the IOTLB was full and
 /// [`IOTLB_KEEP`] forbade an eviction.
 pub const STAT_IOTLB_NOT_CACHED: u32 = 12;
+/// Statistic (ABI 1.7): DMA steps the validator judged, before and after their bytes moved.
+pub const STAT_ACCESSES_JUDGED: u32 = 13;
+/// Statistic (ABI 1.7): DMA steps not judged, because their context's entry has validation off
+/// (neither [`super::pte::CTX_VALIDATE`] nor [`super::pte::CTX_MM_RELEASED`]) or could not be
+/// read. A run that validated nothing shows here, not as a clean run.
+pub const STAT_ACCESSES_UNJUDGED: u32 = 14;
 /// Number of statistics.
-pub const STAT_COUNT: u32 = 13;
+pub const STAT_COUNT: u32 = 15;
 
 /// Offset of the low half of statistic `i`.
 pub const fn stat_lo(i: u32) -> u32 {
@@ -318,7 +324,7 @@ pub const IDENT_MAGIC: u32 = u32::from_le_bytes(*b"ZAPG");
 /// Major ABI version: a driver must refuse a device with another major.
 pub const VERSION_MAJOR: u16 = 1;
 /// Minor ABI version: additions only.
-pub const VERSION_MINOR: u16 = 6;
+pub const VERSION_MINOR: u16 = 7;
 /// Value of [`VERSION`].
 pub const VERSION_VALUE: u32 = ((VERSION_MAJOR as u32) << 16) | VERSION_MINOR as u32;
 
