@@ -351,3 +351,61 @@ impl Drop for Mapping {
         self.unmap();
     }
 }
+
+/// BAR0 of a zapguard device mapped from sysfs (`/sys/bus/pci/devices/BDF/resource0`), for the
+/// few tests that look at the device without its driver: root only, one page, unmapped on drop.
+pub struct Bar0 {
+    ptr: *mut u8,
+}
+
+impl Bar0 {
+    /// Maps the first page of the BAR of the device at `bdf` (`0000:00:01.0`).
+    pub fn map(bdf: &str) -> Result<Self, String> {
+        let path = format!("/sys/bus/pci/devices/{bdf}/resource0");
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(|e| format!("{path}: {e}"))?;
+        // SAFETY: a shared mapping of the first page of the BAR, unmapped in `drop`.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                4096,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                f.as_raw_fd(),
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(format!("mmap {path}: {}", io::Error::last_os_error()));
+        }
+        Ok(Self { ptr: p.cast() })
+    }
+
+    /// Register `offset` (4-byte aligned, in the first page).
+    fn reg(&self, offset: u32) -> *mut u32 {
+        // SAFETY: callers pass the ABI's register offsets, all 4-aligned and below 4096.
+        unsafe { self.ptr.add((offset & 0xffc) as usize).cast() }
+    }
+
+    /// Reads a 32-bit register.
+    pub fn read32(&self, offset: u32) -> u32 {
+        // SAFETY: an aligned register in the mapping; MMIO is read volatile.
+        unsafe { std::ptr::read_volatile(self.reg(offset)) }
+    }
+
+    /// Writes a 32-bit register.
+    pub fn write32(&self, offset: u32, v: u32) {
+        // SAFETY: as in `read32`.
+        unsafe { std::ptr::write_volatile(self.reg(offset), v) }
+    }
+}
+
+impl Drop for Bar0 {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `map`.
+        unsafe { libc::munmap(self.ptr.cast(), 4096) };
+    }
+}

@@ -398,33 +398,7 @@ fn unbind_with_open_file_enodev() -> Result<(), String> {
 
 /// `CR0ACK` of the device at `bdf`, read through its BAR0 in sysfs (no driver needed).
 fn cr0ack_through_sysfs(bdf: &str) -> Result<u32, String> {
-    let path = format!("/sys/bus/pci/devices/{bdf}/resource0");
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&path)
-        .map_err(|e| format!("{path}: {e}"))?;
-    let len = regs::CR0ACK as usize + 4;
-    // SAFETY: a shared read-only mapping of the first bytes of BAR0, unmapped below.
-    let p = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ,
-            libc::MAP_SHARED,
-            std::os::fd::AsRawFd::as_raw_fd(&f),
-            0,
-        )
-    };
-    if p == libc::MAP_FAILED {
-        return Err(format!("mmap {path}: {}", std::io::Error::last_os_error()));
-    }
-    // SAFETY: `CR0ACK` is an aligned 32-bit register inside the mapping; MMIO is read volatile.
-    let v =
-        unsafe { std::ptr::read_volatile(p.cast::<u8>().add(regs::CR0ACK as usize).cast::<u32>()) };
-    // SAFETY: the mapping made above.
-    unsafe { libc::munmap(p, len) };
-    Ok(v)
+    Ok(dev::Bar0::map(bdf)?.read32(regs::CR0ACK))
 }
 
 /// A probe that fails once the device is enabled (a second device always does: the misc

@@ -163,6 +163,44 @@ pub fn trace_expectation(line: &str) -> Option<AccessExpectation> {
     })
 }
 
+/// Printed by an injected-bug test once its bug ran: `id=N asid=A classes=c1,c2` says that the
+/// violations between the device-trace markers of window `N` (`SCRATCH` writes of
+/// [`WINDOW_MARK`]` | N << 1`, `| 1` for the end) are expected, of these classes, from ASID `A`
+/// (0: any ASID, for a test whose context belongs to a child). Any other violation is
+/// unexpected, and a window with none is a bug that went uncaught.
+pub const WINDOW_EXPECT: &str = "ZAPGUARD-EXPECT-WINDOW";
+/// The high bits of a `SCRATCH` value that marks a window (the driver's own probe pattern never
+/// has them all set).
+pub const WINDOW_MARK: u64 = 0xe000_0000;
+
+/// A [`WINDOW_EXPECT`] line.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ViolationWindow {
+    pub id: u64,
+    /// 0: any.
+    pub asid: u64,
+    pub classes: Vec<String>,
+}
+
+/// Parses a [`WINDOW_EXPECT`] line; `None` if the marker is absent or a field is malformed.
+pub fn violation_window(line: &str) -> Option<ViolationWindow> {
+    let at = line.find(WINDOW_EXPECT)?;
+    let (mut id, mut asid, mut classes) = (None, None, Vec::new());
+    for field in line[at + WINDOW_EXPECT.len()..].split_whitespace() {
+        match field.split_once('=')? {
+            ("id", v) => id = Some(v.parse().ok()?),
+            ("asid", v) => asid = Some(v.parse().ok()?),
+            ("classes", v) => classes = v.split(',').map(str::to_string).collect(),
+            _ => return None,
+        }
+    }
+    (!classes.is_empty()).then_some(ViolationWindow {
+        id: id?,
+        asid: asid?,
+        classes,
+    })
+}
+
 /// The `rc=N` value of a marker line.
 pub fn marker_rc(line: &str, marker: &str) -> Option<i32> {
     let at = line.find(marker)?;

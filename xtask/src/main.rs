@@ -520,6 +520,34 @@ fn vm_checks(o: &vm::VmOutcome, analysis: &std::io::Result<trace::Analysis>) -> 
             }
         },
         {
+            // Each injected-bug test's violations must come from its own window, context and
+            // classes: a count that merely adds up is not enough.
+            let (ok, detail) = match analysis {
+                Ok(a) => {
+                    let w = &a.windows;
+                    let empty = w.empty();
+                    let (windows, matched) = w.totals();
+                    let mut d = format!(
+                        "{matched} violation(s) in {windows} test window(s), {} outside",
+                        w.unexpected
+                    );
+                    if let Some(u) = w.first_unexpected.first() {
+                        d += &format!(", first: {u}");
+                    }
+                    if let Some(e) = empty.first() {
+                        d += &format!("; {} window(s) caught nothing, first: {e}", empty.len());
+                    }
+                    (w.unexpected == 0 && empty.is_empty(), d)
+                }
+                Err(e) => (false, format!("{}: {e}", o.trace.display())),
+            };
+            Check {
+                name: "trace check: each violation is in the window of a test that expects its context and class",
+                ok,
+                detail,
+            }
+        },
+        {
             // A run whose device did DMA that the validator never judged is not a clean run:
             // every step says in the trace whether it was judged.
             let (ok, detail) = match analysis {
@@ -651,7 +679,7 @@ fn vm_run(root: &Path, art: &Artifacts, opts: &Options, echo: vm::Echo) -> Resul
             }
         }
     }
-    let analysis = trace::analyse(&o.trace, &o.trace_expectations);
+    let analysis = trace::analyse(&o.trace, &o.trace_expectations, &o.violation_windows);
     let (cp, cf) = print_checks("run checks: ", &vm_checks(&o, &analysis));
     println!("serial log:   {}", rel(&o.serial_log).display());
     println!("device log:   {}", rel(&o.device_log).display());
@@ -818,10 +846,13 @@ fn harness_selftests(root: &Path, art: &Artifacts) -> Result<(usize, usize)> {
     let hang = scenario("hang", "hang", 20, None)?;
     let dead = scenario("device-dies", "tests", 120, Some(ktap::TESTS_BEGIN))?;
     let failed_checks = |o: &vm::VmOutcome| {
-        vm_checks(o, &trace::analyse(&o.trace, &o.trace_expectations))
-            .iter()
-            .filter(|c| !c.ok)
-            .count()
+        vm_checks(
+            o,
+            &trace::analyse(&o.trace, &o.trace_expectations, &o.violation_windows),
+        )
+        .iter()
+        .filter(|c| !c.ok)
+        .count()
     };
     let checks = [
         Check {
@@ -873,7 +904,7 @@ fn device_death_run(root: &Path, art: &Artifacts) -> Result<(usize, usize)> {
     );
     cfg.device_may_die = true;
     let o = vm::run(&cfg).map_err(|e| format!("device-death boot: {e}"))?;
-    let analysis = trace::analyse(&o.trace, &o.trace_expectations);
+    let analysis = trace::analyse(&o.trace, &o.trace_expectations, &o.violation_windows);
     let ran = o
         .results
         .iter()
@@ -1116,7 +1147,7 @@ fn main() -> ExitCode {
                     o.serial_log.display()
                 ));
             }
-            let analysis = trace::analyse(&o.trace, &o.trace_expectations)
+            let analysis = trace::analyse(&o.trace, &o.trace_expectations, &o.violation_windows)
                 .map_err(|e| format!("trace: {e}"))?;
             let hit = |asid: u64| analysis.summary.asids.get(&asid).map(|s| s.hit_rate());
             // A partial run must not replace the full run's results.

@@ -188,7 +188,10 @@ fn run_one(root: &Path, art: &Artifacts, m: &Mutant, timeout: Duration) -> Resul
         .filter(|r| r.outcome == crate::ktap::Outcome::Fail)
         .map(|r| r.name.clone())
         .collect();
-    let checks = vm_checks(&o, &crate::trace::analyse(&o.trace, &o.trace_expectations));
+    let checks = vm_checks(
+        &o,
+        &crate::trace::analyse(&o.trace, &o.trace_expectations, &o.violation_windows),
+    );
     by.extend(checks.iter().filter(|c| !c.ok).map(|c| c.name.to_string()));
     let ran = o
         .results

@@ -1,7 +1,7 @@
 //! Device-trace helpers for the harness: one pass that summarises and checks a run's trace
 //! (through the `zapguard-trace` library), and the trace lines of a failed test's contexts.
 
-use crate::ktap::AccessExpectation;
+use crate::ktap::{AccessExpectation, ViolationWindow, WINDOW_MARK};
 use serde_json::Value;
 use std::path::Path;
 use zapguard_trace::{check::Checker, reader, summary::Summary};
@@ -14,25 +14,110 @@ pub struct Analysis {
     pub check: Checker,
     /// The device accesses the guest expected, and how far the trace went through each.
     pub accesses: ExpectedAccesses,
+    /// The injected-bug tests' violations, matched against their windows.
+    pub windows: ExpectedViolations,
 }
 
 /// Reads the trace at `path` once, looking for the guest's `expected` accesses on the way.
-pub fn analyse(path: &Path, expected: &[AccessExpectation]) -> std::io::Result<Analysis> {
+pub fn analyse(
+    path: &Path,
+    expected: &[AccessExpectation],
+    windows: &[ViolationWindow],
+) -> std::io::Result<Analysis> {
     let f = std::io::BufReader::with_capacity(1 << 20, std::fs::File::open(path)?);
     let mut summary = Summary::default();
     let mut check = Checker::default();
     let mut accesses = ExpectedAccesses::new(expected);
+    let mut violations = ExpectedViolations::new(windows);
     summary.bad_lines = reader::for_each_event(f, |n, v| {
         summary.add(v);
         check.add(n, v);
         accesses.add(v);
+        violations.add(n, v);
     })?;
     check.finish();
     Ok(Analysis {
         summary,
         check,
         accesses,
+        windows: violations,
     })
+}
+
+/// Matches every `violation` in the trace against the injected-bug tests' windows: inside an
+/// open window whose ASID and classes it fits, it is expected; anywhere else it is not.
+pub struct ExpectedViolations {
+    windows: Vec<ViolationWindow>,
+    /// Per window: its id is open in the trace now, and the violations matched so far.
+    open: Vec<bool>,
+    matched: Vec<u64>,
+    /// Violations no window expects: how many, and the first few.
+    pub unexpected: u64,
+    pub first_unexpected: Vec<String>,
+}
+
+impl ExpectedViolations {
+    pub fn new(windows: &[ViolationWindow]) -> Self {
+        Self {
+            windows: windows.to_vec(),
+            open: vec![false; windows.len()],
+            matched: vec![0; windows.len()],
+            unexpected: 0,
+            first_unexpected: Vec::new(),
+        }
+    }
+
+    pub fn add(&mut self, line: u64, v: &Value) {
+        let str_of = |k| v.get(k).and_then(Value::as_str);
+        let num = |k| v.get(k).and_then(Value::as_u64);
+        match str_of("kind") {
+            Some("bar_write") if str_of("reg") == Some("SCRATCH") => {
+                let value = num("value").unwrap_or(0);
+                if value & 0xf000_0000 != WINDOW_MARK {
+                    return;
+                }
+                let (id, end) = ((value & 0x0fff_ffff) >> 1, value & 1 == 1);
+                for (w, open) in self.windows.iter().zip(&mut self.open) {
+                    if w.id == id {
+                        *open = !end;
+                    }
+                }
+            }
+            Some("violation") => {
+                let (asid, class) = (num("asid").unwrap_or(0), str_of("result").unwrap_or("?"));
+                let fits = |w: &ViolationWindow| {
+                    (w.asid == 0 || w.asid == asid) && w.classes.iter().any(|c| c == class)
+                };
+                let hit = (0..self.windows.len()).find(|&i| self.open[i] && fits(&self.windows[i]));
+                match hit {
+                    Some(i) => self.matched[i] += 1,
+                    None => {
+                        self.unexpected += 1;
+                        if self.first_unexpected.len() < 3 {
+                            self.first_unexpected
+                                .push(format!("line {line}: {class} of asid {asid}"));
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// How many windows the guest announced, and how many violations they matched.
+    pub fn totals(&self) -> (usize, u64) {
+        (self.windows.len(), self.matched.iter().sum())
+    }
+
+    /// The windows no violation matched: bugs that went uncaught.
+    pub fn empty(&self) -> Vec<String> {
+        self.windows
+            .iter()
+            .zip(&self.matched)
+            .filter(|(_, &m)| m == 0)
+            .map(|(w, _)| format!("window {} (asid {}, {})", w.id, w.asid, w.classes.join(",")))
+            .collect()
+    }
 }
 
 /// Matches `dma_access` events against the guest's expectations: each expectation advances
@@ -190,5 +275,52 @@ mod asid_tests {
         let got = last_lines_of_asid(&p, 1, 2).expect("read");
         assert_eq!(got, vec![lines[7].clone(), lines[9].clone()]);
         std::fs::remove_dir_all(&dir).ok();
+    }
+
+    /// Violations count as expected only inside an open window that names their context and
+    /// class; a window that caught nothing is reported too.
+    #[test]
+    fn violations_are_matched_by_window_context_and_class() {
+        use serde_json::json;
+        let windows = [
+            crate::ktap::violation_window(
+                "ZAPGUARD-EXPECT-WINDOW id=1 asid=7 classes=stale,zapped_during_access",
+            )
+            .expect("line"),
+            crate::ktap::violation_window("ZAPGUARD-EXPECT-WINDOW id=2 asid=0 classes=released")
+                .expect("line"),
+            crate::ktap::violation_window("ZAPGUARD-EXPECT-WINDOW id=3 asid=9 classes=write_perm")
+                .expect("line"),
+        ];
+        let mark = |id: u64, end: u64| json!({"kind": "bar_write", "reg": "SCRATCH", "value": WINDOW_MARK | id << 1 | end});
+        let viol =
+            |asid: u64, class: &str| json!({"kind": "violation", "asid": asid, "result": class});
+        let mut e = ExpectedViolations::new(&windows);
+        for (n, v) in [
+            viol(7, "stale"), // before its window: unexpected
+            mark(1, 0),
+            viol(7, "stale"), // expected
+            viol(7, "zapped_during_access"),
+            viol(8, "stale"),      // another context: unexpected
+            viol(7, "write_perm"), // another class: unexpected
+            mark(1, 1),
+            viol(7, "stale"), // after: unexpected
+            mark(2, 0),
+            viol(42, "released"), // any context
+            mark(2, 1),
+            mark(3, 0),
+            mark(3, 1), // caught nothing
+        ]
+        .iter()
+        .enumerate()
+        {
+            e.add(n as u64 + 1, v);
+        }
+        assert_eq!(e.totals(), (3, 3));
+        assert_eq!(e.unexpected, 4, "{:?}", e.first_unexpected);
+        assert_eq!(e.empty(), ["window 3 (asid 9, write_perm)"]);
+        assert!(
+            crate::ktap::violation_window("ZAPGUARD-EXPECT-WINDOW id=x asid=1 classes=a").is_none()
+        );
     }
 }

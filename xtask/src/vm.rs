@@ -102,6 +102,9 @@ pub struct VmOutcome {
     /// malformed such lines (a failed check, not a silently weaker one).
     pub trace_expectations: Vec<ktap::AccessExpectation>,
     pub bad_trace_expectations: Vec<String>,
+    /// The injected-bug tests' expectation windows (`ZAPGUARD-EXPECT-WINDOW` lines; malformed
+    /// ones go with the malformed trace expectations).
+    pub violation_windows: Vec<ktap::ViolationWindow>,
     pub timed_out: bool,
     pub qemu_status: Option<ExitStatus>,
     pub device_died_early: bool,
@@ -399,6 +402,11 @@ fn handle_line(line: &str, echo: Echo, in_tests: &mut bool, out: &mut VmOutcome)
         out.done_rc = Some(rc);
     } else if let Some(n) = ktap::expected_violations(line) {
         out.expected_violations = Some(n);
+    } else if line.contains(ktap::WINDOW_EXPECT) {
+        match ktap::violation_window(line) {
+            Some(w) => out.violation_windows.push(w),
+            None => out.bad_trace_expectations.push(line.to_string()),
+        }
     } else if line.contains(ktap::TRACE_EXPECT) {
         match ktap::trace_expectation(line) {
             Some(e) => out.trace_expectations.push(e),
