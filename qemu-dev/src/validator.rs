@@ -687,6 +687,32 @@ mod tests {
         assert_eq!((c.checks, c.skipped, c.violations()), (0, 1, 0));
     }
 
+    /// No silent off-switch: an entry that says nothing about validation is judged; only the
+    /// explicit opt-out turns the validator off, and what it skips is counted.
+    #[test]
+    fn validation_is_off_only_when_the_entry_says_so() {
+        let mut f = Fx::new(false);
+        f.ctx.flags = pte::CTX_VALID;
+        let a = Access {
+            asid: ASID,
+            va: 0x6000_0000,
+            dev_pa: 0x50_0000,
+            write: false,
+            cpu_dirty_at_fill: false,
+        };
+        assert_eq!(
+            f.class(&a),
+            Some(VIOL_STALE),
+            "nothing mapped: judged stale"
+        );
+        assert!(f.v.lookup(&f.mem, &f.ctx, a.va).is_some());
+        f.ctx.flags |= pte::CTX_NO_VALIDATE;
+        assert_eq!(f.check(&a), None);
+        assert_eq!(f.v.lookup(&f.mem, &f.ctx, a.va), None);
+        let c = f.v.counts();
+        assert_eq!((c.checks, c.skipped), (1, 1));
+    }
+
     #[test]
     fn out_of_range_addresses_are_stale() {
         let mut f = Fx::new(false);

@@ -84,9 +84,13 @@ pub const CTX_CPU_LA57: u64 = 1 << 3;
 /// `cpu_root` (the process's kernel PGD, `__pa(mm->pgd)`). [`CTX_MM_RELEASED`] is checked
 /// whether or not this flag is set.
 pub const CTX_VALIDATE: u64 = 1 << 4;
+/// Context flag (ABI 1.8): do not judge this context's accesses. The only way to switch the
+/// validator off: the production driver never sets it, the test build sets it only for
+/// `ZG_DBG_NO_VALIDATE`. [`CTX_MM_RELEASED`] is checked whether or not it is set.
+pub const CTX_NO_VALIDATE: u64 = 1 << 5;
 /// Flags the device understands; other bits must be zero.
 pub const CTX_FLAGS_MASK: u64 =
-    CTX_VALID | CTX_STALL | CTX_MM_RELEASED | CTX_CPU_LA57 | CTX_VALIDATE;
+    CTX_VALID | CTX_STALL | CTX_MM_RELEASED | CTX_CPU_LA57 | CTX_VALIDATE | CTX_NO_VALIDATE;
 
 /// A context entry (32 bytes, little-endian).
 #[repr(C)]
