@@ -485,7 +485,7 @@ impl Context {
     fn enable(self: &Arc<Self>) -> Result {
         let entry = {
             let st = self.state.lock();
-            self.entry(st.root()?, self.mm(), pte::CTX_VALIDATE)?
+            self.entry(st.root()?, self.mm(), self.no_validate_flag())?
         };
         self.shared.hw.write_ctx(self.asid, &entry)?;
         match self.shared.sync(&self.load_cmds()) {
@@ -1252,12 +1252,13 @@ impl Mirror {
         })
     }
 
-    /// `CTX_VALIDATE` unless `ZG_DBG_NO_VALIDATE` is on.
-    fn validate_flag(&self) -> u64 {
+    /// `CTX_NO_VALIDATE` under `ZG_DBG_NO_VALIDATE` (test builds only), else nothing: the
+    /// device judges every access of a context that does not opt out.
+    fn no_validate_flag(&self) -> u64 {
         if self.injected(uapi::ZG_DBG_NO_VALIDATE) {
-            0
+            pte::CTX_NO_VALIDATE
         } else {
-            pte::CTX_VALIDATE
+            0
         }
     }
 
@@ -1325,7 +1326,7 @@ impl Mirror {
         st.released = true;
         if self.injected(uapi::ZG_INJ_KEEP_AFTER_RELEASE) {
             // Bug on purpose: tell the validator the mm is gone, leave the context enabled.
-            let flags = self.validate_flag() | pte::CTX_MM_RELEASED;
+            let flags = self.no_validate_flag() | pte::CTX_MM_RELEASED;
             if let Ok(entry) = st.root().and_then(|root| self.entry(root, mm, flags)) {
                 let _ = self.shared.hw.write_ctx(self.asid, &entry);
             }
@@ -1819,7 +1820,7 @@ pub(crate) fn set_inject(ctx: &Context, i: &uapi::ZgInject) -> Result {
     if st.released {
         return Err(EINVAL);
     }
-    let entry = ctx.entry(st.root()?, ctx.mm(), ctx.validate_flag())?;
+    let entry = ctx.entry(st.root()?, ctx.mm(), ctx.no_validate_flag())?;
     ctx.shared.hw.write_ctx(ctx.asid, &entry)?;
     match ctx.shared.sync(&ctx.load_cmds()[..1]) {
         Synced::Done(_) => Ok(()),

@@ -7,8 +7,8 @@
 //!   in steady state);
 //! - `dma_copy_1MiB`: a 1 MiB `DMA_COPY` job submitted through the DMA ring and run to
 //!   completion by `testkit::Rig` with the default model (64-entry LRU IOTLB, so every page of
-//!   the 256 + 256 misses and is walked each time): validator on and off (context without
-//!   `CTX_VALIDATE`), both without a trace (`NoEvents`), and validator on with the binary
+//!   the 256 + 256 misses and is walked each time): validator on and off (context with
+//!   `CTX_NO_VALIDATE`), both without a trace (`NoEvents`), and validator on with the binary
 //!   trace written to a byte counter (`TraceWriter`, whose background thread writes to it: no
 //!   disk); against a plain `copy_from_slice` of 1 MiB;
 //! - `trace`: one `dma_access` recorded by `TraceWriter` (binary), and one line written by
@@ -219,7 +219,7 @@ fn dma_rig_with<E: Events>(config: DeviceConfig, validate: bool, events: E) -> R
     r.bind(ASID, 0);
     if !validate {
         let mut c = r.ctx(ASID);
-        c.flags &= !pte::CTX_VALIDATE;
+        c.flags |= pte::CTX_NO_VALIDATE;
         r.write_ctx(ASID, c);
         r.cfgi(ASID);
     }

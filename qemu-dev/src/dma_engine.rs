@@ -395,10 +395,17 @@ impl<E: Events> ZapguardDevice<E> {
             None
         };
         // The validator reads the context entry uncached: it judges what the driver says now.
-        let fresh = read_context(mem, self.s.ctx_base, d.asid);
+        // An entry that cannot be judged refuses the step (no silent off-switch).
+        let first = src_side.as_ref().or(dst_side.as_ref());
+        let fresh = self.judgeable_context(mem, d.asid).ok_or(Stop::Fault {
+            reason: ev::FAULT_CTX_INVALID,
+            va: first.map_or(src, |s| s.va),
+            write: first.is_some_and(|s| s.write),
+            stallable: false,
+        })?;
         // One CPU walk per side before the access (the fill's if it still applies); the walk
         // after it is `checked_access`'s.
-        let cpu = |s: &Side| fresh.as_ref().and_then(|c| self.cpu_walk(mem, c, s));
+        let cpu = |s: &Side| self.cpu_walk(mem, &fresh, s);
         let (src_cpu, dst_cpu) = (
             src_side.as_ref().and_then(cpu),
             dst_side.as_ref().and_then(cpu),
@@ -420,13 +427,12 @@ impl<E: Events> ZapguardDevice<E> {
         );
         // Trace and judge what the step touched, in order; a side the step never reached (the
         // source could not be read, or DMA_WRITE's buffer) is neither.
-        let fresh = fresh.as_ref();
         if let Some(s) = &src_side {
-            self.checked_access(mem, d, fresh, s, n, src_cpu);
+            self.checked_access(mem, d, &fresh, s, n, src_cpu);
         }
         if !matches!(moved, Err(Missed::Src | Missed::AuxRead)) {
             if let Some(s) = &dst_side {
-                self.checked_access(mem, d, fresh, s, n, dst_cpu);
+                self.checked_access(mem, d, &fresh, s, n, dst_cpu);
             }
         }
         let abort = |va, write| Stop::Fault {
@@ -736,25 +742,27 @@ impl<E: Events> ZapguardDevice<E> {
             && read_context(mem, self.s.ctx_base, asid).is_some_and(|c| released(&c))
     }
 
+    /// The context entry of `asid` as guest memory holds it now, if a step can be judged
+    /// against it (or is explicitly not to be): a valid entry, or one marked released. `None`:
+    /// unreadable, or cleared while the device still caches it.
+    fn judgeable_context(&self, mem: &impl GuestMem, asid: u32) -> Option<ContextEntry> {
+        read_context(mem, self.s.ctx_base, asid)
+            .filter(|c| c.flags & (pte::CTX_VALID | pte::CTX_MM_RELEASED) != 0)
+    }
+
     /// Traces one side's access of `n` bytes and runs the ledger and validator checks on it.
-    /// `fresh`: the context entry as guest memory holds it now; `walked`: the CPU walk of the
-    /// side's VA under it.
+    /// `fresh`: the context entry as guest memory held it before the bytes moved; `walked`: the
+    /// CPU walk of the side's VA under it.
     fn checked_access(
         &mut self,
         mem: &impl GuestMem,
         d: &DmaJob,
-        fresh: Option<&ContextEntry>,
+        fresh: &ContextEntry,
         s: &Side,
         n: usize,
         walked: Option<CpuLookup>,
     ) {
-        let (facts, verdict) = match fresh {
-            Some(fresh) => self.judge_step(mem, d, fresh, s, walked),
-            None => {
-                self.s.validator.unjudged();
-                (Facts::default(), None)
-            }
-        };
+        let (facts, verdict) = self.judge_step(mem, d, fresh, s, walked);
         self.activity(dma_access(d, s, n, &facts));
         if self.s.ledger.is_dead(s.id) {
             self.violation(
@@ -800,8 +808,10 @@ impl<E: Events> ZapguardDevice<E> {
         };
         let mut j = self.s.validator.judged(mem, fresh, &access, walked);
         if j.facts.judged && j.violation.is_none() {
-            let after = read_context(mem, self.s.ctx_base, d.asid)
-                .and_then(|c| self.s.validator.lookup(mem, &c, s.va));
+            // Cleared meanwhile (the driver began a teardown whose SYNC waits for this step):
+            // the address space is still the one `fresh` named.
+            let now = self.judgeable_context(mem, d.asid).unwrap_or(*fresh);
+            let after = self.s.validator.lookup(mem, &now, s.va);
             j.violation = self.s.validator.judge_after(&access, after, &mut j.facts);
         }
         (j.facts, j.violation)
@@ -1201,7 +1211,7 @@ mod tests {
         );
         // Validation off: the same job, every step unjudged.
         let mut c = r.ctx(1);
-        c.flags &= !pte::CTX_VALIDATE;
+        c.flags |= pte::CTX_NO_VALIDATE;
         r.write_ctx(1, c);
         r.cfgi(1);
         assert_eq!(
@@ -1771,20 +1781,21 @@ mod tests {
         assert_eq!(kinds[0], (ev::EVT_VIOLATION, ev::VIOL_CTX_RELEASED));
     }
 
-    /// Rewrites one CPU page-table entry (a zap, a COW break, a dirty bit) when the device first
-    /// reads data frame `frame`, before the read returns: a change that lands mid-access.
-    struct CpuPteChangeMidAccess<'a> {
+    /// Rewrites guest memory at `gpa` (a CPU page-table entry: a zap, a COW break, a dirty bit;
+    /// or a context entry) when the device first reads data frame `frame`, before the read
+    /// returns: a change that lands mid-access.
+    struct ChangeMidAccess<'a> {
         mem: &'a VecMem,
         frame: u64,
-        pte_gpa: u64,
-        new_pte: u64,
+        gpa: u64,
+        new: Vec<u8>,
         done: Cell<bool>,
     }
 
-    impl GuestMem for CpuPteChangeMidAccess<'_> {
+    impl GuestMem for ChangeMidAccess<'_> {
         fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemError> {
             if (self.frame..self.frame + PG).contains(&gpa) && !self.done.replace(true) {
-                self.mem.write(self.pte_gpa, &self.new_pte.to_le_bytes())?;
+                self.mem.write(self.gpa, &self.new)?;
             }
             self.mem.read(gpa, buf)
         }
@@ -1806,11 +1817,11 @@ mod tests {
         let pte_gpa = r.cpu_leaf_gpa(1, VA);
         let old = r.mem.read_u64(pte_gpa).expect("cpu leaf");
         r.submit(job(DMA_CHECKSUM, 1, VA, 0, PG, 0));
-        let mem = CpuPteChangeMidAccess {
+        let mem = ChangeMidAccess {
             mem: &r.mem,
             frame,
-            pte_gpa,
-            new_pte: new_pte(old),
+            gpa: pte_gpa,
+            new: new_pte(old).to_le_bytes().to_vec(),
             done: Cell::new(false),
         };
         while r.dev.process(&mem, 64) {}
@@ -1838,6 +1849,40 @@ mod tests {
         let (v, violations) = checksum_with_cpu_change(|old| old ^ (16 * PG));
         assert_eq!(violations, 1, "{v:x?}");
         assert_eq!(v, [(ev::VIOL_ZAPPED_DURING_ACCESS, VA)]);
+    }
+
+    /// The driver clearing the entry mid-step starts a teardown whose SYNC waits for the step:
+    /// the step is judged after its access under the entry it began with, not skipped, and not
+    /// walked through the cleared entry's null CPU root.
+    #[test]
+    fn a_context_cleared_mid_access_is_judged_after_under_the_entry_it_began_with() {
+        let mut r = rig();
+        let frame = r.map_page(1, VA);
+        r.submit(job(DMA_CHECKSUM, 1, VA, 0, PG, 0));
+        let mem = ChangeMidAccess {
+            mem: &r.mem,
+            frame,
+            gpa: crate::testkit::CTX_TABLE + pte::CTX_ENTRY_SIZE as u64,
+            new: ContextEntry::default().to_bytes().to_vec(),
+            done: Cell::new(false),
+        };
+        while r.dev.process(&mem, 64) {}
+        assert!(mem.done.get(), "the device read the page");
+        assert_eq!(r.dev.stat(STAT_VIOLATIONS), 0, "{:x?}", event_log(&mut r));
+        let afters: Vec<_> = r
+            .activity()
+            .into_iter()
+            .filter_map(|a| match a {
+                Activity::DmaAccess {
+                    va,
+                    after,
+                    after_pa,
+                    ..
+                } if va == VA => Some((after, after_pa)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(afters, [(true, Some(frame))]);
     }
 
     #[test]

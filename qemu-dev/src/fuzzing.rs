@@ -720,8 +720,8 @@ impl<'m> Harness<'m> {
         let b = input.byte();
         let la57 = b & 1 != 0;
         let mut flags = pte::CTX_VALID;
-        if b & 2 == 0 {
-            flags |= pte::CTX_VALIDATE;
+        if b & 2 != 0 {
+            flags |= pte::CTX_NO_VALIDATE;
         }
         if b & 4 != 0 {
             flags |= pte::CTX_STALL;
@@ -835,7 +835,7 @@ impl<'m> Harness<'m> {
             return;
         }
         let stall = if kind == 3 { pte::CTX_STALL } else { 0 };
-        self.bind_with(0, pte::CTX_VALID | pte::CTX_VALIDATE | stall, false);
+        self.bind_with(0, pte::CTX_VALID | stall, false);
         for i in 0..VA_PAGES {
             let (va, pa) = (VA_BASE + i * PAGE, FRAMES_LO + i * PAGE);
             self.map_with(

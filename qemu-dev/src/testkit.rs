@@ -141,7 +141,7 @@ impl<E: Events> Rig<E> {
     }
 
     /// Creates page tables for `asid` and writes a valid context entry with `extra` flags
-    /// (`CTX_VALID | CTX_VALIDATE` are always set).
+    /// (`CTX_VALID` is always set).
     pub fn bind(&mut self, asid: u32, extra: u64) {
         let dev_base = DEV_PT + u64::from(asid % 16) * PT_SPAN;
         let cpu_base = CPU_PT + u64::from(asid % 16) * PT_SPAN;
@@ -153,7 +153,7 @@ impl<E: Events> Rig<E> {
         self.write_ctx(
             asid,
             ContextEntry {
-                flags: pte::CTX_VALID | pte::CTX_VALIDATE | extra,
+                flags: pte::CTX_VALID | extra,
                 pt_root: dev.root(),
                 cpu_root: cpu.root(),
                 reserved: 0,

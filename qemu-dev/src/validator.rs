@@ -6,7 +6,8 @@
 //!
 //! 1. the context is marked [`pte::CTX_MM_RELEASED`]: [`event::VIOL_RELEASED`], whatever the
 //!    CPU table says (it may already be freed);
-//! 2. [`pte::CTX_VALIDATE`] is clear: no check;
+//! 2. [`pte::CTX_NO_VALIDATE`] is set: no check, counted as unjudged (the only off-switch:
+//!    an entry that says nothing about validation is judged);
 //! 3. the CPU maps nothing at the VA, or another 4 KiB frame than the device used, or its table
 //!    cannot be walked: [`event::VIOL_STALE`];
 //! 4. a write while RW is clear somewhere on the CPU path: [`event::VIOL_WRITE_PERM`];
@@ -38,6 +39,16 @@ pub type CpuLookup = Result<CpuPte, CpuWalkError>;
 /// Whether `ctx`'s CPU table has five levels.
 pub fn la57(ctx: &pte::ContextEntry) -> bool {
     ctx.flags & pte::CTX_CPU_LA57 != 0
+}
+
+/// Whether `ctx` lets the validator judge its accesses: always, unless it opts out explicitly.
+pub fn validated(ctx: &pte::ContextEntry) -> bool {
+    ctx.flags & pte::CTX_NO_VALIDATE == 0
+}
+
+/// Whether `ctx` says its address space was released.
+pub fn released(ctx: &pte::ContextEntry) -> bool {
+    ctx.flags & pte::CTX_MM_RELEASED != 0
 }
 
 /// One device access to one page, as the device is about to perform it.
@@ -102,8 +113,8 @@ impl Violation {
 pub struct ValidatorCounts {
     /// Accesses judged (every [`Validator::check`] call except those skipped).
     pub checks: u64,
-    /// Accesses not judged: the context has neither [`pte::CTX_VALIDATE`] nor
-    /// [`pte::CTX_MM_RELEASED`], or its entry could not be read ([`Validator::unjudged`]).
+    /// Accesses not judged: the context has [`pte::CTX_NO_VALIDATE`] and not
+    /// [`pte::CTX_MM_RELEASED`] ([`Validator::unjudged`]).
     pub skipped: u64,
     /// CPU page-table walks that failed (also counted as [`event::VIOL_STALE`]).
     pub walk_errors: u64,
@@ -219,7 +230,7 @@ impl Validator {
         a: &Access,
         walked: Option<CpuLookup>,
     ) -> Judged {
-        if ctx.flags & (pte::CTX_MM_RELEASED | pte::CTX_VALIDATE) == 0 {
+        if !validated(ctx) && !released(ctx) {
             self.unjudged();
             return Judged {
                 facts: Facts::default(),
@@ -253,7 +264,7 @@ impl Validator {
     ) -> Facts {
         let mut f = Facts {
             judged: true,
-            released: ctx.flags & pte::CTX_MM_RELEASED != 0,
+            released: released(ctx),
             fill_dirty: a.cpu_dirty_at_fill,
             ..Facts::default()
         };
@@ -276,7 +287,7 @@ impl Validator {
         f
     }
 
-    /// Counts an access that could not be judged (its context entry could not be read).
+    /// Counts an access that was made unjudged.
     pub fn unjudged(&mut self) {
         self.counts.skipped += 1;
     }
@@ -322,7 +333,7 @@ impl Validator {
         ctx: &pte::ContextEntry,
         va: u64,
     ) -> Option<CpuLookup> {
-        if ctx.flags & pte::CTX_VALIDATE == 0 || ctx.flags & pte::CTX_MM_RELEASED != 0 {
+        if !validated(ctx) || released(ctx) {
             return None;
         }
         Some(cpu_walk(mem, ctx.cpu_root, la57(ctx), va))
@@ -449,7 +460,7 @@ mod tests {
         fn new(la57: bool) -> Self {
             let mem = VecMem::new(0, MEM);
             let pt = X86PageTable::new(&mem, 0x1000, 0x10_0000, la57).unwrap();
-            let mut flags = pte::CTX_VALID | pte::CTX_VALIDATE;
+            let mut flags = pte::CTX_VALID;
             if la57 {
                 flags |= pte::CTX_CPU_LA57;
             }
@@ -661,7 +672,7 @@ mod tests {
         assert_eq!((v.class, v.cpu_pa), (VIOL_RELEASED, NO_PA));
         assert_eq!(v.name(), "released");
         // Even with validation off and a CPU root that points nowhere.
-        f.ctx.flags &= !pte::CTX_VALIDATE;
+        f.ctx.flags |= pte::CTX_NO_VALIDATE;
         f.ctx.cpu_root = u64::MAX;
         assert_eq!(f.class(&a), Some(VIOL_RELEASED));
         assert_eq!(f.v.cpu_snapshot(&f.mem, &f.ctx, va), None);
@@ -671,7 +682,7 @@ mod tests {
     #[test]
     fn validation_off_checks_nothing() {
         let mut f = Fx::new(false);
-        f.ctx.flags &= !pte::CTX_VALIDATE;
+        f.ctx.flags |= pte::CTX_NO_VALIDATE;
         // Nothing mapped, garbage root: still no verdict.
         f.ctx.cpu_root = 0xdead_b000;
         let a = Access {
@@ -834,7 +845,8 @@ mod tests {
             f.v.judge(&f.mem, &f.ctx, &a, None).map(|v| v.class),
             Some(VIOL_RELEASED)
         );
-        f.ctx.flags &= !(pte::CTX_MM_RELEASED | pte::CTX_VALIDATE);
+        f.ctx.flags &= !pte::CTX_MM_RELEASED;
+        f.ctx.flags |= pte::CTX_NO_VALIDATE;
         assert_eq!(f.v.lookup(&f.mem, &f.ctx, va), None);
         assert_eq!(f.v.judge(&f.mem, &f.ctx, &a, stale), None);
     }

@@ -405,8 +405,9 @@ _Static_assert(offsetof(struct zg_stats, reserved) == 264, "struct zg_stats.rese
 #define ZG_INJ_ALL 0x7fu
 
 /*
- * struct zg_inject.modes, not a bug: turn the device's validator off for this context (clears
- * CTX_VALIDATE), so that benchmarks can measure what validation costs.
+ * struct zg_inject.modes, not a bug: turn the device's validator off for this context (it
+ * sets CTX_NO_VALIDATE), so that benchmarks can measure what validation costs.
+ * Test builds only: the production driver has no way to switch the validator off.
  */
 #define ZG_DBG_NO_VALIDATE 0x10000u
 

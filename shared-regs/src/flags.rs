@@ -27,6 +27,7 @@ bitflags! {
         const MM_RELEASED = pte::CTX_MM_RELEASED;
         const CPU_LA57 = pte::CTX_CPU_LA57;
         const VALIDATE = pte::CTX_VALIDATE;
+        const NO_VALIDATE = pte::CTX_NO_VALIDATE;
     }
 
     /// `CR0` and `CR0ACK`: the device's units.

@@ -80,12 +80,14 @@ pub const CTX_STALL: u64 = 1 << 1;
 pub const CTX_MM_RELEASED: u64 = 1 << 2;
 /// Context flag: the CPU page table at `cpu_root` has 5 levels (LA57).
 pub const CTX_CPU_LA57: u64 = 1 << 3;
-/// Context flag: check every DMA access of this context against the CPU page table at
-/// `cpu_root` (the process's kernel PGD, `__pa(mm->pgd)`). [`CTX_MM_RELEASED`] is checked
-/// whether or not this flag is set.
+/// Context flag, ABI 1.0-1.7: check this context's accesses against the CPU page table at
+/// `cpu_root`. Since 1.8 it is accepted and ignored: every access of a valid context is judged
+/// unless the entry carries [`CTX_NO_VALIDATE`], so an entry that forgets a flag is checked,
+/// never silently not.
 pub const CTX_VALIDATE: u64 = 1 << 4;
-/// Context flag (ABI 1.8): do not judge this context's accesses. The only way to switch the
-/// validator off: the production driver never sets it, the test build sets it only for
+/// Context flag (ABI 1.8): do not judge this context's accesses against the CPU page table at
+/// `cpu_root` (the process's kernel PGD, `__pa(mm->pgd)`). The only way to switch the validator
+/// off: the production driver never sets it, the test build sets it only for
 /// `ZG_DBG_NO_VALIDATE`. [`CTX_MM_RELEASED`] is checked whether or not it is set.
 pub const CTX_NO_VALIDATE: u64 = 1 << 5;
 /// Flags the device understands; other bits must be zero.

@@ -104,6 +104,13 @@
 //! flag already set is not this check's business: every access through it is a
 //! [`super::event::VIOL_RELEASED`] violation.)
 //!
+//! **No silent off-switch (1.8).** Before each DMA step moves bytes, the device reads the
+//! step's context entry uncached; the validator judges the step against it. If that entry is
+//! unreadable or is neither valid nor released (cleared, and still cached by the device), the
+//! step faults with [`super::event::FAULT_CTX_INVALID`] before any byte moves: an access is
+//! judged, or refused, never made unjudged. Only [`super::pte::CTX_NO_VALIDATE`] skips the
+//! verdict, and such steps are counted in [`STAT_ACCESSES_UNJUDGED`].
+//!
 //! **Reserved bits.** Reserved bits of a register that has them read as 0 and are ignored when
 //! written (as in [`CR0`], [`IRQ_CTRL`], [`IOTLB_KEEP`]); [`FAIL_INJECT`] alone refuses a value
 //! with reserved bits (it could arm an unknown mode).
@@ -302,9 +309,10 @@ pub const STAT_EVENTS_DROPPED: u32 = 11;
 pub const STAT_IOTLB_NOT_CACHED: u32 = 12;
 /// Statistic (ABI 1.7): DMA steps the validator judged, before and after their bytes moved.
 pub const STAT_ACCESSES_JUDGED: u32 = 13;
-/// Statistic (ABI 1.7): DMA steps not judged, because their context's entry has validation off
-/// (neither [`super::pte::CTX_VALIDATE`] nor [`super::pte::CTX_MM_RELEASED`]) or could not be
-/// read. A run that validated nothing shows here, not as a clean run.
+/// Statistic (ABI 1.7): DMA steps not judged, because their context's entry turns validation
+/// off ([`super::pte::CTX_NO_VALIDATE`] without [`super::pte::CTX_MM_RELEASED`]). A run that
+/// validated nothing shows here, not as a clean run. (Since 1.8 an entry that is unreadable or
+/// not valid at the step faults it instead, [`super::event::FAULT_CTX_INVALID`].)
 pub const STAT_ACCESSES_UNJUDGED: u32 = 14;
 /// Number of statistics.
 pub const STAT_COUNT: u32 = 15;
@@ -324,7 +332,7 @@ pub const IDENT_MAGIC: u32 = u32::from_le_bytes(*b"ZAPG");
 /// Major ABI version: a driver must refuse a device with another major.
 pub const VERSION_MAJOR: u16 = 1;
 /// Minor ABI version: additions only.
-pub const VERSION_MINOR: u16 = 7;
+pub const VERSION_MINOR: u16 = 8;
 /// Value of [`VERSION`].
 pub const VERSION_VALUE: u32 = ((VERSION_MAJOR as u32) << 16) | VERSION_MINOR as u32;
 

@@ -335,8 +335,9 @@ pub const ZG_INJ_ALL: u32 = ZG_INJ_SKIP_SHOOTDOWN
     | ZG_INJ_EARLY_TABLE_FREE
     | ZG_INJ_SKIP_CTX_INVALIDATE;
 
-/// [`ZgInject::modes`], not a bug: turn the device's validator off for this context (clears
-/// [`super::pte::CTX_VALIDATE`]), so that benchmarks can measure what validation costs.
+/// [`ZgInject::modes`], not a bug: turn the device's validator off for this context (it
+/// sets [`super::pte::CTX_NO_VALIDATE`]), so that benchmarks can measure what validation costs.
+/// Test builds only: the production driver has no way to switch the validator off.
 pub const ZG_DBG_NO_VALIDATE: u32 = 1 << 16;
 /// Debug switch (not a bug): clear the device PTEs on write-protects that keep pages mapped
 /// (fork's COW, mkclean, soft-dirty), as the driver did before it made them read-only; for
