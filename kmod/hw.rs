@@ -1199,7 +1199,7 @@ impl Hw {
         self.ctx.write(base, 0)?;
         self.ctx.write(base + 1, e.pt_root)?;
         self.ctx.write(base + 2, e.cpu_root)?;
-        self.ctx.write(base + 3, e.reserved)?;
+        self.ctx.write(base + 3, e.seq)?;
         self.ctx.write(base, e.flags)
     }
 

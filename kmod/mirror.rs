@@ -1248,7 +1248,7 @@ impl Mirror {
             flags: pte::CTX_VALID | pte::CTX_STALL | la57 | extra,
             pt_root: self.pool().addr(root)?,
             cpu_root: mm::pgd_phys(mm),
-            reserved: 0,
+            seq: 0,
         })
     }
 

@@ -535,7 +535,6 @@ impl<E: Events> ZapguardDevice<E> {
         let c = read_context(mem, self.s.ctx_base, asid)?;
         let ok = c.flags & !pte::CTX_FLAGS_MASK == 0
             && c.flags & pte::CTX_VALID != 0
-            && c.reserved == 0
             && c.pt_root % pte::PAGE_SIZE == 0
             && c.cpu_root % pte::PAGE_SIZE == 0;
         if ok {
@@ -1779,6 +1778,96 @@ mod tests {
         assert!(mem.done.get());
         let kinds: Vec<_> = event_log(&mut r).iter().map(|e| (e.0, e.1)).collect();
         assert_eq!(kinds[0], (ev::EVT_VIOLATION, ev::VIOL_CTX_RELEASED));
+    }
+
+    /// A driver rewriting context entry 1 while the device reads it: when the device's read
+    /// reaches byte `at` of the entry, the "driver" writes `new` the way ABI 1.8 says (sequence
+    /// word odd, the words, sequence word even), or stops halfway (`finish: false`: the
+    /// sequence word stays odd, one word written).
+    struct CtxWriterMidRead<'a> {
+        mem: &'a VecMem,
+        at: u64,
+        new: ContextEntry,
+        finish: bool,
+        done: Cell<bool>,
+    }
+
+    const CTX1: u64 = crate::testkit::CTX_TABLE + CTX_ENTRY_SIZE as u64;
+
+    impl CtxWriterMidRead<'_> {
+        fn rewrite(&self) -> Result<(), MemError> {
+            let seq = self.mem.read_u64(CTX1 + 24)?;
+            self.mem.write_u64(CTX1 + 24, seq | 1)?;
+            self.mem.write_u64(CTX1, self.new.flags)?;
+            if !self.finish {
+                return Ok(());
+            }
+            self.mem.write_u64(CTX1 + 8, self.new.pt_root)?;
+            self.mem.write_u64(CTX1 + 16, self.new.cpu_root)?;
+            self.mem.write_u64(CTX1 + 24, (seq | 1) + 1)
+        }
+    }
+
+    impl GuestMem for CtxWriterMidRead<'_> {
+        fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemError> {
+            let split = CTX1 + self.at;
+            let end = gpa + buf.len() as u64;
+            if (gpa..end).contains(&split) && !self.done.replace(true) {
+                let k = (split - gpa) as usize;
+                self.mem.read(gpa, &mut buf[..k])?;
+                self.rewrite()?;
+                return self.mem.read(split, &mut buf[k..]);
+            }
+            self.mem.read(gpa, buf)
+        }
+
+        fn write(&self, gpa: u64, buf: &[u8]) -> Result<(), MemError> {
+            self.mem.write(gpa, buf)
+        }
+
+        fn fetch_or_u64(&self, gpa: u64, bits: u64) -> Result<u64, MemError> {
+            self.mem.fetch_or_u64(gpa, bits)
+        }
+    }
+
+    /// The context entry read while the driver rewrites it (landing at byte `at` of the read).
+    fn ctx_read_mid_write(at: u64, finish: bool) -> (Option<ContextEntry>, ContextEntry) {
+        let r = rig();
+        let old = r.ctx(1);
+        let new = ContextEntry {
+            flags: pte::CTX_VALID | pte::CTX_STALL,
+            pt_root: old.pt_root + 0x20_0000,
+            cpu_root: old.cpu_root + 0x20_0000,
+            ..old
+        };
+        let mem = CtxWriterMidRead {
+            mem: &r.mem,
+            at,
+            new,
+            finish,
+            done: Cell::new(false),
+        };
+        let got = read_context(&mem, crate::testkit::CTX_TABLE, 1);
+        assert!(mem.done.get(), "the writer ran");
+        (
+            got,
+            ContextEntry {
+                seq: old.seq + 2,
+                ..new
+            },
+        )
+    }
+
+    /// Item 5 of #24: a context entry is never used torn. Whichever word the driver's rewrite
+    /// lands before, the device reads the old entry or the new one whole, and an entry left
+    /// half-written (its sequence word odd) is not used at all.
+    #[test]
+    fn a_context_entry_rewritten_mid_read_is_never_used_torn() {
+        for at in [8, 16, 24] {
+            let (got, new) = ctx_read_mid_write(at, true);
+            assert_eq!(got, Some(new), "rewrite landing at byte {at}");
+        }
+        assert_eq!(ctx_read_mid_write(8, false).0, None, "half-written entry");
     }
 
     /// Rewrites guest memory at `gpa` (a CPU page-table entry: a zap, a COW break, a dirty bit;

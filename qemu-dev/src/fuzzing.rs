@@ -754,7 +754,7 @@ impl<'m> Harness<'m> {
             flags,
             pt_root: dev.root(),
             cpu_root: cpu.root(),
-            reserved: 0,
+            seq: 0,
         };
         let ctx_addr = CTX_TABLE.wrapping_add(u64::from(asid) * pte::CTX_ENTRY_SIZE as u64);
         let _ = self.mem.write(ctx_addr, &entry.to_bytes());

@@ -156,7 +156,7 @@ impl<E: Events> Rig<E> {
                 flags: pte::CTX_VALID | extra,
                 pt_root: dev.root(),
                 cpu_root: cpu.root(),
-                reserved: 0,
+                seq: 0,
             },
         );
         self.dev_pt.insert(asid, dev);

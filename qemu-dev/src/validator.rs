@@ -468,7 +468,7 @@ mod tests {
                 flags,
                 pt_root: 0,
                 cpu_root: pt.root(),
-                reserved: 0,
+                seq: 0,
             };
             Self {
                 mem,

@@ -149,7 +149,7 @@ fn descriptors_round_trip() {
         flags: pte::CTX_VALID | pte::CTX_NO_VALIDATE,
         pt_root: 0x10000,
         cpu_root: 0x20000,
-        reserved: 0,
+        seq: 6,
     };
     assert_eq!(pte::ContextEntry::from_bytes(&x.to_bytes()), x);
 }

@@ -105,8 +105,12 @@ pub struct ContextEntry {
     /// Guest-physical address of the process's CPU page-table root, `__pa(mm->pgd)` (4 KiB
     /// aligned); used only by the validator.
     pub cpu_root: u64,
-    /// Must be zero.
-    pub reserved: u64,
+    /// Sequence word (ABI 1.8; "must be zero" before): odd while the driver rewrites the entry.
+    /// The driver makes it odd, writes the other words, then makes it even again; the device
+    /// uses an entry only when it read the same even value before and after the other words,
+    /// so it never acts on a torn entry. A driver that never rewrites a live entry may leave it
+    /// 0.
+    pub seq: u64,
 }
 
 /// Size of a context entry in bytes.
@@ -115,17 +119,17 @@ pub const CTX_ENTRY_SIZE: usize = 32;
 impl ContextEntry {
     /// Little-endian encoding as stored in guest memory.
     pub fn to_bytes(&self) -> [u8; CTX_ENTRY_SIZE] {
-        super::words_to_bytes([self.flags, self.pt_root, self.cpu_root, self.reserved])
+        super::words_to_bytes([self.flags, self.pt_root, self.cpu_root, self.seq])
     }
 
     /// Decodes an entry read from guest memory.
     pub fn from_bytes(b: &[u8; CTX_ENTRY_SIZE]) -> Self {
-        let [flags, pt_root, cpu_root, reserved] = super::bytes_to_words(b);
+        let [flags, pt_root, cpu_root, seq] = super::bytes_to_words(b);
         Self {
             flags,
             pt_root,
             cpu_root,
-            reserved,
+            seq,
         }
     }
 }
