@@ -39,7 +39,10 @@ use kernel::{
     io::Io,
     new_condvar, new_mutex, new_spinlock, pci,
     prelude::*,
-    sync::{CondVar, CondVarTimeoutResult, Mutex, MutexGuard, SpinLock},
+    sync::{
+        barrier::{dma_mb, Write},
+        CondVar, CondVarTimeoutResult, Mutex, MutexGuard, SpinLock,
+    },
     time::{
         delay::{fsleep, udelay},
         msecs_to_jiffies, Delta, Instant, Monotonic,
@@ -1191,16 +1194,21 @@ impl Hw {
         handshake(bar, all.into_raw())
     }
 
-    /// Writes context entry `asid`. The device's validator reads entries uncached at any time,
-    /// so the entry is never seen half-written: flags are cleared first (a reader sees "not
-    /// valid, not validated"), then the addresses are written, then the new flags.
+    /// Writes context entry `asid` (`e.seq` is ignored). The device reads entries uncached at
+    /// any time, so it must never act on one half-written: the entry's sequence word is made
+    /// odd, then the other words are written, then it is made even again; the device uses an
+    /// entry only when it read the same even sequence before and after the other words.
+    /// Callers serialise the writes of one entry (they own its ASID).
     pub(crate) fn write_ctx(&self, asid: u32, e: &pte::ContextEntry) -> Result {
         let base = asid as usize * (pte::CTX_ENTRY_SIZE / 8);
-        self.ctx.write(base, 0)?;
+        let seq = self.ctx.read(base + 3)? | 1;
+        self.ctx.write(base + 3, seq)?;
+        dma_mb(Write);
+        self.ctx.write(base, e.flags)?;
         self.ctx.write(base + 1, e.pt_root)?;
         self.ctx.write(base + 2, e.cpu_root)?;
-        self.ctx.write(base + 3, e.seq)?;
-        self.ctx.write(base, e.flags)
+        dma_mb(Write);
+        self.ctx.write(base + 3, seq.wrapping_add(1))
     }
 
     /// The event at ring position `pos`.

@@ -93,7 +93,7 @@ pub fn cpu_walk(
         // `table` is below 2^52, so this cannot overflow.
         let gpa = table + 8 * x86_index(va, level);
         let entry = mem
-            .read_u64(gpa)
+            .load_u64(gpa)
             .map_err(|_| CpuWalkError::Unreadable { level, gpa })?;
         if entry & X86_P == 0 {
             return Ok(CpuPte::NotPresent);

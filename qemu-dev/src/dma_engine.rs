@@ -1042,11 +1042,39 @@ fn dma_access(d: &DmaJob, s: &Side, n: usize, f: &Facts) -> Activity {
     }
 }
 
+/// Times [`read_context`] reads an entry the driver is rewriting before it gives up on it: the
+/// first [`CTX_READ_SPINS`] back to back, the rest after yielding the host CPU (the guest's
+/// writer may be a vCPU thread of this host that is not running).
+const CTX_READ_TRIES: u32 = 1024;
+/// See [`CTX_READ_TRIES`].
+const CTX_READ_SPINS: u32 = 16;
+
+/// Context entry `asid`, read whole: `None` if it is unreadable, or if the driver was rewriting
+/// it through [`CTX_READ_TRIES`] reads (its sequence word odd, or changed while the other words
+/// were read; see [`ContextEntry::seq`]). Every word is an atomic load, so no entry is used torn.
 pub(crate) fn read_context(mem: &impl GuestMem, base: u64, asid: u32) -> Option<ContextEntry> {
     let addr = base.checked_add(u64::from(asid) * CTX_ENTRY_SIZE as u64)?;
-    let mut raw = [0u8; CTX_ENTRY_SIZE];
-    mem.read(addr, &mut raw).ok()?;
-    Some(ContextEntry::from_bytes(&raw))
+    let word = |i: u64| mem.load_u64(addr.checked_add(8 * i)?).ok();
+    for i in 0..CTX_READ_TRIES {
+        let seq = word(3)?;
+        if seq & 1 == 0 {
+            let (flags, pt_root, cpu_root) = (word(0)?, word(1)?, word(2)?);
+            if word(3)? == seq {
+                return Some(ContextEntry {
+                    flags,
+                    pt_root,
+                    cpu_root,
+                    seq,
+                });
+            }
+        }
+        if i < CTX_READ_SPINS {
+            std::hint::spin_loop();
+        } else {
+            std::thread::yield_now();
+        }
+    }
+    None
 }
 
 #[cfg(test)]

@@ -54,6 +54,14 @@ pub trait GuestMem {
         Ok(())
     }
 
+    /// Loads the naturally aligned little-endian u64 at `gpa` in one atomic access: how the
+    /// device reads page-table entries and context-entry words, which the guest's CPUs write
+    /// concurrently (a plain copy of them is a data race, and may tear). The default reads
+    /// through [`Self::read`], for memories no other thread writes.
+    fn load_u64(&self, gpa: u64) -> Result<u64, MemError> {
+        self.read_u64(gpa)
+    }
+
     /// Reads a little-endian u64.
     fn read_u64(&self, gpa: u64) -> Result<u64, MemError> {
         let mut b = [0u8; 8];
@@ -155,6 +163,10 @@ impl GuestMem for crate::memory::GuestMemory {
 
     fn fetch_or_u64(&self, gpa: u64, bits: u64) -> Result<u64, MemError> {
         crate::memory::GuestMemory::fetch_or_u64(self, gpa, bits)
+    }
+
+    fn load_u64(&self, gpa: u64) -> Result<u64, MemError> {
+        crate::memory::GuestMemory::load_u64(self, gpa)
     }
 
     fn copy(&self, src: u64, dst: u64, len: usize) -> Result<(), CopyError> {

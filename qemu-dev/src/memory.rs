@@ -333,17 +333,36 @@ impl GuestMemory {
         Ok(())
     }
 
-    /// Atomically ORs `bits` into the 8-aligned u64 at `gpa` (shared with the guest's CPUs, which
-    /// may update the same page-table entry concurrently); returns the old value.
-    pub fn fetch_or_u64(&self, gpa: u64, bits: u64) -> Result<u64, MemError> {
+    /// Loads the 8-aligned u64 at `gpa` atomically (acquire): a page-table entry or context-entry
+    /// word the guest's CPUs may be writing at the same time.
+    pub fn load_u64(&self, gpa: u64) -> Result<u64, MemError> {
+        let ptr = self.aligned_u64(gpa, false)?;
+        // SAFETY: `aligned_u64` checked the 8 bytes lie in a shared mapping that lives as long
+        // as `self`, and that `ptr` is 8-aligned. The guest writes this memory concurrently,
+        // which is why the access is atomic.
+        let atomic = unsafe { std::sync::atomic::AtomicU64::from_ptr(ptr) };
+        Ok(u64::from_le(
+            atomic.load(std::sync::atomic::Ordering::Acquire),
+        ))
+    }
+
+    /// The 8-aligned u64 at `gpa` (in a writable mapping if `write`).
+    fn aligned_u64(&self, gpa: u64, write: bool) -> Result<*mut u64, MemError> {
         if !gpa.is_multiple_of(8) {
             return Err(MemError::Unmapped { gpa, len: 8 });
         }
-        let (m, at) = self.locate(gpa, 8, true)?;
-        let ptr = m.at(at).cast::<u64>();
-        // SAFETY: `locate` checked the 8 bytes lie in a writable shared mapping that lives as long
-        // as `self`; `gpa` is 8-aligned and mappings are page-aligned, so `ptr` is aligned. The
-        // guest accesses this memory concurrently, which is why the access is atomic.
+        let (m, at) = self.locate(gpa, 8, write)?;
+        // Mappings are page-aligned, so an 8-aligned GPA is an 8-aligned pointer.
+        Ok(m.at(at).cast::<u64>())
+    }
+
+    /// Atomically ORs `bits` into the 8-aligned u64 at `gpa` (shared with the guest's CPUs, which
+    /// may update the same page-table entry concurrently); returns the old value.
+    pub fn fetch_or_u64(&self, gpa: u64, bits: u64) -> Result<u64, MemError> {
+        let ptr = self.aligned_u64(gpa, true)?;
+        // SAFETY: `aligned_u64` checked the 8 bytes lie in a writable shared mapping that lives
+        // as long as `self`, and that `ptr` is 8-aligned. The guest accesses this memory
+        // concurrently, which is why the access is atomic.
         let atomic = unsafe { std::sync::atomic::AtomicU64::from_ptr(ptr) };
         Ok(u64::from_le(atomic.fetch_or(
             bits.to_le(),

@@ -171,7 +171,7 @@ fn walk_once<M: GuestMem + ?Sized>(
         let gpa = entry_gpa(table, va, level);
         pace(level, table);
         let e = mem
-            .read_u64(gpa)
+            .load_u64(gpa)
             .map_err(|_| fault(event::FAULT_WALK_ABORT, level))?;
         if e & pte::PTE_P == 0 {
             return Err(fault(event::FAULT_NOT_PRESENT, level).into());

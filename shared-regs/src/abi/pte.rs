@@ -35,6 +35,14 @@
 //! The context table holds [`super::regs::ASID_COUNT`] entries of 32 bytes, indexed by ASID, at
 //! the address in [`super::regs::CTX_BASE_LO`]/`HI`. The device caches entries: after changing one
 //! the driver issues [`super::cmd::CMD_CFGI_CTX`] (and a SYNC to know it took effect).
+//!
+//! The device also reads an entry uncached, for the validator, at any time. Every device read of
+//! an entry word or a page-table entry is one atomic 8-byte load. An entry is four words (flags,
+//! `pt_root`, `cpu_root`, `seq`); since ABI 1.8 `seq` makes rewriting a live entry safe: the
+//! driver makes it odd, writes the other words, and makes it even again, and the device uses only
+//! an entry whose `seq` read the same even value before and after the other words (it retries a
+//! bounded number of times, then treats the entry as unreadable: the access faults with
+//! [`super::event::FAULT_CTX_INVALID`]).
 
 /// Present.
 pub const PTE_P: u64 = 1 << 0;
