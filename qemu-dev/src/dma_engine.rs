@@ -1898,6 +1898,151 @@ mod tests {
         assert_eq!(ctx_read_mid_write(8, false).0, None, "half-written entry");
     }
 
+    /// ASID 1 with `pages` pages mapped at `VA`, the physical-DMA check on, the rig's status
+    /// records, event ring and SYNC word declared as driver memory, and `AUX` as ASID 1's
+    /// bounce buffer.
+    fn phys_rig(pages_n: u64) -> Rig<EventLog> {
+        use crate::testkit::{AUX, AUX_SIZE, EVTQ, STATUS, SYNC_WORD};
+        let mut r = rig();
+        pages(&mut r, VA, pages_n, 5);
+        let declare = |r: &mut Rig<EventLog>, pa: u64, len: u64, op: u32, asid: u32| {
+            r.set(PHYS_ADDR_LO, pa as u32);
+            r.set(PHYS_ADDR_HI, (pa >> 32) as u32);
+            r.set(PHYS_LEN, len as u32);
+            r.set(PHYS_CTRL, phys_ctrl(op, asid));
+        };
+        for (pa, len) in [(STATUS, 0x1_0000), (EVTQ, 0x8000), (SYNC_WORD, 8)] {
+            declare(&mut r, pa, len, PHYS_OP_DRIVER, 0);
+        }
+        declare(&mut r, AUX, AUX_SIZE, PHYS_OP_BOUNCE, 1);
+        r.set(PHYS_CTRL, PHYS_OP_CHECK);
+        assert_eq!(r.reg(PHYS_CTRL), 1, "check on");
+        r
+    }
+
+    fn phys_violations(r: &mut Rig<EventLog>) -> Vec<(u64, u64)> {
+        event_log(r)
+            .iter()
+            .filter(|e| (e.0, e.1) == (ev::EVT_VIOLATION, ev::VIOL_PHYS_UNLENT))
+            .map(|e| (e.2, e.3))
+            .collect()
+    }
+
+    /// Item 4 of #24: a bounce buffer the driver takes back while a job still writes it (the
+    /// next user fills it) is caught at each later step of that job, and not before; a job
+    /// queued after the reclaim uses it legally.
+    #[test]
+    fn a_bounce_buffer_reclaimed_while_a_job_still_writes_it_is_caught() {
+        use crate::testkit::AUX;
+        let mut r = phys_rig(4);
+        r.submit(job(DMA_READ, 1, VA, 0, 4 * PG, AUX));
+        r.dev.process(&r.mem, 2); // fetch, first page
+        r.set(PHYS_CTRL, phys_ctrl(PHYS_OP_RECLAIM, 1));
+        r.run();
+        let got = phys_violations(&mut r);
+        let want: Vec<_> = (1..4).map(|p| (VA + p * PG, AUX + p * PG)).collect();
+        assert_eq!(got, want, "the three steps after the reclaim");
+        assert_eq!(r.dev.stat(STAT_VIOLATIONS), 3);
+        // The next user's job, queued after the reclaim, is legal.
+        assert_eq!(
+            r.dma(job(DMA_READ, 1, VA, 0, 4 * PG, AUX)).status,
+            DMA_ST_OK
+        );
+        assert_eq!(phys_violations(&mut r), []);
+    }
+
+    /// The correct order: the job retires, then the driver reclaims; nothing to report. A
+    /// job outside its bounce buffer, or using another ASID's, is caught.
+    #[test]
+    fn bounce_buffer_use_is_checked_against_its_owner_and_bounds() {
+        use crate::testkit::AUX;
+        let mut r = phys_rig(2);
+        assert_eq!(
+            r.dma(job(DMA_WRITE, 1, 0, VA, 2 * PG, AUX)).status,
+            DMA_ST_OK
+        );
+        r.set(PHYS_CTRL, phys_ctrl(PHYS_OP_RECLAIM, 1));
+        assert_eq!(
+            r.dma(job(DMA_READ, 1, VA, 0, 2 * PG, AUX)).status,
+            DMA_ST_OK
+        );
+        assert_eq!(phys_violations(&mut r), []);
+        // Past its end: only the step outside is caught.
+        let end = AUX + crate::testkit::AUX_SIZE;
+        assert_eq!(
+            r.dma(job(DMA_READ, 1, VA, 0, 2 * PG, end - PG)).status,
+            DMA_ST_OK
+        );
+        assert_eq!(phys_violations(&mut r), [(VA + PG, end)]);
+        // Another ASID's buffer (ASID 2 has none).
+        r.bind(2, 0);
+        r.map_page(2, VA);
+        assert_eq!(r.dma(job(DMA_READ, 2, VA, 0, 8, AUX)).status, DMA_ST_OK);
+        assert_eq!(phys_violations(&mut r), [(VA, AUX)]);
+        // A forgotten buffer.
+        r.set(PHYS_CTRL, phys_ctrl(PHYS_OP_FORGET, 1));
+        assert_eq!(r.dma(job(DMA_READ, 1, VA, 0, 8, AUX)).status, DMA_ST_OK);
+        assert_eq!(phys_violations(&mut r), [(VA, AUX)]);
+    }
+
+    /// Status records and SYNC words written outside every driver region are caught; with the
+    /// check off (the reset state) nothing is.
+    #[test]
+    fn status_and_sync_writes_outside_driver_memory_are_caught() {
+        use crate::testkit::{STATUS, SYNC_WORD};
+        let mut r = rig();
+        r.map_page(1, VA);
+        assert_eq!(r.dma(job(DMA_CHECKSUM, 1, VA, 0, 8, 0)).status, DMA_ST_OK);
+        r.cfgi(1);
+        assert_eq!(r.dev.stat(STAT_VIOLATIONS), 0, "check off");
+        r.set(PHYS_CTRL, PHYS_OP_CHECK);
+        let st = r.submit(job(DMA_CHECKSUM, 1, VA, 0, 8, 0));
+        r.run();
+        assert_eq!(r.status(st).status, DMA_ST_OK, "written all the same");
+        assert!((STATUS..STATUS + 0x1_0000).contains(&st));
+        assert_eq!(phys_violations(&mut r), [(0, st)]);
+        r.cfgi(1);
+        assert_eq!(phys_violations(&mut r), [(0, SYNC_WORD)]);
+    }
+
+    /// Bad PHYS_CTRL values are refused with ERR_CONFIG and change nothing.
+    #[test]
+    fn bad_physical_region_declarations_are_refused() {
+        let mut r = rig();
+        for v in [
+            0,
+            6,
+            0xf,
+            PHYS_OP_CHECK | 0x10,
+            phys_ctrl(PHYS_OP_BOUNCE, 0x100),
+        ] {
+            r.set(PHYS_LEN, 0x1000);
+            r.set(PHYS_CTRL, v);
+            assert_ne!(r.reg(ERROR) & ERR_CONFIG, 0, "{v:#x}");
+            assert_eq!(r.reg(ERROR_INFO), PHYS_CTRL);
+            r.set(ERROR, ERR_CONFIG);
+        }
+        r.set(PHYS_LEN, 0);
+        r.set(PHYS_CTRL, PHYS_OP_DRIVER);
+        assert_ne!(r.reg(ERROR) & ERR_CONFIG, 0, "empty region");
+        r.set(ERROR, ERR_CONFIG);
+        r.set(PHYS_ADDR_LO, 0xffff_f000);
+        r.set(PHYS_ADDR_HI, u32::MAX);
+        r.set(PHYS_LEN, 0x2000);
+        r.set(PHYS_CTRL, PHYS_OP_DRIVER);
+        assert_ne!(r.reg(ERROR) & ERR_CONFIG, 0, "wrapping region");
+        r.set(ERROR, ERR_CONFIG);
+        r.set(PHYS_ADDR_HI, 0);
+        r.set(PHYS_LEN, 8);
+        for _ in 0..PHYS_DRIVER_MAX {
+            r.set(PHYS_CTRL, PHYS_OP_DRIVER);
+        }
+        assert_eq!(r.reg(ERROR) & ERR_CONFIG, 0);
+        r.set(PHYS_CTRL, PHYS_OP_DRIVER);
+        assert_ne!(r.reg(ERROR) & ERR_CONFIG, 0, "table full");
+        assert_eq!(r.reg(PHYS_CTRL), 0, "check still off");
+    }
+
     /// Rewrites guest memory at `gpa` (a CPU page-table entry: a zap, a COW break, a dirty bit;
     /// or a context entry) when the device first reads data frame `frame`, before the read
     /// returns: a change that lands mid-access.

@@ -270,7 +270,7 @@ fn fnv_known_values() {
 fn every_violation_class_has_a_name_and_all_but_the_newest_a_stats_slot() {
     use shared_regs::uapi::ZG_VIOL_CLASSES;
     assert_eq!(event::violation_name(0), "unknown", "index 0 is unused");
-    let names: Vec<&str> = (1..=event::VIOL_ZAPPED_DURING_ACCESS)
+    let names: Vec<&str> = (1..=event::VIOL_PHYS_UNLENT)
         .map(event::violation_name)
         .collect();
     assert_eq!(
@@ -283,13 +283,14 @@ fn every_violation_class_has_a_name_and_all_but_the_newest_a_stats_slot() {
             "ledger",
             "table_freed",
             "ctx_released",
-            "zapped_during_access"
+            "zapped_during_access",
+            "phys_unlent"
         ]
     );
     assert_eq!(event::VIOL_TABLE_FREED, 6);
     assert_eq!(event::VIOL_CTX_RELEASED, 7);
     assert_eq!(
-        event::violation_name(event::VIOL_ZAPPED_DURING_ACCESS + 1),
+        event::violation_name(event::VIOL_PHYS_UNLENT + 1),
         "unknown"
     );
     // ZgStats cannot grow without a new ioctl number: the per-context array stops before

@@ -79,6 +79,16 @@ pub const VIOL_CTX_RELEASED: u16 = 7;
 /// (their array ends at [`VIOL_CTX_RELEASED`]); the device-wide count and the trace have it.
 pub const VIOL_ZAPPED_DURING_ACCESS: u16 = 8;
 
+/// Violation (ABI 1.8, with the physical-DMA check on, see [`super::regs::PHYS_CTRL`]): an
+/// untranslated device access outside the regions the driver lent it: a `DMA_READ`/`DMA_WRITE`
+/// job's `aux` access outside its ASID's bounce buffer, or into it after the driver reclaimed
+/// or forgot it while the job was queued or running; or a status record, event record or SYNC
+/// completion word written outside every driver region. `va` is the job's VA for the step (0
+/// for the others), `info` the guest-physical address accessed, `info2` [`NO_PA`]. The access
+/// is made as if the check were off. For an event record, the violation is counted and traced
+/// but not posted (it would go to the same place).
+pub const VIOL_PHYS_UNLENT: u16 = 9;
+
 /// `info2` of a violation when the CPU maps nothing at the VA.
 pub const NO_PA: u64 = u64::MAX;
 
@@ -155,6 +165,7 @@ pub const fn violation_name(reason: u16) -> &'static str {
         VIOL_TABLE_FREED => "table_freed",
         VIOL_CTX_RELEASED => "ctx_released",
         VIOL_ZAPPED_DURING_ACCESS => "zapped_during_access",
+        VIOL_PHYS_UNLENT => "phys_unlent",
         _ => "unknown",
     }
 }

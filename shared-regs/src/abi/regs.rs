@@ -243,6 +243,48 @@ pub const PT_FREED_BASE_ALIGN: u64 = 8;
 /// completion word it did not wait for (or waits for the wrong SYNC) sees it not yet written,
 /// where a fast device would have hidden the bug.
 pub const SYNC_LAG: u32 = 0x0c4;
+/// Physical-region address (ABI 1.8), bits 31:0: the start of the region the next
+/// [`PHYS_CTRL`] write declares (see "Physical DMA" in the module documentation).
+pub const PHYS_ADDR_LO: u32 = 0x0c8;
+/// Physical-region address (ABI 1.8), bits 63:32.
+pub const PHYS_ADDR_HI: u32 = 0x0cc;
+/// Physical-region length in bytes (ABI 1.8), for the next [`PHYS_CTRL`] declaration.
+pub const PHYS_LEN: u32 = 0x0d0;
+/// Physical-region control (ABI 1.8): writing it performs operation `PHYS_OP_*` (bits 3:0) for
+/// the ASID in bits 31:16 (where the operation names one) on the region staged in
+/// [`PHYS_ADDR_LO`]/[`PHYS_ADDR_HI`]/[`PHYS_LEN`]. A value with an unknown operation or other
+/// bits set, an empty or wrapping region, an ASID at or beyond [`ASID_COUNT`], or a full
+/// driver-region table is refused: nothing changes, [`ERR_CONFIG`] is raised with
+/// [`ERROR_INFO`] = [`PHYS_CTRL`]. Reads return 1 while the check is on, else 0.
+pub const PHYS_CTRL: u32 = 0x0d4;
+/// [`PHYS_CTRL`] operation: the staged region is the driver's own memory that the device may
+/// write without translation (DMA status records, the event ring, SYNC completion words).
+pub const PHYS_OP_DRIVER: u32 = 1;
+/// [`PHYS_CTRL`] operation: the staged region is the bounce buffer of the ASID in bits 31:16
+/// (replacing its previous one): the one place its `DMA_READ`/`DMA_WRITE` jobs may access
+/// through their guest-physical `aux`.
+pub const PHYS_OP_BOUNCE: u32 = 2;
+/// [`PHYS_CTRL`] operation: the ASID's bounce buffer is gone (freed); no job may touch it.
+pub const PHYS_OP_FORGET: u32 = 3;
+/// [`PHYS_CTRL`] operation: the CPU takes the ASID's bounce buffer back (to fill it for a new
+/// job, or hand it to another user): every job queued or running now (up to the device's
+/// current [`DMAQ_PROD`]) may no longer touch it; jobs queued later may.
+pub const PHYS_OP_RECLAIM: u32 = 4;
+/// [`PHYS_CTRL`] operation: start checking untranslated DMA against the declared regions (off
+/// after reset; there is no operation that turns it off).
+pub const PHYS_OP_CHECK: u32 = 5;
+/// The operation field of [`PHYS_CTRL`].
+pub const PHYS_OP_MASK: u32 = 0xf;
+/// Shift of the ASID field of [`PHYS_CTRL`] (bits 31:16).
+pub const PHYS_CTRL_ASID_SHIFT: u32 = 16;
+/// Driver regions ([`PHYS_OP_DRIVER`]) the device keeps; a declaration beyond is refused.
+pub const PHYS_DRIVER_MAX: usize = 32;
+
+/// [`PHYS_CTRL`] value performing `op` for `asid`.
+pub const fn phys_ctrl(op: u32, asid: u32) -> u32 {
+    op | asid << PHYS_CTRL_ASID_SHIFT
+}
+
 /// Context table base, low half.
 pub const CTX_BASE_LO: u32 = 0x030;
 /// Context table base, high half.
