@@ -248,6 +248,16 @@ impl<E: Events> ZapguardDevice<E> {
             self.s.pending_sync = Some(PendingSync { pos, cmd: *c, hold });
             return Exec::Blocked(held.is_none());
         }
+        if c.addr != 0 && !self.s.phys.driver_write_ok(c.addr, 4) {
+            self.phys_unlent(
+                mem,
+                None,
+                0,
+                c.addr,
+                true,
+                "SYNC word outside driver memory",
+            );
+        }
         if c.addr != 0 && mem.write_u32(c.addr, c.arg as u32).is_err() {
             return Exec::Error(CERR_ABORT);
         }

@@ -32,6 +32,7 @@ use crate::events::{le_value, Activity, Event, Events};
 use crate::inject::{Clock, Inject, SystemClock};
 use crate::iotlb::{Iotlb, Policy};
 use crate::ledger::Ledger;
+use crate::phys::PhysRegions;
 use crate::validator::Validator;
 
 /// Model parameters, fixed for the life of the device; the first two are visible in read-only
@@ -185,6 +186,8 @@ pub(crate) struct State {
     /// [`shared_regs::event::VIOL_CTX_RELEASED`] violations reported (also in
     /// [`STAT_VIOLATIONS`]; the fuzzer tells them from the validator's with it).
     pub(crate) ctx_released: u64,
+    /// The regions the driver lent for untranslated DMA (ABI 1.8).
+    pub(crate) phys: PhysRegions,
 }
 
 impl State {
@@ -220,6 +223,7 @@ impl State {
             pending_sync: None,
             inject: Inject::default(),
             ctx_released: 0,
+            phys: PhysRegions::default(),
         }
     }
 }
@@ -491,6 +495,10 @@ impl<E: Events> ZapguardDevice<E> {
             PT_FREED_BASE_LO => self.s.inject.pt_freed_base_lo,
             PT_FREED_BASE_HI => self.s.inject.pt_freed_base_hi,
             PT_FREED_PAGES => self.s.inject.pt_freed_pages,
+            PHYS_ADDR_LO => self.s.phys.addr_lo,
+            PHYS_ADDR_HI => self.s.phys.addr_hi,
+            PHYS_LEN => self.s.phys.len,
+            PHYS_CTRL => u32::from(self.s.phys.checking()),
             o if (STATS_BASE..STATS_BASE + 8 * STAT_COUNT).contains(&o) => {
                 let v = self.stat((o - STATS_BASE) / 8);
                 if o % 8 == 0 {
@@ -500,6 +508,15 @@ impl<E: Events> ZapguardDevice<E> {
                 }
             }
             _ => 0,
+        }
+    }
+
+    /// A [`PHYS_CTRL`] write: declares, reclaims or forgets a region, or turns the check on.
+    fn write_phys_ctrl(&mut self, v: u32) {
+        let dmaq = (self.s.dmaq.cons, self.s.dmaq.prod);
+        if let Err(e) = self.s.phys.control(v, self.config.asid_count, dmaq) {
+            self.set_error(ERR_CONFIG, PHYS_CTRL);
+            self.report_error(e.to_string());
         }
     }
 
@@ -550,6 +567,10 @@ impl<E: Events> ZapguardDevice<E> {
             PT_FREED_BASE_LO => self.write_pt_freed_base_lo(v),
             PT_FREED_BASE_HI => self.s.inject.pt_freed_base_hi = v,
             PT_FREED_PAGES => self.s.inject.pt_freed_pages = v,
+            PHYS_ADDR_LO => self.s.phys.addr_lo = v,
+            PHYS_ADDR_HI => self.s.phys.addr_hi = v,
+            PHYS_LEN => self.s.phys.len = v,
+            PHYS_CTRL => self.write_phys_ctrl(v),
             RESET if v == RESET_KEY => self.reset(),
             RESET => {
                 self.set_error(ERR_CONFIG, RESET);
@@ -643,6 +664,7 @@ impl<E: Events> ZapguardDevice<E> {
                 CR0_DMAQ_EN => {
                     self.s.dmaq.enable();
                     self.s.dmaq_stopped = false;
+                    self.s.phys.ring_restarted();
                 }
                 _ => {
                     self.s.ctx_base =

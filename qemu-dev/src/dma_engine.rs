@@ -441,6 +441,15 @@ impl<E: Events> ZapguardDevice<E> {
             write,
             stallable: false,
         };
+        if matches!(d.op, DMA_READ | DMA_WRITE) && moved.is_ok() {
+            let side = if d.op == DMA_READ {
+                &src_side
+            } else {
+                &dst_side
+            };
+            let va = side.as_ref().map_or(0, |s| s.va);
+            self.check_aux(mem, d, d.aux.wrapping_add(pos), n as u64, va);
+        }
         let done = moved.map_err(|m| match m {
             Missed::Src => abort(src, false),
             Missed::Dst => abort(dst, writes_va),
@@ -816,6 +825,67 @@ impl<E: Events> ZapguardDevice<E> {
         (j.facts, j.violation)
     }
 
+    /// Checks the `aux` access of a `DMA_READ`/`DMA_WRITE` step (`n` bytes at `pa`, for the
+    /// job's `va`) against the job's bounce buffer.
+    fn check_aux(&mut self, mem: &impl GuestMem, d: &DmaJob, pa: u64, n: u64, va: u64) {
+        if !self.s.phys.aux_ok(d.asid, pa, n) {
+            let write = d.op == DMA_READ;
+            let why =
+                "aux access outside the job's bounce buffer, or after the driver reclaimed it";
+            self.phys_unlent(mem, Some((d.id, d.asid)), va, pa, write, why);
+        }
+    }
+
+    /// Reports an untranslated access at `pa` the driver did not lend
+    /// ([`ev::VIOL_PHYS_UNLENT`]): counted, traced and posted as an event. `job`: the job's id
+    /// and ASID, if a job made it.
+    pub(crate) fn phys_unlent(
+        &mut self,
+        mem: &impl GuestMem,
+        job: Option<(u64, u32)>,
+        va: u64,
+        pa: u64,
+        write: bool,
+        why: &'static str,
+    ) {
+        self.phys_unlent_unposted(job, va, pa, write, why);
+        let flags = if write { ev::EVT_F_WRITE } else { 0 };
+        self.post_event(
+            mem,
+            &EvtRecord {
+                ty: ev::EVT_VIOLATION,
+                flags,
+                reason: ev::VIOL_PHYS_UNLENT,
+                asid: job.map_or(0, |j| j.1),
+                va,
+                info: pa,
+                info2: ev::NO_PA,
+            },
+        );
+    }
+
+    /// [`Self::phys_unlent`] without the event (for an event record's own write).
+    fn phys_unlent_unposted(
+        &mut self,
+        job: Option<(u64, u32)>,
+        va: u64,
+        pa: u64,
+        write: bool,
+        why: &'static str,
+    ) {
+        self.s.stats[STAT_VIOLATIONS as usize] += 1;
+        self.activity(Activity::Violation {
+            job: job.map_or(0, |j| j.0),
+            asid: job.map_or(0, |j| j.1),
+            va,
+            pa,
+            cpu_pa: None,
+            write,
+            result: ev::violation_name(ev::VIOL_PHYS_UNLENT),
+            why,
+        });
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn violation(
         &mut self,
@@ -960,6 +1030,21 @@ impl<E: Events> ZapguardDevice<E> {
             result,
             id: d.id,
         };
+        if !self
+            .s
+            .phys
+            .driver_write_ok(d.status, DMA_STATUS_SIZE as u64)
+        {
+            let job = (d.id, d.asid);
+            self.phys_unlent(
+                mem,
+                Some(job),
+                0,
+                d.status,
+                true,
+                "status record outside driver memory",
+            );
+        }
         if mem.write(d.status, &rec.to_bytes()).is_err() {
             self.activity(Activity::QueueError {
                 queue: "dmaq",
@@ -977,6 +1062,7 @@ impl<E: Events> ZapguardDevice<E> {
             faults: job.faults,
         });
         self.s.dmaq.cons = queue::next(self.s.dmaq.cons, self.s.dmaq.log2);
+        self.s.phys.consumed(self.s.dmaq.cons);
         if d.flags & DMA_F_IRQ != 0 {
             self.raise(Vector::Command);
         }
@@ -1000,9 +1086,12 @@ impl<E: Events> ZapguardDevice<E> {
             self.set_error(ERR_EVTQ_OVERFLOW, q.prod);
             return false;
         }
-        if q.slot(q.prod, ev::EVT_SIZE)
-            .is_none_or(|a| mem.write(a, &rec.to_bytes()).is_err())
-        {
+        let slot = q.slot(q.prod, ev::EVT_SIZE);
+        if let Some(a) = slot.filter(|&a| !self.s.phys.driver_write_ok(a, ev::EVT_SIZE as u64)) {
+            let job = self.s.job.as_ref().map(|j| (j.id(), rec.asid));
+            self.phys_unlent_unposted(job, 0, a, true, "event record outside driver memory");
+        }
+        if slot.is_none_or(|a| mem.write(a, &rec.to_bytes()).is_err()) {
             self.s.stats[STAT_EVENTS_DROPPED as usize] += 1;
             self.activity(Activity::QueueError {
                 queue: "evtq",

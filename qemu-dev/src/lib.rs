@@ -28,6 +28,7 @@ pub mod ledger;
 pub mod memory;
 pub mod pagetable;
 pub mod pci;
+pub mod phys;
 pub mod server;
 pub mod testkit;
 pub mod trace;

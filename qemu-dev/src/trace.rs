@@ -44,7 +44,7 @@
 //! | `job_done` | `job`, `asid`, `result` (`ok`, `fault`, `bad_job`, `buf_error`), `len` (bytes done), `faults` |
 //! | `dma_access` | `job`, `asid`, `va`, `pa`, `len`, `write`, `id`: one side of one DMA step (at most a page, never crossing one) through translation `id` |
 //! | `fault` | `job`, `asid`, `va`, `write`, `result` (`FAULT_*` name), `stalled`, `tag` |
-//! | `violation` | `job`, `asid`, `va`, `pa` (device's), `cpu_pa` (absent: CPU maps nothing), `write`, `result` (`stale`, `write_perm`, `write_clean`, `released`, `ledger`, `table_freed`: then `pa` is the freed table's GPA, `ctx_released`: then `pa` is the walk's root table's GPA, `zapped_during_access`: the CPU walk after the access disagreed), `why` |
+//! | `violation` | `job`, `asid`, `va`, `pa` (device's), `cpu_pa` (absent: CPU maps nothing), `write`, `result` (`stale`, `write_perm`, `write_clean`, `released`, `ledger`, `table_freed`: then `pa` is the freed table's GPA, `ctx_released`: then `pa` is the walk's root table's GPA, `zapped_during_access`: the CPU walk after the access disagreed, `phys_unlent`: an untranslated access outside the memory the driver lent, `pa` the guest-physical address, `va` the job's VA or 0), `why` |
 //! | `queue_error` | `queue` (`cmdq`, `evtq`, `dmaq`), `cmd` (position), `result` |
 //! | `interrupt` | `vector` (0 command, 1 event, 2 error) |
 //! | `irq_dropped` | `vector`: due while PCI bus mastering was off, never sent |

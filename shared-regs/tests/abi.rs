@@ -189,7 +189,9 @@ fn register_names_and_stats() {
     assert_eq!(regs::name(regs::PT_FREED_BASE_HI), Some("PT_FREED_BASE_HI"));
     assert_eq!(regs::name(regs::PT_FREED_PAGES), Some("PT_FREED_PAGES"));
     assert_eq!(regs::name(regs::SYNC_LAG), Some("SYNC_LAG"));
-    assert_eq!(regs::name(regs::SYNC_LAG + 4), None);
+    assert_eq!(regs::name(regs::PHYS_ADDR_LO), Some("PHYS_ADDR_LO"));
+    assert_eq!(regs::name(regs::PHYS_CTRL), Some("PHYS_CTRL"));
+    assert_eq!(regs::name(regs::PHYS_CTRL + 4), None);
     assert_eq!(
         regs::name(regs::stat_lo(regs::STAT_IOTLB_NOT_CACHED)),
         Some("STAT_LO")

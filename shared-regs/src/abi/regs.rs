@@ -48,6 +48,10 @@
 //! | 0x0bc | [`PT_FREED_BASE_HI`] | RW | 0 | test knob (1.4): freed-table bitmap GPA bits 63:32 |
 //! | 0x0c0 | [`PT_FREED_PAGES`] | RW | 0 | test knob (1.4): guest pages the bitmap covers; 0 = table-lifetime check off |
 //! | 0x0c4 | [`SYNC_LAG`] | RW | 0 | test knob (1.5): microseconds a SYNC waits, from when it is reached, before its completion is written (at most [`SYNC_LAG_MAX`]) |
+//! | 0x0c8 | [`PHYS_ADDR_LO`] | RW | 0 | (1.8) start of the region the next [`PHYS_CTRL`] write declares, bits 31:0 |
+//! | 0x0cc | [`PHYS_ADDR_HI`] | RW | 0 | (1.8) bits 63:32 of that start |
+//! | 0x0d0 | [`PHYS_LEN`] | RW | 0 | (1.8) length in bytes of that region |
+//! | 0x0d4 | [`PHYS_CTRL`] | RW | 0 | (1.8) write: operation `PHYS_OP_*` in bits 3:0, ASID in 31:16; read: 1 while the physical-DMA check is on |
 //! | 0x100 + 8·i | [`stat_lo`]`(i)` | RO | 0 | statistic `STAT_*` i, bits 31:0 |
 //! | 0x104 + 8·i | [`stat_hi`]`(i)` | RO | 0 | statistic i, bits 63:32 (read HI, LO, HI again for a consistent value) |
 //!
@@ -110,6 +114,18 @@
 //! step faults with [`super::event::FAULT_CTX_INVALID`] before any byte moves: an access is
 //! judged, or refused, never made unjudged. Only [`super::pte::CTX_NO_VALIDATE`] skips the
 //! verdict, and such steps are counted in [`STAT_ACCESSES_UNJUDGED`].
+//!
+//! **Physical DMA (1.8).** Some device accesses are not translated: DMA status records, event
+//! records and SYNC completion words, which the device writes to the driver's memory, and the
+//! `aux` buffer of `DMA_READ`/`DMA_WRITE` jobs (a context's bounce buffer). The driver declares
+//! that memory with [`PHYS_CTRL`]: [`PHYS_OP_DRIVER`] regions for its own structures,
+//! [`PHYS_OP_BOUNCE`] for each ASID's bounce buffer, [`PHYS_OP_RECLAIM`] each time it takes a
+//! bounce buffer back from the device (before it fills it for a new job or gives it to another
+//! user), [`PHYS_OP_FORGET`] when it frees one. After [`PHYS_OP_CHECK`], a status, event or SYNC
+//! write outside every driver region, and an `aux` access of a job outside its ASID's bounce
+//! buffer, or into it after a reclaim made while the job was queued or running, is a
+//! [`super::event::VIOL_PHYS_UNLENT`] violation. The access is made all the same. A device reset
+//! forgets every region and turns the check off.
 //!
 //! **Reserved bits.** Reserved bits of a register that has them read as 0 and are ignored when
 //! written (as in [`CR0`], [`IRQ_CTRL`], [`IOTLB_KEEP`]); [`FAIL_INJECT`] alone refuses a value
@@ -556,6 +572,10 @@ pub const fn name(offset: u32) -> Option<&'static str> {
         PT_FREED_BASE_HI => "PT_FREED_BASE_HI",
         PT_FREED_PAGES => "PT_FREED_PAGES",
         SYNC_LAG => "SYNC_LAG",
+        PHYS_ADDR_LO => "PHYS_ADDR_LO",
+        PHYS_ADDR_HI => "PHYS_ADDR_HI",
+        PHYS_LEN => "PHYS_LEN",
+        PHYS_CTRL => "PHYS_CTRL",
         o if o >= STATS_BASE && o < STATS_BASE + 8 * STAT_COUNT => {
             if o % 8 == 0 {
                 "STAT_LO"
