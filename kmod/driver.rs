@@ -210,7 +210,8 @@ pub(crate) fn staging(len: usize) -> Result<KVVec<u8>> {
     Ok(v)
 }
 
-/// `ctx`'s bounce buffer, at least `len` bytes, once no orphaned job can still write it.
+/// `ctx`'s bounce buffer, at least `len` bytes, once no orphaned job can still write it (under
+/// `ZG_INJ_EARLY_BOUNCE_REUSE`, a bug on purpose, at once).
 pub(crate) fn bounce<'a>(
     shared: &Shared,
     ctx: &'a Context,
@@ -223,7 +224,11 @@ pub(crate) fn bounce<'a>(
             &ctx.bounce,
             ctx.asid,
             len,
-            (&shared.bar, &shared.health),
+            (
+                &shared.bar,
+                &shared.health,
+                ctx.injected(uapi::ZG_INJ_EARLY_BOUNCE_REUSE),
+            ),
             |bytes| shared.coherent(bytes),
         )
         .map_err(|e| job_error(shared, e))

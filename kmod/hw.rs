@@ -23,13 +23,13 @@
 //! | `PtPool::free` | spinlock | free table pages | a context's lock |
 //! | `CmdQueue::state` | spinlock | command ring producer, SYNC sequence | a context's lock |
 //! | `CmdQueue::done_lock` | mutex | SYNC completion wake-ups (with `done`) | a context's lock, the fence lock |
-//! | `Jobs::state` | mutex | DMA ring, slot results, in-flight counts (with `cv`) | a bounce lock |
+//! | `Jobs::state` | mutex | DMA ring, slot results, in-flight counts (with `cv`); the `PHYS_*` staging registers while a region is declared | a bounce lock |
 //! | `BounceSlot::buf` | mutex | one context's READ/WRITE bounce buffer | nothing |
 //!
 //! None of them is held while allocating with `GFP_KERNEL` or calling into the mm, so they are
 //! all safe to take from an mmu_notifier callback (see [`crate::mm`]'s locking rules).
 
-use crate::abi::{cmd, dma, pte, queue};
+use crate::abi::{cmd, dma, pte, queue, regs as abi_regs};
 use crate::dmamem::DmaMem;
 use crate::regs;
 use core::sync::atomic::{AtomicBool, AtomicU16, AtomicU32, AtomicU64, Ordering};
@@ -761,6 +761,9 @@ struct JobState {
 pub(crate) struct Jobs {
     ring: DmaMem,
     status: DmaMem,
+    /// The device checks untranslated DMA against what the driver lent it (ABI 1.8): bounce
+    /// buffers are declared, reclaimed and forgotten.
+    phys_check: AtomicBool,
     #[pin]
     state: Mutex<JobState>,
     #[pin]
@@ -847,6 +850,7 @@ impl Jobs {
         Ok(try_pin_init!(Self {
             ring,
             status,
+            phys_check: AtomicBool::new(false),
             state <- new_mutex!(JobState {
                 prod: 0,
                 cons: 0,
@@ -862,25 +866,59 @@ impl Jobs {
     }
 
     /// Takes `slot`, the bounce buffer of the context of `asid`, for a READ/WRITE of `len`
-    /// bytes, once no abandoned job of that context may still use it; allocates or grows it
-    /// with `alloc(bytes)` (may sleep) when it is missing or too small.
+    /// bytes, once no abandoned job of that context may still use it (unless `early`, the
+    /// injected bug `ZG_INJ_EARLY_BOUNCE_REUSE`); allocates or grows it with `alloc(bytes)`
+    /// (may sleep) when it is missing or too small. The device is told that the CPU took the
+    /// buffer back (`PHYS_OP_RECLAIM`), or that it has a new one (`PHYS_OP_BOUNCE`).
     pub(crate) fn bounce<'a>(
         &self,
         slot: &'a BounceSlot,
         asid: u32,
         len: usize,
-        (bar, health): (&DevresBar, &Health),
+        (bar, health, early): (&DevresBar, &Health, bool),
         alloc: impl FnOnce(usize) -> Result<DmaMem>,
     ) -> Result<Bounce<'a>> {
         let mut guard = slot.buf.lock();
-        self.wait_bounce_orphans(asid, bar, health)?;
+        if !early {
+            self.wait_bounce_orphans(asid, bar, health)?;
+        }
         if guard.as_ref().is_none_or(|b| b.size() < len) {
             // Nothing uses the old one: its orphans retired and its owner is us.
             *guard = None;
             let max = crate::abi::uapi::ZG_DMA_BOUNCE_MAX as usize;
-            *guard = Some(alloc(len.next_power_of_two().clamp(BOUNCE_MIN, max))?);
+            let buf = alloc(len.next_power_of_two().clamp(BOUNCE_MIN, max))?;
+            self.lend(bar, abi_regs::PHYS_OP_BOUNCE, asid, Some(&buf));
+            *guard = Some(buf);
+        } else {
+            self.lend(bar, abi_regs::PHYS_OP_RECLAIM, asid, None);
         }
         Ok(Bounce { guard })
+    }
+
+    /// Frees `slot`, the bounce buffer of the context of `asid`, once its jobs retired (the
+    /// context is closing), and tells the device (`PHYS_OP_FORGET`).
+    pub(crate) fn forget_bounce(&self, slot: &BounceSlot, asid: u32, bar: &DevresBar) {
+        let mut guard = slot.buf.lock();
+        if guard.take().is_some() {
+            self.lend(bar, abi_regs::PHYS_OP_FORGET, asid, None);
+        }
+    }
+
+    /// Writes `PHYS_CTRL` operation `op` for `asid`, with `mem` as its region if it names one,
+    /// when the device checks untranslated DMA. Under the job lock: declarations share the
+    /// staging registers.
+    fn lend(&self, bar: &DevresBar, op: u32, asid: u32, mem: Option<&DmaMem>) {
+        if !self.phys_check.load(Ordering::Relaxed) {
+            return;
+        }
+        let _st = self.state.lock();
+        let Some(io) = bar.try_access() else {
+            return;
+        };
+        match mem {
+            Some(mem) => declare(&io, op, asid, mem),
+            None => io.write_reg(regs::PHYS_CTRL::from_raw(abi_regs::phys_ctrl(op, asid))),
+        }
     }
 
     /// Waits until no orphaned job of `asid` may still use its context's bounce buffer.
@@ -1191,7 +1229,23 @@ impl Hw {
             .with_dmaq_en(true)
             .with_ctx_en(true);
         bar.write_reg(all);
-        handshake(bar, all.into_raw())
+        handshake(bar, all.into_raw())?;
+        self.declare_driver_memory(bar);
+        Ok(())
+    }
+
+    /// Lends the device the driver memory it writes without translation (status records, event
+    /// ring, SYNC word) and turns its physical-DMA check on (ABI 1.8; nothing on an older
+    /// device). Bounce buffers are lent per context ([`Jobs::bounce`]).
+    fn declare_driver_memory(&self, bar: &Bar<'_>) {
+        if bar.read(regs::VERSION).minor().get() < 8 {
+            return;
+        }
+        for mem in [&self.jobs.status, &self.evtq, &self.cmdq.sync_word] {
+            declare(bar, abi_regs::PHYS_OP_DRIVER, 0, mem);
+        }
+        bar.write_reg(regs::PHYS_CTRL::from_raw(abi_regs::PHYS_OP_CHECK));
+        self.jobs.phys_check.store(true, Ordering::Relaxed);
     }
 
     /// Writes context entry `asid` (`e.seq` is ignored). The device reads entries uncached at
@@ -1222,6 +1276,17 @@ impl Hw {
             &crate::abi::words_to_bytes(words),
         ))
     }
+}
+
+/// Declares `mem` to the device with `PHYS_CTRL` operation `op` for `asid` (ABI 1.8). The
+/// caller keeps other declarations out meanwhile (the staging registers are shared).
+fn declare(bar: &Bar<'_>, op: u32, asid: u32, mem: &DmaMem) {
+    let (lo, hi) = split(mem.dma_address());
+    bar.write_reg(regs::PHYS_ADDR_LO::zeroed().with_value(lo));
+    bar.write_reg(regs::PHYS_ADDR_HI::zeroed().with_value(hi));
+    let len = u32::try_from(mem.size()).unwrap_or(u32::MAX);
+    bar.write_reg(regs::PHYS_LEN::zeroed().with_value(len));
+    bar.write_reg(regs::PHYS_CTRL::from_raw(abi_regs::phys_ctrl(op, asid)));
 }
 
 /// The low and high halves of a 64-bit bus address, for a `_LO`/`_HI` register pair.

@@ -523,7 +523,7 @@ impl Mirror {
 
     /// Whether injected bug `mode` is on; always `false` (and the branches it guards compiled
     /// out) unless the module is built with `ZAPGUARD_INJECT=1`.
-    fn injected(&self, mode: u32) -> bool {
+    pub(crate) fn injected(&self, mode: u32) -> bool {
         cfg!(zapguard_inject) && self.inject.load(Ordering::Relaxed) & mode != 0
     }
 
@@ -1080,6 +1080,12 @@ impl Mirror {
             .hw
             .jobs
             .wait_idle(&shared.bar, self.asid, &shared.health);
+        if idle.is_ok() {
+            shared
+                .hw
+                .jobs
+                .forget_bounce(&self.bounce, self.asid, &shared.bar);
+        }
         match (synced, idle) {
             (Ok(Synced::Done(_)), Ok(())) => shared.free_asid(self.asid),
             (synced, _) => {

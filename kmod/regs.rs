@@ -280,6 +280,32 @@ register! {
         /// The whole register.
         31:0 value;
     }
+
+    /// Start of the region the next PHYS_CTRL write declares, bits 31:0.
+    pub(crate) PHYS_ADDR_LO(u32) @ 0x0c8 {
+        /// The whole register.
+        31:0 value;
+    }
+
+    /// Start of the region the next PHYS_CTRL write declares, bits 63:32.
+    pub(crate) PHYS_ADDR_HI(u32) @ 0x0cc {
+        /// The whole register.
+        31:0 value;
+    }
+
+    /// Length in bytes of the region the next PHYS_CTRL write declares.
+    pub(crate) PHYS_LEN(u32) @ 0x0d0 {
+        /// The whole register.
+        31:0 value;
+    }
+
+    /// Declares, reclaims or forgets memory lent for untranslated DMA; turns its check on.
+    pub(crate) PHYS_CTRL(u32) @ 0x0d4 {
+        /// `PHYS_OP_*`.
+        3:0 op;
+        /// The ASID the operation names.
+        31:16 asid;
+    }
 }
 
 // One definition: every offset above is the ABI's.
@@ -322,3 +348,7 @@ const _: () = assert!(<PT_FREED_BASE_LO as Register>::OFFSET == crate::abi::regs
 const _: () = assert!(<PT_FREED_BASE_HI as Register>::OFFSET == crate::abi::regs::PT_FREED_BASE_HI as usize);
 const _: () = assert!(<PT_FREED_PAGES as Register>::OFFSET == crate::abi::regs::PT_FREED_PAGES as usize);
 const _: () = assert!(<SYNC_LAG as Register>::OFFSET == crate::abi::regs::SYNC_LAG as usize);
+const _: () = assert!(<PHYS_ADDR_LO as Register>::OFFSET == crate::abi::regs::PHYS_ADDR_LO as usize);
+const _: () = assert!(<PHYS_ADDR_HI as Register>::OFFSET == crate::abi::regs::PHYS_ADDR_HI as usize);
+const _: () = assert!(<PHYS_LEN as Register>::OFFSET == crate::abi::regs::PHYS_LEN as usize);
+const _: () = assert!(<PHYS_CTRL as Register>::OFFSET == crate::abi::regs::PHYS_CTRL as usize);

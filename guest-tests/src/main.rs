@@ -130,6 +130,8 @@ const TESTS: &[Test] = ktap::tests![
     inject_ignore_retry_is_caught,
     inject_keep_after_release_is_caught,
     inject_skip_ctx_invalidate_is_caught,
+    killed_readers_bounce_buffer_is_not_reused_early,
+    inject_early_bounce_reuse_is_caught,
     walk_lag_with_late_table_free_is_clean,
     inject_early_table_free_is_caught,
     bench_smoke,

@@ -1109,6 +1109,113 @@ fn skip_ctx_invalidate_round() -> Result<ZgStats, String> {
     Ok(s)
 }
 
+/// Walk lag for the bounce-buffer tests: a 128-page `DMA_READ` then runs for about half a
+/// second (four table reads per page), long after its waiter was killed.
+const BOUNCE_WALK_LAG_US: u32 = 1000;
+/// Pages of the killed reader's `DMA_READ`.
+const BOUNCE_READ_PAGES: usize = 128;
+
+/// What a process sharing the test's memory and files (`clone(CLONE_VM | CLONE_FILES)`) runs:
+/// one `DMA_READ` into its context's bounce buffer, until it is killed.
+struct Reader {
+    fd: i32,
+    job: ZgDma,
+}
+
+extern "C" fn reader_main(arg: *mut libc::c_void) -> libc::c_int {
+    // SAFETY: `arg` is the `Reader` that `killed_reader_then_read` keeps alive until it reaped
+    // this process; the process shares its memory and runs nothing else.
+    let r = unsafe { &mut *arg.cast::<Reader>() };
+    // SAFETY: ZG_IOC_DMA with a pointer to a `ZgDma` that outlives the call.
+    unsafe { libc::ioctl(r.fd, ZG_IOC_DMA as _, &mut r.job as *mut ZgDma) };
+    // SAFETY: ends this process without touching the memory it shares.
+    unsafe { libc::_exit(0) }
+}
+
+/// A process of this address space starts a long `DMA_READ` on `f`'s context and is killed
+/// mid-job: the job is abandoned, with the context's bounce buffer. Then this process READs one
+/// page through the same context at once and checks its bytes. Returns the context's ASID.
+fn killed_reader_then_read(f: &File, modes: u32) -> Result<u32, String> {
+    let knobs = ZgInject {
+        modes,
+        walk_lag: BOUNCE_WALK_LAG_US,
+        ..Default::default()
+    };
+    dev::inject_all(f, knobs).map_err(|e| format!("INJECT: {e}"))?;
+    let len = BOUNCE_READ_PAGES * PG;
+    let mut a = Mapping::anon(len).map_err(|e| e.to_string())?;
+    a.madvise(0, len, libc::MADV_NOHUGEPAGE)
+        .map_err(|e| e.to_string())?;
+    a.bytes_mut().fill(0x3c);
+    map(f, &a, false)?;
+    let out = Mapping::anon(len).map_err(|e| e.to_string())?;
+    let mut reader = Reader {
+        fd: f.as_raw_fd(),
+        job: dev::job(DMA_READ, a.addr, 0, len, out.addr as u64),
+    };
+    let mut stack = vec![0u8; 256 << 10];
+    // SAFETY: the child runs `reader_main` on `stack` (top, 16-aligned) in our address space;
+    // `reader` and `stack` live until we reaped it below.
+    let pid = unsafe {
+        let top = stack.as_mut_ptr().add(stack.len()) as usize & !15;
+        libc::clone(
+            reader_main,
+            top as *mut libc::c_void,
+            libc::CLONE_VM | libc::CLONE_FILES | libc::SIGCHLD,
+            (&mut reader as *mut Reader).cast(),
+        )
+    };
+    if pid < 0 {
+        return Err(format!("clone: {}", std::io::Error::last_os_error()));
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    let mut status = 0;
+    // SAFETY: killing and reaping our own child.
+    unsafe {
+        libc::kill(pid, libc::SIGKILL);
+        libc::waitpid(pid, &mut status, 0);
+    }
+    drop(stack);
+    check_eq(
+        libc::WIFSIGNALED(status).then(|| libc::WTERMSIG(status)),
+        Some(libc::SIGKILL),
+        "the reader was killed mid-job",
+    )?;
+    let mut page = vec![0u8; PG];
+    dev::dma(
+        f,
+        dev::job(DMA_READ, a.addr, 0, PG, page.as_mut_ptr() as u64),
+    )
+    .map_err(|(e, d)| format!("READ after the kill: {e} ({d:?})"))?;
+    check_eq(page.iter().all(|&b| b == 0x3c), true, "the page read back")?;
+    Ok(stats(f)?.asid)
+}
+
+/// A job abandoned by its killed waiter keeps its context's bounce buffer until it retires:
+/// the next READ of the same context waits for it, and the device sees no untranslated access
+/// outside what the driver lent it.
+pub fn killed_readers_bounce_buffer_is_not_reused_early() -> Result<(), String> {
+    let f = open()?;
+    let before = device_violations()?;
+    killed_reader_then_read(&f, 0)?;
+    check_eq(device_violations()? - before, 0, "device violations")
+}
+
+/// `ZG_INJ_EARLY_BOUNCE_REUSE`: the next READ takes the bounce buffer while the killed
+/// reader's job still writes it. The driver reclaims the buffer from the device as it takes
+/// it, so the job's later steps are `phys_unlent` violations of the context's ASID.
+pub fn inject_early_bounce_reuse_is_caught() -> Result<(), String> {
+    let f = open()?;
+    let before = device_violations()?;
+    let window = open_window()?;
+    let asid = killed_reader_then_read(&f, ZG_INJ_EARLY_BOUNCE_REUSE)?;
+    close_window(window, asid, &[VIOL_PHYS_UNLENT])?;
+    let delta = device_violations()? - before;
+    INJECTED_VIOLATIONS.fetch_add(delta, Ordering::Relaxed);
+    println!("# device counted {delta} violation(s)");
+    check_eq(delta > 0, true, "the early reuse was caught")
+}
+
 /// A 2 MiB block of 4 KiB pages (one level-1 device table), filled with `byte`.
 fn small_page_block(byte: u8) -> Result<Mapping, String> {
     let prot = libc::PROT_READ | libc::PROT_WRITE;

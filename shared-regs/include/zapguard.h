@@ -36,9 +36,10 @@ extern "C" {
  * 7: a slot for ZG_VIOL_CTX_RELEASED (struct zg_stats 272 bytes, a new ZG_IOC_STATS number
  * again), ZG_INJ_SKIP_CTX_INVALIDATE, struct zg_inject.sync_lag (struct zg_inject 36 bytes, a new
  * ZG_IOC_INJECT number), and the non-blockable invalidation counters
- * (struct zg_info.nonblock_invalidations, struct zg_stats.invalidations_nonblock).
+ * (struct zg_info.nonblock_invalidations, struct zg_stats.invalidations_nonblock); 8:
+ * ZG_INJ_EARLY_BOUNCE_REUSE (an added mode bit; nothing moved).
  */
-#define ZG_UAPI_VERSION 7u
+#define ZG_UAPI_VERSION 8u
 
 /*
  * Answer of ZG_IOC_GET_INFO. Fields are filled from the device's registers at probe time
@@ -401,8 +402,16 @@ _Static_assert(offsetof(struct zg_stats, reserved) == 264, "struct zg_stats.rese
  */
 #define ZG_INJ_SKIP_CTX_INVALIDATE 0x40u
 
+/*
+ * Injected bug (uAPI 8): a READ/WRITE takes its context's bounce buffer without waiting for
+ * the jobs abandoned by a killed waiter to retire, so one of them may still write it while
+ * the next user fills it. Caught as phys_unlent (device ABI 1.8: the driver reclaims the
+ * buffer from the device when it takes it).
+ */
+#define ZG_INJ_EARLY_BOUNCE_REUSE 0x80u
+
 /* Every injection mode. */
-#define ZG_INJ_ALL 0x7fu
+#define ZG_INJ_ALL 0xffu
 
 /*
  * struct zg_inject.modes, not a bug: turn the device's validator off for this context (it
@@ -419,7 +428,7 @@ _Static_assert(offsetof(struct zg_stats, reserved) == 264, "struct zg_stats.rese
 #define ZG_DBG_ZAP_WRITE_PROTECT 0x20000u
 
 /* Every struct zg_inject.modes bit the driver accepts. */
-#define ZG_INJ_MODES 0x3007fu
+#define ZG_INJ_MODES 0x300ffu
 
 /* Largest struct zg_inject.populate_lag (100 ms; EINVAL beyond). */
 #define ZG_POPULATE_LAG_MAX_US 0x186a0u

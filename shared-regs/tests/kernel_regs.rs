@@ -297,6 +297,37 @@ const REGS: &[Reg] = &[
         "Test knob: microseconds before a SYNC's completion is written.",
         WHOLE,
     ),
+    r(
+        "PHYS_ADDR_LO",
+        PHYS_ADDR_LO,
+        "Start of the region the next PHYS_CTRL write declares, bits 31:0.",
+        WHOLE,
+    ),
+    r(
+        "PHYS_ADDR_HI",
+        PHYS_ADDR_HI,
+        "Start of the region the next PHYS_CTRL write declares, bits 63:32.",
+        WHOLE,
+    ),
+    r(
+        "PHYS_LEN",
+        PHYS_LEN,
+        "Length in bytes of the region the next PHYS_CTRL write declares.",
+        WHOLE,
+    ),
+    r(
+        "PHYS_CTRL",
+        PHYS_CTRL,
+        "Declares, reclaims or forgets memory lent for untranslated DMA; turns its check on.",
+        &[
+            f("op", PHYS_OP_MASK, "`PHYS_OP_*`."),
+            f(
+                "asid",
+                u32::MAX << PHYS_CTRL_ASID_SHIFT,
+                "The ASID the operation names.",
+            ),
+        ],
+    ),
 ];
 
 /// `hi:lo` of a contiguous mask.

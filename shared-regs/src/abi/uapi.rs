@@ -55,8 +55,9 @@ pub const fn ioc_size(cmd: u32) -> usize {
 /// 7: a slot for `VIOL_CTX_RELEASED` ([`ZgStats`] 272 bytes, a new [`ZG_IOC_STATS`] number
 /// again), [`ZG_INJ_SKIP_CTX_INVALIDATE`], [`ZgInject::sync_lag`] ([`ZgInject`] 36 bytes, a new
 /// [`ZG_IOC_INJECT`] number), and the non-blockable invalidation counters
-/// ([`ZgInfo::nonblock_invalidations`], [`ZgStats::invalidations_nonblock`]).
-pub const UAPI_VERSION: u32 = 7;
+/// ([`ZgInfo::nonblock_invalidations`], [`ZgStats::invalidations_nonblock`]); 8:
+/// [`ZG_INJ_EARLY_BOUNCE_REUSE`] (an added mode bit; nothing moved).
+pub const UAPI_VERSION: u32 = 8;
 
 /// Answer of [`ZG_IOC_GET_INFO`]. Fields are filled from the device's registers at probe time
 /// and from the PCI core; `reserved` is zero and keeps the size stable as fields are added.
@@ -326,6 +327,11 @@ pub const ZG_INJ_EARLY_TABLE_FREE: u32 = 1 << 5;
 /// context entry it cached. Once the release marks the entry released, a job still queued or
 /// running for the ASID walks through the stale cached context: `VIOL_CTX_RELEASED`.
 pub const ZG_INJ_SKIP_CTX_INVALIDATE: u32 = 1 << 6;
+/// Injected bug (uAPI 8): a READ/WRITE takes its context's bounce buffer without waiting for
+/// the jobs abandoned by a killed waiter to retire, so one of them may still write it while
+/// the next user fills it. Caught as `phys_unlent` (device ABI 1.8: the driver reclaims the
+/// buffer from the device when it takes it).
+pub const ZG_INJ_EARLY_BOUNCE_REUSE: u32 = 1 << 7;
 /// Every injection mode.
 pub const ZG_INJ_ALL: u32 = ZG_INJ_SKIP_SHOOTDOWN
     | ZG_INJ_SKIP_SYNC_WAIT
@@ -333,7 +339,8 @@ pub const ZG_INJ_ALL: u32 = ZG_INJ_SKIP_SHOOTDOWN
     | ZG_INJ_KEEP_WRITE
     | ZG_INJ_KEEP_AFTER_RELEASE
     | ZG_INJ_EARLY_TABLE_FREE
-    | ZG_INJ_SKIP_CTX_INVALIDATE;
+    | ZG_INJ_SKIP_CTX_INVALIDATE
+    | ZG_INJ_EARLY_BOUNCE_REUSE;
 
 /// [`ZgInject::modes`], not a bug: turn the device's validator off for this context (it
 /// sets [`super::pte::CTX_NO_VALIDATE`]), so that benchmarks can measure what validation costs.
