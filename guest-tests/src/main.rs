@@ -123,6 +123,7 @@ const TESTS: &[Test] = ktap::tests![
     uapi_fuzz,
     cmd_lag_with_sync_wait_is_clean,
     inject_skip_shootdown_is_caught,
+    inject_skip_shootdown_mid_step_is_caught,
     inject_keep_write_is_caught,
     inject_keep_write_after_fork_is_caught,
     inject_skip_sync_wait_is_caught,

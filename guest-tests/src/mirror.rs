@@ -112,21 +112,28 @@ fn open_window() -> Result<u32, String> {
 /// context `asid` (0: any, for a bug in a child's context).
 fn close_window(id: u32, asid: u32, classes: &[u16]) -> Result<(), String> {
     mark_window(id, true)?;
-    announce_window(id, asid, classes)
+    announce_window(id, asid, classes, &[])
 }
 
 /// Announces what window `id` expects (see [`close_window`]); a window never announced expects
-/// nothing (a retry round that did not hit the bug).
-fn announce_window(id: u32, asid: u32, classes: &[u16]) -> Result<(), String> {
-    let mut names: Vec<&str> = classes.iter().map(|&c| violation_name(c)).collect();
+/// nothing (a retry round that did not hit the bug). With `caught` not empty, the window
+/// counts as caught only with a violation of one of those classes.
+fn announce_window(id: u32, asid: u32, classes: &[u16], caught: &[u16]) -> Result<(), String> {
+    let names = |cs: &[u16]| -> Vec<&str> { cs.iter().map(|&c| violation_name(c)).collect() };
+    let mut allowed = names(classes);
     if !classes.contains(&VIOL_ZAPPED_DURING_ACCESS) {
-        names.push(violation_name(VIOL_ZAPPED_DURING_ACCESS));
+        allowed.push(violation_name(VIOL_ZAPPED_DURING_ACCESS));
     }
+    let caught = if caught.is_empty() {
+        String::new()
+    } else {
+        format!(" caught={}", names(caught).join(","))
+    };
     // Through the kernel log, not stdout: the console interleaves a process's output with the
     // kernel's own lines (the driver logs each violation), and a printk line stays whole.
     let line = format!(
-        "ZAPGUARD-EXPECT-WINDOW id={id} asid={asid} classes={}\n",
-        names.join(",")
+        "ZAPGUARD-EXPECT-WINDOW id={id} asid={asid} classes={}{caught}\n",
+        allowed.join(",")
     );
     std::fs::OpenOptions::new()
         .write(true)
@@ -852,6 +859,54 @@ pub fn inject_skip_shootdown_is_caught() -> Result<(), String> {
     })
 }
 
+/// The device's lag inside each step for [`inject_skip_shootdown_mid_step_is_caught`]
+/// (`WALK_LAG_IN_STEP`): between its judgement before the access and the copy.
+const MID_STEP_LAG_US: u32 = 100_000;
+
+/// `ZG_INJ_SKIP_SHOOTDOWN` with the device slowed down inside each step: the page is zapped
+/// after the device checked it and before its bytes move, so only the CPU walk after the
+/// access can see it. Each round caches the page's translation (no walk), then zaps it half a
+/// lag into a one-step job; the window must catch `zapped_during_access` (the harness checks
+/// the class; a zap that lands before the step is `stale`, allowed).
+pub fn inject_skip_shootdown_mid_step_is_caught() -> Result<(), String> {
+    let f = open()?;
+    let asid = stats(&f)?.asid;
+    let before = device_violations()?;
+    let window = open_window()?;
+    let knobs = |walk_lag| ZgInject {
+        modes: ZG_INJ_SKIP_SHOOTDOWN,
+        walk_lag,
+        ..Default::default()
+    };
+    let lagged = shared_regs::regs::WALK_LAG_IN_STEP | MID_STEP_LAG_US;
+    for round in 1..=4u8 {
+        let mut a = Mapping::anon(PG).map_err(|e| e.to_string())?;
+        a.bytes_mut().fill(round);
+        map(&f, &a, false)?;
+        dev::inject_all(&f, knobs(0)).map_err(|e| format!("INJECT: {e}"))?;
+        run(&f, dev::job(DMA_CHECKSUM, a.addr, 0, PG, 0))?;
+        dev::inject_all(&f, knobs(lagged)).map_err(|e| format!("INJECT: {e}"))?;
+        let seen = device_violations()?;
+        let (g, addr) = (f.try_clone().map_err(|e| e.to_string())?, a.addr);
+        let job = std::thread::spawn(move || dev::dma(&g, dev::job(DMA_CHECKSUM, addr, 0, PG, 0)));
+        std::thread::sleep(Duration::from_micros(u64::from(MID_STEP_LAG_US) / 2));
+        a.madvise(0, PG, libc::MADV_DONTNEED)
+            .map_err(|e| e.to_string())?;
+        let _ = job.join().map_err(|_| "the job's thread panicked")?;
+        if device_violations()? > seen {
+            println!("# caught in round {round}");
+            break;
+        }
+    }
+    mark_window(window, true)?;
+    let classes = [VIOL_STALE, VIOL_ZAPPED_DURING_ACCESS];
+    announce_window(window, asid, &classes, &[VIOL_ZAPPED_DURING_ACCESS])?;
+    let delta = device_violations()? - before;
+    INJECTED_VIOLATIONS.fetch_add(delta, Ordering::Relaxed);
+    println!("# device counted {delta} violation(s)");
+    check_eq(delta > 0, true, "the zap inside a step was caught")
+}
+
 pub fn inject_keep_write_is_caught() -> Result<(), String> {
     expect_violations(VIOL_WRITE_PERM, || {
         let f = open()?;
@@ -1033,7 +1088,7 @@ pub fn inject_keep_after_release_is_caught() -> Result<(), String> {
         mark_window(window, true)?;
         let delta = device_violations()? - before;
         if delta > 0 {
-            announce_window(window, 0, &[VIOL_RELEASED, VIOL_CTX_RELEASED])?;
+            announce_window(window, 0, &[VIOL_RELEASED, VIOL_CTX_RELEASED], &[])?;
         }
         INJECTED_VIOLATIONS.fetch_add(delta, Ordering::Relaxed);
         if delta > 0 {

@@ -560,7 +560,10 @@ impl<E: Events> ZapguardDevice<E> {
             CMD_LAG => self.s.cmd_lag = v,
             FAIL_INJECT => self.write_fail_inject(v),
             FAIL_ARG => self.s.inject.arg = v,
-            WALK_LAG => self.s.inject.walk_lag = v.min(WALK_LAG_MAX),
+            WALK_LAG => {
+                self.s.inject.walk_lag =
+                    (v & WALK_LAG_IN_STEP) | (v & !WALK_LAG_IN_STEP).min(WALK_LAG_MAX)
+            }
             FAULT_LAG => self.s.inject.fault_lag = v.min(FAULT_LAG_MAX),
             SYNC_LAG => self.s.inject.sync_lag = v.min(SYNC_LAG_MAX),
             IOTLB_KEEP => self.write_iotlb_keep(v),

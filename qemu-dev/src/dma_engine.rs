@@ -417,6 +417,10 @@ impl<E: Events> ZapguardDevice<E> {
             .filter_map(|(s, cpu)| s.as_ref().map(|s| s.reach(cpu)))
             .fold(n as u64, u64::min) as usize;
 
+        // WALK_LAG_IN_STEP: a slow copy, during which the guest runs on.
+        if let Some(lag) = self.step_lag() {
+            self.clock.sleep(lag);
+        }
         let moved = self.move_data(
             mem,
             d,
@@ -848,20 +852,9 @@ impl<E: Events> ZapguardDevice<E> {
         write: bool,
         why: &'static str,
     ) {
-        self.phys_unlent_unposted(job, va, pa, write, why);
-        let flags = if write { ev::EVT_F_WRITE } else { 0 };
-        self.post_event(
-            mem,
-            &EvtRecord {
-                ty: ev::EVT_VIOLATION,
-                flags,
-                reason: ev::VIOL_PHYS_UNLENT,
-                asid: job.map_or(0, |j| j.1),
-                va,
-                info: pa,
-                info2: ev::NO_PA,
-            },
-        );
+        let v = Found::unlent(job, va, pa, write, why);
+        self.record_violation(&v);
+        self.post_violation(mem, &v);
     }
 
     /// [`Self::phys_unlent`] without the event (for an event record's own write).
@@ -873,17 +866,7 @@ impl<E: Events> ZapguardDevice<E> {
         write: bool,
         why: &'static str,
     ) {
-        self.s.stats[STAT_VIOLATIONS as usize] += 1;
-        self.activity(Activity::Violation {
-            job: job.map_or(0, |j| j.0),
-            asid: job.map_or(0, |j| j.1),
-            va,
-            pa,
-            cpu_pa: None,
-            write,
-            result: ev::violation_name(ev::VIOL_PHYS_UNLENT),
-            why,
-        });
+        self.record_violation(&Found::unlent(job, va, pa, write, why));
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -898,28 +881,47 @@ impl<E: Events> ZapguardDevice<E> {
         write: bool,
         why: &'static str,
     ) {
-        self.s.stats[STAT_VIOLATIONS as usize] += 1;
-        self.activity(Activity::Violation {
-            job: d.id,
-            asid: d.asid,
+        let v = Found {
+            job: Some((d.id, d.asid)),
+            class,
             va,
             pa,
             cpu_pa,
             write,
-            result: ev::violation_name(class),
             why,
+        };
+        self.record_violation(&v);
+        self.post_violation(mem, &v);
+    }
+
+    /// Counts and traces violation `v`.
+    fn record_violation(&mut self, v: &Found) {
+        self.s.stats[STAT_VIOLATIONS as usize] += 1;
+        self.activity(Activity::Violation {
+            job: v.job.map_or(0, |j| j.0),
+            asid: v.asid(),
+            va: v.va,
+            pa: v.pa,
+            cpu_pa: v.cpu_pa,
+            write: v.write,
+            result: ev::violation_name(v.class),
+            why: v.why,
         });
-        let flags = if write { ev::EVT_F_WRITE } else { 0 };
+    }
+
+    /// Posts violation `v` to the event queue.
+    fn post_violation(&mut self, mem: &impl GuestMem, v: &Found) {
+        let flags = if v.write { ev::EVT_F_WRITE } else { 0 };
         self.post_event(
             mem,
             &EvtRecord {
                 ty: ev::EVT_VIOLATION,
                 flags,
-                reason: class,
-                asid: d.asid,
-                va,
-                info: pa,
-                info2: cpu_pa.unwrap_or(ev::NO_PA),
+                reason: v.class,
+                asid: v.asid(),
+                va: v.va,
+                info: v.pa,
+                info2: v.cpu_pa.unwrap_or(ev::NO_PA),
             },
         );
     }
@@ -1128,6 +1130,37 @@ fn dma_access(d: &DmaJob, s: &Side, n: usize, f: &Facts) -> Activity {
         after: f.after.is_some(),
         after_pa: after.map(|c| c.0),
         after_w: after.is_some_and(|c| c.1),
+    }
+}
+
+/// A violation the device found, for the event queue and the trace.
+struct Found {
+    /// The job that made the access (id, ASID), if one did.
+    job: Option<(u64, u32)>,
+    class: u16,
+    va: u64,
+    pa: u64,
+    cpu_pa: Option<u64>,
+    write: bool,
+    why: &'static str,
+}
+
+impl Found {
+    /// A [`ev::VIOL_PHYS_UNLENT`] access at `pa`.
+    fn unlent(job: Option<(u64, u32)>, va: u64, pa: u64, write: bool, why: &'static str) -> Self {
+        Self {
+            job,
+            class: ev::VIOL_PHYS_UNLENT,
+            va,
+            pa,
+            cpu_pa: None,
+            write,
+            why,
+        }
+    }
+
+    fn asid(&self) -> u32 {
+        self.job.map_or(0, |j| j.1)
     }
 }
 

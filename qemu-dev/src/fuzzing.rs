@@ -1168,7 +1168,8 @@ impl<'m> Harness<'m> {
         );
         let mode = r[&FAIL_INJECT];
         assert!(mode <= FAIL_DIE, "FAIL_INJECT {mode:#x}");
-        assert!(r[&WALK_LAG] <= WALK_LAG_MAX, "WALK_LAG {:#x}", r[&WALK_LAG]);
+        let walk_lag = r[&WALK_LAG] & !WALK_LAG_IN_STEP;
+        assert!(walk_lag <= WALK_LAG_MAX, "WALK_LAG {:#x}", r[&WALK_LAG]);
         assert!(
             r[&FAULT_LAG] <= FAULT_LAG_MAX,
             "FAULT_LAG {:#x}",

@@ -198,8 +198,14 @@ impl<E: Events> ZapguardDevice<E> {
 
     /// The walker's lag before each table read, if any.
     pub(crate) fn walk_lag(&self) -> Option<Duration> {
-        let us = self.s.inject.walk_lag.min(WALK_LAG_MAX);
+        let us = (self.s.inject.walk_lag & !WALK_LAG_IN_STEP).min(WALK_LAG_MAX);
         (us > 0).then(|| Duration::from_micros(u64::from(us)))
+    }
+
+    /// The wait in the middle of each DMA step ([`WALK_LAG_IN_STEP`]), if any.
+    pub(crate) fn step_lag(&self) -> Option<Duration> {
+        self.walk_lag()
+            .filter(|_| self.s.inject.walk_lag & WALK_LAG_IN_STEP != 0)
     }
 
     /// The wait before a DMA job's fault is reported, if any.
@@ -979,6 +985,37 @@ mod tests {
         let s = r.post_sync();
         r.run();
         assert!(r.sync_done(s));
+    }
+
+    /// WALK_LAG_IN_STEP: the lag also runs once per step, between the judgement before the
+    /// access and the copy, and the flag reads back.
+    #[test]
+    fn walk_lag_in_step_waits_once_in_every_step() {
+        let mut r = rig();
+        let clock = ManualClock::new();
+        r.dev.set_clock(clock.clone());
+        // Cache the translation first: the job below walks nothing.
+        assert_eq!(r.dma(fill(8)).status, DMA_ST_OK);
+        r.set(WALK_LAG, WALK_LAG_IN_STEP | (WALK_LAG_MAX + 1));
+        assert_eq!(
+            r.reg(WALK_LAG),
+            WALK_LAG_IN_STEP | WALK_LAG_MAX,
+            "flag kept, lag clamped"
+        );
+        r.set(WALK_LAG, WALK_LAG_IN_STEP | 300);
+        assert_eq!(r.dma(fill(8)).status, DMA_ST_OK);
+        assert_eq!(
+            clock.sleeps(),
+            vec![Duration::from_micros(300)],
+            "one step, no walk"
+        );
+        r.set(WALK_LAG, 300);
+        assert_eq!(r.dma(fill(8)).status, DMA_ST_OK);
+        assert_eq!(
+            clock.sleeps().len(),
+            1,
+            "without the flag, no lag inside a step"
+        );
     }
 
     #[test]

@@ -180,17 +180,21 @@ pub struct ViolationWindow {
     /// 0: any.
     pub asid: u64,
     pub classes: Vec<String>,
+    /// The classes of which the window must catch one to count as caught (`caught=`; empty:
+    /// any of `classes`).
+    pub caught: Vec<String>,
 }
 
 /// Parses a [`WINDOW_EXPECT`] line; `None` if the marker is absent or a field is malformed.
 pub fn violation_window(line: &str) -> Option<ViolationWindow> {
     let at = line.find(WINDOW_EXPECT)?;
-    let (mut id, mut asid, mut classes) = (None, None, Vec::new());
+    let (mut id, mut asid, mut classes, mut caught) = (None, None, Vec::new(), Vec::new());
     for field in line[at + WINDOW_EXPECT.len()..].split_whitespace() {
         match field.split_once('=')? {
             ("id", v) => id = Some(v.parse().ok()?),
             ("asid", v) => asid = Some(v.parse().ok()?),
             ("classes", v) => classes = v.split(',').map(str::to_string).collect(),
+            ("caught", v) => caught = v.split(',').map(str::to_string).collect(),
             _ => return None,
         }
     }
@@ -198,6 +202,7 @@ pub fn violation_window(line: &str) -> Option<ViolationWindow> {
         id: id?,
         asid: asid?,
         classes,
+        caught,
     })
 }
 

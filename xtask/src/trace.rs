@@ -51,6 +51,9 @@ pub struct ExpectedViolations {
     /// Per window: its id is open in the trace now, and the violations matched so far.
     open: Vec<bool>,
     matched: Vec<u64>,
+    /// Per window: the violations matched of a class it must catch (see
+    /// [`ViolationWindow::caught`]).
+    caught: Vec<u64>,
     /// Violations no window expects: how many, and the first few.
     pub unexpected: u64,
     pub first_unexpected: Vec<String>,
@@ -62,6 +65,7 @@ impl ExpectedViolations {
             windows: windows.to_vec(),
             open: vec![false; windows.len()],
             matched: vec![0; windows.len()],
+            caught: vec![0; windows.len()],
             unexpected: 0,
             first_unexpected: Vec::new(),
         }
@@ -90,7 +94,13 @@ impl ExpectedViolations {
                 };
                 let hit = (0..self.windows.len()).find(|&i| self.open[i] && fits(&self.windows[i]));
                 match hit {
-                    Some(i) => self.matched[i] += 1,
+                    Some(i) => {
+                        self.matched[i] += 1;
+                        let w = &self.windows[i];
+                        if w.caught.is_empty() || w.caught.iter().any(|c| c == class) {
+                            self.caught[i] += 1;
+                        }
+                    }
                     None => {
                         self.unexpected += 1;
                         if self.first_unexpected.len() < 3 {
@@ -109,13 +119,21 @@ impl ExpectedViolations {
         (self.windows.len(), self.matched.iter().sum())
     }
 
-    /// The windows no violation matched: bugs that went uncaught.
+    /// The windows that caught nothing (of the classes they must catch): bugs that went
+    /// uncaught.
     pub fn empty(&self) -> Vec<String> {
         self.windows
             .iter()
-            .zip(&self.matched)
+            .zip(&self.caught)
             .filter(|(_, &m)| m == 0)
-            .map(|(w, _)| format!("window {} (asid {}, {})", w.id, w.asid, w.classes.join(",")))
+            .map(|(w, _)| {
+                let classes = if w.caught.is_empty() {
+                    &w.classes
+                } else {
+                    &w.caught
+                };
+                format!("window {} (asid {}, {})", w.id, w.asid, classes.join(","))
+            })
             .collect()
     }
 }
@@ -322,5 +340,36 @@ mod asid_tests {
         assert!(
             crate::ktap::violation_window("ZAPGUARD-EXPECT-WINDOW id=x asid=1 classes=a").is_none()
         );
+    }
+
+    /// A window that must catch one class (`caught=`) is empty until it does, whatever else of
+    /// its classes it matched.
+    #[test]
+    fn a_window_that_must_catch_a_class_is_empty_without_it() {
+        use serde_json::json;
+        let w = crate::ktap::violation_window(
+            "ZAPGUARD-EXPECT-WINDOW id=4 asid=3 classes=stale,zapped_during_access caught=zapped_during_access",
+        )
+        .expect("line");
+        assert_eq!(w.caught, ["zapped_during_access"]);
+        let mark = |end: u64| json!({"kind": "bar_write", "reg": "SCRATCH", "value": WINDOW_MARK | 4 << 1 | end});
+        let viol = |class: &str| json!({"kind": "violation", "asid": 3, "result": class});
+        let run = |classes: &[&str]| {
+            let mut e = ExpectedViolations::new(std::slice::from_ref(&w));
+            e.add(1, &mark(0));
+            for c in classes {
+                e.add(2, &viol(c));
+            }
+            e.add(3, &mark(1));
+            (e.unexpected, e.empty())
+        };
+        assert_eq!(
+            run(&["stale", "stale"]),
+            (
+                0,
+                vec!["window 4 (asid 3, zapped_during_access)".to_string()]
+            )
+        );
+        assert_eq!(run(&["stale", "zapped_during_access"]), (0, vec![]));
     }
 }

@@ -179,7 +179,15 @@ pub const FAIL_ARG: u32 = 0x0a4;
 /// device page-table page (and lets the kernel reuse it) only after the SYNC that covers its
 /// detachment is correct at any lag; one that frees it earlier lets the walker read the reused
 /// page, and a large lag makes that race likely enough to catch.
+///
+/// With [`WALK_LAG_IN_STEP`] set (ABI 1.8) the device also waits the lag once in the middle of
+/// every DMA step: after the validator's CPU walk before the access, before the bytes move (a
+/// slow copy). A page the guest zaps meanwhile is then touched after its zap inside one step,
+/// which only the walk after the access can see ([`super::event::VIOL_ZAPPED_DURING_ACCESS`]).
 pub const WALK_LAG: u32 = 0x0a8;
+/// [`WALK_LAG`] bit 31 (ABI 1.8): the lag applies inside every DMA step too. Stored and read
+/// back as written; bits 30:0 are the lag, clamped to [`WALK_LAG_MAX`].
+pub const WALK_LAG_IN_STEP: u32 = 1 << 31;
 /// Device reset (ABI 1.3): writing [`RESET_KEY`] returns every register, queue, cache, job and
 /// armed failure mode to its reset value, as a function-level reset does (PCI config space,
 /// bus mastering included, is untouched). A driver writes it at probe so that whatever a

@@ -377,7 +377,9 @@ pub struct ZgInject {
     /// `FAIL_SYNC_DELAY`).
     pub dev_fail_arg: u32,
     /// Value for the device's [`super::regs::WALK_LAG`] register, in microseconds (device-wide,
-    /// reset to 0 when the context that set it closes).
+    /// reset to 0 when the context that set it closes); with
+    /// [`super::regs::WALK_LAG_IN_STEP`] (bit 31, device ABI 1.8) the device waits inside every
+    /// DMA step too.
     pub walk_lag: u32,
     /// Microseconds the driver sleeps in each populate of this context between its
     /// `hmm_range_fault()` and taking the lock to commit the PTEs (0 = none), so that tests can
