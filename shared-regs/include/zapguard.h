@@ -455,7 +455,9 @@ struct zg_inject {
 	__u32 dev_fail_arg;
 	/*
 	 * Value for the device's WALK_LAG register, in microseconds (device-wide,
-	 * reset to 0 when the context that set it closes).
+	 * reset to 0 when the context that set it closes); with
+	 * WALK_LAG_IN_STEP (bit 31, device ABI 1.8) the device waits inside every
+	 * DMA step too.
 	 */
 	__u32 walk_lag;
 	/*

@@ -87,6 +87,7 @@ bitflags! {
         const KEEP_AFTER_RELEASE = uapi::ZG_INJ_KEEP_AFTER_RELEASE;
         const EARLY_TABLE_FREE = uapi::ZG_INJ_EARLY_TABLE_FREE;
         const SKIP_CTX_INVALIDATE = uapi::ZG_INJ_SKIP_CTX_INVALIDATE;
+        const EARLY_BOUNCE_REUSE = uapi::ZG_INJ_EARLY_BOUNCE_REUSE;
         const DBG_NO_VALIDATE = uapi::ZG_DBG_NO_VALIDATE;
         const DBG_ZAP_WRITE_PROTECT = uapi::ZG_DBG_ZAP_WRITE_PROTECT;
     }
@@ -130,7 +131,8 @@ mod tests {
         assert_eq!(
             names::<Inject>(uapi::ZG_INJ_MODES).to_string(),
             "SKIP_SHOOTDOWN | SKIP_SYNC_WAIT | IGNORE_RETRY | KEEP_WRITE | KEEP_AFTER_RELEASE | \
-             EARLY_TABLE_FREE | SKIP_CTX_INVALIDATE | DBG_NO_VALIDATE | DBG_ZAP_WRITE_PROTECT",
+             EARLY_TABLE_FREE | SKIP_CTX_INVALIDATE | EARLY_BOUNCE_REUSE | DBG_NO_VALIDATE | \
+             DBG_ZAP_WRITE_PROTECT",
             "every mode has a name"
         );
     }
