@@ -420,9 +420,16 @@ impl<E: Events> ZapguardDevice<E> {
         cmdq || self.job_runs() || dmaq
     }
 
-    /// Whether a job is in flight and can make progress (not stalled, engine not hung).
+    /// Whether a job is in flight and can make progress (not stalled, not waiting out a
+    /// `WALK_LAG_IN_STEP` deadline, engine not hung).
     pub(crate) fn job_runs(&self) -> bool {
-        !self.s.inject.hung && self.s.job.as_ref().is_some_and(|j| !j.is_stalled())
+        let waits = |j: &ActiveJob| j.mid_step.is_some_and(|m| self.clock.now() < m.due);
+        !self.s.inject.hung
+            && self
+                .s
+                .job
+                .as_ref()
+                .is_some_and(|j| !j.is_stalled() && !waits(j))
     }
 
     /// Whether the SYNC at the head of the queue must still wait (for DMA or its deadline).

@@ -35,6 +35,8 @@
 //! without that flag is a [`shared_regs::event::VIOL_CTX_RELEASED`] violation (the walk's root
 //! in `pa`), reported after the walk's `table_freed` ones, with the same outcome rule.
 
+use std::time::Instant;
+
 use shared_regs::dma::*;
 use shared_regs::event::{self as ev, Event as EvtRecord};
 use shared_regs::pci::Vector;
@@ -77,6 +79,19 @@ pub(crate) struct ActiveJob {
     /// [read side, write side].
     pub(crate) held: [Option<Held>; 2],
     stall: Option<Stall>,
+    /// A step halfway through its `WALK_LAG_IN_STEP` lag: judged before its access, its bytes
+    /// not moved yet.
+    pub(crate) mid_step: Option<MidStep>,
+}
+
+/// A DMA step waiting out [`WALK_LAG_IN_STEP`] between its judgement before the access and
+/// its copy. The device does not sleep there: the step ends, the job waits for `due` like a
+/// lagged SYNC, and the guest (whose MMIO the device lock would otherwise hold up) runs on.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct MidStep {
+    pub(crate) due: Instant,
+    /// The CPU walks made before the access, source side and destination side.
+    walks: (Option<CpuLookup>, Option<CpuLookup>),
 }
 
 impl ActiveJob {
@@ -247,7 +262,7 @@ impl<E: Events> ZapguardDevice<E> {
         let Some(job) = self.s.job.as_ref() else {
             return self.fetch_job(mem);
         };
-        if job.is_stalled() {
+        if job.is_stalled() || job.mid_step.is_some_and(|m| self.clock.now() < m.due) {
             return false;
         }
         let id = job.id();
@@ -304,6 +319,7 @@ impl<E: Events> ZapguardDevice<E> {
             result: 0,
             held: [None, None],
             stall: None,
+            mid_step: None,
         });
         if !valid_job(&desc) || !desc.status.is_multiple_of(8) {
             self.complete(mem, DMA_ST_BAD_JOB, 0);
@@ -403,13 +419,18 @@ impl<E: Events> ZapguardDevice<E> {
             write: first.is_some_and(|s| s.write),
             stallable: false,
         })?;
-        // One CPU walk per side before the access (the fill's if it still applies); the walk
-        // after it is `checked_access`'s.
+        // One CPU walk per side before the access (the fill's if it still applies; the one made
+        // before the lag for a step resumed after WALK_LAG_IN_STEP); the walk after it is
+        // `checked_access`'s.
+        let resumed = self.s.job.as_mut().and_then(|j| j.mid_step.take());
         let cpu = |s: &Side| self.cpu_walk(mem, &fresh, s);
-        let (src_cpu, dst_cpu) = (
-            src_side.as_ref().and_then(cpu),
-            dst_side.as_ref().and_then(cpu),
-        );
+        let (src_cpu, dst_cpu) = match resumed {
+            Some(m) => m.walks,
+            None => (
+                src_side.as_ref().and_then(cpu),
+                dst_side.as_ref().and_then(cpu),
+            ),
+        };
         // The step stays inside both sides' translations and CPU leaves: one translation id
         // and one verdict hold for every byte of it.
         let n = [(&src_side, src_cpu), (&dst_side, dst_cpu)]
@@ -417,9 +438,17 @@ impl<E: Events> ZapguardDevice<E> {
             .filter_map(|(s, cpu)| s.as_ref().map(|s| s.reach(cpu)))
             .fold(n as u64, u64::min) as usize;
 
-        // WALK_LAG_IN_STEP: a slow copy, during which the guest runs on.
-        if let Some(lag) = self.step_lag() {
-            self.clock.sleep(lag);
+        // WALK_LAG_IN_STEP: a slow copy, during which the guest runs on. The job keeps its
+        // translations (a SYNC waits for them) and comes back at the deadline.
+        if let (None, Some(lag)) = (resumed, self.step_lag()) {
+            let due = self.clock.now() + lag;
+            if let Some(j) = self.s.job.as_mut() {
+                j.mid_step = Some(MidStep {
+                    due,
+                    walks: (src_cpu, dst_cpu),
+                });
+            }
+            return Ok(0);
         }
         let moved = self.move_data(
             mem,
