@@ -427,6 +427,9 @@ pub fn numa_migration_during_dma() -> Result<(), String> {
         return Err("the CPU sees another copy than the device compared".into());
     }
     device_reads_back(&f, &src, "after the migrations")?;
+    // The destination too: the last round may have moved it after the worker's last job, and a
+    // checkpoint records homes the device has read.
+    device_reads_back(&f, &dst, "after the migrations (destination)")?;
     homes.checkpoint()?;
     homes.report(1)?;
     clean(&f)
