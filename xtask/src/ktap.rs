@@ -19,6 +19,8 @@ pub struct TestLine {
     pub name: String,
     /// What happened.
     pub outcome: Outcome,
+    /// Why it was skipped (the text after `# SKIP`), empty otherwise.
+    pub reason: String,
 }
 
 /// Parses a KTAP/TAP result line, top-level or nested (indented: a guest test's own suite, such
@@ -38,15 +40,16 @@ pub fn parse_result(line: &str) -> Option<TestLine> {
         Some((n, d)) => (n.trim(), d.trim()),
         None => (rest.trim(), ""),
     };
-    let outcome = if outcome == Outcome::Pass && directive.to_ascii_uppercase().starts_with("SKIP")
-    {
-        Outcome::Skip
+    let skipped = outcome == Outcome::Pass && directive.to_ascii_uppercase().starts_with("SKIP");
+    let (outcome, reason) = if skipped {
+        (Outcome::Skip, directive[4..].trim().to_string())
     } else {
-        outcome
+        (outcome, String::new())
     };
     Some(TestLine {
         name: name.to_string(),
         outcome,
+        reason,
     })
 }
 

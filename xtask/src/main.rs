@@ -24,6 +24,7 @@ mod hosttests;
 mod image;
 mod ktap;
 mod mutants;
+mod skips;
 mod trace;
 mod user;
 mod vm;
@@ -225,6 +226,8 @@ struct Artifacts {
     /// The C examples, built against `zapguard.h` (in the image's `/bin`).
     examples: Vec<PathBuf>,
     initramfs: PathBuf,
+    /// The guest kernel flavor (`default`, `debug`, ...).
+    flavor: String,
 }
 
 fn build(root: &Path) -> Result<Artifacts> {
@@ -282,6 +285,7 @@ fn build(root: &Path) -> Result<Artifacts> {
         guest_tests,
         examples,
         initramfs,
+        flavor: "default".into(),
     })
 }
 
@@ -382,6 +386,7 @@ fn flavor_artifacts(root: &Path, art: &Artifacts, flavor: &str) -> Result<Artifa
         guest_tests: art.guest_tests.clone(),
         examples: art.examples.clone(),
         initramfs,
+        flavor: flavor.to_string(),
     })
 }
 
@@ -662,7 +667,24 @@ fn vm_run(root: &Path, art: &Artifacts, opts: &Options, echo: vm::Echo) -> Resul
         .iter()
         .filter(|r| r.outcome == Outcome::Skip)
         .count();
-    println!("\nguest tests: {gp} passed, {gf} failed, {gs} skipped");
+    let unexpected_skips = skips::ExpectedSkips::load(root)?.unexpected(
+        &art.flavor,
+        opts.filter.is_some(),
+        &o.results,
+    );
+    let skip_note = match unexpected_skips.len() {
+        0 => "all expected".to_string(),
+        n => format!("{n} unexpected"),
+    };
+    println!("\nguest tests: {gp} passed, {gf} failed, {gs} skipped ({skip_note})");
+    for t in &unexpected_skips {
+        println!(
+            "  UNEXPECTED SKIP {} ({}), not in {}",
+            t.name,
+            t.reason,
+            skips::PATH
+        );
+    }
     let serial = std::fs::read_to_string(&o.serial_log).unwrap_or_default();
     for r in o.results.iter().filter(|r| r.outcome == Outcome::Fail) {
         println!("  FAILED {}", r.name);
@@ -680,7 +702,13 @@ fn vm_run(root: &Path, art: &Artifacts, opts: &Options, echo: vm::Echo) -> Resul
         }
     }
     let analysis = trace::analyse(&o.trace, &o.trace_expectations, &o.violation_windows);
-    let (cp, cf) = print_checks("run checks: ", &vm_checks(&o, &analysis));
+    let mut checks = vm_checks(&o, &analysis);
+    checks.push(Check {
+        name: "every skipped test is an expected skip",
+        ok: unexpected_skips.is_empty(),
+        detail: format!("{gs} skipped, {skip_note} (see {})", skips::PATH),
+    });
+    let (cp, cf) = print_checks("run checks: ", &checks);
     println!("serial log:   {}", rel(&o.serial_log).display());
     println!("device log:   {}", rel(&o.device_log).display());
     println!("qemu log:     {}", rel(&o.qemu_log).display());
