@@ -82,6 +82,7 @@
 //! call index, the call with its resolved arguments, and `just fuzz-guest N --seed S`.
 
 use crate::dev;
+use crate::mirror::fork_child;
 use shared_regs::dma::{
     fnv1a64, DMA_CHECKSUM, DMA_COMPARE, DMA_COPY, DMA_FILL, DMA_MAX_LEN, DMA_READ, DMA_WRITE,
     FNV_OFFSET,
@@ -3527,21 +3528,6 @@ fn unpriv_main(board: &Board, cfg: &Config) -> i32 {
 // The test
 // ---------------------------------------------------------------------------------------------
 
-/// Forks a child that runs `f` and `_exit`s with its result (101 if it panicked).
-fn spawn(f: impl FnOnce() -> i32) -> Result<libc::pid_t, String> {
-    // SAFETY: the child runs `f` and `_exit`s; it never returns into the test runner.
-    let pid = unsafe { libc::fork() };
-    if pid < 0 {
-        return Err(format!("fork: {}", io::Error::last_os_error()));
-    }
-    if pid == 0 {
-        let code = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or(101);
-        // SAFETY: ends the child without running the parent's destructors.
-        unsafe { libc::_exit(code) };
-    }
-    Ok(pid)
-}
-
 fn exited_cleanly(status: i32) -> bool {
     libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0
 }
@@ -3649,7 +3635,7 @@ pub fn uapi_fuzz() -> Result<(), String> {
 /// Forks the children, waits for them, stops the canary last.
 fn run_children(board: &Board, cfg: &Config) -> Result<(), String> {
     let mode = OpenToAll::new()?;
-    let canary = spawn(|| canary_main(board))?;
+    let canary = fork_child(|| canary_main(board))?;
     let t = Instant::now();
     let mut canary_up = false;
     while t.elapsed() < Duration::from_secs(20) {
@@ -3674,12 +3660,12 @@ fn run_children(board: &Board, cfg: &Config) -> Result<(), String> {
     };
     if res.is_ok() {
         for p in 0..PROCS {
-            match spawn(|| fuzzer_main(board, cfg, p)) {
+            match fork_child(|| fuzzer_main(board, cfg, p)) {
                 Ok(pid) => pids.push((pid, format!("fuzzer process {p}"))),
                 Err(e) => res = Err(e),
             }
         }
-        match spawn(|| unpriv_main(board, cfg)) {
+        match fork_child(|| unpriv_main(board, cfg)) {
             Ok(pid) => pids.push((pid, "unprivileged child".to_string())),
             Err(e) => res = Err(e),
         }
@@ -4180,7 +4166,7 @@ mod tests {
 
     /// Runs `f` in a forked child (the arena lives at fixed addresses); its exit status.
     fn in_child(f: impl FnOnce() -> i32) -> i32 {
-        let pid = spawn(f).unwrap();
+        let pid = fork_child(f).unwrap();
         let status = reap(pid);
         assert!(libc::WIFEXITED(status), "child status {status:#x}");
         libc::WEXITSTATUS(status)

@@ -1004,25 +1004,19 @@ pub fn hmm_mremap_fixed_and_dontunmap() -> Result<(), String> {
 pub fn sigkill_mid_job_is_safe() -> Result<(), String> {
     let before = crate::mirror::device_violations()?;
     for _ in 0..3 {
-        // SAFETY: as in `fork_wait`; the child never returns.
-        let pid = unsafe { libc::fork() };
-        if pid == 0 {
-            let code = (|| {
-                let Ok(f) = dev::open() else { return 1 };
-                let Ok(mut a) = Mapping::anon_huge(32 << 20) else {
-                    return 2;
-                };
-                a.bytes_mut().fill(1);
-                if dev::map(&f, a.addr, a.len, 0).is_err() {
-                    return 3;
-                }
-                loop {
-                    let _ = dev::dma(&f, dev::job(DMA_CHECKSUM, a.addr, 0, a.len, 0));
-                }
-            })();
-            // SAFETY: see `fork_wait`.
-            unsafe { libc::_exit(code) };
-        }
+        let pid = crate::mirror::fork_child(|| {
+            let Ok(f) = dev::open() else { return 1 };
+            let Ok(mut a) = Mapping::anon_huge(32 << 20) else {
+                return 2;
+            };
+            a.bytes_mut().fill(1);
+            if dev::map(&f, a.addr, a.len, 0).is_err() {
+                return 3;
+            }
+            loop {
+                let _ = dev::dma(&f, dev::job(DMA_CHECKSUM, a.addr, 0, a.len, 0));
+            }
+        })?;
         std::thread::sleep(Duration::from_millis(40));
         let mut status = 0;
         // SAFETY: killing and reaping our own child.

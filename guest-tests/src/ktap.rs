@@ -97,15 +97,26 @@ pub struct Summary {
     pub skipped: usize,
 }
 
-/// Runs the tests whose name contains `filter` (all if `None`; `a|b` matches names containing
-/// `a` or `b`), in order, writing KTAP to `out`.
+/// Whether `filter` selects the test `name`: all if `None`; `a|b` selects names containing `a`
+/// or `b`; `=a|b` selects exactly the tests named `a` or `b`.
+pub fn selects(filter: Option<&str>, name: &str) -> bool {
+    match filter {
+        None => true,
+        Some(f) => match f.strip_prefix('=') {
+            Some(exact) => exact.split('|').any(|n| n == name),
+            None => f.split('|').any(|alt| name.contains(alt)),
+        },
+    }
+}
+
+/// Runs the tests `filter` selects ([`selects`]), in order, writing KTAP to `out`.
 pub fn run(tests: &[Test], filter: Option<&str>, out: &mut dyn Write) -> std::io::Result<Summary> {
     let mut sum = Summary::default();
     writeln!(out, "KTAP version 1")?;
     writeln!(out, "1..{}", tests.len())?;
     for (i, t) in tests.iter().enumerate() {
         let n = i + 1;
-        if filter.is_some_and(|f| !f.split('|').any(|alt| t.name.contains(alt))) {
+        if !selects(filter, t.name) {
             sum.skipped += 1;
             writeln!(out, "ok {n} {} # SKIP filtered out", t.name)?;
             continue;
@@ -286,6 +297,14 @@ mod unit_tests {
         let sum = run(TESTS, Some("alpha|beta"), &mut out).unwrap();
         assert_eq!(sum.passed + sum.failed, 2);
         assert_eq!(sum.skipped, 1);
+    }
+
+    #[test]
+    fn an_exact_filter_selects_whole_names_only() {
+        assert!(selects(Some("=alpha|beta_fail"), "alpha"));
+        assert!(!selects(Some("=alph"), "alpha"), "no substring match");
+        assert!(selects(Some("alph"), "alpha"));
+        assert!(selects(None, "anything"));
     }
 
     #[test]

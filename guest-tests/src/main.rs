@@ -131,6 +131,7 @@ const TESTS: &[Test] = ktap::tests![
     inject_ignore_retry_is_caught,
     inject_keep_after_release_is_caught,
     inject_skip_ctx_invalidate_is_caught,
+    a_panicking_fork_child_ends_in_the_child,
     killed_readers_bounce_buffer_is_not_reused_early,
     inject_early_bounce_reuse_is_caught,
     walk_lag_with_late_table_free_is_clean,

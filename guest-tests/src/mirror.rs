@@ -373,7 +373,19 @@ pub fn mprotect_readonly_refuses_device_writes() -> Result<(), String> {
     clean(&f)
 }
 
-/// Forks and runs `child` in the child, which `_exit`s with its result; returns the child's pid
+/// A child that panics ends there, with status 101: it never unwinds into its copy of the test
+/// runner (which would run the rest of the suite a second time).
+pub fn a_panicking_fork_child_ends_in_the_child() -> Result<(), String> {
+    let status = fork_wait(|| {
+        // The default hook would print a backtrace request; one line is enough.
+        std::panic::set_hook(Box::new(|_| eprintln!("# the child panicked (on purpose)")));
+        panic!("on purpose")
+    })?;
+    check_eq(status, 101, "a panicking child's exit status")
+}
+
+/// Forks and runs `child` in the child, which `_exit`s with its result, or 101 if it panicked:
+/// a panic never unwinds into the copy of the test runner the child is; returns the child's pid
 /// (the caller waits for it).
 pub(crate) fn fork_child(child: impl FnOnce() -> i32) -> Result<libc::pid_t, String> {
     // SAFETY: the child only runs `child` and `_exit`s (no return into the test runner).
@@ -382,7 +394,7 @@ pub(crate) fn fork_child(child: impl FnOnce() -> i32) -> Result<libc::pid_t, Str
         return Err(format!("fork: {}", std::io::Error::last_os_error()));
     }
     if pid == 0 {
-        let code = child();
+        let code = std::panic::catch_unwind(std::panic::AssertUnwindSafe(child)).unwrap_or(101);
         // SAFETY: terminating the child without running the parent's destructors twice.
         unsafe { libc::_exit(code) };
     }
@@ -1371,16 +1383,7 @@ fn early_free_race(
     )
     .map_err(|e| e.to_string())?;
     let flag = shared.addr as *const AtomicU32;
-    // SAFETY: the child only runs the churner and `_exit`s.
-    let pid = unsafe { libc::fork() };
-    if pid < 0 {
-        return Err(format!("fork: {}", std::io::Error::last_os_error()));
-    }
-    if pid == 0 {
-        let code = table_churner(flag);
-        // SAFETY: terminating the child without running the parent's destructors.
-        unsafe { libc::_exit(code) };
-    }
+    let pid = fork_child(|| table_churner(flag))?;
     // SAFETY: `flag` points into the shared page, alive until `shared` drops below.
     let ctl = unsafe { &*flag };
     let r = early_free_rounds(inject, walk_lag, rounds, ctl, stop);

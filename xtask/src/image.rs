@@ -211,6 +211,10 @@ pub fn sha256(p: &Path) -> Result<String> {
         .to_string())
 }
 
+/// Seconds the handed-over image's boot check may take (its one guest test takes about 20 s
+/// under TCG).
+const IMAGE_BOOT_TIMEOUT_S: u64 = 300;
+
 /// Unpacks `archive` into a fresh directory and boots it through its own `run.sh` with `qemu`,
 /// running the guest tests whose name contains `filter`; returns the script's output and
 /// whether it succeeded.
@@ -240,7 +244,11 @@ pub fn boot_check(
         .map(|e| e.path())
         .find(|p| p.is_dir())
         .ok_or("the archive has no directory")?;
-    let out = Command::new(top.join("run.sh"))
+    // Like every boot, this one has a deadline: `timeout` signals run.sh's whole process group
+    // (QEMU and the device too) after it, and the run fails with status 124.
+    let out = Command::new("timeout")
+        .args(["--kill-after=10", &IMAGE_BOOT_TIMEOUT_S.to_string()])
+        .arg(top.join("run.sh"))
         .args(["tests", filter])
         .env("QEMU", qemu)
         .env(

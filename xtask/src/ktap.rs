@@ -53,6 +53,11 @@ pub fn parse_result(line: &str) -> Option<TestLine> {
     })
 }
 
+/// The number of tests a top-level KTAP plan line (`1..N`, not indented) announces.
+pub fn plan(line: &str) -> Option<usize> {
+    line.strip_prefix("1..")?.trim().parse().ok()
+}
+
 /// Substrings the kernel prints when something went wrong that no test reports by itself.
 const SPLATS: &[&str] = &[
     "Kernel panic",

@@ -447,6 +447,11 @@ fn vm_checks(o: &vm::VmOutcome, analysis: &std::io::Result<trace::Analysis>) -> 
             },
         },
         Check {
+            name: "the guest reported a result for every planned test",
+            ok: o.plan.is_some_and(|n| n == o.top_level_results),
+            detail: format!("plan {:?}, {} results", o.plan, o.top_level_results),
+        },
+        Check {
             name: "no kernel panic, oops, BUG or WARN",
             ok: o.splats.is_empty(),
             detail: o.splats.first().cloned().unwrap_or_default(),
@@ -1233,5 +1238,153 @@ mod tests {
         assert!(parse_options(&args(&["--seed", "x"])).is_err());
         assert!(parse_options(&args(&["--seed"])).is_err());
         assert!(o.init_extra.is_empty());
+    }
+
+    /// A run whose every part went right: a plan and its results, both markers, a clean exit,
+    /// and a trace (JSON Lines, `events`) in `dir`.
+    fn healthy(dir: &Path, events: &[serde_json::Value]) -> vm::VmOutcome {
+        use std::os::unix::process::ExitStatusExt;
+        std::fs::create_dir_all(dir).unwrap();
+        let trace = dir.join("trace.jsonl");
+        let lines: Vec<String> = events.iter().map(|e| e.to_string()).collect();
+        std::fs::write(&trace, lines.join("\n") + "\n").unwrap();
+        let mut o = vm::VmOutcome {
+            trace,
+            ..Default::default()
+        };
+        let mut in_tests = false;
+        for l in [
+            "ZAPGUARD-TESTS-BEGIN",
+            "KTAP version 1",
+            "1..2",
+            "ok 1 a",
+            "ok 2 b",
+        ] {
+            vm::feed_line(l, &mut in_tests, &mut o);
+        }
+        for l in ["ZAPGUARD-TESTS-END rc=0", "ZAPGUARD-DONE rc=0"] {
+            vm::feed_line(l, &mut in_tests, &mut o);
+        }
+        o.qemu_status = Some(std::process::ExitStatus::from_raw(0));
+        o.device_status = Some(std::process::ExitStatus::from_raw(0));
+        o
+    }
+
+    /// The failed checks of `o`.
+    fn failed(o: &vm::VmOutcome) -> Vec<&'static str> {
+        let a = trace::analyse(&o.trace, &o.trace_expectations, &o.violation_windows);
+        vm_checks(o, &a)
+            .into_iter()
+            .filter(|c| !c.ok)
+            .map(|c| c.name)
+            .collect()
+    }
+
+    fn ident_read() -> serde_json::Value {
+        serde_json::json!({"seq": 0, "t_ns": 0, "kind": "bar_read", "bar": 0, "offset": 0,
+            "size": 4, "value": 0x4750_415a_u32, "reg": "IDENT"})
+    }
+
+    fn violation(seq: u64, asid: u64, class: &str) -> serde_json::Value {
+        serde_json::json!({"seq": seq, "t_ns": seq, "kind": "violation", "job": 1, "asid": asid,
+            "va": 4096, "pa": 8192, "write": false, "result": class, "why": "x"})
+    }
+
+    fn window_mark(seq: u64, id: u64, end: u64) -> serde_json::Value {
+        serde_json::json!({"seq": seq, "t_ns": seq, "kind": "bar_write", "bar": 0,
+            "offset": 0x14, "size": 4, "reg": "SCRATCH", "value": ktap::WINDOW_MARK | id << 1 | end})
+    }
+
+    fn scratch_dir(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("zg-vm-checks-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        d
+    }
+
+    #[test]
+    fn a_healthy_run_passes_every_check() {
+        let d = scratch_dir("healthy");
+        assert_eq!(failed(&healthy(&d, &[ident_read()])), Vec::<&str>::new());
+    }
+
+    #[test]
+    fn violations_without_the_guests_count_fail() {
+        // The suite never printed ZAPGUARD-EXPECTED-VIOLATIONS: none are expected.
+        let d = scratch_dir("no-count");
+        let o = healthy(&d, &[ident_read(), violation(1, 3, "stale")]);
+        assert_eq!(o.expected_violations, None);
+        let f = failed(&o);
+        assert!(
+            f.contains(&"trace check: violations are exactly the injected bugs', nothing else"),
+            "{f:?}"
+        );
+    }
+
+    #[test]
+    fn a_violation_of_another_class_inside_a_window_fails() {
+        let d = scratch_dir("window");
+        let mut o = healthy(
+            &d,
+            &[
+                ident_read(),
+                window_mark(1, 1, 0),
+                violation(2, 3, "stale"),
+                violation(3, 3, "write_perm"),
+                window_mark(4, 1, 1),
+            ],
+        );
+        let mut in_tests = true;
+        vm::feed_line("ZAPGUARD-EXPECTED-VIOLATIONS 2", &mut in_tests, &mut o);
+        vm::feed_line(
+            "[ 1.0] ZAPGUARD-EXPECT-WINDOW id=1 asid=3 classes=stale",
+            &mut in_tests,
+            &mut o,
+        );
+        assert_eq!(
+            failed(&o),
+            ["trace check: each violation is in the window of a test that expects its context and class"]
+        );
+    }
+
+    #[test]
+    fn a_crashed_test_binary_fails() {
+        // It printed its plan and one result, then died: no end marker, rc from init.
+        let d = scratch_dir("crash");
+        let mut o = healthy(&d, &[ident_read()]);
+        o.top_level_results = 1;
+        o.tests_end_rc = None;
+        o.done_rc = Some(139);
+        let f = failed(&o);
+        for want in [
+            "guest ran its tests to completion",
+            "the guest reported a result for every planned test",
+            "modules unloaded and the guest powered off",
+        ] {
+            assert!(f.contains(&want), "{want}: {f:?}");
+        }
+    }
+
+    #[test]
+    fn a_short_plan_fails_and_nested_results_do_not_count() {
+        let d = scratch_dir("plan");
+        let mut o = healthy(&d, &[ident_read()]);
+        let mut in_tests = true;
+        // A nested suite's plan and results are its own.
+        for l in ["    1..1", "    ok 1 nested"] {
+            vm::feed_line(l, &mut in_tests, &mut o);
+        }
+        assert_eq!((o.plan, o.top_level_results), (Some(2), 2));
+        assert_eq!(failed(&o), Vec::<&str>::new());
+        vm::feed_line("ok 3 extra", &mut in_tests, &mut o);
+        assert_eq!(
+            failed(&o),
+            ["the guest reported a result for every planned test"]
+        );
+        let mut o = healthy(&d, &[ident_read()]);
+        o.plan = None;
+        assert_eq!(
+            failed(&o),
+            ["the guest reported a result for every planned test"]
+        );
     }
 }

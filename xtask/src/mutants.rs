@@ -2,12 +2,16 @@
 //! breakages the guest suite and the device notice.
 //!
 //! The mutants are data (`kmod/mutants.json`): the file, the exact text (it must occur exactly
-//! once), its replacement, the rule it breaks and the guest tests to run (a filter). For each,
-//! the runner applies it, rebuilds only the module, boots the guest with those tests, restores
-//! the source (always, even on error), and records whether it was killed: a guest test failed, a
-//! run check failed (a kernel splat, an unexpected device violation, a module that did not
-//! unload), or the module did not build. A mutant that survives breaks a rule no test or device
-//! check sees yet.
+//! once), its replacement, the rule it breaks and the guest tests to run (an exact filter,
+//! `=name|name`). For each, the runner applies it, rebuilds only the module, boots the guest
+//! with those tests, restores the source (always, even on error), and records whether it was
+//! killed: a guest test failed, or a run check failed (a kernel splat, an unexpected device
+//! violation, a module that did not unload). A mutant that does not build is an error, not a
+//! kill. A mutant that survives breaks a rule no test or device check sees yet.
+//!
+//! Measured honestly: before the mutants, each distinct (filter, knobs, flavor) runs once on the
+//! unbroken driver and must pass with at least one test run, or the mutants that use it are
+//! errors; and a mutant claimed equivalent is run too, and must survive.
 
 use crate::vm;
 use crate::{script, vm_checks, vm_config, Artifacts, Result};
@@ -40,10 +44,25 @@ pub struct Mutant {
 #[derive(Debug)]
 pub struct Outcome {
     pub id: String,
-    pub killed: bool,
-    /// The tests or checks that killed it, or why it survived.
+    pub verdict: Verdict,
+    /// The tests or checks that killed it, why it survived, or the error.
     pub by: String,
     pub took: Duration,
+}
+
+/// A mutant's result.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Killed,
+    Survived,
+    /// It could not be judged: it does not build, or its filter fails on the unbroken driver.
+    Error,
+}
+
+impl Outcome {
+    pub fn killed(&self) -> bool {
+        self.verdict == Verdict::Killed
+    }
 }
 
 /// A mutant's guest run ends after this long: some make the device fault forever.
@@ -117,14 +136,6 @@ impl Drop for Restore {
 /// Runs one mutant; the source is restored before this returns.
 fn run_one(root: &Path, art: &Artifacts, m: &Mutant, timeout: Duration) -> Result<Outcome> {
     let start = Instant::now();
-    let flavored;
-    let art = match &m.flavor {
-        Some(f) => {
-            flavored = crate::flavor_artifacts(root, art, f)?;
-            &flavored
-        }
-        None => art,
-    };
     let path = root.join(&m.file);
     let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
     let mutated = apply(m, &text)?;
@@ -133,13 +144,51 @@ fn run_one(root: &Path, art: &Artifacts, m: &Mutant, timeout: Duration) -> Resul
         text,
     };
     std::fs::write(&path, mutated).map_err(|e| format!("{}: {e}", path.display()))?;
-    let outcome = |killed, by: String| Outcome {
+    let outcome = |verdict, by: String| Outcome {
         id: m.id.clone(),
-        killed,
+        verdict,
         by,
         took: start.elapsed(),
     };
+    let run = match guest_run(root, art, m, &format!("mutant-{}", m.id), timeout)? {
+        Err(e) => return Ok(outcome(Verdict::Error, e)),
+        Ok(r) => r,
+    };
+    if run.by.is_empty() {
+        let why = format!(
+            "{} tests (filter `{}`) and every run check passed",
+            run.ran, m.filter
+        );
+        return Ok(outcome(Verdict::Survived, why));
+    }
+    Ok(outcome(Verdict::Killed, run.by.join(", ")))
+}
 
+/// What a guest run of a module build saw: the failed tests and run checks, and how many tests
+/// ran.
+struct GuestRun {
+    by: Vec<String>,
+    ran: usize,
+}
+
+/// Builds the module from the source as it is now, boots the guest with `m`'s filter, knobs and
+/// flavor (logs in `runs/<dir>`) and reports what failed; `Ok(Err(..))` if the module does not
+/// build.
+fn guest_run(
+    root: &Path,
+    art: &Artifacts,
+    m: &Mutant,
+    dir: &str,
+    timeout: Duration,
+) -> Result<std::result::Result<GuestRun, String>> {
+    let flavored;
+    let art = match &m.flavor {
+        Some(f) => {
+            flavored = crate::flavor_artifacts(root, art, f)?;
+            &flavored
+        }
+        None => art,
+    };
     let mo = root.join("target/zapguard/kmod-mutant");
     std::fs::create_dir_all(&mo).map_err(|e| format!("{}: {e}", mo.display()))?;
     let built = Command::new("make")
@@ -152,7 +201,12 @@ fn run_one(root: &Path, art: &Artifacts, m: &Mutant, timeout: Duration) -> Resul
         .output()
         .map_err(|e| format!("make: {e}"))?;
     if !built.status.success() {
-        return Ok(outcome(true, "the module does not build".into()));
+        let err = String::from_utf8_lossy(&built.stderr);
+        let first = err
+            .lines()
+            .find(|l| l.contains("error"))
+            .unwrap_or("no error line");
+        return Ok(Err(format!("the module does not build: {first}")));
     }
     let hmm_tests = script(root, "images/hmm-tests/build.sh")
         .arg(&art.ktree)
@@ -173,15 +227,13 @@ fn run_one(root: &Path, art: &Artifacts, m: &Mutant, timeout: Duration) -> Resul
     }
     let initramfs = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
 
-    let dir = root
-        .join("target/zapguard/runs")
-        .join(format!("mutant-{}", m.id));
+    let dir = root.join("target/zapguard/runs").join(dir);
     let _ = std::fs::remove_dir_all(&dir);
     let mut args = vec!["zg.run=tests".into(), format!("zg.filter={}", m.filter)];
     args.extend(m.knobs.iter().map(|k| format!("zg.knobs={k}")));
-    let mut cfg = vm_config(art, dir, args, timeout, vm::Echo::Silent);
+    let mut cfg = vm_config(art, dir.clone(), args, timeout, vm::Echo::Silent);
     cfg.initramfs = initramfs;
-    let o = vm::run(&cfg).map_err(|e| format!("mutant {}: VM run: {e}", m.id))?;
+    let o = vm::run(&cfg).map_err(|e| format!("{}: VM run: {e}", dir.display()))?;
     let mut by: Vec<String> = o
         .results
         .iter()
@@ -198,30 +250,43 @@ fn run_one(root: &Path, art: &Artifacts, m: &Mutant, timeout: Duration) -> Resul
         .iter()
         .filter(|r| r.outcome != crate::ktap::Outcome::Skip)
         .count();
-    if by.is_empty() {
-        return Ok(outcome(
-            false,
-            format!(
-                "{ran} tests (filter `{}`) and every run check passed",
-                m.filter
-            ),
-        ));
-    }
-    Ok(outcome(true, by.join(", ")))
+    Ok(Ok(GuestRun { by, ran }))
+}
+
+/// Runs `m`'s filter, knobs and flavor on the unbroken driver: `Err` unless every test and run
+/// check passes and at least one test ran.
+fn baseline(
+    root: &Path,
+    art: &Artifacts,
+    m: &Mutant,
+    timeout: Duration,
+) -> Result<std::result::Result<(), String>> {
+    let dir = format!("mutant-baseline-{}", m.id);
+    Ok(match guest_run(root, art, m, &dir, timeout)? {
+        Err(e) => Err(e),
+        Ok(r) if r.ran == 0 => Err(format!("filter `{}` runs no test", m.filter)),
+        Ok(r) if !r.by.is_empty() => Err(format!(
+            "filter `{}` fails on the unbroken driver: {}",
+            m.filter,
+            r.by.join(", ")
+        )),
+        Ok(_) => Ok(()),
+    })
 }
 
 /// Runs the mutants whose id contains `only` (all without it); prints the table. Returns
-/// (killed, survived).
+/// (killed, not killed): survivors, errors, and equivalents that were killed count against.
 pub fn run(root: &Path, art: &Artifacts, only: Option<&str>) -> Result<(usize, usize)> {
     let all = load(root)?;
     let chosen: Vec<&Mutant> = all
         .iter()
         .filter(|m| only.is_none_or(|o| m.id.contains(o)))
         .collect();
+    let bad_baselines = baselines(root, art, &chosen)?;
     let mut outcomes = Vec::new();
     for (i, m) in chosen.iter().enumerate() {
         eprintln!(
-            "==> mutant {}/{}: {} ({}; tests `{}`{}{})",
+            "==> mutant {}/{}: {} ({}; tests `{}`{}{}{})",
             i + 1,
             chosen.len(),
             m.id,
@@ -232,52 +297,132 @@ pub fn run(root: &Path, art: &Artifacts, only: Option<&str>) -> Result<(usize, u
                 .map_or(String::new(), |k| format!(", knobs {k}")),
             m.flavor
                 .as_ref()
-                .map_or(String::new(), |f| format!(", {f} kernel"))
+                .map_or(String::new(), |f| format!(", {f} kernel")),
+            m.equivalent
+                .as_ref()
+                .map_or(String::new(), |_| ", claimed equivalent: must survive"
+                    .into())
         );
-        if let Some(why) = &m.equivalent {
-            eprintln!("    equivalent, not run: {why}");
-            continue;
-        }
-        let o = run_one(root, art, m, MUTANT_TIMEOUT)?;
+        let o = match bad_baselines.get(&setup(m)) {
+            Some(why) => Outcome {
+                id: m.id.clone(),
+                verdict: Verdict::Error,
+                by: why.clone(),
+                took: Duration::ZERO,
+            },
+            None => run_one(root, art, m, MUTANT_TIMEOUT)?,
+        };
         eprintln!(
             "    {} in {:.0}s: {}",
-            if o.killed { "killed" } else { "SURVIVED" },
+            label(m, &o),
             o.took.as_secs_f32(),
             o.by
         );
-        outcomes.push(o);
+        outcomes.push((*m, o));
     }
+    print_table(&all, &outcomes);
+    let judged: Vec<_> = outcomes
+        .iter()
+        .filter(|(m, _)| m.equivalent.is_none())
+        .collect();
+    let killed = judged.iter().filter(|(_, o)| o.killed()).count();
+    let errors = outcomes
+        .iter()
+        .filter(|(_, o)| o.verdict == Verdict::Error)
+        .count();
+    let false_equivalents = outcomes
+        .iter()
+        .filter(|(m, o)| m.equivalent.is_some() && o.killed())
+        .count();
+    println!(
+        "killed {killed} of {} non-equivalent ({:.0}%); {errors} error(s); {false_equivalents} \
+         equivalence claim(s) disproved",
+        judged.len(),
+        100.0 * killed as f64 / judged.len().max(1) as f64
+    );
+    Ok((killed, judged.len() - killed + errors + false_equivalents))
+}
+
+/// A mutant's run setup: its filter, knobs and kernel flavor.
+type Setup = (String, Option<String>, Option<String>);
+
+/// [`Setup`] of `m`.
+fn setup(m: &Mutant) -> Setup {
+    (m.filter.clone(), m.knobs.clone(), m.flavor.clone())
+}
+
+/// Runs each distinct setup of `chosen` once on the unbroken driver; returns the ones that
+/// failed, with why.
+fn baselines(
+    root: &Path,
+    art: &Artifacts,
+    chosen: &[&Mutant],
+) -> Result<std::collections::BTreeMap<Setup, String>> {
+    let mut seen = std::collections::BTreeMap::new();
+    let mut bad = std::collections::BTreeMap::new();
+    for m in chosen {
+        if seen.insert(setup(m), ()).is_some() {
+            continue;
+        }
+        let t = Instant::now();
+        let r = baseline(root, art, m, MUTANT_TIMEOUT)?;
+        eprintln!(
+            "==> baseline `{}`{}: {} in {:.0}s",
+            m.filter,
+            m.knobs
+                .as_ref()
+                .map_or(String::new(), |k| format!(", knobs {k}")),
+            r.as_ref().map_or_else(|e| e.as_str(), |_| "passes"),
+            t.elapsed().as_secs_f32()
+        );
+        if let Err(e) = r {
+            bad.insert(setup(m), format!("baseline: {e}"));
+        }
+    }
+    Ok(bad)
+}
+
+/// How a mutant's outcome reads in the table.
+fn label(m: &Mutant, o: &Outcome) -> &'static str {
+    match (o.verdict, m.equivalent.is_some()) {
+        (Verdict::Error, _) => "ERROR",
+        (Verdict::Killed, true) => "NOT EQUIVALENT",
+        (Verdict::Survived, true) => "equivalent",
+        (Verdict::Killed, false) => "killed",
+        (Verdict::Survived, false) => "SURVIVED",
+    }
+}
+
+/// The outcome table, then the kill rate of each driver file.
+fn print_table(all: &[Mutant], outcomes: &[(&Mutant, Outcome)]) {
     println!(
         "\nmutants ({} of {} in kmod/mutants.json)",
-        chosen.len(),
+        outcomes.len(),
         all.len()
     );
-    println!("  {:<34} {:<9} {:>6}  by", "mutant", "result", "time");
-    for o in &outcomes {
+    println!("  {:<38} {:<14} {:>6}  by", "mutant", "result", "time");
+    for (m, o) in outcomes {
         println!(
-            "  {:<34} {:<9} {:>5.0}s  {}",
+            "  {:<38} {:<14} {:>5.0}s  {}",
             o.id,
-            if o.killed { "killed" } else { "SURVIVED" },
+            label(m, o),
             o.took.as_secs_f32(),
             o.by
         );
     }
-    for m in chosen.iter().filter(|m| m.equivalent.is_some()) {
+    let mut files: std::collections::BTreeMap<&str, (usize, usize)> = Default::default();
+    for (m, o) in outcomes.iter().filter(|(m, _)| m.equivalent.is_none()) {
+        let e = files.entry(m.file.as_str()).or_default();
+        e.0 += usize::from(o.killed());
+        e.1 += 1;
+    }
+    println!("  per file (killed of non-equivalent):");
+    for (f, (k, n)) in files {
         println!(
-            "  {:<34} {:<9} {:>6}  {}",
-            m.id,
-            "equivalent",
-            "-",
-            m.equivalent.as_deref().unwrap_or_default()
+            "    {f:<20} {k} of {n} ({:.0}%)",
+            100.0 * k as f64 / n.max(1) as f64
         );
     }
-    let killed = outcomes.iter().filter(|o| o.killed).count();
-    println!(
-        "killed {killed} of {} non-equivalent ({:.0}%)",
-        outcomes.len(),
-        100.0 * killed as f64 / outcomes.len().max(1) as f64
-    );
-    Ok((killed, outcomes.len() - killed))
 }
 
 /// `just test`'s smoke run: the [`SMOKE`] mutants, each of which must be killed.
@@ -298,7 +443,7 @@ pub fn smoke(root: &Path, art: &Artifacts) -> Result<(usize, usize)> {
         .into_iter()
         .map(|(id, o)| crate::Check {
             name: id,
-            ok: o.killed,
+            ok: o.killed(),
             detail: o.by,
         })
         .collect();
@@ -327,6 +472,33 @@ mod tests {
         );
         for k in all.iter().filter_map(|m| m.knobs.as_deref()) {
             crate::check_knobs(k).unwrap();
+        }
+    }
+
+    /// Every filter is exact (`=name|name`) and names guest tests that exist, so a renamed or
+    /// new test never silently changes what a mutant runs.
+    #[test]
+    fn every_filter_names_existing_guest_tests_exactly() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+        let main = std::fs::read_to_string(root.join("guest-tests/src/main.rs")).unwrap();
+        let list = &main[main.find("const TESTS").unwrap()..];
+        let list = &list[list.find("tests![").unwrap() + 7..list.find("];").unwrap()];
+        let tests: std::collections::BTreeSet<&str> = list
+            .split(',')
+            .map(str::trim)
+            .filter(|n| !n.is_empty() && !n.starts_with("//"))
+            .collect();
+        assert!(tests.len() > 100 && tests.contains("dev_node_exists"), "{tests:?}");
+        for m in load(root).unwrap() {
+            let names = m.filter.strip_prefix('=').unwrap_or_else(|| {
+                panic!(
+                    "{}: filter `{}` is not exact (`=name|name`)",
+                    m.id, m.filter
+                )
+            });
+            for n in names.split('|') {
+                assert!(tests.contains(n), "{}: no guest test `{n}`", m.id);
+            }
         }
     }
 }

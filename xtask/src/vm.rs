@@ -91,6 +91,10 @@ impl Accel {
 #[derive(Debug, Default)]
 pub struct VmOutcome {
     pub results: Vec<TestLine>,
+    /// The guest suite's top-level KTAP plan (`1..N`), and how many top-level results it printed
+    /// (nested suites, such as the kernel's hmm-tests, have their own).
+    pub plan: Option<usize>,
+    pub top_level_results: usize,
     pub splats: Vec<String>,
     pub tests_end_rc: Option<i32>,
     pub done_rc: Option<i32>,
@@ -385,6 +389,12 @@ fn collect(
     Ok(())
 }
 
+/// [`handle_line`] without echo: what a run records of one console line (for tests).
+#[cfg(test)]
+pub fn feed_line(line: &str, in_tests: &mut bool, out: &mut VmOutcome) {
+    handle_line(line, Echo::Silent, in_tests, out);
+}
+
 fn handle_line(line: &str, echo: Echo, in_tests: &mut bool, out: &mut VmOutcome) {
     let announced_oom = out.oom.expected(line);
     if let Some(p) = ktap::splat(line).filter(|_| !announced_oom) {
@@ -421,6 +431,14 @@ fn handle_line(line: &str, echo: Echo, in_tests: &mut bool, out: &mut VmOutcome)
     } else {
         None
     };
+    if *in_tests {
+        if let Some(n) = ktap::plan(line) {
+            out.plan = Some(n);
+        }
+        if result.is_some() && !line.starts_with(' ') {
+            out.top_level_results += 1;
+        }
+    }
     match echo {
         Echo::Console => println!("  | {line}"),
         Echo::Results => {
