@@ -198,7 +198,9 @@ fn round(n: u32, dev_bdf: &str) -> Result<(), String> {
 }
 
 /// Waits for the workers' jobs to pass `want` in total (`after`: jobs of the final phase).
-fn wait_jobs(sh: &Shared, after: bool, want: impl Fn(u64) -> bool) -> Result<(), String> {
+/// Waits until `want(worker, jobs)` holds for every worker (`after`: jobs of the final phase),
+/// within [`ANSWER_BOUND`].
+fn wait_jobs(sh: &Shared, after: bool, want: impl Fn(usize, u64) -> bool) -> Result<(), String> {
     let t = Instant::now();
     loop {
         let done: Vec<u64> = sh
@@ -212,7 +214,7 @@ fn wait_jobs(sh: &Shared, after: bool, want: impl Fn(u64) -> bool) -> Result<(),
                 }
             })
             .collect();
-        if done.iter().all(|&d| want(d)) {
+        if done.iter().enumerate().all(|(w, &d)| want(w, d)) {
             return Ok(());
         }
         if t.elapsed() > ANSWER_BOUND {
@@ -284,6 +286,15 @@ fn check_reports(sh: &Shared) -> Result<(), String> {
                 r.last_unexpected.load(Ordering::Relaxed)
             ));
         }
+        // Each round took the device from under every worker, and each came back.
+        if l(&r.enodev) + l(&r.eio) < u64::from(ROUNDS) || l(&r.sessions) <= u64::from(ROUNDS) {
+            errs.push(format!(
+                "worker {w}: {} ENODEV/EIO and {} sessions over {ROUNDS} rounds: it did not see \
+                 each unbind and reopen after it",
+                l(&r.enodev) + l(&r.eio),
+                l(&r.sessions)
+            ));
+        }
     }
     if errs.is_empty() {
         Ok(())
@@ -317,33 +328,20 @@ pub fn unbind_and_rmmod_under_load() -> Result<(), String> {
     let sh: &Shared = unsafe { &*(page.addr as *const Shared) };
     let pids = spawn(sh)?;
     let res = (|| {
-        wait_jobs(sh, false, |d| d > 0)?;
+        wait_jobs(sh, false, |_, d| d > 0)?;
         for n in 0..ROUNDS {
-            let before: u64 = sh
+            let before: Vec<u64> = sh
                 .reports
                 .iter()
                 .map(|r| r.jobs_ok.load(Ordering::Relaxed))
-                .sum();
+                .collect();
             round(n, &dev_bdf).map_err(|e| format!("round {n}: {e}"))?;
-            // Every round starts with the device back in use.
-            let t = Instant::now();
-            while sh
-                .reports
-                .iter()
-                .map(|r| r.jobs_ok.load(Ordering::Relaxed))
-                .sum::<u64>()
-                < before + WORKERS as u64
-            {
-                if t.elapsed() > ANSWER_BOUND {
-                    return Err(format!(
-                        "round {n}: no jobs completed after the device came back"
-                    ));
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
+            // Every round starts with the device back in use by every worker.
+            wait_jobs(sh, false, |w, d| d > before[w])
+                .map_err(|e| format!("round {n}, after the device came back: {e}"))?;
         }
         sh.phase.store(1, Ordering::Relaxed);
-        wait_jobs(sh, true, |d| d >= JOBS_AFTER)
+        wait_jobs(sh, true, |_, d| d >= JOBS_AFTER)
     })();
     let reaped = reap(&pids, sh);
     println!("# {ROUNDS} rounds of unbind/bind and unbind/rmmod/insmod under {WORKERS} workers");

@@ -10,7 +10,7 @@ use shared_regs::dma::*;
 use shared_regs::uapi::*;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::fd::AsRawFd;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 const PG: usize = 4096;
 
@@ -270,33 +270,73 @@ pub fn hmm_snapshot_mixed_range() -> Result<(), String> {
     clean(&f)
 }
 
-/// Runs `job` in a thread while `mm_op` hits the same memory after `delay`, `rounds` times; the
-/// job must end cleanly (done or a served/refused fault), never with a violation.
+/// How one round of a [`race`] went: the job's outcome, and whether the mm operation overlapped
+/// the job (it started before the job's ioctl returned and ended after the ioctl began).
+struct Round {
+    /// `Ok(record)`, or the errno and the record.
+    job: Result<ZgDma, (i32, ZgDma)>,
+    overlapped: bool,
+}
+
+/// A race's delays between starting the job and the mm operation, round after round: across
+/// the job (a [`RACE_PAGES`] job takes a few ms under TCG).
+const RACE_DELAYS_US: [u64; 6] = [0, 50, 100, 200, 400, 700];
+/// Pages each race's buffer has.
+const RACE_PAGES: usize = 2048;
+
+/// The least share of rounds whose mm operation must overlap the job: below it the test did not
+/// exercise its race and fails, rather than passing on rounds that never raced.
+const RACE_OVERLAP_FLOOR_PERCENT: u32 = 15;
+
+/// Races `mm_op` on a fresh mapping against a DMA job over it, `rounds` times: each round maps
+/// the buffer for the device, starts `job` in a thread, waits (see [`RACE_DELAYS_US`]), runs `mm_op`, and
+/// hands the round to `verify` (the job may succeed, or fail with `EFAULT`/`EPERM` once the
+/// range went; any other errno fails). Fails unless at least [`RACE_OVERLAP_FLOOR_PERCENT`] of
+/// the rounds overlapped, and ends with the context's violation check.
 fn race(
     rounds: u32,
     setup: impl Fn() -> Result<Mapping, String>,
     job: impl Fn(&Mapping) -> ZgDma,
-    mm_op: impl Fn(&mut Mapping),
+    mm_op: impl Fn(&mut Mapping) -> Result<(), String>,
+    verify: impl Fn(&mut Mapping, &Round) -> Result<(), String>,
 ) -> Result<(), String> {
     let f = open()?;
+    let mut overlapped = 0;
     for i in 0..rounds {
         let mut a = setup()?;
         map(&f, &a, true)?;
         let f2 = f.try_clone().map_err(|e| e.to_string())?;
         let d = job(&a);
-        let t = std::thread::spawn(move || dev::dma(&f2, d).map(|d| d.status));
-        std::thread::sleep(Duration::from_micros(u64::from(i % 5) * 300));
-        mm_op(&mut a);
-        match t.join() {
-            Ok(Ok(_)) => {}
-            Ok(Err((e, d))) => {
-                let errno = dev::errno(&e);
-                if ![libc::EFAULT, libc::EPERM].contains(&errno) {
-                    return Err(format!("round {i}: job failed with {e}: {d:?}"));
-                }
+        let t0 = Instant::now();
+        let t = std::thread::spawn(move || {
+            let began = t0.elapsed();
+            let r = dev::dma(&f2, d).map_err(|(e, d)| (dev::errno(&e), d));
+            (r, began, t0.elapsed())
+        });
+        std::thread::sleep(Duration::from_micros(
+            RACE_DELAYS_US[i as usize % RACE_DELAYS_US.len()],
+        ));
+        let op_began = t0.elapsed();
+        mm_op(&mut a)?;
+        let op_ended = t0.elapsed();
+        let (job, began, ended) = t.join().map_err(|_| "job thread panicked")?;
+        if let Err((errno, d)) = &job {
+            if ![libc::EFAULT, libc::EPERM].contains(errno) {
+                return Err(format!("round {i}: job failed with errno {errno}: {d:?}"));
             }
-            Err(_) => return Err("job thread panicked".into()),
         }
+        let round = Round {
+            job,
+            overlapped: op_began < ended && op_ended > began,
+        };
+        overlapped += u32::from(round.overlapped);
+        verify(&mut a, &round).map_err(|e| format!("round {i}: {e}"))?;
+    }
+    println!("# the mm operation overlapped the job in {overlapped} of {rounds} rounds");
+    if overlapped * 100 < rounds * RACE_OVERLAP_FLOOR_PERCENT {
+        return Err(format!(
+            "only {overlapped} of {rounds} rounds raced (floor {RACE_OVERLAP_FLOOR_PERCENT}%)"
+        ));
     }
     clean(&f)
 }
@@ -307,34 +347,87 @@ fn anon_filled(len: usize) -> Result<Mapping, String> {
     Ok(a)
 }
 
+/// Each page of `a` holds one byte value, among `allowed`.
+fn pages_uniform_among(a: &Mapping, allowed: &[u8]) -> Result<(), String> {
+    for (p, page) in a.bytes().chunks(PG).enumerate() {
+        let b = page[0];
+        if !allowed.contains(&b) || page.iter().any(|&x| x != b) {
+            return Err(format!(
+                "page {p} holds {:?}, not one of {allowed:?} throughout",
+                &page[..8]
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A job that succeeded did all of it; one that failed stopped short.
+fn job_length_consistent(r: &Round, len: usize) -> Result<(), String> {
+    match &r.job {
+        Ok(d) => check_eq(
+            d.bytes_done,
+            len as u64,
+            "bytes done by a job that succeeded",
+        ),
+        Err((_, d)) if d.bytes_done < len as u64 => Ok(()),
+        Err((e, d)) => Err(format!(
+            "job failed ({e}) after doing all {} bytes",
+            d.bytes_done
+        )),
+    }
+}
+
 pub fn race_munmap_during_dma() -> Result<(), String> {
     race(
         20,
-        || anon_filled(256 * PG),
+        || anon_filled(RACE_PAGES * PG),
         |a| fill_job(a.addr, a.len, 5),
         // Through `Mapping::unmap`, so that the drop does not unmap a range reused meanwhile.
-        |a| a.unmap(),
+        |a| {
+            a.unmap();
+            Ok(())
+        },
+        |_, r| job_length_consistent(r, RACE_PAGES * PG),
     )
 }
 
 pub fn race_madvise_dontneed_during_dma() -> Result<(), String> {
     race(
         20,
-        || anon_filled(256 * PG),
+        || anon_filled(RACE_PAGES * PG),
         |a| fill_job(a.addr, a.len, 5),
         |a| {
-            let _ = a.madvise(0, a.len, libc::MADV_DONTNEED);
+            a.madvise(0, a.len, libc::MADV_DONTNEED)
+                .map_err(|e| e.to_string())
+        },
+        // Every page was dropped: it reads as zeroes, unless the device wrote it again after the
+        // drop (5); the original 1s are gone.
+        |a, r| {
+            job_length_consistent(r, a.len)?;
+            pages_uniform_among(a, &[0, 5])
         },
     )
 }
 
 pub fn race_madvise_free_during_dma() -> Result<(), String> {
+    let len = RACE_PAGES * PG;
+    let ones = fnv1a64(FNV_OFFSET, &vec![1u8; len]);
     race(
         20,
-        || anon_filled(256 * PG),
+        || anon_filled(len),
         |a| dev::job(DMA_CHECKSUM, a.addr, 0, a.len, 0),
         |a| {
-            let _ = a.madvise(0, a.len, libc::MADV_FREE);
+            a.madvise(0, a.len, libc::MADV_FREE)
+                .map_err(|e| e.to_string())
+        },
+        // Lazily freed pages keep their bytes until reclaim, which does not run here: the
+        // device reads the 1s the CPU wrote.
+        |a, r| {
+            job_length_consistent(r, a.len)?;
+            if let Ok(d) = &r.job {
+                check_eq(d.result, ones, "device checksum of the lazily freed buffer")?;
+            }
+            pages_uniform_among(a, &[1])
         },
     )
 }
@@ -342,26 +435,43 @@ pub fn race_madvise_free_during_dma() -> Result<(), String> {
 pub fn race_mprotect_during_dma_writes() -> Result<(), String> {
     race(
         20,
-        || anon_filled(256 * PG),
+        || anon_filled(RACE_PAGES * PG),
         |a| fill_job(a.addr, a.len, 5),
-        |a| {
-            let _ = a.protect(libc::PROT_READ);
+        |a| a.protect(libc::PROT_READ).map_err(|e| e.to_string()),
+        // Each page was written whole or not at all; a job that succeeded wrote every page.
+        |a, r| {
+            job_length_consistent(r, a.len)?;
+            let allowed: &[u8] = if r.job.is_ok() { &[5] } else { &[1, 5] };
+            pages_uniform_among(a, allowed)
         },
     )
 }
 
 pub fn race_fork_during_dma_writes() -> Result<(), String> {
     race(
-        10,
-        || anon_filled(256 * PG),
+        20,
+        || anon_filled(RACE_PAGES * PG),
         |a| fill_job(a.addr, a.len, 5),
         |a| {
-            // The classic COW bug: the device must not keep writing the page the child shares.
-            let snapshot = a.bytes()[0];
-            let _ = fork_wait(|| {
-                std::thread::sleep(Duration::from_millis(2));
-                i32::from(snapshot != 1 && snapshot != 5)
-            });
+            // The classic COW bug: the device must not keep writing the pages the child shares.
+            // The child copies what it sees at the fork, waits while the parent's job goes on,
+            // and fails if any byte of its copy changed.
+            let (addr, len) = (a.addr, a.len);
+            let code = fork_wait(|| {
+                // SAFETY: the child's own copy of the mapping, alive until it exits.
+                let view = unsafe { std::slice::from_raw_parts(addr as *const u8, len) };
+                let at_fork = view.to_vec();
+                std::thread::sleep(Duration::from_millis(5));
+                i32::from(view != at_fork.as_slice())
+            })?;
+            check_eq(code, 0, "the child's pages did not change after the fork")
+        },
+        |a, r| {
+            job_length_consistent(r, a.len)?;
+            if r.job.is_ok() {
+                pages_uniform_among(a, &[5])?;
+            }
+            Ok(())
         },
     )
 }
@@ -431,16 +541,60 @@ pub fn processes_are_isolated() -> Result<(), String> {
     check_eq(code, 0, "A's device read of B's address (0 = EFAULT)")
 }
 
+/// Compactions [`compaction_while_mirrored`] asks for before it gives up on moving a page.
+const COMPACTION_TRIES: u32 = 5;
+
 pub fn compaction_while_mirrored() -> Result<(), String> {
     let f = open()?;
+    // Compaction moves pages from the start of a zone to free space at its end, so the test's
+    // pages go on the nearly empty memory-only node 1 (its first free pages), mirrored, and
+    // node 1 alone is compacted.
     let mut a = Mapping::anon(64 * PG).map_err(|e| e.to_string())?;
+    a.madvise(0, a.len, libc::MADV_NOHUGEPAGE)
+        .map_err(|e| e.to_string())?;
+    crate::numa::mbind(&a, Some(1))?;
     for (i, x) in a.bytes_mut().iter_mut().enumerate() {
         *x = (i / PG) as u8;
     }
     map(&f, &a, true)?;
-    match std::fs::write("/proc/sys/vm/compact_memory", "1") {
-        Ok(()) => {}
-        Err(e) => println!("# compact_memory unavailable ({e}); mirror checked without it"),
+    let before = pfns(&a)?;
+    // Fail unless something of ours moved: else the test checked nothing.
+    let mut moved = 0;
+    for _ in 0..COMPACTION_TRIES {
+        std::fs::write("/sys/devices/system/node/node1/compact", "1")
+            .map_err(|e| format!("node1/compact: {e}"))?;
+        moved = before
+            .iter()
+            .zip(pfns(&a)?)
+            .filter(|(b, a)| **b != *a)
+            .count();
+        if moved > 0 {
+            break;
+        }
+    }
+    let vmstat = std::fs::read_to_string("/proc/vmstat").unwrap_or_default();
+    let stat = |k: &str| {
+        vmstat
+            .lines()
+            .find_map(|l| l.strip_prefix(k)?.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    println!(
+        "# compaction moved {moved} of {} mirrored pages (vmstat: compact_migrate_scanned {}, \
+         compact_free_scanned {}, pgmigrate_success {})",
+        before.len(),
+        stat("compact_migrate_scanned "),
+        stat("compact_free_scanned "),
+        stat("pgmigrate_success ")
+    );
+    if moved == 0 {
+        // Nothing to check the device against: say so (an expected skip, listed with why).
+        return Err(crate::ktap::skip(&format!(
+            "compaction moved none of the {} mirrored pages in {COMPACTION_TRIES} tries \
+             (compact_migrate_scanned {})",
+            before.len(),
+            stat("compact_migrate_scanned ")
+        )));
     }
     let sum = run(&f, dev::job(DMA_CHECKSUM, a.addr, 0, a.len, 0))?;
     check_eq(
@@ -1001,9 +1155,25 @@ pub fn hmm_mremap_fixed_and_dontunmap() -> Result<(), String> {
     clean(&f)
 }
 
+/// A child that loops device jobs over a 32 MiB buffer is SIGKILLed mid-job, three times: no
+/// violation. Each kill comes once the child's first job completed (it counts them in a shared
+/// page), 40 ms into the next, so that a job is always running when the signal lands.
 pub fn sigkill_mid_job_is_safe() -> Result<(), String> {
+    use std::sync::atomic::{AtomicU32, Ordering};
     let before = crate::mirror::device_violations()?;
-    for _ in 0..3 {
+    let page = Mapping::new(
+        PG,
+        libc::PROT_READ | libc::PROT_WRITE,
+        libc::MAP_SHARED | libc::MAP_ANONYMOUS,
+        -1,
+        0,
+    )
+    .map_err(|e| e.to_string())?;
+    // SAFETY: a zeroed shared page, aligned, alive until the end of the test; the children
+    // only touch it through this atomic.
+    let jobs = unsafe { &*(page.addr as *const AtomicU32) };
+    for round in 0..3 {
+        jobs.store(0, Ordering::Relaxed);
         let pid = crate::mirror::fork_child(|| {
             let Ok(f) = dev::open() else { return 1 };
             let Ok(mut a) = Mapping::anon_huge(32 << 20) else {
@@ -1014,9 +1184,23 @@ pub fn sigkill_mid_job_is_safe() -> Result<(), String> {
                 return 3;
             }
             loop {
-                let _ = dev::dma(&f, dev::job(DMA_CHECKSUM, a.addr, 0, a.len, 0));
+                if dev::dma(&f, dev::job(DMA_CHECKSUM, a.addr, 0, a.len, 0)).is_ok() {
+                    jobs.fetch_add(1, Ordering::Relaxed);
+                }
             }
         })?;
+        let t = std::time::Instant::now();
+        while jobs.load(Ordering::Relaxed) == 0 {
+            if t.elapsed() > crate::scaled(Duration::from_secs(10)) {
+                // SAFETY: killing and reaping our own child.
+                unsafe {
+                    libc::kill(pid, libc::SIGKILL);
+                    libc::waitpid(pid, std::ptr::null_mut(), 0);
+                }
+                return Err(format!("round {round}: the child completed no job in 10 s"));
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
         std::thread::sleep(Duration::from_millis(40));
         let mut status = 0;
         // SAFETY: killing and reaping our own child.

@@ -642,6 +642,24 @@ fn long_read_job(addr: usize, len: usize) -> ZgDma {
     d
 }
 
+/// What a correct driver's read of `len` bytes whose CPU contents are `want` (a checksum) may
+/// end with: done in full with the CPU's checksum, or, for a `ZG_DMA_NO_FAULT` job whose range
+/// went meanwhile, `EFAULT` short of the end.
+fn read_job_consistent(
+    r: Result<ZgDma, (std::io::Error, ZgDma)>,
+    len: usize,
+    want: u64,
+) -> Result<(), String> {
+    match r {
+        Ok(d) => {
+            check_eq(d.bytes_done, len as u64, "bytes read")?;
+            check_eq(d.result, want, "device checksum against the CPU's bytes")
+        }
+        Err((e, d)) if dev::errno(&e) == libc::EFAULT && d.bytes_done < len as u64 => Ok(()),
+        Err((e, d)) => Err(format!("read job failed: {e} ({d:?})")),
+    }
+}
+
 /// A long read-only job whose faults the driver serves (khugepaged may collapse the buffer under
 /// it, which correctly zaps the device's entries).
 fn long_served_job(addr: usize, len: usize) -> ZgDma {
@@ -961,13 +979,17 @@ fn dontneed_during_long_job(
         dev::inject(&f, inject, cmd_lag).map_err(|e| format!("INJECT: {e}"))?;
         let f2 = f.try_clone().map_err(|e| e.to_string())?;
         let (addr, len) = (a.addr, a.len);
-        let t =
-            std::thread::spawn(move || dev::dma(&f2, long_served_job(addr, len)).map(|d| d.status));
+        let t = std::thread::spawn(move || dev::dma(&f2, long_served_job(addr, len)));
         let delay_us = [200, 1000, 3000, 6000][round as usize % 4];
         std::thread::sleep(Duration::from_micros(delay_us));
         a.madvise(0, a.len, libc::MADV_DONTNEED)
             .map_err(|e| e.to_string())?;
-        let _ = t.join();
+        let job = t.join().map_err(|_| "job thread panicked")?;
+        // A correct driver serves the faults of the dropped pages: the job reads all of it.
+        if inject == 0 {
+            let d = job.map_err(|(e, d)| format!("round {round}: job failed: {e} ({d:?})"))?;
+            check_eq(d.bytes_done, len as u64, "bytes read across the madvise")?;
+        }
         dev::inject(&f, 0, 0).map_err(|e| format!("INJECT off: {e}"))?;
         a.unmap();
         let s = stats(&f)?;
@@ -1008,6 +1030,7 @@ pub fn inject_skip_sync_wait_is_caught() -> Result<(), String> {
 fn madvise_during_populate(
     f: &File,
     rounds: usize,
+    check_data: bool,
     stop: impl Fn(&ZgStats) -> bool,
 ) -> Result<ZgStats, String> {
     let mut a = Mapping::anon(16 * PG).map_err(|e| e.to_string())?;
@@ -1024,8 +1047,14 @@ fn madvise_during_populate(
             }
         });
         let _ = dev::map(f, a.addr, a.len, 0);
-        let _ = t.join();
-        let _ = dev::dma(f, long_read_job(a.addr, a.len));
+        t.join().map_err(|_| "madvise thread panicked")?;
+        let read = dev::dma(f, long_read_job(a.addr, a.len));
+        // The CPU wrote 2s after the drop: a correct populate mirrors those pages, never the
+        // dropped ones.
+        if check_data {
+            let want = fnv1a64(FNV_OFFSET, a.bytes());
+            read_job_consistent(read, a.len, want).map_err(|e| format!("round {i}: {e}"))?;
+        }
         let s = stats(f)?;
         if stop(&s) {
             println!("# stopped after {} round(s)", i + 1);
@@ -1048,7 +1077,7 @@ pub fn populate_lag_with_invalidation_is_clean() -> Result<(), String> {
         },
     )
     .map_err(|e| format!("INJECT: {e}"))?;
-    let s = madvise_during_populate(&f, 24, |_| false)?;
+    let s = madvise_during_populate(&f, 24, true, |_| false)?;
     println!(
         "# {} populates, {} retried after an invalidation overtook the walk",
         s.populates, s.populate_retries
@@ -1081,7 +1110,7 @@ pub fn inject_ignore_retry_is_caught() -> Result<(), String> {
     expect_violations(VIOL_STALE, || {
         let f = open()?;
         dev::inject(&f, ZG_INJ_IGNORE_RETRY, 0).map_err(|e| format!("INJECT: {e}"))?;
-        madvise_during_populate(&f, 40, |s| ctx_violations(s) > 0)
+        madvise_during_populate(&f, 40, false, |s| ctx_violations(s) > 0)
     })
 }
 
@@ -1422,14 +1451,18 @@ fn early_free_rounds(
         dev::inject_all(&f, knobs).map_err(|e| format!("INJECT: {e}"))?;
         let f2 = f.try_clone().map_err(|e| e.to_string())?;
         let (addr, len) = (a.addr, a.len);
-        let t =
-            std::thread::spawn(move || dev::dma(&f2, long_read_job(addr, len)).map(|d| d.status));
+        let want = fnv1a64(FNV_OFFSET, a.bytes());
+        let t = std::thread::spawn(move || dev::dma(&f2, long_read_job(addr, len)));
         // Sweep the walker's phase (a walk is four lags) at 1 ms steps.
         std::thread::sleep(Duration::from_millis(20 + u64::from(round * 7 % 23)));
         // The churner takes tables from now on (it would run out if it started earlier).
         churn.store(CHURN_RACE, Ordering::Relaxed);
         a.unmap();
-        let _ = t.join();
+        let read = t.join().map_err(|_| "job thread panicked")?;
+        // A correct driver's read saw the block's bytes, or stopped where the unmap cut it.
+        if inject == 0 {
+            read_job_consistent(read, len, want).map_err(|e| format!("round {round}: {e}"))?;
+        }
         churn.store(CHURN_IDLE, Ordering::Relaxed);
         dev::inject(&f, 0, 0).map_err(|e| format!("INJECT off: {e}"))?;
         let s = stats(&f)?;

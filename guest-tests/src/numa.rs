@@ -107,7 +107,7 @@ fn expect_node(m: &Mapping, node: i32, when: &str) -> Result<(), String> {
 
 /// `mbind(2)` of `m` to `node` (`MPOL_BIND`), moving what is mapped, strictly: the call fails
 /// if a page could not be moved. `None` drops the policy again (`MPOL_DEFAULT`) without moving.
-fn mbind(m: &Mapping, node: Option<usize>) -> Result<(), String> {
+pub(crate) fn mbind(m: &Mapping, node: Option<usize>) -> Result<(), String> {
     let (mode, mask, flags) = match node {
         Some(n) => (MPOL_BIND, 1u64 << n, MPOL_MF_MOVE | MPOL_MF_STRICT),
         None => (MPOL_DEFAULT, 0, 0),

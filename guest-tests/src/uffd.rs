@@ -237,7 +237,7 @@ pub fn uffd_held_fault_blocks_only_its_context() -> Result<(), String> {
     let t = Instant::now();
     let job = std::thread::spawn(move || dev::dma(&f2, dev::job(DMA_CHECKSUM, addr, 0, PG, 0)));
     std::thread::sleep(Duration::from_millis(200));
-    other_process_ioctls(Duration::from_millis(1500))?;
+    other_process_ioctls(crate::scaled(Duration::from_millis(1500)))?;
     let elapsed_others = t.elapsed();
     let d = job
         .join()
@@ -292,6 +292,20 @@ fn unanswered_fault() -> Result<(), String> {
         libc::ETIMEDOUT,
         "errno of the job whose fault was never served",
     )?;
+    // Aborted at job_timeout_ms (1 s, as set above), by the first waiter to see it overdue:
+    // not before, and not much after.
+    let (earliest, latest) = (
+        Duration::from_millis(1000),
+        Duration::from_millis(1000) + crate::scaled(Duration::from_millis(1500)),
+    );
+    if took < earliest || took > latest {
+        return Err(format!(
+            "the unanswered fault's job ended after {} ms, outside [{}, {}] ms",
+            took.as_millis(),
+            earliest.as_millis(),
+            latest.as_millis()
+        ));
+    }
     let mut b = Mapping::anon(16 * PG).map_err(|e| e.to_string())?;
     b.bytes_mut().fill(9);
     crate::mirror::map(&f, &b, false)?;
@@ -339,7 +353,7 @@ pub fn uffd_held_user_copy_blocks_only_its_context() -> Result<(), String> {
         if dev::dma(&f, read).is_err() || back != data || b.bytes() != &data[..] {
             return 13;
         }
-        if t.elapsed() >= Duration::from_millis(1500) {
+        if t.elapsed() >= crate::scaled(Duration::from_millis(1500)) {
             println!(
                 "# other process's WRITE+READ took {} ms",
                 t.elapsed().as_millis()

@@ -629,7 +629,11 @@ fn vm_config(
 fn vm_run(root: &Path, art: &Artifacts, opts: &Options, echo: vm::Echo) -> Result<(usize, usize)> {
     let (accel, why) = vm::Accel::detect();
     let run_dir = new_run_dir(root)?;
-    let mut init_args = vec!["zg.run=tests".to_string()];
+    // The guest scales its fixed time bounds by the kernel's slowness (guest-tests time_scale).
+    let mut init_args = vec![
+        "zg.run=tests".to_string(),
+        format!("zg.flavor={}", art.flavor),
+    ];
     if let Some(f) = &opts.filter {
         init_args.push(format!("zg.filter={f}"));
     }

@@ -229,7 +229,11 @@ fn guest_run(
 
     let dir = root.join("target/zapguard/runs").join(dir);
     let _ = std::fs::remove_dir_all(&dir);
-    let mut args = vec!["zg.run=tests".into(), format!("zg.filter={}", m.filter)];
+    let mut args = vec![
+        "zg.run=tests".into(),
+        format!("zg.filter={}", m.filter),
+        format!("zg.flavor={}", art.flavor),
+    ];
     args.extend(m.knobs.iter().map(|k| format!("zg.knobs={k}")));
     let mut cfg = vm_config(art, dir.clone(), args, timeout, vm::Echo::Silent);
     cfg.initramfs = initramfs;
@@ -488,7 +492,10 @@ mod tests {
             .map(str::trim)
             .filter(|n| !n.is_empty() && !n.starts_with("//"))
             .collect();
-        assert!(tests.len() > 100 && tests.contains("dev_node_exists"), "{tests:?}");
+        assert!(
+            tests.len() > 100 && tests.contains("dev_node_exists"),
+            "{tests:?}"
+        );
         for m in load(root).unwrap() {
             let names = m.filter.strip_prefix('=').unwrap_or_else(|| {
                 panic!(
