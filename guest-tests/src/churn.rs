@@ -315,14 +315,8 @@ fn spawn(sh: &Shared) -> Result<Vec<libc::pid_t>, String> {
 
 pub fn unbind_and_rmmod_under_load() -> Result<(), String> {
     let dev_bdf = bdf()?;
-    let page = Mapping::new(
-        std::mem::size_of::<Shared>().next_multiple_of(4096),
-        libc::PROT_READ | libc::PROT_WRITE,
-        libc::MAP_SHARED | libc::MAP_ANONYMOUS,
-        -1,
-        0,
-    )
-    .map_err(|e| format!("shared page: {e}"))?;
+    let page = Mapping::shared_anon(std::mem::size_of::<Shared>().next_multiple_of(4096))
+        .map_err(|e| format!("shared page: {e}"))?;
     // SAFETY: a fresh zero-filled shared mapping, large enough and page-aligned; all-zero bytes
     // are a valid `Shared` (atomics), and it outlives every process that uses it.
     let sh: &Shared = unsafe { &*(page.addr as *const Shared) };

@@ -276,6 +276,17 @@ impl Mapping {
         }
     }
 
+    /// Shared anonymous read-write memory: what a parent and its forked children both see.
+    pub fn shared_anon(len: usize) -> io::Result<Self> {
+        Self::new(
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    }
+
     /// Private anonymous read-write memory.
     pub fn anon(len: usize) -> io::Result<Self> {
         Self::new(

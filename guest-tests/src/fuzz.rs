@@ -1721,14 +1721,7 @@ pub(crate) struct BoardMem(dev::Mapping);
 impl BoardMem {
     pub(crate) fn new() -> io::Result<Self> {
         let len = std::mem::size_of::<Board>().next_multiple_of(PG as usize);
-        dev::Mapping::new(
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED | libc::MAP_ANONYMOUS,
-            -1,
-            0,
-        )
-        .map(Self)
+        dev::Mapping::shared_anon(len).map(Self)
     }
 
     pub(crate) fn board(&self) -> &Board {

@@ -57,14 +57,7 @@ pub fn hmm_write_readonly_eperm_then_rw() -> Result<(), String> {
 }
 
 pub fn hmm_shared_fork_parent_sees_child() -> Result<(), String> {
-    let a = Mapping::new(
-        4 * PG,
-        libc::PROT_READ | libc::PROT_WRITE,
-        libc::MAP_SHARED | libc::MAP_ANONYMOUS,
-        -1,
-        0,
-    )
-    .map_err(|e| e.to_string())?;
+    let a = Mapping::shared_anon(4 * PG).map_err(|e| e.to_string())?;
     let (addr, len) = (a.addr, a.len);
     // The child writes through its own context; MAP_SHARED means the parent sees it.
     let code = fork_wait(|| {
@@ -1161,14 +1154,7 @@ pub fn hmm_mremap_fixed_and_dontunmap() -> Result<(), String> {
 pub fn sigkill_mid_job_is_safe() -> Result<(), String> {
     use std::sync::atomic::{AtomicU32, Ordering};
     let before = crate::mirror::device_violations()?;
-    let page = Mapping::new(
-        PG,
-        libc::PROT_READ | libc::PROT_WRITE,
-        libc::MAP_SHARED | libc::MAP_ANONYMOUS,
-        -1,
-        0,
-    )
-    .map_err(|e| e.to_string())?;
+    let page = Mapping::shared_anon(PG).map_err(|e| e.to_string())?;
     // SAFETY: a zeroed shared page, aligned, alive until the end of the test; the children
     // only touch it through this atomic.
     let jobs = unsafe { &*(page.addr as *const AtomicU32) };

@@ -1403,14 +1403,7 @@ fn early_free_race(
     stop: impl Fn(&ZgStats) -> bool,
 ) -> Result<ZgStats, String> {
     use std::sync::atomic::AtomicU32;
-    let shared = Mapping::new(
-        PG,
-        libc::PROT_READ | libc::PROT_WRITE,
-        libc::MAP_SHARED | libc::MAP_ANONYMOUS,
-        -1,
-        0,
-    )
-    .map_err(|e| e.to_string())?;
+    let shared = Mapping::shared_anon(PG).map_err(|e| e.to_string())?;
     let flag = shared.addr as *const AtomicU32;
     let pid = fork_child(|| table_churner(flag))?;
     // SAFETY: `flag` points into the shared page, alive until `shared` drops below.
