@@ -515,16 +515,23 @@ fn overtaken_fault_gives_up() -> Result<(), String> {
         libc::EBUSY,
         "errno of the always-overtaken fault's job",
     )?;
-    // One service, ended by the driver: a service that had committed would have let the
-    // device fault again.
-    check_eq(d.faults, 1, "device faults of the job")?;
-    // Fewer would mean that the time bound ended the service (the handler's time did not
-    // dominate) or that some walks were not overtaken; more, that the retry bound did not hold.
-    check_eq(
-        retried,
+    // Each device fault is one service. All but the last committed (a walk slipped between two
+    // invalidations, and the device faulted again when the page was zapped after it), each
+    // after fewer than the bound's walks; the last gave up (EBUSY) after exactly the bound.
+    // Fewer overtaken walks would mean the time bound ended it; more, that the bound did not
+    // hold. Usually there is one service (`just test` once saw two: 206 + 256 walks).
+    let services = u64::from(d.faults.max(1));
+    let (least, most) = (
         FAULT_MAX_RETRIES,
-        "overtaken walks before the service gave up",
-    )
+        FAULT_MAX_RETRIES + (services - 1) * (FAULT_MAX_RETRIES - 1),
+    );
+    if !(least..=most).contains(&retried) {
+        return Err(format!(
+            "{retried} overtaken walks over {services} service(s): the last must give up after \
+             exactly {FAULT_MAX_RETRIES}, the others commit before it ([{least}, {most}])"
+        ));
+    }
+    Ok(())
 }
 
 /// A fault service stops at its next walk once its job was aborted: with `job_timeout_ms` at
