@@ -482,7 +482,57 @@ fn module_reload_rebinds() -> Result<(), String> {
     check_eq(info.ident, regs::IDENT_MAGIC, "IDENT after reload")
 }
 
+/// On a crash of the runner (SIGSEGV, SIGBUS), prints the faulting address and the process's
+/// memory map to stderr before dying as the signal would: a vanished mapping, or a device write
+/// into the runner's memory, then shows where. Only async-signal-safe calls.
+extern "C" fn dump_maps_on_crash(sig: i32, info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
+    // SAFETY: `info` is the kernel's siginfo for this signal; the rest are plain syscalls on a
+    // stack buffer; then the default action is restored and the signal raised again.
+    unsafe {
+        let addr = (*info).si_addr() as usize;
+        let mut line = [0u8; 64];
+        let msg = format_hex(b"# runner crashed, address 0x", addr, &mut line);
+        libc::write(2, msg.as_ptr().cast(), msg.len());
+        let fd = libc::open(c"/proc/self/maps".as_ptr(), libc::O_RDONLY);
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = libc::read(fd, buf.as_mut_ptr().cast(), buf.len());
+            if n <= 0 {
+                break;
+            }
+            libc::write(2, buf.as_ptr().cast(), n as usize);
+        }
+        libc::signal(sig, libc::SIG_DFL);
+        libc::raise(sig);
+    }
+}
+
+/// `prefix` and `v` in hex and a newline, in `out` (no allocation: for a signal handler).
+fn format_hex<'a>(prefix: &[u8], v: usize, out: &'a mut [u8; 64]) -> &'a [u8] {
+    let mut n = prefix.len();
+    out[..n].copy_from_slice(prefix);
+    for shift in (0..16).rev() {
+        out[n] = b"0123456789abcdef"[(v >> (shift * 4)) & 0xf];
+        n += 1;
+    }
+    out[n] = b'\n';
+    &out[..=n]
+}
+
+fn install_crash_dump() {
+    for sig in [libc::SIGSEGV, libc::SIGBUS] {
+        // SAFETY: installing a handler that only makes async-signal-safe calls.
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = dump_maps_on_crash as *const () as usize;
+            sa.sa_flags = libc::SA_SIGINFO | libc::SA_RESETHAND;
+            libc::sigaction(sig, &sa, std::ptr::null_mut());
+        }
+    }
+}
+
 fn main() {
+    install_crash_dump();
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.first().map(String::as_str) == Some("--bench") {
         let smoke = args.iter().any(|a| a == "--smoke");
