@@ -1110,7 +1110,7 @@ pub fn inject_ignore_retry_is_caught() -> Result<(), String> {
     expect_violations(VIOL_STALE, || {
         let f = open()?;
         dev::inject(&f, ZG_INJ_IGNORE_RETRY, 0).map_err(|e| format!("INJECT: {e}"))?;
-        madvise_during_populate(&f, 40, false, |s| ctx_violations(s) > 0)
+        madvise_during_populate(&f, 80, false, |s| ctx_violations(s) > 0)
     })
 }
 
