@@ -8,8 +8,9 @@
 //! Serves one QEMU connection (`-device vfio-user-pci,socket=PATH`), writes every device event
 //! to the binary trace (`zapguard-trace json PATH` prints it as JSON Lines), and exits 0 when QEMU goes away or on SIGTERM/SIGINT (after flushing
 //! the trace and removing the socket), 1 on an error, and [`DIED`] when the guest injected
-//! `FAIL_DIE` (after flushing the trace and removing the socket, without answering QEMU: the
-//! guest sees its device vanish).
+//! `FAIL_DIE`. A dying device flushes its trace, removes the socket, answers what QEMU had
+//! already sent with all ones and refuses the rest ([`qemu_dev::server::unplug`]), then exits:
+//! the guest sees its device vanish, and QEMU is left with no request waiting for a reply.
 
 use std::fs::File;
 use std::io;
@@ -123,10 +124,21 @@ fn run(args: &Args) -> Result<(), String> {
             eprintln!("zapguard-dev: trace flush failed: {e}");
         }
         let _ = std::fs::remove_file(&socket);
-        eprintln!("zapguard-dev: FAIL_DIE injected: exiting without answering QEMU");
-        std::process::exit(DIED)
+        eprintln!(
+            "zapguard-dev: FAIL_DIE injected: answering what QEMU sent with all ones, then exiting"
+        );
+        // The message loop ends once it has answered everything already sent; `run` exits.
+        if let Err(e) = qemu_dev::server::unplug(&socket) {
+            eprintln!("zapguard-dev: unplug: {e}; exiting at once");
+            std::process::exit(DIED)
+        }
     });
     let served = serve(listener, &mut backend);
+    if backend.device().die_requested() {
+        // Flushed by the hook; only the disconnect is new.
+        let _ = backend.device().events().flush();
+        std::process::exit(DIED)
+    }
 
     let flushed = {
         let mut dev = backend.device();

@@ -113,6 +113,9 @@ pub struct Shared<E: Events> {
     memory: RwLock<GuestMemory>,
     wake: Condvar,
     stop: AtomicBool,
+    /// The device died (`FAIL_DIE`): registers and config space read all ones, writes are
+    /// dropped, as for a device that fell off the bus.
+    dead: AtomicBool,
     on_die: Mutex<Option<DieHook>>,
     /// Register accesses waiting for the device lock, and since when (nanoseconds after
     /// `epoch`, 0 = none): the worker lets them in between two slices once they waited
@@ -225,7 +228,8 @@ pub fn spawn_worker<E: Events + Send + 'static>(
                 (dev.take_irqs(), dev.die_requested())
             };
             if died {
-                // A dead device raises nothing and answers nothing.
+                // A dead device raises nothing and does nothing more.
+                shared.dead.store(true, Ordering::Release);
                 shared.die();
                 return;
             }
@@ -265,6 +269,7 @@ impl<E: Events + Send + 'static> ZapguardBackend<E> {
             memory: RwLock::new(GuestMemory::new()),
             wake: Condvar::new(),
             stop: AtomicBool::new(false),
+            dead: AtomicBool::new(false),
             waiting: AtomicUsize::new(0),
             waiting_since: AtomicU64::new(0),
             epoch: Instant::now(),
@@ -413,6 +418,10 @@ impl<E: Events + Send + 'static> Drop for ZapguardBackend<E> {
 
 impl<E: Events + Send + 'static> ServerBackend for ZapguardBackend<E> {
     fn region_read(&mut self, region: u32, offset: u64, data: &mut [u8]) -> io::Result<()> {
+        if self.shared.dead.load(Ordering::Acquire) {
+            data.fill(0xff);
+            return Ok(());
+        }
         match region {
             VFIO_PCI_CONFIG_REGION_INDEX => {
                 if let Err(e) = self.config.read(offset, data) {
@@ -432,6 +441,9 @@ impl<E: Events + Send + 'static> ServerBackend for ZapguardBackend<E> {
     }
 
     fn region_write(&mut self, region: u32, offset: u64, data: &[u8]) -> io::Result<()> {
+        if self.shared.dead.load(Ordering::Acquire) {
+            return Ok(());
+        }
         match region {
             VFIO_PCI_CONFIG_REGION_INDEX => {
                 self.event(&Event::ConfigWrite {
@@ -617,6 +629,72 @@ pub fn serve<E: Events + Send + 'static>(
     }
     backend.event(&Event::Disconnect);
     result
+}
+
+/// Ends the device's connection to `socket` as a dead device must: its read side is shut
+/// down, so the message loop still answers every request already sent (their registers read
+/// all ones once the device died) and then sees the end of the stream, and the client's later
+/// requests fail at once (`EPIPE`). Closing the socket instead would leave a request that was
+/// read but not answered waiting for QEMU's reply timeout, and one not yet read would turn the
+/// close into a connection reset.
+///
+/// The connection is the accepted stream socket in this process whose local address is
+/// `socket` (the vfio-user server accepts it where we cannot see it). `NotFound` if there is
+/// none.
+pub fn unplug(socket: &std::path::Path) -> io::Result<()> {
+    for entry in std::fs::read_dir("/proc/self/fd")? {
+        let Some(fd) = entry?
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        if is_connection_to(fd, socket) {
+            // SAFETY: shutdown on a descriptor number; at worst it fails with EBADF/ENOTSOCK.
+            if unsafe { libc::shutdown(fd, libc::SHUT_RD) } != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            return Ok(());
+        }
+    }
+    Err(io::Error::new(
+        io::ErrorKind::NotFound,
+        format!("no connection on {}", socket.display()),
+    ))
+}
+
+/// Whether `fd` is a connected (not listening) Unix stream socket bound to `path`.
+fn is_connection_to(fd: i32, path: &std::path::Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let int_opt = |opt| {
+        let mut v: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: `v` and `len` are valid out-pointers of the sizes given.
+        let rc =
+            unsafe { libc::getsockopt(fd, libc::SOL_SOCKET, opt, (&raw mut v).cast(), &mut len) };
+        (rc == 0).then_some(v)
+    };
+    if int_opt(libc::SO_DOMAIN) != Some(libc::AF_UNIX)
+        || int_opt(libc::SO_TYPE) != Some(libc::SOCK_STREAM)
+        || int_opt(libc::SO_ACCEPTCONN) != Some(0)
+    {
+        return false;
+    }
+    // SAFETY: sockaddr_un is plain data; all zeroes is a valid value.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
+    // SAFETY: `addr` is large enough for a Unix address and `len` says so.
+    if unsafe { libc::getsockname(fd, (&raw mut addr).cast(), &mut len) } != 0 {
+        return false;
+    }
+    let name: Vec<u8> = addr
+        .sun_path
+        .iter()
+        .take_while(|&&c| c != 0)
+        .map(|&c| c as u8)
+        .collect();
+    name == path.as_os_str().as_bytes()
 }
 
 /// Blocks until a connection is pending on `listener` (the vfio_user server would accept it
@@ -1035,6 +1113,92 @@ mod tests {
             .expect("the hook ran");
         assert_eq!(who.as_deref(), Some("zapguard-worker"));
         assert!(b.device().die_requested());
+        // Dead: registers and config space read all ones, writes go nowhere.
+        b.region_write(BAR0_REGION, SCRATCH.into(), &5u32.to_le_bytes())
+            .expect("write");
+        for region in [BAR0_REGION, VFIO_PCI_CONFIG_REGION_INDEX] {
+            let mut v = [0u8; 4];
+            b.region_read(region, 0, &mut v).expect("read");
+            assert_eq!(u32::from_le_bytes(v), u32::MAX, "region {region}");
+        }
+        let mut v = [0u8; 4];
+        b.device().read(SCRATCH.into(), &mut v);
+        assert_eq!(u32::from_le_bytes(v), 0, "the write was dropped");
+    }
+
+    /// QEMU's vfio-user client fails only the request whose reply it is reading when the
+    /// socket closes: a request the device read and never answered waits for QEMU's reply
+    /// timeout (5 s, the vCPU stalled), and one left unread makes the close a reset (QEMU
+    /// 11.1.3 then aborted once, `error_setv` twice). So a dying device answers everything
+    /// it was sent, registers reading all ones, and only then closes; later requests fail at
+    /// once (`EPIPE`).
+    #[test]
+    fn a_dying_device_answers_what_it_was_sent_then_closes() {
+        use shared_regs::dma::DMA_FILL;
+        use shared_regs::regs::{DMAQ_PROD, FAIL_DIE, FAIL_INJECT};
+        let path = socket_path("die");
+        let _ = std::fs::remove_file(&path);
+        let listener = UnixListener::bind(&path).expect("bind");
+        let mut backend = backend();
+        let socket = path.clone();
+        backend.on_die(move || unplug(&socket).expect("unplug"));
+        let server = std::thread::spawn(move || serve(listener, &mut backend));
+
+        let (tx, rx) = std::sync::mpsc::channel();
+        let client_path = path.clone();
+        std::thread::spawn(move || {
+            let mut c = vfio_user::Client::new(&client_path).expect("connect");
+            let ram = memfd(16 << 20);
+            c.dma_map(0, 0, 16 << 20, ram.as_raw_fd()).expect("map RAM");
+            let mut w = |r: u32, v: u32| {
+                c.region_write(BAR0_REGION, r.into(), &v.to_le_bytes())
+                    .expect("write")
+            };
+            crate::testkit::program(&mut w, 2);
+            w(SCRATCH, 7);
+            let cmd = PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER;
+            c.region_write(
+                VFIO_PCI_CONFIG_REGION_INDEX,
+                PCI_COMMAND as u64,
+                &cmd.to_le_bytes(),
+            )
+            .expect("bus master");
+            c.region_write(BAR0_REGION, FAIL_INJECT.into(), &FAIL_DIE.to_le_bytes())
+                .expect("arm");
+            let mut j = crate::testkit::job(DMA_FILL, 0, 0, 0x1000, 8, 0);
+            j.status = crate::testkit::STATUS;
+            std::os::unix::fs::FileExt::write_all_at(&ram, &j.to_bytes(), crate::testkit::DMAQ)
+                .expect("ring");
+            c.region_write(BAR0_REGION, DMAQ_PROD.into(), &1u32.to_le_bytes())
+                .expect("doorbell");
+            // Reads until the device is gone: each answered one reads the register or all ones.
+            let mut values = Vec::new();
+            let end = loop {
+                let mut v = [0u8; 4];
+                match c.region_read(BAR0_REGION, SCRATCH.into(), &mut v) {
+                    Ok(()) => values.push(u32::from_le_bytes(v)),
+                    Err(e) => break e,
+                }
+            };
+            tx.send((values, end)).expect("report");
+        });
+        let (values, end) = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the client saw the device go within 10 s");
+        assert!(
+            matches!(end, vfio_user::Error::StreamWrite(_)),
+            "a request was sent and never answered: {end:?}"
+        );
+        // Usually none: the device dies at the job's first step, before the next read.
+        assert!(
+            values.iter().all(|&v| v == 7 || v == u32::MAX),
+            "{values:x?}"
+        );
+        server
+            .join()
+            .expect("no panic")
+            .expect("the loop ends cleanly");
+        let _ = std::fs::remove_file(&path);
     }
 
     #[test]

@@ -1004,7 +1004,7 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let Some(cmd) = args.first() else {
         eprintln!(
-            "usage: cargo xtask run|shell|test|build|image|mutants|bench|fuzz-guest [options] (see xtask/src/main.rs)"
+            "usage: cargo xtask run|shell|test|build|image|mutants|bench|fuzz-guest|device-death [options] (see xtask/src/main.rs)"
         );
         return ExitCode::from(2);
     };
@@ -1057,6 +1057,10 @@ fn main() -> ExitCode {
                     .map(|_| ExitCode::SUCCESS)
                     .map_err(|e| format!("VM run: {e}"))
             }),
+        // The device-death boot of `just test` alone (to reproduce its failures).
+        "device-death" => build(&root)
+            .and_then(|art| device_death_run(&root, &art))
+            .map(|(p, f)| finish(p, f)),
         "build" => build(&root).map(|a| {
             for (k, v) in [
                 ("qemu", &a.qemu),
