@@ -178,6 +178,43 @@ impl<'a> NotifierRange<'a> {
     }
 }
 
+/// A section in which the current task must not sleep (`non_block_start()` to
+/// `non_block_end()`): with `CONFIG_DEBUG_ATOMIC_SLEEP`, a `might_sleep()` or a schedule inside
+/// it is reported ("sleeping function called from invalid context"); without, it costs nothing.
+///
+/// # Invariants
+///
+/// With `CONFIG_DEBUG_ATOMIC_SLEEP`, the current task's `non_block_count` was incremented by
+/// [`Self::enter`] and is decremented by drop, on the same task (the type is not `Send`).
+struct NonBlockSection(core::marker::PhantomData<*mut ()>);
+
+impl NonBlockSection {
+    /// `non_block_start()`.
+    fn enter() -> Self {
+        #[cfg(CONFIG_DEBUG_ATOMIC_SLEEP)]
+        // SAFETY: `current_raw()` is the running task, valid while it runs; only the task itself
+        // writes its `non_block_count`, so a plain increment is what the C macro does.
+        unsafe {
+            (*kernel::task::Task::current_raw()).non_block_count += 1
+        };
+        // INVARIANT: the count (if any) was incremented on this task.
+        Self(core::marker::PhantomData)
+    }
+}
+
+impl Drop for NonBlockSection {
+    /// `non_block_end()`.
+    fn drop(&mut self) {
+        #[cfg(CONFIG_DEBUG_ATOMIC_SLEEP)]
+        // SAFETY: as in `enter`; by the type invariants this task's count was incremented.
+        unsafe {
+            let task = kernel::task::Task::current_raw();
+            kernel::warn_on!((*task).non_block_count == 0);
+            (*task).non_block_count -= 1;
+        }
+    }
+}
+
 /// The driver side of an [`IntervalNotifier`]: what to do when the kernel invalidates part of
 /// the notifier's interval.
 ///
@@ -195,7 +232,9 @@ pub trait IntervalInvalidate: Sync + Sized + 'static {
     /// the driver lock, call `sub.set_seq(cur_seq)` under it, tear down the device mappings and
     /// wait for the device to have stopped using them before returning `true`. If
     /// [`NotifierRange::blockable`] is `false`, never sleep: trylock the driver lock (`false`
-    /// if it is taken), and return `false` if the work cannot be finished without sleeping. A
+    /// if it is taken), and return `false` if the work cannot be finished without sleeping.
+    /// Such a call runs inside `non_block_start()`/`non_block_end()`, so a kernel with
+    /// `CONFIG_DEBUG_ATOMIC_SLEEP` reports any sleep in it. A
     /// `false` after [`IntervalNotifier::set_seq`] is fine: the core ends the invalidation
     /// sequence either way, so readers retry, and the caller (the OOM reaper) tries again
     /// later.
@@ -353,6 +392,11 @@ impl<T: IntervalInvalidate> IntervalNotifier<T> {
         // the `NotifierRange` does not outlive the call.
         let raw = unsafe { &*range };
         let range = NotifierRange { raw };
+        // The core wraps only full notifiers' non-blockable callbacks in `non_block_start()`
+        // (`mn_hlist_invalidate_range_start`), not interval notifiers' (`mn_itree_invalidate`):
+        // without this, a sleep on the OOM reaper's path would go unreported even where
+        // `CONFIG_DEBUG_ATOMIC_SLEEP` is on.
+        let _no_sleep = (!range.blockable()).then(NonBlockSection::enter);
         // Lossless: `c_ulong` is at most 64 bits.
         this.data.invalidate(this, &range, cur_seq as u64)
     }
