@@ -59,6 +59,7 @@ const TESTS: &[Test] = ktap::tests![
     munmap_shoots_down,
     madvise_dontneed_refaults_new_page,
     mprotect_readonly_refuses_device_writes,
+    map_walks_ask_only_for_the_maps_access,
     mprotect_none_takes_device_reads_away,
     fork_cow_keeps_child_private,
     fork_write_protects_instead_of_zapping,

@@ -373,6 +373,32 @@ pub fn mprotect_readonly_refuses_device_writes() -> Result<(), String> {
     clean(&f)
 }
 
+/// A MAP over two 2 MiB blocks, the first writable and present, the second read-only: the
+/// driver walks them one at a time through one PFN array, and each walk asks for what the MAP
+/// asked (read), whatever the previous walk left in the array. The nouveau bug fixed by "fault
+/// one page at a time" read such leftovers back as requests: here the first block's writable
+/// entries would ask for write faults on the read-only block (`EPERM`).
+pub fn map_walks_ask_only_for_the_maps_access() -> Result<(), String> {
+    let f = open()?;
+    let mut a = Mapping::anon(3 * HUGE).map_err(|e| e.to_string())?;
+    a.bytes_mut().fill(0x5a);
+    let start = a.addr.next_multiple_of(HUGE);
+    // SAFETY: the second block lies inside `a`, which this test owns.
+    if unsafe { libc::mprotect((start + HUGE) as *mut libc::c_void, HUGE, libc::PROT_READ) } != 0 {
+        return Err(format!("mprotect: {}", std::io::Error::last_os_error()));
+    }
+    dev::map(&f, start, 2 * HUGE, 0)
+        .map_err(|e| format!("read MAP of a writable then a read-only block: {e}"))?;
+    let snap = dev::snapshot(&f, start, 2 * HUGE / PG).map_err(|e| format!("SNAPSHOT: {e}"))?;
+    let mapped = snap
+        .iter()
+        .filter(|s| *s & ZG_SNAP_DEV_PRESENT != 0)
+        .count();
+    check_eq(mapped, 2 * HUGE / PG, "pages the read MAP mirrored")?;
+    run(&f, dev::job(DMA_CHECKSUM, start, 0, 2 * HUGE, 0))?;
+    clean(&f)
+}
+
 /// A child that panics ends there, with status 101: it never unwinds into its copy of the test
 /// runner (which would run the rest of the suite a second time).
 pub fn a_panicking_fork_child_ends_in_the_child() -> Result<(), String> {
