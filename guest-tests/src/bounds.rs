@@ -49,6 +49,11 @@ pub fn pt_pages_bounded_and_reclaimed() -> Result<(), String> {
         Some(libc::ENOMEM),
         "errno once the context's bound is reached",
     )?;
+    check_eq(
+        full.pt_pages,
+        MAX_PT_PAGES,
+        "table pages held at the bound (max_pt_pages)",
+    )?;
     let other = fork_wait(|| {
         let Ok(g) = dev::open() else { return 10 };
         let Ok(mut b) = Mapping::anon(16 * PG) else {
@@ -81,3 +86,7 @@ pub fn pt_pages_bounded_and_reclaimed() -> Result<(), String> {
     dev::map(&f, b.addr, b.len, 0).map_err(|e| format!("MAP after reclaim: {e}"))?;
     Ok(())
 }
+
+/// The driver's `max_pt_pages` parameter: its default (`kmod/zapguard.rs`), which the suite
+/// loads it with (module parameters are not exported in sysfs).
+const MAX_PT_PAGES: u64 = 256;
