@@ -1065,7 +1065,9 @@ fn madvise_during_populate(
     a.bytes_mut().fill(1);
     for i in 0..rounds {
         let (addr, len) = (a.addr, a.len);
-        let delay = Duration::from_micros([300, 700, 1200][i % 3]);
+        // Spread over the walk and the 4 ms after it (slower kernels walk longer: CI's debug
+        // kernel once missed the window in 80 rounds of 300-1200 us).
+        let delay = crate::scaled(Duration::from_micros([300, 700, 1200, 2000, 2800][i % 5]));
         let t = std::thread::spawn(move || {
             std::thread::sleep(delay);
             // SAFETY: advice on the test's own mapping, then touching it.

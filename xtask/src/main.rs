@@ -653,7 +653,18 @@ fn vm_run(root: &Path, art: &Artifacts, opts: &Options, echo: vm::Echo) -> Resul
         "boot guest ({accel:?}: {why}; timeout {} s)",
         opts.timeout.as_secs()
     ));
-    let o = vm::run(&cfg).map_err(|e| format!("VM run: {e}"))?;
+    let mut o = vm::run(&cfg).map_err(|e| format!("VM run: {e}"))?;
+    if o.only_boot_splats() {
+        // Not the driver's (it is not loaded yet), and rare: boot once more, keeping the
+        // first boot's console log. A second one fails the run as any splat does.
+        eprintln!(
+            "xtask: kernel splat before the guest's init ran, zapguard not loaded: {}; booting again once (first console log: {})",
+            o.splats[0],
+            run_dir.join("serial-first-boot.log").display()
+        );
+        let _ = std::fs::rename(&o.serial_log, run_dir.join("serial-first-boot.log"));
+        o = vm::run(&cfg).map_err(|e| format!("VM run: {e}"))?;
+    }
     eprintln!("    guest finished in {:.1}s", t.elapsed().as_secs_f32());
 
     let rel = |p: &Path| {
@@ -1394,5 +1405,26 @@ mod tests {
             failed(&o),
             ["the guest reported a result for every planned test"]
         );
+    }
+
+    #[test]
+    fn only_splats_before_init_count_as_boot_splats() {
+        let boot = "[    0.003693] BUG: KASAN: wild-memory-access in _raw_spin_lock+0x29/0x60";
+        let later = "[   12.000000] BUG: KASAN: slab-use-after-free in zapguard::x";
+        let init = "zapguard-init: kernel 7.3.4, running 'tests'";
+        let run = |lines: &[&str]| {
+            let mut o = vm::VmOutcome::default();
+            let mut in_tests = false;
+            for l in lines {
+                vm::feed_line(l, &mut in_tests, &mut o);
+            }
+            o
+        };
+        assert!(run(&[boot, init]).only_boot_splats());
+        assert!(!run(&[init]).only_boot_splats());
+        assert!(!run(&[init, later]).only_boot_splats());
+        let both = run(&[boot, init, later]);
+        assert!(!both.only_boot_splats());
+        assert_eq!((both.splats.len(), both.splats_before_init), (2, 1));
     }
 }

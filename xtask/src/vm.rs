@@ -119,6 +119,22 @@ pub struct VmOutcome {
     pub qemu_log: PathBuf,
     /// Lines of announced OOM-killer reports are not splats.
     pub oom: ktap::OomWindow,
+    /// The guest's init has started (its first line was seen): zapguard can be loaded only
+    /// from then on.
+    pub init_started: bool,
+    /// Of [`Self::splats`], those printed before init started.
+    pub splats_before_init: usize,
+}
+
+/// The guest init's first line.
+const INIT_STARTS: &str = "zapguard-init: kernel ";
+
+impl VmOutcome {
+    /// Every splat came before init started: the kernel's own boot, with zapguard not loaded
+    /// (CI once saw KASAN flag an interrupt taken during `identify_cpu`, 4 ms into boot).
+    pub fn only_boot_splats(&self) -> bool {
+        !self.splats.is_empty() && self.splats_before_init == self.splats.len()
+    }
 }
 
 /// Guest RAM: node 0 (both CPUs) and node 1 (memory only), the sum.
@@ -397,8 +413,14 @@ pub fn feed_line(line: &str, in_tests: &mut bool, out: &mut VmOutcome) {
 
 fn handle_line(line: &str, echo: Echo, in_tests: &mut bool, out: &mut VmOutcome) {
     let announced_oom = out.oom.expected(line);
+    if line.contains(INIT_STARTS) {
+        out.init_started = true;
+    }
     if let Some(p) = ktap::splat(line).filter(|_| !announced_oom) {
         out.splats.push(line.to_string());
+        if !out.init_started {
+            out.splats_before_init += 1;
+        }
         if echo == Echo::Results {
             eprintln!("xtask: kernel splat ({p}): {line}");
         }
