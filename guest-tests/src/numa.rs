@@ -134,6 +134,13 @@ pub(crate) fn mbind(m: &Mapping, node: Option<usize>) -> Result<(), String> {
     Ok(())
 }
 
+/// Drains every CPU's batch of pages waiting to enter the LRU lists (`lru_add_drain_all()`, which
+/// `migrate_pages(2)` runs first; node 0 to node 0 moves nothing): idle-page tracking sees only
+/// pages on the lists.
+pub(crate) fn drain_lru_batches() -> Result<(), String> {
+    migrate_process(0, 0).map(drop)
+}
+
 /// `migrate_pages(2)` of this whole process from node `from` to node `to`; returns how many
 /// pages could not be moved (pages other processes share stay; ours are checked by the caller).
 fn migrate_process(from: usize, to: usize) -> Result<i64, String> {
