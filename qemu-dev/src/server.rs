@@ -12,9 +12,10 @@
 //!
 //! The glue owns config space, so it tells the device about PCI bus mastering
 //! ([`ZapguardDevice::set_bus_master`]): at creation, on every config write that changes the
-//! command register, and on reset. When an injected `FAIL_DIE` fires, the worker calls the
-//! hook set with [`ZapguardBackend::on_die`] (the binary flushes its trace and exits there)
-//! instead of answering anything more.
+//! command register, and on reset. When an injected `FAIL_DIE` fires, the device is dead:
+//! registers and config space read all ones and writes go nowhere, and the worker calls the
+//! hook set with [`ZapguardBackend::on_die`] (the binary flushes its trace there and [`unplug`]s
+//! the connection, so that the loop answers what QEMU already sent and then ends).
 
 use std::fs::File;
 use std::io::{self, Write};
