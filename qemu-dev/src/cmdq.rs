@@ -4,7 +4,7 @@
 //! consumer keeps pointing at it with the error code until the driver clears `ERR_CMDQ`. A SYNC
 //! whose invalidations are still used by the in-flight DMA job blocks the queue until the job
 //! moves past those translations; DMA keeps running meanwhile, so this always resolves (unless
-//! a hang is injected). A waiting SYNC is held in the device ([`PendingSync`]), not fetched
+//! a hang is injected). A waiting SYNC is held in the device (`PendingSync`), not fetched
 //! again.
 //!
 //! Injected failures ([`crate::inject`]) act here too: [`FAIL_CMDQ_STOP`] stops fetching,
