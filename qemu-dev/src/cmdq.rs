@@ -11,7 +11,7 @@
 //! [`FAIL_CMDQ_ERROR`] answers the next command with [`CERR_INJECTED`], and
 //! [`FAIL_SYNC_DELAY`] gives each SYNC reached a deadline before which it does not complete.
 //! The [`SYNC_LAG`](shared_regs::regs::SYNC_LAG) knob gives it one too (not a failure: not
-//! traced as one); with both, the later deadline applies ([`SyncHold`]).
+//! traced as one); with both, the later deadline applies (`SyncHold`).
 
 use shared_regs::cmd::*;
 use shared_regs::pci::Vector;

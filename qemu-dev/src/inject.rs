@@ -13,7 +13,7 @@
 //! [`IOTLB_KEEP`] is the IOTLB's own mode ([`crate::iotlb::Iotlb::set_keep`]), so it lives
 //! with the IOTLB and a reset, which rebuilds the IOTLB, clears it. The table-lifetime check is
 //! made by [`crate::dma_engine`]'s walks: before each table read (after the [`WALK_LAG`] sleep)
-//! it reads the table's bit in the guest's bitmap ([`FreedTables::is_freed`]), never caching it,
+//! it reads the table's bit in the guest's bitmap (`FreedTables::is_freed`), never caching it,
 //! so a bit the driver sets while the walker sleeps is seen at the next table read.
 //! [`SYNC_LAG`] does not sleep: like [`FAIL_SYNC_DELAY`] it gives each SYNC reached a deadline
 //! on the [`Clock`] ([`crate::cmdq`]), so the device keeps running DMA while the SYNC waits and
