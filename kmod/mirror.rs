@@ -514,7 +514,8 @@ impl Mirror {
         }
         let mut us = self.populate_lag.load(Ordering::Relaxed);
         if ignore_retry {
-            us = us.max(4000);
+            // Wide enough that the test's invalidation lands in it on the slow kernels too.
+            us = us.max(20_000);
         }
         if us > 0 {
             fsleep(Delta::from_micros(us.into()));
