@@ -1403,7 +1403,7 @@ impl fmt::Display for Errnos {
 
 /// Why a call must fail, and the errnos that reason explains: the argument checks the driver
 /// makes before any work answer exactly one; an access the device cannot make may also end
-/// first in what serving its faults can answer ([`RUNTIME`]).
+/// first in what serving its faults can answer ([`ACCESS`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Cause {
     pub(crate) why: &'static str,
@@ -1416,18 +1416,13 @@ impl fmt::Display for Cause {
     }
 }
 
-/// What serving a device fault or a `MAP` can answer before the access that must fail is
-/// reached: out of table pages, a walk invalidations kept overtaking, a fault not served in
-/// time (the README's `ENOMEM`, `EBUSY` and `ETIMEDOUT` rows), and a job whose fault was
-/// aborted because another thread closed the file meanwhile (`EFAULT`).
-const RUNTIME: [i32; 4] = [ENOMEM, EBUSY, ETIMEDOUT, EFAULT];
 const INVAL: Errnos = Errnos::of(&[EINVAL]);
 const FAULT: Errnos = Errnos::of(&[EFAULT]);
 /// An access the device cannot make: `EFAULT` (unmapped, `PROT_NONE`, past a guard page) or
-/// `EPERM` (a write to read-only memory), or what serving the faults before it answers.
-const ACCESS: Errnos = Errnos::of(&[EFAULT, EPERM, RUNTIME[0], RUNTIME[1], RUNTIME[2]]);
-/// A device write to read-only memory: `EPERM`, or [`RUNTIME`].
-const WRITE_RO: Errnos = Errnos::of(&[EPERM, RUNTIME[0], RUNTIME[1], RUNTIME[2], RUNTIME[3]]);
+/// `EPERM` (a write to read-only memory), or what serving the faults before it can answer:
+/// out of table pages (`ENOMEM`), a walk invalidations kept overtaking (`EBUSY`), a fault not
+/// served in time (`ETIMEDOUT`), a job whose fault another thread's close aborted (`EFAULT`).
+const ACCESS: Errnos = Errnos::of(&[EFAULT, EPERM, ENOMEM, EBUSY, ETIMEDOUT]);
 
 /// An argument the driver cannot read answers `EFAULT`; one it reads from the read-only
 /// pattern (which no structure accepts) is refused with `EINVAL`, or `EFAULT` when the answer
@@ -1472,6 +1467,15 @@ fn checked_first<const A: usize, const B: usize>(
     causes(args).or_else(|| causes(access))
 }
 
+/// Why a `/dev/zapguard` ioctl with no other argument to check must fail: a bad argument
+/// pointer, or a file of the test_hmm node (which does not know the command).
+fn pointer_or_node(arg: Ptr, node: Node) -> Option<Cause> {
+    causes([
+        (arg != Ptr::Valid).then_some(BAD_POINTER),
+        (node == Node::Hmm).then_some(NOT_HMM),
+    ])
+}
+
 /// A range that wraps is refused with `EINVAL`, one that ends past the device-addressable
 /// range with `EFAULT` (`check_range`).
 fn range_cause(va: u64, len: u64, what: &'static str) -> Option<Cause> {
@@ -1506,7 +1510,6 @@ pub(crate) fn dma_must_fail(f: &DmaFacts) -> Option<Cause> {
     let writes = matches!(op, DMA_COPY | DMA_FILL | DMA_WRITE);
     let uses_dst = writes || op == DMA_COMPARE;
     let whole = op != DMA_COMPARE;
-    let ro_dst = matches!(f.dst_t, Target::ReadOnly { .. });
     let args = [
         fail_if(!f.arg_ok, BAD_POINTER.why, BAD_POINTER.errnos),
         fail_if(!known, "an unknown op", INVAL),
@@ -1553,11 +1556,7 @@ pub(crate) fn dma_must_fail(f: &DmaFacts) -> Option<Cause> {
         fail_if(
             uses_dst && f.dst_t.inaccessible(writes),
             "a destination the device cannot access",
-            if writes && ro_dst && f.flags & uapi::ZG_DMA_NO_FAULT == 0 {
-                WRITE_RO
-            } else {
-                ACCESS
-            },
+            ACCESS,
         ),
         // Into the guard page after an accessible start (an inaccessible one is above).
         fail_if(
@@ -2555,11 +2554,7 @@ impl<'b> Proc<'b> {
                 };
                 let mut info = ZgInfo::default();
                 let r = self.issue(&f, uapi::ZG_IOC_GET_INFO, arg, &mut info);
-                let must = causes([
-                    (arg != Ptr::Valid).then_some(BAD_POINTER),
-                    (f.node == Node::Hmm).then_some(NOT_HMM),
-                ])
-                .map_or(Must::Any, Must::Fail);
+                let must = pointer_or_node(arg, f.node).map_or(Must::Any, Must::Fail);
                 let r = self.board.verdict(
                     who,
                     Api::GetInfo,
@@ -2579,14 +2574,8 @@ impl<'b> Proc<'b> {
                 };
                 let mut s = ZgStats::default();
                 let r = self.issue(&f, uapi::ZG_IOC_STATS, arg, &mut s);
-                let must = match (arg, f.node) {
-                    (Ptr::Valid, Node::Zg) => Must::Succeed("STATS always answers"),
-                    (Ptr::Valid, Node::Hmm) => Must::Fail(NOT_HMM),
-                    (_, Node::Hmm) => {
-                        Must::Fail(causes([Some(NOT_HMM), Some(BAD_POINTER)]).unwrap_or(NOT_HMM))
-                    }
-                    _ => Must::Fail(BAD_POINTER),
-                };
+                let must = pointer_or_node(arg, f.node)
+                    .map_or(Must::Succeed("STATS always answers"), Must::Fail);
                 let r =
                     self.board
                         .verdict(who, Api::Stats, f.node, r, must, format_args!("{call:?}"));
@@ -2946,7 +2935,7 @@ impl<'b> Proc<'b> {
             Must::Fail(Cause {
                 why: "a device write to read-only memory",
                 // Without fault service the device's first fault ends the job: EFAULT.
-                errnos: if j.no_fault { FAULT } else { WRITE_RO },
+                errnos: if j.no_fault { FAULT } else { ACCESS },
             })
         } else {
             Must::Any
@@ -3324,7 +3313,7 @@ impl<'b> Proc<'b> {
             if ts.p1_ro {
                 Must::Fail(Cause {
                     why: "a device write to read-only memory",
-                    errnos: WRITE_RO,
+                    errnos: ACCESS,
                 })
             } else {
                 Must::Any
