@@ -15,7 +15,7 @@ use shared_regs::uapi::*;
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 const PG: usize = 4096;
 const HUGE: usize = 2 << 20;
@@ -1065,23 +1065,26 @@ fn madvise_during_populate(
     let mut a = Mapping::anon(16 * PG).map_err(|e| e.to_string())?;
     a.bytes_mut().fill(1);
     for i in 0..rounds {
-        let (addr, len) = (a.addr, a.len);
-        // Spread over the walk and the populate lag after it (4 ms for the clean test, 20 ms
-        // for ZG_INJ_IGNORE_RETRY); slower kernels walk longer: CI's debug and KASAN kernels
-        // each once missed the window in 80 rounds.
+        // Delays after the walk started, spread over the walk and the populate lag after it
+        // (4 ms for the clean test, 20 ms for ZG_INJ_IGNORE_RETRY). Timing from the thread's
+        // start instead missed the window in 80 rounds on CI's default, debug and KASAN kernels.
         let delay = crate::scaled(Duration::from_micros(
-            [300, 700, 1200, 2000, 2800, 5000, 9000][i % 7],
+            [200, 500, 1000, 2000, 3000, 5000][i % 6],
         ));
-        let t = std::thread::spawn(move || {
-            std::thread::sleep(delay);
-            // SAFETY: advice on the test's own mapping, then touching it.
-            unsafe {
-                libc::madvise(addr as *mut _, len, libc::MADV_DONTNEED);
-                std::ptr::write_bytes(addr as *mut u8, 2, len);
-            }
-        });
-        let _ = dev::map(f, a.addr, a.len, 0);
-        t.join().map_err(|_| "madvise thread panicked")?;
+        let walks_before = stats(f)?.populates;
+        std::thread::scope(|scope| -> Result<(), String> {
+            let t = scope.spawn(|| {
+                await_populate(f, walks_before);
+                std::thread::sleep(delay);
+                // SAFETY: advice on the test's own mapping, then touching it.
+                unsafe {
+                    libc::madvise(a.addr as *mut _, a.len, libc::MADV_DONTNEED);
+                    std::ptr::write_bytes(a.addr as *mut u8, 2, a.len);
+                }
+            });
+            let _ = dev::map(f, a.addr, a.len, 0);
+            t.join().map_err(|_| "madvise thread panicked".to_string())
+        })?;
         let read = dev::dma(f, long_read_job(a.addr, a.len));
         // The CPU wrote 2s after the drop: a correct populate mirrors those pages, never the
         // dropped ones.
@@ -1096,6 +1099,18 @@ fn madvise_during_populate(
         }
     }
     stats(f)
+}
+
+/// Waits (boundedly) until `f`'s context has started a walk after `before` walks: the
+/// driver counts a populate just before its `hmm_range_fault()`.
+fn await_populate(f: &File, before: u64) {
+    let deadline = Instant::now() + crate::scaled(Duration::from_secs(2));
+    while Instant::now() < deadline {
+        match dev::stats(f) {
+            Ok(s) if s.populates == before => std::hint::spin_loop(),
+            _ => return,
+        }
+    }
 }
 
 /// With the populate window widened by the test knob (`populate_lag`, no bug), invalidations
