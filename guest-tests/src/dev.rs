@@ -267,6 +267,31 @@ impl Mapping {
         }
     }
 
+    /// The mapping as two, `[addr, addr + at)` and the rest, each unmapped on its own. A test
+    /// that unmaps part of a mapping must own that part alone: unmapping the whole later would
+    /// also take down whatever the allocator has put in the hole meanwhile (the guest runner
+    /// once crashed in musl's `free` that way).
+    pub fn split_at(self, at: usize) -> (Self, Self) {
+        assert!(
+            at.is_multiple_of(4096) && at <= self.len,
+            "split at {at:#x} of {:#x}",
+            self.len
+        );
+        let this = std::mem::ManuallyDrop::new(self);
+        (
+            Self {
+                addr: this.addr,
+                len: at,
+                live: this.live,
+            },
+            Self {
+                addr: this.addr + at,
+                len: this.len - at,
+                live: this.live,
+            },
+        )
+    }
+
     /// A view of part of another mapping, which stays its owner's to unmap.
     pub fn view(addr: usize, len: usize) -> Self {
         Self {

@@ -10,7 +10,7 @@ use shared_regs::dma::*;
 use shared_regs::uapi::*;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::fd::AsRawFd;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 const PG: usize = 4096;
 
@@ -224,11 +224,8 @@ pub fn hmm_snapshot_mixed_range() -> Result<(), String> {
     // Pages: 0 RW written, 1 RO read (zero page), 2 PROT_NONE, 3 hole, 4 RW untouched.
     let whole = Mapping::anon(5 * PG).map_err(|e| e.to_string())?;
     let addr = whole.addr;
-    // Own the pieces around the hole separately: unmapping all five pages at the end could
-    // take down whatever the allocator has put in the hole meanwhile.
-    std::mem::forget(whole);
-    let _left = Mapping::adopt(addr, 3 * PG);
-    let _right = Mapping::adopt(addr + 4 * PG, PG);
+    let (_left, rest) = whole.split_at(3 * PG);
+    let (mut hole, _right) = rest.split_at(PG);
     // SAFETY: writes, reads and protection changes on our own mapping.
     unsafe {
         *(addr as *mut u8) = 1;
@@ -239,8 +236,7 @@ pub fn hmm_snapshot_mixed_range() -> Result<(), String> {
     dev::map(&f, addr, PG, ZG_MAP_WRITE).map_err(|e| format!("MAP page 0: {e}"))?;
     dev::map(&f, addr + PG, PG, 0).map_err(|e| format!("MAP page 1: {e}"))?;
     let mut out = vec![0u8; 5];
-    // SAFETY: punching the hole right before the snapshot (nothing allocates in between).
-    unsafe { libc::munmap((addr + 3 * PG) as *mut _, PG) };
+    hole.unmap();
     let mut s = ZgSnapshot {
         va: addr as u64,
         npages: 5,
@@ -263,33 +259,73 @@ pub fn hmm_snapshot_mixed_range() -> Result<(), String> {
     clean(&f)
 }
 
-/// Runs `job` in a thread while `mm_op` hits the same memory after `delay`, `rounds` times; the
-/// job must end cleanly (done or a served/refused fault), never with a violation.
+/// How one round of a [`race`] went: the job's outcome, and whether the mm operation overlapped
+/// the job (it started before the job's ioctl returned and ended after the ioctl began).
+struct Round {
+    /// `Ok(record)`, or the errno and the record.
+    job: Result<ZgDma, (i32, ZgDma)>,
+    overlapped: bool,
+}
+
+/// A race's delays between starting the job and the mm operation, round after round: across
+/// the job (a [`RACE_PAGES`] job takes a few ms under TCG).
+const RACE_DELAYS_US: [u64; 6] = [0, 50, 100, 200, 400, 700];
+/// Pages each race's buffer has.
+const RACE_PAGES: usize = 2048;
+
+/// The least share of rounds whose mm operation must overlap the job: below it the test did not
+/// exercise its race and fails, rather than passing on rounds that never raced.
+const RACE_OVERLAP_FLOOR_PERCENT: u32 = 15;
+
+/// Races `mm_op` on a fresh mapping against a DMA job over it, `rounds` times: each round maps
+/// the buffer for the device, starts `job` in a thread, waits (see [`RACE_DELAYS_US`]), runs `mm_op`, and
+/// hands the round to `verify` (the job may succeed, or fail with `EFAULT`/`EPERM` once the
+/// range went; any other errno fails). Fails unless at least [`RACE_OVERLAP_FLOOR_PERCENT`] of
+/// the rounds overlapped, and ends with the context's violation check.
 fn race(
     rounds: u32,
     setup: impl Fn() -> Result<Mapping, String>,
     job: impl Fn(&Mapping) -> ZgDma,
-    mm_op: impl Fn(&mut Mapping),
+    mm_op: impl Fn(&mut Mapping) -> Result<(), String>,
+    verify: impl Fn(&mut Mapping, &Round) -> Result<(), String>,
 ) -> Result<(), String> {
     let f = open()?;
+    let mut overlapped = 0;
     for i in 0..rounds {
         let mut a = setup()?;
         map(&f, &a, true)?;
         let f2 = f.try_clone().map_err(|e| e.to_string())?;
         let d = job(&a);
-        let t = std::thread::spawn(move || dev::dma(&f2, d).map(|d| d.status));
-        std::thread::sleep(Duration::from_micros(u64::from(i % 5) * 300));
-        mm_op(&mut a);
-        match t.join() {
-            Ok(Ok(_)) => {}
-            Ok(Err((e, d))) => {
-                let errno = dev::errno(&e);
-                if ![libc::EFAULT, libc::EPERM].contains(&errno) {
-                    return Err(format!("round {i}: job failed with {e}: {d:?}"));
-                }
+        let t0 = Instant::now();
+        let t = std::thread::spawn(move || {
+            let began = t0.elapsed();
+            let r = dev::dma(&f2, d).map_err(|(e, d)| (dev::errno(&e), d));
+            (r, began, t0.elapsed())
+        });
+        std::thread::sleep(Duration::from_micros(
+            RACE_DELAYS_US[i as usize % RACE_DELAYS_US.len()],
+        ));
+        let op_began = t0.elapsed();
+        mm_op(&mut a)?;
+        let op_ended = t0.elapsed();
+        let (job, began, ended) = t.join().map_err(|_| "job thread panicked")?;
+        if let Err((errno, d)) = &job {
+            if ![libc::EFAULT, libc::EPERM].contains(errno) {
+                return Err(format!("round {i}: job failed with errno {errno}: {d:?}"));
             }
-            Err(_) => return Err("job thread panicked".into()),
         }
+        let round = Round {
+            job,
+            overlapped: op_began < ended && op_ended > began,
+        };
+        overlapped += u32::from(round.overlapped);
+        verify(&mut a, &round).map_err(|e| format!("round {i}: {e}"))?;
+    }
+    println!("# the mm operation overlapped the job in {overlapped} of {rounds} rounds");
+    if overlapped * 100 < rounds * RACE_OVERLAP_FLOOR_PERCENT {
+        return Err(format!(
+            "only {overlapped} of {rounds} rounds raced (floor {RACE_OVERLAP_FLOOR_PERCENT}%)"
+        ));
     }
     clean(&f)
 }
@@ -300,34 +336,87 @@ fn anon_filled(len: usize) -> Result<Mapping, String> {
     Ok(a)
 }
 
+/// Each page of `a` holds one byte value, among `allowed`.
+fn pages_uniform_among(a: &Mapping, allowed: &[u8]) -> Result<(), String> {
+    for (p, page) in a.bytes().chunks(PG).enumerate() {
+        let b = page[0];
+        if !allowed.contains(&b) || page.iter().any(|&x| x != b) {
+            return Err(format!(
+                "page {p} holds {:?}, not one of {allowed:?} throughout",
+                &page[..8]
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A job that succeeded did all of it; one that failed stopped short.
+fn job_length_consistent(r: &Round, len: usize) -> Result<(), String> {
+    match &r.job {
+        Ok(d) => check_eq(
+            d.bytes_done,
+            len as u64,
+            "bytes done by a job that succeeded",
+        ),
+        Err((_, d)) if d.bytes_done < len as u64 => Ok(()),
+        Err((e, d)) => Err(format!(
+            "job failed ({e}) after doing all {} bytes",
+            d.bytes_done
+        )),
+    }
+}
+
 pub fn race_munmap_during_dma() -> Result<(), String> {
     race(
         20,
-        || anon_filled(256 * PG),
+        || anon_filled(RACE_PAGES * PG),
         |a| fill_job(a.addr, a.len, 5),
         // Through `Mapping::unmap`, so that the drop does not unmap a range reused meanwhile.
-        |a| a.unmap(),
+        |a| {
+            a.unmap();
+            Ok(())
+        },
+        |_, r| job_length_consistent(r, RACE_PAGES * PG),
     )
 }
 
 pub fn race_madvise_dontneed_during_dma() -> Result<(), String> {
     race(
         20,
-        || anon_filled(256 * PG),
+        || anon_filled(RACE_PAGES * PG),
         |a| fill_job(a.addr, a.len, 5),
         |a| {
-            let _ = a.madvise(0, a.len, libc::MADV_DONTNEED);
+            a.madvise(0, a.len, libc::MADV_DONTNEED)
+                .map_err(|e| e.to_string())
+        },
+        // Every page was dropped: it reads as zeroes, unless the device wrote it again after the
+        // drop (5); the original 1s are gone.
+        |a, r| {
+            job_length_consistent(r, a.len)?;
+            pages_uniform_among(a, &[0, 5])
         },
     )
 }
 
 pub fn race_madvise_free_during_dma() -> Result<(), String> {
+    let len = RACE_PAGES * PG;
+    let ones = fnv1a64(FNV_OFFSET, &vec![1u8; len]);
     race(
         20,
-        || anon_filled(256 * PG),
+        || anon_filled(len),
         |a| dev::job(DMA_CHECKSUM, a.addr, 0, a.len, 0),
         |a| {
-            let _ = a.madvise(0, a.len, libc::MADV_FREE);
+            a.madvise(0, a.len, libc::MADV_FREE)
+                .map_err(|e| e.to_string())
+        },
+        // Lazily freed pages keep their bytes until reclaim, which does not run here: the
+        // device reads the 1s the CPU wrote.
+        |a, r| {
+            job_length_consistent(r, a.len)?;
+            if let Ok(d) = &r.job {
+                check_eq(d.result, ones, "device checksum of the lazily freed buffer")?;
+            }
+            pages_uniform_among(a, &[1])
         },
     )
 }
@@ -335,26 +424,43 @@ pub fn race_madvise_free_during_dma() -> Result<(), String> {
 pub fn race_mprotect_during_dma_writes() -> Result<(), String> {
     race(
         20,
-        || anon_filled(256 * PG),
+        || anon_filled(RACE_PAGES * PG),
         |a| fill_job(a.addr, a.len, 5),
-        |a| {
-            let _ = a.protect(libc::PROT_READ);
+        |a| a.protect(libc::PROT_READ).map_err(|e| e.to_string()),
+        // Each page was written whole or not at all; a job that succeeded wrote every page.
+        |a, r| {
+            job_length_consistent(r, a.len)?;
+            let allowed: &[u8] = if r.job.is_ok() { &[5] } else { &[1, 5] };
+            pages_uniform_among(a, allowed)
         },
     )
 }
 
 pub fn race_fork_during_dma_writes() -> Result<(), String> {
     race(
-        10,
-        || anon_filled(256 * PG),
+        20,
+        || anon_filled(RACE_PAGES * PG),
         |a| fill_job(a.addr, a.len, 5),
         |a| {
-            // The classic COW bug: the device must not keep writing the page the child shares.
-            let snapshot = a.bytes()[0];
-            let _ = fork_wait(|| {
-                std::thread::sleep(Duration::from_millis(2));
-                i32::from(snapshot != 1 && snapshot != 5)
-            });
+            // The classic COW bug: the device must not keep writing the pages the child shares.
+            // The child copies what it sees at the fork, waits while the parent's job goes on,
+            // and fails if any byte of its copy changed.
+            let (addr, len) = (a.addr, a.len);
+            let code = fork_wait(|| {
+                // SAFETY: the child's own copy of the mapping, alive until it exits.
+                let view = unsafe { std::slice::from_raw_parts(addr as *const u8, len) };
+                let at_fork = view.to_vec();
+                std::thread::sleep(Duration::from_millis(5));
+                i32::from(view != at_fork.as_slice())
+            })?;
+            check_eq(code, 0, "the child's pages did not change after the fork")
+        },
+        |a, r| {
+            job_length_consistent(r, a.len)?;
+            if r.job.is_ok() {
+                pages_uniform_among(a, &[5])?;
+            }
+            Ok(())
         },
     )
 }

@@ -741,9 +741,9 @@ pub fn user_pages_are_dma_mapped_while_the_device_maps_them() -> Result<(), Stri
     let pfns = crate::hmm::pfns(&m)?;
     check_eq(dma_mapped_of(&pfns)?, PAGES, "pages DMA-mapped after MAP")?;
     // munmap the first half: those go (after the shootdown's SYNC), the rest stay.
-    let first_half = Mapping::view(m.addr, m.len / 2);
-    // SAFETY: the first half of our own mapping, not used again.
-    unsafe { libc::munmap(first_half.addr as *mut _, first_half.len) };
+    let half = m.len / 2;
+    let (mut first_half, mut m) = m.split_at(half);
+    first_half.unmap();
     check_eq(
         dma_mapped_of(&pfns[..PAGES / 2])?,
         0,
