@@ -6,6 +6,8 @@
 //! cargo xtask shell [--add FILE]... [--exec PROG [ARGS...]]   build, boot to an interactive guest shell (files in /user)
 //! cargo xtask test  [--filter F] [--timeout SECS] [--no-host] host tests + the VM run; last line `N passed, N failed`
 //! cargo xtask build                                           build every artifact, print their paths
+//! cargo xtask selftests                                       the harness self-tests alone (each breaks a run on purpose)
+//! cargo xtask device-death                                    the device-death boot alone
 //! cargo xtask mutants [--filter ID]                          break the driver one mutant at a time (kmod/mutants.json), print what killed each
 //! cargo xtask image                                           the guest image as one reproducible archive (target/zapguard/zapguard-image-*.tar.gz)
 //! cargo xtask bench [--filter F]                              the guest benchmarks (table + target/zapguard/bench.json;
@@ -422,6 +424,9 @@ fn new_run_dir(root: &Path) -> Result<PathBuf> {
 }
 
 /// A pass/fail check of the run as a whole (as opposed to one guest test).
+/// The check that every module unloaded (init's `rmmod` loop) and the guest powered off.
+const UNLOAD_CHECK: &str = "modules unloaded and the guest powered off";
+
 struct Check {
     name: &'static str,
     ok: bool,
@@ -457,7 +462,7 @@ fn vm_checks(o: &vm::VmOutcome, analysis: &std::io::Result<trace::Analysis>) -> 
             detail: o.splats.first().cloned().unwrap_or_default(),
         },
         Check {
-            name: "modules unloaded and the guest powered off",
+            name: UNLOAD_CHECK,
             ok: o.done_rc == Some(0) && o.qemu_status.is_some_and(|s| s.success()),
             detail: format!("init rc {:?}, QEMU {:?}", o.done_rc, o.qemu_status),
         },
@@ -893,6 +898,7 @@ fn harness_selftests(root: &Path, art: &Artifacts) -> Result<(usize, usize)> {
     let panic = scenario("panic", "panic", 120, None)?;
     let hang = scenario("hang", "hang", 20, None)?;
     let dead = scenario("device-dies", "tests", 120, Some(ktap::TESTS_BEGIN))?;
+    let leak = scenario("leak", "leak", 120, None)?;
     let failed_checks = |o: &vm::VmOutcome| {
         vm_checks(
             o,
@@ -920,6 +926,11 @@ fn harness_selftests(root: &Path, art: &Artifacts) -> Result<(usize, usize)> {
             detail: format!("timed out {}, QEMU {:?}", hang.timed_out, hang.qemu_status),
         },
         Check {
+            name: "a process still holding the driver fails the unload check",
+            ok: unload_check_failed(&leak) && leak.qemu_status.is_some() && !leak.timed_out,
+            detail: format!("init rc {:?}, timed out {}", leak.done_rc, leak.timed_out),
+        },
+        Check {
             name: "a dying device stops QEMU and fails the run",
             ok: dead.device_died_early && !dead.timed_out && failed_checks(&dead) > 0,
             detail: format!(
@@ -930,6 +941,15 @@ fn harness_selftests(root: &Path, art: &Artifacts) -> Result<(usize, usize)> {
     ];
     eprintln!("    {:.1}s", t.elapsed().as_secs_f32());
     Ok(print_checks("harness self-tests:", &checks))
+}
+
+/// Whether the run's "modules unloaded" check failed because `rmmod` did (init's status 3).
+fn unload_check_failed(o: &vm::VmOutcome) -> bool {
+    let analysis = trace::analyse(&o.trace, &o.trace_expectations, &o.violation_windows);
+    o.done_rc == Some(3)
+        && vm_checks(o, &analysis)
+            .iter()
+            .any(|c| c.name == UNLOAD_CHECK && !c.ok)
 }
 
 /// The device-death boot: the device process dies mid-DMA (`FAIL_DIE`, which exits it with
@@ -1068,6 +1088,10 @@ fn main() -> ExitCode {
                     .map(|_| ExitCode::SUCCESS)
                     .map_err(|e| format!("VM run: {e}"))
             }),
+        // The harness self-tests of `just test` alone.
+        "selftests" => build(&root)
+            .and_then(|art| harness_selftests(&root, &art))
+            .map(|(p, f)| finish(p, f)),
         // The device-death boot of `just test` alone (to reproduce its failures).
         "device-death" => build(&root)
             .and_then(|art| device_death_run(&root, &art))
