@@ -64,8 +64,9 @@ int main(int argc, char **argv)
 {
 	size_t pages = argc > 1 ? strtoul(argv[1], NULL, 0) : 64;
 	size_t len = pages * PAGE;
-	struct zg_info info;
-	struct zg_stats st;
+	/* Every argument says which size of the structure this program was built with. */
+	struct zg_info info = { .size = sizeof(info) };
+	struct zg_stats st = { .size = sizeof(st) };
 	unsigned char *src, *dst;
 	uint64_t violations = 0;
 	size_t i;
@@ -80,12 +81,13 @@ int main(int argc, char **argv)
 		return fail("open /dev/zapguard");
 	if (ioctl(fd, ZG_IOC_GET_INFO, &info) != 0)
 		return fail("GET_INFO");
-	printf("zg-example: uAPI %u, device ABI %u.%u, %u IOTLB entries, %u ASIDs\n",
-	       info.uapi_version, info.version >> 16, info.version & 0xffff, info.iotlb_entries,
-	       info.asid_count);
-	if (info.uapi_version != ZG_UAPI_VERSION) {
-		fprintf(stderr, "zg-example: driver speaks uAPI %u, this header %u\n",
-			info.uapi_version, (unsigned)ZG_UAPI_VERSION);
+	printf("zg-example: uAPI %u.%u, device ABI %u.%u, %u IOTLB entries, %u ASIDs\n",
+	       info.uapi_version >> 16, info.uapi_version & 0xffff, info.version >> 16,
+	       info.version & 0xffff, info.iotlb_entries, info.asid_count);
+	/* Same major version: every later minor version keeps this program working. */
+	if (info.uapi_version >> 16 != ZG_UAPI_VERSION >> 16) {
+		fprintf(stderr, "zg-example: driver speaks uAPI %u.x, this header %u.x\n",
+			info.uapi_version >> 16, (unsigned)(ZG_UAPI_VERSION >> 16));
 		return 1;
 	}
 
@@ -97,15 +99,16 @@ int main(int argc, char **argv)
 		src[b] = (unsigned char)(b * 7 + b / PAGE);
 
 	/* No MAP first: the device faults on both buffers and the driver serves the faults. */
-	struct zg_dma copy = { .op = ZG_DMA_COPY, .src = (uintptr_t)src, .dst = (uintptr_t)dst,
-			       .len = len };
+	struct zg_dma copy = { .size = sizeof(copy), .op = ZG_DMA_COPY, .src = (uintptr_t)src,
+			       .dst = (uintptr_t)dst, .len = len };
 	if (job(fd, &copy, "DMA_COPY"))
 		return 1;
 	if (memcmp(src, dst, len) != 0) {
 		fprintf(stderr, "zg-example: the copy differs from the source\n");
 		return 1;
 	}
-	struct zg_dma sum = { .op = ZG_DMA_CHECKSUM, .src = (uintptr_t)dst, .len = len };
+	struct zg_dma sum = { .size = sizeof(sum), .op = ZG_DMA_CHECKSUM, .src = (uintptr_t)dst,
+			      .len = len };
 	if (job(fd, &sum, "DMA_CHECKSUM"))
 		return 1;
 	if (sum.result != fnv1a64(dst, len)) {

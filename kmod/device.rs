@@ -394,7 +394,7 @@ impl Shared {
             probe_sync_ns: self.probe_sync_ns.load(Ordering::Relaxed),
             nonblock_invalidations: saturating_u32(&self.nonblock_invalidations),
             nonblock_failed: saturating_u32(&self.nonblock_failed),
-            reserved: [0; 2],
+            ..Default::default()
         })
     }
 

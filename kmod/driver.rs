@@ -13,6 +13,7 @@ use crate::hmm_uapi::HmmFile;
 use crate::hw::{Hw, Synced, BAR0_SIZE};
 use crate::mirror::{self, Access, Context, Walk};
 use crate::regs;
+use crate::uarg::{answer_ext, read_ext, write_ext};
 use core::pin::Pin;
 use core::sync::atomic::Ordering;
 use kernel::{
@@ -25,28 +26,8 @@ use kernel::{
     pci,
     prelude::*,
     sync::Arc,
-    transmute::{AsBytes, FromBytes},
     uaccess::{UserPtr, UserSlice},
 };
-
-// SAFETY: These uAPI structures are `repr(C)` and made only of integers laid out without padding
-// (their sizes are asserted in the ABI), so every byte is initialised and any bytes are a valid
-// value.
-unsafe impl AsBytes for uapi::ZgInfo {}
-// SAFETY: See above.
-unsafe impl AsBytes for uapi::ZgMap {}
-// SAFETY: See above.
-unsafe impl FromBytes for uapi::ZgMap {}
-// SAFETY: See above.
-unsafe impl AsBytes for uapi::ZgDma {}
-// SAFETY: See above.
-unsafe impl FromBytes for uapi::ZgDma {}
-// SAFETY: See above.
-unsafe impl FromBytes for uapi::ZgSnapshot {}
-// SAFETY: See above.
-unsafe impl AsBytes for uapi::ZgStats {}
-// SAFETY: See above.
-unsafe impl FromBytes for uapi::ZgInject {}
 
 /// Interrupt handler for one MSI-X vector: the hard handler counts, the thread does the work.
 struct VectorHandler {
@@ -133,20 +114,6 @@ impl Drop for ZgFile {
     fn drop(&mut self) {
         self.ctx.shutdown();
     }
-}
-
-/// Reads an ioctl argument of type `T`.
-pub(crate) fn read_arg<T: FromBytes>(arg: usize) -> Result<T> {
-    UserSlice::new(UserPtr::from_addr(arg), core::mem::size_of::<T>())
-        .reader()
-        .read()
-}
-
-/// Writes an ioctl result of type `T`.
-pub(crate) fn write_arg<T: AsBytes>(arg: usize, v: &T) -> Result {
-    UserSlice::new(UserPtr::from_addr(arg), core::mem::size_of::<T>())
-        .writer()
-        .write(v)
 }
 
 /// Checks `[va, va + len)`: `EINVAL` if empty or wrapping, `EFAULT` if not device-addressable.
@@ -256,9 +223,10 @@ impl ZgFile {
     }
 
     fn map(&self, arg: usize) -> Result {
-        let mut m: uapi::ZgMap = read_arg(arg)?;
+        let mut m: uapi::ZgMap = read_ext(arg)?;
         let page = pte::PAGE_SIZE - 1;
-        if m.flags & !uapi::ZG_MAP_FLAGS != 0 || m.va & page != 0 || m.len & page != 0 {
+        if m.flags & !uapi::ZG_MAP_FLAGS != 0 || m.pad != 0 || m.va & page != 0 || m.len & page != 0
+        {
             return Err(EINVAL);
         }
         check_range(m.va, m.len)?;
@@ -273,7 +241,7 @@ impl ZgFile {
         m.retries = out.retries;
         m.pages = out.pages;
         m.huge = out.huge;
-        write_arg(arg, &m)?;
+        write_ext(arg, &m)?;
         r
     }
 
@@ -281,7 +249,10 @@ impl ZgFile {
     fn dma_job(&self, d: &uapi::ZgDma, ctx: &Context) -> Result<crate::abi::dma::DmaJob> {
         use crate::abi::dma::*;
         let op = u8::try_from(d.op).map_err(|_| EINVAL)?;
-        if !(DMA_COPY..=DMA_COMPARE).contains(&op) || d.flags & !uapi::ZG_DMA_FLAGS != 0 {
+        if !(DMA_COPY..=DMA_COMPARE).contains(&op)
+            || d.flags & !uapi::ZG_DMA_FLAGS != 0
+            || d.pad != 0
+        {
             return Err(EINVAL);
         }
         if matches!(op, DMA_COPY | DMA_READ | DMA_CHECKSUM | DMA_COMPARE) {
@@ -321,7 +292,7 @@ impl ZgFile {
 
     fn dma(&self, arg: usize) -> Result {
         use crate::abi::dma::*;
-        let mut d: uapi::ZgDma = read_arg(arg)?;
+        let mut d: uapi::ZgDma = read_ext(arg)?;
         let ctx = self.ctx()?;
         let mut job = self.dma_job(&d, ctx)?;
         let len = d.len as usize;
@@ -354,7 +325,7 @@ impl ZgFile {
         if let (Some(b), DMA_READ, DMA_ST_OK) = (bounce.as_ref(), job.op, st.status) {
             b.drain_to_user(d.aux as usize, len)?;
         }
-        write_arg(arg, &d)?;
+        write_ext(arg, &d)?;
         match st.status {
             DMA_ST_OK => Ok(()),
             DMA_ST_FAULT => Err(abort.unwrap_or(EFAULT)),
@@ -364,8 +335,9 @@ impl ZgFile {
     }
 
     fn snapshot(&self, arg: usize) -> Result {
-        let s: uapi::ZgSnapshot = read_arg(arg)?;
-        if s.npages == 0
+        let s: uapi::ZgSnapshot = read_ext(arg)?;
+        if s.flags != 0
+            || s.npages == 0
             || s.npages > uapi::ZG_SNAPSHOT_MAX_PAGES
             || s.va & (pte::PAGE_SIZE - 1) != 0
         {
@@ -390,7 +362,7 @@ impl ZgFile {
         if !unsafe { kernel::bindings::capable(kernel::bindings::CAP_SYS_ADMIN as i32) } {
             return Err(EPERM);
         }
-        let i: uapi::ZgInject = read_arg(arg)?;
+        let i: uapi::ZgInject = read_ext(arg)?;
         if i.modes & !uapi::ZG_INJ_MODES != 0
             || i.dev_fail & !abi_regs::FAIL_MODE_MASK != 0
             || i.populate_lag > uapi::ZG_POPULATE_LAG_MAX_US
@@ -440,14 +412,14 @@ impl MiscDevice for ZgFile {
 
     fn ioctl(me: &ZgFile, _file: &File, cmd: u32, arg: usize) -> Result<isize> {
         match cmd {
-            uapi::ZG_IOC_GET_INFO => write_arg(arg, &me.shared.info()?)?,
+            uapi::ZG_IOC_GET_INFO => answer_ext(arg, || me.shared.info())?,
             uapi::ZG_IOC_MAP => me.map(arg)?,
             uapi::ZG_IOC_DMA => me.dma(arg)?,
             uapi::ZG_IOC_SNAPSHOT => me.snapshot(arg)?,
             uapi::ZG_IOC_STATS => {
                 // Readable by any task holding the file, even after the mm is gone.
                 me.shared.on_events();
-                write_arg(arg, &me.ctx.stats())?
+                answer_ext(arg, || Ok(me.ctx.stats()))?
             }
             uapi::ZG_IOC_INJECT => me.inject(arg)?,
             _ => return Err(ENOTTY),

@@ -30,11 +30,10 @@
 
 use crate::abi::{dma, event as ev, hmm, pte, uapi};
 use crate::device::Shared;
-use crate::driver::{
-    bounce, check_range, open_context, read_arg, run_job, staging, usable_context, write_arg,
-};
+use crate::driver::{bounce, check_range, open_context, run_job, staging, usable_context};
 use crate::mirror::{self, Access, Context, MapOut, Walk};
 use crate::mm::HmmPfn;
+use crate::uarg::{read_arg, write_arg};
 use kernel::{
     fs::File,
     miscdevice::{MiscDevice, MiscDeviceRegistration},

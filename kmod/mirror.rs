@@ -1305,7 +1305,7 @@ impl Mirror {
             device_violations: self.shared.device_stat(crate::abi::regs::STAT_VIOLATIONS),
             pt_pages: pages,
             fault_pages: l(&s.fault_pages),
-            reserved: [0; 1],
+            ..Default::default()
         }
     }
 

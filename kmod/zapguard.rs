@@ -17,6 +17,8 @@
 //! - [`mirror`]: contexts: populate, shootdown, fault service, release.
 //! - [`mm`]: safe abstractions over mmu_interval_notifier and hmm_range_fault.
 //! - [`regs`]: typed BAR0 registers (`register!`), generated from the ABI.
+//! - [`uarg`]: ioctl arguments: the extensible uAPI structures (`copy_struct_from_user()`
+//!   rules) and the fixed test_hmm ones.
 //! - [`wq`]: the driver's own workqueue (fault service), drained before the module goes.
 
 use core::ptr::null_mut;
@@ -35,6 +37,7 @@ pub mod mirror;
 pub mod mm;
 #[rustfmt::skip] // Generated (see the file): the generator owns its layout.
 pub mod regs;
+pub mod uarg;
 pub mod wq;
 
 /// The fault workqueue of the loaded module ([`fault_queue`]).

@@ -94,6 +94,7 @@ pub fn snapshot(f: &File, va: usize, npages: usize) -> io::Result<Vec<u8>> {
         va: va as u64,
         npages: npages as u64,
         out: out.as_mut_ptr() as u64,
+        ..Default::default()
     };
     ioctl_rw(f, ZG_IOC_SNAPSHOT, &mut s)?;
     Ok(out)

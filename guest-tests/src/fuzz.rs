@@ -360,7 +360,9 @@ pub(crate) struct Row {
     pub(crate) allowed: &'static [(i32, &'static str)],
 }
 
-use libc::{EBUSY, EFAULT, EINVAL, EIO, ENODEV, ENOMEM, ENOTTY, EOPNOTSUPP, EPERM, ETIMEDOUT};
+use libc::{
+    E2BIG, EBUSY, EFAULT, EINVAL, EIO, ENODEV, ENOMEM, ENOTTY, EOPNOTSUPP, EPERM, ETIMEDOUT,
+};
 
 // The README's "Errors, by call" table (the `| errno | when |` rows), line by line.
 const R_EINVAL: (i32, &str) = (
@@ -407,6 +409,14 @@ const R_EOPNOTSUPP: (i32, &str) = (
     "| `EOPNOTSUPP` | `INJECT` on a module built without `ZAPGUARD_INJECT=1`",
 );
 const R_ENOTTY: (i32, &str) = (ENOTTY, "| `ENOTTY` | unknown ioctls |");
+const R_EINVAL_SIZE: (i32, &str) = (
+    EINVAL,
+    "a `size` below the structure's 1.0 size (`ZG_*_SIZE_VER0`) or a non-zero `pad`",
+);
+const R_E2BIG: (i32, &str) = (
+    E2BIG,
+    "| `E2BIG` | a `size` above 4096 (`ZG_SIZE_MAX`), or a structure larger than the driver's whose bytes past the driver's size are not all zero",
+);
 // The test_hmm-compatible nodes ("The kernel's own hmm-tests, unmodified": its "Errors:").
 const H_EINVAL: (i32, &str) = (
     EINVAL,
@@ -446,7 +456,7 @@ pub(crate) const TABLE: &[Row] = &[
     Row {
         apis: &[Api::GetInfo],
         node: Node::Zg,
-        allowed: &[R_EFAULT_PTR],
+        allowed: &[R_EFAULT_PTR, R_EINVAL_SIZE, R_E2BIG],
     },
     // MAP: every row that names ranges, faults, contexts, page-table pages or MAP.
     Row {
@@ -459,6 +469,7 @@ pub(crate) const TABLE: &[Row] = &[
             R_EPERM,
             R_ENOMEM,
             R_EBUSY_MAP,
+            R_E2BIG,
         ],
     },
     // DMA: as MAP (a device fault is served like a MAP: "or a device fault", "(or a fault)"),
@@ -474,6 +485,7 @@ pub(crate) const TABLE: &[Row] = &[
             R_ENOMEM,
             R_EBUSY_MAP,
             R_ETIMEDOUT,
+            R_E2BIG,
         ],
     },
     // SNAPSHOT: ranges (EINVAL), untranslatable addresses and bad pointers (EFAULT), another
@@ -487,6 +499,7 @@ pub(crate) const TABLE: &[Row] = &[
             R_EFAULT,
             R_EPERM,
             R_EBUSY_SNAPSHOT,
+            R_E2BIG,
         ],
     },
     // STATS: only a bad pointer; "every call answers `EIO` ..., `STATS` keeps answering"
@@ -494,7 +507,7 @@ pub(crate) const TABLE: &[Row] = &[
     Row {
         apis: &[Api::Stats],
         node: Node::Zg,
-        allowed: &[R_EFAULT_PTR],
+        allowed: &[R_EFAULT_PTR, R_EINVAL_SIZE, R_E2BIG],
     },
     // INJECT by root: EINVAL ("unknown ops, flags or reserved fields"; the fuzzer's argument
     // always has an unknown mode bit), EFAULT (bad pointer), EPERM (its row names INJECT and
@@ -508,6 +521,7 @@ pub(crate) const TABLE: &[Row] = &[
             R_EPERM,
             R_EPERM_INJECT,
             R_EOPNOTSUPP,
+            R_E2BIG,
         ],
     },
     // INJECT without CAP_SYS_ADMIN: EPERM, whatever the argument (the harness builds the
@@ -592,6 +606,7 @@ pub(crate) fn errno_name(e: i32) -> &'static str {
         libc::EEXIST => "EEXIST",
         libc::ENODEV => "ENODEV",
         libc::EINVAL => "EINVAL",
+        libc::E2BIG => "E2BIG",
         libc::EMFILE => "EMFILE",
         libc::ENOTTY => "ENOTTY",
         libc::ENOSPC => "ENOSPC",
@@ -1425,11 +1440,12 @@ const FAULT: Errnos = Errnos::of(&[EFAULT]);
 const ACCESS: Errnos = Errnos::of(&[EFAULT, EPERM, ENOMEM, EBUSY, ETIMEDOUT]);
 
 /// An argument the driver cannot read answers `EFAULT`; one it reads from the read-only
-/// pattern (which no structure accepts) is refused with `EINVAL`, or `EFAULT` when the answer
+/// pattern (which no structure accepts) is refused by its `size` (`EINVAL` below the 1.0 size,
+/// `E2BIG` above it with a non-zero tail) or its fields (`EINVAL`), or `EFAULT` when the answer
 /// is written back.
 pub(crate) const BAD_POINTER: Cause = Cause {
     why: "a bad argument pointer",
-    errnos: Errnos::of(&[EFAULT, EINVAL]),
+    errnos: Errnos::of(&[EFAULT, EINVAL, E2BIG]),
 };
 const NOT_HMM: Cause = Cause {
     why: "not a command of the test_hmm node",
@@ -2603,6 +2619,7 @@ impl<'b> Proc<'b> {
                     retries: junk as u32,
                     pages: junk,
                     huge: junk,
+                    ..Default::default()
                 };
                 let must = if f.node == Node::Hmm {
                     Some(NOT_HMM)
@@ -2677,6 +2694,7 @@ impl<'b> Proc<'b> {
                     bytes_done: junk,
                     result: junk,
                     elapsed_ns: junk,
+                    ..Default::default()
                 };
                 let r = self.issue(&f, uapi::ZG_IOC_DMA, arg, &mut job);
                 let _ = self.board.verdict(
@@ -2709,6 +2727,7 @@ impl<'b> Proc<'b> {
                     va,
                     npages,
                     out: out_v,
+                    ..Default::default()
                 };
                 let r = self.issue(&f, uapi::ZG_IOC_SNAPSHOT, arg, &mut s);
                 let r = self.board.verdict(
@@ -2735,8 +2754,8 @@ impl<'b> Proc<'b> {
                     f.node,
                     r,
                     Must::Fail(Cause {
-                        why: "an INJECT argument with an unknown mode bit, or unreadable",
-                        errnos: Errnos::of(&[EINVAL, EFAULT]),
+                        why: "an INJECT argument with an unknown mode bit, or a bad pointer",
+                        errnos: Errnos::of(&[EINVAL, EFAULT, E2BIG]),
                     }),
                     format_args!("{call:?}: {i:x?}"),
                 );
@@ -3465,6 +3484,7 @@ pub(crate) fn privileged_inject(fields: [u32; 9]) -> ZgInject {
         fault_lag: fields[6],
         iotlb_keep: fields[7],
         sync_lag: fields[8],
+        ..Default::default()
     }
 }
 
@@ -3633,6 +3653,7 @@ fn unpriv_main(board: &Board, cfg: &Config) -> i32 {
                     fault_lag: r.below(2) as u32 * 200,
                     iotlb_keep: r.below(2) as u32,
                     sync_lag: r.below(2) as u32 * 300,
+                    ..Default::default()
                 };
                 let ptr = [0, KERNEL_ADDRS[0], CANARY_VA][r.below(3) as usize];
                 let res = if r.chance(800) {
@@ -4135,7 +4156,7 @@ mod tests {
         assert_eq!(names(Api::Unknown, Node::Zg), vec![ENOTTY]);
         assert_eq!(names(Api::HmmRead, Node::Zg), vec![ENOTTY]);
         assert_eq!(names(Api::InjectUnpriv, Node::Zg), vec![EPERM]);
-        assert_eq!(names(Api::Stats, Node::Zg), vec![EFAULT]);
+        assert_eq!(names(Api::Stats, Node::Zg), vec![EFAULT, EINVAL, E2BIG]);
         assert_eq!(names(Api::Dma, Node::Hmm), vec![EINVAL]);
         assert!(allowed(Api::GetInfo, Node::Zg)
             .iter()
@@ -4223,7 +4244,7 @@ mod tests {
             ..ok
         })
         .unwrap();
-        assert_eq!(bad_ptr.errnos, Errnos::of(&[EFAULT, EINVAL]));
+        assert_eq!(bad_ptr.errnos, Errnos::of(&[EFAULT, EINVAL, E2BIG]));
         // Two reasons at once: either errno (the driver checks in its own order).
         let both = dma_must_fail(&DmaFacts {
             flags: 2,

@@ -241,6 +241,7 @@ pub fn hmm_snapshot_mixed_range() -> Result<(), String> {
         va: addr as u64,
         npages: 5,
         out: out.as_mut_ptr() as u64,
+        ..Default::default()
     };
     dev::ioctl_raw(&f, ZG_IOC_SNAPSHOT, &mut s as *mut ZgSnapshot as usize)
         .map_err(|e| format!("SNAPSHOT: {e}"))?;

@@ -24,6 +24,7 @@ mod mirror;
 mod numa;
 mod reaper;
 mod safety;
+mod stability;
 mod uffd;
 mod upstream;
 
@@ -37,6 +38,7 @@ use mirror::*;
 use numa::*;
 use reaper::*;
 use safety::*;
+use stability::*;
 use uffd::*;
 use upstream::*;
 
@@ -51,6 +53,9 @@ const TESTS: &[Test] = ktap::tests![
     get_info_bad_pointer_efault,
     unknown_ioctl_enotty,
     wrong_size_ioctl_enotty,
+    uapi_size_out_of_bounds_is_refused,
+    uapi_larger_struct_with_zero_tail_is_accepted,
+    uapi_answers_stop_at_the_callers_size_and_pads_are_checked,
     many_opens,
     pci_driver_bound,
     test_hmm_dmirror_present,
@@ -119,6 +124,7 @@ const TESTS: &[Test] = ktap::tests![
     unbind_frees_dma_memory_while_files_stay_open,
     hmm_compat_node_reads_snapshots_and_refuses,
     c_example_through_zapguard_h,
+    c_example_built_against_uapi_1_0,
     upstream_hmm_tests_test_hmm,
     upstream_hmm_tests_zapguard,
     uapi_fuzz,
@@ -196,7 +202,11 @@ fn get_info_identity() -> Result<(), String> {
     if info.irq_vectors == 0 {
         return Err("driver reports no interrupt vectors".into());
     }
-    check_eq(info.reserved, [0; 2], "reserved fields")?;
+    check_eq(
+        info.size as usize,
+        std::mem::size_of::<uapi::ZgInfo>(),
+        "size in the answer (the caller's)",
+    )?;
     // Probe proved the device's queues end to end: a SYNC completed into driver memory by DMA
     // and its MSI-X interrupt reached the driver.
     if info.probe_sync_ns == 0 {
@@ -368,10 +378,21 @@ fn run_cmd(cmd: &str, args: &[&str]) -> Result<(), String> {
 /// The C example (`examples/zg-example.c`, built against the generated `zapguard.h` only) runs a
 /// device copy and checksum, a munmap and STATS, and says `ok`.
 fn c_example_through_zapguard_h() -> Result<(), String> {
-    let out = Command::new("/bin/zg-example")
+    run_c_example("/bin/zg-example")
+}
+
+/// The same example built against the frozen uAPI 1.0 header
+/// (`shared-regs/include/frozen/uapi-1.0/zapguard.h`, never edited): what a program built when
+/// 1.0 shipped does against this driver.
+fn c_example_built_against_uapi_1_0() -> Result<(), String> {
+    run_c_example("/bin/zg-example.uapi-1.0")
+}
+
+fn run_c_example(bin: &str) -> Result<(), String> {
+    let out = Command::new(bin)
         .arg("32")
         .output()
-        .map_err(|e| format!("/bin/zg-example: {e}"))?;
+        .map_err(|e| format!("{bin}: {e}"))?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     for line in stdout.lines() {
         println!("# {line}");

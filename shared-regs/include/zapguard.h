@@ -29,23 +29,22 @@ extern "C" {
 #define ZG_IOC_READ 2u
 
 /*
- * Version of this uAPI, reported in struct zg_info.uapi_version (2: irq_count, probe_sync_ns;
- * 3: contexts, MAP, DMA, SNAPSHOT, STATS, INJECT; 5: struct zg_inject.populate_lag, fault_lag,
- * iotlb_keep; 6: struct zg_stats.violations has a slot for ZG_VIOL_TABLE_FREED, which moves the
- * fields after it and grows struct zg_stats to 264 bytes, hence a new ZG_IOC_STATS number;
- * 7: a slot for ZG_VIOL_CTX_RELEASED (struct zg_stats 272 bytes, a new ZG_IOC_STATS number
- * again), ZG_INJ_SKIP_CTX_INVALIDATE, struct zg_inject.sync_lag (struct zg_inject 36 bytes, a new
- * ZG_IOC_INJECT number), and the non-blockable invalidation counters
- * (struct zg_info.nonblock_invalidations, struct zg_stats.invalidations_nonblock); 8:
- * ZG_INJ_EARLY_BOUNCE_REUSE (an added mode bit; nothing moved).
+ * Version of this uAPI, reported in struct zg_info.uapi_version: major in bits 31:16, minor in
+ * 15:0. 1.0 is the first stable one (the module documentation has the rules); before it, the
+ * versions 2 to 8 changed structure layouts and ioctl numbers.
  */
-#define ZG_UAPI_VERSION 8u
+#define ZG_UAPI_VERSION 0x10000u
 
 /*
  * Answer of ZG_IOC_GET_INFO. Fields are filled from the device's registers at probe time
  * and from the PCI core; reserved is zero and keeps the size stable as fields are added.
  */
 struct zg_info {
+	/*
+	 * In: sizeof this structure as the caller's program knows it (see the module
+	 * documentation: at least the 1.0 size, at most 4096).
+	 */
+	__u32 size;
 	/* ZG_UAPI_VERSION of the driver. */
 	__u32 uapi_version;
 	/* Device IDENT register. */
@@ -80,26 +79,27 @@ struct zg_info {
 	 * retries them, or the process's exit does the blockable teardown.
 	 */
 	__u32 nonblock_failed;
-	/* Zero; room for additions without changing the ioctl number. */
-	__u32 reserved[2];
 };
-_Static_assert(sizeof(struct zg_info) == 64, "struct zg_info: size as in shared-regs");
-_Static_assert(offsetof(struct zg_info, uapi_version) == 0, "struct zg_info.uapi_version: offset");
-_Static_assert(offsetof(struct zg_info, ident) == 4, "struct zg_info.ident: offset");
-_Static_assert(offsetof(struct zg_info, version) == 8, "struct zg_info.version: offset");
-_Static_assert(offsetof(struct zg_info, caps) == 12, "struct zg_info.caps: offset");
-_Static_assert(offsetof(struct zg_info, iotlb_entries) == 16, "struct zg_info.iotlb_entries: offset");
-_Static_assert(offsetof(struct zg_info, asid_count) == 20, "struct zg_info.asid_count: offset");
-_Static_assert(offsetof(struct zg_info, irq_vectors) == 24, "struct zg_info.irq_vectors: offset");
-_Static_assert(offsetof(struct zg_info, pci_location) == 28, "struct zg_info.pci_location: offset");
-_Static_assert(offsetof(struct zg_info, irq_count) == 32, "struct zg_info.irq_count: offset");
-_Static_assert(offsetof(struct zg_info, probe_sync_ns) == 44, "struct zg_info.probe_sync_ns: offset");
-_Static_assert(offsetof(struct zg_info, nonblock_invalidations) == 48, "struct zg_info.nonblock_invalidations: offset");
-_Static_assert(offsetof(struct zg_info, nonblock_failed) == 52, "struct zg_info.nonblock_failed: offset");
-_Static_assert(offsetof(struct zg_info, reserved) == 56, "struct zg_info.reserved: offset");
+_Static_assert(sizeof(struct zg_info) == 60, "struct zg_info: size as in shared-regs");
+_Static_assert(offsetof(struct zg_info, size) == 0, "struct zg_info.size: offset");
+_Static_assert(offsetof(struct zg_info, uapi_version) == 4, "struct zg_info.uapi_version: offset");
+_Static_assert(offsetof(struct zg_info, ident) == 8, "struct zg_info.ident: offset");
+_Static_assert(offsetof(struct zg_info, version) == 12, "struct zg_info.version: offset");
+_Static_assert(offsetof(struct zg_info, caps) == 16, "struct zg_info.caps: offset");
+_Static_assert(offsetof(struct zg_info, iotlb_entries) == 20, "struct zg_info.iotlb_entries: offset");
+_Static_assert(offsetof(struct zg_info, asid_count) == 24, "struct zg_info.asid_count: offset");
+_Static_assert(offsetof(struct zg_info, irq_vectors) == 28, "struct zg_info.irq_vectors: offset");
+_Static_assert(offsetof(struct zg_info, pci_location) == 32, "struct zg_info.pci_location: offset");
+_Static_assert(offsetof(struct zg_info, irq_count) == 36, "struct zg_info.irq_count: offset");
+_Static_assert(offsetof(struct zg_info, probe_sync_ns) == 48, "struct zg_info.probe_sync_ns: offset");
+_Static_assert(offsetof(struct zg_info, nonblock_invalidations) == 52, "struct zg_info.nonblock_invalidations: offset");
+_Static_assert(offsetof(struct zg_info, nonblock_failed) == 56, "struct zg_info.nonblock_failed: offset");
 
-/* _IOR('z', 0x00, struct zg_info): identity and parameters of the device behind this file. */
-#define ZG_IOC_GET_INFO 0x80407a00u
+/*
+ * _IOWR('z', 0x00, struct zg_info) at its 1.0 size: identity and parameters of the device
+ * behind this file (the driver reads size, then writes the answer).
+ */
+#define ZG_IOC_GET_INFO 0xc03c7a00u
 
 /*
  * struct zg_map.flags: populate for write (breaks COW, makes the CPU PTE dirty) and map the pages
@@ -117,26 +117,35 @@ _Static_assert(offsetof(struct zg_info, reserved) == 56, "struct zg_info.reserve
  * kept being invalidated; retry), ENOMEM (device page-table pool exhausted).
  */
 struct zg_map {
+	/*
+	 * In: sizeof this structure as the caller's program knows it (see the module
+	 * documentation: at least the 1.0 size, at most 4096).
+	 */
+	__u32 size;
+	/* In: ZG_MAP_*. */
+	__u32 flags;
 	/* In: first address (page aligned). */
 	__u64 va;
 	/* In: length in bytes (page aligned, > 0). */
 	__u64 len;
-	/* In: ZG_MAP_*. */
-	__u32 flags;
-	/* Out: times a collision with an invalidation forced a fresh hmm_range_fault(). */
-	__u32 retries;
 	/* Out: 4 KiB device PTEs written. */
 	__u64 pages;
 	/* Out: 2 MiB device PTEs written. */
 	__u64 huge;
+	/* Out: times a collision with an invalidation forced a fresh hmm_range_fault(). */
+	__u32 retries;
+	/* In: zero. */
+	__u32 pad;
 };
-_Static_assert(sizeof(struct zg_map) == 40, "struct zg_map: size as in shared-regs");
-_Static_assert(offsetof(struct zg_map, va) == 0, "struct zg_map.va: offset");
-_Static_assert(offsetof(struct zg_map, len) == 8, "struct zg_map.len: offset");
-_Static_assert(offsetof(struct zg_map, flags) == 16, "struct zg_map.flags: offset");
-_Static_assert(offsetof(struct zg_map, retries) == 20, "struct zg_map.retries: offset");
+_Static_assert(sizeof(struct zg_map) == 48, "struct zg_map: size as in shared-regs");
+_Static_assert(offsetof(struct zg_map, size) == 0, "struct zg_map.size: offset");
+_Static_assert(offsetof(struct zg_map, flags) == 4, "struct zg_map.flags: offset");
+_Static_assert(offsetof(struct zg_map, va) == 8, "struct zg_map.va: offset");
+_Static_assert(offsetof(struct zg_map, len) == 16, "struct zg_map.len: offset");
 _Static_assert(offsetof(struct zg_map, pages) == 24, "struct zg_map.pages: offset");
 _Static_assert(offsetof(struct zg_map, huge) == 32, "struct zg_map.huge: offset");
+_Static_assert(offsetof(struct zg_map, retries) == 40, "struct zg_map.retries: offset");
+_Static_assert(offsetof(struct zg_map, pad) == 44, "struct zg_map.pad: offset");
 
 /*
  * struct zg_dma.flags: do not serve device faults; the first translation fault ends the job
@@ -160,10 +169,17 @@ _Static_assert(offsetof(struct zg_map, huge) == 32, "struct zg_map.huge: offset"
  * PROT_NONE, EPERM for a write to a read-only mapping) with the status filled in.
  */
 struct zg_dma {
+	/*
+	 * In: sizeof this structure as the caller's program knows it (see the module
+	 * documentation: at least the 1.0 size, at most 4096).
+	 */
+	__u32 size;
 	/* In: DMA_* opcode. */
 	__u32 op;
 	/* In: ZG_DMA_*. */
 	__u32 flags;
+	/* Out: DMA_ST_*. */
+	__u32 status;
 	/* In: source VA. */
 	__u64 src;
 	/* In: destination VA. */
@@ -172,35 +188,37 @@ struct zg_dma {
 	__u64 len;
 	/* In: pattern or user buffer, per opcode. */
 	__u64 aux;
-	/* Out: DMA_ST_*. */
-	__u32 status;
-	/* Out: FAULT_* reason when the job ended on a fault. */
-	__u32 fault_reason;
-	/* Out: translation faults the device took (served or not). */
-	__u32 faults;
-	/* Out: negative errno of the fault the driver could not serve, 0 otherwise. */
-	__s32 error;
 	/* Out: bytes processed. */
 	__u64 bytes_done;
 	/* Out: opcode result (checksum, first difference). */
 	__u64 result;
 	/* Out: nanoseconds from submission to completion as seen by the driver. */
 	__u64 elapsed_ns;
+	/* Out: FAULT_* reason when the job ended on a fault. */
+	__u32 fault_reason;
+	/* Out: translation faults the device took (served or not). */
+	__u32 faults;
+	/* Out: negative errno of the fault the driver could not serve, 0 otherwise. */
+	__s32 error;
+	/* In: zero. */
+	__u32 pad;
 };
-_Static_assert(sizeof(struct zg_dma) == 80, "struct zg_dma: size as in shared-regs");
-_Static_assert(offsetof(struct zg_dma, op) == 0, "struct zg_dma.op: offset");
-_Static_assert(offsetof(struct zg_dma, flags) == 4, "struct zg_dma.flags: offset");
-_Static_assert(offsetof(struct zg_dma, src) == 8, "struct zg_dma.src: offset");
-_Static_assert(offsetof(struct zg_dma, dst) == 16, "struct zg_dma.dst: offset");
-_Static_assert(offsetof(struct zg_dma, len) == 24, "struct zg_dma.len: offset");
-_Static_assert(offsetof(struct zg_dma, aux) == 32, "struct zg_dma.aux: offset");
-_Static_assert(offsetof(struct zg_dma, status) == 40, "struct zg_dma.status: offset");
-_Static_assert(offsetof(struct zg_dma, fault_reason) == 44, "struct zg_dma.fault_reason: offset");
-_Static_assert(offsetof(struct zg_dma, faults) == 48, "struct zg_dma.faults: offset");
-_Static_assert(offsetof(struct zg_dma, error) == 52, "struct zg_dma.error: offset");
-_Static_assert(offsetof(struct zg_dma, bytes_done) == 56, "struct zg_dma.bytes_done: offset");
-_Static_assert(offsetof(struct zg_dma, result) == 64, "struct zg_dma.result: offset");
-_Static_assert(offsetof(struct zg_dma, elapsed_ns) == 72, "struct zg_dma.elapsed_ns: offset");
+_Static_assert(sizeof(struct zg_dma) == 88, "struct zg_dma: size as in shared-regs");
+_Static_assert(offsetof(struct zg_dma, size) == 0, "struct zg_dma.size: offset");
+_Static_assert(offsetof(struct zg_dma, op) == 4, "struct zg_dma.op: offset");
+_Static_assert(offsetof(struct zg_dma, flags) == 8, "struct zg_dma.flags: offset");
+_Static_assert(offsetof(struct zg_dma, status) == 12, "struct zg_dma.status: offset");
+_Static_assert(offsetof(struct zg_dma, src) == 16, "struct zg_dma.src: offset");
+_Static_assert(offsetof(struct zg_dma, dst) == 24, "struct zg_dma.dst: offset");
+_Static_assert(offsetof(struct zg_dma, len) == 32, "struct zg_dma.len: offset");
+_Static_assert(offsetof(struct zg_dma, aux) == 40, "struct zg_dma.aux: offset");
+_Static_assert(offsetof(struct zg_dma, bytes_done) == 48, "struct zg_dma.bytes_done: offset");
+_Static_assert(offsetof(struct zg_dma, result) == 56, "struct zg_dma.result: offset");
+_Static_assert(offsetof(struct zg_dma, elapsed_ns) == 64, "struct zg_dma.elapsed_ns: offset");
+_Static_assert(offsetof(struct zg_dma, fault_reason) == 72, "struct zg_dma.fault_reason: offset");
+_Static_assert(offsetof(struct zg_dma, faults) == 76, "struct zg_dma.faults: offset");
+_Static_assert(offsetof(struct zg_dma, error) == 80, "struct zg_dma.error: offset");
+_Static_assert(offsetof(struct zg_dma, pad) == 84, "struct zg_dma.pad: offset");
 
 /* Snapshot byte: the device PTE is present. */
 #define ZG_SNAP_DEV_PRESENT 1u
@@ -234,6 +252,13 @@ _Static_assert(offsetof(struct zg_dma, elapsed_ns) == 72, "struct zg_dma.elapsed
  * is written to the user buffer out. Faults nothing in.
  */
 struct zg_snapshot {
+	/*
+	 * In: sizeof this structure as the caller's program knows it (see the module
+	 * documentation: at least the 1.0 size, at most 4096).
+	 */
+	__u32 size;
+	/* In: zero (no flags yet). */
+	__u32 flags;
 	/* First address (page aligned). */
 	__u64 va;
 	/* Pages, 1..=ZG_SNAPSHOT_MAX_PAGES. */
@@ -241,10 +266,12 @@ struct zg_snapshot {
 	/* User buffer of npages bytes. */
 	__u64 out;
 };
-_Static_assert(sizeof(struct zg_snapshot) == 24, "struct zg_snapshot: size as in shared-regs");
-_Static_assert(offsetof(struct zg_snapshot, va) == 0, "struct zg_snapshot.va: offset");
-_Static_assert(offsetof(struct zg_snapshot, npages) == 8, "struct zg_snapshot.npages: offset");
-_Static_assert(offsetof(struct zg_snapshot, out) == 16, "struct zg_snapshot.out: offset");
+_Static_assert(sizeof(struct zg_snapshot) == 32, "struct zg_snapshot: size as in shared-regs");
+_Static_assert(offsetof(struct zg_snapshot, size) == 0, "struct zg_snapshot.size: offset");
+_Static_assert(offsetof(struct zg_snapshot, flags) == 4, "struct zg_snapshot.flags: offset");
+_Static_assert(offsetof(struct zg_snapshot, va) == 8, "struct zg_snapshot.va: offset");
+_Static_assert(offsetof(struct zg_snapshot, npages) == 16, "struct zg_snapshot.npages: offset");
+_Static_assert(offsetof(struct zg_snapshot, out) == 24, "struct zg_snapshot.out: offset");
 
 /* struct zg_stats.flags: the context's address space has been torn down. */
 #define ZG_STATS_RELEASED 1u
@@ -254,10 +281,17 @@ _Static_assert(offsetof(struct zg_snapshot, out) == 16, "struct zg_snapshot.out:
 
 /* Answer of ZG_IOC_STATS: counters of this context since it was opened. */
 struct zg_stats {
+	/*
+	 * In: sizeof this structure as the caller's program knows it (see the module
+	 * documentation: at least the 1.0 size, at most 4096).
+	 */
+	__u32 size;
 	/* The context's device ASID. */
 	__u32 asid;
 	/* ZG_STATS_*. */
 	__u32 flags;
+	/* Zero. */
+	__u32 pad;
 	/* Invalidation callbacks received. */
 	__u64 invalidations;
 	/* Of those, callbacks that found nothing mapped in the device (no commands sent). */
@@ -322,38 +356,37 @@ struct zg_stats {
 	 * those counted in invalidations_nonblock_failed.
 	 */
 	__u64 invalidations_nonblock;
-	/* Zero. */
-	__u64 reserved[1];
 };
 _Static_assert(sizeof(struct zg_stats) == 272, "struct zg_stats: size as in shared-regs");
-_Static_assert(offsetof(struct zg_stats, asid) == 0, "struct zg_stats.asid: offset");
-_Static_assert(offsetof(struct zg_stats, flags) == 4, "struct zg_stats.flags: offset");
-_Static_assert(offsetof(struct zg_stats, invalidations) == 8, "struct zg_stats.invalidations: offset");
-_Static_assert(offsetof(struct zg_stats, invalidations_empty) == 16, "struct zg_stats.invalidations_empty: offset");
-_Static_assert(offsetof(struct zg_stats, invalidations_nonblock_failed) == 24, "struct zg_stats.invalidations_nonblock_failed: offset");
-_Static_assert(offsetof(struct zg_stats, pages_zapped) == 32, "struct zg_stats.pages_zapped: offset");
-_Static_assert(offsetof(struct zg_stats, inv_range_cmds) == 40, "struct zg_stats.inv_range_cmds: offset");
-_Static_assert(offsetof(struct zg_stats, inv_asid_cmds) == 48, "struct zg_stats.inv_asid_cmds: offset");
-_Static_assert(offsetof(struct zg_stats, sync_waits) == 56, "struct zg_stats.sync_waits: offset");
-_Static_assert(offsetof(struct zg_stats, sync_wait_ns) == 64, "struct zg_stats.sync_wait_ns: offset");
-_Static_assert(offsetof(struct zg_stats, sync_wait_max_ns) == 72, "struct zg_stats.sync_wait_max_ns: offset");
-_Static_assert(offsetof(struct zg_stats, populates) == 80, "struct zg_stats.populates: offset");
-_Static_assert(offsetof(struct zg_stats, populate_retries) == 88, "struct zg_stats.populate_retries: offset");
-_Static_assert(offsetof(struct zg_stats, pages_mapped) == 96, "struct zg_stats.pages_mapped: offset");
-_Static_assert(offsetof(struct zg_stats, huge_mapped) == 104, "struct zg_stats.huge_mapped: offset");
-_Static_assert(offsetof(struct zg_stats, faults) == 112, "struct zg_stats.faults: offset");
-_Static_assert(offsetof(struct zg_stats, faults_resolved) == 120, "struct zg_stats.faults_resolved: offset");
-_Static_assert(offsetof(struct zg_stats, faults_aborted) == 128, "struct zg_stats.faults_aborted: offset");
-_Static_assert(offsetof(struct zg_stats, dma_jobs) == 136, "struct zg_stats.dma_jobs: offset");
-_Static_assert(offsetof(struct zg_stats, violations) == 144, "struct zg_stats.violations: offset");
-_Static_assert(offsetof(struct zg_stats, device_violations) == 208, "struct zg_stats.device_violations: offset");
-_Static_assert(offsetof(struct zg_stats, pt_pages) == 216, "struct zg_stats.pt_pages: offset");
-_Static_assert(offsetof(struct zg_stats, fault_pages) == 224, "struct zg_stats.fault_pages: offset");
-_Static_assert(offsetof(struct zg_stats, pages_write_protected) == 232, "struct zg_stats.pages_write_protected: offset");
-_Static_assert(offsetof(struct zg_stats, aging_young) == 240, "struct zg_stats.aging_young: offset");
-_Static_assert(offsetof(struct zg_stats, aging_cleared) == 248, "struct zg_stats.aging_cleared: offset");
-_Static_assert(offsetof(struct zg_stats, invalidations_nonblock) == 256, "struct zg_stats.invalidations_nonblock: offset");
-_Static_assert(offsetof(struct zg_stats, reserved) == 264, "struct zg_stats.reserved: offset");
+_Static_assert(offsetof(struct zg_stats, size) == 0, "struct zg_stats.size: offset");
+_Static_assert(offsetof(struct zg_stats, asid) == 4, "struct zg_stats.asid: offset");
+_Static_assert(offsetof(struct zg_stats, flags) == 8, "struct zg_stats.flags: offset");
+_Static_assert(offsetof(struct zg_stats, pad) == 12, "struct zg_stats.pad: offset");
+_Static_assert(offsetof(struct zg_stats, invalidations) == 16, "struct zg_stats.invalidations: offset");
+_Static_assert(offsetof(struct zg_stats, invalidations_empty) == 24, "struct zg_stats.invalidations_empty: offset");
+_Static_assert(offsetof(struct zg_stats, invalidations_nonblock_failed) == 32, "struct zg_stats.invalidations_nonblock_failed: offset");
+_Static_assert(offsetof(struct zg_stats, pages_zapped) == 40, "struct zg_stats.pages_zapped: offset");
+_Static_assert(offsetof(struct zg_stats, inv_range_cmds) == 48, "struct zg_stats.inv_range_cmds: offset");
+_Static_assert(offsetof(struct zg_stats, inv_asid_cmds) == 56, "struct zg_stats.inv_asid_cmds: offset");
+_Static_assert(offsetof(struct zg_stats, sync_waits) == 64, "struct zg_stats.sync_waits: offset");
+_Static_assert(offsetof(struct zg_stats, sync_wait_ns) == 72, "struct zg_stats.sync_wait_ns: offset");
+_Static_assert(offsetof(struct zg_stats, sync_wait_max_ns) == 80, "struct zg_stats.sync_wait_max_ns: offset");
+_Static_assert(offsetof(struct zg_stats, populates) == 88, "struct zg_stats.populates: offset");
+_Static_assert(offsetof(struct zg_stats, populate_retries) == 96, "struct zg_stats.populate_retries: offset");
+_Static_assert(offsetof(struct zg_stats, pages_mapped) == 104, "struct zg_stats.pages_mapped: offset");
+_Static_assert(offsetof(struct zg_stats, huge_mapped) == 112, "struct zg_stats.huge_mapped: offset");
+_Static_assert(offsetof(struct zg_stats, faults) == 120, "struct zg_stats.faults: offset");
+_Static_assert(offsetof(struct zg_stats, faults_resolved) == 128, "struct zg_stats.faults_resolved: offset");
+_Static_assert(offsetof(struct zg_stats, faults_aborted) == 136, "struct zg_stats.faults_aborted: offset");
+_Static_assert(offsetof(struct zg_stats, dma_jobs) == 144, "struct zg_stats.dma_jobs: offset");
+_Static_assert(offsetof(struct zg_stats, violations) == 152, "struct zg_stats.violations: offset");
+_Static_assert(offsetof(struct zg_stats, device_violations) == 216, "struct zg_stats.device_violations: offset");
+_Static_assert(offsetof(struct zg_stats, pt_pages) == 224, "struct zg_stats.pt_pages: offset");
+_Static_assert(offsetof(struct zg_stats, fault_pages) == 232, "struct zg_stats.fault_pages: offset");
+_Static_assert(offsetof(struct zg_stats, pages_write_protected) == 240, "struct zg_stats.pages_write_protected: offset");
+_Static_assert(offsetof(struct zg_stats, aging_young) == 248, "struct zg_stats.aging_young: offset");
+_Static_assert(offsetof(struct zg_stats, aging_cleared) == 256, "struct zg_stats.aging_cleared: offset");
+_Static_assert(offsetof(struct zg_stats, invalidations_nonblock) == 264, "struct zg_stats.invalidations_nonblock: offset");
 
 /*
  * struct zg_inject.modes: the invalidation callback only bumps the sequence (no PTE clear, no
@@ -435,6 +468,11 @@ _Static_assert(offsetof(struct zg_stats, reserved) == 264, "struct zg_stats.rese
 
 /* Argument of ZG_IOC_INJECT (needs CAP_SYS_ADMIN, else EPERM). */
 struct zg_inject {
+	/*
+	 * In: sizeof this structure as the caller's program knows it (see the module
+	 * documentation: at least the 1.0 size, at most 4096).
+	 */
+	__u32 size;
 	/* ZG_INJ_* bugs to enable on this context (0 turns them off). */
 	__u32 modes;
 	/*
@@ -488,39 +526,64 @@ struct zg_inject {
 	 */
 	__u32 sync_lag;
 };
-_Static_assert(sizeof(struct zg_inject) == 36, "struct zg_inject: size as in shared-regs");
-_Static_assert(offsetof(struct zg_inject, modes) == 0, "struct zg_inject.modes: offset");
-_Static_assert(offsetof(struct zg_inject, cmd_lag) == 4, "struct zg_inject.cmd_lag: offset");
-_Static_assert(offsetof(struct zg_inject, dev_fail) == 8, "struct zg_inject.dev_fail: offset");
-_Static_assert(offsetof(struct zg_inject, dev_fail_arg) == 12, "struct zg_inject.dev_fail_arg: offset");
-_Static_assert(offsetof(struct zg_inject, walk_lag) == 16, "struct zg_inject.walk_lag: offset");
-_Static_assert(offsetof(struct zg_inject, populate_lag) == 20, "struct zg_inject.populate_lag: offset");
-_Static_assert(offsetof(struct zg_inject, fault_lag) == 24, "struct zg_inject.fault_lag: offset");
-_Static_assert(offsetof(struct zg_inject, iotlb_keep) == 28, "struct zg_inject.iotlb_keep: offset");
-_Static_assert(offsetof(struct zg_inject, sync_lag) == 32, "struct zg_inject.sync_lag: offset");
+_Static_assert(sizeof(struct zg_inject) == 40, "struct zg_inject: size as in shared-regs");
+_Static_assert(offsetof(struct zg_inject, size) == 0, "struct zg_inject.size: offset");
+_Static_assert(offsetof(struct zg_inject, modes) == 4, "struct zg_inject.modes: offset");
+_Static_assert(offsetof(struct zg_inject, cmd_lag) == 8, "struct zg_inject.cmd_lag: offset");
+_Static_assert(offsetof(struct zg_inject, dev_fail) == 12, "struct zg_inject.dev_fail: offset");
+_Static_assert(offsetof(struct zg_inject, dev_fail_arg) == 16, "struct zg_inject.dev_fail_arg: offset");
+_Static_assert(offsetof(struct zg_inject, walk_lag) == 20, "struct zg_inject.walk_lag: offset");
+_Static_assert(offsetof(struct zg_inject, populate_lag) == 24, "struct zg_inject.populate_lag: offset");
+_Static_assert(offsetof(struct zg_inject, fault_lag) == 28, "struct zg_inject.fault_lag: offset");
+_Static_assert(offsetof(struct zg_inject, iotlb_keep) == 32, "struct zg_inject.iotlb_keep: offset");
+_Static_assert(offsetof(struct zg_inject, sync_lag) == 36, "struct zg_inject.sync_lag: offset");
 
-/* _IOWR('z', 0x01, struct zg_map). */
-#define ZG_IOC_MAP 0xc0287a01u
+/* _IOWR('z', 0x01, struct zg_map) at its 1.0 size. */
+#define ZG_IOC_MAP 0xc0307a01u
 
-/* _IOWR('z', 0x02, struct zg_dma). */
-#define ZG_IOC_DMA 0xc0507a02u
+/* _IOWR('z', 0x02, struct zg_dma) at its 1.0 size. */
+#define ZG_IOC_DMA 0xc0587a02u
 
-/* _IOW('z', 0x03, struct zg_snapshot). */
-#define ZG_IOC_SNAPSHOT 0x40187a03u
+/* _IOW('z', 0x03, struct zg_snapshot) at its 1.0 size. */
+#define ZG_IOC_SNAPSHOT 0x40207a03u
 
-/* _IOR('z', 0x04, struct zg_stats). */
-#define ZG_IOC_STATS 0x81107a04u
+/*
+ * _IOWR('z', 0x04, struct zg_stats) at its 1.0 size (the driver reads size, then writes
+ * the answer).
+ */
+#define ZG_IOC_STATS 0xc1107a04u
 
-/* _IOW('z', 0x05, struct zg_inject). */
-#define ZG_IOC_INJECT 0x40247a05u
+/* _IOW('z', 0x05, struct zg_inject) at its 1.0 size. */
+#define ZG_IOC_INJECT 0x40287a05u
+
+/* Size of struct zg_info in uAPI 1.0: the least size the driver accepts. */
+#define ZG_INFO_SIZE_VER0 0x3cull
+
+/* Size of struct zg_map in uAPI 1.0. */
+#define ZG_MAP_SIZE_VER0 0x30ull
+
+/* Size of struct zg_dma in uAPI 1.0. */
+#define ZG_DMA_SIZE_VER0 0x58ull
+
+/* Size of struct zg_snapshot in uAPI 1.0. */
+#define ZG_SNAPSHOT_SIZE_VER0 0x20ull
+
+/* Size of struct zg_stats in uAPI 1.0. */
+#define ZG_STATS_SIZE_VER0 0x110ull
+
+/* Size of struct zg_inject in uAPI 1.0. */
+#define ZG_INJECT_SIZE_VER0 0x28ull
+
+/* Largest size the driver reads: a larger one gets E2BIG. */
+#define ZG_SIZE_MAX 0x1000ull
 
 /* The ioctl numbers, as <linux/ioctl.h> encodes them. */
-_Static_assert(ZG_IOC_GET_INFO == _IOR('z', 0x00, struct zg_info), "ZG_IOC_GET_INFO");
-_Static_assert(ZG_IOC_MAP == _IOWR('z', 0x01, struct zg_map), "ZG_IOC_MAP");
-_Static_assert(ZG_IOC_DMA == _IOWR('z', 0x02, struct zg_dma), "ZG_IOC_DMA");
-_Static_assert(ZG_IOC_SNAPSHOT == _IOW('z', 0x03, struct zg_snapshot), "ZG_IOC_SNAPSHOT");
-_Static_assert(ZG_IOC_STATS == _IOR('z', 0x04, struct zg_stats), "ZG_IOC_STATS");
-_Static_assert(ZG_IOC_INJECT == _IOW('z', 0x05, struct zg_inject), "ZG_IOC_INJECT");
+_Static_assert(ZG_IOC_GET_INFO == _IOC(_IOC_READ | _IOC_WRITE, 'z', 0x00, ZG_INFO_SIZE_VER0), "ZG_IOC_GET_INFO");
+_Static_assert(ZG_IOC_MAP == _IOC(_IOC_READ | _IOC_WRITE, 'z', 0x01, ZG_MAP_SIZE_VER0), "ZG_IOC_MAP");
+_Static_assert(ZG_IOC_DMA == _IOC(_IOC_READ | _IOC_WRITE, 'z', 0x02, ZG_DMA_SIZE_VER0), "ZG_IOC_DMA");
+_Static_assert(ZG_IOC_SNAPSHOT == _IOC(_IOC_WRITE, 'z', 0x03, ZG_SNAPSHOT_SIZE_VER0), "ZG_IOC_SNAPSHOT");
+_Static_assert(ZG_IOC_STATS == _IOC(_IOC_READ | _IOC_WRITE, 'z', 0x04, ZG_STATS_SIZE_VER0), "ZG_IOC_STATS");
+_Static_assert(ZG_IOC_INJECT == _IOC(_IOC_WRITE, 'z', 0x05, ZG_INJECT_SIZE_VER0), "ZG_IOC_INJECT");
 
 /* Device constants from dma.rs. */
 /* Copy src VA to dst VA. */

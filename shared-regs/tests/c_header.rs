@@ -2,7 +2,7 @@
 //! the structures and constants are read from the sources of `abi/uapi.rs` (and the opcodes,
 //! statuses, fault reasons, violation classes and failure modes it refers to), their values and
 //! sizes come from the compiled crate, and the header asserts every size, offset and ioctl
-//! number with `_Static_assert` against the C compiler's own layout and `_IOR`/`_IOWR`. This test
+//! number with `_Static_assert` against the C compiler's own layout and `_IOC`. This test
 //! renders the header, compiles it with `cc` (when there is one) and fails when the committed
 //! file differs; `ZAPGUARD_BLESS=1 cargo test -p shared-regs --test c_header` rewrites it.
 
@@ -33,7 +33,9 @@ fn uapi_values() -> BTreeMap<&'static str, Value> {
         ZG_STATS_RELEASED, ZG_VIOL_CLASSES, ZG_INJ_SKIP_SHOOTDOWN, ZG_INJ_SKIP_SYNC_WAIT,
         ZG_INJ_IGNORE_RETRY, ZG_INJ_KEEP_WRITE, ZG_INJ_KEEP_AFTER_RELEASE,
         ZG_INJ_EARLY_TABLE_FREE, ZG_INJ_SKIP_CTX_INVALIDATE, ZG_INJ_EARLY_BOUNCE_REUSE, ZG_INJ_ALL, ZG_DBG_NO_VALIDATE, ZG_DBG_ZAP_WRITE_PROTECT, ZG_INJ_MODES, ZG_POPULATE_LAG_MAX_US, ZG_IOC_MAP,
-        ZG_IOC_DMA, ZG_IOC_SNAPSHOT, ZG_IOC_STATS, ZG_IOC_INJECT)
+        ZG_IOC_DMA, ZG_IOC_SNAPSHOT, ZG_IOC_STATS, ZG_IOC_INJECT, ZG_INFO_SIZE_VER0,
+        ZG_MAP_SIZE_VER0, ZG_DMA_SIZE_VER0, ZG_SNAPSHOT_SIZE_VER0, ZG_STATS_SIZE_VER0,
+        ZG_INJECT_SIZE_VER0, ZG_SIZE_MAX)
     .into_iter()
     .collect()
 }
@@ -80,14 +82,23 @@ fn sizes() -> BTreeMap<&'static str, usize> {
     .collect()
 }
 
-/// Each ioctl's direction macro and argument structure.
+/// Each ioctl's `<linux/ioctl.h>` direction and the constant of its structure's 1.0 size (the
+/// size every ioctl number keeps: uAPI 1.0's stability rule).
 const IOCTLS: [(&str, &str, &str); 6] = [
-    ("ZG_IOC_GET_INFO", "_IOR", "ZgInfo"),
-    ("ZG_IOC_MAP", "_IOWR", "ZgMap"),
-    ("ZG_IOC_DMA", "_IOWR", "ZgDma"),
-    ("ZG_IOC_SNAPSHOT", "_IOW", "ZgSnapshot"),
-    ("ZG_IOC_STATS", "_IOR", "ZgStats"),
-    ("ZG_IOC_INJECT", "_IOW", "ZgInject"),
+    (
+        "ZG_IOC_GET_INFO",
+        "_IOC_READ | _IOC_WRITE",
+        "ZG_INFO_SIZE_VER0",
+    ),
+    ("ZG_IOC_MAP", "_IOC_READ | _IOC_WRITE", "ZG_MAP_SIZE_VER0"),
+    ("ZG_IOC_DMA", "_IOC_READ | _IOC_WRITE", "ZG_DMA_SIZE_VER0"),
+    ("ZG_IOC_SNAPSHOT", "_IOC_WRITE", "ZG_SNAPSHOT_SIZE_VER0"),
+    (
+        "ZG_IOC_STATS",
+        "_IOC_READ | _IOC_WRITE",
+        "ZG_STATS_SIZE_VER0",
+    ),
+    ("ZG_IOC_INJECT", "_IOC_WRITE", "ZG_INJECT_SIZE_VER0"),
 ];
 
 fn source(file: &str) -> String {
@@ -366,13 +377,12 @@ fn render() -> String {
         );
     }
     out.push_str("\n/* The ioctl numbers, as <linux/ioctl.h> encodes them. */\n");
-    for (name, dir, rust) in IOCTLS {
+    for (name, dir, ver0) in IOCTLS {
         let v = values[name].v;
         let _ = writeln!(
             out,
-            "_Static_assert({name} == {dir}('z', {:#04x}, struct {}), \"{name}\");",
+            "_Static_assert({name} == _IOC({dir}, 'z', {:#04x}, {ver0}), \"{name}\");",
             v & 0xff,
-            c_struct(rust)
         );
     }
 

@@ -36,33 +36,51 @@ pub fn build_examples(root: &Path) -> Result<Vec<PathBuf>> {
         .filter(|p| p.extension().is_some_and(|x| x == "c"))
         .collect();
     sources.sort();
+    // Each example against today's header, and against every frozen one (a program built
+    // when that uAPI version shipped): `zg-example`, `zg-example.uapi-1.0`, ...
+    let mut headers = vec![(include.clone(), String::new())];
+    let frozen = root.join("shared-regs/include/frozen");
+    let mut versions: Vec<PathBuf> = std::fs::read_dir(&frozen)
+        .map_err(|e| format!("{}: {e}", frozen.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.join("zapguard.h").is_file())
+        .collect();
+    versions.sort();
+    for v in versions {
+        let name = v.file_name().unwrap_or_default().to_string_lossy();
+        headers.push((v.clone(), format!(".{name}")));
+    }
     let mut bins = Vec::new();
     for src in sources {
-        let bin = out_dir.join(src.file_stem().unwrap_or_default());
-        let out = Command::new("gcc")
-            .args([
-                "-static",
-                "-O2",
-                "-std=gnu11",
-                "-Wall",
-                "-Wextra",
-                "-Werror",
-                "-I",
-            ])
-            .arg(&include)
-            .arg(&src)
-            .arg("-o")
-            .arg(&bin)
-            .output()
-            .map_err(|e| format!("gcc: {e}"))?;
-        if !out.status.success() {
-            return Err(format!(
-                "building {}:\n{}",
-                src.display(),
-                String::from_utf8_lossy(&out.stderr)
-            ));
+        for (dir, suffix) in &headers {
+            let stem = src.file_stem().unwrap_or_default().to_string_lossy();
+            let bin = out_dir.join(format!("{stem}{suffix}"));
+            let out = Command::new("gcc")
+                .args([
+                    "-static",
+                    "-O2",
+                    "-std=gnu11",
+                    "-Wall",
+                    "-Wextra",
+                    "-Werror",
+                    "-I",
+                ])
+                .arg(dir)
+                .arg(&src)
+                .arg("-o")
+                .arg(&bin)
+                .output()
+                .map_err(|e| format!("gcc: {e}"))?;
+            if !out.status.success() {
+                return Err(format!(
+                    "building {} against {}:\n{}",
+                    src.display(),
+                    dir.display(),
+                    String::from_utf8_lossy(&out.stderr)
+                ));
+            }
+            bins.push(bin);
         }
-        bins.push(bin);
     }
     Ok(bins)
 }

@@ -12,6 +12,22 @@
 //! | [`ZG_IOC_STATS`] | read | [`ZgStats`] | this context's counters (and the device's violation count) |
 //! | [`ZG_IOC_INJECT`] | write | [`ZgInject`] | root only: turn on driver bugs for validator self-tests |
 //!
+//! # Stability (uAPI 1.0)
+//!
+//! From 1.0 on, a program keeps working with every later driver:
+//! - The ioctl numbers never change: each encodes its structure's 1.0 size
+//!   (`ZG_*_SIZE_VER0`), whatever the structure's size now.
+//! - Every argument structure starts with `__u32 size`, which the caller sets to the size it was
+//!   built with (`sizeof`). The driver reads that many bytes, as `copy_struct_from_user()`
+//!   does: a smaller (older) structure is zero-extended; a larger (newer) one is accepted if
+//!   every byte the driver does not know is zero, and refused with `E2BIG` otherwise (the driver
+//!   then writes its own size into `size`). A `size` below the 1.0 size gets `EINVAL`, one above
+//!   [`ZG_SIZE_MAX`] `E2BIG`. Answers are written back up to the caller's `size` only.
+//! - Fields are only ever added at the end, with zero meaning what the old behaviour was; flag
+//!   bits are only added; `pad` fields must be zero (`EINVAL`) so that they can gain a meaning.
+//! - The minor version grows with each addition; the major version would change only with a
+//!   new device node.
+//!
 //! Each open file is one *context*: it binds the opener's address space (`current->mm`) and one
 //! device ASID. Only that address space may use it: an ioctl from another process gets `EPERM`;
 //! once the address space has been torn down (the opener exited, the file lives on elsewhere)
@@ -48,26 +64,23 @@ pub const fn ioc_size(cmd: u32) -> usize {
     ((cmd >> IOC_SIZESHIFT) & ((1 << IOC_SIZEBITS) - 1)) as usize
 }
 
-/// Version of this uAPI, reported in [`ZgInfo::uapi_version`] (2: `irq_count`, `probe_sync_ns`;
-/// 3: contexts, MAP, DMA, SNAPSHOT, STATS, INJECT; 5: `ZgInject::populate_lag`, `fault_lag`,
-/// `iotlb_keep`; 6: [`ZgStats::violations`] has a slot for `VIOL_TABLE_FREED`, which moves the
-/// fields after it and grows [`ZgStats`] to 264 bytes, hence a new [`ZG_IOC_STATS`] number;
-/// 7: a slot for `VIOL_CTX_RELEASED` ([`ZgStats`] 272 bytes, a new [`ZG_IOC_STATS`] number
-/// again), [`ZG_INJ_SKIP_CTX_INVALIDATE`], [`ZgInject::sync_lag`] ([`ZgInject`] 36 bytes, a new
-/// [`ZG_IOC_INJECT`] number), and the non-blockable invalidation counters
-/// ([`ZgInfo::nonblock_invalidations`], [`ZgStats::invalidations_nonblock`]); 8:
-/// [`ZG_INJ_EARLY_BOUNCE_REUSE`] (an added mode bit; nothing moved).
-pub const UAPI_VERSION: u32 = 8;
+/// Version of this uAPI, reported in [`ZgInfo::uapi_version`]: major in bits 31:16, minor in
+/// 15:0. 1.0 is the first stable one (the module documentation has the rules); before it, the
+/// versions 2 to 8 changed structure layouts and ioctl numbers.
+pub const UAPI_VERSION: u32 = 1 << 16;
 
 /// Answer of [`ZG_IOC_GET_INFO`]. Fields are filled from the device's registers at probe time
 /// and from the PCI core; `reserved` is zero and keeps the size stable as fields are added.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[cfg_attr(
     feature = "host",
     derive(zerocopy::FromBytes, zerocopy::IntoBytes, zerocopy::Immutable)
 )]
 pub struct ZgInfo {
+    /// In: `sizeof` this structure as the caller's program knows it (see the module
+    /// documentation: at least the 1.0 size, at most 4096).
+    pub size: u32,
     /// [`UAPI_VERSION`] of the driver.
     pub uapi_version: u32,
     /// Device [`super::regs::IDENT`] register.
@@ -96,15 +109,11 @@ pub struct ZgInfo {
     /// device did not confirm the SYNC within the non-blockable spin), saturating. The kernel
     /// retries them, or the process's exit does the blockable teardown.
     pub nonblock_failed: u32,
-    /// Zero; room for additions without changing the ioctl number.
-    pub reserved: [u32; 2],
 }
 
-/// `_IOR('z', 0x00, struct zg_info)`: identity and parameters of the device behind this file.
-pub const ZG_IOC_GET_INFO: u32 = ioc(IOC_READ, ZG_IOC_MAGIC, 0x00, core::mem::size_of::<ZgInfo>());
-
-const _: () = assert!(core::mem::size_of::<ZgInfo>() == 64);
-const _: () = assert!(ioc_size(ZG_IOC_GET_INFO) == 64);
+/// `_IOWR('z', 0x00, struct zg_info)` at its 1.0 size: identity and parameters of the device
+/// behind this file (the driver reads `size`, then writes the answer).
+pub const ZG_IOC_GET_INFO: u32 = ioc(IOC_READ | IOC_WRITE, ZG_IOC_MAGIC, 0x00, ZG_INFO_SIZE_VER0);
 
 /// [`ZgMap::flags`]: populate for write (breaks COW, makes the CPU PTE dirty) and map the pages
 /// device-writable; without it pages are mapped read-only even if the CPU may write them.
@@ -117,24 +126,29 @@ pub const ZG_MAP_FLAGS: u32 = ZG_MAP_WRITE;
 /// Errors: `EFAULT` (no VMA, `PROT_NONE`), `EPERM` (write to a read-only VMA), `EBUSY` (the range
 /// kept being invalidated; retry), `ENOMEM` (device page-table pool exhausted).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[cfg_attr(
     feature = "host",
     derive(zerocopy::FromBytes, zerocopy::IntoBytes, zerocopy::Immutable)
 )]
 pub struct ZgMap {
+    /// In: `sizeof` this structure as the caller's program knows it (see the module
+    /// documentation: at least the 1.0 size, at most 4096).
+    pub size: u32,
+    /// In: `ZG_MAP_*`.
+    pub flags: u32,
     /// In: first address (page aligned).
     pub va: u64,
     /// In: length in bytes (page aligned, > 0).
     pub len: u64,
-    /// In: `ZG_MAP_*`.
-    pub flags: u32,
-    /// Out: times a collision with an invalidation forced a fresh `hmm_range_fault()`.
-    pub retries: u32,
     /// Out: 4 KiB device PTEs written.
     pub pages: u64,
     /// Out: 2 MiB device PTEs written.
     pub huge: u64,
+    /// Out: times a collision with an invalidation forced a fresh `hmm_range_fault()`.
+    pub retries: u32,
+    /// In: zero.
+    pub pad: u32,
 }
 
 /// [`ZgDma::flags`]: do not serve device faults; the first translation fault ends the job
@@ -154,16 +168,21 @@ pub const ZG_DMA_BOUNCE_MAX: u64 = 1 << 20;
 /// fault it cannot serve aborts the job and the ioctl returns its error (`EFAULT` for no VMA or
 /// `PROT_NONE`, `EPERM` for a write to a read-only mapping) with the status filled in.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[cfg_attr(
     feature = "host",
     derive(zerocopy::FromBytes, zerocopy::IntoBytes, zerocopy::Immutable)
 )]
 pub struct ZgDma {
+    /// In: `sizeof` this structure as the caller's program knows it (see the module
+    /// documentation: at least the 1.0 size, at most 4096).
+    pub size: u32,
     /// In: `DMA_*` opcode.
     pub op: u32,
     /// In: `ZG_DMA_*`.
     pub flags: u32,
+    /// Out: `DMA_ST_*`.
+    pub status: u32,
     /// In: source VA.
     pub src: u64,
     /// In: destination VA.
@@ -172,20 +191,20 @@ pub struct ZgDma {
     pub len: u64,
     /// In: pattern or user buffer, per opcode.
     pub aux: u64,
-    /// Out: `DMA_ST_*`.
-    pub status: u32,
-    /// Out: `FAULT_*` reason when the job ended on a fault.
-    pub fault_reason: u32,
-    /// Out: translation faults the device took (served or not).
-    pub faults: u32,
-    /// Out: negative errno of the fault the driver could not serve, 0 otherwise.
-    pub error: i32,
     /// Out: bytes processed.
     pub bytes_done: u64,
     /// Out: opcode result (checksum, first difference).
     pub result: u64,
     /// Out: nanoseconds from submission to completion as seen by the driver.
     pub elapsed_ns: u64,
+    /// Out: `FAULT_*` reason when the job ended on a fault.
+    pub fault_reason: u32,
+    /// Out: translation faults the device took (served or not).
+    pub faults: u32,
+    /// Out: negative errno of the fault the driver could not serve, 0 otherwise.
+    pub error: i32,
+    /// In: zero.
+    pub pad: u32,
 }
 
 /// Snapshot byte: the device PTE is present.
@@ -210,12 +229,17 @@ pub const ZG_SNAPSHOT_MAX_PAGES: u64 = 4096;
 /// Argument of [`ZG_IOC_SNAPSHOT`]: one `ZG_SNAP_*` byte per page of `[va, va + npages * 4096)`
 /// is written to the user buffer `out`. Faults nothing in.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[cfg_attr(
     feature = "host",
     derive(zerocopy::FromBytes, zerocopy::IntoBytes, zerocopy::Immutable)
 )]
 pub struct ZgSnapshot {
+    /// In: `sizeof` this structure as the caller's program knows it (see the module
+    /// documentation: at least the 1.0 size, at most 4096).
+    pub size: u32,
+    /// In: zero (no flags yet).
+    pub flags: u32,
     /// First address (page aligned).
     pub va: u64,
     /// Pages, 1..=[`ZG_SNAPSHOT_MAX_PAGES`].
@@ -231,16 +255,21 @@ pub const ZG_VIOL_CLASSES: usize = 8;
 
 /// Answer of [`ZG_IOC_STATS`]: counters of this context since it was opened.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[cfg_attr(
     feature = "host",
     derive(zerocopy::FromBytes, zerocopy::IntoBytes, zerocopy::Immutable)
 )]
 pub struct ZgStats {
+    /// In: `sizeof` this structure as the caller's program knows it (see the module
+    /// documentation: at least the 1.0 size, at most 4096).
+    pub size: u32,
     /// The context's device ASID.
     pub asid: u32,
     /// `ZG_STATS_*`.
     pub flags: u32,
+    /// Zero.
+    pub pad: u32,
     /// Invalidation callbacks received.
     pub invalidations: u64,
     /// Of those, callbacks that found nothing mapped in the device (no commands sent).
@@ -297,8 +326,6 @@ pub struct ZgStats {
     /// Non-blockable invalidation callbacks (the OOM reaper, `process_mrelease()`), including
     /// those counted in `invalidations_nonblock_failed`.
     pub invalidations_nonblock: u64,
-    /// Zero.
-    pub reserved: [u64; 1],
 }
 
 /// [`ZgInject::modes`]: the invalidation callback only bumps the sequence (no PTE clear, no
@@ -358,12 +385,15 @@ pub const ZG_POPULATE_LAG_MAX_US: u32 = 100_000;
 
 /// Argument of [`ZG_IOC_INJECT`] (needs `CAP_SYS_ADMIN`, else `EPERM`).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[cfg_attr(
     feature = "host",
     derive(zerocopy::FromBytes, zerocopy::IntoBytes, zerocopy::Immutable)
 )]
 pub struct ZgInject {
+    /// In: `sizeof` this structure as the caller's program knows it (see the module
+    /// documentation: at least the 1.0 size, at most 4096).
+    pub size: u32,
     /// `ZG_INJ_*` bugs to enable on this context (0 turns them off).
     pub modes: u32,
     /// Value for the device's [`super::regs::CMD_LAG`] register (device-wide, reset to 0 when
@@ -402,46 +432,81 @@ pub struct ZgInject {
     pub sync_lag: u32,
 }
 
-/// `_IOWR('z', 0x01, struct zg_map)`.
-pub const ZG_IOC_MAP: u32 = ioc(
-    IOC_READ | IOC_WRITE,
-    ZG_IOC_MAGIC,
-    0x01,
-    core::mem::size_of::<ZgMap>(),
-);
-/// `_IOWR('z', 0x02, struct zg_dma)`.
-pub const ZG_IOC_DMA: u32 = ioc(
-    IOC_READ | IOC_WRITE,
-    ZG_IOC_MAGIC,
-    0x02,
-    core::mem::size_of::<ZgDma>(),
-);
-/// `_IOW('z', 0x03, struct zg_snapshot)`.
-pub const ZG_IOC_SNAPSHOT: u32 = ioc(
-    IOC_WRITE,
-    ZG_IOC_MAGIC,
-    0x03,
-    core::mem::size_of::<ZgSnapshot>(),
-);
-/// `_IOR('z', 0x04, struct zg_stats)`.
-pub const ZG_IOC_STATS: u32 = ioc(
-    IOC_READ,
-    ZG_IOC_MAGIC,
-    0x04,
-    core::mem::size_of::<ZgStats>(),
-);
-/// `_IOW('z', 0x05, struct zg_inject)`.
-pub const ZG_IOC_INJECT: u32 = ioc(
-    IOC_WRITE,
-    ZG_IOC_MAGIC,
-    0x05,
-    core::mem::size_of::<ZgInject>(),
+/// `_IOWR('z', 0x01, struct zg_map)` at its 1.0 size.
+pub const ZG_IOC_MAP: u32 = ioc(IOC_READ | IOC_WRITE, ZG_IOC_MAGIC, 0x01, ZG_MAP_SIZE_VER0);
+/// `_IOWR('z', 0x02, struct zg_dma)` at its 1.0 size.
+pub const ZG_IOC_DMA: u32 = ioc(IOC_READ | IOC_WRITE, ZG_IOC_MAGIC, 0x02, ZG_DMA_SIZE_VER0);
+/// `_IOW('z', 0x03, struct zg_snapshot)` at its 1.0 size.
+pub const ZG_IOC_SNAPSHOT: u32 = ioc(IOC_WRITE, ZG_IOC_MAGIC, 0x03, ZG_SNAPSHOT_SIZE_VER0);
+/// `_IOWR('z', 0x04, struct zg_stats)` at its 1.0 size (the driver reads `size`, then writes
+/// the answer).
+pub const ZG_IOC_STATS: u32 = ioc(IOC_READ | IOC_WRITE, ZG_IOC_MAGIC, 0x04, ZG_STATS_SIZE_VER0);
+/// `_IOW('z', 0x05, struct zg_inject)` at its 1.0 size.
+pub const ZG_IOC_INJECT: u32 = ioc(IOC_WRITE, ZG_IOC_MAGIC, 0x05, ZG_INJECT_SIZE_VER0);
+
+/// Size of [`ZgInfo`] in uAPI 1.0: the least `size` the driver accepts.
+pub const ZG_INFO_SIZE_VER0: usize = 60;
+/// Size of [`ZgMap`] in uAPI 1.0.
+pub const ZG_MAP_SIZE_VER0: usize = 48;
+/// Size of [`ZgDma`] in uAPI 1.0.
+pub const ZG_DMA_SIZE_VER0: usize = 88;
+/// Size of [`ZgSnapshot`] in uAPI 1.0.
+pub const ZG_SNAPSHOT_SIZE_VER0: usize = 32;
+/// Size of [`ZgStats`] in uAPI 1.0.
+pub const ZG_STATS_SIZE_VER0: usize = 272;
+/// Size of [`ZgInject`] in uAPI 1.0.
+pub const ZG_INJECT_SIZE_VER0: usize = 40;
+/// Largest `size` the driver reads: a larger one gets `E2BIG`.
+pub const ZG_SIZE_MAX: usize = 4096;
+
+/// An argument structure of the extensible uAPI: its first field is `size`, and its 1.0 size
+/// is the least the driver accepts.
+pub trait Extensible: Sized {
+    /// Size of the structure in uAPI 1.0.
+    const SIZE_VER0: usize;
+    /// The caller's `size` field.
+    fn size(&self) -> u32;
+    /// Sets the `size` field.
+    fn set_size(&mut self, size: u32);
+}
+
+/// `Default` (every field zero, `size` this structure's size) and [`Extensible`] for each
+/// argument structure, with build-time checks that the 1.0 size only grows and that `size`
+/// comes first.
+macro_rules! extensible {
+    ($($t:ident: $ver0:ident),* $(,)?) => {$(
+        impl Default for $t {
+            fn default() -> Self {
+                // SAFETY: every field is an integer or an array of integers, for which all
+                // zeroes is a valid value.
+                let mut v: Self = unsafe { core::mem::zeroed() };
+                v.size = core::mem::size_of::<Self>() as u32;
+                v
+            }
+        }
+        impl Extensible for $t {
+            const SIZE_VER0: usize = $ver0;
+            fn size(&self) -> u32 {
+                self.size
+            }
+            fn set_size(&mut self, size: u32) {
+                self.size = size;
+            }
+        }
+        const _: () = assert!(core::mem::size_of::<$t>() >= $ver0);
+        const _: () = assert!(core::mem::offset_of!($t, size) == 0);
+        const _: () = assert!(core::mem::size_of::<$t>() <= ZG_SIZE_MAX);
+    )*};
+}
+
+extensible!(
+    ZgInfo: ZG_INFO_SIZE_VER0,
+    ZgMap: ZG_MAP_SIZE_VER0,
+    ZgDma: ZG_DMA_SIZE_VER0,
+    ZgSnapshot: ZG_SNAPSHOT_SIZE_VER0,
+    ZgStats: ZG_STATS_SIZE_VER0,
+    ZgInject: ZG_INJECT_SIZE_VER0,
 );
 
-const _: () = assert!(core::mem::size_of::<ZgMap>() == 40);
-const _: () = assert!(core::mem::size_of::<ZgDma>() == 80);
-const _: () = assert!(core::mem::size_of::<ZgSnapshot>() == 24);
-const _: () = assert!(core::mem::size_of::<ZgStats>() == 272);
 // Every `VIOL_*` class has its slot in [`ZgStats::violations`].
 const _: () = assert!(ZG_VIOL_CLASSES == super::event::VIOL_CTX_RELEASED as usize + 1);
-const _: () = assert!(core::mem::size_of::<ZgInject>() == 36);

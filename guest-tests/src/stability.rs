@@ -1,0 +1,203 @@
+//! uAPI 1.0's stability rules, seen from a program: every argument structure carries its
+//! `size`; the driver zero-extends an older (smaller) one, accepts a newer (larger) one whose
+//! unknown tail is zero, refuses one with a non-zero tail (`E2BIG`, telling its own size), and
+//! writes answers back only up to the caller's size. Programs built against the frozen 1.0
+//! header (`shared-regs/include/frozen/`) keep working: see `c_example_built_against_uapi_1_0`.
+
+use crate::dev::{self, Mapping};
+use crate::ktap::check_eq;
+use shared_regs::uapi::{self, *};
+use std::fs::File;
+
+/// A byte buffer holding an argument structure of `T`, `extra` bytes longer than `T` (the
+/// structure of a newer program), with `size` set to `size`.
+struct Arg {
+    bytes: Vec<u8>,
+}
+
+impl Arg {
+    fn new<T: zerocopy::IntoBytes + zerocopy::Immutable>(v: &T, extra: usize, size: usize) -> Self {
+        let mut bytes = v.as_bytes().to_vec();
+        bytes.resize(bytes.len() + extra, 0);
+        bytes[..4].copy_from_slice(&(size as u32).to_ne_bytes());
+        Self { bytes }
+    }
+
+    fn size_field(&self) -> u32 {
+        u32::from_ne_bytes(self.bytes[..4].try_into().unwrap_or_default())
+    }
+
+    fn ioctl(&mut self, f: &File, cmd: u32) -> Result<(), i32> {
+        dev::ioctl_raw(f, cmd, self.bytes.as_mut_ptr() as usize)
+            .map(drop)
+            .map_err(|e| dev::errno(&e))
+    }
+}
+
+fn open() -> Result<File, String> {
+    dev::open().map_err(|e| format!("open: {e}"))
+}
+
+/// `size` below the 1.0 size gets `EINVAL`, above 4096 `E2BIG`, for every ioctl.
+pub fn uapi_size_out_of_bounds_is_refused() -> Result<(), String> {
+    let f = open()?;
+    let cases: [(u32, usize, usize, &str); 6] = [
+        (
+            ZG_IOC_GET_INFO,
+            ZG_INFO_SIZE_VER0,
+            size_of::<ZgInfo>(),
+            "GET_INFO",
+        ),
+        (ZG_IOC_MAP, ZG_MAP_SIZE_VER0, size_of::<ZgMap>(), "MAP"),
+        (ZG_IOC_DMA, ZG_DMA_SIZE_VER0, size_of::<ZgDma>(), "DMA"),
+        (
+            ZG_IOC_SNAPSHOT,
+            ZG_SNAPSHOT_SIZE_VER0,
+            size_of::<ZgSnapshot>(),
+            "SNAPSHOT",
+        ),
+        (
+            ZG_IOC_STATS,
+            ZG_STATS_SIZE_VER0,
+            size_of::<ZgStats>(),
+            "STATS",
+        ),
+        (
+            ZG_IOC_INJECT,
+            ZG_INJECT_SIZE_VER0,
+            size_of::<ZgInject>(),
+            "INJECT",
+        ),
+    ];
+    for (cmd, ver0, ours, what) in cases {
+        for (size, want) in [
+            (0, libc::EINVAL),
+            (4, libc::EINVAL),
+            (ver0 - 1, libc::EINVAL),
+            (ZG_SIZE_MAX + 1, libc::E2BIG),
+            (u32::MAX as usize, libc::E2BIG),
+        ] {
+            let mut a = Arg {
+                bytes: vec![0; ours.max(8)],
+            };
+            a.bytes[..4].copy_from_slice(&(size as u32).to_ne_bytes());
+            check_eq(
+                a.ioctl(&f, cmd),
+                Err(want),
+                &format!("{what} with size {size}"),
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// A newer program's larger structure works when the bytes this driver does not know are
+/// zero, and gets `E2BIG` with the driver's own size in `size` when they are not.
+pub fn uapi_larger_struct_with_zero_tail_is_accepted() -> Result<(), String> {
+    let f = open()?;
+    let ours = size_of::<ZgInfo>();
+    // GET_INFO answers up to the caller's size: the tail stays the caller's.
+    let mut a = Arg::new(&ZgInfo::default(), 64, ours + 64);
+    a.ioctl(&f, ZG_IOC_GET_INFO)
+        .map_err(|e| format!("GET_INFO with a zero tail: errno {e}"))?;
+    let ident = u32::from_ne_bytes(a.bytes[8..12].try_into().unwrap_or_default());
+    check_eq(ident, shared_regs::regs::IDENT_MAGIC, "ident in the answer")?;
+    check_eq(a.size_field() as usize, ours + 64, "size after the answer")?;
+    check_eq(
+        a.bytes[ours..].iter().all(|&b| b == 0),
+        true,
+        "the tail the driver does not know is left alone",
+    )?;
+    let mut bad = Arg::new(&ZgInfo::default(), 64, ours + 64);
+    bad.bytes[ours + 63] = 1;
+    check_eq(
+        bad.ioctl(&f, ZG_IOC_GET_INFO),
+        Err(libc::E2BIG),
+        "GET_INFO with a non-zero unknown byte",
+    )?;
+    check_eq(
+        bad.size_field() as usize,
+        ours,
+        "size the driver wrote back with E2BIG",
+    )?;
+    // The same for an input structure: a MAP of a real buffer with a zero tail works.
+    let mut m = Mapping::anon(4096).map_err(|e| e.to_string())?;
+    m.bytes_mut().fill(7);
+    let map = ZgMap {
+        va: m.addr as u64,
+        len: 4096,
+        ..Default::default()
+    };
+    let mut a = Arg::new(&map, 16, size_of::<ZgMap>() + 16);
+    a.ioctl(&f, ZG_IOC_MAP)
+        .map_err(|e| format!("MAP with a zero tail: errno {e}"))?;
+    let mut bad = Arg::new(&map, 16, size_of::<ZgMap>() + 16);
+    bad.bytes[size_of::<ZgMap>()] = 0x80;
+    check_eq(
+        bad.ioctl(&f, ZG_IOC_MAP),
+        Err(libc::E2BIG),
+        "MAP with a non-zero unknown byte",
+    )?;
+    Ok(())
+}
+
+/// Answers go no further than the caller's `size`, and `pad` fields must be zero. (At 1.0 no
+/// valid `size` is below the driver's own, so the canary past it only checks that the driver
+/// writes no more than its structure; once a structure grows, a 1.0-sized caller checks the
+/// rule itself: the `ext-answer-past-callers-size` mutant is equivalent until then.)
+pub fn uapi_answers_stop_at_the_callers_size_and_pads_are_checked() -> Result<(), String> {
+    let f = open()?;
+    let ours = size_of::<ZgStats>();
+    // The caller's buffer is longer than its size says: the bytes past `size` are not its
+    // structure's and must stay as they were.
+    let mut a = Arg::new(&ZgStats::default(), 32, ours);
+    a.bytes[ours..].fill(0xa5);
+    a.ioctl(&f, ZG_IOC_STATS)
+        .map_err(|e| format!("STATS: errno {e}"))?;
+    check_eq(
+        a.bytes[ours..].iter().all(|&b| b == 0xa5),
+        true,
+        "bytes past the caller's size untouched",
+    )?;
+    let m = Mapping::anon(4096).map_err(|e| e.to_string())?;
+    let map = ZgMap {
+        va: m.addr as u64,
+        len: 4096,
+        pad: 1,
+        ..Default::default()
+    };
+    let mut map = map;
+    check_eq(
+        dev::ioctl_rw(&f, ZG_IOC_MAP, &mut map).map_err(|e| dev::errno(&e)),
+        Err(libc::EINVAL),
+        "MAP with a non-zero pad",
+    )?;
+    let mut d = dev::job(shared_regs::dma::DMA_CHECKSUM, m.addr, 0, 4096, 0);
+    d.pad = 1;
+    check_eq(
+        dev::ioctl_rw(&f, ZG_IOC_DMA, &mut d).map_err(|e| dev::errno(&e)),
+        Err(libc::EINVAL),
+        "DMA with a non-zero pad",
+    )?;
+    let mut out = [0u8; 1];
+    let mut s = ZgSnapshot {
+        flags: 1,
+        va: m.addr as u64,
+        npages: 1,
+        out: out.as_mut_ptr() as u64,
+        ..Default::default()
+    };
+    check_eq(
+        dev::ioctl_rw(&f, ZG_IOC_SNAPSHOT, &mut s).map_err(|e| dev::errno(&e)),
+        Err(libc::EINVAL),
+        "SNAPSHOT with an unknown flag",
+    )?;
+    // The numbers before 1.0 are gone (they encoded other sizes): uAPI 8's GET_INFO.
+    let old_get_info = uapi::ioc(uapi::IOC_READ, ZG_IOC_MAGIC, 0x00, 64);
+    let mut info = ZgInfo::default();
+    check_eq(
+        dev::ioctl_rw(&f, old_get_info, &mut info).map_err(|e| dev::errno(&e)),
+        Err(libc::ENOTTY),
+        "GET_INFO by its pre-1.0 number",
+    )
+}
