@@ -13,7 +13,7 @@ use shared_regs::uapi::*;
 use std::fs::File;
 use std::time::Instant;
 
-const PG: usize = 4096;
+use crate::dev::PG;
 const MIB: usize = 1 << 20;
 /// test_hmm READ chunk (its sink buffer must fit next to the benchmark's buffer in 512 MiB).
 const CHUNK: usize = 16 * MIB;
@@ -255,21 +255,8 @@ fn fork_read(sizes: &Sizes, out: &mut Vec<Record>) -> Result<(), String> {
             dev::inject(&f, mode, 0).map_err(err("INJECT"))?;
             let m = buffer(len, false)?;
             dev::map(&f, m.addr, len, ZG_MAP_WRITE).map_err(err("MAP"))?;
-            let mut go = [0; 2];
-            // SAFETY: a pipe into a local array.
-            if unsafe { libc::pipe(go.as_mut_ptr()) } != 0 {
-                return Err("pipe".into());
-            }
-            // SAFETY: the child only blocks on the pipe and `_exit`s.
-            let pid = unsafe { libc::fork() };
-            if pid == 0 {
-                let mut b = [0u8; 1];
-                // SAFETY: our pipe; then leave without running the parent's destructors.
-                unsafe {
-                    libc::read(go[0], b.as_mut_ptr().cast(), 1);
-                    libc::_exit(0);
-                }
-            }
+            // A child sharing the buffer, alive (and looking at nothing) during the job.
+            let child = crate::proc::GatedChild::fork(|| 0)?;
             let s0 = dev::stats(&f).map_err(err("STATS"))?;
             let t = Instant::now();
             dev::dma(&f, dev::job(DMA_CHECKSUM, m.addr, 0, len, 0))
@@ -277,13 +264,7 @@ fn fork_read(sizes: &Sizes, out: &mut Vec<Record>) -> Result<(), String> {
             times.push(ns(t));
             let s1 = dev::stats(&f).map_err(err("STATS"))?;
             faults.push(s1.faults - s0.faults);
-            // SAFETY: releasing and reaping our child.
-            unsafe {
-                libc::write(go[1], b"x".as_ptr().cast(), 1);
-                libc::waitpid(pid, std::ptr::null_mut(), 0);
-                libc::close(go[0]);
-                libc::close(go[1]);
-            }
+            child.release();
         }
     }
     push_each(

@@ -3,9 +3,10 @@
 
 use crate::dev::{self, Mapping};
 use crate::ktap::check_eq;
-use crate::mirror::{fork_wait, open, stats};
+use crate::mirror::{open, stats};
+use crate::proc::fork_wait;
 
-const PG: usize = 4096;
+use crate::dev::PG;
 const HUGE: usize = 2 << 20;
 /// 2 MiB blocks reserved: more than a context's default table bound (`max_pt_pages`) can map
 /// sparsely, so the context runs out first.

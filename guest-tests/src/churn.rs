@@ -308,7 +308,7 @@ fn check_reports(sh: &Shared) -> Result<(), String> {
 fn spawn(sh: &Shared) -> Result<Vec<libc::pid_t>, String> {
     let mut pids = vec![];
     for w in 0..WORKERS {
-        pids.push(crate::mirror::fork_child(|| worker(sh, w))?);
+        pids.push(crate::proc::fork_child(|| worker(sh, w))?);
     }
     Ok(pids)
 }

@@ -15,6 +15,9 @@ pub fn open() -> io::Result<File> {
 }
 
 /// Issues `cmd` with a raw argument; returns the ioctl's non-negative result or the errno.
+/// The page size of the guest (x86-64), for test buffers.
+pub const PG: usize = 4096;
+
 pub fn ioctl_raw(f: &File, cmd: u32, arg: usize) -> io::Result<i32> {
     // SAFETY: the caller chooses `arg`; the kernel validates user pointers and answers a bad one
     // with EFAULT, it never dereferences it in our address space on our behalf.

@@ -7,7 +7,8 @@
 
 use crate::dev::{self, Mapping};
 use crate::ktap::check_eq;
-use crate::mirror::{fork_wait, map, open, stats};
+use crate::mirror::{map, open, stats};
+use crate::proc::fork_wait;
 use crate::DRIVER_DIR;
 use shared_regs::dma::DMA_CHECKSUM;
 use shared_regs::regs::*;

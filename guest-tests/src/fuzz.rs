@@ -83,7 +83,7 @@
 //! call index, the call with its resolved arguments, and `just fuzz-guest N --seed S`.
 
 use crate::dev;
-use crate::mirror::fork_child;
+use crate::proc::fork_child;
 use shared_regs::dma::{
     fnv1a64, DMA_CHECKSUM, DMA_COMPARE, DMA_COPY, DMA_FILL, DMA_MAX_LEN, DMA_READ, DMA_WRITE,
     FNV_OFFSET,
@@ -98,7 +98,8 @@ use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-const PG: u64 = 4096;
+/// [`crate::dev::PG`], for the fuzzer's 64-bit address arithmetic.
+const PG: u64 = crate::dev::PG as u64;
 /// Calls when the kernel command line does not say (`zg.fuzz_calls=N`).
 pub(crate) const DEFAULT_CALLS: u64 = 100_000;
 /// Fuzzer processes, and threads in each.

@@ -5,14 +5,15 @@
 use crate::dev::{self, Mapping};
 use crate::dmirror::{run as hmm_run, HMM_DMIRROR_READ, HMM_DMIRROR_WRITE};
 use crate::ktap::check_eq;
-use crate::mirror::{clean, fill_job, fork_wait, map, open, run, run_err, stats};
+use crate::mirror::{clean, fill_job, map, open, run, run_err, stats};
+use crate::proc::fork_wait;
 use shared_regs::dma::*;
 use shared_regs::uapi::*;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
-const PG: usize = 4096;
+use crate::dev::PG;
 
 pub fn hmm_prot_none_read_efault() -> Result<(), String> {
     let f = open()?;
@@ -1147,7 +1148,7 @@ pub fn sigkill_mid_job_is_safe() -> Result<(), String> {
     let jobs = unsafe { &*(page.addr as *const AtomicU32) };
     for round in 0..3 {
         jobs.store(0, Ordering::Relaxed);
-        let pid = crate::mirror::fork_child(|| {
+        let pid = crate::proc::fork_child(|| {
             let Ok(f) = dev::open() else { return 1 };
             let Ok(mut a) = Mapping::anon_huge(32 << 20) else {
                 return 2;

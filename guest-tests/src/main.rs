@@ -22,6 +22,7 @@ mod hmm;
 mod ktap;
 mod mirror;
 mod numa;
+mod proc;
 mod reaper;
 mod safety;
 mod stability;

@@ -9,6 +9,7 @@
 
 use crate::dev::{self, Mapping};
 use crate::ktap::check_eq;
+use crate::proc::{fork_child, fork_wait, GatedChild};
 use shared_regs::dma::{self, *};
 use shared_regs::event::*;
 use shared_regs::uapi::*;
@@ -17,7 +18,7 @@ use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-const PG: usize = 4096;
+use crate::dev::PG;
 const HUGE: usize = 2 << 20;
 
 /// Violations the injection tests caused (and expected); the clean-totals test compares the
@@ -410,76 +411,25 @@ pub fn a_panicking_fork_child_ends_in_the_child() -> Result<(), String> {
     check_eq(status, 101, "a panicking child's exit status")
 }
 
-/// Forks and runs `child` in the child, which `_exit`s with its result, or 101 if it panicked:
-/// a panic never unwinds into the copy of the test runner the child is; returns the child's pid
-/// (the caller waits for it).
-pub(crate) fn fork_child(child: impl FnOnce() -> i32) -> Result<libc::pid_t, String> {
-    // SAFETY: the child only runs `child` and `_exit`s (no return into the test runner).
-    let pid = unsafe { libc::fork() };
-    if pid < 0 {
-        return Err(format!("fork: {}", std::io::Error::last_os_error()));
-    }
-    if pid == 0 {
-        let code = std::panic::catch_unwind(std::panic::AssertUnwindSafe(child)).unwrap_or(101);
-        // SAFETY: terminating the child without running the parent's destructors twice.
-        unsafe { libc::_exit(code) };
-    }
-    Ok(pid)
-}
-
-/// Forks and runs `child` in the child; returns its exit status.
-pub(crate) fn fork_wait(child: impl FnOnce() -> i32) -> Result<i32, String> {
-    let pid = fork_child(child)?;
-    let mut status = 0;
-    // SAFETY: waiting for our own child.
-    unsafe { libc::waitpid(pid, &mut status, 0) };
-    if libc::WIFEXITED(status) {
-        Ok(libc::WEXITSTATUS(status))
-    } else {
-        Ok(128 + libc::WTERMSIG(status))
-    }
-}
-
 pub fn fork_cow_keeps_child_private() -> Result<(), String> {
     let f = open()?;
     let mut a = Mapping::anon(4 * PG).map_err(|e| e.to_string())?;
     a.bytes_mut().fill(b'A');
     map(&f, &a, true)?;
     run(&f, fill_job(a.addr, a.len, b'A'))?;
-    let mut fds = [0; 2];
-    // SAFETY: a pipe into a local array.
-    if unsafe { libc::pipe(fds.as_mut_ptr()) } != 0 {
-        return Err("pipe".into());
-    }
     let s0 = stats(&f)?;
-    // SAFETY: as in `fork_wait`.
-    let pid = unsafe { libc::fork() };
-    if pid == 0 {
-        let mut b = [0u8; 1];
-        // SAFETY: reading one byte from our pipe.
-        unsafe { libc::read(fds[0], b.as_mut_ptr().cast(), 1) };
-        let ok = a.bytes().iter().all(|&x| x == b'A');
-        // SAFETY: see `fork_wait`.
-        unsafe { libc::_exit(if ok { 0 } else { 1 }) };
-    }
+    let child = GatedChild::fork(|| i32::from(a.bytes().iter().any(|&x| x != b'A')))?;
     // The parent's device writes after fork must break COW in the parent, never write the page
     // the child still shares.
     let r = run(&f, fill_job(a.addr, a.len, b'C'));
-    // SAFETY: writing one byte to our pipe, then reaping the child.
-    let mut status = 0;
-    unsafe {
-        libc::write(fds[1], b"x".as_ptr().cast(), 1);
-        libc::waitpid(pid, &mut status, 0);
-        libc::close(fds[0]);
-        libc::close(fds[1]);
-    }
+    let status = child.release();
     r?;
     if a.bytes().iter().any(|&x| x != b'C') {
         return Err("parent does not see its device write".into());
     }
-    if !libc::WIFEXITED(status) || libc::WEXITSTATUS(status) != 0 {
+    if status != 0 {
         return Err(format!(
-            "child saw the parent's device write (status {status:#x}): COW broken"
+            "child saw the parent's device write (status {status}): COW broken"
         ));
     }
     let s1 = stats(&f)?;
@@ -487,51 +437,6 @@ pub fn fork_cow_keeps_child_private() -> Result<(), String> {
         return Err("fork's write-protect did not reach the driver".into());
     }
     clean(&f)
-}
-
-/// A child forked with its own view of `a`, blocked on a pipe until [`Child::check`]; it then
-/// exits 0 if every byte of `a` is still `byte`.
-struct Child {
-    pid: libc::pid_t,
-    go: libc::c_int,
-}
-
-impl Child {
-    fn fork(a: &Mapping, byte: u8) -> Result<Self, String> {
-        let mut fds = [0; 2];
-        // SAFETY: a pipe into a local array.
-        if unsafe { libc::pipe(fds.as_mut_ptr()) } != 0 {
-            return Err("pipe".into());
-        }
-        // SAFETY: as in `fork_wait`.
-        let pid = unsafe { libc::fork() };
-        if pid < 0 {
-            return Err(format!("fork: {}", std::io::Error::last_os_error()));
-        }
-        if pid == 0 {
-            let mut b = [0u8; 1];
-            // SAFETY: reading one byte from our pipe.
-            unsafe { libc::read(fds[0], b.as_mut_ptr().cast(), 1) };
-            let ok = a.bytes().iter().all(|&x| x == byte);
-            // SAFETY: see `fork_wait`.
-            unsafe { libc::_exit(if ok { 0 } else { 1 }) };
-        }
-        // SAFETY: the parent keeps only the write end.
-        unsafe { libc::close(fds[0]) };
-        Ok(Self { pid, go: fds[1] })
-    }
-
-    /// Lets the child look, and returns whether it still saw its bytes.
-    fn check(self) -> bool {
-        let mut status = 0;
-        // SAFETY: one byte to our pipe, then reaping our child.
-        unsafe {
-            libc::write(self.go, b"x".as_ptr().cast(), 1);
-            libc::close(self.go);
-            libc::waitpid(self.pid, &mut status, 0);
-        }
-        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0
-    }
 }
 
 /// fork's COW write-protect (`MMU_NOTIFY_PROTECTION_PAGE`) makes the parent's device PTEs
@@ -544,7 +449,7 @@ pub fn fork_write_protects_instead_of_zapping() -> Result<(), String> {
     a.bytes_mut().fill(b'A');
     map(&f, &a, true)?;
     let s0 = stats(&f)?;
-    let child = Child::fork(&a, b'A')?;
+    let child = GatedChild::fork(|| i32::from(a.bytes().iter().any(|&x| x != b'A')))?;
     let s1 = stats(&f)?;
     let result = (|| {
         check_eq(s1.pages_zapped - s0.pages_zapped, 0, "pages zapped by fork")?;
@@ -576,7 +481,7 @@ pub fn fork_write_protects_instead_of_zapping() -> Result<(), String> {
         }
         Ok(())
     })();
-    let child_ok = child.check();
+    let child_ok = child.release() == 0;
     result?;
     if !child_ok {
         return Err("the child saw the parent's device write: COW broken".into());
@@ -591,12 +496,12 @@ pub fn inject_keep_write_after_fork_is_caught() -> Result<(), String> {
         a.bytes_mut().fill(b'A');
         map(&f, &a, true)?;
         dev::inject(&f, ZG_INJ_KEEP_WRITE, 0).map_err(|e| format!("INJECT: {e}"))?;
-        let child = Child::fork(&a, b'A')?;
+        let child = GatedChild::fork(|| i32::from(a.bytes().iter().any(|&x| x != b'A')))?;
         // The bug keeps the device PTEs writable: this write lands in the page the child shares.
         let mut j = fill_job(a.addr, a.len, b'X');
         j.flags = ZG_DMA_NO_FAULT;
         let _ = dev::dma(&f, j);
-        let child_ok = child.check();
+        let child_ok = child.release() == 0;
         println!("# child still saw its own data: {child_ok}");
         stats(&f)
     })

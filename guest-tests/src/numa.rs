@@ -19,7 +19,7 @@ use std::fs::File;
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-const PG: usize = 4096;
+use crate::dev::PG;
 const HUGE: usize = 2 << 20;
 /// `mbind(2)` modes and flags (linux/mempolicy.h; not in the libc crate).
 const MPOL_DEFAULT: i32 = 0;

@@ -10,7 +10,8 @@
 
 use crate::dev::{self, Mapping};
 use crate::ktap::check_eq;
-use crate::mirror::{device_violations, fork_child};
+use crate::mirror::device_violations;
+use crate::proc::fork_child;
 use shared_regs::dma::DMA_CHECKSUM;
 use shared_regs::uapi::{ZgInfo, ZgInject};
 use std::io::{Read, Write};

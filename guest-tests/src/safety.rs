@@ -7,7 +7,8 @@
 
 use crate::dev::{self, Mapping};
 use crate::ktap::check_eq;
-use crate::mirror::{clean, fill_job, fork_child, fork_wait, map, open, run};
+use crate::mirror::{clean, fill_job, map, open, run};
+use crate::proc::{fork_child, fork_wait, GatedChild};
 use crate::uffd;
 use shared_regs::dma::{fnv1a64, DMA_CHECKSUM, FNV_OFFSET};
 use shared_regs::uapi::*;
@@ -16,7 +17,7 @@ use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::time::{Duration, Instant};
 
-const PG: usize = 4096;
+use crate::dev::PG;
 /// `MADV_PAGEOUT` (Linux 5.4; not in every libc's headers).
 const MADV_PAGEOUT: i32 = 21;
 
@@ -139,36 +140,18 @@ pub fn write_fault_breaks_cow_only_on_the_written_page() -> Result<(), String> {
     let mut m = Mapping::anon(PAGES * PG).map_err(err)?;
     m.madvise(0, m.len, libc::MADV_NOHUGEPAGE).map_err(err)?;
     m.bytes_mut().fill(b'P');
-    let mut go = [0; 2];
-    // SAFETY: a pipe into a local array.
-    if unsafe { libc::pipe(go.as_mut_ptr()) } != 0 {
-        return Err("pipe".into());
-    }
     let (addr, len) = (m.addr, m.len);
-    let child = fork_child(|| {
-        let mut b = [0u8; 1];
-        // SAFETY: closing our copy of the write end, then reading one byte from the pipe: it
-        // returns 0 once the parent closes its write end.
-        unsafe {
-            libc::close(go[1]);
-            libc::read(go[0], b.as_mut_ptr().cast(), 1)
-        };
+    let child = GatedChild::fork(|| {
         let view = Mapping::view(addr, len);
         i32::from(view.bytes().iter().any(|&x| x != b'P'))
     })?;
-    // SAFETY: closing our copy of the read end.
-    unsafe { libc::close(go[0]) };
     let r = write_one_page_after_fork(&f, &m);
-    // SAFETY: the write end: the child goes on.
-    unsafe { libc::close(go[1]) };
-    let mut status = 0;
-    // SAFETY: waiting for our own child.
-    unsafe { libc::waitpid(child, &mut status, 0) };
+    let status = child.release();
     r?;
     check_eq(
-        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
-        true,
-        "the child still reads its own bytes",
+        status,
+        0,
+        "the child still reads its own bytes (its exit status)",
     )?;
     clean(&f)
 }
