@@ -2,7 +2,7 @@
 //! one ([`JsonTraceWriter`]), which define the same lines.
 //!
 //! The schema is JSON Lines, one JSON object per event. [`TraceWriter`] records each event as a
-//! compact binary record instead (layouts in `zapguard_trace::format`, shared with the reader),
+//! compact binary record instead (layouts in `shared_regs::trace_format`, shared with the reader),
 //! on the device's thread into a buffer that a background thread drains to the file: formatting
 //! JSON on the DMA path cost more than the copy. `zapguard-trace` decodes every record to the
 //! line [`JsonTraceWriter`] writes for the same event, byte for byte (`zapguard-trace json
@@ -71,7 +71,7 @@ use std::thread::JoinHandle;
 use std::time::Instant;
 
 use serde::Serialize;
-use zapguard_trace::format as fmt;
+use shared_regs::trace_format as fmt;
 use zerocopy::IntoBytes;
 
 use crate::device::register_name;
@@ -552,7 +552,7 @@ struct Drain<W> {
     thread: JoinHandle<(W, Option<io::Error>)>,
 }
 
-/// Records events in the binary format (`zapguard_trace::format`) into a buffer that a
+/// Records events in the binary format (`shared_regs::trace_format`) into a buffer that a
 /// background thread writes to `W`.
 pub struct TraceWriter<W: Write + Send + 'static> {
     chunk: Vec<u8>,

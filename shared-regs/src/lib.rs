@@ -9,8 +9,13 @@
 #![no_std]
 #![deny(missing_docs)]
 
+#[cfg(feature = "host")]
+extern crate std;
+
 pub mod abi;
 #[cfg(feature = "host")]
 pub mod flags;
+#[cfg(feature = "host")]
+pub mod trace_format;
 
 pub use abi::{cmd, dma, event, hmm, pci, pte, queue, regs, uapi};

@@ -1,5 +1,5 @@
 //! The binary trace format (`trace.zgt`), shared by the device's writer
-//! (`qemu-dev/src/trace.rs`) and this crate's reader.
+//! (`qemu-dev/src/trace.rs`) and the trace tool's reader (`trace-tool/src/reader.rs`).
 //!
 //! The device writes a record per event instead of a JSON line: formatting JSON on the DMA path
 //! cost more than the copy. Every record decodes to exactly the JSON line the JSON Lines writer
@@ -35,6 +35,9 @@
 //!
 //! A chunk cut short at the end of the file (the device was killed while writing) is decoded
 //! up to its last whole record and reported, like a torn JSON line.
+
+use std::format;
+use std::{string::String, vec::Vec};
 
 use std::fmt::Write as _;
 use std::io::{self, Read};
@@ -1014,6 +1017,7 @@ impl std::fmt::Display for OrNull {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::{string::ToString, vec};
 
     type Decoded = (Vec<String>, Vec<(u64, Damage)>, u64);
 

@@ -14,7 +14,9 @@
 pub mod check;
 mod cmdq;
 pub mod filter;
-pub mod format;
+/// The binary record format, defined with the ABI (`shared-regs`): the device writes it, this
+/// crate reads it.
+pub use shared_regs::trace_format as format;
 pub mod perfetto;
 pub mod reader;
 pub mod summary;

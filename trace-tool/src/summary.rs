@@ -36,7 +36,62 @@ pub struct AsidStats {
     pub violations: BTreeMap<String, u64>,
 }
 
+/// ASIDs without violations a summary lists one by one (the busiest by bytes; every ASID with
+/// a violation is listed too); the rest count in its `all` row.
+pub const TOP_ASIDS: usize = 8;
+
+/// One row of the per-ASID table (`pages` given: a total's are summed, not a set).
+fn write_asid_row(
+    f: &mut fmt::Formatter<'_>,
+    asid: &str,
+    s: &AsidStats,
+    pages: usize,
+) -> fmt::Result {
+    writeln!(
+        f,
+        "{:>5} {:>6} {:>12} {:>8} {:>9} {:>5.1}% {:>6.1}%  inv: {} / faults: {} / violations: {}",
+        asid,
+        s.jobs,
+        s.bytes,
+        pages,
+        s.accesses,
+        100.0 * s.hit_rate(),
+        if s.accesses == 0 {
+            0.0
+        } else {
+            100.0 * s.judged as f64 / s.accesses as f64
+        },
+        join(&s.invalidations),
+        join(&s.faults),
+        join(&s.violations)
+    )
+}
+
 impl AsidStats {
+    /// A context that only came and went: context and invalidation commands, no DMA.
+    fn is_quiet(&self) -> bool {
+        self.jobs == 0 && self.accesses == 0 && self.faults.is_empty() && self.violations.is_empty()
+    }
+
+    /// Adds `o`'s counters (not its page set) to these.
+    fn add(&mut self, o: &AsidStats) {
+        self.jobs += o.jobs;
+        self.bytes += o.bytes;
+        self.accesses += o.accesses;
+        self.judged += o.judged;
+        self.unjudged += o.unjudged;
+        self.fills += o.fills;
+        for (mine, theirs) in [
+            (&mut self.invalidations, &o.invalidations),
+            (&mut self.faults, &o.faults),
+            (&mut self.violations, &o.violations),
+        ] {
+            for (k, v) in theirs {
+                *mine.entry(k.clone()).or_default() += v;
+            }
+        }
+    }
+
     /// Fraction of bursts served by the IOTLB (or a held translation) without a walk.
     pub fn hit_rate(&self) -> f64 {
         if self.accesses == 0 {
@@ -252,32 +307,35 @@ impl fmt::Display for Summary {
             "{:>5} {:>6} {:>12} {:>8} {:>9} {:>6} {:>7}  invalidations / faults / violations",
             "asid", "jobs", "bytes", "pages", "accesses", "hit%", "judged%"
         )?;
-        let mut quiet = 0;
-        for (asid, s) in &self.asids {
-            // Contexts that only came and went (context commands, no DMA) fit on one line.
-            if s.jobs == 0 && s.accesses == 0 && s.faults.is_empty() && s.violations.is_empty() {
-                quiet += 1;
-                continue;
-            }
-            writeln!(
-                f,
-                "{:>5} {:>6} {:>12} {:>8} {:>9} {:>5.1}% {:>6.1}%  inv: {} / faults: {} / violations: {}",
-                asid,
-                s.jobs,
-                s.bytes,
-                s.pages.len(),
-                s.accesses,
-                100.0 * s.hit_rate(),
-                if s.accesses == 0 { 0.0 } else { 100.0 * s.judged as f64 / s.accesses as f64 },
-                join(&s.invalidations),
-                join(&s.faults),
-                join(&s.violations)
-            )?;
+        let quiet = self.asids.values().filter(|s| s.is_quiet()).count();
+        let mut active: Vec<(&u64, &AsidStats)> =
+            self.asids.iter().filter(|(_, s)| !s.is_quiet()).collect();
+        // The busiest first; any ASID with a violation is always shown.
+        active
+            .sort_by_key(|(asid, s)| (s.violations.is_empty(), std::cmp::Reverse(s.bytes), **asid));
+        // Every ASID with a violation (sorted first), then the TOP_ASIDS busiest of the rest.
+        let with_violations = active
+            .iter()
+            .filter(|(_, s)| !s.violations.is_empty())
+            .count();
+        let shown = &active[..active.len().min(with_violations + TOP_ASIDS)];
+        for (asid, s) in shown {
+            write_asid_row(f, &asid.to_string(), s, s.pages.len())?;
         }
-        if quiet > 0 {
+        let mut total = AsidStats::default();
+        let mut pages = 0;
+        for (_, s) in &active {
+            total.add(s);
+            pages += s.pages.len();
+        }
+        if active.len() > 1 {
+            write_asid_row(f, "all", &total, pages)?;
+        }
+        let hidden = active.len() - shown.len();
+        if hidden > 0 || quiet > 0 {
             writeln!(
                 f,
-                "({quiet} more ASIDs had only context and invalidation commands, no DMA)"
+                "({hidden} more ASIDs with DMA not shown, in the total; {quiet} had only context and invalidation commands)"
             )?;
         }
         self.write_violations(f, None)
@@ -340,6 +398,62 @@ mod tests {
             s.add(e);
         }
         s
+    }
+
+    #[test]
+    fn the_table_lists_the_busiest_asids_every_violation_and_a_total() {
+        let mut s = Summary::default();
+        for asid in 1..=12u64 {
+            let st = s.asids.entry(asid).or_default();
+            st.jobs = 1;
+            st.bytes = asid * 1000;
+            st.accesses = 10;
+        }
+        // The least busy, but with a violation: always listed.
+        let v = s.asids.entry(20).or_default();
+        v.jobs = 1;
+        v.bytes = 1;
+        v.accesses = 1;
+        v.violations.insert("stale".into(), 2);
+        // Two that only came and went.
+        for asid in [30, 31] {
+            s.asids
+                .entry(asid)
+                .or_default()
+                .invalidations
+                .insert("cfgi_ctx".into(), 1);
+        }
+        let text = s.to_string();
+        let rows: Vec<&str> = text
+            .lines()
+            .filter(|l| l.contains("inv:") && !l.trim_start().starts_with("all"))
+            .collect();
+        assert_eq!(rows.len(), TOP_ASIDS + 1, "{text}");
+        assert!(
+            rows[0].trim_start().starts_with("20 "),
+            "violations first: {text}"
+        );
+        assert!(
+            rows[1].trim_start().starts_with("12 "),
+            "then the busiest: {text}"
+        );
+        assert!(
+            !text.contains("\n    1      1"),
+            "ASID 1 is not among the busiest: {text}"
+        );
+        let all = text
+            .lines()
+            .find(|l| l.trim_start().starts_with("all"))
+            .expect("a total row");
+        assert!(
+            all.contains(" 13 ") && all.contains(&format!(" {} ", 78_001)),
+            "{all}"
+        );
+        assert!(all.contains("violations: stale 2"), "{all}");
+        assert!(
+            text.contains("(4 more ASIDs with DMA not shown, in the total; 2 had only context"),
+            "{text}"
+        );
     }
 
     #[test]
