@@ -505,18 +505,13 @@ impl Mirror {
         &self.shared.hw.pool
     }
 
-    /// The test knob that widens a populate's window between walk and commit (at least 4 ms
-    /// under `ZG_INJ_IGNORE_RETRY`, so that its test reliably lands an invalidation there);
-    /// compiled out unless the module is built with `ZAPGUARD_INJECT=1`.
-    fn populate_lag(&self, ignore_retry: bool) {
+    /// The test knob that widens a populate's window between walk and commit; compiled out
+    /// unless the module is built with `ZAPGUARD_INJECT=1`.
+    fn populate_lag(&self) {
         if !cfg!(zapguard_inject) {
             return;
         }
-        let mut us = self.populate_lag.load(Ordering::Relaxed);
-        if ignore_retry {
-            // Wide enough that the test's invalidation lands in it on the slow kernels too.
-            us = us.max(20_000);
-        }
+        let us = self.populate_lag.load(Ordering::Relaxed);
         if us > 0 {
             fsleep(Delta::from_micros(us.into()));
         }
@@ -1673,7 +1668,7 @@ pub(crate) fn populate(
             };
             let ignore_retry = ctx.injected(uapi::ZG_INJ_IGNORE_RETRY);
             let lag_started = Instant::<Monotonic>::now();
-            ctx.populate_lag(ignore_retry);
+            ctx.populate_lag();
             not_counted += lag_started.elapsed();
             // A DMA map for a block that has none is allocated here, outside the lock.
             let spare = if ctx.wants_dma_spare.load(Ordering::Relaxed) {

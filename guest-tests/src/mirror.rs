@@ -15,7 +15,7 @@ use shared_regs::event::*;
 use shared_regs::uapi::*;
 use std::fs::File;
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::dev::PG;
@@ -960,24 +960,24 @@ pub fn inject_skip_sync_wait_is_caught() -> Result<(), String> {
 
 /// MAPs a small buffer while another thread's `MADV_DONTNEED` (and a CPU write of new data)
 /// lands in the populate's window between `hmm_range_fault()` and the commit, then has the
-/// device read it; `rounds` times, with varying delays, until `stop` says so.
+/// device read it; `rounds` times, until `stop` says so. The thread waits for the walk to start
+/// (the context's `populates` count), then each round's delay from `delays_us` (scaled to the
+/// kernel), which must fall inside the walk plus the context's populate lag.
 fn madvise_during_populate(
     f: &File,
     rounds: usize,
+    delays_us: &[u64],
     check_data: bool,
     stop: impl Fn(&ZgStats) -> bool,
-) -> Result<ZgStats, String> {
+) -> Result<Race, String> {
     let mut a = Mapping::anon(16 * PG).map_err(|e| e.to_string())?;
     a.bytes_mut().fill(1);
+    let mut race = Race::default();
     for i in 0..rounds {
-        // Delays after the walk started, spread over the walk and the populate lag after it
-        // (4 ms for the clean test, 20 ms for ZG_INJ_IGNORE_RETRY). Timing from the thread's
-        // start instead missed the window in 80 rounds on CI's default, debug and KASAN kernels.
-        let delay = crate::scaled(Duration::from_micros(
-            [200, 500, 1000, 2000, 3000, 5000][i % 6],
-        ));
+        let delay = crate::scaled(Duration::from_micros(delays_us[i % delays_us.len()]));
         let walks_before = stats(f)?.populates;
-        std::thread::scope(|scope| -> Result<(), String> {
+        let map_returned = AtomicBool::new(false);
+        let (mapped, overlapped) = std::thread::scope(|scope| {
             let t = scope.spawn(|| {
                 await_populate(f, walks_before);
                 std::thread::sleep(delay);
@@ -986,10 +986,15 @@ fn madvise_during_populate(
                     libc::madvise(a.addr as *mut _, a.len, libc::MADV_DONTNEED);
                     std::ptr::write_bytes(a.addr as *mut u8, 2, a.len);
                 }
+                !map_returned.load(Ordering::SeqCst)
             });
-            let _ = dev::map(f, a.addr, a.len, 0);
-            t.join().map_err(|_| "madvise thread panicked".to_string())
-        })?;
+            let mapped = dev::map(f, a.addr, a.len, 0);
+            map_returned.store(true, Ordering::SeqCst);
+            (mapped, t.join())
+        });
+        mapped.map_err(|e| format!("round {i}: MAP: {e}"))?;
+        race.rounds += 1;
+        race.overlapped += overlapped.map_err(|_| "madvise thread panicked")? as usize;
         let read = dev::dma(f, long_read_job(a.addr, a.len));
         // The CPU wrote 2s after the drop: a correct populate mirrors those pages, never the
         // dropped ones.
@@ -997,13 +1002,23 @@ fn madvise_during_populate(
             let want = fnv1a64(FNV_OFFSET, a.bytes());
             read_job_consistent(read, a.len, want).map_err(|e| format!("round {i}: {e}"))?;
         }
-        let s = stats(f)?;
-        if stop(&s) {
+        race.stats = stats(f)?;
+        if stop(&race.stats) {
             println!("# stopped after {} round(s)", i + 1);
-            return Ok(s);
+            break;
         }
     }
-    stats(f)
+    Ok(race)
+}
+
+/// What [`madvise_during_populate`] did: rounds run, rounds whose `MADV_DONTNEED` finished
+/// before the MAP returned (it landed during the populate, or before its walk), and the
+/// context's counters at the end.
+#[derive(Default)]
+struct Race {
+    rounds: usize,
+    overlapped: usize,
+    stats: ZgStats,
 }
 
 /// Waits (boundedly) until `f`'s context has started a walk after `before` walks: the
@@ -1031,7 +1046,9 @@ pub fn populate_lag_with_invalidation_is_clean() -> Result<(), String> {
         },
     )
     .map_err(|e| format!("INJECT: {e}"))?;
-    let s = madvise_during_populate(&f, 24, true, |_| false)?;
+    // Spread over the walk and the 4 ms lag after it.
+    let delays = [200, 500, 1000, 2000, 3000, 5000];
+    let s = madvise_during_populate(&f, 24, &delays, true, |_| false)?.stats;
     println!(
         "# {} populates, {} retried after an invalidation overtook the walk",
         s.populates, s.populate_retries
@@ -1060,11 +1077,30 @@ pub fn populate_lag_with_invalidation_is_clean() -> Result<(), String> {
     clean(&f)
 }
 
+/// Populate lag for [`inject_ignore_retry_is_caught`]: the widest the driver allows, so that
+/// the invalidation lands in it on every kernel (a 20 ms lag once missed 80 rounds in a row on
+/// CI's KASAN kernel).
+const IGNORE_RETRY_LAG_US: u32 = ZG_POPULATE_LAG_MAX_US;
+
 pub fn inject_ignore_retry_is_caught() -> Result<(), String> {
     expect_violations(VIOL_STALE, || {
         let f = open()?;
-        dev::inject(&f, ZG_INJ_IGNORE_RETRY, 0).map_err(|e| format!("INJECT: {e}"))?;
-        madvise_during_populate(&f, 80, false, |s| ctx_violations(s) > 0)
+        let knobs = ZgInject {
+            modes: ZG_INJ_IGNORE_RETRY,
+            populate_lag: IGNORE_RETRY_LAG_US,
+            ..Default::default()
+        };
+        dev::inject_all(&f, knobs).map_err(|e| format!("INJECT: {e}"))?;
+        let delays = [500, 1000, 2000, 5000, 10_000, 20_000];
+        let race = madvise_during_populate(&f, 40, &delays, false, |s| ctx_violations(s) > 0)?;
+        if ctx_violations(&race.stats) == 0 {
+            // Tells a missed window (no overlap) from a missed violation (overlap, no catch).
+            println!(
+                "# {} of {} rounds' MADV_DONTNEED finished before their MAP returned",
+                race.overlapped, race.rounds
+            );
+        }
+        Ok(race.stats)
     })
 }
 
