@@ -41,12 +41,14 @@ build:
 trace *ARGS:
     cargo run --quiet --release -p zapguard-trace -- {{ARGS}}
 
-# Formatting and lints: host crates, and the module (rustfmt + the kernel's CLIPPY=1 build).
+# Formatting and lints: host crates, and the module (rustfmt + the kernel's CLIPPY=1 build of the
+# test build and of the production build).
 check:
     cargo fmt --all -- --check
     rustfmt --edition 2021 --check kmod/zapguard.rs
     cargo clippy --workspace --all-targets -- -D warnings
-    make -s -C "$(bash images/kernel/build.sh)" M="$PWD/kmod" MO="$PWD/target/zapguard/clippy" LLVM=-19 ZAPGUARD_INJECT=1 CLIPPY=1 W=1 modules
+    make -s -C "$(bash images/kernel/build.sh)" M="$PWD/kmod" MO="$PWD/target/zapguard/clippy" LLVM=-19 ZAPGUARD_TEST=1 CLIPPY=1 W=1 modules
+    make -s -C "$(bash images/kernel/build.sh)" M="$PWD/kmod" MO="$PWD/target/zapguard/clippy-production" LLVM=-19 CLIPPY=1 W=1 modules
 
 # Benchmarks in the guest (mirror, shootdown, device DMA vs test_hmm and the hardware's limits):
 # prints a table of ratios and writes target/zapguard/bench.json (`just bench --filter dma_copy`:

@@ -27,6 +27,8 @@
 //!
 //! See [`crate::hw`] for the queue locks and [`crate::mirror`] for a context's lock.
 
+#[cfg(zapguard_test)]
+use crate::abi::testing;
 use crate::abi::{cmd, event as ev, pci as zpci, queue, regs as abi_regs, uapi};
 use crate::dmamap::Spare;
 use crate::dmamem::DmaMem;
@@ -150,6 +152,9 @@ pub(crate) struct Shared {
     /// overlaps one. Never taken under a context lock (the allocation may reclaim).
     #[pin]
     binding: Mutex<()>,
+    /// Test builds: the device's debugfs directory (see [`crate::testing`]).
+    #[cfg(zapguard_test)]
+    pub(crate) debugfs: kernel::debugfs::Dir,
 }
 
 impl Failure {
@@ -190,6 +195,8 @@ impl Shared {
             ctxs,
         };
         let pci_location = u32::from(pdev.dev_id());
+        #[cfg(zapguard_test)]
+        let debugfs = crate::testing::device_dir(pdev)?;
         let pdev: ARef<pci::Device> = pdev.into();
         Ok(try_pin_init!(Shared {
             bar,
@@ -207,6 +214,8 @@ impl Shared {
             events <- kernel::new_mutex!((), "zapguard_events"),
             asids <- kernel::new_spinlock!(table, "zapguard_asids"),
             binding <- kernel::new_mutex!((), "zapguard_binding"),
+            #[cfg(zapguard_test)]
+            debugfs,
         }))
     }
 
@@ -422,9 +431,10 @@ impl Shared {
         value
     }
 
-    /// Sets the device's test knobs and failure injection from an `INJECT` request (device-wide),
+    /// Sets the device's test knobs and failure injection from an `inject` write (device-wide),
     /// if the device is live.
-    pub(crate) fn set_knobs(&self, i: &uapi::ZgInject) {
+    #[cfg(zapguard_test)]
+    pub(crate) fn set_knobs(&self, i: &testing::ZgInject) {
         if self.failed() {
             return;
         }
@@ -453,6 +463,7 @@ impl Shared {
 
     /// Points the device's table-lifetime check at the pool's freed-table bitmap (test builds,
     /// ABI 1.4): a walk through a page the driver has freed is then a `table_freed` violation.
+    #[cfg(zapguard_test)]
     pub(crate) fn enable_table_lifetime_check(&self) {
         let Some((base, pages)) = self.hw.pool.freed_bitmap_location() else {
             return;
@@ -471,8 +482,9 @@ impl Shared {
     /// Puts the test knobs back to their baseline (when the context that set them closes): off,
     /// or what the `fault_lag_us`, `iotlb_keep`, `sync_lag_us`, `walk_lag_us` and `cmd_lag`
     /// module parameters ask for.
+    #[cfg(zapguard_test)]
     pub(crate) fn reset_knobs(&self) {
-        self.set_knobs(&uapi::ZgInject::default());
+        self.set_knobs(&testing::ZgInject::default());
     }
 
     /// Takes a free ASID for a context of the address space `owner`: `EBUSY` when every ASID is
@@ -735,6 +747,7 @@ impl PinnedDrop for Shared {
 
 /// The device knobs every context starts from (module parameters, so that a whole guest suite
 /// runs with a knob on).
+#[cfg(zapguard_test)]
 #[derive(Clone, Copy, Default)]
 struct Baseline {
     /// `fault_lag_us`: the `FAULT_LAG` register.
@@ -749,12 +762,9 @@ struct Baseline {
     cmd_lag: u32,
 }
 
-/// The [`Baseline`] the module parameters ask for; always off unless the module is built with
-/// `ZAPGUARD_INJECT=1`.
+/// The [`Baseline`] the module parameters ask for.
+#[cfg(zapguard_test)]
 fn baseline_knobs() -> Baseline {
-    if !cfg!(zapguard_inject) {
-        return Baseline::default();
-    }
     Baseline {
         fault_lag: crate::module_parameters::fault_lag_us.value(),
         iotlb_keep: crate::module_parameters::iotlb_keep.value() != 0,
@@ -764,7 +774,8 @@ fn baseline_knobs() -> Baseline {
     }
 }
 
-/// A knob an `INJECT` asks for, or the module parameter's baseline where it asks for 0.
+/// A knob an `inject` write asks for, or the module parameter's baseline where it asks for 0.
+#[cfg(zapguard_test)]
 fn or_baseline(requested: u32, baseline: u32) -> u32 {
     if requested != 0 {
         requested

@@ -108,10 +108,30 @@ pub(crate) fn open_context<T: MiscDevice>(
 struct ZgFile {
     shared: Arc<Shared>,
     ctx: Arc<Context>,
+    /// Test builds: the context's debugfs `inject` file.
+    #[cfg(zapguard_test)]
+    knobs: Option<crate::testing::ContextKnobs>,
+}
+
+impl ZgFile {
+    fn new(shared: Arc<Shared>, ctx: Arc<Context>) -> Result<Self> {
+        Ok(Self {
+            #[cfg(zapguard_test)]
+            knobs: Some(crate::testing::ContextKnobs::new(
+                &shared.debugfs,
+                ctx.clone(),
+            )?),
+            shared,
+            ctx,
+        })
+    }
 }
 
 impl Drop for ZgFile {
     fn drop(&mut self) {
+        // No write to the context's debugfs file runs once it is removed.
+        #[cfg(zapguard_test)]
+        drop(self.knobs.take());
         self.ctx.shutdown();
     }
 }
@@ -194,7 +214,7 @@ pub(crate) fn bounce<'a>(
             (
                 &shared.bar,
                 &shared.health,
-                ctx.injected(uapi::ZG_INJ_EARLY_BOUNCE_REUSE),
+                ctx.injected(crate::abi::testing::ZG_INJ_EARLY_BOUNCE_REUSE),
             ),
             |bytes| shared.coherent(bytes),
         )
@@ -353,40 +373,6 @@ impl ZgFile {
             .writer()
             .write_slice(&out)
     }
-
-    fn inject(&self, arg: usize) -> Result {
-        if !cfg!(zapguard_inject) {
-            return Err(EOPNOTSUPP);
-        }
-        // SAFETY: `capable()` only reads the current task's credentials.
-        if !unsafe { kernel::bindings::capable(kernel::bindings::CAP_SYS_ADMIN as i32) } {
-            return Err(EPERM);
-        }
-        let i: uapi::ZgInject = read_ext(arg)?;
-        if i.modes & !uapi::ZG_INJ_MODES != 0
-            || i.dev_fail & !abi_regs::FAIL_MODE_MASK != 0
-            || i.populate_lag > uapi::ZG_POPULATE_LAG_MAX_US
-            || i.iotlb_keep > 1
-            || i.sync_lag > abi_regs::SYNC_LAG_MAX
-        {
-            return Err(EINVAL);
-        }
-        let ctx = self.ctx()?;
-        pr_info!(
-            "asid {}: injecting driver bugs {:#x}, device command lag {}, walk lag {} us, fault lag {} us, IOTLB keep {}, SYNC lag {} us, populate lag {} us, device failure {} ({})\n",
-            ctx.asid,
-            i.modes,
-            i.cmd_lag,
-            i.walk_lag,
-            i.fault_lag,
-            i.iotlb_keep,
-            i.sync_lag,
-            i.populate_lag,
-            i.dev_fail,
-            i.dev_fail_arg
-        );
-        mirror::set_inject(ctx, &i)
-    }
 }
 
 #[vtable]
@@ -395,17 +381,11 @@ impl MiscDevice for ZgFile {
 
     fn open(_file: &File, misc: &MiscDeviceRegistration<Self>) -> Result<KBox<Self>> {
         let (shared, ctx) = open_context(misc)?;
-        match KBox::new(
-            Self {
-                shared,
-                ctx: ctx.clone(),
-            },
-            GFP_KERNEL,
-        ) {
+        match Self::new(shared, ctx.clone()).and_then(|f| Ok(KBox::new(f, GFP_KERNEL)?)) {
             Ok(f) => Ok(f),
             Err(e) => {
                 ctx.shutdown();
-                Err(e.into())
+                Err(e)
             }
         }
     }
@@ -421,7 +401,6 @@ impl MiscDevice for ZgFile {
                 me.shared.on_events();
                 answer_ext(arg, || Ok(me.ctx.stats()))?
             }
-            uapi::ZG_IOC_INJECT => me.inject(arg)?,
             _ => return Err(ENOTTY),
         }
         Ok(0)
@@ -506,10 +485,13 @@ enum ProbeStep {
 
 /// `EIO` where a test build is told to fail the probe (`probe_fail_at` = `step`).
 fn injected_probe_failure(step: ProbeStep) -> Result {
-    if cfg!(zapguard_inject) && crate::module_parameters::probe_fail_at.value() == step as u32 {
+    #[cfg(zapguard_test)]
+    if crate::module_parameters::probe_fail_at.value() == step as u32 {
         pr_info!("probe fails on purpose (probe_fail_at={})\n", step as u32);
         return Err(EIO);
     }
+    #[cfg(not(zapguard_test))]
+    let _ = step;
     Ok(())
 }
 
@@ -664,8 +646,11 @@ impl ZapguardDriver {
             })?;
         }
         // The test knobs the module parameters ask for (test builds only).
-        shared.reset_knobs();
-        shared.enable_table_lifetime_check();
+        #[cfg(zapguard_test)]
+        {
+            shared.reset_knobs();
+            shared.enable_table_lifetime_check();
+        }
         let start = kernel::time::Instant::<kernel::time::Monotonic>::now();
         // INV_ALL: nothing a previous driver instance left in the IOTLB survives.
         let inv_all = crate::abi::cmd::Command::new(crate::abi::cmd::CMD_INV_ALL, 0, 0, 0, 0);

@@ -262,7 +262,7 @@ impl PtPool {
             .max()
             .unwrap_or(0);
         let words = (end / pte::PAGE_SIZE).div_ceil(64);
-        if !cfg!(zapguard_inject) || words == 0 || words > MAX_WORDS {
+        if !cfg!(zapguard_test) || words == 0 || words > MAX_WORDS {
             return Ok(None);
         }
         let map = DmaMem::zeroed(dev, words as usize)?;
@@ -292,6 +292,7 @@ impl PtPool {
     }
 
     /// Where the freed-table bitmap is and how many guest pages it covers (`None` without one).
+    #[cfg(zapguard_test)]
     pub(crate) fn freed_bitmap_location(&self) -> Option<(u64, u32)> {
         let map = self.freed.as_ref()?;
         let pages = u32::try_from(map.size() as u64 * 8).ok()?;

@@ -73,7 +73,7 @@
 //! process at most `max_contexts` contexts (`EBUSY` beyond), so that one process cannot take the
 //! pool or the ASIDs from everyone else.
 
-use crate::abi::{cmd, event as ev, pte, uapi};
+use crate::abi::{cmd, event as ev, pte, testing, uapi};
 use crate::device::Shared;
 use crate::dmamap::{DeviceBlock, DmaBlocks};
 use crate::hw::{job_timeout, BounceSlot, PtPage, PtRef, Synced, Wait};
@@ -506,9 +506,9 @@ impl Mirror {
     }
 
     /// The test knob that widens a populate's window between walk and commit; compiled out
-    /// unless the module is built with `ZAPGUARD_INJECT=1`.
+    /// unless the module is built with `ZAPGUARD_TEST=1`.
     fn populate_lag(&self) {
-        if !cfg!(zapguard_inject) {
+        if !cfg!(zapguard_test) {
             return;
         }
         let us = self.populate_lag.load(Ordering::Relaxed);
@@ -518,9 +518,9 @@ impl Mirror {
     }
 
     /// Whether injected bug `mode` is on; always `false` (and the branches it guards compiled
-    /// out) unless the module is built with `ZAPGUARD_INJECT=1`.
+    /// out) unless the module is built with `ZAPGUARD_TEST=1`.
     pub(crate) fn injected(&self, mode: u32) -> bool {
-        cfg!(zapguard_inject) && self.inject.load(Ordering::Relaxed) & mode != 0
+        cfg!(zapguard_test) && self.inject.load(Ordering::Relaxed) & mode != 0
     }
 
     /// The commands that make the device (re)load this context's entry and forget its ASID.
@@ -751,7 +751,7 @@ impl Mirror {
             let room = st.deferred.len() < st.deferred.capacity();
             // (`ZG_INJ_EARLY_TABLE_FREE` keeps clearing entry by entry: its test times the race
             // of a reused table against the walker, measured with that path.)
-            let whole = z.covers(lo, hi) && !self.injected(uapi::ZG_INJ_EARLY_TABLE_FREE);
+            let whole = z.covers(lo, hi) && !self.injected(testing::ZG_INJ_EARLY_TABLE_FREE);
             if level == 2 && room && whole {
                 // A whole 2 MiB block goes: detach its level-1 table as it is (freed after the
                 // SYNC, zeroed when it is next allocated) instead of clearing 512 entries.
@@ -897,10 +897,10 @@ impl Mirror {
         }
         cmds[n] = self.invalidation(&z, flush_all);
         let cmds = &cmds[..=n];
-        if ctx_cmds.is_empty() && self.injected(uapi::ZG_INJ_EARLY_TABLE_FREE) {
+        if ctx_cmds.is_empty() && self.injected(testing::ZG_INJ_EARLY_TABLE_FREE) {
             self.free_detached_early(st);
         }
-        if ctx_cmds.is_empty() && self.injected(uapi::ZG_INJ_SKIP_SYNC_WAIT) {
+        if ctx_cmds.is_empty() && self.injected(testing::ZG_INJ_SKIP_SYNC_WAIT) {
             // Bug on purpose: return before the device confirmed. The detached tables stay
             // pending until a later shootdown that does wait, so the pool stays consistent.
             let _ =
@@ -1067,6 +1067,7 @@ impl Mirror {
             st.released = true;
             r
         };
+        #[cfg(zapguard_test)]
         if self.set_knobs.load(Ordering::Relaxed) {
             shared.reset_knobs();
         }
@@ -1243,21 +1244,23 @@ impl Mirror {
         self.state.lock().released
     }
 
-    /// The enabled context entry: valid, stalling, `extra` flags, the CPU root of `mm`.
+    /// The enabled context entry: valid, stalling, `extra` flags; in a test build, the CPU
+    /// root of `mm` for the device's validator.
     fn entry(&self, root: PtRef, mm: &kernel::mm::Mm, extra: u64) -> Result<pte::ContextEntry> {
         let la57 = if self.la57 { pte::CTX_CPU_LA57 } else { 0 };
         Ok(pte::ContextEntry {
             flags: pte::CTX_VALID | pte::CTX_STALL | la57 | extra,
             pt_root: self.pool().addr(root)?,
-            cpu_root: mm::pgd_phys(mm),
+            cpu_root: cpu_root(mm),
             seq: 0,
         })
     }
 
-    /// `CTX_NO_VALIDATE` under `ZG_DBG_NO_VALIDATE` (test builds only), else nothing: the
-    /// device judges every access of a context that does not opt out.
+    /// `CTX_NO_VALIDATE` in a production build (it gives the device no CPU page table to judge
+    /// against) and under `ZG_DBG_NO_VALIDATE`; else nothing: a test build's device judges
+    /// every access of a context that does not opt out.
     fn no_validate_flag(&self) -> u64 {
-        if self.injected(uapi::ZG_DBG_NO_VALIDATE) {
+        if !cfg!(zapguard_test) || self.injected(testing::ZG_DBG_NO_VALIDATE) {
             pte::CTX_NO_VALIDATE
         } else {
             0
@@ -1326,7 +1329,7 @@ impl Mirror {
     /// Handles the `Release` event: disable the context before the page tables go.
     fn release(&self, st: &mut PtState, mm: &kernel::mm::Mm) {
         st.released = true;
-        if self.injected(uapi::ZG_INJ_KEEP_AFTER_RELEASE) {
+        if self.injected(testing::ZG_INJ_KEEP_AFTER_RELEASE) {
             // Bug on purpose: tell the validator the mm is gone, leave the context enabled.
             let flags = self.no_validate_flag() | pte::CTX_MM_RELEASED;
             if let Ok(entry) = st.root().and_then(|root| self.entry(root, mm, flags)) {
@@ -1343,7 +1346,7 @@ impl Mirror {
     /// `INV_ASID`), or, under `ZG_INJ_SKIP_CTX_INVALIDATE` (a bug on purpose), `INV_ASID` alone,
     /// so that the device keeps its cached copy of the entry.
     fn disable_cmds<'a>(&self, load: &'a [cmd::Command; 2]) -> &'a [cmd::Command] {
-        if self.injected(uapi::ZG_INJ_SKIP_CTX_INVALIDATE) {
+        if self.injected(testing::ZG_INJ_SKIP_CTX_INVALIDATE) {
             &load[1..]
         } else {
             &load[..]
@@ -1356,8 +1359,8 @@ impl Mirror {
             event,
             NotifierEvent::ProtectionVma | NotifierEvent::ProtectionPage
         );
-        self.injected(uapi::ZG_INJ_SKIP_SHOOTDOWN)
-            || (protection && self.injected(uapi::ZG_INJ_KEEP_WRITE))
+        self.injected(testing::ZG_INJ_SKIP_SHOOTDOWN)
+            || (protection && self.injected(testing::ZG_INJ_KEEP_WRITE))
     }
 
     /// `ZG_INJ_EARLY_TABLE_FREE`, a bug on purpose: tables detached by this invalidation go
@@ -1474,7 +1477,7 @@ impl IntervalInvalidate for Mirror {
             return true;
         }
         let (start, end) = (range.start() as u64, range.end() as u64);
-        let change = if self.injected(uapi::ZG_DBG_ZAP_WRITE_PROTECT) {
+        let change = if self.injected(testing::ZG_DBG_ZAP_WRITE_PROTECT) {
             Change::Clear
         } else {
             Change::for_event(event)
@@ -1666,7 +1669,7 @@ pub(crate) fn populate(
                 bump(&ctx.stats.populate_retries, 1);
                 continue;
             };
-            let ignore_retry = ctx.injected(uapi::ZG_INJ_IGNORE_RETRY);
+            let ignore_retry = ctx.injected(testing::ZG_INJ_IGNORE_RETRY);
             let lag_started = Instant::<Monotonic>::now();
             ctx.populate_lag();
             not_counted += lag_started.elapsed();
@@ -1811,14 +1814,15 @@ pub(crate) fn snapshot(ctx: &Context, start: u64, out: &mut [u8]) -> Result {
     Ok(())
 }
 
+#[cfg(zapguard_test)]
 /// Enables injected bugs and debug modes, and sets the device's test knobs. Switching
 /// `ZG_DBG_NO_VALIDATE` rewrites the context entry and reloads it on the device.
-pub(crate) fn set_inject(ctx: &Context, i: &uapi::ZgInject) -> Result {
+pub(crate) fn set_inject(ctx: &Context, i: &testing::ZgInject) -> Result {
     let old = ctx.inject.swap(i.modes, Ordering::Relaxed);
     ctx.populate_lag.store(i.populate_lag, Ordering::Relaxed);
     ctx.shared.set_knobs(i);
     ctx.set_knobs.store(true, Ordering::Relaxed);
-    if (old ^ i.modes) & uapi::ZG_DBG_NO_VALIDATE == 0 {
+    if (old ^ i.modes) & testing::ZG_DBG_NO_VALIDATE == 0 {
         return Ok(());
     }
     let st = ctx.state.lock();
@@ -1831,6 +1835,18 @@ pub(crate) fn set_inject(ctx: &Context, i: &uapi::ZgInject) -> Result {
         Synced::Done(_) => Ok(()),
         Synced::Fenced => Err(ctx.shared.failure_error()),
     }
+}
+
+/// The CPU page-table root the validator walks (test builds).
+#[cfg(zapguard_test)]
+fn cpu_root(mm: &kernel::mm::Mm) -> u64 {
+    crate::testing::pgd_phys(mm)
+}
+
+/// None: a production build's device has no validator to feed.
+#[cfg(not(zapguard_test))]
+fn cpu_root(_mm: &kernel::mm::Mm) -> u64 {
+    0
 }
 
 /// The most one served fault maps: the aligned 2 MiB block around it (fault-around).

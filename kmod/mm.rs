@@ -435,7 +435,7 @@ impl<T: IntervalInvalidate> IntervalNotifier<T> {
     /// The mirrored address space.
     ///
     /// The notifier holds an `mmgrab` reference, so the `mm_struct` (and its `pgd`, see
-    /// [`pgd_phys`]) stays allocated for as long as the notifier exists, even after the process
+    /// `crate::testing::pgd_phys`) stays allocated for as long as the notifier exists, even after the process
     /// exited. Use [`Mm::mmget_not_zero`] to get the [`MmWithUser`] that
     /// [`Self::hmm_range_fault`] needs; it fails once the address space is gone.
     #[inline]
@@ -962,20 +962,6 @@ pub fn current_mm() -> Result<ARef<Mm>> {
     let task = current!();
     let mm: &Mm = task.mm().ok_or(EINVAL)?;
     Ok(ARef::from(mm))
-}
-
-/// The physical address of the root of `mm`'s CPU page table (`__pa(mm->pgd)`), for the device's
-/// validator.
-///
-/// The `pgd` page is freed only when the last `mmgrab` reference goes, so the address stays valid
-/// while the caller keeps one (an [`IntervalNotifier`] does); after `exit_mmap()` it only has
-/// empty user entries. Whether the table is 4- or 5-level depends on the CPU at run time
-/// (`CONFIG_PGTABLE_LEVELS=5` folds the p4d level without LA57); with page-table isolation
-/// (not configured in our kernel) this would be the kernel copy.
-pub fn pgd_phys(mm: &Mm) -> PhysAddr {
-    // SAFETY: `mm` is a valid `mm_struct` (a reference with an `mmgrab` reference behind it) and
-    // its `pgd` is set from allocation until the last `mmdrop`.
-    unsafe { bindings::zapguard_mm_pgd_phys(mm.as_raw()) }
 }
 
 /// Levels of the CPU page tables (4, or 5 with LA57), decided at boot.

@@ -35,7 +35,6 @@ plain_bytes!(
     uapi::ZgDma,
     uapi::ZgSnapshot,
     uapi::ZgStats,
-    uapi::ZgInject,
 );
 
 /// Reads the extensible argument at `arg` (see the module documentation).

@@ -17,6 +17,7 @@
 //! - [`mirror`]: contexts: populate, shootdown, fault service, release.
 //! - [`mm`]: safe abstractions over mmu_interval_notifier and hmm_range_fault.
 //! - [`regs`]: typed BAR0 registers (`register!`), generated from the ABI.
+//! - [`testing`]: the test build's debugfs interface (injected bugs, knobs); not in production.
 //! - [`uarg`]: ioctl arguments: the extensible uAPI structures (`copy_struct_from_user()`
 //!   rules) and the fixed test_hmm ones.
 //! - [`wq`]: the driver's own workqueue (fault service), drained before the module goes.
@@ -37,6 +38,8 @@ pub mod mirror;
 pub mod mm;
 #[rustfmt::skip] // Generated (see the file): the generator owns its layout.
 pub mod regs;
+#[cfg(zapguard_test)]
+pub mod testing;
 pub mod uarg;
 pub mod wq;
 
@@ -97,52 +100,67 @@ impl kernel::InPlaceModule for ZapguardModule {
     }
 }
 
-kernel::prelude::module! {
-    type: ZapguardModule,
-    name: "zapguard",
-    authors: ["zapguard developers"],
-    description: "zapguard: mirror process address spaces into an IOMMU-style device",
-    license: "GPL v2",
-    params: {
-        sync_timeout_ms: u32 {
-            default: 5000,
-            description: "Milliseconds a SYNC may take before the device is failed and fenced",
-        },
-        job_timeout_ms: u32 {
-            default: 30000,
-            description: "Milliseconds a DMA job may make no progress before the device is failed",
-        },
-        max_pt_pages: u32 {
-            default: 256,
-            description: "Device page-table pages one context may hold (of 2048)",
-        },
-        max_contexts: u32 {
-            default: 4,
-            description: "Open contexts (files) one process may hold",
-        },
-        fault_lag_us: u32 {
-            default: 0,
-            description: "Test builds: the device's FAULT_LAG knob whenever no context sets it",
-        },
-        walk_lag_us: u32 {
-            default: 0,
-            description: "Test builds: the device's WALK_LAG knob whenever no context sets it",
-        },
-        cmd_lag: u32 {
-            default: 0,
-            description: "Test builds: the device's CMD_LAG knob (DMA steps) whenever no context sets it",
-        },
-        iotlb_keep: u32 {
-            default: 0,
-            description: "Test builds: 1 sets the device's IOTLB_KEEP knob whenever no context sets it",
-        },
-        sync_lag_us: u32 {
-            default: 0,
-            description: "Test builds: the device's SYNC_LAG knob (ABI 1.5) whenever no context sets it",
-        },
-        probe_fail_at: u32 {
-            default: 0,
-            description: "Test builds: fail the probe on purpose once the device is enabled (1: before the misc devices, 2: at their registration)",
-        },
+/// The module declaration, with `$test` parameters added to the production ones.
+macro_rules! zapguard_module {
+    ($($test:tt)*) => {
+        kernel::prelude::module! {
+            type: ZapguardModule,
+            name: "zapguard",
+            authors: ["zapguard developers"],
+            description: "zapguard: mirror process address spaces into an IOMMU-style device",
+            license: "GPL v2",
+            params: {
+                sync_timeout_ms: u32 {
+                    default: 5000,
+                    description: "Milliseconds a SYNC may take before the device is failed and fenced",
+                },
+                job_timeout_ms: u32 {
+                    default: 30000,
+                    description: "Milliseconds a DMA job may make no progress before the device is failed",
+                },
+                max_pt_pages: u32 {
+                    default: 256,
+                    description: "Device page-table pages one context may hold (of 2048)",
+                },
+                max_contexts: u32 {
+                    default: 4,
+                    description: "Open contexts (files) one process may hold",
+                },
+                $($test)*
+            },
+        }
+    };
+}
+
+// The production module's parameters bound resources and waits; a test build adds the device
+// knobs and the probe failure on purpose.
+#[cfg(not(zapguard_test))]
+zapguard_module!();
+
+#[cfg(zapguard_test)]
+zapguard_module! {
+    fault_lag_us: u32 {
+        default: 0,
+        description: "The device's FAULT_LAG knob whenever no context sets it",
+    },
+    walk_lag_us: u32 {
+        default: 0,
+        description: "The device's WALK_LAG knob whenever no context sets it",
+    },
+    cmd_lag: u32 {
+        default: 0,
+        description: "The device's CMD_LAG knob (DMA steps) whenever no context sets it",
+    },
+    iotlb_keep: u32 {
+        default: 0,
+        description: "1 sets the device's IOTLB_KEEP knob whenever no context sets it",
+    },
+    sync_lag_us: u32 {
+        default: 0,
+        description: "The device's SYNC_LAG knob (ABI 1.5) whenever no context sets it",
+    },
+    probe_fail_at: u32 {
+        default: 0,
+        description: "Fail the probe on purpose once the device is enabled (1: before the misc devices, 2: at their registration)",
     },
 }

@@ -9,6 +9,7 @@
 use crate::dev::{self, Mapping};
 use crate::dmirror::{run as hmm_run, HMM_DMIRROR_READ};
 use shared_regs::dma::*;
+use shared_regs::testing::*;
 use shared_regs::uapi::*;
 use std::fs::File;
 use std::time::Instant;
@@ -252,7 +253,7 @@ fn fork_read(sizes: &Sizes, out: &mut Vec<Record>) -> Result<(), String> {
             (ZG_DBG_ZAP_WRITE_PROTECT, &mut zap, &mut zap_faults),
         ] {
             let f = open()?;
-            dev::inject(&f, mode, 0).map_err(err("INJECT"))?;
+            dev::inject(&f, mode, 0).map_err(err("inject"))?;
             let m = buffer(len, false)?;
             dev::map(&f, m.addr, len, ZG_MAP_WRITE).map_err(err("MAP"))?;
             // A child sharing the buffer, alive (and looking at nothing) during the job.
@@ -402,9 +403,9 @@ fn dma_copy(sizes: &Sizes, out: &mut Vec<Record>) -> Result<(), String> {
     for _ in 0..sizes.reps {
         copy(&mut dev_ns)?;
         // The same copy with the device's validator off for this context.
-        dev::inject(&f, ZG_DBG_NO_VALIDATE, 0).map_err(err("INJECT"))?;
+        dev::inject(&f, ZG_DBG_NO_VALIDATE, 0).map_err(err("inject"))?;
         copy(&mut noval_ns)?;
-        dev::inject(&f, 0, 0).map_err(err("INJECT"))?;
+        dev::inject(&f, 0, 0).map_err(err("inject"))?;
         let t = Instant::now();
         for _ in 0..jobs {
             b.bytes_mut().copy_from_slice(a.bytes());
@@ -522,6 +523,7 @@ pub fn run(sizes: &Sizes, only: Option<&str>) -> Result<Vec<Record>, String> {
 /// The smoke test `just test` runs: every benchmark on tiny sizes, checking only that each
 /// produced samples (timings are never asserted).
 pub fn bench_smoke() -> Result<(), String> {
+    crate::test_build()?;
     let sizes = Sizes::smoke();
     let records = run(&sizes, None)?;
     if let Some(r) = records.iter().find(|r| r.samples.is_empty()) {

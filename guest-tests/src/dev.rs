@@ -53,10 +53,11 @@ pub fn errno(e: &io::Error) -> i32 {
     e.raw_os_error().unwrap_or(-1)
 }
 
+use shared_regs::testing::ZgInject;
 use shared_regs::uapi::{
-    ZgDma, ZgInject, ZgMap, ZgSnapshot, ZgStats, ZG_IOC_DMA, ZG_IOC_INJECT, ZG_IOC_MAP,
-    ZG_IOC_SNAPSHOT, ZG_IOC_STATS,
+    ZgDma, ZgMap, ZgSnapshot, ZgStats, ZG_IOC_DMA, ZG_IOC_MAP, ZG_IOC_SNAPSHOT, ZG_IOC_STATS,
 };
+use std::io::Write as _;
 
 /// `ZG_IOC_MAP` of `[va, va + len)`.
 pub fn map(f: &File, va: usize, len: usize, flags: u32) -> io::Result<ZgMap> {
@@ -119,7 +120,7 @@ pub fn stats(f: &File) -> io::Result<ZgStats> {
     Ok(s)
 }
 
-/// `ZG_IOC_INJECT`.
+/// Writes `modes` and `cmd_lag` to the context's debugfs `inject` file (see [`inject_all`]).
 pub fn inject(f: &File, modes: u32, cmd_lag: u32) -> io::Result<()> {
     inject_all(
         f,
@@ -131,9 +132,44 @@ pub fn inject(f: &File, modes: u32, cmd_lag: u32) -> io::Result<()> {
     )
 }
 
-/// `ZG_IOC_INJECT` with every field (device failure modes, walk lag).
-pub fn inject_all(f: &File, mut i: ZgInject) -> io::Result<()> {
-    ioctl_rw(f, ZG_IOC_INJECT, &mut i).map(|_| ())
+/// Writes `i` to the test build's `/sys/kernel/debug/zapguard-<PCI device>/<ASID>/inject` for
+/// `f`'s context: its injected bugs and the device's knobs. A test that calls this starts with
+/// [`crate::test_build`], which skips it on the production module (no such file there).
+pub fn inject_all(f: &File, i: ZgInject) -> io::Result<()> {
+    let asid = stats(f)?.asid;
+    let path = format!("{}/{asid}/inject", debugfs_dir()?);
+    // SAFETY: `ZgInject` is `repr(C)` and made only of `u32`s: its bytes are all initialised.
+    let bytes = unsafe {
+        std::slice::from_raw_parts(
+            (&i as *const ZgInject).cast::<u8>(),
+            std::mem::size_of::<ZgInject>(),
+        )
+    };
+    let mut file = std::fs::OpenOptions::new().write(true).open(&path)?;
+    // One write: the driver takes a whole structure or nothing.
+    match file.write(bytes)? {
+        n if n == bytes.len() => Ok(()),
+        n => Err(io::Error::other(format!("{path}: short write ({n} bytes)"))),
+    }
+}
+
+/// Where debugfs is mounted in the guest (images/initramfs/init).
+pub const DEBUGFS: &str = "/sys/kernel/debug";
+
+/// The bound device's test-build debugfs directory, `/sys/kernel/debug/zapguard-<PCI device>`
+/// (`ENOENT` on a production module).
+pub fn debugfs_dir() -> io::Result<String> {
+    let mut dirs = std::fs::read_dir(DEBUGFS)?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("zapguard-"));
+    match (dirs.next(), dirs.next()) {
+        (Some(d), None) => Ok(format!("{DEBUGFS}/{d}")),
+        (None, _) => Err(io::Error::from_raw_os_error(libc::ENOENT)),
+        (Some(a), Some(b)) => Err(io::Error::other(format!(
+            "more than one zapguard device in {DEBUGFS}: {a}, {b}"
+        ))),
+    }
 }
 
 /// Hands one open file from a child to its parent without sockets (the guest kernel has no

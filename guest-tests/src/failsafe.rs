@@ -12,7 +12,7 @@ use crate::proc::fork_wait;
 use crate::DRIVER_DIR;
 use shared_regs::dma::DMA_CHECKSUM;
 use shared_regs::regs::*;
-use shared_regs::uapi::ZgInject;
+use shared_regs::testing::ZgInject;
 use std::fs::File;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -95,7 +95,7 @@ fn arm(f: &File, mode: u32, arg: u32) -> Result<(), String> {
         dev_fail_arg: arg,
         ..Default::default()
     };
-    dev::inject_all(f, i).map_err(|e| format!("INJECT failure mode {mode}: {e}"))
+    dev::inject_all(f, i).map_err(|e| format!("inject failure mode {mode}: {e}"))
 }
 
 /// A thread that reads a mirrored buffer with device jobs until one fails; it returns that
@@ -310,6 +310,7 @@ fn case(
     outcome: Outcome,
     body: fn(u32, u32, Outcome) -> Result<(), String>,
 ) -> Result<(), String> {
+    crate::test_build()?;
     let timeout = format!("sync_timeout_ms={SYNC_TIMEOUT_MS}");
     reload(&[&timeout, "job_timeout_ms=3000"])?;
     let r = body(mode, arg, outcome);
@@ -352,6 +353,7 @@ const DEVICE_DIES_BOOT: &str = "zg.device_dies=1";
 /// mm event must then return at once and the module must unload. Runs only in the harness's
 /// device-death boot of `just test` (the device cannot come back in the same boot).
 pub fn device_dies_mid_dma() -> Result<(), String> {
+    crate::test_build()?;
     let cmdline = std::fs::read_to_string("/proc/cmdline").map_err(|e| e.to_string())?;
     if !cmdline.split_whitespace().any(|w| w == DEVICE_DIES_BOOT) {
         return Err(crate::ktap::skip(

@@ -8,6 +8,7 @@ use crate::ktap::check_eq;
 use crate::mirror::{clean, fill_job, map, open, run, run_err, stats};
 use crate::proc::fork_wait;
 use shared_regs::dma::*;
+use shared_regs::testing::*;
 use shared_regs::uapi::*;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::fd::AsRawFd;
@@ -649,6 +650,7 @@ fn still_idle(pfns: &[u64], trackable: &[bool]) -> Result<Vec<Option<bool>>, Str
 /// (about 1 ms when nothing waits, measured under TCG). A driver that waited for its SYNC per
 /// page, even only as long as its 20 ms non-blockable spin, would take about a second.
 pub fn aging_never_waits_for_the_device() -> Result<(), String> {
+    crate::test_build()?;
     const PAGES: usize = 64;
     const BOUND: Duration = Duration::from_millis(250);
     // The device's reads set the accessed bits the marking then clears.
@@ -657,13 +659,13 @@ pub fn aging_never_waits_for_the_device() -> Result<(), String> {
         sync_lag: shared_regs::regs::SYNC_LAG_MAX,
         ..Default::default()
     };
-    dev::inject_all(&f, lag).map_err(|e| format!("INJECT sync_lag: {e}"))?;
+    dev::inject_all(&f, lag).map_err(|e| format!("inject sync_lag: {e}"))?;
     let s0 = stats(&f)?;
     let t = std::time::Instant::now();
     let marked = mark_idle(&pfns);
     let took = t.elapsed();
     let s1 = stats(&f)?;
-    dev::inject_all(&f, ZgInject::default()).map_err(|e| format!("INJECT off: {e}"))?;
+    dev::inject_all(&f, ZgInject::default()).map_err(|e| format!("inject off: {e}"))?;
     marked?;
     let cleared = s1.aging_cleared - s0.aging_cleared;
     println!(

@@ -57,6 +57,7 @@ const TESTS: &[Test] = ktap::tests![
     uapi_size_out_of_bounds_is_refused,
     uapi_larger_struct_with_zero_tail_is_accepted,
     uapi_answers_stop_at_the_callers_size_and_pads_are_checked,
+    test_surface_only_in_the_test_build,
     many_opens,
     pci_driver_bound,
     test_hmm_dmirror_present,
@@ -309,12 +310,34 @@ pub(crate) fn time_scale() -> u32 {
     }
 }
 
+/// Why a test skips on the production module (the harness's expected-skip list accepts exactly
+/// this reason in the `production` run).
+pub(crate) const NEEDS_TEST_BUILD: &str = "needs the test build (ZAPGUARD_TEST=1)";
+
+/// Whether the harness loaded the production module (`zg.build=production` on the kernel
+/// command line): no debugfs `inject` files, no knobs, no validator plumbing.
+pub(crate) fn production() -> bool {
+    std::fs::read_to_string("/proc/cmdline")
+        .unwrap_or_default()
+        .split_whitespace()
+        .any(|w| w == "zg.build=production")
+}
+
+/// `Ok` on the test build; on the production module, the skip of a test that injects bugs,
+/// sets device knobs or counts on the validator. Called first thing by each such test.
+pub(crate) fn test_build() -> Result<(), String> {
+    if production() {
+        return Err(ktap::skip(NEEDS_TEST_BUILD));
+    }
+    Ok(())
+}
+
 /// `d` scaled by [`time_scale`].
 pub(crate) fn scaled(d: std::time::Duration) -> std::time::Duration {
     d * time_scale()
 }
 
-fn bound_devices() -> Result<Vec<String>, String> {
+pub(crate) fn bound_devices() -> Result<Vec<String>, String> {
     Ok(std::fs::read_dir(DRIVER_DIR)
         .map_err(|e| format!("{DRIVER_DIR}: {e}"))?
         .filter_map(|e| e.ok())
@@ -455,6 +478,7 @@ fn cr0ack_through_sysfs(bdf: &str) -> Result<u32, String> {
 /// can fail with the device enabled, injected by a test build (`probe_fail_at`); then a normal
 /// load works again.
 fn failed_probe_leaves_the_device_quiesced() -> Result<(), String> {
+    crate::test_build()?;
     let bdf = bound_devices()?
         .into_iter()
         .next()

@@ -13,7 +13,8 @@ use crate::ktap::check_eq;
 use crate::mirror::device_violations;
 use crate::proc::fork_child;
 use shared_regs::dma::DMA_CHECKSUM;
-use shared_regs::uapi::{ZgInfo, ZgInject};
+use shared_regs::testing::ZgInject;
+use shared_regs::uapi::ZgInfo;
 use std::io::{Read, Write};
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::time::{Duration, Instant};
@@ -134,6 +135,7 @@ fn kill_and_reap(delay: Duration, slow_sync_us: u32) -> Result<(bool, u32), Stri
 /// `process_mrelease()`, with varied timing and, every third round, a device whose SYNCs take
 /// longer than the non-blockable spin: no device access to a reaped page, ever.
 pub fn process_mrelease_mid_job_is_safe() -> Result<(), String> {
+    crate::test_build()?;
     let (before, info0) = (device_violations()?, info()?);
     let (mut reaped, mut again) = (0, 0);
     for r in 0..ROUNDS {

@@ -418,11 +418,11 @@ struct Overtaken {
 impl Overtaken {
     fn start(f: &File) -> Result<Self, String> {
         use std::sync::atomic::{AtomicBool, Ordering};
-        let lag = shared_regs::uapi::ZgInject {
+        let lag = shared_regs::testing::ZgInject {
             populate_lag: OVERTAKEN_LAG_US,
             ..Default::default()
         };
-        dev::inject_all(f, lag).map_err(|e| format!("INJECT populate_lag: {e}"))?;
+        dev::inject_all(f, lag).map_err(|e| format!("inject populate_lag: {e}"))?;
         let m = Mapping::anon(PG).map_err(|e| e.to_string())?;
         let fd = register(&m)?;
         // Non-blocking: a queued fault can vanish before it is read (its faulting walk gave
@@ -488,6 +488,7 @@ impl Overtaken {
 /// service's 2 s time bound does not count: the job fails with `EBUSY` (the README's row),
 /// after 256 retried walks. `job_timeout_ms` is raised so that only the retry bound can end it.
 pub fn fault_service_retries_are_bounded() -> Result<(), String> {
+    crate::test_build()?;
     crate::failsafe::with_params(&["job_timeout_ms=120000"], overtaken_fault_gives_up)
 }
 
@@ -544,6 +545,7 @@ fn overtaken_fault_gives_up() -> Result<(), String> {
 /// ten seconds here, taking faults in the process's userfaultfd handler for a job nobody waits
 /// for).
 pub fn aborted_fault_service_stops_walking() -> Result<(), String> {
+    crate::test_build()?;
     crate::failsafe::with_params(&["job_timeout_ms=1000"], aborted_service_stops)
 }
 

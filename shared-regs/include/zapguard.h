@@ -388,156 +388,6 @@ _Static_assert(offsetof(struct zg_stats, aging_young) == 248, "struct zg_stats.a
 _Static_assert(offsetof(struct zg_stats, aging_cleared) == 256, "struct zg_stats.aging_cleared: offset");
 _Static_assert(offsetof(struct zg_stats, invalidations_nonblock) == 264, "struct zg_stats.invalidations_nonblock: offset");
 
-/*
- * struct zg_inject.modes: the invalidation callback only bumps the sequence (no PTE clear, no
- * commands): the device keeps using zapped pages (ZG_VIOL_STALE).
- */
-#define ZG_INJ_SKIP_SHOOTDOWN 1u
-
-/*
- * The callback posts its invalidation and SYNC but returns without waiting for the SYNC; with a
- * struct zg_inject.cmd_lag the device writes pages the kernel already freed (ZG_VIOL_STALE).
- */
-#define ZG_INJ_SKIP_SYNC_WAIT 2u
-
-/*
- * Populate ignores mmu_interval_read_retry() and commits PTEs from a walk an invalidation
- * overtook (and sleeps 4 ms between walk and commit, so tests hit the window): ZG_VIOL_STALE.
- */
-#define ZG_INJ_IGNORE_RETRY 4u
-
-/*
- * Write-protect invalidations (mprotect(), COW write-protect on fork()) are ignored: the
- * device keeps write access (ZG_VIOL_WRITE_PERM).
- */
-#define ZG_INJ_KEEP_WRITE 8u
-
-/*
- * Release (exit_mmap()) leaves the device context enabled with its mappings (it is only
- * marked released for the validator): a job still running keeps going (ZG_VIOL_RELEASED, and
- * ZG_VIOL_CTX_RELEASED at each of its walks: the device was never told of the new entry).
- */
-#define ZG_INJ_KEEP_AFTER_RELEASE 0x10u
-
-/*
- * Device page-table pages detached by an invalidation go back to the pool before its SYNC
- * completes, while a page walk may still be reading them; another context can then reuse the
- * page and the walk translates through its entries. Observable with a
- * struct zg_inject.walk_lag: ZG_VIOL_STALE.
- */
-#define ZG_INJ_EARLY_TABLE_FREE 0x20u
-
-/*
- * Disabling the context (release, close) leaves CMD_CFGI_CTX out of its commands: the entry
- * is cleared in memory and the ASID's translations are flushed, but the device keeps the
- * context entry it cached. Once the release marks the entry released, a job still queued or
- * running for the ASID walks through the stale cached context: ZG_VIOL_CTX_RELEASED.
- */
-#define ZG_INJ_SKIP_CTX_INVALIDATE 0x40u
-
-/*
- * Injected bug (uAPI 8): a READ/WRITE takes its context's bounce buffer without waiting for
- * the jobs abandoned by a killed waiter to retire, so one of them may still write it while
- * the next user fills it. Caught as phys_unlent (device ABI 1.8: the driver reclaims the
- * buffer from the device when it takes it).
- */
-#define ZG_INJ_EARLY_BOUNCE_REUSE 0x80u
-
-/* Every injection mode. */
-#define ZG_INJ_ALL 0xffu
-
-/*
- * struct zg_inject.modes, not a bug: turn the device's validator off for this context (it
- * sets CTX_NO_VALIDATE), so that benchmarks can measure what validation costs.
- * Test builds only: the production driver has no way to switch the validator off.
- */
-#define ZG_DBG_NO_VALIDATE 0x10000u
-
-/*
- * Debug switch (not a bug): clear the device PTEs on write-protects that keep pages mapped
- * (fork's COW, mkclean, soft-dirty), as the driver did before it made them read-only; for
- * just bench's before/after comparison.
- */
-#define ZG_DBG_ZAP_WRITE_PROTECT 0x20000u
-
-/* Every struct zg_inject.modes bit the driver accepts. */
-#define ZG_INJ_MODES 0x300ffu
-
-/* Largest struct zg_inject.populate_lag (100 ms; EINVAL beyond). */
-#define ZG_POPULATE_LAG_MAX_US 0x186a0u
-
-/* Argument of ZG_IOC_INJECT (needs CAP_SYS_ADMIN, else EPERM). */
-struct zg_inject {
-	/*
-	 * In: sizeof this structure as the caller's program knows it (see the module
-	 * documentation: at least the 1.0 size, at most 4096).
-	 */
-	__u32 size;
-	/* ZG_INJ_* bugs to enable on this context (0 turns them off). */
-	__u32 modes;
-	/*
-	 * Value for the device's CMD_LAG register (device-wide, reset to 0 when
-	 * the context that set it closes).
-	 */
-	__u32 cmd_lag;
-	/*
-	 * Device failure mode for FAIL_INJECT (FAIL_*, 0 = none; device-wide).
-	 * The device fails for good: recover it by reloading the driver (see the README's "When
-	 * the device fails").
-	 */
-	__u32 dev_fail;
-	/*
-	 * Argument of the failure mode, FAIL_ARG (milliseconds for
-	 * ZG_FAIL_SYNC_DELAY).
-	 */
-	__u32 dev_fail_arg;
-	/*
-	 * Value for the device's WALK_LAG register, in microseconds (device-wide,
-	 * reset to 0 when the context that set it closes); with
-	 * WALK_LAG_IN_STEP (bit 31, device ABI 1.8) the device waits inside every
-	 * DMA step too.
-	 */
-	__u32 walk_lag;
-	/*
-	 * Microseconds the driver sleeps in each populate of this context between its
-	 * hmm_range_fault() and taking the lock to commit the PTEs (0 = none), so that tests can
-	 * land an invalidation in that window: a correct driver then retries the walk. At most
-	 * ZG_POPULATE_LAG_MAX_US.
-	 */
-	__u32 populate_lag;
-	/*
-	 * Value for the device's FAULT_LAG register, in microseconds
-	 * (device-wide, reset when the context that set it closes); 0 leaves the driver's
-	 * fault_lag_us module parameter in force.
-	 */
-	__u32 fault_lag;
-	/*
-	 * 1 sets the device's IOTLB_KEEP (a full IOTLB evicts nothing;
-	 * device-wide, reset when the context that set it closes); 0 leaves the driver's
-	 * iotlb_keep module parameter in force. Other values: EINVAL.
-	 */
-	__u32 iotlb_keep;
-	/*
-	 * Value for the device's SYNC_LAG register, in microseconds
-	 * (device-wide, reset when the context that set it closes); 0 leaves the driver's
-	 * sync_lag_us module parameter in force. Above SYNC_LAG_MAX: EINVAL.
-	 * A lag beyond the driver's non-blockable spin (20 ms) makes every non-blockable
-	 * invalidation give up, which the OOM-reaper tests use.
-	 */
-	__u32 sync_lag;
-};
-_Static_assert(sizeof(struct zg_inject) == 40, "struct zg_inject: size as in shared-regs");
-_Static_assert(offsetof(struct zg_inject, size) == 0, "struct zg_inject.size: offset");
-_Static_assert(offsetof(struct zg_inject, modes) == 4, "struct zg_inject.modes: offset");
-_Static_assert(offsetof(struct zg_inject, cmd_lag) == 8, "struct zg_inject.cmd_lag: offset");
-_Static_assert(offsetof(struct zg_inject, dev_fail) == 12, "struct zg_inject.dev_fail: offset");
-_Static_assert(offsetof(struct zg_inject, dev_fail_arg) == 16, "struct zg_inject.dev_fail_arg: offset");
-_Static_assert(offsetof(struct zg_inject, walk_lag) == 20, "struct zg_inject.walk_lag: offset");
-_Static_assert(offsetof(struct zg_inject, populate_lag) == 24, "struct zg_inject.populate_lag: offset");
-_Static_assert(offsetof(struct zg_inject, fault_lag) == 28, "struct zg_inject.fault_lag: offset");
-_Static_assert(offsetof(struct zg_inject, iotlb_keep) == 32, "struct zg_inject.iotlb_keep: offset");
-_Static_assert(offsetof(struct zg_inject, sync_lag) == 36, "struct zg_inject.sync_lag: offset");
-
 /* _IOWR('z', 0x01, struct zg_map) at its 1.0 size. */
 #define ZG_IOC_MAP 0xc0307a01u
 
@@ -552,9 +402,6 @@ _Static_assert(offsetof(struct zg_inject, sync_lag) == 36, "struct zg_inject.syn
  * the answer).
  */
 #define ZG_IOC_STATS 0xc1107a04u
-
-/* _IOW('z', 0x05, struct zg_inject) at its 1.0 size. */
-#define ZG_IOC_INJECT 0x40287a05u
 
 /* Size of struct zg_info in uAPI 1.0: the least size the driver accepts. */
 #define ZG_INFO_SIZE_VER0 0x3cull
@@ -571,9 +418,6 @@ _Static_assert(offsetof(struct zg_inject, sync_lag) == 36, "struct zg_inject.syn
 /* Size of struct zg_stats in uAPI 1.0. */
 #define ZG_STATS_SIZE_VER0 0x110ull
 
-/* Size of struct zg_inject in uAPI 1.0. */
-#define ZG_INJECT_SIZE_VER0 0x28ull
-
 /* Largest size the driver reads: a larger one gets E2BIG. */
 #define ZG_SIZE_MAX 0x1000ull
 
@@ -583,7 +427,6 @@ _Static_assert(ZG_IOC_MAP == _IOC(_IOC_READ | _IOC_WRITE, 'z', 0x01, ZG_MAP_SIZE
 _Static_assert(ZG_IOC_DMA == _IOC(_IOC_READ | _IOC_WRITE, 'z', 0x02, ZG_DMA_SIZE_VER0), "ZG_IOC_DMA");
 _Static_assert(ZG_IOC_SNAPSHOT == _IOC(_IOC_WRITE, 'z', 0x03, ZG_SNAPSHOT_SIZE_VER0), "ZG_IOC_SNAPSHOT");
 _Static_assert(ZG_IOC_STATS == _IOC(_IOC_READ | _IOC_WRITE, 'z', 0x04, ZG_STATS_SIZE_VER0), "ZG_IOC_STATS");
-_Static_assert(ZG_IOC_INJECT == _IOC(_IOC_WRITE, 'z', 0x05, ZG_INJECT_SIZE_VER0), "ZG_IOC_INJECT");
 
 /* Device constants from dma.rs. */
 /* Copy src VA to dst VA. */
@@ -674,56 +517,6 @@ _Static_assert(ZG_IOC_INJECT == _IOC(_IOC_WRITE, 'z', 0x05, ZG_INJECT_SIZE_VER0)
  * (their array ends at ZG_VIOL_CTX_RELEASED); the device-wide count and the trace have it.
  */
 #define ZG_VIOL_ZAPPED_DURING_ACCESS 8u
-
-/* Device constants from regs.rs. */
-/* Failure mode: none, the device works. */
-#define ZG_FAIL_NONE 0u
-/*
- * Failure mode: the command processor stops consuming. CMDQ_CONS freezes, nothing after it
- * executes, no SYNC completes, and no error is reported. CR0/CR0ACK still work (disabling
- * the command queue is acknowledged). Disarming resumes the queue where it stopped.
- */
-#define ZG_FAIL_CMDQ_STOP 1u
-/*
- * Failure mode: every SYNC reached while armed completes FAIL_ARG milliseconds (wall clock)
- * later than it could, blocking the queue behind it like a slow device. Its completion write
- * and interrupt then happen only if the command queue is still enabled and bus mastering is on
- * (a SYNC whose queue was disabled meanwhile never completes; one waiting for bus mastering
- * completes once it is set again).
- */
-#define ZG_FAIL_SYNC_DELAY 2u
-/*
- * Failure mode, one-shot: the next command the device executes is answered with a command
- * error instead: CMDQ_CONS points at it with CONS_ERR and
- * cmd::CERR_INJECTED, ERR_CMDQ is raised (and the error vector). The mode then
- * reads ZG_FAIL_NONE; clearing ERR_CMDQ resumes the queue at that command, which then
- * executes normally.
- */
-#define ZG_FAIL_CMDQ_ERROR 3u
-/*
- * Failure mode: the command vector is never raised. SYNC completion words and DMA job status
- * records are still written.
- */
-#define ZG_FAIL_DROP_CMD_MSI 4u
-/*
- * Failure mode: the DMA engine hangs inside the next job it runs (the current one, if a job is
- * in flight) after one more step of it (see CMD_LAG): no further step, no job fetch, no
- * completion (even if that step was the job's last). The hung job keeps the translations that
- * step used, so a SYNC that must wait for them never completes; RESUME/ABORT of its stall are
- * ignored. While hung, a CR0 write clearing CR0_DMAQ_EN or CR0_CTX_EN is not
- * acknowledged (CR0ACK keeps those bits): a hung engine does not answer the control path, so
- * the driver must fence the device by clearing PCI bus mastering. Only a device reset ends the
- * hang (rewriting FAIL_INJECT only changes what is armed).
- */
-#define ZG_FAIL_DMA_HANG 5u
-/*
- * Failure mode: the device dies at the next DMA step (see CMD_LAG), before it touches
- * memory. The device process flushes its trace and exits without answering the VMM; the guest
- * then sees a device that is gone (MMIO reads return all ones).
- */
-#define ZG_FAIL_DIE 6u
-/* Largest effective WALK_LAG, in microseconds. */
-#define ZG_WALK_LAG_MAX 0x186a0u
 
 #ifdef __cplusplus
 }

@@ -5,7 +5,7 @@
 // Each flag is the ABI constant of the same name, documented there.
 #![allow(missing_docs)]
 
-use crate::abi::{dma, pte, regs, uapi};
+use crate::abi::{dma, pte, regs, testing, uapi};
 use bitflags::bitflags;
 
 bitflags! {
@@ -77,19 +77,19 @@ bitflags! {
         const CPU_ERROR = uapi::ZG_SNAP_CPU_ERROR;
     }
 
-    /// `INJECT`'s `modes`: driver bugs and debug switches (`ZG_INJ_*`, `ZG_DBG_*`).
+    /// The debugfs `inject` file's `modes`: driver bugs and debug switches (`ZG_INJ_*`, `ZG_DBG_*`).
     #[derive(Clone, Copy, Debug, PartialEq, Eq)]
     pub struct Inject: u32 {
-        const SKIP_SHOOTDOWN = uapi::ZG_INJ_SKIP_SHOOTDOWN;
-        const SKIP_SYNC_WAIT = uapi::ZG_INJ_SKIP_SYNC_WAIT;
-        const IGNORE_RETRY = uapi::ZG_INJ_IGNORE_RETRY;
-        const KEEP_WRITE = uapi::ZG_INJ_KEEP_WRITE;
-        const KEEP_AFTER_RELEASE = uapi::ZG_INJ_KEEP_AFTER_RELEASE;
-        const EARLY_TABLE_FREE = uapi::ZG_INJ_EARLY_TABLE_FREE;
-        const SKIP_CTX_INVALIDATE = uapi::ZG_INJ_SKIP_CTX_INVALIDATE;
-        const EARLY_BOUNCE_REUSE = uapi::ZG_INJ_EARLY_BOUNCE_REUSE;
-        const DBG_NO_VALIDATE = uapi::ZG_DBG_NO_VALIDATE;
-        const DBG_ZAP_WRITE_PROTECT = uapi::ZG_DBG_ZAP_WRITE_PROTECT;
+        const SKIP_SHOOTDOWN = testing::ZG_INJ_SKIP_SHOOTDOWN;
+        const SKIP_SYNC_WAIT = testing::ZG_INJ_SKIP_SYNC_WAIT;
+        const IGNORE_RETRY = testing::ZG_INJ_IGNORE_RETRY;
+        const KEEP_WRITE = testing::ZG_INJ_KEEP_WRITE;
+        const KEEP_AFTER_RELEASE = testing::ZG_INJ_KEEP_AFTER_RELEASE;
+        const EARLY_TABLE_FREE = testing::ZG_INJ_EARLY_TABLE_FREE;
+        const SKIP_CTX_INVALIDATE = testing::ZG_INJ_SKIP_CTX_INVALIDATE;
+        const EARLY_BOUNCE_REUSE = testing::ZG_INJ_EARLY_BOUNCE_REUSE;
+        const DBG_NO_VALIDATE = testing::ZG_DBG_NO_VALIDATE;
+        const DBG_ZAP_WRITE_PROTECT = testing::ZG_DBG_ZAP_WRITE_PROTECT;
     }
 }
 
@@ -129,7 +129,7 @@ mod tests {
         assert_eq!(names::<Snap>(0).to_string(), "-");
         assert_eq!(names::<IrqCtrl>(0x11).to_string(), "CMD_EN | 0x10");
         assert_eq!(
-            names::<Inject>(uapi::ZG_INJ_MODES).to_string(),
+            names::<Inject>(testing::ZG_INJ_MODES).to_string(),
             "SKIP_SHOOTDOWN | SKIP_SYNC_WAIT | IGNORE_RETRY | KEEP_WRITE | KEEP_AFTER_RELEASE | \
              EARLY_TABLE_FREE | SKIP_CTX_INVALIDATE | EARLY_BOUNCE_REUSE | DBG_NO_VALIDATE | \
              DBG_ZAP_WRITE_PROTECT",

@@ -18,4 +18,4 @@ pub mod flags;
 #[cfg(feature = "host")]
 pub mod trace_format;
 
-pub use abi::{cmd, dma, event, hmm, pci, pte, queue, regs, uapi};
+pub use abi::{cmd, dma, event, hmm, pci, pte, queue, regs, testing, uapi};

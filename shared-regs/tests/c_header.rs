@@ -6,7 +6,7 @@
 //! renders the header, compiles it with `cc` (when there is one) and fails when the committed
 //! file differs; `ZAPGUARD_BLESS=1 cargo test -p shared-regs --test c_header` rewrites it.
 
-use shared_regs::{dma, event, regs, uapi};
+use shared_regs::{dma, event, uapi};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::Path;
@@ -30,12 +30,10 @@ fn uapi_values() -> BTreeMap<&'static str, Value> {
         ZG_MAP_FLAGS, ZG_DMA_NO_FAULT, ZG_DMA_FLAGS, ZG_DMA_BOUNCE_MAX, ZG_SNAP_DEV_PRESENT,
         ZG_SNAP_DEV_WRITE, ZG_SNAP_DEV_HUGE, ZG_SNAP_DEV_DIRTY, ZG_SNAP_CPU_VALID,
         ZG_SNAP_CPU_WRITE, ZG_SNAP_CPU_HUGE, ZG_SNAP_CPU_ERROR, ZG_SNAPSHOT_MAX_PAGES,
-        ZG_STATS_RELEASED, ZG_VIOL_CLASSES, ZG_INJ_SKIP_SHOOTDOWN, ZG_INJ_SKIP_SYNC_WAIT,
-        ZG_INJ_IGNORE_RETRY, ZG_INJ_KEEP_WRITE, ZG_INJ_KEEP_AFTER_RELEASE,
-        ZG_INJ_EARLY_TABLE_FREE, ZG_INJ_SKIP_CTX_INVALIDATE, ZG_INJ_EARLY_BOUNCE_REUSE, ZG_INJ_ALL, ZG_DBG_NO_VALIDATE, ZG_DBG_ZAP_WRITE_PROTECT, ZG_INJ_MODES, ZG_POPULATE_LAG_MAX_US, ZG_IOC_MAP,
-        ZG_IOC_DMA, ZG_IOC_SNAPSHOT, ZG_IOC_STATS, ZG_IOC_INJECT, ZG_INFO_SIZE_VER0,
+        ZG_STATS_RELEASED, ZG_VIOL_CLASSES, ZG_IOC_MAP,
+        ZG_IOC_DMA, ZG_IOC_SNAPSHOT, ZG_IOC_STATS, ZG_INFO_SIZE_VER0,
         ZG_MAP_SIZE_VER0, ZG_DMA_SIZE_VER0, ZG_SNAPSHOT_SIZE_VER0, ZG_STATS_SIZE_VER0,
-        ZG_INJECT_SIZE_VER0, ZG_SIZE_MAX)
+        ZG_SIZE_MAX)
     .into_iter()
     .collect()
 }
@@ -59,11 +57,6 @@ fn device_values() -> Vec<(&'static str, &'static str, Value)> {
             VIOL_WRITE_CLEAN, VIOL_RELEASED, VIOL_LEDGER, VIOL_TABLE_FREED, VIOL_CTX_RELEASED,
             VIOL_ZAPPED_DURING_ACCESS),
     );
-    add(
-        "regs.rs",
-        &values!(regs: FAIL_NONE, FAIL_CMDQ_STOP, FAIL_SYNC_DELAY, FAIL_CMDQ_ERROR,
-            FAIL_DROP_CMD_MSI, FAIL_DMA_HANG, FAIL_DIE, WALK_LAG_MAX),
-    );
     out
 }
 
@@ -76,7 +69,6 @@ fn sizes() -> BTreeMap<&'static str, usize> {
         ("ZgDma", size_of::<uapi::ZgDma>()),
         ("ZgSnapshot", size_of::<uapi::ZgSnapshot>()),
         ("ZgStats", size_of::<uapi::ZgStats>()),
-        ("ZgInject", size_of::<uapi::ZgInject>()),
     ]
     .into_iter()
     .collect()
@@ -84,7 +76,7 @@ fn sizes() -> BTreeMap<&'static str, usize> {
 
 /// Each ioctl's `<linux/ioctl.h>` direction and the constant of its structure's 1.0 size (the
 /// size every ioctl number keeps: uAPI 1.0's stability rule).
-const IOCTLS: [(&str, &str, &str); 6] = [
+const IOCTLS: [(&str, &str, &str); 5] = [
     (
         "ZG_IOC_GET_INFO",
         "_IOC_READ | _IOC_WRITE",
@@ -98,7 +90,6 @@ const IOCTLS: [(&str, &str, &str); 6] = [
         "_IOC_READ | _IOC_WRITE",
         "ZG_STATS_SIZE_VER0",
     ),
-    ("ZG_IOC_INJECT", "_IOC_WRITE", "ZG_INJECT_SIZE_VER0"),
 ];
 
 fn source(file: &str) -> String {

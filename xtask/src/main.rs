@@ -7,6 +7,7 @@
 //! cargo xtask test  [--filter F] [--timeout SECS] [--no-host] host tests + the VM run; last line `N passed, N failed`
 //! cargo xtask build                                           build every artifact, print their paths
 //! cargo xtask selftests                                       the harness self-tests alone (each breaks a run on purpose)
+//! cargo xtask production [--filter F]                         the production module alone: no test surface, and its run
 //! cargo xtask device-death                                    the device-death boot alone
 //! cargo xtask mutants [--filter ID]                          break the driver one mutant at a time (kmod/mutants.json), print what killed each
 //! cargo xtask image                                           the guest image as one reproducible archive (target/zapguard/zapguard-image-*.tar.gz)
@@ -230,6 +231,20 @@ struct Artifacts {
     initramfs: PathBuf,
     /// The guest kernel flavor (`default`, `debug`, ...).
     flavor: String,
+    /// The module is the production build (no `ZAPGUARD_TEST=1`): no test surface at all.
+    production: bool,
+}
+
+impl Artifacts {
+    /// The run's names in the expected-skip list: its flavor, and `production` for the
+    /// production module's run.
+    fn run_names(&self) -> Vec<&str> {
+        let mut names = vec![self.flavor.as_str()];
+        if self.production {
+            names.push("production");
+        }
+        names
+    }
 }
 
 fn build(root: &Path) -> Result<Artifacts> {
@@ -288,6 +303,7 @@ fn build(root: &Path) -> Result<Artifacts> {
         examples,
         initramfs,
         flavor: "default".into(),
+        production: false,
     })
 }
 
@@ -312,22 +328,48 @@ fn kernel_artifacts(
         t.elapsed().as_secs_f32()
     );
 
-    let t = step("zapguard.ko");
-    // One module output directory per kernel tree, so a new kernel never links stale objects.
+    let module = build_module(root, &ktree, ModuleBuild::Test)?;
+
+    let initramfs = build_initramfs(root, &ktree, &module, guest_tests, examples)?;
+    Ok((ktree, module, initramfs))
+}
+
+/// Which zapguard.ko to build.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum ModuleBuild {
+    /// `ZAPGUARD_TEST=1`: injected bugs, knobs, validator plumbing (what `just run` loads).
+    Test,
+    /// The production module: none of that.
+    Production,
+}
+
+/// zapguard.ko for kernel tree `ktree`.
+fn build_module(root: &Path, ktree: &Path, build: ModuleBuild) -> Result<PathBuf> {
+    let (what, suffix, flag) = match build {
+        ModuleBuild::Test => ("zapguard.ko", "", Some("ZAPGUARD_TEST=1")),
+        ModuleBuild::Production => ("zapguard.ko, production build", "-production", None),
+    };
+    let t = step(what);
+    // One module output directory per kernel tree and build, so a new kernel never links stale
+    // objects and the two builds never share them.
     let tree_id = ktree
         .parent()
         .and_then(|p| p.file_name())
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let mo = root.join("target/zapguard").join(format!("kmod-{tree_id}"));
+    let mo = root
+        .join("target/zapguard")
+        .join(format!("kmod-{tree_id}{suffix}"));
     std::fs::create_dir_all(&mo).map_err(|e| format!("{}: {e}", mo.display()))?;
     run_status(
         Command::new("make")
             .args(["-s", "-C"])
-            .arg(&ktree)
+            .arg(ktree)
             .arg(format!("M={}", root.join("kmod").display()))
             .arg(format!("MO={}", mo.display()))
-            .args(["LLVM=-19", "ZAPGUARD_INJECT=1", "modules"]),
+            .arg("LLVM=-19")
+            .args(flag)
+            .arg("modules"),
         "module build",
     )?;
     let module = mo.join("zapguard.ko");
@@ -336,10 +378,20 @@ fn kernel_artifacts(
         module.display(),
         t.elapsed().as_secs_f32()
     );
+    Ok(module)
+}
 
+/// The kernel's hmm-tests for `ktree` and the initramfs holding `module` with the guest tests.
+fn build_initramfs(
+    root: &Path,
+    ktree: &Path,
+    module: &Path,
+    guest_tests: &Path,
+    examples: &[PathBuf],
+) -> Result<PathBuf> {
     let t = step("hmm-tests, the kernel's own HMM selftest (static, cached by input hash)");
     let hmm_tests = PathBuf::from(run_capture(
-        script(root, "images/hmm-tests/build.sh").arg(&ktree),
+        script(root, "images/hmm-tests/build.sh").arg(ktree),
         "images/hmm-tests/build.sh",
     )?);
     eprintln!(
@@ -351,8 +403,8 @@ fn kernel_artifacts(
     let t = step("initramfs");
     let initramfs = PathBuf::from(run_capture(
         script(root, "images/initramfs/build.sh")
-            .arg(&ktree)
-            .arg(&module)
+            .arg(ktree)
+            .arg(module)
             .arg(guest_tests)
             .arg(&hmm_tests)
             .args(examples),
@@ -364,7 +416,100 @@ fn kernel_artifacts(
         t.elapsed().as_secs_f32()
     );
 
-    Ok((ktree, module, initramfs))
+    Ok(initramfs)
+}
+
+/// `art` with the production module (built without `ZAPGUARD_TEST=1`) in its initramfs.
+fn production_artifacts(root: &Path, art: &Artifacts) -> Result<Artifacts> {
+    let module = build_module(root, &art.ktree, ModuleBuild::Production)?;
+    let initramfs = build_initramfs(root, &art.ktree, &module, &art.guest_tests, &art.examples)?;
+    Ok(Artifacts {
+        module,
+        initramfs,
+        production: true,
+        ..art.clone()
+    })
+}
+
+/// Builds the production module, shows that it carries no test surface (and that the same
+/// checks see the test build's), then runs the guest suite on it: the tests that need the test
+/// build skip, everything else must pass.
+fn production_run(root: &Path, art: &Artifacts, opts: &Options) -> Result<(usize, usize)> {
+    let prod = production_artifacts(root, art)?;
+    let mut checks = test_surface_checks(&prod.module, false)?;
+    checks.extend(test_surface_checks(&art.module, true)?);
+    let (cp, cf) = print_checks("production module checks:", &checks);
+    let (vp, vf) = vm_run(root, &prod, opts, vm::Echo::Results)?;
+    Ok((cp + vp, cf + vf))
+}
+
+/// Marks of the test surface in a module file: symbols of the debugfs interface and the knobs,
+/// the knob parameters in `.modinfo`, and the injection log line.
+const TEST_SURFACE_SYMBOLS: [&str; 4] = ["testing", "set_knobs", "pgd_phys", "debugfs"];
+const TEST_SURFACE_STRINGS: [&str; 4] = [
+    "parm=fault_lag_us:",
+    "parm=probe_fail_at:",
+    "injecting driver bugs",
+    "zapguard-",
+];
+
+/// Whether `module` has the test surface's marks: none in the production build (`want`
+/// false), all of them in the test build (`want` true, which proves the checks can see them).
+fn test_surface_checks(module: &Path, want: bool) -> Result<Vec<Check>> {
+    let out = Command::new("llvm-nm-19")
+        .arg("-a")
+        .arg(module)
+        .output()
+        .map_err(|e| format!("llvm-nm-19: {e}"))?;
+    if !out.status.success() {
+        return Err(format!("llvm-nm-19 {}: {}", module.display(), out.status));
+    }
+    let nm = String::from_utf8_lossy(&out.stdout);
+    let symbols: Vec<&str> = nm
+        .lines()
+        .filter_map(|l| l.split_whitespace().last())
+        .filter(|sym| TEST_SURFACE_SYMBOLS.iter().any(|m| sym.contains(m)))
+        .collect();
+    let bytes = std::fs::read(module).map_err(|e| format!("{}: {e}", module.display()))?;
+    let has = |m: &str| bytes.windows(m.len()).any(|w| w == m.as_bytes());
+    let strings: Vec<&str> = TEST_SURFACE_STRINGS
+        .into_iter()
+        .filter(|m| has(m))
+        .collect();
+    let build = if want {
+        "test build"
+    } else {
+        "production build"
+    };
+    let name = |n: &'static str, t: &'static str| if want { t } else { n };
+    Ok(vec![
+        Check {
+            name: name(
+                "the production module has no test-surface symbol (debugfs, inject, knobs, CPU page-table root)",
+                "the test build has the symbols that check looks for",
+            ),
+            ok: if want {
+                TEST_SURFACE_SYMBOLS
+                    .iter()
+                    .all(|m| symbols.iter().any(|s| s.contains(m)))
+            } else {
+                symbols.is_empty()
+            },
+            detail: format!("{build}: {} matching symbol(s), first {:?}", symbols.len(), symbols.first()),
+        },
+        Check {
+            name: name(
+                "the production module has no knob parameter, injection message or debugfs name",
+                "the test build has the strings that check looks for",
+            ),
+            ok: if want {
+                strings.len() == TEST_SURFACE_STRINGS.len()
+            } else {
+                strings.is_empty()
+            },
+            detail: format!("{build}: found {strings:?}"),
+        },
+    ])
 }
 
 /// `art`, or with `--flavor`, the same with that flavor's kernel, module and initramfs.
@@ -389,6 +534,7 @@ fn flavor_artifacts(root: &Path, art: &Artifacts, flavor: &str) -> Result<Artifa
         examples: art.examples.clone(),
         initramfs,
         flavor: flavor.to_string(),
+        production: false,
     })
 }
 
@@ -433,7 +579,11 @@ struct Check {
     detail: String,
 }
 
-fn vm_checks(o: &vm::VmOutcome, analysis: &std::io::Result<trace::Analysis>) -> Vec<Check> {
+fn vm_checks(
+    o: &vm::VmOutcome,
+    analysis: &std::io::Result<trace::Analysis>,
+    production: bool,
+) -> Vec<Check> {
     let ident_reads = analysis
         .as_ref()
         .ok()
@@ -562,33 +712,47 @@ fn vm_checks(o: &vm::VmOutcome, analysis: &std::io::Result<trace::Analysis>) -> 
                 detail,
             }
         },
-        {
-            // A run whose device did DMA that the validator never judged is not a clean run:
-            // every step says in the trace whether it was judged.
-            let (ok, detail) = match analysis {
-                Ok(a) => {
-                    let (judged, unjudged, all) = a.summary.validated();
-                    (
-                        all == 0 || judged > 0,
-                        format!(
-                            "validated {judged} of {all} device accesses; {unjudged} not judged"
-                        ),
-                    )
-                }
-                Err(e) => (false, format!("{}: {e}", o.trace.display())),
-            };
-            Check {
-                name: "trace check: the validator judged the device's accesses",
-                ok,
-                detail,
-            }
-        },
+        validation_check(analysis, &o.trace, production),
         Check {
             name: "device exited cleanly when QEMU went away",
             ok: !o.device_died_early && o.device_status.is_some_and(|s| s.success()),
             detail: format!("zapguard-dev {:?}", o.device_status),
         },
     ]
+}
+
+/// A test build's run whose device did DMA that the validator never judged is not a clean run
+/// (every step says in the trace whether it was judged). The production module gives the
+/// device no CPU page table to judge against: there, nothing may have been judged.
+fn validation_check(
+    analysis: &std::io::Result<trace::Analysis>,
+    trace: &Path,
+    production: bool,
+) -> Check {
+    let (ok, detail) = match analysis {
+        Ok(a) => {
+            let (judged, unjudged, all) = a.summary.validated();
+            let ok = if production {
+                all > 0 && judged == 0
+            } else {
+                all == 0 || judged > 0
+            };
+            (
+                ok,
+                format!("validated {judged} of {all} device accesses; {unjudged} not judged"),
+            )
+        }
+        Err(e) => (false, format!("{}: {e}", trace.display())),
+    };
+    Check {
+        name: if production {
+            "trace check: the production module gave the validator nothing to judge"
+        } else {
+            "trace check: the validator judged the device's accesses"
+        },
+        ok,
+        detail,
+    }
 }
 
 fn print_checks(title: &str, checks: &[Check]) -> (usize, usize) {
@@ -639,6 +803,9 @@ fn vm_run(root: &Path, art: &Artifacts, opts: &Options, echo: vm::Echo) -> Resul
         "zg.run=tests".to_string(),
         format!("zg.flavor={}", art.flavor),
     ];
+    if art.production {
+        init_args.push("zg.build=production".to_string());
+    }
     if let Some(f) = &opts.filter {
         init_args.push(format!("zg.filter={f}"));
     }
@@ -693,7 +860,7 @@ fn vm_run(root: &Path, art: &Artifacts, opts: &Options, echo: vm::Echo) -> Resul
         .filter(|r| r.outcome == Outcome::Skip)
         .count();
     let unexpected_skips = skips::ExpectedSkips::load(root)?.unexpected(
-        &art.flavor,
+        &art.run_names(),
         opts.filter.is_some(),
         &o.results,
     );
@@ -727,7 +894,7 @@ fn vm_run(root: &Path, art: &Artifacts, opts: &Options, echo: vm::Echo) -> Resul
         }
     }
     let analysis = trace::analyse(&o.trace, &o.trace_expectations, &o.violation_windows);
-    let mut checks = vm_checks(&o, &analysis);
+    let mut checks = vm_checks(&o, &analysis, art.production);
     checks.push(Check {
         name: "every skipped test is an expected skip",
         ok: unexpected_skips.is_empty(),
@@ -903,6 +1070,7 @@ fn harness_selftests(root: &Path, art: &Artifacts) -> Result<(usize, usize)> {
         vm_checks(
             o,
             &trace::analyse(&o.trace, &o.trace_expectations, &o.violation_windows),
+            false,
         )
         .iter()
         .filter(|c| !c.ok)
@@ -947,7 +1115,7 @@ fn harness_selftests(root: &Path, art: &Artifacts) -> Result<(usize, usize)> {
 fn unload_check_failed(o: &vm::VmOutcome) -> bool {
     let analysis = trace::analyse(&o.trace, &o.trace_expectations, &o.violation_windows);
     o.done_rc == Some(3)
-        && vm_checks(o, &analysis)
+        && vm_checks(o, &analysis, false)
             .iter()
             .any(|c| c.name == UNLOAD_CHECK && !c.ok)
 }
@@ -1092,6 +1260,10 @@ fn main() -> ExitCode {
         "selftests" => build(&root)
             .and_then(|art| harness_selftests(&root, &art))
             .map(|(p, f)| finish(p, f)),
+        // The production module's checks and run of `just test` alone.
+        "production" => build(&root)
+            .and_then(|art| production_run(&root, &art, &opts))
+            .map(|(p, f)| finish(p, f)),
         // The device-death boot of `just test` alone (to reproduce its failures).
         "device-death" => build(&root)
             .and_then(|art| device_death_run(&root, &art))
@@ -1143,6 +1315,15 @@ fn main() -> ExitCode {
                             p += kp;
                             f += kf;
                         }
+                        println!(
+                            "\n== production module (built without ZAPGUARD_TEST=1): the suite's non-injecting part =="
+                        );
+                        let (pp, pf) = production_run(&root, &art, &opts).unwrap_or_else(|e| {
+                            eprintln!("xtask: production run: {e}");
+                            (0, 1)
+                        });
+                        p += pp;
+                        f += pf;
                         let (bp, bf) = bindings_checks(&root, &art);
                         let (sp, sf) = harness_selftests(&root, &art)?;
                         let (dp, df) = device_death_run(&root, &art)?;
@@ -1316,7 +1497,7 @@ mod tests {
     /// The failed checks of `o`.
     fn failed(o: &vm::VmOutcome) -> Vec<&'static str> {
         let a = trace::analyse(&o.trace, &o.trace_expectations, &o.violation_windows);
-        vm_checks(o, &a)
+        vm_checks(o, &a, false)
             .into_iter()
             .filter(|c| !c.ok)
             .map(|c| c.name)

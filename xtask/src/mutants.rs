@@ -196,7 +196,7 @@ fn guest_run(
         .arg(&art.ktree)
         .arg(format!("M={}", root.join("kmod").display()))
         .arg(format!("MO={}", mo.display()))
-        .args(["LLVM=-19", "ZAPGUARD_INJECT=1", "modules"])
+        .args(["LLVM=-19", "ZAPGUARD_TEST=1", "modules"])
         .stdin(Stdio::null())
         .output()
         .map_err(|e| format!("make: {e}"))?;
@@ -247,6 +247,7 @@ fn guest_run(
     let checks = vm_checks(
         &o,
         &crate::trace::analyse(&o.trace, &o.trace_expectations, &o.violation_windows),
+        false,
     );
     by.extend(checks.iter().filter(|c| !c.ok).map(|c| c.name.to_string()));
     let ran = o

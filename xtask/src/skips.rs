@@ -13,8 +13,10 @@ const FILTERED_OUT: &str = "filtered out";
 /// One expected skip: in which runs, of which test, and why.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Expected {
-    /// A kernel flavor (`default` covers the knob runs too), or `*` for every run.
+    /// A kernel flavor (`default` covers the knob runs and the production run too),
+    /// `production` (the production module's run), or `*` for every run.
     run: String,
+    /// A test's name, or `*`: every test that skips with exactly `why` as its reason.
     test: String,
     why: String,
 }
@@ -53,18 +55,20 @@ impl ExpectedSkips {
         Self::parse(&text)
     }
 
-    /// The skips in `results` that the list does not expect of a run on kernel `flavor`; in a
-    /// `filtered` run, the tests the filter left out are expected too.
+    /// The skips in `results` that the list does not expect of a run named by any of `runs`
+    /// (its kernel flavor, and `production` for the production module's); in a `filtered`
+    /// run, the tests the filter left out are expected too.
     pub fn unexpected<'a>(
         &self,
-        flavor: &str,
+        runs: &[&str],
         filtered: bool,
         results: &'a [TestLine],
     ) -> Vec<&'a TestLine> {
         let listed = |t: &TestLine| {
-            self.0
-                .iter()
-                .any(|e| (e.run == "*" || e.run == flavor) && e.test == t.name)
+            self.0.iter().any(|e| {
+                (e.run == "*" || runs.contains(&e.run.as_str()))
+                    && (e.test == t.name || e.test == "*" && e.why == t.reason)
+            })
         };
         results
             .iter()
@@ -103,12 +107,33 @@ mod tests {
             },
         ];
         let names = |v: Vec<&TestLine>| v.iter().map(|t| t.name.clone()).collect::<Vec<_>>();
-        assert_eq!(names(list.unexpected("default", false, &results)), ["c"]);
-        assert_eq!(names(list.unexpected("debug", false, &results)), ["a", "c"]);
+        assert_eq!(names(list.unexpected(&["default"], false, &results)), ["c"]);
+        assert_eq!(
+            names(list.unexpected(&["debug"], false, &results)),
+            ["a", "c"]
+        );
         // A filter's skips are expected only in a filtered run.
         let filtered = [skip("e", "filtered out")];
-        assert_eq!(names(list.unexpected("default", false, &filtered)), ["e"]);
-        assert!(list.unexpected("default", true, &filtered).is_empty());
+        assert_eq!(
+            names(list.unexpected(&["default"], false, &filtered)),
+            ["e"]
+        );
+        assert!(list.unexpected(&["default"], true, &filtered).is_empty());
+    }
+
+    #[test]
+    fn a_wildcard_line_expects_only_its_reason_in_its_run() {
+        let list = ExpectedSkips::parse("production * needs the test build\n").unwrap();
+        let results = [skip("a", "needs the test build"), skip("b", "no hugetlbfs")];
+        let names = |v: Vec<&TestLine>| v.iter().map(|t| t.name.clone()).collect::<Vec<_>>();
+        assert_eq!(
+            names(list.unexpected(&["production", "default"], false, &results)),
+            ["b"]
+        );
+        assert_eq!(
+            names(list.unexpected(&["default"], false, &results)),
+            ["a", "b"]
+        );
     }
 
     #[test]

@@ -8,6 +8,7 @@
 //! - [`event`]: event records (faults and validator violations).
 //! - [`pte`]: device page-table entries and context entries.
 //! - [`uapi`]: `/dev/zapguard` ioctls and their structures.
+//! - [`testing`]: the test build's debugfs interface (injected bugs, knobs), not in production.
 //! - [`hmm`]: the kernel's `test_hmm` uAPI, which zapguard also serves (`/dev/zapguard_hmm*`).
 //!
 //! All multi-byte fields are little-endian. Descriptors convert to and from their byte form with
@@ -21,6 +22,7 @@ pub mod pci;
 pub mod pte;
 pub mod queue;
 pub mod regs;
+pub mod testing;
 pub mod uapi;
 
 /// `W` little-endian u64 words as `N = 8 * W` bytes.
