@@ -8,7 +8,7 @@
 //!
 //! To add a test: write a `fn name() -> Result<(), String>` below and add `name` to [`TESTS`].
 //! Tests run in list order; the module-reload test runs last because it rebinds the device. The
-//! uAPI fuzzer (`uapi_fuzz`, `fuzz.rs`) runs before the injected-bug tests and the device-failure
+//! uAPI fuzzer (`uapi_fuzz`, `fuzz/`) runs before the injected-bug tests and the device-failure
 //! cases: it needs a device nobody has broken, and no violation may appear while it runs.
 
 mod bench;

@@ -918,7 +918,7 @@ fn vm_run(root: &Path, art: &Artifacts, opts: &Options, echo: vm::Echo) -> Resul
 }
 
 /// `fuzz-guest [N] [--seed S]`: a boot that runs only the guest's uAPI fuzzer (`uapi_fuzz`,
-/// guest-tests/src/fuzz.rs) with N calls, under the normal run checks (kernel splats, the
+/// guest-tests/src/fuzz/) with N calls, under the normal run checks (kernel splats, the
 /// device trace's violations), then prints the fuzzer's `ZAPGUARD-FUZZ` summary lines.
 fn fuzz_guest(root: &Path, art: &Artifacts, opts: &Options) -> Result<(usize, usize)> {
     let calls: u64 = match opts.positional.as_slice() {
@@ -941,7 +941,7 @@ fn fuzz_guest(root: &Path, art: &Artifacts, opts: &Options) -> Result<(usize, us
     let serial = root.join("target/zapguard/runs/latest/serial.log");
     let text =
         std::fs::read_to_string(&serial).map_err(|e| format!("{}: {e}", serial.display()))?;
-    println!("uAPI fuzzer (guest-tests/src/fuzz.rs):");
+    println!("uAPI fuzzer (guest-tests/src/fuzz/):");
     for line in text.lines().filter(|l| l.contains("ZAPGUARD-FUZZ")) {
         println!("  {}", line.trim());
     }
