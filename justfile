@@ -41,12 +41,13 @@ build:
 trace *ARGS:
     cargo run --quiet --release -p zapguard-trace -- {{ARGS}}
 
-# Formatting and lints: host crates, and the module (rustfmt + the kernel's CLIPPY=1 build of the
-# test build and of the production build).
+# Formatting and lints: host crates, the module import graphs (no new cycle), and the module
+# (rustfmt + the kernel's CLIPPY=1 build of the test build and of the production build).
 check:
     cargo fmt --all -- --check
     rustfmt --edition 2021 --check kmod/zapguard.rs
     cargo clippy --workspace --all-targets -- -D warnings
+    cargo xtask cycles
     make -s -C "$(bash images/kernel/build.sh)" M="$PWD/kmod" MO="$PWD/target/zapguard/clippy" LLVM=-19 ZAPGUARD_TEST=1 CLIPPY=1 W=1 modules
     make -s -C "$(bash images/kernel/build.sh)" M="$PWD/kmod" MO="$PWD/target/zapguard/clippy-production" LLVM=-19 CLIPPY=1 W=1 modules
 

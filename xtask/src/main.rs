@@ -7,6 +7,7 @@
 //! cargo xtask test  [--filter F] [--timeout SECS] [--no-host] host tests + the VM run; last line `N passed, N failed`
 //! cargo xtask build                                           build every artifact, print their paths
 //! cargo xtask selftests                                       the harness self-tests alone (each breaks a run on purpose)
+//! cargo xtask cycles                                         the import graphs of kmod/ and qemu-dev/src/: no new cycle
 //! cargo xtask production [--filter F]                         the production module alone: no test surface, and its run
 //! cargo xtask device-death                                    the device-death boot alone
 //! cargo xtask mutants [--filter ID]                          break the driver one mutant at a time (kmod/mutants.json), print what killed each
@@ -23,6 +24,7 @@
 //! with `target/zapguard/runs/latest` pointing at the newest.
 
 mod bench;
+mod cycles;
 mod hosttests;
 mod image;
 mod ktap;
@@ -1260,6 +1262,12 @@ fn main() -> ExitCode {
         "selftests" => build(&root)
             .and_then(|art| harness_selftests(&root, &art))
             .map(|(p, f)| finish(p, f)),
+        // The module import graphs: no cycle beyond the known ones (`just check`).
+        "cycles" => match cycles::check(&root) {
+            Ok(true) => Ok(ExitCode::SUCCESS),
+            Ok(false) => Ok(ExitCode::FAILURE),
+            Err(e) => Err(e),
+        },
         // The production module's checks and run of `just test` alone.
         "production" => build(&root)
             .and_then(|art| production_run(&root, &art, &opts))
