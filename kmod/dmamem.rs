@@ -24,7 +24,7 @@
 //! - The bus address and size are kept outside the revocable, so that they can still be
 //!   compared and logged after the unbind; the device never gets them again by then.
 
-use crate::hw::fatal_signal_pending;
+use crate::task::fatal_signal_pending;
 use core::sync::atomic::AtomicU64;
 use kernel::ffi::{c_char, c_void};
 use kernel::{

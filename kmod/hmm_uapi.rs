@@ -29,8 +29,8 @@
 //! device, as on `/dev/zapguard`.
 
 use crate::abi::{dma, event as ev, hmm, pte, uapi};
+use crate::context_file::{bounce, check_range, open_context, run_job, staging, usable_context};
 use crate::device::Shared;
-use crate::driver::{bounce, check_range, open_context, run_job, staging, usable_context};
 use crate::mirror::{self, Access, Context, MapOut, Walk};
 use crate::mm::HmmPfn;
 use crate::uarg::{read_arg, write_arg};
@@ -280,7 +280,7 @@ impl MiscDevice for HmmFile {
         }
         let mixed = vma.set_mixedmap();
         for addr in (vma.start()..vma.end()).step_by(PAGE as usize) {
-            if crate::hw::fatal_signal_pending() {
+            if crate::task::fatal_signal_pending() {
                 return Err(EINTR);
             }
             let page = Page::alloc_page(GFP_KERNEL_ACCOUNT | __GFP_ZERO)?;

@@ -32,9 +32,9 @@
 use crate::abi::{cmd, dma, pte, queue, regs as abi_regs};
 use crate::dmamem::DmaMem;
 use crate::regs;
+use crate::task::fatal_signal_pending;
 use core::sync::atomic::{AtomicBool, AtomicU16, AtomicU32, AtomicU64, Ordering};
 use kernel::{
-    bindings,
     device::{Bound, Device},
     io::Io,
     new_condvar, new_mutex, new_spinlock, pci,
@@ -147,21 +147,6 @@ enum OnSignal {
     /// Keep waiting whatever is pending (the work cannot be abandoned, e.g. the SYNC of a
     /// dying task's release).
     Nap,
-}
-
-/// Whether the current task has a fatal signal pending (`fatal_signal_pending()`, a static
-/// inline with no Rust helper: `SIGKILL` is queued in `pending` once the task is dying).
-pub(crate) fn fatal_signal_pending() -> bool {
-    let task = kernel::current!();
-    if !task.signal_pending() {
-        return false;
-    }
-    let raw = task.as_ptr();
-    // SAFETY: `raw` is the current task, valid for the whole call. `pending.signal` is a
-    // plain bitmap the C helper also reads without the siglock; a racy read only delays the
-    // answer to the next wake-up. SIGKILL is signal 9, bit 8 of the first word.
-    let word = unsafe { core::ptr::read_volatile(&raw const (*raw).pending.signal.sig[0]) };
-    word & (1 << (bindings::SIGKILL - 1)) != 0
 }
 
 /// Sleeps on `cv` (with `lock`, whose guard is `guard`) for up to 100 ms or a notification.

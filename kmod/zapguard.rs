@@ -6,6 +6,8 @@
 //! Modules:
 //! - [`abi`]: the device ABI and uAPI, compiled from `shared-regs/src/abi/` (the same source the
 //!   device model and the guest tests use).
+//! - [`context_file`]: what the files of both device nodes share: opening a context, range and
+//!   context checks, running a job.
 //! - [`device`]: the state a device shares with its open files: health (live, failed, fenced),
 //!   ASIDs, event dispatch.
 //! - [`dmamem`]: the driver's coherent DMA memory, freed at unbind even while files are open.
@@ -17,6 +19,7 @@
 //! - [`mirror`]: contexts: populate, shootdown, fault service, release.
 //! - [`mm`]: safe abstractions over mmu_interval_notifier and hmm_range_fault.
 //! - [`regs`]: typed BAR0 registers (`register!`), generated from the ABI.
+//! - [`task`]: the current task's fatal-signal check.
 //! - [`testing`]: the test build's debugfs interface (injected bugs, knobs); not in production.
 //! - [`uarg`]: ioctl arguments: the extensible uAPI structures (`copy_struct_from_user()`
 //!   rules) and the fixed test_hmm ones.
@@ -28,6 +31,7 @@ use kernel::prelude::*;
 
 #[path = "../shared-regs/src/abi/mod.rs"]
 pub mod abi;
+pub mod context_file;
 pub mod device;
 pub mod dmamap;
 pub mod dmamem;
@@ -38,6 +42,7 @@ pub mod mirror;
 pub mod mm;
 #[rustfmt::skip] // Generated (see the file): the generator owns its layout.
 pub mod regs;
+pub mod task;
 #[cfg(zapguard_test)]
 pub mod testing;
 pub mod uarg;

@@ -10,12 +10,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 /// Cycles that exist today (each a strongly connected component, sorted), per crate directory:
-/// the hardware layer calls policy (`device`/`mirror`), shared helpers sit in the wrong file
-/// (`driver`/`hmm_uapi`), and the device model is one object spread over four files.
+/// the hardware layer calls policy (`device`/`mirror`), and the device model is one object
+/// spread over four files.
 const KNOWN: &[(&str, &[&str])] = &[
     ("kmod", &["device", "mirror", "testing"]),
-    ("kmod", &["dmamem", "hw"]),
-    ("kmod", &["driver", "hmm_uapi"]),
     (
         "qemu-dev/src",
         &["cmdq", "device", "dma_engine", "inject", "testkit"],
