@@ -398,7 +398,7 @@ const OVERTAKEN_LAG_US: u32 = 10_000;
 /// fill lets finish (else that walk restarts, in the handler again).
 const OVERTAKEN_ZAP_AFTER: Duration = Duration::from_millis(1);
 /// The driver's bound on the walks of one fault service that invalidations overtook
-/// (`FAULT_MAX_RETRIES` in `kmod/mirror.rs`; the README's `EBUSY` row).
+/// (`FAULT_MAX_RETRIES` in `kmod/mirror.rs`; docs/uapi.md's `EBUSY` row).
 const FAULT_MAX_RETRIES: u64 = 256;
 
 /// A page whose device fault is overtaken by an invalidation at every walk of the driver's
@@ -485,7 +485,7 @@ impl Overtaken {
 
 /// A device fault whose every walk an invalidation overtakes gives up after a bounded number of
 /// walks (256), though nearly all of its time passes in the userfaultfd handler, which the
-/// service's 2 s time bound does not count: the job fails with `EBUSY` (the README's row),
+/// service's 2 s time bound does not count: the job fails with `EBUSY` (docs/uapi.md's row),
 /// after 256 retried walks. `job_timeout_ms` is raised so that only the retry bound can end it.
 pub fn fault_service_retries_are_bounded() -> Result<(), String> {
     crate::test_build()?;

@@ -244,7 +244,7 @@ impl Board {
             (Err(e), _) if !ok.iter().any(|(a, _)| *a == e) => self.fail(
                 who,
                 format_args!(
-                    "{api} on {node} failed with {} ({e}), which the README does not document for it (it allows {}); the call: {call}",
+                    "{api} on {node} failed with {} ({e}), which docs/uapi.md does not document for it (it allows {}); the call: {call}",
                     errno_name(e),
                     Names(ok)
                 ),

@@ -45,8 +45,8 @@
 //!
 //! # What is checked
 //!
-//! - Every errno must be one the README documents for that call ([`TABLE`]; a host unit test
-//!   checks each quoted README line is in README.md), and a call that cannot succeed (an
+//! - Every errno must be one docs/uapi.md documents for that call ([`TABLE`]; a host unit test
+//!   checks each quoted line is in docs/uapi.md), and a call that cannot succeed (an
 //!   argument the uAPI refuses, an address that cannot be accessed, a context used from another
 //!   process) must fail with an errno one of its
 //!   reasons explains ([`Cause`]); `STATS` must always answer. Each call type must succeed

@@ -1,5 +1,5 @@
-//! The calls and the errnos the README allows for each: [`Api`], [`Node`] and [`TABLE`], whose
-//! rows quote the README lines (`R_*`, `H_*`) that document each errno.
+//! The calls and the errnos docs/uapi.md allows for each: [`Api`], [`Node`] and [`TABLE`], whose
+//! rows quote the docs/uapi.md lines (`R_*`, `H_*`) that document each errno.
 
 use std::fmt;
 
@@ -85,8 +85,8 @@ impl fmt::Display for Node {
     }
 }
 
-/// One row of [`TABLE`]: the errnos `apis` may return on `node`, each with the README text that
-/// documents it (whitespace-normalised; a unit test finds each in README.md).
+/// One row of [`TABLE`]: the errnos `apis` may return on `node`, each with the docs/uapi.md text that
+/// documents it (whitespace-normalised; a unit test finds each in docs/uapi.md).
 pub(crate) struct Row {
     pub(crate) apis: &'static [Api],
     pub(crate) node: Node,
@@ -95,7 +95,7 @@ pub(crate) struct Row {
 
 use libc::{E2BIG, EACCES, EBUSY, EFAULT, EINVAL, ENOMEM, ENOTTY, EPERM, ETIMEDOUT};
 
-// The README's "Errors, by call" table (the `| errno | when |` rows), line by line.
+// docs/uapi.md's "Errors, by call" table (the `| errno | when |` rows), line by line.
 const R_EINVAL: (i32, &str) = (
     EINVAL,
     "| `EINVAL` | empty, unaligned or wrapping ranges, unknown ops, flags or reserved fields",
@@ -169,7 +169,7 @@ const H_UNSUPPORTED: (i32, &str) = (
     "| migration, exclusive access, `RELEASE`, `FLAGS` | `EINVAL`",
 );
 
-/// The errnos each call may return, from the README. A call whose errno is not in its row
+/// The errnos each call may return, from docs/uapi.md. A call whose errno is not in its row
 /// fails the run; a call that must fail must also fail with an errno its reason explains
 /// ([`Cause`]), and a few must succeed. `EIO` and `ENODEV` (a failed or unbound device) are
 /// documented for every call, but the fuzz never fails or unbinds the device, so no row
@@ -177,7 +177,7 @@ const H_UNSUPPORTED: (i32, &str) = (
 ///
 /// [`Cause`]: super::verdict::Cause
 pub(crate) const TABLE: &[Row] = &[
-    // open(): README EBUSY row ("`open()` when every ASID is in use, or ... `max_contexts`"),
+    // open(): docs/uapi.md EBUSY row ("`open()` when every ASID is in use, or ... `max_contexts`"),
     // EIO and ENODEV rows ("any call (and `open()`)").
     Row {
         apis: &[Api::Open],
@@ -267,7 +267,7 @@ pub(crate) const TABLE: &[Row] = &[
         node: Node::Hmm,
         allowed: &[R_EBUSY_OPEN, R_ENOMEM_OPEN],
     },
-    // Its data and snapshot commands: the README's "Errors:" for the node.
+    // Its data and snapshot commands: docs/uapi.md's "Errors:" for the node.
     Row {
         apis: &[
             Api::HmmRead,
@@ -364,28 +364,28 @@ mod tests {
         s.split_whitespace().collect::<Vec<_>>().join(" ")
     }
 
-    /// Each allowed errno quotes the README line that documents it.
+    /// Each allowed errno quotes the docs/uapi.md line that documents it.
     #[test]
-    fn table_quotes_the_readme() {
-        let readme = normalise(include_str!("../../../README.md"));
+    fn table_quotes_docs_uapi() {
+        let doc = normalise(include_str!("../../../docs/uapi.md"));
         for row in TABLE {
             for (e, quote) in row.allowed {
                 assert!(
-                    readme.contains(&normalise(quote)),
-                    "{:?} on {:?}: README.md has no `{quote}`",
+                    doc.contains(&normalise(quote)),
+                    "{:?} on {:?}: docs/uapi.md has no `{quote}`",
                     row.apis,
                     row.node
                 );
-                // The quote names the errno, or is a clause of the README row that does.
+                // The quote names the errno, or is a clause of the docs/uapi.md row that does.
                 let (q, name) = (normalise(quote), errno_name(*e));
-                let at = readme.find(&q).unwrap_or(0);
-                let in_row = readme[..at].rfind("| `E").is_some_and(|s| {
-                    let row = &readme[s..at];
+                let at = doc.find(&q).unwrap_or(0);
+                let in_row = doc[..at].rfind("| `E").is_some_and(|s| {
+                    let row = &doc[s..at];
                     row.starts_with(&format!("| `{name}` |")) && !row.contains("| |")
                 });
                 assert!(
                     q.contains(name) || in_row,
-                    "the quote for {name} is not from its README row: {quote}"
+                    "the quote for {name} is not from its docs/uapi.md row: {quote}"
                 );
             }
         }

@@ -76,8 +76,7 @@ pub struct ZgInject {
     /// the context that set it closes).
     pub cmd_lag: u32,
     /// Device failure mode for [`super::regs::FAIL_INJECT`] (`FAIL_*`, 0 = none; device-wide).
-    /// The device fails for good: recover it by reloading the driver (see the README's "When
-    /// the device fails").
+    /// The device fails for good: recover it by reloading the driver (see docs/failure-model.md).
     pub dev_fail: u32,
     /// Argument of the failure mode, [`super::regs::FAIL_ARG`] (milliseconds for
     /// `FAIL_SYNC_DELAY`).
