@@ -38,7 +38,6 @@ use crate::regs;
 use core::pin::Pin;
 use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use kernel::{
-    bindings,
     device::{Bound, Device},
     io::Io,
     pci,
@@ -297,11 +296,7 @@ impl Shared {
             }
             fsleep(Delta::from_micros(10));
         }
-        let pdev: *const pci::Device = &*self.pdev;
-        // SAFETY: `pci::Device` is a transparent wrapper of `struct pci_dev`, and `self.pdev`
-        // holds a reference on it. `pci_clear_master()` only writes the command register in
-        // config space, which is valid whether or not a driver is bound.
-        unsafe { bindings::pci_clear_master(pdev.cast_mut().cast()) };
+        self.pdev.clear_master();
         Fence::BusMaster
     }
 

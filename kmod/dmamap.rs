@@ -21,7 +21,7 @@
 //!   ([`DmaBlocks::phys`]): the leaf itself holds a DMA address.
 
 use crate::abi::pte;
-use crate::mm::{HmmDmaMap, HmmPfn};
+use kernel::hmm::{DmaMap as HmmDmaMap, Pfn as HmmPfn};
 use kernel::{
     device::{Bound, Device},
     io::PhysAddr,

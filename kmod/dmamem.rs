@@ -26,9 +26,8 @@
 
 use crate::task::fatal_signal_pending;
 use core::sync::atomic::AtomicU64;
-use kernel::ffi::{c_char, c_void};
+use kernel::uaccess::UserPtr;
 use kernel::{
-    bindings,
     device::{Bound, Device},
     devres::Devres,
     dma::Coherent,
@@ -211,28 +210,27 @@ impl UserCopy {
     /// Copies `n` bytes between user address `uaddr` and byte `at` of `m` with page faults
     /// disabled; whether every byte was copied. The caller checked that the span is inside `m`.
     fn copy_nofault(self, m: &Coherent<[u64]>, at: usize, uaddr: usize, n: usize) -> bool {
+        let user = UserPtr::from_addr(uaddr);
         // SAFETY: `at..at + n` is inside the allocation (the caller checked), which is valid for
-        // the duration of the call. The user address is checked by the helpers (`access_ok`),
-        // which never sleep: a missing page makes them fail instead.
-        let left = unsafe {
-            let mem = m.as_mut_ptr().cast::<u8>().add(at).cast::<c_void>();
+        // the duration of the call. The user address is checked by the callee (`access_ok`),
+        // which never sleeps: a missing page makes it fail instead.
+        let copied = unsafe {
+            let mem = m.as_mut_ptr().cast::<u8>().add(at);
             match self {
-                Self::FromUser => bindings::copy_from_user_nofault(mem, uaddr as *const c_void, n),
-                Self::ToUser => bindings::copy_to_user_nofault(uaddr as *mut c_void, mem, n),
+                Self::FromUser => user.copy_from_nofault(mem, n),
+                Self::ToUser => user.copy_to_nofault(mem, n),
             }
         };
-        left == 0
+        copied.is_ok()
     }
 
     /// Faults in `n` bytes at user address `uaddr` for this copy (may sleep); returns how many
     /// bytes could not be.
     fn fault_in(self, uaddr: usize, n: usize) -> usize {
-        // SAFETY: The helpers take any user address and check it themselves.
-        unsafe {
-            match self {
-                Self::FromUser => bindings::fault_in_readable(uaddr as *const c_char, n),
-                Self::ToUser => bindings::fault_in_writeable(uaddr as *mut c_char, n),
-            }
+        let user = UserPtr::from_addr(uaddr);
+        match self {
+            Self::FromUser => user.fault_in_readable(n),
+            Self::ToUser => user.fault_in_writeable(n),
         }
     }
 }

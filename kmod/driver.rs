@@ -12,7 +12,7 @@ use crate::context_file::{bounce, check_range, open_context, run_job, usable_con
 use crate::device::{Shared, NUM_VECTORS};
 use crate::hmm_uapi::HmmFile;
 use crate::hw::{Hw, Synced, BAR0_SIZE};
-use crate::mirror::{self, Access, Context, Walk};
+use crate::mirror::{self, Access, Context, ContextShutdown, Walk};
 use crate::regs;
 use crate::uarg::{answer_ext, read_ext, write_ext};
 use core::pin::Pin;
@@ -524,7 +524,7 @@ impl ZapguardDriver {
             pdev,
             "SYNC round trip {} us, {} CPU page-table levels\n",
             ns / 1000,
-            crate::mm::cpu_pt_levels()
+            kernel::mm::pgtable_levels()
         );
         Ok(())
     }

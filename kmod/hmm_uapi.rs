@@ -31,9 +31,9 @@
 use crate::abi::{dma, event as ev, hmm, pte, uapi};
 use crate::context_file::{bounce, check_range, open_context, run_job, staging, usable_context};
 use crate::device::Shared;
-use crate::mirror::{self, Access, Context, MapOut, Walk};
-use crate::mm::HmmPfn;
+use crate::mirror::{self, Access, Context, ContextShutdown, MapOut, Walk};
 use crate::uarg::{read_arg, write_arg};
+use kernel::hmm::Pfn as HmmPfn;
 use kernel::{
     fs::File,
     miscdevice::{MiscDevice, MiscDeviceRegistration},

@@ -27,7 +27,7 @@
 //! | `BounceSlot::buf` | mutex | one context's READ/WRITE bounce buffer | nothing |
 //!
 //! None of them is held while allocating with `GFP_KERNEL` or calling into the mm, so they are
-//! all safe to take from an mmu_notifier callback (see [`crate::mm`]'s locking rules).
+//! all safe to take from an mmu_notifier callback (see [`kernel::mm::mmu_notifier`]'s locking rules).
 
 use crate::abi::{cmd, dma, pte, queue, regs as abi_regs};
 use crate::dmamem::DmaMem;

@@ -16,7 +16,7 @@
 //!   after that.
 //! - **Device faults** ([`on_event`]): the event interrupt queues a stalled fault on its
 //!   context; the context's own work item (one at a time per context, on the driver's own
-//!   workqueue, [`crate::wq`], drained before the module goes) serves it with the unlocked
+//!   workqueue, [`crate::fault_queue`], drained before the module goes) serves it with the unlocked
 //!   `hmm_range_fault()` variant, which lets a userfaultfd handler resolve the fault, and
 //!   answers RESUME or ABORT. A fault that blocks holds up only its own context and its own
 //!   job: once it is `job_timeout_ms` old, whichever job waiter sees it first aborts it
@@ -59,7 +59,7 @@
 //!
 //! # Locks
 //!
-//! A context's lock (`Mirror::state`) is "the driver lock" of [`crate::mm`]: it is taken in the
+//! A context's lock (`Mirror::state`) is "the driver lock" of [`kernel::mm::mmu_notifier`]: it is taken in the
 //! invalidation callback, under the mm's locks, so nothing under it allocates with `GFP_KERNEL`
 //! or enters the mm (table pages come from the preallocated [`crate::hw::PtPool`]; the list of
 //! tables to free after a SYNC has its room reserved at open, a block's DMA map is allocated
@@ -77,10 +77,10 @@ use crate::abi::{cmd, event as ev, pte, testing, uapi};
 use crate::device::Shared;
 use crate::dmamap::{DeviceBlock, DmaBlocks};
 use crate::hw::{job_timeout, BounceSlot, PtPage, PtRef, Synced, Wait};
-use crate::mm::{self, Aging, AgingNotifier, FaultOutcome, HmmPfn, HmmRequest};
-use crate::mm::{IntervalInvalidate, IntervalNotifier};
-use crate::mm::{NotifierEvent, NotifierRange};
 use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use kernel::hmm::{self, FaultOutcome, Pfn as HmmPfn, Request as HmmRequest};
+use kernel::mm::mmu_notifier::{Aging, AgingNotifier, IntervalInvalidate, IntervalNotifier};
+use kernel::mm::mmu_notifier::{NotifierEvent, NotifierRange};
 use kernel::{
     mm::{MmWithUser, MmWithUserAsync},
     new_mutex, new_spinlock,
@@ -260,6 +260,11 @@ fn bump(c: &AtomicU64, n: u64) {
 ///   context, and freed only once the device can no longer reach it.
 #[pin_data(PinnedDrop)]
 pub(crate) struct Mirror {
+    /// Answers reclaim's and idle tracking's aging queries from the device PTEs' accessed
+    /// bits; registered by [`open`], unregistered by [`Mirror::close_device`]. The first field,
+    /// so that if nothing unregistered it, its drop does before any field it reads is gone.
+    #[pin]
+    aging: AgingNotifier<Mirror>,
     shared: Arc<Shared>,
     pub(crate) asid: u32,
     /// Whether the CPU page table has 5 levels (for the validator's walk).
@@ -283,10 +288,6 @@ pub(crate) struct Mirror {
     /// The context's DMA maps have no spare: the next populate allocates one before it takes
     /// the context lock (a hint; a populate that finds none allocates and walks again).
     wants_dma_spare: AtomicBool,
-    /// Answers reclaim's and idle tracking's aging queries from the device PTEs' accessed
-    /// bits; registered by [`open`], unregistered by [`Mirror::shutdown`].
-    #[pin]
-    aging: AgingNotifier<Mirror>,
     /// The context's READ/WRITE bounce buffer.
     #[pin]
     pub(crate) bounce: BounceSlot,
@@ -411,10 +412,10 @@ pub(crate) fn open(shared: &Arc<Shared>) -> Result<Arc<Context>> {
         Context::insert(mm, 0, pte::VA_LIMIT as usize, data),
         GFP_KERNEL,
     )?;
-    ctx.enable()?;
+    enable(&ctx)?;
     let mirror: &Mirror = &ctx;
-    // SAFETY: `aging` is a field of the pinned context's data, which unregisters it in
-    // `shutdown` or, failing that, drops it (unregistering) before the rest of itself.
+    // SAFETY: `aging` is the first field of `mirror`, which is pinned in the context's `Arc`:
+    // `shutdown` unregisters it, or else its drop does, before any other field goes.
     if let Err(e) = unsafe { mirror.aging.register(mirror, mm) } {
         ctx.shutdown();
         return Err(e);
@@ -444,9 +445,10 @@ fn new_mirror(shared: &Arc<Shared>, asid: u32) -> Result<impl PinInit<Mirror, Er
     };
     let shared = shared.clone();
     Ok(try_pin_init!(Mirror {
+        aging <- AgingNotifier::new(),
         shared,
         asid,
-        la57: mm::cpu_pt_levels() == 5,
+        la57: kernel::mm::pgtable_levels() == 5,
         state <- new_mutex!(state, "zapguard_ctx"),
         faults <- new_spinlock!(queue, "zapguard_faults"),
         stats: Stats::default(),
@@ -456,20 +458,27 @@ fn new_mirror(shared: &Arc<Shared>, asid: u32) -> Result<impl PinInit<Mirror, Er
         abort: AtomicU64::new(u64::MAX),
         asid_done: AtomicBool::new(false),
         wants_dma_spare: AtomicBool::new(true),
-        aging <- AgingNotifier::new(),
         bounce <- BounceSlot::new(),
     }? Error))
 }
 
-impl Context {
+/// What a context's owner does with it beyond its [`Mirror`]: an extension trait, as the context is
+/// the kernel's [`IntervalNotifier`] type.
+pub(crate) trait ContextShutdown {
     /// File close: takes the context off the device ([`Mirror::close_device`]), then removes
     /// the interval notifier, so that nothing calls into the driver for this address space
     /// any more even if a fault work item still holds the context for a while.
-    pub(crate) fn shutdown(&self) {
+    fn shutdown(&self);
+}
+
+impl ContextShutdown for Context {
+    fn shutdown(&self) {
         self.close_device();
         self.remove();
     }
+}
 
+impl Mirror {
     /// Unbind, after the fence: clears every device PTE (marking the pages the device wrote
     /// dirty) and unmaps every page for DMA. The tables stay until the file closes.
     pub(crate) fn unmap_for_unbind(&self) {
@@ -479,23 +488,23 @@ impl Context {
         }
         st.dma.clear();
     }
+}
 
-    /// Writes the context entry and loads it on the device: `CFGI_CTX` + `INV_ASID` (the ASID's
-    /// previous owner may have left IOTLB entries behind) + SYNC; then events reach it.
-    fn enable(self: &Arc<Self>) -> Result {
-        let entry = {
-            let st = self.state.lock();
-            self.entry(st.root()?, self.mm(), self.no_validate_flag())?
-        };
-        self.shared.hw.write_ctx(self.asid, &entry)?;
-        match self.shared.sync(&self.load_cmds()) {
-            Synced::Done(_) => self.shared.publish(self.asid, self.clone()),
-            Synced::Fenced => {
-                // Nothing can reach the tables; the ASID stays out of reuse.
-                self.shared.quarantine_asid(self.asid);
-                self.asid_done.store(true, Ordering::Relaxed);
-                Err(self.shared.failure_error())
-            }
+/// Writes the context entry and loads it on the device: `CFGI_CTX` + `INV_ASID` (the ASID's
+/// previous owner may have left IOTLB entries behind) + SYNC; then events reach it.
+fn enable(ctx: &Arc<Context>) -> Result {
+    let entry = {
+        let st = ctx.state.lock();
+        ctx.entry(st.root()?, ctx.mm(), ctx.no_validate_flag())?
+    };
+    ctx.shared.hw.write_ctx(ctx.asid, &entry)?;
+    match ctx.shared.sync(&ctx.load_cmds()) {
+        Synced::Done(_) => ctx.shared.publish(ctx.asid, ctx.clone()),
+        Synced::Fenced => {
+            // Nothing can reach the tables; the ASID stays out of reuse.
+            ctx.shared.quarantine_asid(ctx.asid);
+            ctx.asid_done.store(true, Ordering::Relaxed);
+            Err(ctx.shared.failure_error())
         }
     }
 }
@@ -1387,13 +1396,17 @@ fn huge_frame(pfns: &[HmmPfn], write: bool) -> Option<u64> {
 
 /// A device leaf was cleared, replaced or write-protected (`old` is what the atomic update
 /// returned): if its D bit was set, the device wrote its page, which the kernel must then see as
-/// dirty (see [`crate::mm::mark_dirty`] and the module documentation, "Dirty pages").
+/// dirty (see [`kernel::hmm::mark_dirty`] and the module documentation, "Dirty pages").
 /// The leaf was at `va`; its page is the one the block's DMA map has there (a 2 MiB leaf's
 /// head page marks the whole folio).
 fn leaf_dropped(dma: &mut DmaBlocks, va: u64, old: u64) {
     if old & pte::PTE_P != 0 && old & pte::PTE_D != 0 {
         if let Some(phys) = dma.phys(va) {
-            mm::mark_dirty(phys);
+            // SAFETY: A device leaf is a subset of the CPU mapping (the mirror's invariant): its
+            // page is still mapped by the CPU where the device used it, since invalidation drops
+            // the leaf before the kernel changes the CPU PTE (module documentation, "Dirty
+            // pages").
+            unsafe { hmm::mark_dirty(phys) };
         }
     }
 }
@@ -1840,7 +1853,7 @@ pub(crate) fn set_inject(ctx: &Context, i: &testing::ZgInject) -> Result {
 /// The CPU page-table root the validator walks (test builds).
 #[cfg(zapguard_test)]
 fn cpu_root(mm: &kernel::mm::Mm) -> u64 {
-    crate::testing::pgd_phys(mm)
+    mm.pgd_phys()
 }
 
 /// None: a production build's device has no validator to feed.
@@ -1865,10 +1878,7 @@ fn fault_window(ctx: &Context, page: u64) -> (u64, u64) {
     let Some(vma) = guard.vma_lookup(page as usize) else {
         return single;
     };
-    let uffd = (1 << kernel::bindings::VMA_UFFD_MISSING_BIT)
-        | (1 << kernel::bindings::VMA_UFFD_MINOR_BIT)
-        | (1 << kernel::bindings::VMA_UFFD_WP_BIT);
-    if vma.flags() & uffd != 0 {
+    if vma.userfaultfd_armed() {
         return single;
     }
     let block = page & !(FAULT_AROUND - 1);
@@ -1991,7 +2001,7 @@ pub(crate) fn on_event(ctx: &Arc<Context>, e: &ev::Event) {
     }
 }
 
-impl Context {
+impl Mirror {
     /// The next queued fault, now the one in service; clears `serving` when there is none.
     fn take_fault(&self) -> Option<Fault> {
         let mut q = self.faults.lock();

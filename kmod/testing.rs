@@ -16,10 +16,7 @@
 use crate::abi::{regs as abi_regs, testing::*};
 use crate::mirror::{self, Context};
 use kernel::{
-    bindings,
     debugfs::{Dir, File, Reader},
-    io::PhysAddr,
-    mm::Mm,
     prelude::*,
     str::CString,
     sync::Arc,
@@ -32,20 +29,6 @@ use kernel::{
 unsafe impl AsBytes for ZgInject {}
 // SAFETY: See above.
 unsafe impl FromBytes for ZgInject {}
-
-/// The physical address of the root of `mm`'s CPU page table (`__pa(mm->pgd)`), for the device's
-/// validator.
-///
-/// The `pgd` page is freed only when the last `mmgrab` reference goes, so the address stays valid
-/// while the caller keeps one (a context's interval notifier does); after `exit_mmap()` it only has
-/// empty user entries. Whether the table is 4- or 5-level depends on the CPU at run time
-/// (`CONFIG_PGTABLE_LEVELS=5` folds the p4d level without LA57); with page-table isolation
-/// (not configured in our kernel) this would be the kernel copy.
-pub(crate) fn pgd_phys(mm: &Mm) -> PhysAddr {
-    // SAFETY: `mm` is a valid `mm_struct` (a reference with an `mmgrab` reference behind it) and
-    // its `pgd` is set from allocation until the last `mmdrop`.
-    unsafe { bindings::zapguard_mm_pgd_phys(mm.as_raw()) }
-}
 
 /// A device's debugfs directory.
 pub(crate) fn device_dir(pdev: &kernel::pci::Device) -> Result<Dir> {

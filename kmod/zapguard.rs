@@ -17,17 +17,20 @@
 //! - [`hw`]: the device's DMA memory and queues (page-table pool, command queue with SYNC, DMA
 //!   job ring, event ring).
 //! - [`mirror`]: contexts: populate, shootdown, fault service, release.
-//! - [`mm`]: safe abstractions over mmu_interval_notifier and hmm_range_fault.
 //! - [`regs`]: typed BAR0 registers (`register!`), generated from the ABI.
 //! - [`task`]: the current task's fatal-signal check.
 //! - [`testing`]: the test build's debugfs interface (injected bugs, knobs); not in production.
 //! - [`uarg`]: ioctl arguments: the extensible uAPI structures (`copy_struct_from_user()`
 //!   rules) and the fixed test_hmm ones.
-//! - [`wq`]: the driver's own workqueue (fault service), drained before the module goes.
+//!
+//! The mm abstractions it builds on (`kernel::mm::mmu_notifier`, `kernel::hmm`) and the few
+//! small ones it needs besides are a patch series against the kernel, in
+//! `images/kernel/patches/`: the driver itself has no `unsafe` call into C that they do not wrap.
 
 use core::ptr::null_mut;
 use core::sync::atomic::{AtomicPtr, Ordering};
 use kernel::prelude::*;
+use kernel::workqueue::{OwnedQueue, Queue};
 
 #[path = "../shared-regs/src/abi/mod.rs"]
 pub mod abi;
@@ -39,40 +42,46 @@ pub mod driver;
 pub mod hmm_uapi;
 pub mod hw;
 pub mod mirror;
-pub mod mm;
 #[rustfmt::skip] // Generated (see the file): the generator owns its layout.
 pub mod regs;
 pub mod task;
 #[cfg(zapguard_test)]
 pub mod testing;
 pub mod uarg;
-pub mod wq;
 
 /// The fault workqueue of the loaded module ([`fault_queue`]).
-static FAULT_WQ: AtomicPtr<kernel::bindings::workqueue_struct> = AtomicPtr::new(null_mut());
+static FAULT_WQ: AtomicPtr<Queue> = AtomicPtr::new(null_mut());
 
-/// The driver's own workqueue (see [`wq`]), where device faults are served.
+/// The driver's own workqueue, where device faults are served.
+///
+/// Work the driver starts must never outlive the module: a fault work item runs module code and
+/// holds a context (whose interval notifier's ops live in module text). The system queues are
+/// not drained when a module goes, so the driver owns a queue: created before the PCI driver
+/// registers, destroyed (which drains it) after the driver unregistered, i.e. after every
+/// device unbound and every file closed. `rmmod` therefore waits for a fault work item that is
+/// blocked (in a userfaultfd handler, say) instead of unloading under it.
 ///
 /// It exists from before the PCI driver registers until after it unregistered, and only code
 /// that runs in that window calls this: interrupt threads (freed at unbind), ioctls (an open
 /// file pins the module) and the queue's own work items (drained before it goes).
-pub(crate) fn fault_queue() -> Option<&'static kernel::workqueue::Queue> {
+pub(crate) fn fault_queue() -> Option<&'static Queue> {
     let raw = FAULT_WQ.load(Ordering::Acquire);
     // SAFETY: a non-null `FAULT_WQ` is the live queue of `ZapguardModule::faults`, which is
     // destroyed only at module exit, after every caller described above is gone.
-    (!raw.is_null()).then(|| unsafe { kernel::workqueue::Queue::from_raw(raw) })
+    (!raw.is_null()).then(|| unsafe { &*raw })
 }
 
 /// The fault workqueue, published in [`FAULT_WQ`] while it lives (held only to be destroyed,
 /// after the driver, when the module goes).
 struct FaultQueue {
-    _queue: wq::OwnedQueue,
+    _queue: OwnedQueue,
 }
 
 impl FaultQueue {
     fn new() -> Result<Self> {
-        let q = wq::OwnedQueue::new_unbound(c"zapguard_faults")?;
-        FAULT_WQ.store(q.as_raw(), Ordering::Release);
+        let q = OwnedQueue::new_unbound(c"zapguard_faults")?;
+        let queue: &Queue = &q;
+        FAULT_WQ.store(core::ptr::from_ref(queue).cast_mut(), Ordering::Release);
         Ok(Self { _queue: q })
     }
 }

@@ -16,6 +16,7 @@ mod bounds;
 mod churn;
 mod dev;
 mod dmirror;
+mod doctests;
 mod failsafe;
 mod fuzz;
 mod hmm;
@@ -32,6 +33,7 @@ mod upstream;
 use bench::bench_smoke;
 use bounds::*;
 use churn::*;
+use doctests::kernel_abstraction_doctests_pass;
 use failsafe::*;
 use fuzz::uapi_fuzz;
 use hmm::*;
@@ -58,6 +60,7 @@ const TESTS: &[Test] = ktap::tests![
     uapi_larger_struct_with_zero_tail_is_accepted,
     uapi_answers_stop_at_the_callers_size_and_pads_are_checked,
     test_surface_only_in_the_test_build,
+    kernel_abstraction_doctests_pass,
     many_opens,
     pci_driver_bound,
     test_hmm_dmirror_present,

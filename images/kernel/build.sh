@@ -18,7 +18,7 @@ source "$here/pin.env"
 make_flags=(LLVM=-19 -j"$(nproc)" KBUILD_BUILD_TIMESTAMP="Thu Jan  1 00:00:00 UTC 2026"
             KBUILD_BUILD_USER=zapguard KBUILD_BUILD_HOST=zapguard)
 toolchain="$(rustc --version) | $(bindgen --version 2>&1 | head -n1) | $(clang-19 --version | head -n1)"
-patches=("$here"/*.patch)
+patches=("$here"/patches/*.patch)
 flavor=${1:-default}
 fragments=("$here/zapguard.config")
 case "$flavor" in
