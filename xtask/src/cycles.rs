@@ -38,7 +38,10 @@ pub fn graph(dir: &Path) -> Result<Graph, String> {
                 .unwrap_or_default()
                 .to_string_lossy()
                 .into_owned();
-            let text = std::fs::read_to_string(&p).map_err(|e| format!("{}: {e}", p.display()))?;
+            let mut text =
+                std::fs::read_to_string(&p).map_err(|e| format!("{}: {e}", p.display()))?;
+            // A module's children (`NAME/*.rs` beside `NAME.rs`) are part of its node.
+            text.push_str(&children_text(&dir.join(&stem))?);
             files.insert(stem, text);
         }
     }
@@ -47,6 +50,27 @@ pub fn graph(dir: &Path) -> Result<Graph, String> {
         .iter()
         .map(|(m, text)| (m.clone(), uses(text, &names, m)))
         .collect())
+}
+
+/// The text of every `.rs` file below `dir` (none when it does not exist).
+fn children_text(dir: &Path) -> Result<String, String> {
+    let mut text = String::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Ok(text);
+    };
+    let mut paths: Vec<_> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
+    paths.sort();
+    for p in paths {
+        if p.is_dir() {
+            text.push_str(&children_text(&p)?);
+        } else if p.extension().is_some_and(|x| x == "rs") {
+            text.push('\n');
+            text.push_str(
+                &std::fs::read_to_string(&p).map_err(|e| format!("{}: {e}", p.display()))?,
+            );
+        }
+    }
+    Ok(text)
 }
 
 /// The modules among `names` (other than `me`) that `text` names as `crate::NAME`, directly or

@@ -4,15 +4,25 @@
 
 use std::path::Path;
 
-/// The `kmod/*.rs` lines that name `bindings` (outside comments), as `file:line: text`.
+/// The `.rs` files of `dir` and its subdirectories.
+fn rust_files(dir: &Path, out: &mut Vec<std::path::PathBuf>) -> Result<(), String> {
+    for e in std::fs::read_dir(dir).map_err(|e| format!("{}: {e}", dir.display()))? {
+        let p = e.map_err(|e| e.to_string())?.path();
+        if p.is_dir() {
+            rust_files(&p, out)?;
+        } else if p.extension().is_some_and(|x| x == "rs") {
+            out.push(p);
+        }
+    }
+    Ok(())
+}
+
+/// The `kmod/**/*.rs` lines that name `bindings` (outside comments), as `file:line: text`.
 fn bindings_uses(root: &Path) -> Result<Vec<String>, String> {
     let dir = root.join("kmod");
     let mut found = Vec::new();
-    let mut files: Vec<_> = std::fs::read_dir(&dir)
-        .map_err(|e| format!("{}: {e}", dir.display()))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "rs"))
-        .collect();
+    let mut files = Vec::new();
+    rust_files(&dir, &mut files)?;
     files.sort();
     for path in files {
         let text =
@@ -20,8 +30,12 @@ fn bindings_uses(root: &Path) -> Result<Vec<String>, String> {
         for (n, line) in text.lines().enumerate() {
             let code = line.split("//").next().unwrap_or("");
             if code.contains("bindings::") || code.trim() == "bindings," {
-                let name = path.file_name().unwrap_or_default().to_string_lossy();
-                found.push(format!("kmod/{name}:{}: {}", n + 1, line.trim()));
+                let name = path
+                    .strip_prefix(root)
+                    .unwrap_or(&path)
+                    .display()
+                    .to_string();
+                found.push(format!("{name}:{}: {}", n + 1, line.trim()));
             }
         }
     }
