@@ -33,7 +33,6 @@ use crate::abi::{cmd, event as ev, pci as zpci, queue, regs as abi_regs, uapi};
 use crate::dmamap::Spare;
 use crate::dmamem::DmaMem;
 use crate::hw::{DevresBar, Health, Hw, Synced, Wait, EVT_LOG2};
-use crate::mirror::Context;
 use crate::regs;
 use core::pin::Pin;
 use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -42,7 +41,7 @@ use kernel::{
     io::Io,
     pci,
     prelude::*,
-    sync::{aref::ARef, Arc, Mutex, SpinLock},
+    sync::{aref::ARef, Arc, ArcBorrow, Mutex, SpinLock},
     time::{delay::fsleep, Delta},
 };
 
@@ -94,6 +93,28 @@ enum AsidState {
     Quarantined,
 }
 
+/// A context as the device layer sees it: what an ASID's events and the device-wide sweeps reach.
+/// The hardware layer reports through this trait and never names the mirror, which implements it
+/// (so the import graph has no cycle between the two).
+pub(crate) trait AsidOwner: Send + Sync {
+    /// A device event for this ASID, from the event thread: it must not block.
+    fn on_event(self: ArcBorrow<'_, Self>, e: &ev::Event);
+    /// Whether its fault in service is older than `job_timeout_ms`.
+    fn has_overdue_fault(&self) -> bool;
+    /// Aborts that fault (its job fails with `ETIMEDOUT`).
+    fn abort_overdue_fault(&self);
+    /// Unbind, after the fence: clears its device PTEs and unmaps its pages for DMA.
+    fn unmap_for_unbind(&self);
+}
+
+/// The test build's debugfs directory of a device ([`crate::testing::device_dir`]); nothing in a
+/// production build.
+#[cfg(zapguard_test)]
+pub(crate) type DebugDir = kernel::debugfs::Dir;
+/// The test build's debugfs directory of a device; nothing in a production build.
+#[cfg(not(zapguard_test))]
+pub(crate) type DebugDir = ();
+
 /// Contexts by ASID, for the event thread. ASID 0 is never handed out.
 struct AsidTable {
     state: KVec<AsidState>,
@@ -103,7 +124,7 @@ struct AsidTable {
     /// Where the next search for a free ASID starts: round robin, so that an ASID is reused as
     /// late as possible (stale device state, and trace lines, are then easy to tell apart).
     next: usize,
-    ctxs: KVec<Option<Arc<Context>>>,
+    ctxs: KVec<Option<Arc<dyn AsidOwner>>>,
 }
 
 /// State shared by the PCI device and every open file.
@@ -152,8 +173,8 @@ pub(crate) struct Shared {
     #[pin]
     binding: Mutex<()>,
     /// Test builds: the device's debugfs directory (see [`crate::testing`]).
-    #[cfg(zapguard_test)]
-    pub(crate) debugfs: kernel::debugfs::Dir,
+    #[cfg_attr(not(zapguard_test), allow(dead_code))]
+    pub(crate) debugfs: DebugDir,
 }
 
 impl Failure {
@@ -177,6 +198,7 @@ impl Shared {
         bar: DevresBar,
         hw: impl PinInit<Hw, Error>,
         asid_count: u32,
+        debugfs: DebugDir,
     ) -> Result<impl PinInit<Self, Error>> {
         let n = asid_count as usize;
         let mut state = KVec::with_capacity(n, GFP_KERNEL)?;
@@ -194,8 +216,6 @@ impl Shared {
             ctxs,
         };
         let pci_location = u32::from(pdev.dev_id());
-        #[cfg(zapguard_test)]
-        let debugfs = crate::testing::device_dir(pdev)?;
         let pdev: ARef<pci::Device> = pdev.into();
         Ok(try_pin_init!(Shared {
             bar,
@@ -213,7 +233,6 @@ impl Shared {
             events <- kernel::new_mutex!((), "zapguard_events"),
             asids <- kernel::new_spinlock!(table, "zapguard_asids"),
             binding <- kernel::new_mutex!((), "zapguard_binding"),
-            #[cfg(zapguard_test)]
             debugfs,
         }))
     }
@@ -535,7 +554,7 @@ impl Shared {
     }
 
     /// Makes `ctx` reachable by its ASID from the event thread.
-    pub(crate) fn publish(&self, asid: u32, ctx: Arc<Context>) -> Result {
+    pub(crate) fn publish(&self, asid: u32, ctx: Arc<dyn AsidOwner>) -> Result {
         let mut t = self.asids.lock();
         let slot = t.ctxs.get_mut(asid as usize).ok_or(EINVAL)?;
         *slot = Some(ctx);
@@ -554,7 +573,7 @@ impl Shared {
         drop(old);
     }
 
-    fn lookup(&self, asid: u32) -> Option<Arc<Context>> {
+    fn lookup(&self, asid: u32) -> Option<Arc<dyn AsidOwner>> {
         self.asids.lock().ctxs.get(asid as usize)?.clone()
     }
 
@@ -585,7 +604,7 @@ impl Shared {
     fn abort_overdue_faults(&self) {
         const BATCH: usize = 8;
         loop {
-            let mut overdue: [Option<Arc<Context>>; BATCH] = Default::default();
+            let mut overdue: [Option<Arc<dyn AsidOwner>>; BATCH] = Default::default();
             let mut n = 0;
             {
                 let t = self.asids.lock();
@@ -676,7 +695,7 @@ impl Shared {
 
     fn handle_event(&self, e: &ev::Event) {
         match self.lookup(e.asid) {
-            Some(ctx) => crate::mirror::on_event(&ctx, e),
+            Some(ctx) => ctx.as_arc_borrow().on_event(e),
             None if e.ty == ev::EVT_FAULT && e.flags & ev::EVT_F_STALLED != 0 => {
                 // A context that is going away: its job must not stay stalled.
                 self.answer_fault(e.asid, e.info, false);

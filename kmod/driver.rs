@@ -446,7 +446,11 @@ impl pci::Driver for ZapguardDriver {
             unsafe { pdev.dma_set_mask_and_coherent(DmaMask::new::<64>())? };
             let asid_count = bar.read(regs::ASID_COUNT).into_raw().clamp(2, 4096);
             let hw = Hw::new(pdev.as_ref(), asid_count)?;
-            let shared = Shared::new(pdev, bar.into_devres()?, hw, asid_count)?;
+            #[cfg(zapguard_test)]
+            let debugfs = crate::testing::device_dir(pdev)?;
+            #[cfg(not(zapguard_test))]
+            let debugfs = ();
+            let shared = Shared::new(pdev, bar.into_devres()?, hw, asid_count, debugfs)?;
             let shared = Arc::pin_init(shared, GFP_KERNEL)?;
             let irqs = Vectors::new(pdev, &shared)?;
             shared

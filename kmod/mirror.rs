@@ -81,7 +81,7 @@
 //! pool or the ASIDs from everyone else.
 
 use crate::abi::{cmd, event as ev, pte, testing, uapi};
-use crate::device::Shared;
+use crate::device::{AsidOwner, Shared};
 use crate::dmamap::{DeviceBlock, DmaBlocks};
 use crate::hw::{job_timeout, BounceSlot, PtPage, PtRef, Synced, Wait};
 use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -93,7 +93,7 @@ use kernel::{
     new_mutex, new_spinlock,
     prelude::*,
     sync::aref::ARef,
-    sync::{Arc, Mutex, SpinLock},
+    sync::{Arc, ArcBorrow, Mutex, SpinLock},
     time::{delay::fsleep, msecs_to_jiffies, Delta, Instant, Monotonic},
 };
 
@@ -103,7 +103,6 @@ mod table;
 mod teardown;
 mod walk;
 
-pub(crate) use faults::on_event;
 use faults::*;
 use table::*;
 use walk::*;
@@ -488,6 +487,24 @@ pub(crate) trait ContextShutdown {
     /// the interval notifier, so that nothing calls into the driver for this address space
     /// any more even if a fault work item still holds the context for a while.
     fn shutdown(&self);
+}
+
+impl AsidOwner for Context {
+    fn on_event(self: ArcBorrow<'_, Self>, e: &ev::Event) {
+        faults::on_event(&self.into(), e);
+    }
+
+    fn has_overdue_fault(&self) -> bool {
+        Mirror::has_overdue_fault(self)
+    }
+
+    fn abort_overdue_fault(&self) {
+        Mirror::abort_overdue_fault(self)
+    }
+
+    fn unmap_for_unbind(&self) {
+        Mirror::unmap_for_unbind(self)
+    }
 }
 
 impl ContextShutdown for Context {

@@ -289,7 +289,7 @@ fn device_writable(ctx: &Context, page: u64) -> Result<bool> {
 
 /// An event for `ctx`'s ASID (from the event interrupt thread): account it, and queue a stalled
 /// fault for the context's work item. Never blocks on the mm.
-pub(crate) fn on_event(ctx: &Arc<Context>, e: &ev::Event) {
+pub(super) fn on_event(ctx: &Arc<Context>, e: &ev::Event) {
     ctx.record_event(e);
     if e.ty != ev::EVT_FAULT || e.flags & ev::EVT_F_STALLED == 0 {
         return;
