@@ -207,7 +207,7 @@ mod tests {
         );
         assert_eq!(
             find("mm_mmu_notifier_rs").map(|f| (f.added, f.new_file)),
-            Some((2, true))
+            Some((3, true))
         );
         assert_eq!(
             find("mm_rs").map(|f| (f.added, f.new_file)),
