@@ -25,6 +25,8 @@
 
 mod bench;
 mod cycles;
+#[cfg(test)]
+mod doc_numbers;
 mod hosttests;
 mod image;
 mod ktap;
