@@ -23,6 +23,7 @@ mod hmm;
 mod ktap;
 mod mirror;
 mod numa;
+mod patch_doctests;
 mod proc;
 mod reaper;
 mod safety;

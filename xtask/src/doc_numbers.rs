@@ -5,6 +5,9 @@
 
 use std::path::Path;
 
+#[path = "../../guest-tests/src/patch_doctests.rs"]
+mod patch_doctests;
+
 fn root() -> &'static Path {
     Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
 }
@@ -50,43 +53,15 @@ fn guest_tests() -> usize {
         .count()
 }
 
-/// Runnable doctests the abstraction patches add (fences opened on added doc-comment lines of
-/// files under rust/kernel/, without `ignore`/`no_run`/`compile_fail`).
+/// Runnable doctests the abstraction patches add (see guest-tests' parser).
 fn patch_doctests() -> usize {
     let dir = root().join("images/kernel/patches");
-    let mut n = 0;
+    let mut files = Vec::new();
     for e in std::fs::read_dir(&dir).unwrap() {
         let text = std::fs::read_to_string(e.unwrap().path()).unwrap();
-        let (mut rust_file, mut open) = (false, false);
-        for line in text.lines() {
-            if let Some(f) = line.strip_prefix("+++ b/") {
-                rust_file = f.starts_with("rust/kernel/");
-                open = false;
-                continue;
-            }
-            let Some(added) = line.strip_prefix('+').filter(|_| rust_file) else {
-                continue;
-            };
-            let t = added.trim_start();
-            let Some(fence) = t
-                .strip_prefix("///")
-                .or_else(|| t.strip_prefix("//!"))
-                .map(str::trim)
-                .and_then(|c| c.strip_prefix("```"))
-            else {
-                continue;
-            };
-            if !open
-                && !["ignore", "no_run", "compile_fail"]
-                    .iter()
-                    .any(|a| fence.contains(a))
-            {
-                n += 1;
-            }
-            open = !open;
-        }
+        patch_doctests::added_doctests(&text, &mut files);
     }
-    n
+    files.iter().map(|f| f.added).sum()
 }
 
 #[test]
