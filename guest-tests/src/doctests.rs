@@ -32,6 +32,12 @@ const PATCHES: &[(&str, &str)] = &[
             "../../images/kernel/patches/0004-rust-small-abstractions-for-mirroring-drivers.patch"
         ),
     ),
+    (
+        "0005",
+        include_str!(
+            "../../images/kernel/patches/0005-rust-workqueue-give-try_spawn-one-lock-class-name.patch"
+        ),
+    ),
 ];
 
 /// Where KUnit keeps the results of the `kernel` crate's doctest suite.
