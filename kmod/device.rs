@@ -138,7 +138,7 @@ pub(crate) struct Shared {
     /// BAR0, revoked by the driver core when the device unbinds.
     pub(crate) bar: DevresBar,
     /// The PCI device, to clear bus mastering when the device does not answer.
-    pdev: ARef<pci::Device>,
+    pub(crate) pdev: ARef<pci::Device>,
     /// Interrupts seen per MSI-X vector ([`zpci::Vector`] order).
     pub(crate) irqs: [AtomicU64; NUM_VECTORS],
     /// Vectors allocated at probe (set once the handlers, which need `Shared`, exist).
@@ -540,8 +540,10 @@ impl Shared {
         };
         match was {
             AsidState::Used => {}
-            AsidState::Free => pr_err!("zapguard: bug: ASID {} freed twice\n", asid),
-            AsidState::Quarantined => pr_err!("zapguard: bug: quarantined ASID {} freed\n", asid),
+            AsidState::Free => dev_err!(self.pdev.as_ref(), "bug: ASID {} freed twice\n", asid),
+            AsidState::Quarantined => {
+                dev_err!(self.pdev.as_ref(), "bug: quarantined ASID {} freed\n", asid)
+            }
         }
     }
 
@@ -649,10 +651,20 @@ impl Shared {
         if err == u32::MAX {
             self.fail(Failure::Gone);
         } else if err & FATAL_ERRORS != 0 {
-            pr_err!("device error {:#x} (info {:#x})\n", err, info);
+            dev_err!(
+                self.pdev.as_ref(),
+                "device error {:#x} (info {:#x})\n",
+                err,
+                info
+            );
             self.fail(Failure::ErrorIrq(err & FATAL_ERRORS));
         } else if err != 0 {
-            pr_warn!("device error {:#x} (info {:#x})\n", err, info);
+            dev_warn!(
+                self.pdev.as_ref(),
+                "device error {:#x} (info {:#x})\n",
+                err,
+                info
+            );
         }
     }
 
@@ -724,7 +736,12 @@ impl Shared {
             Ok(_) => {}
             Err(e) if e == ENODEV => {}
             Err(e) => {
-                pr_err!("cannot answer stalled fault (asid {}): {:?}\n", asid, e);
+                dev_err!(
+                    self.pdev.as_ref(),
+                    "cannot answer stalled fault (asid {}): {:?}\n",
+                    asid,
+                    e
+                );
                 self.fail(Failure::QueueError);
             }
         }
@@ -738,7 +755,11 @@ impl PinnedDrop for Shared {
         // ASIDs quarantined because the device never confirmed their teardown.
         let lost = self.hw.pool.total() - self.hw.pool.free_pages();
         if lost != 0 {
-            pr_err!("leak: {} device page-table pages not returned\n", lost);
+            dev_err!(
+                self.pdev.as_ref(),
+                "leak: {} device page-table pages not returned\n",
+                lost
+            );
         }
         let t = self.asids.lock();
         let used = t.state.iter().filter(|&&s| s == AsidState::Used).count();
@@ -748,10 +769,11 @@ impl PinnedDrop for Shared {
             .filter(|&&s| s == AsidState::Quarantined)
             .count();
         if used != 0 {
-            pr_err!("leak: {} ASIDs not returned\n", used);
+            dev_err!(self.pdev.as_ref(), "leak: {} ASIDs not returned\n", used);
         }
         if quarantined != 0 {
-            pr_info!(
+            dev_info!(
+                self.pdev.as_ref(),
                 "{} ASIDs were quarantined until the device reset\n",
                 quarantined
             );

@@ -25,21 +25,24 @@ impl Mirror {
     fn log_violation(&self, e: &ev::Event) {
         let name = ev::violation_name(e.reason);
         match e.reason {
-            ev::VIOL_TABLE_FREED => pr_warn!(
+            ev::VIOL_TABLE_FREED => dev_warn!(
+                self.shared.pdev.as_ref(),
                 "asid {}: validator: {} violation at va {:#x}: walk read freed table {:#x}\n",
                 self.asid,
                 name,
                 e.va,
                 e.info
             ),
-            ev::VIOL_CTX_RELEASED => pr_warn!(
+            ev::VIOL_CTX_RELEASED => dev_warn!(
+                self.shared.pdev.as_ref(),
                 "asid {}: validator: {} violation at va {:#x}: walk from root {:#x} through a context cached after its release\n",
                 self.asid,
                 name,
                 e.va,
                 e.info
             ),
-            _ => pr_warn!(
+            _ => dev_warn!(
+                self.shared.pdev.as_ref(),
                 "asid {}: validator: {} violation at va {:#x}: device used pa {:#x}, cpu maps {:#x}\n",
                 self.asid,
                 name,
@@ -89,7 +92,8 @@ impl Mirror {
             }
         };
         if let Some(f) = overdue {
-            pr_warn!(
+            dev_warn!(
+                self.shared.pdev.as_ref(),
                 "asid {}: fault at {:#x} not served within {} ms: job aborted\n",
                 self.asid,
                 f.va,
@@ -336,7 +340,8 @@ fn serve_queued_faults(ctx: &Arc<Context>) {
     while let Some(f) = ctx.take_fault() {
         let repeats = ctx.fruitless_repeats(&f);
         if repeats >= FRUITLESS_FAULT_REPEATS {
-            pr_warn!(
+            dev_warn!(
+                ctx.shared.pdev.as_ref(),
                 "asid {}: job {} faulted {} times at {:#x} (write {}) with nothing invalidated in between: aborting it\n",
                 ctx.asid,
                 f.job,

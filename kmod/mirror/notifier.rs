@@ -71,7 +71,8 @@ impl IntervalInvalidate for Mirror {
                 // The SYNC (or the fence) ran, but the table walk failed (a corrupt table), so
                 // part of the range may still be mapped while the kernel frees its pages: take
                 // the whole context off the device before returning.
-                pr_err!(
+                dev_err!(
+                    self.shared.pdev.as_ref(),
                     "asid {}: shootdown failed: {:?}; context taken off the device\n",
                     self.asid,
                     e

@@ -113,7 +113,12 @@ impl Mirror {
             (synced, _) => {
                 match synced {
                     Err(e) if !shared.unbound_under(e) => {
-                        pr_err!("asid {}: disable failed: {:?}\n", self.asid, e);
+                        dev_err!(
+                            self.shared.pdev.as_ref(),
+                            "asid {}: disable failed: {:?}\n",
+                            self.asid,
+                            e
+                        );
                     }
                     _ => {}
                 }
@@ -159,7 +164,12 @@ impl Mirror {
             return;
         }
         if let Err(e) = self.disable(st, pte::CTX_MM_RELEASED) {
-            pr_err!("asid {}: release failed: {:?}\n", self.asid, e);
+            dev_err!(
+                self.shared.pdev.as_ref(),
+                "asid {}: release failed: {:?}\n",
+                self.asid,
+                e
+            );
         }
     }
 

@@ -114,7 +114,25 @@ impl OomWindow {
 
 /// The splat pattern `line` matches, if any.
 pub fn splat(line: &str) -> Option<&'static str> {
-    SPLATS.iter().copied().find(|p| line.contains(p))
+    SPLATS
+        .iter()
+        .copied()
+        .find(|p| line.contains(p))
+        .or_else(|| driver_report(line))
+}
+
+/// The driver's own leak and bug reports as `dev_err!` prints them
+/// (`zapguard 0000:00:04.0: leak: ...`), under the pattern they count as.
+fn driver_report(line: &str) -> Option<&'static str> {
+    let (_, after) = line.split_once("zapguard ")?;
+    let (_, message) = after.split_once(": ")?;
+    if message.starts_with("leak:") {
+        Some("zapguard: leak:")
+    } else if message.starts_with("bug:") {
+        Some("zapguard: bug:")
+    } else {
+        None
+    }
 }
 
 /// Markers printed by `images/initramfs/init`.
@@ -313,6 +331,22 @@ mod tests {
         assert!(!w.expected("[ 20.91] oom_reaper: reaped process 501"));
         assert!(!w.expected("ZAPGUARD-OOM-EXPECTED end"));
         assert!(report.iter().all(|l| !w.expected(l)), "window closed");
+    }
+
+    #[test]
+    fn driver_reports_with_the_device_prefix() {
+        assert_eq!(
+            splat("[ 12.3] zapguard 0000:00:04.0: leak: 3 ASIDs not returned"),
+            Some("zapguard: leak:")
+        );
+        assert_eq!(
+            splat("[ 1.0] zapguard 0000:00:04.0: bug: ASID 7 freed twice"),
+            Some("zapguard: bug:")
+        );
+        assert_eq!(
+            splat("[ 1.0] zapguard 0000:00:04.0: asid 7: fault at 0x1000"),
+            None
+        );
     }
 
     #[test]
