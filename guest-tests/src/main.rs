@@ -60,6 +60,7 @@ const TESTS: &[Test] = ktap::tests![
     uapi_size_out_of_bounds_is_refused,
     uapi_larger_struct_with_zero_tail_is_accepted,
     uapi_answers_stop_at_the_callers_size_and_pads_are_checked,
+    stats_count_the_steps_the_device_judged_per_context,
     test_surface_only_in_the_test_build,
     kernel_abstraction_doctests_pass,
     many_opens,

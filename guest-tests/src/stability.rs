@@ -135,10 +135,9 @@ pub fn uapi_larger_struct_with_zero_tail_is_accepted() -> Result<(), String> {
     Ok(())
 }
 
-/// Answers go no further than the caller's `size`, and `pad` fields must be zero. (At 1.0 no
-/// valid `size` is below the driver's own, so the canary past it only checks that the driver
-/// writes no more than its structure; once a structure grows, a 1.0-sized caller checks the
-/// rule itself: the `ext-answer-past-callers-size` mutant is equivalent until then.)
+/// Answers go no further than the caller's `size`, and `pad` fields must be zero: a canary
+/// past the driver's own structure, and a program built against 1.0 whose `zg_stats` is
+/// shorter than 1.1's.
 pub fn uapi_answers_stop_at_the_callers_size_and_pads_are_checked() -> Result<(), String> {
     let f = open()?;
     let ours = size_of::<ZgStats>();
@@ -152,6 +151,23 @@ pub fn uapi_answers_stop_at_the_callers_size_and_pads_are_checked() -> Result<()
         a.bytes[ours..].iter().all(|&b| b == 0xa5),
         true,
         "bytes past the caller's size untouched",
+    )?;
+    // A program built against uAPI 1.0 passes the 1.0 size: it gets the 1.0 fields, and the
+    // fields 1.1 added (which its structure does not have) are not written over its memory.
+    let mut old = Arg::new(&ZgStats::default(), 0, ZG_STATS_SIZE_VER0);
+    old.bytes[ZG_STATS_SIZE_VER0..].fill(0xa5);
+    old.ioctl(&f, ZG_IOC_STATS)
+        .map_err(|e| format!("STATS at the 1.0 size: errno {e}"))?;
+    let asid = u32::from_ne_bytes(old.bytes[4..8].try_into().unwrap_or_default());
+    check_eq(
+        asid,
+        dev::stats(&f).map_err(|e| format!("STATS: {e}"))?.asid,
+        "the 1.0 caller's asid",
+    )?;
+    check_eq(
+        old.bytes[ZG_STATS_SIZE_VER0..].iter().all(|&b| b == 0xa5),
+        true,
+        "bytes past a 1.0 caller's structure untouched",
     )?;
     let m = Mapping::anon(4096).map_err(|e| e.to_string())?;
     let map = ZgMap {
@@ -194,6 +210,73 @@ pub fn uapi_answers_stop_at_the_callers_size_and_pads_are_checked() -> Result<()
         Err(libc::ENOTTY),
         "GET_INFO by its pre-1.0 number",
     )
+}
+
+/// STATS (uAPI 1.1) tells each context how many of its DMA steps the device's validator
+/// judged: on the test build every step of a job is judged, on the production module none is
+/// (it gives the device no CPU page table to judge against). Another context's job never
+/// shows in them, and a context starts at zero even on an ASID an earlier context used.
+pub fn stats_count_the_steps_the_device_judged_per_context() -> Result<(), String> {
+    const PAGES: usize = 16;
+    let counts = |f: &File| -> Result<(u32, u64, u64), String> {
+        let s = dev::stats(f).map_err(|e| format!("STATS: {e}"))?;
+        Ok((s.asid, s.accesses_judged, s.accesses_unjudged))
+    };
+    let checksum = |f: &File, m: &Mapping, pages: usize| -> Result<(), String> {
+        let job = dev::job(
+            shared_regs::dma::DMA_CHECKSUM,
+            m.addr,
+            0,
+            pages * dev::PG,
+            0,
+        );
+        dev::dma(f, job)
+            .map(drop)
+            .map_err(|(e, _)| format!("CHECKSUM: {e}"))
+    };
+    let mut m = Mapping::anon(PAGES * dev::PG).map_err(|e| e.to_string())?;
+    m.bytes_mut().fill(3);
+    let a = open()?;
+    let b = open()?;
+    let (asid, ..) = counts(&a)?;
+    check_eq(counts(&a)?, (asid, 0, 0), "a new context's counts")?;
+    checksum(&a, &m, PAGES)?;
+    let (_, judged, unjudged) = counts(&a)?;
+    // A step ends at a page boundary: at least one step per page, all of one kind.
+    let (seen, unseen, kind) = if crate::production() {
+        (unjudged, judged, "unjudged (production)")
+    } else {
+        (judged, unjudged, "judged (test build)")
+    };
+    if seen < PAGES as u64 || unseen != 0 {
+        return Err(format!(
+            "a {PAGES}-page job: {judged} steps judged, {unjudged} unjudged; expected every \
+             step {kind}"
+        ));
+    }
+    let (b_asid, ..) = counts(&b)?;
+    check_eq(counts(&b)?, (b_asid, 0, 0), "B's counts after A's job")?;
+    checksum(&b, &m, 1)?;
+    check_eq(
+        counts(&a)?,
+        (asid, judged, unjudged),
+        "A's counts after B's job",
+    )?;
+    let (_, bj, bu) = counts(&b)?;
+    check_eq(bj + bu > 0, true, "B's own job counted")?;
+    // ASIDs are handed out round robin: open and close until A's comes back.
+    drop(a);
+    let n = dev::get_info(&b)
+        .map_err(|e| format!("GET_INFO: {e}"))?
+        .asid_count;
+    for _ in 0..n {
+        let c = open()?;
+        let now = counts(&c)?;
+        if now.0 == asid {
+            return check_eq(now, (asid, 0, 0), "a new context on A's old ASID");
+        }
+    }
+    Err(format!("ASID {asid} never came back in {n} opens"))
 }
 
 /// The test surface exists exactly in the test build: a debugfs `inject` file per open context

@@ -1409,6 +1409,97 @@ mod tests {
         );
     }
 
+    /// A per-ASID statistic, read through the select register as a driver must (HI, LO, HI).
+    fn asid_stat(r: &mut Rig<EventLog>, asid: u32, i: u32) -> u64 {
+        r.set(ASID_STAT_SEL, asid);
+        loop {
+            let hi = r.reg(asid_stat_hi(i));
+            let lo = r.reg(asid_stat_lo(i));
+            if r.reg(asid_stat_hi(i)) == hi {
+                return u64::from(hi) << 32 | u64::from(lo);
+            }
+        }
+    }
+
+    /// The device splits its judged and unjudged counts by ASID (ABI 1.9), so a driver can tell
+    /// each context what was validated: the shares add up to the device-wide counters, another
+    /// ASID's steps never land in them, a clear zeroes one ASID only, and a reset zeroes all.
+    #[test]
+    fn judged_and_unjudged_steps_are_counted_per_asid() {
+        let mut r = rig();
+        r.bind(2, pte::CTX_NO_VALIDATE);
+        pages(&mut r, VA, 2, 3);
+        for p in 0..2 {
+            r.map_page(2, VA + p * PG);
+        }
+        for asid in [1, 2, 1] {
+            assert_eq!(
+                r.dma(job(DMA_CHECKSUM, asid, VA, 0, 2 * PG, 0)).status,
+                DMA_ST_OK
+            );
+        }
+        let (judged, unjudged) = (
+            r.dev.stat(STAT_ACCESSES_JUDGED),
+            r.dev.stat(STAT_ACCESSES_UNJUDGED),
+        );
+        assert!(judged > 0 && unjudged > 0 && judged == 2 * unjudged);
+        let per = |r: &mut Rig<EventLog>, asid| {
+            (
+                asid_stat(r, asid, ASID_STAT_JUDGED),
+                asid_stat(r, asid, ASID_STAT_UNJUDGED),
+            )
+        };
+        assert_eq!(per(&mut r, 1), (judged, 0));
+        assert_eq!(per(&mut r, 2), (0, unjudged));
+        assert_eq!(per(&mut r, 3), (0, 0), "an ASID that ran nothing");
+        assert_eq!(r.reg(ASID_STAT_SEL), 3);
+        r.set(ASID_STAT_SEL, 1 | ASID_STAT_CLEAR);
+        assert_eq!(r.reg(ASID_STAT_SEL), 1, "the clear bit reads as 0");
+        assert_eq!(per(&mut r, 1), (0, 0));
+        assert_eq!(
+            per(&mut r, 2),
+            (0, unjudged),
+            "a clear zeroes one ASID only"
+        );
+        assert_eq!(r.dev.stat(STAT_ACCESSES_JUDGED), judged, "nor the device's");
+        assert_eq!(r.dev.error_bits(), 0);
+        r.set(RESET, RESET_KEY);
+        assert_eq!(r.reg(ASID_STAT_SEL), 0);
+        assert_eq!(r.reg(asid_stat_lo(ASID_STAT_UNJUDGED)), 0);
+        r.set(ASID_STAT_SEL, 2);
+        assert_eq!(
+            r.reg(asid_stat_lo(ASID_STAT_UNJUDGED)),
+            0,
+            "a reset zeroes all"
+        );
+    }
+
+    /// A select beyond the ASIDs, or with reserved bits, is refused with `ERR_CONFIG` and keeps
+    /// the selection (and the counters) as they were.
+    #[test]
+    fn a_bad_asid_stat_select_is_refused() {
+        let mut r = rig();
+        pages(&mut r, VA, 1, 3);
+        assert_eq!(r.dma(job(DMA_CHECKSUM, 1, VA, 0, PG, 0)).status, DMA_ST_OK);
+        r.set(ASID_STAT_SEL, 1);
+        let judged = r.reg(asid_stat_lo(ASID_STAT_JUDGED));
+        assert!(judged > 0);
+        let count = r.dev.config().asid_count;
+        for bad in [
+            count,
+            ASID_STAT_ASID_MASK,
+            1 << 16 | 1,
+            count | ASID_STAT_CLEAR,
+        ] {
+            r.set(ASID_STAT_SEL, bad);
+            assert_eq!(r.dev.error_bits(), ERR_CONFIG, "{bad:#x}");
+            assert_eq!(r.reg(ERROR_INFO), ASID_STAT_SEL);
+            r.set(ERROR, ERR_CONFIG);
+            assert_eq!(r.reg(ASID_STAT_SEL), 1, "{bad:#x}: selection kept");
+            assert_eq!(r.reg(asid_stat_lo(ASID_STAT_JUDGED)), judged);
+        }
+    }
+
     /// The offline check recomputes every verdict from the facts the trace records: a device
     /// whose validator is blind (it records what it saw, concludes nothing) is caught, and the
     /// same run with a working validator agrees with it.

@@ -31,9 +31,10 @@ extern "C" {
 /*
  * Version of this uAPI, reported in struct zg_info.uapi_version: major in bits 31:16, minor in
  * 15:0. 1.0 is the first stable one (the module documentation has the rules); before it, the
- * versions 2 to 8 changed structure layouts and ioctl numbers.
+ * versions 2 to 8 changed structure layouts and ioctl numbers. Since 1.0:
+ * - 1.1: struct zg_stats gains accesses_judged and accesses_unjudged (288 bytes).
  */
-#define ZG_UAPI_VERSION 0x10000u
+#define ZG_UAPI_VERSION 0x10001u
 
 /*
  * Answer of ZG_IOC_GET_INFO. Fields are filled from the device's registers at probe time
@@ -356,8 +357,17 @@ struct zg_stats {
 	 * those counted in invalidations_nonblock_failed.
 	 */
 	__u64 invalidations_nonblock;
+	/*
+	 * (1.1) This context's DMA steps the device's validator judged, each before and after
+	 * its bytes moved: the device's per-ASID count since the context was opened. A
+	 * production module's device judges nothing (it is given no CPU page table to judge
+	 * against), so there every step is in accesses_unjudged.
+	 */
+	__u64 accesses_judged;
+	/* (1.1) This context's DMA steps the device did not judge (validation off). */
+	__u64 accesses_unjudged;
 };
-_Static_assert(sizeof(struct zg_stats) == 272, "struct zg_stats: size as in shared-regs");
+_Static_assert(sizeof(struct zg_stats) == 288, "struct zg_stats: size as in shared-regs");
 _Static_assert(offsetof(struct zg_stats, size) == 0, "struct zg_stats.size: offset");
 _Static_assert(offsetof(struct zg_stats, asid) == 4, "struct zg_stats.asid: offset");
 _Static_assert(offsetof(struct zg_stats, flags) == 8, "struct zg_stats.flags: offset");
@@ -387,6 +397,8 @@ _Static_assert(offsetof(struct zg_stats, pages_write_protected) == 240, "struct 
 _Static_assert(offsetof(struct zg_stats, aging_young) == 248, "struct zg_stats.aging_young: offset");
 _Static_assert(offsetof(struct zg_stats, aging_cleared) == 256, "struct zg_stats.aging_cleared: offset");
 _Static_assert(offsetof(struct zg_stats, invalidations_nonblock) == 264, "struct zg_stats.invalidations_nonblock: offset");
+_Static_assert(offsetof(struct zg_stats, accesses_judged) == 272, "struct zg_stats.accesses_judged: offset");
+_Static_assert(offsetof(struct zg_stats, accesses_unjudged) == 280, "struct zg_stats.accesses_unjudged: offset");
 
 /* _IOWR('z', 0x01, struct zg_map) at its 1.0 size. */
 #define ZG_IOC_MAP 0xc0307a01u

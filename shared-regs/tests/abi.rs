@@ -191,7 +191,21 @@ fn register_names_and_stats() {
     assert_eq!(regs::name(regs::SYNC_LAG), Some("SYNC_LAG"));
     assert_eq!(regs::name(regs::PHYS_ADDR_LO), Some("PHYS_ADDR_LO"));
     assert_eq!(regs::name(regs::PHYS_CTRL), Some("PHYS_CTRL"));
-    assert_eq!(regs::name(regs::PHYS_CTRL + 4), None);
+    assert_eq!(regs::name(regs::PHYS_CTRL + 4), Some("ASID_STAT_SEL"));
+    assert_eq!(regs::name(regs::ASID_STAT_SEL + 4), None);
+    assert_eq!(
+        regs::name(regs::asid_stat_lo(regs::ASID_STAT_JUDGED)),
+        Some("ASID_STAT_LO")
+    );
+    assert_eq!(
+        regs::name(regs::asid_stat_hi(regs::ASID_STAT_COUNT - 1)),
+        Some("ASID_STAT_HI")
+    );
+    assert_eq!(regs::name(regs::asid_stat_lo(regs::ASID_STAT_COUNT)), None);
+    // The per-ASID block ends before the statistics start.
+    const { assert!(regs::asid_stat_hi(regs::ASID_STAT_COUNT - 1) < regs::STATS_BASE) };
+    // Every ASID fits the select's field (PHYS_CTRL names ASIDs in 16 bits too).
+    const { assert!(regs::ASID_STAT_ASID_MASK == 0xffff && regs::ASID_STAT_CLEAR & 0xffff == 0) };
     assert_eq!(
         regs::name(regs::stat_lo(regs::STAT_IOTLB_NOT_CACHED)),
         Some("STAT_LO")
@@ -221,6 +235,8 @@ fn registers_do_not_overlap() {
         (regs::PT_FREED_BASE_HI, 0x0bc),
         (regs::PT_FREED_PAGES, 0x0c0),
         (regs::SYNC_LAG, 0x0c4),
+        (regs::ASID_STAT_SEL, 0x0d8),
+        (regs::asid_stat_lo(0), 0x0e0),
     ] {
         assert_eq!(o, want);
         assert!(named.contains(&o));
@@ -230,7 +246,7 @@ fn registers_do_not_overlap() {
             assert_eq!(regs::name(o), None, "{o:#x}");
         }
     }
-    assert_eq!(regs::VERSION_MINOR, 8);
+    assert_eq!(regs::VERSION_MINOR, 9);
     // The statistics still end before the registers do.
     const { assert!(regs::stat_hi(regs::STAT_COUNT - 1) < shared_regs::pci::REGS_SIZE as u32) };
     assert_eq!(regs::IOTLB_KEEP_MASK, 1, "IOTLB_KEEP: bit 0 only");

@@ -52,6 +52,9 @@
 //! | 0x0cc | [`PHYS_ADDR_HI`] | RW | 0 | (1.8) bits 63:32 of that start |
 //! | 0x0d0 | [`PHYS_LEN`] | RW | 0 | (1.8) length in bytes of that region |
 //! | 0x0d4 | [`PHYS_CTRL`] | RW | 0 | (1.8) write: operation `PHYS_OP_*` in bits 3:0, ASID in 31:16; read: 1 while the physical-DMA check is on |
+//! | 0x0d8 | [`ASID_STAT_SEL`] | RW | 0 | (1.9) the ASID whose statistics [`asid_stat_lo`]/[`asid_stat_hi`] show, bits 15:0; writing [`ASID_STAT_CLEAR`] with it zeroes them |
+//! | 0x0e0 + 8·i | [`asid_stat_lo`]`(i)` | RO | 0 | (1.9) per-ASID statistic `ASID_STAT_*` i of the selected ASID, bits 31:0 |
+//! | 0x0e4 + 8·i | [`asid_stat_hi`]`(i)` | RO | 0 | (1.9) bits 63:32 of it (read HI, LO, HI again) |
 //! | 0x100 + 8·i | [`stat_lo`]`(i)` | RO | 0 | statistic `STAT_*` i, bits 31:0 |
 //! | 0x104 + 8·i | [`stat_hi`]`(i)` | RO | 0 | statistic i, bits 63:32 (read HI, LO, HI again for a consistent value) |
 //!
@@ -297,6 +300,38 @@ pub const PHYS_OP_RECLAIM: u32 = 4;
 /// [`PHYS_CTRL`] operation: start checking untranslated DMA against the declared regions (off
 /// after reset; there is no operation that turns it off).
 pub const PHYS_OP_CHECK: u32 = 5;
+/// Per-ASID statistics select (ABI 1.9): the ASID in bits 15:0 whose counters
+/// [`asid_stat_lo`]/[`asid_stat_hi`] read. Writing it with [`ASID_STAT_CLEAR`] also zeroes that
+/// ASID's counters (a driver does so when it gives the ASID to a new context); the bit reads as
+/// 0. A value with an ASID at or beyond [`ASID_COUNT`] or other bits set is refused: nothing
+/// changes, [`ERR_CONFIG`] is raised with [`ERROR_INFO`] = [`ASID_STAT_SEL`]. The counters
+/// are device-wide state like the statistics: a reset zeroes them.
+pub const ASID_STAT_SEL: u32 = 0x0d8;
+/// [`ASID_STAT_SEL`] flag: zero the selected ASID's counters.
+pub const ASID_STAT_CLEAR: u32 = 1 << 31;
+/// [`ASID_STAT_SEL`]: the ASID field.
+pub const ASID_STAT_ASID_MASK: u32 = 0xffff;
+/// First per-ASID statistics register.
+pub const ASID_STATS_BASE: u32 = 0x0e0;
+/// Per-ASID statistic (ABI 1.9): the ASID's DMA steps the validator judged (its share of
+/// [`STAT_ACCESSES_JUDGED`]).
+pub const ASID_STAT_JUDGED: u32 = 0;
+/// Per-ASID statistic (ABI 1.9): the ASID's DMA steps not judged (its share of
+/// [`STAT_ACCESSES_UNJUDGED`]).
+pub const ASID_STAT_UNJUDGED: u32 = 1;
+/// Number of per-ASID statistics.
+pub const ASID_STAT_COUNT: u32 = 2;
+
+/// Offset of the low half of per-ASID statistic `i` of the ASID [`ASID_STAT_SEL`] selects.
+pub const fn asid_stat_lo(i: u32) -> u32 {
+    ASID_STATS_BASE + 8 * i
+}
+
+/// Offset of the high half of per-ASID statistic `i`.
+pub const fn asid_stat_hi(i: u32) -> u32 {
+    ASID_STATS_BASE + 8 * i + 4
+}
+
 /// The operation field of [`PHYS_CTRL`].
 pub const PHYS_OP_MASK: u32 = 0xf;
 /// Shift of the ASID field of [`PHYS_CTRL`] (bits 31:16).
@@ -398,7 +433,7 @@ pub const IDENT_MAGIC: u32 = u32::from_le_bytes(*b"ZAPG");
 /// Major ABI version: a driver must refuse a device with another major.
 pub const VERSION_MAJOR: u16 = 1;
 /// Minor ABI version: additions only.
-pub const VERSION_MINOR: u16 = 8;
+pub const VERSION_MINOR: u16 = 9;
 /// Value of [`VERSION`].
 pub const VERSION_VALUE: u32 = ((VERSION_MAJOR as u32) << 16) | VERSION_MINOR as u32;
 
@@ -584,6 +619,14 @@ pub const fn name(offset: u32) -> Option<&'static str> {
         PHYS_ADDR_HI => "PHYS_ADDR_HI",
         PHYS_LEN => "PHYS_LEN",
         PHYS_CTRL => "PHYS_CTRL",
+        ASID_STAT_SEL => "ASID_STAT_SEL",
+        o if o % 4 == 0 && o >= ASID_STATS_BASE && o < ASID_STATS_BASE + 8 * ASID_STAT_COUNT => {
+            if o % 8 == 0 {
+                "ASID_STAT_LO"
+            } else {
+                "ASID_STAT_HI"
+            }
+        }
         o if o >= STATS_BASE && o < STATS_BASE + 8 * STAT_COUNT => {
             if o % 8 == 0 {
                 "STAT_LO"

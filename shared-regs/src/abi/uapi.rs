@@ -68,8 +68,9 @@ pub const fn ioc_size(cmd: u32) -> usize {
 
 /// Version of this uAPI, reported in [`ZgInfo::uapi_version`]: major in bits 31:16, minor in
 /// 15:0. 1.0 is the first stable one (the module documentation has the rules); before it, the
-/// versions 2 to 8 changed structure layouts and ioctl numbers.
-pub const UAPI_VERSION: u32 = 1 << 16;
+/// versions 2 to 8 changed structure layouts and ioctl numbers. Since 1.0:
+/// - 1.1: [`ZgStats`] gains `accesses_judged` and `accesses_unjudged` (288 bytes).
+pub const UAPI_VERSION: u32 = 1 << 16 | 1;
 
 /// Answer of [`ZG_IOC_GET_INFO`]. Fields are filled from the device's registers at probe time
 /// and from the PCI core; `reserved` is zero and keeps the size stable as fields are added.
@@ -328,6 +329,13 @@ pub struct ZgStats {
     /// Non-blockable invalidation callbacks (the OOM reaper, `process_mrelease()`), including
     /// those counted in `invalidations_nonblock_failed`.
     pub invalidations_nonblock: u64,
+    /// (1.1) This context's DMA steps the device's validator judged, each before and after
+    /// its bytes moved: the device's per-ASID count since the context was opened. A
+    /// production module's device judges nothing (it is given no CPU page table to judge
+    /// against), so there every step is in `accesses_unjudged`.
+    pub accesses_judged: u64,
+    /// (1.1) This context's DMA steps the device did not judge (validation off).
+    pub accesses_unjudged: u64,
 }
 
 /// `_IOWR('z', 0x01, struct zg_map)` at its 1.0 size.
