@@ -188,6 +188,8 @@ pub(crate) struct State {
     pub(crate) ctx_released: u64,
     /// The regions the driver lent for untranslated DMA (ABI 1.8).
     pub(crate) phys: PhysRegions,
+    /// [`ASID_STAT_SEL`]: the ASID whose statistics the per-ASID registers show (ABI 1.9).
+    pub(crate) asid_stat_sel: u32,
 }
 
 impl State {
@@ -224,6 +226,7 @@ impl State {
             inject: Inject::default(),
             ctx_released: 0,
             phys: PhysRegions::default(),
+            asid_stat_sel: 0,
         }
     }
 }
@@ -506,6 +509,15 @@ impl<E: Events> ZapguardDevice<E> {
             PHYS_ADDR_HI => self.s.phys.addr_hi,
             PHYS_LEN => self.s.phys.len,
             PHYS_CTRL => u32::from(self.s.phys.checking()),
+            ASID_STAT_SEL => self.s.asid_stat_sel,
+            o if (ASID_STATS_BASE..ASID_STATS_BASE + 8 * ASID_STAT_COUNT).contains(&o) => {
+                let v = self.asid_stat(self.s.asid_stat_sel, (o - ASID_STATS_BASE) / 8);
+                if o % 8 == 0 {
+                    v as u32
+                } else {
+                    (v >> 32) as u32
+                }
+            }
             o if (STATS_BASE..STATS_BASE + 8 * STAT_COUNT).contains(&o) => {
                 let v = self.stat((o - STATS_BASE) / 8);
                 if o % 8 == 0 {
@@ -515,6 +527,31 @@ impl<E: Events> ZapguardDevice<E> {
                 }
             }
             _ => 0,
+        }
+    }
+
+    /// Per-ASID statistic `ASID_STAT_*` `i` of `asid` (0 for an unknown index).
+    pub fn asid_stat(&self, asid: u32, i: u32) -> u64 {
+        let c = self.s.validator.asid_counts(asid);
+        match i {
+            ASID_STAT_JUDGED => c.judged,
+            ASID_STAT_UNJUDGED => c.unjudged,
+            _ => 0,
+        }
+    }
+
+    /// An [`ASID_STAT_SEL`] write: selects an ASID's statistics, and zeroes them with
+    /// [`ASID_STAT_CLEAR`].
+    fn write_asid_stat_sel(&mut self, v: u32) {
+        let asid = v & ASID_STAT_ASID_MASK;
+        if v & !(ASID_STAT_ASID_MASK | ASID_STAT_CLEAR) != 0 || asid >= self.config.asid_count {
+            self.set_error(ERR_CONFIG, ASID_STAT_SEL);
+            self.report_error(format!("ASID_STAT_SEL written with {v:#x}: refused"));
+            return;
+        }
+        self.s.asid_stat_sel = asid;
+        if v & ASID_STAT_CLEAR != 0 {
+            self.s.validator.clear_asid(asid);
         }
     }
 
@@ -581,6 +618,7 @@ impl<E: Events> ZapguardDevice<E> {
             PHYS_ADDR_HI => self.s.phys.addr_hi = v,
             PHYS_LEN => self.s.phys.len = v,
             PHYS_CTRL => self.write_phys_ctrl(v),
+            ASID_STAT_SEL => self.write_asid_stat_sel(v),
             RESET if v == RESET_KEY => self.reset(),
             RESET => {
                 self.set_error(ERR_CONFIG, RESET);

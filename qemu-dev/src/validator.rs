@@ -29,6 +29,7 @@ use crate::cpu_walk::{cpu_walk, CpuPte, CpuWalkError};
 use crate::guest::GuestMem;
 use crate::x86pt::X86_SIZE_4K;
 use shared_regs::{event, pte};
+use std::collections::BTreeMap;
 
 // The device's frames and the CPU's are compared 4 KiB frame to 4 KiB frame.
 const _: () = assert!(pte::PAGE_SIZE == X86_SIZE_4K);
@@ -182,10 +183,23 @@ pub struct Judged {
     pub violation: Option<Violation>,
 }
 
+/// One ASID's share of [`ValidatorCounts::checks`] and [`ValidatorCounts::skipped`] (the
+/// device's per-ASID statistics, `ASID_STAT_*`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AsidCounts {
+    /// Accesses judged.
+    pub judged: u64,
+    /// Accesses made unjudged.
+    pub unjudged: u64,
+}
+
 /// The validator's state: only counters; every verdict is a pure function of guest memory.
 #[derive(Clone, Debug, Default)]
 pub struct Validator {
     counts: ValidatorCounts,
+    /// Per ASID, the ASIDs that made an access since their last clear (at most the device's
+    /// ASID count: jobs of other ASIDs are refused before they access anything).
+    per_asid: BTreeMap<u32, AsidCounts>,
     /// Tests: a validator that records the facts but never concludes anything, which the
     /// offline check must catch.
     #[cfg(test)]
@@ -231,13 +245,14 @@ impl Validator {
         walked: Option<CpuLookup>,
     ) -> Judged {
         if !validated(ctx) && !released(ctx) {
-            self.unjudged();
+            self.unjudged(a.asid);
             return Judged {
                 facts: Facts::default(),
                 violation: None,
             };
         }
         self.counts.checks += 1;
+        self.per_asid.entry(a.asid).or_default().judged += 1;
         let facts = self.facts(mem, ctx, a, walked);
         let violation = verdict(a, &facts);
         #[cfg(test)]
@@ -287,9 +302,10 @@ impl Validator {
         f
     }
 
-    /// Counts an access that was made unjudged.
-    pub fn unjudged(&mut self) {
+    /// Counts an access of `asid` that was made unjudged.
+    pub fn unjudged(&mut self, asid: u32) {
         self.counts.skipped += 1;
+        self.per_asid.entry(asid).or_default().unjudged += 1;
     }
 
     /// Judges `a` again once its bytes moved, whose verdict before the access was clean:
@@ -355,6 +371,16 @@ impl Validator {
     /// Counters so far.
     pub fn counts(&self) -> ValidatorCounts {
         self.counts
+    }
+
+    /// `asid`'s share of the judged and unjudged counts since its last [`Self::clear_asid`].
+    pub fn asid_counts(&self, asid: u32) -> AsidCounts {
+        self.per_asid.get(&asid).copied().unwrap_or_default()
+    }
+
+    /// Zeroes `asid`'s share (the device-wide counts keep it).
+    pub fn clear_asid(&mut self, asid: u32) {
+        self.per_asid.remove(&asid);
     }
 }
 
