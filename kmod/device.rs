@@ -23,6 +23,7 @@
 //! | `Shared::fence_lock` | mutex | the fence procedure (one at a time) | a context's lock |
 //! | `Shared::events` | mutex | the event ring consumer | nothing |
 //! | `Shared::asids` | spinlock | ASID states, contexts by ASID | `events`, a job waiter's `Jobs::state` |
+//! | `Shared::asid_stat_sel` | mutex | the per-ASID statistics select, from the select to the reads | nothing (STATS and context creation take it alone) |
 //! | `Shared::binding` | mutex | the device stays bound while a DMA map or bounce buffer is made for it (unbind waits for it) | a context's bounce lock; never a context's lock (what it guards allocates) |
 //!
 //! See [`crate::hw`] for the queue locks and [`crate::mirror`] for a context's lock.
@@ -53,6 +54,36 @@ const FENCE_POLLS: usize = 250;
 /// Reads of a 64-bit statistic before one whose HI half held still is given up on (a device
 /// that keeps changing it must not hold the reader forever).
 const STAT_READ_TRIES: usize = 4;
+/// Per-ASID statistics (`ASID_STAT_*`).
+const ASID_STATS: usize = abi_regs::ASID_STAT_COUNT as usize;
+const _: () = assert!(abi_regs::ASID_STAT_JUDGED == 0 && abi_regs::ASID_STAT_UNJUDGED == 1);
+
+/// A 64-bit statistic whose halves are at `lo` and `hi`: HI, LO, HI until HI holds still, at
+/// most [`STAT_READ_TRIES`] times (a counter moving so fast that HI changes under every read is
+/// reported as read last).
+fn read_split_u64(bar: &crate::hw::Bar<'_>, lo: u32, hi: u32) -> u64 {
+    let mut value = 0;
+    for _ in 0..STAT_READ_TRIES {
+        let h = bar.try_read32(hi as usize).unwrap_or(0);
+        let l = bar.try_read32(lo as usize).unwrap_or(0);
+        value = u64::from(h) << 32 | u64::from(l);
+        if bar.try_read32(hi as usize).unwrap_or(0) == h {
+            break;
+        }
+    }
+    value
+}
+
+/// Points the per-ASID statistics registers at `asid`, zeroing its counters if `clear`.
+/// Callers hold `Shared::asid_stat_sel`.
+fn select_asid_stats(bar: &crate::hw::Bar<'_>, asid: u32, clear: bool) -> Result {
+    bar.write_reg(
+        regs::ASID_STAT_SEL::zeroed()
+            .try_with_asid(asid)?
+            .with_clear(clear),
+    );
+    Ok(())
+}
 /// Error bits that mean the device can no longer be trusted to finish its work.
 const FATAL_ERRORS: u32 = abi_regs::ERR_CMDQ | abi_regs::ERR_DMAQ_ABORT | abi_regs::ERR_EVTQ_ABORT;
 
@@ -172,6 +203,10 @@ pub(crate) struct Shared {
     /// overlaps one. Never taken under a context lock (the allocation may reclaim).
     #[pin]
     binding: Mutex<()>,
+    /// The per-ASID statistics select register: held from selecting an ASID to reading its
+    /// counters.
+    #[pin]
+    asid_stat_sel: Mutex<()>,
     /// Test builds: the device's debugfs directory (see [`crate::testing`]).
     #[cfg_attr(not(zapguard_test), allow(dead_code))]
     pub(crate) debugfs: DebugDir,
@@ -233,6 +268,7 @@ impl Shared {
             events <- kernel::new_mutex!((), "zapguard_events"),
             asids <- kernel::new_spinlock!(table, "zapguard_asids"),
             binding <- kernel::new_mutex!((), "zapguard_binding"),
+            asid_stat_sel <- kernel::new_mutex!((), "zapguard_asid_stat_sel"),
             debugfs,
         }))
     }
@@ -421,8 +457,7 @@ impl Shared {
         })
     }
 
-    /// A 64-bit device statistic (HI, LO, HI until HI holds still, at most [`STAT_READ_TRIES`]
-    /// times), 0 if the device failed or is gone.
+    /// A 64-bit device statistic, 0 if the device failed or is gone.
     pub(crate) fn device_stat(&self, i: u32) -> u64 {
         if self.failed() {
             return 0;
@@ -430,19 +465,45 @@ impl Shared {
         let Some(bar) = self.bar.try_access() else {
             return 0;
         };
-        let mut value = 0;
-        // A counter moving so fast that HI changes under every read is reported as read last.
-        for _ in 0..STAT_READ_TRIES {
-            // The statistics are an indexed block (`register!` arrays would repeat the ABI's
-            // layout); the index is checked by `try_read32`.
-            let hi = bar.try_read32(abi_regs::stat_hi(i) as usize).unwrap_or(0);
-            let lo = bar.try_read32(abi_regs::stat_lo(i) as usize).unwrap_or(0);
-            value = u64::from(hi) << 32 | u64::from(lo);
-            if bar.try_read32(abi_regs::stat_hi(i) as usize).unwrap_or(0) == hi {
-                break;
+        // The statistics are an indexed block (`register!` arrays would repeat the ABI's
+        // layout); the index is checked by `try_read32`.
+        read_split_u64(&bar, abi_regs::stat_lo(i), abi_regs::stat_hi(i))
+    }
+
+    /// This ASID's judged and unjudged DMA steps (`ASID_STAT_*` order) since its context was
+    /// opened ([`Self::clear_asid_stats`]); zeros if the device failed, is gone, or predates
+    /// ABI 1.9.
+    pub(crate) fn asid_stats(&self, asid: u32) -> [u64; ASID_STATS] {
+        let mut out = [0; ASID_STATS];
+        self.with_asid_stats(asid, false, |bar| {
+            for (i, v) in (0u32..).zip(out.iter_mut()) {
+                *v = read_split_u64(bar, abi_regs::asid_stat_lo(i), abi_regs::asid_stat_hi(i));
             }
+        });
+        out
+    }
+
+    /// Zeroes the device's per-ASID statistics of `asid`, which a new context now owns.
+    pub(crate) fn clear_asid_stats(&self, asid: u32) {
+        self.with_asid_stats(asid, true, |_| {});
+    }
+
+    /// Selects `asid`'s per-ASID statistics (zeroing them if `clear`) and runs `read` while
+    /// they stay selected; nothing if the device failed, is gone, or predates ABI 1.9.
+    fn with_asid_stats(&self, asid: u32, clear: bool, read: impl FnOnce(&crate::hw::Bar<'_>)) {
+        if self.failed() {
+            return;
         }
-        value
+        // Taken before BAR access: the access guard is an RCU read-side section.
+        let _selected = self.asid_stat_sel.lock();
+        let Some(bar) = self.bar.try_access() else {
+            return;
+        };
+        if bar.read(regs::VERSION).minor().get() >= 9
+            && select_asid_stats(&bar, asid, clear).is_ok()
+        {
+            read(&bar);
+        }
     }
 
     /// Sets the device's test knobs and failure injection from an `inject` write (device-wide),

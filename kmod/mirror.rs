@@ -521,6 +521,8 @@ fn enable(ctx: &Arc<Context>) -> Result {
         let st = ctx.state.lock();
         ctx.entry(st.root()?, ctx.mm(), ctx.no_validate_flag())?
     };
+    // The ASID's last owner is gone (its teardown was confirmed): its counts are not ours.
+    ctx.shared.clear_asid_stats(ctx.asid);
     ctx.shared.hw.write_ctx(ctx.asid, &entry)?;
     match ctx.shared.sync(&ctx.load_cmds()) {
         Synced::Done(_) => ctx.shared.publish(ctx.asid, ctx.clone()),
@@ -678,6 +680,7 @@ impl Mirror {
             let st = self.state.lock();
             (st.released, st.pages as u64)
         };
+        let [judged, unjudged] = self.shared.asid_stats(self.asid);
         uapi::ZgStats {
             asid: self.asid,
             flags: if released { uapi::ZG_STATS_RELEASED } else { 0 },
@@ -706,6 +709,8 @@ impl Mirror {
             device_violations: self.shared.device_stat(crate::abi::regs::STAT_VIOLATIONS),
             pt_pages: pages,
             fault_pages: l(&s.fault_pages),
+            accesses_judged: judged,
+            accesses_unjudged: unjudged,
             ..Default::default()
         }
     }

@@ -306,6 +306,14 @@ register! {
         /// The ASID the operation names.
         31:16 asid;
     }
+
+    /// Selects the ASID whose per-ASID statistics read back; zeroes them with `clear`.
+    pub(crate) ASID_STAT_SEL(u32) @ 0x0d8 {
+        /// Zero the selected ASID's counters.
+        31:31 clear => bool;
+        /// The ASID.
+        15:0 asid;
+    }
 }
 
 // One definition: every offset above is the ABI's.
@@ -352,3 +360,4 @@ const _: () = assert!(<PHYS_ADDR_LO as Register>::OFFSET == crate::abi::regs::PH
 const _: () = assert!(<PHYS_ADDR_HI as Register>::OFFSET == crate::abi::regs::PHYS_ADDR_HI as usize);
 const _: () = assert!(<PHYS_LEN as Register>::OFFSET == crate::abi::regs::PHYS_LEN as usize);
 const _: () = assert!(<PHYS_CTRL as Register>::OFFSET == crate::abi::regs::PHYS_CTRL as usize);
+const _: () = assert!(<ASID_STAT_SEL as Register>::OFFSET == crate::abi::regs::ASID_STAT_SEL as usize);

@@ -328,6 +328,19 @@ const REGS: &[Reg] = &[
             ),
         ],
     ),
+    r(
+        "ASID_STAT_SEL",
+        ASID_STAT_SEL,
+        "Selects the ASID whose per-ASID statistics read back; zeroes them with `clear`.",
+        &[
+            f(
+                "clear",
+                ASID_STAT_CLEAR,
+                "Zero the selected ASID's counters.",
+            ),
+            f("asid", ASID_STAT_ASID_MASK, "The ASID."),
+        ],
+    ),
 ];
 
 /// `hi:lo` of a contiguous mask.
