@@ -24,42 +24,6 @@ const ROUNDS: u32 = 24;
 /// Every third round runs with the device's SYNCs held back longer than the driver's
 /// non-blockable spin, so that the non-blockable callback must give up (`nonblock_failed`).
 const SLOW_SYNC_US: u32 = 30_000;
-/// Another third runs with the device's commands held back instead: an invalidation the
-/// callback posted before giving up has not executed yet, and the running job keeps using the
-/// translations its IOTLB cached, so the retried callback must flush again, although the
-/// device PTEs are already clear (a driver that forgets the unfinished flush lets the reaper
-/// free pages the device still reads). `HELD_CMD_STEPS` DMA steps, each at least
-/// `HELD_STEP_US` long, make that window milliseconds wide.
-const HELD_CMD_STEPS: u32 = 64;
-const HELD_STEP_US: u32 = 150;
-
-/// What a round does to the device while the child is killed and reaped.
-#[derive(Clone, Copy)]
-enum Device {
-    /// Nothing: the device answers at its own pace.
-    AsIs,
-    /// SYNC completions held back ([`SLOW_SYNC_US`]).
-    SlowSync,
-    /// Commands held back for a number of DMA steps ([`HELD_CMD_STEPS`]).
-    HeldCommands,
-}
-
-impl Device {
-    fn knobs(self) -> Option<ZgInject> {
-        match self {
-            Self::AsIs => None,
-            Self::SlowSync => Some(ZgInject {
-                sync_lag: SLOW_SYNC_US,
-                ..Default::default()
-            }),
-            Self::HeldCommands => Some(ZgInject {
-                cmd_lag: HELD_CMD_STEPS,
-                walk_lag: shared_regs::regs::WALK_LAG_IN_STEP | HELD_STEP_US,
-                ..Default::default()
-            }),
-        }
-    }
-}
 
 fn info() -> Result<ZgInfo, String> {
     let f = dev::open().map_err(|e| format!("open: {e}"))?;
@@ -72,67 +36,31 @@ fn sys(nr: libc::c_long, a: libc::c_long, b: libc::c_long, c: libc::c_long) -> R
 }
 
 /// A child: mirrors a THP buffer and a small-page buffer (two VMAs, so the reaper walks more
-/// than one), keeps device reads running from one thread per buffer, tells the parent through
+/// than one), keeps device reads running over both from two threads, tells the parent through
 /// `ready`, and waits to be killed.
-///
-/// With [`Device::HeldCommands`] the small buffer is shared memory placed right after the THP
-/// buffer, and only the THP buffer is read. The reaper skips shared mappings, so the device
-/// tables stay in use and none is detached (a detached table awaits a flush of its own, which
-/// would cover a forgotten one), and the THP buffer's reads run on its 2 MiB IOTLB entries
-/// without walking: the window in which only the invalidation the first, abandoned callback
-/// posted still protects the pages.
-fn busy_child(ready: OwnedFd, device: Device) -> i32 {
+fn busy_child(ready: OwnedFd, slow_sync_us: u32) -> i32 {
     let Ok(f) = dev::open() else { return 10 };
-    if let Some(i) = device.knobs() {
+    if slow_sync_us != 0 {
+        let i = ZgInject {
+            sync_lag: slow_sync_us,
+            ..Default::default()
+        };
         if dev::inject_all(&f, i).is_err() {
             return 11;
         }
     }
-    const HUGE: usize = 8 << 20;
-    const SMALL: usize = 1 << 20;
-    let held = matches!(device, Device::HeldCommands);
-    let (Ok(mut huge), small) = (
-        Mapping::anon_huge(HUGE + if held { SMALL } else { 0 }),
-        Mapping::anon(SMALL),
-    ) else {
+    let (Ok(mut huge), Ok(mut small)) = (Mapping::anon_huge(8 << 20), Mapping::anon(1 << 20))
+    else {
         return 12;
     };
-    let small = if held {
-        // SAFETY: remapping the tail of our own mapping, which nothing references yet.
-        let p = unsafe {
-            libc::mmap(
-                (huge.addr + HUGE) as *mut _,
-                SMALL,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED | libc::MAP_ANONYMOUS | libc::MAP_FIXED,
-                -1,
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return 12;
-        }
-        Mapping::view(huge.addr + HUGE, SMALL)
-    } else {
-        match small {
-            Ok(m) => m,
-            Err(_) => return 12,
-        }
-    };
-    huge.bytes_mut()[..HUGE].fill(1);
-    let mut small = small;
+    huge.bytes_mut().fill(1);
     small.bytes_mut().fill(2);
-    for (addr, len) in [(huge.addr, HUGE), (small.addr, SMALL)] {
-        if dev::map(&f, addr, len, 0).is_err() {
+    for m in [&huge, &small] {
+        if dev::map(&f, m.addr, m.len, 0).is_err() {
             return 13;
         }
     }
-    let readers: &[(usize, usize)] = if held {
-        &[(huge.addr, HUGE)]
-    } else {
-        &[(huge.addr, HUGE), (small.addr, SMALL)]
-    };
-    for &(addr, len) in readers {
+    for (addr, len) in [(huge.addr, huge.len), (small.addr, small.len)] {
         let Ok(f2) = f.try_clone() else { return 14 };
         std::thread::spawn(move || loop {
             let _ = dev::dma(&f2, dev::job(DMA_CHECKSUM, addr, 0, len, 0));
@@ -149,7 +77,7 @@ fn busy_child(ready: OwnedFd, device: Device) -> i32 {
 
 /// One round: fork a busy child, kill it `delay` after it is ready and reap its memory at once.
 /// Returns (whether `process_mrelease` reaped, how many times it said EAGAIN).
-fn kill_and_reap(delay: Duration, device: Device) -> Result<(bool, u32), String> {
+fn kill_and_reap(delay: Duration, slow_sync_us: u32) -> Result<(bool, u32), String> {
     let mut fds = [0; 2];
     // SAFETY: `fds` has room for the two descriptors pipe2 returns.
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
@@ -159,7 +87,7 @@ fn kill_and_reap(delay: Duration, device: Device) -> Result<(bool, u32), String>
     let (rd, wr) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
     // The parent's copy of the write end goes with the closure, so a child that dies before it
     // is ready gives EOF, not a hang.
-    let pid = fork_child(move || busy_child(wr, device))?;
+    let pid = fork_child(move || busy_child(wr, slow_sync_us))?;
     let mut byte = [0u8; 1];
     let ready = std::fs::File::from(rd).read_exact(&mut byte).is_ok();
     let pidfd = sys(libc::SYS_pidfd_open, pid.into(), 0, 0)
@@ -179,8 +107,11 @@ fn kill_and_reap(delay: Duration, device: Device) -> Result<(bool, u32), String>
             }
             // The non-blockable path gave up on some VMA; the kernel's own reaper retries too.
             Err(libc::EAGAIN) | Err(libc::EINTR) => again += 1,
-            // The exit got there first: the mm is gone (ESRCH) or already torn down (EINVAL).
-            Err(libc::ESRCH) | Err(libc::EINVAL) => break,
+            // Not dying yet: the kill takes effect once a thread of the child runs
+            // (`task_will_free_mem()`). (Once the exit has torn the mm down, the call succeeds.)
+            Err(libc::EINVAL) => std::thread::yield_now(),
+            // The exit got there first: no thread of the child holds the mm any more.
+            Err(libc::ESRCH) => break,
             Err(e) => return Err(format!("process_mrelease: errno {e}")),
         }
     }
@@ -204,22 +135,21 @@ fn kill_and_reap(delay: Duration, device: Device) -> Result<(bool, u32), String>
 }
 
 /// Kills processes in the middle of device jobs and reaps their memory at once with
-/// `process_mrelease()`, with varied timing and, in two rounds of three, a device whose SYNCs
-/// take longer than the non-blockable spin, or whose commands wait for the running job's next
-/// steps: no device access to a reaped page, ever. The production module has no knobs to set:
-/// there the test runs the plain rounds only.
+/// `process_mrelease()`, with varied timing and, every third round, a device whose SYNCs take
+/// longer than the non-blockable spin: no device access to a reaped page, ever. The production
+/// module has no SYNC lag to set: there the test runs the other rounds only.
 pub fn process_mrelease_mid_job_is_safe() -> Result<(), String> {
-    let knobs = !crate::production();
+    let slow_rounds = !crate::production();
     let (before, info0) = (device_violations()?, info()?);
     let (mut reaped, mut again) = (0, 0);
     for r in 0..ROUNDS {
         let delay = Duration::from_millis(u64::from(r * 7 % 23));
-        let device = match r % 3 {
-            1 if knobs => Device::HeldCommands,
-            2 if knobs => Device::SlowSync,
-            _ => Device::AsIs,
+        let slow = if slow_rounds && r % 3 == 2 {
+            SLOW_SYNC_US
+        } else {
+            0
         };
-        let (ok, n) = kill_and_reap(delay, device).map_err(|e| format!("round {r}: {e}"))?;
+        let (ok, n) = kill_and_reap(delay, slow).map_err(|e| format!("round {r}: {e}"))?;
         reaped += u32::from(ok);
         again += n;
     }
@@ -239,9 +169,9 @@ pub fn process_mrelease_mid_job_is_safe() -> Result<(), String> {
         return Err("no invalidation took the non-blockable path: the test reaped nothing".into());
     }
     // Reaps that land while a job holds the pages need a SYNC the reaper must not wait for
-    // (two rounds in three make SYNCs slow): a correct driver gives those up (EAGAIN); one that
+    // (every third round makes SYNCs slow): a correct driver gives those up (EAGAIN); one that
     // sleeps for them never does.
-    if knobs && gave_up == 0 {
+    if slow_rounds && gave_up == 0 {
         return Err(format!(
             "none of {nonblock} non-blockable invalidations gave up: the driver waited in them"
         ));
