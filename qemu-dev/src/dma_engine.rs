@@ -1237,7 +1237,7 @@ mod tests {
 
     use super::*;
     use crate::events::EventLog;
-    use crate::memory::MemError;
+    use crate::guest::MemError;
     use crate::testkit::{job, Rig, CPU_PT, FRAMES};
     use crate::x86pt::CpuFlags;
     use crate::{DeviceConfig, VecMem};

@@ -71,10 +71,9 @@ use shared_regs::regs::*;
 
 use crate::device::{DeviceConfig, ZapguardDevice};
 use crate::events::NoEvents;
-use crate::guest::{GuestMem, VecMem};
+use crate::guest::{GuestMem, MemError, VecMem};
 use crate::inject::Clock;
 use crate::iotlb::Policy;
-use crate::memory::MemError;
 use crate::pagetable::PageTableBuilder;
 use crate::testkit::{
     AUX, AUX_SIZE, CMDQ, CPU_PT, CTX_TABLE, DEV_PT, DMAQ, EVTQ, STATUS, SYNC_WORD,

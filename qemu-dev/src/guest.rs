@@ -1,16 +1,102 @@
 //! Guest memory as the device model sees it: a bounds-checked byte store addressed by
 //! guest-physical address. [`crate::memory::GuestMemory`] (the vfio-user DMA regions) implements
 //! it for the real device; [`VecMem`] is a flat in-process memory for tests, fuzzing and benches.
+//! [`MemError`] is the error of both, including the vfio-user memory's `DMA_MAP` refusals, so
+//! that the model never names the vfio-user side.
 //!
 //! Every access can fail: the guest controls every address the device follows (queue bases,
 //! page-table pointers, status addresses), and none of them may take the device outside RAM.
 
-use crate::memory::MemError;
 use std::cell::RefCell;
+use std::io;
+
+use thiserror::Error;
 
 /// Largest copy [`GuestMem::copy`]'s default makes all or nothing (it stages through a stack
 /// buffer this big); the DMA engine never copies more at once.
 pub const COPY_CHUNK: usize = 4096;
+
+/// A failed guest-memory operation.
+#[derive(Debug, Error)]
+pub enum MemError {
+    /// Nothing is mapped at the start of the range.
+    #[error("guest range {gpa:#x}+{len:#x} is not mapped")]
+    Unmapped {
+        /// Guest physical address.
+        gpa: u64,
+        /// Length in bytes.
+        len: usize,
+    },
+    /// The range is in a region the VMM shared without a file descriptor.
+    #[error("guest range {gpa:#x}+{len:#x} is not backed by shared memory")]
+    NotShared {
+        /// Guest physical address.
+        gpa: u64,
+        /// Length in bytes.
+        len: usize,
+    },
+    /// The range runs past the end of its region.
+    #[error("guest range {gpa:#x}+{len:#x} crosses the end of its region at {end:#x}")]
+    CrossesRegion {
+        /// Guest physical address.
+        gpa: u64,
+        /// Length in bytes.
+        len: usize,
+        /// End of the region that holds `gpa`.
+        end: u64,
+    },
+    /// A write to a region mapped read-only.
+    #[error("guest range {gpa:#x}+{len:#x} is read-only")]
+    ReadOnly {
+        /// Guest physical address.
+        gpa: u64,
+        /// Length in bytes.
+        len: usize,
+    },
+    /// A map request that is empty, wraps around, or does not fit this host's address space.
+    #[error("invalid DMA map {iova:#x}+{size:#x} at file offset {offset:#x}")]
+    InvalidMap {
+        /// Guest physical address.
+        iova: u64,
+        /// Length in bytes.
+        size: u64,
+        /// Offset in the file.
+        offset: u64,
+    },
+    /// A map request overlapping an existing region (VFIO forbids this: unmap first).
+    #[error("DMA map {iova:#x}+{size:#x} overlaps the region at {existing:#x}")]
+    Overlap {
+        /// Guest physical address.
+        iova: u64,
+        /// Length in bytes.
+        size: u64,
+        /// Start of the region it overlaps.
+        existing: u64,
+    },
+    /// A map request for bytes past the end of the shared file.
+    #[error("DMA map {iova:#x}+{size:#x} at file offset {offset:#x} ends past the end of the file ({file_size:#x} bytes)")]
+    PastEof {
+        /// Guest physical address.
+        iova: u64,
+        /// Length in bytes.
+        size: u64,
+        /// Offset in the file.
+        offset: u64,
+        /// Size of the file.
+        file_size: u64,
+    },
+    /// `mmap` refused the file.
+    #[error("mmap of DMA region {iova:#x}+{size:#x} failed: {source}")]
+    Mmap {
+        /// Guest physical address.
+        iova: u64,
+        /// Length in bytes.
+        size: u64,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+}
 
 /// Which side of a [`GuestMem::copy`] failed.
 #[derive(Debug, thiserror::Error)]
@@ -149,28 +235,6 @@ impl GuestMem for VecMem {
         let to = self.range(dst, len).map_err(CopyError::Write)?;
         self.bytes.borrow_mut().copy_within(from, to.start);
         Ok(())
-    }
-}
-
-impl GuestMem for crate::memory::GuestMemory {
-    fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemError> {
-        crate::memory::GuestMemory::read(self, gpa, buf)
-    }
-
-    fn write(&self, gpa: u64, buf: &[u8]) -> Result<(), MemError> {
-        crate::memory::GuestMemory::write(self, gpa, buf)
-    }
-
-    fn fetch_or_u64(&self, gpa: u64, bits: u64) -> Result<u64, MemError> {
-        crate::memory::GuestMemory::fetch_or_u64(self, gpa, bits)
-    }
-
-    fn load_u64(&self, gpa: u64) -> Result<u64, MemError> {
-        crate::memory::GuestMemory::load_u64(self, gpa)
-    }
-
-    fn copy(&self, src: u64, dst: u64, len: usize) -> Result<(), CopyError> {
-        crate::memory::GuestMemory::copy(self, src, dst, len)
     }
 }
 

@@ -287,8 +287,7 @@ impl<E: Events> ZapguardDevice<E> {
 mod tests {
     use super::*;
     use crate::events::{Event, EventLog};
-    use crate::guest::{GuestMem, VecMem};
-    use crate::memory::MemError;
+    use crate::guest::{GuestMem, MemError, VecMem};
     use crate::testkit::{job, Rig, EVTQ, RING_LOG2, STATUS, SYNC_WORD};
     use crate::DeviceConfig;
     use shared_regs::cmd::{self, Command, CERR_INJECTED};

@@ -37,8 +37,8 @@ pub mod x86pt;
 
 pub use device::{DeviceConfig, ZapguardDevice};
 pub use events::{Event, EventLog, Events, Fanout, NoEvents, SharedEvents};
-pub use guest::{CopyError, GuestMem, VecMem};
-pub use memory::{GuestMemory, MemError};
+pub use guest::{CopyError, GuestMem, MemError, VecMem};
+pub use memory::GuestMemory;
 pub use pci::PciConfig;
 pub use server::{serve, EventFdTable, ZapguardBackend};
 pub use trace::{JsonTraceWriter, TraceWriter};

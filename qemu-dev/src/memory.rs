@@ -14,91 +14,7 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::ptr::NonNull;
 
-use thiserror::Error;
-
-use crate::guest::CopyError;
-
-/// A failed guest-memory operation.
-#[derive(Debug, Error)]
-pub enum MemError {
-    /// Nothing is mapped at the start of the range.
-    #[error("guest range {gpa:#x}+{len:#x} is not mapped")]
-    Unmapped {
-        /// Guest physical address.
-        gpa: u64,
-        /// Length in bytes.
-        len: usize,
-    },
-    /// The range is in a region the VMM shared without a file descriptor.
-    #[error("guest range {gpa:#x}+{len:#x} is not backed by shared memory")]
-    NotShared {
-        /// Guest physical address.
-        gpa: u64,
-        /// Length in bytes.
-        len: usize,
-    },
-    /// The range runs past the end of its region.
-    #[error("guest range {gpa:#x}+{len:#x} crosses the end of its region at {end:#x}")]
-    CrossesRegion {
-        /// Guest physical address.
-        gpa: u64,
-        /// Length in bytes.
-        len: usize,
-        /// End of the region that holds `gpa`.
-        end: u64,
-    },
-    /// A write to a region mapped read-only.
-    #[error("guest range {gpa:#x}+{len:#x} is read-only")]
-    ReadOnly {
-        /// Guest physical address.
-        gpa: u64,
-        /// Length in bytes.
-        len: usize,
-    },
-    /// A map request that is empty, wraps around, or does not fit this host's address space.
-    #[error("invalid DMA map {iova:#x}+{size:#x} at file offset {offset:#x}")]
-    InvalidMap {
-        /// Guest physical address.
-        iova: u64,
-        /// Length in bytes.
-        size: u64,
-        /// Offset in the file.
-        offset: u64,
-    },
-    /// A map request overlapping an existing region (VFIO forbids this: unmap first).
-    #[error("DMA map {iova:#x}+{size:#x} overlaps the region at {existing:#x}")]
-    Overlap {
-        /// Guest physical address.
-        iova: u64,
-        /// Length in bytes.
-        size: u64,
-        /// Start of the region it overlaps.
-        existing: u64,
-    },
-    /// A map request for bytes past the end of the shared file.
-    #[error("DMA map {iova:#x}+{size:#x} at file offset {offset:#x} ends past the end of the file ({file_size:#x} bytes)")]
-    PastEof {
-        /// Guest physical address.
-        iova: u64,
-        /// Length in bytes.
-        size: u64,
-        /// Offset in the file.
-        offset: u64,
-        /// Size of the file.
-        file_size: u64,
-    },
-    /// `mmap` refused the file.
-    #[error("mmap of DMA region {iova:#x}+{size:#x} failed: {source}")]
-    Mmap {
-        /// Guest physical address.
-        iova: u64,
-        /// Length in bytes.
-        size: u64,
-        /// The OS error.
-        #[source]
-        source: io::Error,
-    },
-}
+use crate::guest::{CopyError, GuestMem, MemError};
 
 /// A `MAP_SHARED` mapping, unmapped on drop.
 #[derive(Debug)]
@@ -407,6 +323,28 @@ impl GuestMemory {
         }
         // Fits in usize: the mapping of `size` bytes exists.
         Ok((m, (gpa - iova) as usize))
+    }
+}
+
+impl GuestMem for GuestMemory {
+    fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemError> {
+        GuestMemory::read(self, gpa, buf)
+    }
+
+    fn write(&self, gpa: u64, buf: &[u8]) -> Result<(), MemError> {
+        GuestMemory::write(self, gpa, buf)
+    }
+
+    fn fetch_or_u64(&self, gpa: u64, bits: u64) -> Result<u64, MemError> {
+        GuestMemory::fetch_or_u64(self, gpa, bits)
+    }
+
+    fn load_u64(&self, gpa: u64) -> Result<u64, MemError> {
+        GuestMemory::load_u64(self, gpa)
+    }
+
+    fn copy(&self, src: u64, dst: u64, len: usize) -> Result<(), CopyError> {
+        GuestMemory::copy(self, src, dst, len)
     }
 }
 

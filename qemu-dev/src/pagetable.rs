@@ -22,8 +22,7 @@
 //!   out of a leaf is exactly "the device may have written through it": a write never follows a
 //!   D the driver could not see, which its dirty tracking relies on.
 
-use crate::guest::GuestMem;
-use crate::memory::MemError;
+use crate::guest::{GuestMem, MemError};
 use shared_regs::{event, pte};
 use std::fmt;
 

@@ -12,8 +12,7 @@
 //! Levels are numbered like the device page table: 1 = PT, 2 = PD, 3 = PDPT, 4 = PML4,
 //! 5 = PML5 (5-level tables only).
 
-use crate::guest::GuestMem;
-use crate::memory::MemError;
+use crate::guest::{GuestMem, MemError};
 use thiserror::Error;
 
 /// Present.
