@@ -63,10 +63,10 @@ fuzz-guest N="100000" *ARGS:
 
 # Device-model microbenchmarks on the host (IOTLB, page walk, DMA copy vs memcpy).
 bench-device:
-    cargo bench -p qemu-dev --bench device
+    cargo bench -p zapguard-dev --bench device
 
 # Fuzz the device model with libFuzzer for SECS seconds (installs nightly + cargo-fuzz if needed).
 fuzz SECS="60":
     rustup toolchain list | grep -q '^nightly' || rustup toolchain install nightly --profile minimal
     command -v cargo-fuzz >/dev/null || cargo install --locked cargo-fuzz
-    cd qemu-dev && cargo +nightly fuzz run device -- -max_total_time={{SECS}} -len_control=0
+    cd zapguard-model && cargo +nightly fuzz run device -- -max_total_time={{SECS}} -len_control=0

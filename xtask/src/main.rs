@@ -7,7 +7,7 @@
 //! cargo xtask test  [--filter F] [--timeout SECS] [--no-host] host tests + the VM run; last line `N passed, N failed`
 //! cargo xtask build                                           build every artifact, print their paths
 //! cargo xtask selftests                                       the harness self-tests alone (each breaks a run on purpose)
-//! cargo xtask cycles                                         the import graphs of kmod/ and qemu-dev/src/: no new cycle; kmod/ has no bindings:: of its own
+//! cargo xtask cycles                                         the import graphs of kmod/, zapguard-model/src/, zapguard-dev/src/: no new cycle; kmod/ has no bindings:: of its own
 //! cargo xtask production [--filter F]                         the production module alone: no test surface, and its run
 //! cargo xtask device-death                                    the device-death boot alone
 //! cargo xtask mutants [--filter ID]                          break the driver one mutant at a time (kmod/mutants.json), print what killed each
@@ -270,7 +270,10 @@ fn build(root: &Path) -> Result<Artifacts> {
     let t = step("zapguard-dev (device) and guest tests (static musl)");
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     for (what, extra) in [
-        ("zapguard-dev", ["-p", "qemu-dev", "--bin", "zapguard-dev"]),
+        (
+            "zapguard-dev",
+            ["-p", "zapguard-dev", "--bin", "zapguard-dev"],
+        ),
         ("guest-tests", ["-p", "guest-tests", "--target", MUSL]),
     ] {
         run_status(
@@ -998,7 +1001,7 @@ fn static_device(root: &Path) -> Result<PathBuf> {
     run_status(
         Command::new(&cargo)
             .current_dir(root)
-            .args(["build", "--quiet", "--release", "-p", "qemu-dev"])
+            .args(["build", "--quiet", "--release", "-p", "zapguard-dev"])
             .args(["--bin", "zapguard-dev", "--target", MUSL]),
         "cargo build zapguard-dev (musl)",
     )?;

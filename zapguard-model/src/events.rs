@@ -4,7 +4,8 @@
 //! config accesses, DMA mappings, interrupt setup, resets, errors) through an injected
 //! [`Events`] sink, in the style of vm-superio's `Trigger`/metrics traits: the state machine
 //! stays free of I/O, tests collect events in memory ([`EventLog`]), benchmarks drop them
-//! ([`NoEvents`]) and the binary writes them to a trace file ([`crate::trace::TraceWriter`]).
+//! ([`NoEvents`]) and the binary writes them to a trace file (`zapguard_dev::trace::TraceWriter`,
+//! in the `zapguard-dev` crate).
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -155,8 +156,8 @@ pub enum Event {
     Engine(Activity),
 }
 
-/// The engine's activity. Field names are the trace's (see [`crate::trace`]): `asid`, `va`, `pa`,
-/// `len`, `cmd` (command-queue index), `job` (DMA job id), `result`.
+/// The engine's activity. Field names are the trace's (see `zapguard_dev::trace`): `asid`, `va`,
+/// `pa`, `len`, `cmd` (command-queue index), `job` (DMA job id), `result`.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Activity {

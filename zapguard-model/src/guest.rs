@@ -1,8 +1,8 @@
 //! Guest memory as the device model sees it: a bounds-checked byte store addressed by
-//! guest-physical address. [`crate::memory::GuestMemory`] (the vfio-user DMA regions) implements
-//! it for the real device; [`VecMem`] is a flat in-process memory for tests, fuzzing and benches.
-//! [`MemError`] is the error of both, including the vfio-user memory's `DMA_MAP` refusals, so
-//! that the model never names the vfio-user side.
+//! guest-physical address. `zapguard_dev::memory::GuestMemory` (the vfio-user DMA regions, in
+//! the `zapguard-dev` crate) implements it for the real device; [`VecMem`] is a flat in-process
+//! memory for tests, fuzzing and benches. [`MemError`] is the error of both, including the
+//! vfio-user memory's `DMA_MAP` refusals, so that the model never names the vfio-user side.
 //!
 //! Every access can fail: the guest controls every address the device follows (queue bases,
 //! page-table pointers, status addresses), and none of them may take the device outside RAM.

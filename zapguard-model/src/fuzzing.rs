@@ -1,5 +1,5 @@
 //! A hostile-guest fuzz harness for the device model, shared by the cargo-fuzz target
-//! (`qemu-dev/fuzz`) and a plain `#[test]` that feeds it pseudo-random inputs.
+//! (`zapguard-model/fuzz`) and a plain `#[test]` that feeds it pseudo-random inputs.
 //!
 //! [`run`] reads its input as a program for a malicious guest driving a fresh
 //! [`ZapguardDevice`]`<`[`NoEvents`]`>` over a [`VecMem`] of [`MEM_SIZE`] bytes (all zero at

@@ -1,7 +1,7 @@
-//! The committed libFuzzer corpus of the device model (`qemu-dev/fuzz/corpus/device`, grown and
-//! minimised by `just fuzz`, see the README) replayed as a plain test: every input must run
-//! without a panic or a broken invariant, so a finding fixed once stays fixed, and `cargo test`
-//! covers the deep states the fuzzer reached without nightly or cargo-fuzz.
+//! The committed libFuzzer corpus of the device model (`zapguard-model/fuzz/corpus/device`,
+//! grown and minimised by `just fuzz`, see the README) replayed as a plain test: every input
+//! must run without a panic or a broken invariant, so a finding fixed once stays fixed, and
+//! `cargo test` covers the deep states the fuzzer reached without nightly or cargo-fuzz.
 
 use std::path::Path;
 
@@ -22,6 +22,6 @@ fn committed_corpus_runs_clean() {
         let data = std::fs::read(&path).expect("corpus input");
         // A panic names the input: `cargo +nightly fuzz run device <path>` reproduces it.
         eprintln!("{}", path.display());
-        qemu_dev::fuzzing::run(&data);
+        zapguard_model::fuzzing::run(&data);
     }
 }

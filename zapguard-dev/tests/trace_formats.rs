@@ -5,12 +5,13 @@
 use std::io::{self, Write};
 use std::sync::{Arc, Mutex};
 
-use qemu_dev::testkit::{job, Rig};
-use qemu_dev::x86pt::CpuFlags;
-use qemu_dev::{DeviceConfig, Fanout, JsonTraceWriter, TraceWriter};
 use serde_json::Value;
 use shared_regs::dma::{DMA_COPY, DMA_FILL, DMA_ST_OK};
 use shared_regs::pte::{self, PAGE_SIZE as PG};
+use zapguard_dev::{JsonTraceWriter, TraceWriter};
+use zapguard_model::testkit::{job, Rig};
+use zapguard_model::x86pt::CpuFlags;
+use zapguard_model::{DeviceConfig, Fanout};
 use zapguard_trace::{check::Checker, reader, summary::Summary};
 
 const SRC: u64 = 0x7f00_0000_0000;

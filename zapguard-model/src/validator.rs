@@ -202,7 +202,7 @@ pub struct Validator {
     per_asid: BTreeMap<u32, AsidCounts>,
     /// Tests: a validator that records the facts but never concludes anything, which the
     /// offline check must catch.
-    #[cfg(test)]
+    #[cfg(any(test, feature = "testkit"))]
     pub(crate) blind: bool,
 }
 
@@ -255,7 +255,7 @@ impl Validator {
         self.per_asid.entry(a.asid).or_default().judged += 1;
         let facts = self.facts(mem, ctx, a, walked);
         let violation = verdict(a, &facts);
-        #[cfg(test)]
+        #[cfg(any(test, feature = "testkit"))]
         let violation = violation.filter(|_| !self.blind);
         if let Some(v) = &violation {
             let c = &mut self.counts;
@@ -333,7 +333,7 @@ impl Validator {
             }
         });
         let v = verdict_after(a, facts)?;
-        #[cfg(test)]
+        #[cfg(any(test, feature = "testkit"))]
         if self.blind {
             return None;
         }

@@ -26,7 +26,7 @@
 //! The loops only run in bench mode (`cargo bench`), not when `cargo test --benches` runs each
 //! benchmark once.
 //!
-//! `cargo bench -p qemu-dev --bench device` (about a minute), or with `-- --quick`.
+//! `cargo bench -p zapguard-dev --bench device` (about a minute), or with `-- --quick`.
 
 use std::hint::black_box;
 use std::io::{self, Write};
@@ -36,18 +36,17 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput};
-use qemu_dev::events::Activity;
-use qemu_dev::iotlb::{Iotlb, IotlbEntry, Policy};
-use qemu_dev::pagetable::{walk, PageTableBuilder, Translation};
-use qemu_dev::testkit::{job, Rig, RING_LOG2};
-use qemu_dev::{
-    DeviceConfig, Event, Events, Fanout, JsonTraceWriter, NoEvents, TraceWriter, VecMem,
-};
 use shared_regs::dma::{DMA_COPY, DMA_ST_OK};
 use shared_regs::pte::{self, HUGE_PAGE_SIZE, PAGE_SIZE};
 use shared_regs::regs::{
     STAT_COUNT, STAT_IOTLB_HITS, STAT_IOTLB_MISSES, STAT_VIOLATIONS, STAT_WALKS,
 };
+use zapguard_dev::{JsonTraceWriter, TraceWriter};
+use zapguard_model::events::Activity;
+use zapguard_model::iotlb::{Iotlb, IotlbEntry, Policy};
+use zapguard_model::pagetable::{walk, PageTableBuilder, Translation};
+use zapguard_model::testkit::{job, Rig, RING_LOG2};
+use zapguard_model::{DeviceConfig, Event, Events, Fanout, NoEvents, VecMem};
 
 /// Bytes per DMA job.
 const DMA_LEN: u64 = 1 << 20;

@@ -37,11 +37,11 @@ use vfio_bindings::bindings::vfio::{
     VFIO_REGION_INFO_FLAG_WRITE,
 };
 use vfio_user::{DmaMapFlags, DmaUnmapFlags, IrqInfo, Server, ServerBackend, ServerRegion};
+use zapguard_model::device::{DeviceConfig, ZapguardDevice};
+use zapguard_model::events::{le_value, Event, Events, IrqIndex};
+use zapguard_model::pci::{PciConfig, CONFIG_SPACE_SIZE};
 
-use crate::device::{DeviceConfig, ZapguardDevice};
-use crate::events::{le_value, Event, Events, IrqIndex};
 use crate::memory::GuestMemory;
-use crate::pci::{PciConfig, CONFIG_SPACE_SIZE};
 
 /// The vfio-user region index of BAR0.
 pub const BAR0_REGION: u32 = VFIO_PCI_BAR0_REGION_INDEX + BAR0;
@@ -264,7 +264,7 @@ impl<E: Events + Send + 'static> ZapguardBackend<E> {
         let pci = PciConfig::new();
         let mut device = ZapguardDevice::new(config, events);
         // Power-on state, not a change: no trace event before `connect`.
-        device.bus_master = pci.bus_master_enabled();
+        device.set_power_on_bus_master(pci.bus_master_enabled());
         let shared = Arc::new(Shared {
             device: Mutex::new(device),
             memory: RwLock::new(GuestMemory::new()),
@@ -723,14 +723,14 @@ fn wait_readable(listener: &UnixListener) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::events::{EventLog, SharedEvents};
     use crate::memory::tests::memfd;
-    use crate::pci::{PCI_COMMAND, PCI_COMMAND_MASTER, PCI_COMMAND_MEMORY};
     use shared_regs::pci::{DEVICE_ID, VENDOR_ID};
     use shared_regs::regs::{ERROR, ERR_BAD_ACCESS, IDENT, IDENT_MAGIC, SCRATCH};
     use std::io::Read;
     use std::os::fd::{AsRawFd, FromRawFd};
     use std::path::PathBuf;
+    use zapguard_model::events::{EventLog, SharedEvents};
+    use zapguard_model::pci::{PCI_COMMAND, PCI_COMMAND_MASTER, PCI_COMMAND_MEMORY};
 
     fn backend() -> ZapguardBackend<EventLog> {
         ZapguardBackend::new(DeviceConfig::default(), EventLog::default()).expect("worker thread")
@@ -960,7 +960,7 @@ mod tests {
         let ram = memfd(16 << 20);
         b.dma_map(DmaMapFlags::READ_WRITE, 0, 0, 16 << 20, Some(dup(&ram)))
             .expect("map RAM");
-        crate::testkit::program(
+        zapguard_model::testkit::program(
             |r, v| {
                 b.region_write(BAR0_REGION, r.into(), &v.to_le_bytes())
                     .expect("write")
@@ -979,8 +979,14 @@ mod tests {
     /// Posts a SYNC writing `value` to `testkit::SYNC_WORD` at command slot `slot`.
     fn post_sync(b: &mut ZapguardBackend<EventLog>, ram: &File, slot: u32, value: u32) {
         use shared_regs::cmd::{Command, CMD_SIZE, CMD_SYNC};
-        let c = Command::new(CMD_SYNC, 0, 0, crate::testkit::SYNC_WORD, value.into());
-        let at = crate::testkit::CMDQ + u64::from(slot) * CMD_SIZE as u64;
+        let c = Command::new(
+            CMD_SYNC,
+            0,
+            0,
+            zapguard_model::testkit::SYNC_WORD,
+            value.into(),
+        );
+        let at = zapguard_model::testkit::CMDQ + u64::from(slot) * CMD_SIZE as u64;
         std::os::unix::fs::FileExt::write_all_at(ram, &c.to_bytes(), at).expect("ring");
         b.region_write(
             BAR0_REGION,
@@ -1002,7 +1008,7 @@ mod tests {
         assert!(
             !eventually(Duration::from_millis(50), || read_u32(
                 &ram,
-                crate::testkit::SYNC_WORD
+                zapguard_model::testkit::SYNC_WORD
             ) == 7),
             "no DMA before the driver sets bus mastering"
         );
@@ -1011,7 +1017,7 @@ mod tests {
         assert!(
             eventually(Duration::from_secs(5), || read_u32(
                 &ram,
-                crate::testkit::SYNC_WORD
+                zapguard_model::testkit::SYNC_WORD
             ) == 7),
             "setting it wakes the worker"
         );
@@ -1029,7 +1035,9 @@ mod tests {
             .events
             .iter()
             .filter_map(|e| match e {
-                Event::Engine(crate::events::Activity::BusMaster { enabled, .. }) => Some(*enabled),
+                Event::Engine(zapguard_model::events::Activity::BusMaster { enabled, .. }) => {
+                    Some(*enabled)
+                }
                 _ => None,
             })
             .collect();
@@ -1050,7 +1058,7 @@ mod tests {
         post_sync(&mut b, &ram, 0, 9);
         assert!(eventually(Duration::from_secs(5), || read_u32(
             &ram,
-            crate::testkit::SYNC_WORD
+            zapguard_model::testkit::SYNC_WORD
         ) == 9));
         t0.elapsed()
     }
@@ -1100,12 +1108,16 @@ mod tests {
             dst: 0x1000,
             len: 8,
             aux: 0,
-            status: crate::testkit::STATUS,
+            status: zapguard_model::testkit::STATUS,
             id: 1,
             reserved1: 0,
         };
-        std::os::unix::fs::FileExt::write_all_at(&ram, &j.to_bytes(), crate::testkit::DMAQ)
-            .expect("ring");
+        std::os::unix::fs::FileExt::write_all_at(
+            &ram,
+            &j.to_bytes(),
+            zapguard_model::testkit::DMAQ,
+        )
+        .expect("ring");
         assert_eq!(j.to_bytes().len(), DMA_JOB_SIZE);
         b.region_write(BAR0_REGION, DMAQ_PROD.into(), &1u32.to_le_bytes())
             .expect("doorbell");
@@ -1155,7 +1167,7 @@ mod tests {
                 c.region_write(BAR0_REGION, r.into(), &v.to_le_bytes())
                     .expect("write")
             };
-            crate::testkit::program(&mut w, 2);
+            zapguard_model::testkit::program(&mut w, 2);
             w(SCRATCH, 7);
             let cmd = PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER;
             c.region_write(
@@ -1166,10 +1178,14 @@ mod tests {
             .expect("bus master");
             c.region_write(BAR0_REGION, FAIL_INJECT.into(), &FAIL_DIE.to_le_bytes())
                 .expect("arm");
-            let mut j = crate::testkit::job(DMA_FILL, 0, 0, 0x1000, 8, 0);
-            j.status = crate::testkit::STATUS;
-            std::os::unix::fs::FileExt::write_all_at(&ram, &j.to_bytes(), crate::testkit::DMAQ)
-                .expect("ring");
+            let mut j = zapguard_model::testkit::job(DMA_FILL, 0, 0, 0x1000, 8, 0);
+            j.status = zapguard_model::testkit::STATUS;
+            std::os::unix::fs::FileExt::write_all_at(
+                &ram,
+                &j.to_bytes(),
+                zapguard_model::testkit::DMAQ,
+            )
+            .expect("ring");
             c.region_write(BAR0_REGION, DMAQ_PROD.into(), &1u32.to_le_bytes())
                 .expect("doorbell");
             // Reads until the device is gone: each answered one reads the register or all ones.

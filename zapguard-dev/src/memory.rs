@@ -14,7 +14,7 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::ptr::NonNull;
 
-use crate::guest::{CopyError, GuestMem, MemError};
+use zapguard_model::guest::{CopyError, GuestMem, MemError};
 
 /// A `MAP_SHARED` mapping, unmapped on drop.
 #[derive(Debug)]

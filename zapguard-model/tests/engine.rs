@@ -2,15 +2,15 @@
 //! kernel driver drives it (via `testkit::Rig`): DMA data paths, faults and stalls, SYNC
 //! semantics, command errors, event-queue overflow, and the validator's verdicts.
 
-use qemu_dev::events::{Activity, EventLog};
-use qemu_dev::testkit::{job, Rig, AUX, FRAMES, RING_LOG2, SYNC_WORD};
-use qemu_dev::x86pt::{CpuFlags, X86_D, X86_RW};
-use qemu_dev::{DeviceConfig, GuestMem};
 use shared_regs::cmd::{self, Command};
 use shared_regs::dma::*;
 use shared_regs::event::*;
 use shared_regs::pte;
 use shared_regs::regs::*;
+use zapguard_model::events::{Activity, EventLog};
+use zapguard_model::testkit::{job, Rig, AUX, FRAMES, RING_LOG2, SYNC_WORD};
+use zapguard_model::x86pt::{CpuFlags, X86_D, X86_RW};
+use zapguard_model::{DeviceConfig, GuestMem};
 
 const VA: u64 = 0x7f00_0000_0000;
 const PG: u64 = pte::PAGE_SIZE;
@@ -412,7 +412,7 @@ fn command_errors_stop_the_queue_until_cleared() {
         assert_ne!(r.reg(ERROR) & ERR_CMDQ, 0);
         assert!(!r.sync_done(s), "nothing after it ran");
         // The driver replaces the bad command with a NOP and clears the error.
-        let slot = qemu_dev::testkit::CMDQ
+        let slot = zapguard_model::testkit::CMDQ
             + u64::from(shared_regs::queue::index(before, RING_LOG2)) * cmd::CMD_SIZE as u64;
         r.poke(slot, &Command::new(cmd::CMD_NOP, 0, 0, 0, 0).to_bytes());
         r.set(ERROR, ERR_CMDQ);
@@ -507,7 +507,7 @@ fn hostile_guest_never_panics_or_escapes_ram() {
     assert_ne!(r.reg(ERROR) & ERR_DMAQ_ABORT, 0);
     assert_ne!(r.reg(DMAQ_CONS) & CONS_ERR, 0);
     // Context table garbage.
-    r.poke(qemu_dev::testkit::CTX_TABLE + 32 * 3, &[0xff; 32]);
+    r.poke(zapguard_model::testkit::CTX_TABLE + 32 * 3, &[0xff; 32]);
     r.set(CR0, CR0_MASK & !CR0_DMAQ_EN);
     r.set(DMAQ_BASE_HI, 0);
     r.set(CR0, CR0_MASK);

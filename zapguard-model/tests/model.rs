@@ -29,14 +29,14 @@ use std::fmt::Write as _;
 
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestError, TestRunner};
-use qemu_dev::testkit::{job, Rig, SYNC_WORD};
-use qemu_dev::x86pt::{CpuFlags, X86_D, X86_RW};
-use qemu_dev::{DeviceConfig, NoEvents};
 use shared_regs::cmd::{self, Command};
 use shared_regs::dma::*;
 use shared_regs::event::{self as ev, Event as Evt};
 use shared_regs::pte;
 use shared_regs::regs::*;
+use zapguard_model::testkit::{job, Rig, SYNC_WORD};
+use zapguard_model::x86pt::{CpuFlags, X86_D, X86_RW};
+use zapguard_model::{DeviceConfig, NoEvents};
 
 /// Base of the VA window; page `p` of the window is `VA_BASE + p * PG`, in either ASID.
 const VA_BASE: u64 = 0x7f00_0000_0000;

@@ -28,7 +28,7 @@
 //! | `reset` | — (device reset) |
 //! | `error` | `what` (string): a misbehaving guest or VMM request the device survived |
 //!
-//! Engine activity ([`crate::events::Activity`]) uses the same envelope. Common field names:
+//! Engine activity ([`zapguard_model::events::Activity`]) uses the same envelope. Common field names:
 //! `asid`, `va`, `pa`, `len`, `cmd` (command-queue position, index + wrap bit), `job` (DMA job
 //! id), `id` (translation id), `result`.
 //!
@@ -72,10 +72,9 @@ use std::time::Instant;
 
 use serde::Serialize;
 use shared_regs::trace_format as fmt;
+use zapguard_model::device::register_name;
+use zapguard_model::events::{Activity, Event, Events};
 use zerocopy::IntoBytes;
-
-use crate::device::register_name;
-use crate::events::{Activity, Event, Events};
 
 #[derive(Serialize)]
 struct Record<'a> {
@@ -938,8 +937,8 @@ pub(crate) fn dma_access_case(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::events::IrqIndex;
     use serde_json::{json, Value};
+    use zapguard_model::events::IrqIndex;
 
     fn lines(events: &[Event]) -> Vec<Value> {
         let mut w = JsonTraceWriter::new(Vec::new());
@@ -1096,7 +1095,7 @@ mod tests {
 
     #[test]
     fn engine_activity_uses_documented_fields() {
-        use crate::events::Activity;
+        use zapguard_model::events::Activity;
         let v = lines(&[
             Event::Engine(Activity::Violation {
                 job: 3,
@@ -1180,7 +1179,7 @@ mod tests {
 
     #[test]
     fn failure_and_bus_master_kinds() {
-        use crate::events::Activity;
+        use zapguard_model::events::Activity;
         let v = lines(&[
             Event::Engine(Activity::FailInject {
                 mode: "sync_delay",
@@ -1224,7 +1223,7 @@ mod tests {
 #[cfg(test)]
 mod binary_tests {
     use super::*;
-    use crate::events::IrqIndex;
+    use zapguard_model::events::IrqIndex;
     use zapguard_trace::reader;
 
     /// One event of every kind, and per-page ones across jobs, ASIDs and extreme values

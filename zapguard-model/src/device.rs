@@ -326,6 +326,12 @@ impl<E: Events> ZapguardDevice<E> {
         self.activity(Activity::BusMaster { enabled, job, pos });
     }
 
+    /// Sets the bus-master enable as the glue's power-on state (its config space's reset value),
+    /// before the device runs: not a change, so unlike [`Self::set_bus_master`] no event.
+    pub fn set_power_on_bus_master(&mut self, enabled: bool) {
+        self.bus_master = enabled;
+    }
+
     /// Whether bus mastering is enabled.
     pub fn bus_master(&self) -> bool {
         self.bus_master

@@ -9,7 +9,7 @@
 //! to the binary trace (`zapguard-trace json PATH` prints it as JSON Lines), and exits 0 when QEMU goes away or on SIGTERM/SIGINT (after flushing
 //! the trace and removing the socket), 1 on an error, and [`DIED`] when the guest injected
 //! `FAIL_DIE`. A dying device flushes its trace, removes the socket, answers what QEMU had
-//! already sent with all ones and refuses the rest ([`qemu_dev::server::unplug`]), then exits:
+//! already sent with all ones and refuses the rest ([`zapguard_dev::server::unplug`]), then exits:
 //! the guest sees its device vanish, and QEMU is left with no request waiting for a reply.
 
 use std::fs::File;
@@ -21,9 +21,10 @@ use std::process::ExitCode;
 use std::sync::{Arc, Weak};
 
 use clap::Parser;
-use qemu_dev::iotlb::Policy;
-use qemu_dev::server::Shared;
-use qemu_dev::{serve, DeviceConfig, TraceWriter, ZapguardBackend};
+use zapguard_dev::server::Shared;
+use zapguard_dev::{serve, TraceWriter, ZapguardBackend};
+use zapguard_model::iotlb::Policy;
+use zapguard_model::DeviceConfig;
 
 /// The device with its trace. The trace is the device's own sink, reached by the signal thread
 /// and the die hook through the device lock: a lock of its own would cost more per event than
@@ -128,7 +129,7 @@ fn run(args: &Args) -> Result<(), String> {
             "zapguard-dev: FAIL_DIE injected: answering what QEMU sent with all ones, then exiting"
         );
         // The message loop ends once it has answered everything already sent; `run` exits.
-        if let Err(e) = qemu_dev::server::unplug(&socket) {
+        if let Err(e) = zapguard_dev::server::unplug(&socket) {
             eprintln!("zapguard-dev: unplug: {e}; exiting at once");
             std::process::exit(DIED)
         }

@@ -9,12 +9,13 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::io;
 
-use qemu_dev::events::Events;
-use qemu_dev::testkit::{job, Rig};
-use qemu_dev::{DeviceConfig, JsonTraceWriter, NoEvents, TraceWriter};
 use shared_regs::dma::{DMA_COPY, DMA_ST_OK};
 use shared_regs::pte::PAGE_SIZE as PG;
 use shared_regs::regs::{STAT_IOTLB_EVICTIONS, STAT_VIOLATIONS};
+use zapguard_dev::{JsonTraceWriter, TraceWriter};
+use zapguard_model::events::Events;
+use zapguard_model::testkit::{job, Rig};
+use zapguard_model::{DeviceConfig, NoEvents};
 
 thread_local! {
     static ALLOCS: Cell<u64> = const { Cell::new(0) };

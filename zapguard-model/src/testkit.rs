@@ -131,6 +131,14 @@ impl<E: Events> Rig<E> {
         }
     }
 
+    /// Makes the device's validator blind (it records what it saw and concludes nothing), or
+    /// seeing again: the device the offline check must catch (`zapguard-dev`'s
+    /// `tests/offline_check.rs`, which cannot reach the validator itself).
+    #[cfg(any(test, feature = "testkit"))]
+    pub fn set_validator_blind(&mut self, blind: bool) {
+        self.dev.s.validator.blind = blind;
+    }
+
     /// Lets the device work until it has nothing left to do (bounded).
     pub fn run(&mut self) {
         for _ in 0..100_000 {
