@@ -15,8 +15,9 @@
 //! - [`guest`]: the [`guest::GuestMem`] trait the device model reads guest memory through,
 //!   its error, and [`guest::VecMem`];
 //! - [`inject`]: failure injection, the page-walk lag and the device's clock (test knobs);
-//! - [`testkit`]: a simulated driver for tests and benches; [`fuzzing`]: the hostile-guest fuzz
-//!   harness.
+//! - `testkit`: a simulated driver for tests and benches; `fuzzing`: the hostile-guest fuzz
+//!   harness. Both are test-only code: they exist in the crate's own tests, and for dependents
+//!   (tests, benches, the fuzz target) with the `testkit` feature, never in the device binary.
 //!
 //! Register offsets, IDs and sizes come from the `shared-regs` crate, the single definition of
 //! the device ABI shared with the guest driver.
@@ -27,6 +28,7 @@ pub mod cpu_walk;
 pub mod device;
 pub mod dma_engine;
 pub mod events;
+#[cfg(any(test, feature = "testkit"))]
 pub mod fuzzing;
 pub mod guest;
 pub mod inject;
@@ -35,6 +37,7 @@ pub mod ledger;
 pub mod pagetable;
 pub mod pci;
 pub mod phys;
+#[cfg(any(test, feature = "testkit"))]
 pub mod testkit;
 pub mod validator;
 pub mod x86pt;
