@@ -1,5 +1,6 @@
 //! The zapguard ABI: one definition of every register, structure and ioctl, shared by the device
-//! model (`qemu-dev`), the kernel driver (`kmod`) and the guest tests.
+//! model and server (`zapguard-model`, `zapguard-dev`), the kernel driver (`kmod`) and the guest
+//! tests.
 //!
 //! Everything under [`abi`] is `no_std` and dependency-free because the kernel module compiles the
 //! very same files (`#[path = "../shared-regs/src/abi/mod.rs"] pub mod abi;` in `kmod/zapguard.rs`).

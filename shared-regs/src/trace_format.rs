@@ -1,5 +1,5 @@
 //! The binary trace format (`trace.zgt`), shared by the device's writer
-//! (`qemu-dev/src/trace.rs`) and the trace tool's reader (`zapguard-trace/src/reader.rs`).
+//! (`zapguard-dev/src/trace.rs`) and the trace tool's reader (`zapguard-trace/src/reader.rs`).
 //!
 //! The device writes a record per event instead of a JSON line: formatting JSON on the DMA path
 //! cost more than the copy. Every record decodes to exactly the JSON line the JSON Lines writer

@@ -1,5 +1,5 @@
 //! Reading zapguard device traces (written by `zapguard-dev`: binary, see [`format`], or JSON
-//! Lines; schema in `qemu-dev/src/trace.rs`) as a stream: traces can be larger than memory, so
+//! Lines; schema in `zapguard-dev/src/trace.rs`) as a stream: traces can be larger than memory, so
 //! every tool here looks at one event at a time and keeps only aggregates. Every tool reads
 //! both formats: a binary record is decoded to the JSON line it stands for.
 //!
