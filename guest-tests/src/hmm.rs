@@ -535,12 +535,28 @@ pub fn processes_are_isolated() -> Result<(), String> {
 
 /// Compactions [`compaction_while_mirrored`] asks for before it gives up on moving a page.
 const COMPACTION_TRIES: u32 = 5;
+/// The memory [`compaction_while_mirrored`] holds above its pages while they are allocated:
+/// eight pageblocks (compaction's scanners work in 2 MiB blocks).
+const COMPACTION_FILLER: usize = 16 << 20;
 
 pub fn compaction_while_mirrored() -> Result<(), String> {
     let f = open()?;
-    // Compaction moves pages from the start of a zone to free space at its end, so the test's
-    // pages go on the nearly empty memory-only node 1 (its first free pages), mirrored, and
-    // node 1 alone is compacted.
+    // Compaction moves pages from the start of a zone to free space at its end. On the nearly
+    // empty memory-only node 1, the allocator hands out the zone's last pages first, where
+    // compaction has nowhere further to put them (the test used to skip for that reason:
+    // "moved none"). So a filler takes the top of the zone first, the test's pages come below
+    // it, mirrored, and the filler goes again: the free space is now above them, and node 1
+    // alone is compacted.
+    let mut filler = Mapping::anon(COMPACTION_FILLER).map_err(|e| e.to_string())?;
+    filler
+        .madvise(0, filler.len, libc::MADV_NOHUGEPAGE)
+        .map_err(|e| e.to_string())?;
+    crate::numa::mbind(&filler, Some(1))?;
+    filler
+        .bytes_mut()
+        .iter_mut()
+        .step_by(PG)
+        .for_each(|b| *b = 1);
     let mut a = Mapping::anon(64 * PG).map_err(|e| e.to_string())?;
     a.madvise(0, a.len, libc::MADV_NOHUGEPAGE)
         .map_err(|e| e.to_string())?;
@@ -548,6 +564,7 @@ pub fn compaction_while_mirrored() -> Result<(), String> {
     for (i, x) in a.bytes_mut().iter_mut().enumerate() {
         *x = (i / PG) as u8;
     }
+    filler.unmap();
     map(&f, &a, true)?;
     let before = pfns(&a)?;
     // Fail unless something of ours moved: else the test checked nothing.
@@ -570,6 +587,8 @@ pub fn compaction_while_mirrored() -> Result<(), String> {
     );
     if moved == 0 {
         // Nothing to check the device against: say so (an expected skip, listed with why).
+        let (lo, hi) = (before.iter().min(), before.iter().max());
+        println!("# our PFNs {lo:?}..{hi:?}; node 1: {}", node_zones(1));
         return Err(crate::ktap::skip(&format!(
             "compaction moved none of the {} mirrored pages in {COMPACTION_TRIES} tries",
             before.len()
@@ -582,6 +601,32 @@ pub fn compaction_while_mirrored() -> Result<(), String> {
         "checksum after compaction",
     )?;
     clean(&f)
+}
+
+/// Node `node`'s populated zones in `/proc/zoneinfo`: name, first PFN, pages spanned and free.
+fn node_zones(node: usize) -> String {
+    let info = std::fs::read_to_string("/proc/zoneinfo").unwrap_or_default();
+    let mut out = Vec::new();
+    let mut current: Option<String> = None;
+    for line in info.lines() {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        if line.starts_with("Node ") {
+            let ours = words.get(1) == Some(&format!("{node},").as_str());
+            current = ours.then(|| words.last().unwrap_or(&"?").to_string());
+            continue;
+        }
+        let Some(zone) = &mut current else { continue };
+        match words.as_slice() {
+            ["pages", "free", n] => zone.push_str(&format!(" free {n}")),
+            ["spanned", n] => zone.push_str(&format!(" spanned {n}")),
+            ["start_pfn:", n] => {
+                zone.push_str(&format!(" start {n}"));
+                out.push(zone.clone());
+            }
+            _ => {}
+        }
+    }
+    out.join("; ")
 }
 
 /// The PFN of each page of `m` (`/proc/self/pagemap`; root sees PFNs), or an error for one that
