@@ -5,34 +5,11 @@
 use shared_regs::dma::{DMA_CHECKSUM, DMA_ST_OK};
 use shared_regs::pte::PAGE_SIZE as PG;
 use zapguard_dev::JsonTraceWriter;
-use zapguard_model::events::{EventLog, Events};
+use zapguard_model::events::Events;
 use zapguard_model::testkit::{job, Rig};
 use zapguard_model::x86pt::CpuFlags;
-use zapguard_model::DeviceConfig;
 
 const VA: u64 = 0x7f00_0000_0000;
-
-/// A rig with page steps (the default) and ASID 1 bound, validating.
-fn rig() -> Rig<EventLog> {
-    let mut r = Rig::new(DeviceConfig::default(), EventLog::default());
-    r.bind(1, 0);
-    r
-}
-
-/// Maps `pages` pages from `va` and writes a distinct byte pattern into each; returns the
-/// frames.
-fn pages(r: &mut Rig<EventLog>, va: u64, pages: u64, seed: u8) -> Vec<u64> {
-    (0..pages)
-        .map(|p| {
-            let f = r.map_page(1, va + p * PG);
-            let bytes: Vec<u8> = (0..PG)
-                .map(|i| (i as u8).wrapping_mul(13).wrapping_add(seed + p as u8))
-                .collect();
-            r.poke(f, &bytes);
-            f
-        })
-        .collect()
-}
 
 /// The offline check recomputes every verdict from the facts the trace records: a device
 /// whose validator is blind (it records what it saw, concludes nothing) is caught, and the
@@ -40,9 +17,9 @@ fn pages(r: &mut Rig<EventLog>, va: u64, pages: u64, seed: u8) -> Vec<u64> {
 #[test]
 fn a_blind_validator_is_caught_offline() {
     let run = |blind: bool| {
-        let mut r = rig();
+        let mut r = Rig::with_asid1();
         r.set_validator_blind(blind);
-        pages(&mut r, VA, 2, 3);
+        r.patterned_pages(VA, 2, 3);
         assert_eq!(
             r.dma(job(DMA_CHECKSUM, 1, VA, 0, 2 * PG, 0)).status,
             DMA_ST_OK

@@ -1284,34 +1284,16 @@ mod tests {
             .collect()
     }
 
-    /// A rig with page steps (the default) and ASID 1 bound, validating.
     fn rig() -> Rig<EventLog> {
-        let mut r = Rig::new(DeviceConfig::default(), EventLog::default());
-        r.bind(1, 0);
-        r
-    }
-
-    /// Maps `pages` pages from `va` and writes a distinct byte pattern into each; returns the
-    /// frames.
-    fn pages(r: &mut Rig<EventLog>, va: u64, pages: u64, seed: u8) -> Vec<u64> {
-        (0..pages)
-            .map(|p| {
-                let f = r.map_page(1, va + p * PG);
-                let bytes: Vec<u8> = (0..PG)
-                    .map(|i| (i as u8).wrapping_mul(13).wrapping_add(seed + p as u8))
-                    .collect();
-                r.poke(f, &bytes);
-                f
-            })
-            .collect()
+        Rig::with_asid1()
     }
 
     #[test]
     fn steps_end_at_the_first_page_boundary_of_either_side() {
         let mut r = rig();
         let (src, dst) = (VA, VA + 0x10_0000);
-        let src_frames = pages(&mut r, src, 4, 1);
-        let dst_frames = pages(&mut r, dst, 4, 100);
+        let src_frames = r.patterned_pages(src, 4, 1);
+        let dst_frames = r.patterned_pages(dst, 4, 100);
         let (src_off, dst_off, len) = (0x100, 0x800, 3 * PG);
         let mut want: Vec<u8> = src_frames
             .iter()
@@ -1363,7 +1345,7 @@ mod tests {
     #[test]
     fn judged_and_unjudged_steps_are_traced_and_counted() {
         let mut r = rig();
-        pages(&mut r, VA, 2, 3);
+        r.patterned_pages(VA, 2, 3);
         let judged_of = |r: &mut Rig<EventLog>| -> Vec<bool> {
             r.activity()
                 .iter()
@@ -1428,7 +1410,7 @@ mod tests {
     fn judged_and_unjudged_steps_are_counted_per_asid() {
         let mut r = rig();
         r.bind(2, pte::CTX_NO_VALIDATE);
-        pages(&mut r, VA, 2, 3);
+        r.patterned_pages(VA, 2, 3);
         for p in 0..2 {
             r.map_page(2, VA + p * PG);
         }
@@ -1479,7 +1461,7 @@ mod tests {
     #[test]
     fn a_bad_asid_stat_select_is_refused() {
         let mut r = rig();
-        pages(&mut r, VA, 1, 3);
+        r.patterned_pages(VA, 1, 3);
         assert_eq!(r.dma(job(DMA_CHECKSUM, 1, VA, 0, PG, 0)).status, DMA_ST_OK);
         r.set(ASID_STAT_SEL, 1);
         let judged = r.reg(asid_stat_lo(ASID_STAT_JUDGED));
@@ -1504,8 +1486,8 @@ mod tests {
     fn every_opcode_moves_whole_steps() {
         let mut r = rig();
         let (a, b) = (VA, VA + 0x10_0000);
-        let fa = pages(&mut r, a, 3, 7);
-        let fb = pages(&mut r, b, 3, 7);
+        let fa = r.patterned_pages(a, 3, 7);
+        let fb = r.patterned_pages(b, 3, 7);
         let off = 0x234;
         let len = 2 * PG;
         let bytes = |r: &Rig<EventLog>, frames: &[u64]| -> Vec<u8> {
@@ -1563,8 +1545,8 @@ mod tests {
     fn sync_waits_exactly_until_the_job_leaves_the_doomed_page() {
         let mut r = rig();
         let (src, dst) = (VA, VA + 0x10_0000);
-        pages(&mut r, src, 3, 1);
-        pages(&mut r, dst, 3, 2);
+        r.patterned_pages(src, 3, 1);
+        r.patterned_pages(dst, 3, 2);
         // Steps: [0, 0x800) ends the destination's first page, [0x800, 0xf00) the source's.
         r.submit(job(DMA_COPY, 1, src + 0x100, dst + 0x800, 2 * PG, 0));
         r.dev.process(&r.mem, 1); // fetch
@@ -1633,7 +1615,7 @@ mod tests {
     #[test]
     fn cmd_lag_counts_page_steps() {
         let mut r = rig();
-        pages(&mut r, VA, 6, 0);
+        r.patterned_pages(VA, 6, 0);
         r.set(CMD_LAG, 2);
         r.submit(job(DMA_FILL, 1, 0, VA, 6 * PG, 0x77));
         r.dev.process(&r.mem, 2); // fetch, page 0
@@ -1659,7 +1641,7 @@ mod tests {
     #[test]
     fn hang_and_death_fire_at_page_steps() {
         let mut r = rig();
-        let frames = pages(&mut r, VA, 3, 0);
+        let frames = r.patterned_pages(VA, 3, 0);
         r.set(FAIL_INJECT, FAIL_DMA_HANG);
         let st = r.submit(job(DMA_FILL, 1, 0, VA, 3 * PG, 0x4242_4242_4242_4242));
         r.run();
@@ -1679,7 +1661,7 @@ mod tests {
         }));
 
         let mut r = rig();
-        let frames = pages(&mut r, VA, 2, 0);
+        let frames = r.patterned_pages(VA, 2, 0);
         let st = r.submit(job(DMA_FILL, 1, 0, VA, 2 * PG, 0x4242_4242_4242_4242));
         r.dev.process(&r.mem, 2); // fetch, page 0
         r.set(FAIL_INJECT, FAIL_DIE);
@@ -2098,7 +2080,7 @@ mod tests {
     fn phys_rig(pages_n: u64) -> Rig<EventLog> {
         use crate::testkit::{AUX, AUX_SIZE, EVTQ, STATUS, SYNC_WORD};
         let mut r = rig();
-        pages(&mut r, VA, pages_n, 5);
+        r.patterned_pages(VA, pages_n, 5);
         let declare = |r: &mut Rig<EventLog>, pa: u64, len: u64, op: u32, asid: u32| {
             r.set(PHYS_ADDR_LO, pa as u32);
             r.set(PHYS_ADDR_HI, (pa >> 32) as u32);

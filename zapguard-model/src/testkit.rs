@@ -76,6 +76,13 @@ pub struct Rig<E: Events> {
 }
 
 impl Rig<crate::events::EventLog> {
+    /// A rig with page steps (the default configuration) and ASID 1 bound, validating.
+    pub fn with_asid1() -> Self {
+        let mut r = Self::new(DeviceConfig::default(), crate::events::EventLog::default());
+        r.bind(1, 0);
+        r
+    }
+
     /// What the engine reported so far (the `Engine` events of the log), in order.
     pub fn activity(&mut self) -> Vec<crate::events::Activity> {
         self.dev
@@ -289,6 +296,22 @@ impl<E: Events> Rig<E> {
     /// The device leaf entry for `va`, as the device left it (A/D bits).
     pub fn dev_leaf(&self, asid: u32, va: u64) -> Option<u64> {
         self.dev_pt[&asid].read_leaf(&self.mem, va)
+    }
+
+    /// Maps `pages` pages of ASID 1 from `va` ([`Self::map_page`]) and writes a distinct byte
+    /// pattern into each; returns the frames.
+    pub fn patterned_pages(&mut self, va: u64, pages: u64, seed: u8) -> Vec<u64> {
+        let pg = shared_regs::pte::PAGE_SIZE;
+        (0..pages)
+            .map(|p| {
+                let f = self.map_page(1, va + p * pg);
+                let bytes: Vec<u8> = (0..pg)
+                    .map(|i| (i as u8).wrapping_mul(13).wrapping_add(seed + p as u8))
+                    .collect();
+                self.poke(f, &bytes);
+                f
+            })
+            .collect()
     }
 
     /// A correct populate: a fresh frame mapped at `va` for the CPU (writable, dirty) and the
