@@ -84,6 +84,7 @@ fn select_asid_stats(bar: &crate::hw::Bar<'_>, asid: u32, clear: bool) -> Result
     );
     Ok(())
 }
+
 /// Error bits that mean the device can no longer be trusted to finish its work.
 const FATAL_ERRORS: u32 = abi_regs::ERR_CMDQ | abi_regs::ERR_DMAQ_ABORT | abi_regs::ERR_EVTQ_ABORT;
 
